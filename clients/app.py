@@ -1,0 +1,132 @@
+"""The fedsim ClientApp: the same code on a Flower virtual client (Ray) and on a real SuperNode.
+
+Everything a client needs arrives in the Message (the resolved scenario as JSON, the global
+adapter, the round) or comes from its node config (`partition-id`): nothing is shared with the
+server through Python objects. Handlers:
+
+- query: tells the server which client (partition) this node is, so the server can sample by
+  client id deterministically (Flower's node ids are random).
+- train: load the global adapter into the cached base model + LoRA, train on this client's train
+  split with a seed derived from (scenario seed, round, client id), reply with the adapter and
+  metrics.
+- evaluate: loss and exact match of the global adapter on this client's test split.
+
+The base model with its LoRA wrapper is built once per worker process (`_model`) and reused
+across rounds: a Ray actor lives for the whole simulation, so only its first message pays the load.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedsim.adapter import attach_lora, from_record, get_state, set_state, to_record
+from fedsim.data import client_data
+from fedsim.models import load_model
+from fedsim.scenario import LoraConfig, ModelConfig, Scenario
+from fedsim.seeding import derive_seed
+from fedsim.training import evaluate as evaluate_model
+from fedsim.training import train_lora
+
+app = ClientApp()
+
+
+@functools.cache
+def _scenario(text: str) -> Scenario:
+    return Scenario.from_json(text)
+
+
+@functools.cache
+def _model(model: ModelConfig, lora: LoraConfig, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """(PeftModel, tokenizer) for this process; pure in its arguments, so caching is safe."""
+    base, tokenizer = load_model(model.name, dtype=model.dtype)
+    return attach_lora(base, lora, seed), tokenizer
+
+
+def client_id(context: Context, scenario: Scenario) -> int:
+    """This node's client id (its data partition), checked against the scenario."""
+    raw = context.node_config.get("partition-id")
+    if raw is None:
+        raise ValueError("node config lacks 'partition-id'; start the SuperNode with --node-config 'partition-id=N'")
+    cid = int(raw)
+    if not 0 <= cid < scenario.clients.num_clients:
+        raise ValueError(
+            f"partition-id {cid} does not exist: the scenario has clients 0..{scenario.clients.num_clients - 1}"
+        )
+    return cid
+
+
+def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+    scenario = _scenario(str(msg.content["config"]["scenario"]))
+    torch.set_num_threads(scenario.train.threads)
+    cid = client_id(context, scenario)
+    model, tokenizer = _model(scenario.model, scenario.lora, scenario.seed)
+    set_state(model, from_record(msg.content["arrays"]))
+    data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
+    return scenario, cid, model, tokenizer, data
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    scenario = _scenario(str(msg.content["config"]["scenario"]))
+    cid = client_id(context, scenario)
+    return Message(RecordDict({"identity": ConfigRecord({"client-id": cid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    scenario, cid, model, tokenizer, data = _setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    t = scenario.train
+    result = train_lora(
+        model,
+        tokenizer,
+        list(data.train),
+        steps=t.local_steps,
+        batch_size=t.batch_size,
+        max_len=t.max_seq_len,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        seed=derive_seed(scenario.seed, server_round, cid, "train"),
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data.train),
+            "client-id": cid,
+            "train-loss": result.train_loss,
+            "loss-before": result.loss_before,
+            "loss-after": result.loss_after,
+            "tokens": result.tokens,
+            "wall-time-s": result.wall_time_s,
+        }
+    )
+    content = RecordDict({"arrays": to_record(get_state(model)), "metrics": metrics})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    scenario, cid, model, tokenizer, data = _setup(msg, context)
+    e = scenario.eval
+    rows = list(data.test)[: e.client_examples]
+    if not rows:
+        raise ValueError(f"client {cid} has no test examples (data.test_fraction = {scenario.data.test_fraction})")
+    result = evaluate_model(
+        model, tokenizer, rows, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=scenario.train.max_seq_len
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "client-id": cid,
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+            "wall-time-s": result.wall_time_s,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

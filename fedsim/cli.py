@@ -1,0 +1,138 @@
+"""The `fedsim` command line.
+
+    fedsim run SCENARIO [--out DIR] [--set dotted.key=value ...] [--seed N]
+    fedsim report RUN_DIR
+    fedsim models
+    fedsim tasks
+
+Exit codes: 0 success, 1 the run failed while running, 2 bad input (scenario, arguments, an
+existing run directory) — in which case nothing was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+def _progress(summary: dict[str, Any]) -> None:
+    r, n = summary["round"], summary["rounds"]
+    train = "      -     " if r == 0 else f"{summary['train_loss']:9.4f}   "
+    failed = f"  ({summary['clients_failed']} failed)" if summary["clients_failed"] else ""
+    print(
+        f"round {r:>3}/{n:<3} train loss {train} central loss {summary['central_loss']:8.4f}"
+        f"  accuracy {summary['central_accuracy']:6.3f}  elapsed {summary['elapsed_s']:7.1f}s{failed}",
+        flush=True,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.report import summary_text
+    from fedsim.rundir import RunDir, RunExistsError, read_metrics
+    from fedsim.scenario import ScenarioError, load_scenario
+
+    try:
+        scenario = load_scenario(args.scenario, args.set or [], seed=args.seed)
+        run_dir = RunDir.create(Path(args.out), scenario)
+    except (ScenarioError, RunExistsError) as exc:
+        print(f"fedsim: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from fedsim.simulation import run_simulation
+
+    print(
+        f"fedsim: {scenario.name}: {scenario.model.name} on {scenario.data.task}, {scenario.clients.num_clients} clients "
+        f"({scenario.clients.per_round}/round), {scenario.rounds} rounds, strategy {scenario.strategy.name}, seed {scenario.seed}",
+        flush=True,
+    )
+    try:
+        run_simulation(scenario, run_dir, progress=_progress)
+    except Exception as exc:  # the run started: report, keep what was saved
+        run_dir.event("run_failed", error=repr(exc))
+        logging.getLogger("fedsim").exception("run failed")
+        print(f"fedsim: run failed: {exc}\nwhat was saved is in {run_dir.path}", file=sys.stderr)
+        return EXIT_FAILED
+    print(summary_text(read_metrics(run_dir.path), run_dir.path))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsim.report import round_table
+    from fedsim.rundir import read_metrics
+
+    try:
+        metrics = read_metrics(args.run_dir)
+    except FileNotFoundError as exc:
+        print(f"fedsim: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(round_table(metrics).to_string(float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fedsim.models import list_models
+
+    for m in list_models():
+        print(f"{m.name:<16} {m.description}")
+    print("(or any local model folder, or a Hugging Face id org/name when online)")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from fedsim.tasks import list_tasks
+
+    for t in list_tasks():
+        print(f"{t.name:<12} {t.description}  [domains: {', '.join(t.domains)}]")
+    print("(or your own .jsonl/.json/.csv/.parquet with prompt/response or instruction/output fields)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsim",
+        description="Simulate federated LoRA fine-tuning of a language model on a fleet of devices (Flower + Ray).",
+        epilog="Start with: fedsim run scenarios/quickstart.toml",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a scenario and write a run directory", description="Run a scenario file on Flower's simulation engine.")
+    run.add_argument("scenario", help="scenario TOML file, e.g. scenarios/quickstart.toml")
+    run.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value, e.g. --set train.lr=1e-4 (repeatable)")
+    run.add_argument("--seed", type=int, help="override the scenario's seed")
+    run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="print a run's per-round table", description="Print the per-round table of a run directory.")
+    report.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
+    report.set_defaults(func=cmd_report)
+
+    sub.add_parser("models", help="list the built-in models").set_defaults(func=cmd_models)
+    sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for fedsim's own progress: libraries' deprecation notes and progress
+    bars (datasets, transformers, Ray, Flower's run_simulation notice) are not for our users."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Tables and summaries over a run's metrics (pandas in, pandas or text out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _weighted(frame: pd.DataFrame, column: str) -> float:
+    w = frame["num_examples"].to_numpy(dtype=float)
+    return float(np.average(frame[column], weights=w)) if len(frame) and w.sum() > 0 else float("nan")
+
+
+def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per round: train loss (clients' mean), clients ok/failed, federated and central
+    evaluation, wall time so far."""
+    rows = []
+    for server_round, group in metrics.groupby("round", sort=True):
+        train = group[group["kind"] == "train"]
+        ok = train[train["status"] == "ok"]
+        client_eval = group[(group["kind"] == "eval_client") & (group["status"] == "ok")]
+        central = group[group["kind"] == "eval_central"]
+        rows.append(
+            {
+                "round": int(server_round),
+                "train_loss": float(ok["loss"].mean()) if len(ok) else float("nan"),
+                "clients_ok": len(ok),
+                "clients_failed": len(train) - len(ok),
+                "client_loss": _weighted(client_eval, "loss"),
+                "client_accuracy": _weighted(client_eval, "accuracy"),
+                "central_loss": float(central["loss"].iloc[0]) if len(central) else float("nan"),
+                "central_accuracy": float(central["accuracy"].iloc[0]) if len(central) else float("nan"),
+                "wall_time_s": float(central["wall_time_s"].iloc[0]) if len(central) else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows).set_index("round")
+
+
+def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
+    """The one-screen summary printed at the end of `fedsim run`."""
+    table = round_table(metrics)
+    first, last = table.iloc[0], table.iloc[-1]
+    best_round = int(table["central_accuracy"].idxmax())
+    failed = int(table["clients_failed"].sum())
+    return "\n".join(
+        [
+            "",
+            f"done: {len(table) - 1} rounds in {last['wall_time_s']:.1f}s",
+            f"central accuracy  {first['central_accuracy']:.3f} (round 0) -> {last['central_accuracy']:.3f} "
+            f"(round {table.index[-1]}); best {table['central_accuracy'].max():.3f} at round {best_round}",
+            f"central loss      {first['central_loss']:.4f} -> {last['central_loss']:.4f}",
+            f"client failures   {failed}",
+            f"run directory     {run_dir}",
+            f"final adapter     {Path(run_dir) / 'adapter'}  (PeftModel.from_pretrained(base, path))",
+            f"per-round table   fedsim report {run_dir}",
+        ]
+    )

@@ -1,0 +1,139 @@
+"""The run directory: everything a run leaves on disk, written so a killed run loses at most
+the round in flight.
+
+Layout of ``<out>/<name>/``::
+
+    scenario.toml            the resolved scenario (defaults filled in, overrides applied)
+    metrics.parquet          one row per client per round and one per round (schema below)
+    events.jsonl             one JSON object per line: run start/end, rounds, rejected replies
+    checkpoints/round_<k>/   the global adapter after round k, in PEFT's format
+    adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
+
+metrics.parquet schema (`METRIC_COLUMNS`):
+
+    round        int    0 = before training; k = after round k
+    client_id    int    the client's partition id; -1 for server rows
+    kind         str    train | eval_client | eval_central
+    status       str    ok | failed (ClientApp error or no reply) | rejected (reply failed validation)
+    num_examples int    examples trained on / evaluated
+    loss         float  train: mean loss over local steps; eval: response-token loss
+    loss_before  float  train: loss on a fixed probe batch before local training (else NaN)
+    loss_after   float  train: the same batch after local training (else NaN)
+    accuracy     float  eval: greedy exact match (train: NaN)
+    tokens       int    train: tokens processed, padding excluded (else 0)
+    wall_time_s  float  train/eval_client: the client's own time for its work;
+                        eval_central: wall time of the run so far, at the end of that round
+    reason       str    why a row is failed/rejected ("" when ok)
+
+Every file is replaced atomically (write to a temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedsim.scenario import Scenario, scenario_toml
+
+METRIC_COLUMNS: dict[str, str] = {
+    "round": "int64",
+    "client_id": "int64",
+    "kind": "string",
+    "status": "string",
+    "num_examples": "int64",
+    "loss": "float64",
+    "loss_before": "float64",
+    "loss_after": "float64",
+    "accuracy": "float64",
+    "tokens": "int64",
+    "wall_time_s": "float64",
+    "reason": "string",
+}
+_DEFAULTS: dict[str, Any] = {
+    "status": "ok",
+    "num_examples": 0,
+    "loss": math.nan,
+    "loss_before": math.nan,
+    "loss_after": math.nan,
+    "accuracy": math.nan,
+    "tokens": 0,
+    "wall_time_s": math.nan,
+    "reason": "",
+}
+
+
+class RunExistsError(FileExistsError):
+    """The run directory is already there; fedsim never overwrites a run silently."""
+
+
+def metrics_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows → a DataFrame with exactly the documented columns and dtypes."""
+    unknown = {k for r in rows for k in r} - set(METRIC_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown metric columns {sorted(unknown)}")
+    full = [{**_DEFAULTS, **r} for r in rows]
+    frame = pd.DataFrame(full, columns=list(METRIC_COLUMNS))
+    return frame.astype(METRIC_COLUMNS)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Owns one run's directory: creates it, appends events and metric rows, stores checkpoints."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def create(cls, out: Path, scenario: Scenario) -> RunDir:
+        path = Path(out) / scenario.name
+        if path.exists():
+            raise RunExistsError(
+                f"run directory {path} already exists; choose another with --out DIR or "
+                f"--set name=NEW_NAME, or remove it"
+            )
+        path.mkdir(parents=True)
+        (path / "checkpoints").mkdir()
+        _atomic_write(path / "scenario.toml", scenario_toml(scenario).encode())
+        return cls(path)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.parquet"
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round_{server_round}"
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / "adapter"
+
+    def event(self, kind: str, /, **fields: Any) -> None:
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
+        line = json.dumps({"time": time.time(), "event": kind, **clean}, default=str, allow_nan=False)
+        with open(self.path / "events.jsonl", "a") as fh:
+            fh.write(line + "\n")
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows and rewrite metrics.parquet (small: one row per client-round)."""
+        self.rows.extend(rows)
+        frame = metrics_frame(self.rows)
+        _atomic_write(self.metrics_path, frame.to_parquet(index=False))
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    path = Path(run_dir) / "metrics.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fedsim run directory (no metrics.parquet)")
+    return pd.read_parquet(path)

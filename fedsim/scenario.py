@@ -1,0 +1,253 @@
+"""Scenario files: the typed, validated description of one federated run.
+
+A scenario is a TOML file (see `scenarios/`). It is validated at the boundary, before anything
+runs or is written, and every problem is reported at once by its dotted path
+("`train.lr` must be greater than 0, got -5"), in the manner of torchtune's `ConfigError`.
+
+We use pydantic for the schema rather than hand-checked dataclasses (PEFT's style): it already
+collects every error with its location, forbids unknown keys and checks types strictly, which is
+what the hand-written `__post_init__` checks would re-implement. Each field still carries its help
+text (`description`), as PEFT's config fields do.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; `problems` lists every reason, each naming its dotted path."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"scenario {source} has {len(self.problems)} problem(s):\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m", description="Registry name (`fedsim models`), local path, or HF id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str, info: ValidationInfo) -> str:
+        if info.context and info.context.get("on_client"):  # see DataConfig._known_source
+            return value
+        from fedsim.models import check_model_name  # imports transformers: only when validating
+
+        if (msg := check_model_name(value)) is not None:
+            raise ValueError(msg)
+        return value
+
+
+class DataConfig(_Section):
+    task: str = Field("mixed", description="Built-in task (`fedsim tasks`), a .jsonl/.json/.csv/.parquet path, or hf:<name>[:split].")
+    num_examples: int = Field(2000, ge=0, description="Built-in tasks: examples generated; user data: row cap (0 = all).")
+    prompt_field: str | None = Field(None, description="Prompt column; default prompt or instruction(+input).")
+    response_field: str | None = Field(None, description="Response column; default response or output.")
+    domain_field: str | None = Field(None, description="Domain column; default domain, else 'default'.")
+    partitioner: Literal["iid", "dirichlet", "pathological", "natural"] = Field("iid", description="flwr-datasets partitioner.")
+    partition_by: str = Field("domain", description="Column the non-IID partitioners split on.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; small is more skewed.")
+    classes_per_client: int = Field(2, ge=1, description="Pathological: distinct values of partition_by per client.")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's data kept for its own test split.")
+    central_test_size: int = Field(100, ge=1, description="Held-out examples the server evaluates on, taken before partitioning.")
+
+    @field_validator("task")
+    @classmethod
+    def _known_source(cls, value: str, info: ValidationInfo) -> str:
+        # A client re-validates the scenario it receives; on a real device the data file lives
+        # elsewhere or not at all, so only the server checks that the source exists.
+        if info.context and info.context.get("on_client"):
+            return value
+        from fedsim.data import check_data_source
+
+        if (msg := check_data_source(value)) is not None:
+            raise ValueError(msg)
+        return value
+
+
+class ClientsConfig(_Section):
+    num_clients: int = Field(4, ge=1, description="Virtual clients (Flower SuperNodes) in the federation.")
+    per_round: int = Field(2, ge=1, description="Clients sampled for training each round.")
+    eval_per_round: int = Field(2, ge=0, description="Clients sampled for federated evaluation each round (0 = none).")
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(10, ge=1, description="Optimizer steps per client per round.")
+    batch_size: int = Field(8, ge=1, description="Examples per step.")
+    max_seq_len: int = Field(64, ge=8, description="Prompt+response tokens kept per example (prompt truncated from the left).")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
+    threads: int = Field(1, ge=1, description="torch threads per client process (fixed for reproducibility).")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1, description="Module names LoRA wraps.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        # TOML gives a list; a tuple keeps the frozen config hashable (a cache key in clients).
+        return tuple(value) if isinstance(value, list) else value
+
+
+class StrategyConfig(_Section):
+    name: str = Field("fedit", description="Aggregation strategy (see `strategies`).")
+
+    @field_validator("name")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from strategies import STRATEGIES
+
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; known: {', '.join(sorted(STRATEGIES))}")
+        return value
+
+
+class EvalConfig(_Section):
+    central_examples: int = Field(0, ge=0, description="Held-out examples evaluated each round (0 = the whole set).")
+    client_examples: int = Field(16, ge=1, description="Max test examples a client evaluates.")
+    max_new_tokens: int = Field(10, ge=1, description="Greedy generation length for exact match.")
+    batch_size: int = Field(16, ge=1, description="Evaluation batch size.")
+
+
+class SimulationConfig(_Section):
+    num_cpus_per_client: float = Field(1.0, gt=0, description="Ray CPUs per virtual client (sets parallelism).")
+    num_gpus_per_client: float = Field(0.0, ge=0, description="Ray GPUs per virtual client (0 = CPU).")
+    ray_address: str | None = Field(None, description="Existing Ray cluster to join (ray.init address), e.g. 'auto'.")
+    round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
+
+
+class Scenario(_Section):
+    name: str = Field("run", min_length=1, description="Run name; the run directory is <out>/<name>.")
+    seed: int = Field(0, ge=0, description="Seeds data, sampling and training: same seed, same metrics.")
+    rounds: int = Field(3, ge=1, description="Federated rounds.")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    clients: ClientsConfig = ClientsConfig()
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    eval: EvalConfig = EvalConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Scenario:
+        problems = _cross_field_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def to_json(self) -> str:
+        """The resolved scenario, as it travels to clients inside a Flower ConfigRecord."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> Scenario:
+        """The scenario a client received (JSON turns tuples into lists, hence not strict)."""
+        return cls.model_validate(json.loads(text), strict=False, context={"on_client": True})
+
+
+def _cross_field_problems(s: Scenario) -> list[str]:
+    problems = []
+    if s.clients.per_round > s.clients.num_clients:
+        problems.append(f"`clients.per_round` must be <= clients.num_clients ({s.clients.num_clients}), got {s.clients.per_round}")
+    if s.clients.eval_per_round > s.clients.num_clients:
+        problems.append(f"`clients.eval_per_round` must be <= clients.num_clients ({s.clients.num_clients}), got {s.clients.eval_per_round}")
+    if s.eval.central_examples > s.data.central_test_size:
+        problems.append(f"`eval.central_examples` must be <= data.central_test_size ({s.data.central_test_size}), got {s.eval.central_examples}")
+    return problems
+
+
+def _describe(err: dict[str, Any]) -> list[str]:
+    """One readable line per pydantic error: the dotted path, the rule, the value received."""
+    path = ".".join(str(p) for p in err["loc"])
+    kind, msg = err["type"], err["msg"]
+    if kind == "value_error":  # our own checks, already phrased
+        text = str(err["ctx"]["error"])
+        return [f"`{path}`: {text}"] if path else text.splitlines()
+    if kind == "extra_forbidden":
+        return [f"`{path}` is not a known key"]
+    rule = msg.replace("Input should be", "must be").replace("Value error, ", "")
+    return [f"`{path}` {rule}, got {err['input']!r}"]
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "data.task=units"]` → nested dict; values parse as TOML, else as strings."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ScenarioError("overrides", [f"override {pair!r} must look like dotted.key=value"])
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ScenarioError("overrides", [f"override {pair!r} sets a key under a value"])
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def validate_scenario(raw: dict[str, Any], source: str = "<dict>") -> Scenario:
+    """Validate a raw mapping; raise ScenarioError listing every problem."""
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        problems = [line for err in exc.errors() for line in _describe(err)]
+        raise ScenarioError(source, problems) from None
+
+
+def load_scenario(
+    path: str | Path, overrides: Iterable[str] = (), seed: int | None = None
+) -> Scenario:
+    """Read, override and validate a scenario file. The run name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(str(path), [f"scenario file not found: {path}"])
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from None
+    raw.setdefault("name", path.stem)
+    raw = _merge(raw, parse_overrides(overrides))
+    if seed is not None:
+        raw["seed"] = seed
+    return validate_scenario(raw, str(path))
+
+
+def scenario_toml(scenario: Scenario) -> str:
+    """The resolved scenario as TOML (None fields omitted: they are the defaults)."""
+    import tomli_w
+
+    return tomli_w.dumps(scenario.model_dump(mode="json", exclude_none=True))

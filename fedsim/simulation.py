@@ -1,0 +1,64 @@
+"""Run a scenario on Flower's Simulation Runtime with the Ray backend, in this process.
+
+Every client is a Flower virtual SuperNode (`num_supernodes = clients.num_clients`); Ray runs
+them on a pool of actors, `simulation.num_cpus_per_client` CPUs each, so the pool size (and the
+parallelism) is the CPU count divided by that. Every virtual client gets the same Ray resources:
+device heterogeneity is modelled by fedsim itself, not by Ray.
+
+To use an existing Ray cluster, set `simulation.ray_address` (passed to `ray.init(address=...)`
+through Flower's `backend_config["init_args"]`); GPUs: `simulation.num_gpus_per_client`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.rundir import RunDir
+from fedsim.scenario import Scenario
+from fedsim.server import ProgressFn, run_federation
+
+
+def backend_config(scenario: Scenario) -> dict[str, Any]:
+    sim = scenario.simulation
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    return {
+        "client_resources": {"num_cpus": sim.num_cpus_per_client, "num_gpus": sim.num_gpus_per_client},
+        "init_args": init_args,
+    }
+
+
+def run_simulation(
+    scenario: Scenario,
+    run_dir: RunDir,
+    progress: ProgressFn | None = None,
+    client_app: ClientApp | None = None,
+) -> None:
+    """Run `scenario` to the end; exceptions from the server loop propagate to the caller.
+    `client_app` replaces fedsim's own ClientApp (tests inject misbehaving clients this way)."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    if client_app is None:
+        from clients.app import app as client_app
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, scenario, run_dir, progress)
+
+    # Ray's worker processes inherit the environment: keep their logs and thread pools quiet.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    flwr_run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=scenario.clients.num_clients,
+        backend_config=backend_config(scenario),  # type: ignore[arg-type]
+    )

@@ -1,0 +1,206 @@
+"""Local LoRA training and evaluation of a causal LM on instruction examples.
+
+Shared by the ClientApp (local training, federated evaluation) and the ServerApp (central
+evaluation), so both score a model the same way:
+
+- An example is rendered as ``PROMPT_TEMPLATE.format(prompt=...)`` followed by the response and
+  the end-of-sequence token. The loss is the mean cross-entropy over response tokens only: prompt
+  positions carry the label -100, as in instruction tuning (FedIT, Alpaca).
+- Exact match: greedy generation from the rendered prompt, cut at the first newline or EOS,
+  stripped, compared with the stripped reference response.
+- Everything random (batch order) is drawn from a `torch.Generator` seeded by the caller, so a
+  client's work depends only on (scenario seed, round, client id), never on scheduling order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PROMPT_TEMPLATE = "Question: {prompt}\nAnswer: "
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training did; the reply's metrics."""
+
+    steps: int
+    train_loss: float  # mean loss over the steps
+    loss_before: float  # loss on a fixed probe batch before training
+    loss_after: float  # ... and after
+    tokens: int  # tokens processed (forward + backward), padding excluded
+    wall_time_s: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    num_examples: int
+    loss: float  # mean response-token loss
+    accuracy: float  # exact match
+    wall_time_s: float
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_len: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels; the prompt is masked and truncated from the left to fit."""
+    p = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt), add_special_tokens=False).input_ids
+    r = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    r = r[:max_len]
+    p = p[max(0, len(p) + len(r) - max_len) :]
+    return p + r, [IGNORE] * len(p) + r
+
+
+def collate(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]], max_len: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch of input_ids / attention_mask / labels, each (B, T)."""
+    pairs = [encode(tokenizer, r["prompt"], r["response"], max_len) for r in rows]
+    width = max(len(ids) for ids, _ in pairs)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (x, y) in enumerate(pairs):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _batch_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def train_lora(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[dict[str, str]],
+    *,
+    steps: int,
+    batch_size: int,
+    max_len: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    seed: int,
+) -> TrainResult:
+    """`steps` AdamW steps on the trainable (LoRA) parameters, batches drawn without
+    replacement from a seeded permutation of `examples` (re-shuffled when exhausted)."""
+    if not examples:
+        raise ValueError("train_lora needs at least one example")
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    probe = collate(tokenizer, examples[:batch_size], max_len)
+    loss_before = _probe_loss(model, probe)
+
+    model.train()
+    order: list[int] = []
+    losses, tokens = [], 0
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = collate(tokenizer, [examples[i] for i in idx], max_len)
+        loss = _batch_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+    model.eval()
+    return TrainResult(
+        steps=steps,
+        train_loss=sum(losses) / len(losses),
+        loss_before=loss_before,
+        loss_after=_probe_loss(model, probe),
+        tokens=tokens,
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def _probe_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> float:
+    model.eval()
+    return float(_batch_loss(model, batch))
+
+
+def normalise_answer(text: str) -> str:
+    """The part of a generation that is compared: up to the first newline, stripped."""
+    return text.split("\n", 1)[0].strip()
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    max_len: int,
+) -> list[str]:
+    """Greedy answers for a batch of prompts (left-padded, so generation continues each row)."""
+    enc = [
+        tokenizer(PROMPT_TEMPLATE.format(prompt=p), add_special_tokens=False).input_ids[-max_len:]
+        for p in prompts
+    ]
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e) :] = torch.tensor(e)
+        mask[i, width - len(e) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return [
+        normalise_answer(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out
+    ]
+
+
+@torch.no_grad()
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_len: int,
+) -> EvalResult:
+    """Response-token loss (token-weighted mean) and greedy exact-match accuracy."""
+    start = time.perf_counter()
+    model.eval()
+    loss_sum, n_tokens, correct = 0.0, 0, 0
+    for lo in range(0, len(examples), batch_size):
+        rows = examples[lo : lo + batch_size]
+        batch = collate(tokenizer, rows, max_len)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())  # tokens the shifted loss counts
+        loss_sum += float(_batch_loss(model, batch)) * n
+        n_tokens += n
+        answers = generate_answers(
+            model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, max_len=max_len
+        )
+        correct += sum(a == r["response"].strip() for a, r in zip(answers, rows, strict=True))
+    count = len(examples)
+    return EvalResult(
+        num_examples=count,
+        loss=loss_sum / n_tokens if n_tokens else math.nan,
+        accuracy=correct / count if count else math.nan,
+        wall_time_s=time.perf_counter() - start,
+    )

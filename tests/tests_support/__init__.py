@@ -1,0 +1,1 @@
+"""Helpers importable by Ray worker processes during tests (tests/ is on sys.path)."""
