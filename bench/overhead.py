@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedsim.adapter import attach_lora, get_state, set_state  # noqa: E402
+from fedsim.cli import quiet_libraries  # noqa: E402
 from fedsim.data import client_data  # noqa: E402
 from fedsim.models import load_model  # noqa: E402
 from fedsim.rundir import RunDir  # noqa: E402
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--scenario", default=str(ROOT / "scenarios" / "quickstart.toml"))
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    quiet_libraries()
     scenario = load_scenario(args.scenario, [f"rounds={args.rounds}", "clients.eval_per_round=0", "eval.central_examples=1", "name=overhead"])
     fed = fedsim_round_times(scenario)
     plain = plain_round_times(scenario)

@@ -117,19 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep the terminal for fedsim's own progress: libraries' deprecation notes and progress
     bars (datasets, transformers, Ray, Flower's run_simulation notice) are not for our users."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    import transformers
+    from flwr.supercore.logger import FLOWER_LOGGER, update_console_handler
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    # Flower's logger is DEBUG with its own console handler: keep errors (a crashed client's
+    # traceback), and do not let its records reach the root handler a second time.
+    update_console_handler(level=logging.ERROR)
+    FLOWER_LOGGER.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -164,15 +164,33 @@ class Scenario(_Section):
         return cls.model_validate(json.loads(text), strict=False, context={"on_client": True})
 
 
-def _cross_field_problems(s: Scenario) -> list[str]:
+def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
+    """Rules that span sections. Takes any object with the section attributes (a Scenario, or
+    the sections that validated on their own when others did not); a missing one is skipped."""
+    clients, data, eval_ = (getattr(s, name, None) for name in ("clients", "data", "eval"))
     problems = []
-    if s.clients.per_round > s.clients.num_clients:
-        problems.append(f"`clients.per_round` must be <= clients.num_clients ({s.clients.num_clients}), got {s.clients.per_round}")
-    if s.clients.eval_per_round > s.clients.num_clients:
-        problems.append(f"`clients.eval_per_round` must be <= clients.num_clients ({s.clients.num_clients}), got {s.clients.eval_per_round}")
-    if s.eval.central_examples > s.data.central_test_size:
-        problems.append(f"`eval.central_examples` must be <= data.central_test_size ({s.data.central_test_size}), got {s.eval.central_examples}")
+    if clients is not None:
+        for field in ("per_round", "eval_per_round"):
+            value = getattr(clients, field)
+            if value > clients.num_clients:
+                problems.append(f"`clients.{field}` must be <= clients.num_clients ({clients.num_clients}), got {value}")
+    if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
+        problems.append(f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}")
     return problems
+
+
+class _Sections:
+    """The sections of a raw scenario that are valid on their own (for cross-field checks
+    while other sections have errors, so that every problem is reported at once)."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        for name, field in Scenario.model_fields.items():
+            section = field.annotation
+            if isinstance(section, type) and issubclass(section, _Section) and isinstance(raw.get(name, {}), dict):
+                try:
+                    setattr(self, name, section.model_validate(raw.get(name, {})))
+                except ValidationError:
+                    pass
 
 
 def _describe(err: dict[str, Any]) -> list[str]:
@@ -225,6 +243,8 @@ def validate_scenario(raw: dict[str, Any], source: str = "<dict>") -> Scenario:
         return Scenario.model_validate(raw)
     except ValidationError as exc:
         problems = [line for err in exc.errors() for line in _describe(err)]
+        if not any(not err["loc"] for err in exc.errors()):  # the cross-field checks did not run
+            problems += _cross_field_problems(_Sections(raw))
         raise ScenarioError(source, problems) from None
 
 
