@@ -253,7 +253,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no authentication; anyone who can reach {args.host}:{args.port} can read these runs", flush=True)
     run_forever(server)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,7 +70,10 @@ def _is_run_name(root: Path, name: str) -> bool:
     if not name or name in {".", ".."} or any(c in name for c in "/\\\0"):
         return False
     path = Path(root) / name
-    return path.resolve().parent == Path(root).resolve() and _is_run_dir(path)
+    try:
+        return path.resolve().parent == Path(root).resolve() and _is_run_dir(path)
+    except OSError:  # e.g. a name too long for the file system
+        return False
 
 
 def resolve_run(root: Path, name: str) -> Path:
@@ -143,7 +146,12 @@ def load_run(root: Path, name: str) -> Run:
 
 def list_runs(root: Path) -> list[Run]:
     """Every run under `root`, the most recently changed first."""
-    runs = [load_run(root, name) for name in run_names(root)]
+    runs = []
+    for name in run_names(root):
+        try:
+            runs.append(load_run(root, name))
+        except (RunNotFoundError, FileNotFoundError):  # removed while we were reading
+            continue
     return sorted(runs, key=lambda r: r.mtime, reverse=True)
 
 
@@ -178,8 +186,11 @@ def last_round_clients(run: Run) -> pd.DataFrame:
     if run.metrics is None or run.metrics.empty:
         return pd.DataFrame()
     metrics = run.metrics
-    rows = metrics[(metrics["round"] == metrics["round"].max()) & (metrics["client_id"] >= 0)]
-    return rows.sort_values(["kind", "client_id"]).drop(columns="round").reset_index(drop=True)
+    rows = metrics[metrics["round"] == metrics["round"].max()]
+    if "client_id" in rows.columns:
+        rows = rows[rows["client_id"] >= 0]
+    order = [c for c in ("kind", "client_id") if c in rows.columns]
+    return rows.sort_values(order).drop(columns="round").reset_index(drop=True)
 
 
 def _lines(path: Path) -> Iterator[str]:

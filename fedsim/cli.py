@@ -2,6 +2,7 @@
 
     fedsim run SCENARIO [--out DIR] [--set dotted.key=value ...] [--seed N]
     fedsim report RUN_DIR
+    fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
     fedsim models
     fedsim tasks
 
@@ -93,6 +94,12 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboards import main as dashboard_main
+
+    return dashboard_main([args.runs_root, "--host", args.host, "--port", str(args.port)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsim",
@@ -111,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print a run's per-round table", description="Print the per-round table of a run directory.")
     report.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
     report.set_defaults(func=cmd_report)
+
+    dash = sub.add_parser("dashboard", help="serve a web dashboard over run directories", description="Serve a web dashboard over the run directories under RUNS_ROOT.")
+    dash.add_argument("runs_root", nargs="?", default="runs", help="folder holding run directories (default: runs)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 = any free port)")
+    dash.set_defaults(func=cmd_dashboard)
 
     sub.add_parser("models", help="list the built-in models").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)

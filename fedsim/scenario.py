@@ -261,9 +261,25 @@ def load_scenario(
         raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from None
     raw.setdefault("name", path.stem)
     raw = _merge(raw, parse_overrides(overrides))
+    raw = _anchor_paths(raw, path.parent)
     if seed is not None:
         raw["seed"] = seed
     return validate_scenario(raw, str(path))
+
+
+# Keys that hold file paths; a relative one is read relative to the scenario file's folder.
+PATH_KEYS: tuple[tuple[str, str], ...] = (("data", "task"),)
+
+
+def _anchor_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Make relative file paths that exist next to the scenario file absolute, so the run does
+    not depend on the working directory (and the resolved scenario names the real file)."""
+    out = dict(raw)
+    for section, key in PATH_KEYS:
+        value = out.get(section, {}).get(key) if isinstance(out.get(section), dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).is_file():
+            out[section] = {**out[section], key: str((folder / value).resolve())}
+    return out
 
 
 def scenario_toml(scenario: Scenario) -> str:

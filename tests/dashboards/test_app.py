@@ -10,12 +10,13 @@ import socket
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from fake_runs import write_run
 from PIL import Image
 
 from dashboards.app import main, route, serve
@@ -23,7 +24,6 @@ from dashboards.plots import SIZE_PX
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert(1)"
-WriteRun = Callable[..., Path]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Dashboard:
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory, write_run: WriteRun) -> Iterator[Dashboard]:
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     root = tmp_path_factory.mktemp("runs")
     outside = tmp_path_factory.mktemp("outside")
     write_run(root, "alpha", [0.25, 0.5, 0.75, 0.625], events=[{"event": "run_start"}, {"event": "round_end", "round": 3}])
@@ -256,3 +256,15 @@ def test_main_reports_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixtur
         code = main([str(tmp_path), "--port", str(port)])
 
     assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_failing_page_is_a_500_and_the_server_keeps_serving(dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(root: Path) -> list[object]:
+        raise RuntimeError("boom <b>")
+
+    monkeypatch.setattr("dashboards.app.list_runs", broken)
+    failed = dashboard.get("/")
+    monkeypatch.undo()
+
+    assert failed.status == 500 and "RuntimeError: boom &lt;b&gt;" in failed.text
+    assert dashboard.get("/").status == 200

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pandas as pd
 import pytest
-from conftest import metrics
+from fake_runs import metrics
 from PIL import Image
 
 from dashboards.plots import (

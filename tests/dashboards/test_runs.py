@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import metrics
+from fake_runs import metrics, write_run
 
 from dashboards.runs import RunNotFoundError, list_runs, load_run, per_round, read_events, resolve_run, summary
 from fedsim.report import round_table
 
-WriteRun = Callable[..., Path]
-
-
-@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/etc", "a\\b", "a\0b", "missing"])
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/etc", "a\\b", "a\0b", "x" * 300, "missing"])
 def test_resolve_run_rejects_names_that_are_not_a_run_under_the_root(tmp_path: Path, name: str) -> None:
     with pytest.raises(RunNotFoundError):
         resolve_run(tmp_path, name)
@@ -30,7 +26,7 @@ def test_per_round_is_round_table_plus_sim_time_at_the_rounds_end() -> None:
     assert table["sim_time_s"].tolist() == [5.0, 65.0, 125.0]
 
 
-def test_a_run_without_metrics_yet_is_listed_with_the_reason(tmp_path: Path, write_run: WriteRun) -> None:
+def test_a_run_without_metrics_yet_is_listed_with_the_reason(tmp_path: Path) -> None:
     write_run(tmp_path, "starting", [0.5]).joinpath("metrics.parquet").unlink()
 
     (run,) = list_runs(tmp_path)
@@ -39,7 +35,7 @@ def test_a_run_without_metrics_yet_is_listed_with_the_reason(tmp_path: Path, wri
     assert summary(run)["final_accuracy"] is None and summary(run)["model"] == "tiny-llama"
 
 
-def test_read_events_keeps_the_last_ones_and_survives_bad_lines(tmp_path: Path, write_run: WriteRun) -> None:
+def test_read_events_keeps_the_last_ones_and_survives_bad_lines(tmp_path: Path) -> None:
     path = write_run(tmp_path, "r", [0.5], events=[{"event": f"e{i}"} for i in range(30)])
     with open(path / "events.jsonl", "a") as fh:
         fh.write("{not json\n")

@@ -16,7 +16,7 @@ TINY = ROOT / "scenarios" / "tiny.toml"
 
 def test_help_lists_the_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "fedsim.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("run", "report", "models", "tasks"):
+    for command in ("run", "report", "dashboard", "models", "tasks"):
         assert command in out
     assert "fedsim run scenarios/quickstart.toml" in out
 

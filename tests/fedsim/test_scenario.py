@@ -77,3 +77,11 @@ def test_resolved_scenario_round_trips(tmp_path: Path) -> None:
     again = load_scenario(write(tmp_path, scenario_toml(scenario)))
     assert again.model_dump(exclude={"name"}) == scenario.model_dump(exclude={"name"})
     assert Scenario.from_json(scenario.to_json()) == scenario
+
+
+def test_data_file_is_found_next_to_the_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mine.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    path = write(tmp_path, '[data]\ntask = "mine.jsonl"\n[model]\nname = "tiny-llama"\n')
+    monkeypatch.chdir(ROOT)  # elsewhere: only the scenario's folder holds the file
+    scenario = load_scenario(path)
+    assert scenario.data.task == str((tmp_path / "mine.jsonl").resolve())

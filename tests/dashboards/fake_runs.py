@@ -1,14 +1,15 @@
-"""Fake run directories for the dashboard tests, written with fedsim's own metrics schema."""
+"""Fake run directories for the dashboard tests, written with fedsim's own metrics schema.
+
+Imported by the tests as `fake_runs` (a name no other test folder uses)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pytest
 
 from fedsim.rundir import metrics_frame
 
@@ -47,9 +48,6 @@ def metrics(accuracies: Sequence[float], sim_time: bool = False) -> pd.DataFrame
     return frame
 
 
-WriteRun = Callable[..., Path]
-
-
 def write_run(
     root: Path,
     name: str,
@@ -69,8 +67,3 @@ def write_run(
     lines = [{"time": 1_700_000_000.0 + i, **event} for i, event in enumerate(events)]
     (path / "events.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
-
-
-@pytest.fixture(name="write_run", scope="session")
-def write_run_fixture() -> WriteRun:
-    return write_run
