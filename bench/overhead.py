@@ -32,7 +32,7 @@ from fedsim.models import load_model  # noqa: E402
 from fedsim.rundir import RunDir  # noqa: E402
 from fedsim.scenario import Scenario, load_scenario  # noqa: E402
 from fedsim.seeding import derive_seed  # noqa: E402
-from fedsim.server import sample_clients  # noqa: E402
+from fedsim.rounds import sample_clients  # noqa: E402
 from fedsim.simulation import run_simulation  # noqa: E402
 from fedsim.training import train_lora  # noqa: E402
 

@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from fedsim.costs import ModelShape, train_step_flops
 from fedsim.adapter import attach_lora, from_record, get_state, set_state, to_record
 from fedsim.data import client_data
 from fedsim.models import load_model
@@ -42,10 +43,11 @@ def _scenario(text: str) -> Scenario:
 
 
 @functools.cache
-def _model(model: ModelConfig, lora: LoraConfig, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """(PeftModel, tokenizer) for this process; pure in its arguments, so caching is safe."""
+def _model(model: ModelConfig, lora: LoraConfig, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase, ModelShape]:
+    """(PeftModel, tokenizer, shape) for this process; pure in its arguments, so caching is safe."""
     base, tokenizer = load_model(model.name, dtype=model.dtype)
-    return attach_lora(base, lora, seed), tokenizer
+    shape = ModelShape.from_model(base)
+    return attach_lora(base, lora, seed), tokenizer, shape
 
 
 def client_id(context: Context, scenario: Scenario) -> int:
@@ -65,10 +67,10 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     scenario = _scenario(str(msg.content["config"]["scenario"]))
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario)
-    model, tokenizer = _model(scenario.model, scenario.lora, scenario.seed)
+    model, tokenizer, shape = _model(scenario.model, scenario.lora, scenario.seed)
     set_state(model, from_record(msg.content["arrays"]))
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
-    return scenario, cid, model, tokenizer, data
+    return scenario, cid, model, tokenizer, shape, data
 
 
 @app.query()
@@ -80,9 +82,9 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, data = _setup(msg, context)
+    scenario, cid, model, tokenizer, shape, data = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    t = scenario.train
+    t, lora = scenario.train, scenario.lora
     result = train_lora(
         model,
         tokenizer,
@@ -94,6 +96,7 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
         seed=derive_seed(scenario.seed, server_round, cid, "train"),
+        step_flops=lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=lora.rank, targets=lora.target_modules),
     )
     metrics = MetricRecord(
         {
@@ -103,6 +106,7 @@ def train(msg: Message, context: Context) -> Message:
             "loss-before": result.loss_before,
             "loss-after": result.loss_after,
             "tokens": result.tokens,
+            "flops": result.flops,
             "wall-time-s": result.wall_time_s,
         }
     )
@@ -112,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, data = _setup(msg, context)
+    scenario, cid, model, tokenizer, _, data = _setup(msg, context)
     e = scenario.eval
     rows = list(data.test)[: e.client_examples]
     if not rows:

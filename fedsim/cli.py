@@ -1,7 +1,7 @@
 """The `fedsim` command line.
 
     fedsim run SCENARIO [--out DIR] [--set dotted.key=value ...] [--seed N]
-    fedsim report RUN_DIR
+    fedsim report RUN_DIR [--target ACC]
     fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
     fedsim models
     fedsim tasks
@@ -27,11 +27,20 @@ def _progress(summary: dict[str, Any]) -> None:
     r, n = summary["round"], summary["rounds"]
     train = "      -     " if r == 0 else f"{summary['train_loss']:9.4f}   "
     failed = f"  ({summary['clients_failed']} failed)" if summary["clients_failed"] else ""
+    lost = f"  ({summary['clients_lost']} lost: straggler/dropped/infeasible)" if summary.get("clients_lost") else ""
     print(
         f"round {r:>3}/{n:<3} train loss {train} central loss {summary['central_loss']:8.4f}"
-        f"  accuracy {summary['central_accuracy']:6.3f}  elapsed {summary['elapsed_s']:7.1f}s{failed}",
+        f"  accuracy {summary['central_accuracy']:6.3f}  sim {_duration(summary['sim_time_s']):>8}"
+        f"  elapsed {summary['elapsed_s']:7.1f}s{failed}{lost}",
         flush=True,
     )
+
+
+def _duration(seconds: float) -> str:
+    """Simulated time for people: 42.0s, 13.5m, 2.25h."""
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.1f}m" if seconds < 7200 else f"{seconds / 3600:.2f}h"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -39,8 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.rundir import RunDir, RunExistsError, read_metrics
     from fedsim.scenario import ScenarioError, load_scenario
 
+    from fedsim.preflight import preflight
+
     try:
         scenario = load_scenario(args.scenario, args.set or [], seed=args.seed)
+        preflight(scenario, args.scenario)
         run_dir = RunDir.create(Path(args.out), scenario)
     except (ScenarioError, RunExistsError) as exc:
         print(f"fedsim: {exc}", file=sys.stderr)
@@ -64,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report import round_table
+    from fedsim.report import round_table, time_to_accuracy
     from fedsim.rundir import read_metrics
 
     try:
@@ -73,6 +85,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"fedsim: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(round_table(metrics).to_string(float_format=lambda v: f"{v:.4f}"))
+    for target in args.target or []:
+        hit = time_to_accuracy(metrics, target)
+        print(
+            f"time to accuracy {target:g}: "
+            + (f"round {hit[0]}, {hit[1]:.1f}s simulated" if hit else "not reached")
+        )
     return 0
 
 
@@ -117,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="print a run's per-round table", description="Print the per-round table of a run directory.")
     report.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
+    report.add_argument("--target", type=float, action="append", metavar="ACC", help="also print the simulated time to reach this central accuracy (repeatable)")
     report.set_defaults(func=cmd_report)
 
     dash = sub.add_parser("dashboard", help="serve a web dashboard over run directories", description="Serve a web dashboard over the run directories under RUNS_ROOT.")

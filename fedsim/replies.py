@@ -44,6 +44,9 @@ def _train_content_problem(msg: Message, expected: AdapterState) -> str:
     problem = _metrics_problem(msg)
     if problem:
         return problem
+    flops = content.metric_records["metrics"].get("flops")
+    if not isinstance(flops, (int, float)) or not math.isfinite(flops) or flops < 0:
+        return f"'flops' must be a finite number >= 0, got {flops!r}"
     arrays = content.array_records["arrays"]
     if set(arrays.keys()) != set(expected):
         missing = sorted(set(expected) - set(arrays.keys()))

@@ -22,20 +22,35 @@ def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
         ok = train[train["status"] == "ok"]
         client_eval = group[(group["kind"] == "eval_client") & (group["status"] == "ok")]
         central = group[group["kind"] == "eval_central"]
+        lost = train["status"].isin(["straggler", "dropped", "infeasible"])
         rows.append(
             {
                 "round": int(server_round),
                 "train_loss": float(ok["loss"].mean()) if len(ok) else float("nan"),
                 "clients_ok": len(ok),
-                "clients_failed": len(train) - len(ok),
+                "clients_failed": int(train["status"].isin(["failed", "rejected"]).sum()),
+                "clients_lost": int(lost.sum()),
+                "bytes_up": int(train["bytes_up"].sum()) if "bytes_up" in train else 0,
+                "bytes_down": int(train["bytes_down"].sum()) if "bytes_down" in train else 0,
                 "client_loss": _weighted(client_eval, "loss"),
                 "client_accuracy": _weighted(client_eval, "accuracy"),
                 "central_loss": float(central["loss"].iloc[0]) if len(central) else float("nan"),
                 "central_accuracy": float(central["accuracy"].iloc[0]) if len(central) else float("nan"),
                 "wall_time_s": float(central["wall_time_s"].iloc[0]) if len(central) else float("nan"),
+                "sim_time_s": float(central["sim_time_s"].iloc[0]) if len(central) and "sim_time_s" in central else float("nan"),
             }
         )
     return pd.DataFrame(rows).set_index("round")
+
+
+def time_to_accuracy(metrics: pd.DataFrame, target: float) -> tuple[int, float] | None:
+    """(round, simulated seconds) at which central accuracy first reached `target`, or None."""
+    table = round_table(metrics)
+    reached = table[table["central_accuracy"] >= target]
+    if reached.empty:
+        return None
+    first = reached.index[0]
+    return int(first), float(reached.loc[first, "sim_time_s"])
 
 
 def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
@@ -44,6 +59,7 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
     first, last = table.iloc[0], table.iloc[-1]
     best_round = int(table["central_accuracy"].idxmax())
     failed = int(table["clients_failed"].sum())
+    lost = int(table["clients_lost"].sum())
     return "\n".join(
         [
             "",
@@ -51,7 +67,8 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"central accuracy  {first['central_accuracy']:.3f} (round 0) -> {last['central_accuracy']:.3f} "
             f"(round {table.index[-1]}); best {table['central_accuracy'].max():.3f} at round {best_round}",
             f"central loss      {first['central_loss']:.4f} -> {last['central_loss']:.4f}",
-            f"client failures   {failed}",
+            f"simulated time    {last['sim_time_s']:.1f}s on the fleet (wall {last['wall_time_s']:.1f}s here)",
+            f"client failures   {failed} failed or rejected, {lost} stragglers/dropped/infeasible",
             f"run directory     {run_dir}",
             f"final adapter     {Path(run_dir) / 'adapter'}  (PeftModel.from_pretrained(base, path))",
             f"per-round table   fedsim report {run_dir}",

@@ -14,7 +14,11 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     round        int    0 = before training; k = after round k
     client_id    int    the client's partition id; -1 for server rows
     kind         str    train | eval_client | eval_central
-    status       str    ok | failed (ClientApp error or no reply) | rejected (reply failed validation)
+    status       str    ok | failed (ClientApp error or no reply) | rejected (reply failed
+                        validation) | straggler (finished too late: deadline or over-commitment;
+                        update discarded) | dropped (dropped out mid-round) | infeasible (the
+                        training step does not fit the device's memory; not trained)
+    device       str    the client's device profile ("" for server rows)
     num_examples int    examples trained on / evaluated
     loss         float  train: mean loss over local steps; eval: response-token loss
     loss_before  float  train: loss on a fixed probe batch before local training (else NaN)
@@ -23,7 +27,13 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     tokens       int    train: tokens processed, padding excluded (else 0)
     wall_time_s  float  train/eval_client: the client's own time for its work;
                         eval_central: wall time of the run so far, at the end of that round
-    reason       str    why a row is failed/rejected ("" when ok)
+    flops        float  train: training FLOPs the client counted for its batches (fedsim.costs)
+    sim_compute_s float train: simulated compute time, flops / device throughput (fedsim.clock)
+    sim_comm_s   float  train: simulated transfer time of bytes_down and bytes_up
+    bytes_up     int    train: reply payload as sent (Flower's deflated record tree)
+    bytes_down   int    train: the message the client received, likewise
+    sim_time_s   float  eval_central: simulated fleet time at the end of that round (cumulative)
+    reason       str    why a row is not ok ("" when ok)
 
 Every file is replaced atomically (write to a temporary name, then rename).
 """
@@ -53,6 +63,13 @@ METRIC_COLUMNS: dict[str, str] = {
     "accuracy": "float64",
     "tokens": "int64",
     "wall_time_s": "float64",
+    "device": "string",
+    "flops": "float64",
+    "sim_compute_s": "float64",
+    "sim_comm_s": "float64",
+    "bytes_up": "int64",
+    "bytes_down": "int64",
+    "sim_time_s": "float64",
     "reason": "string",
 }
 _DEFAULTS: dict[str, Any] = {
@@ -64,6 +81,13 @@ _DEFAULTS: dict[str, Any] = {
     "accuracy": math.nan,
     "tokens": 0,
     "wall_time_s": math.nan,
+    "device": "",
+    "flops": math.nan,
+    "sim_compute_s": math.nan,
+    "sim_comm_s": math.nan,
+    "bytes_up": 0,
+    "bytes_down": 0,
+    "sim_time_s": math.nan,
     "reason": "",
 }
 

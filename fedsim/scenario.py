@@ -18,6 +18,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from fedsim.availability import KINDS, Availability
+from fedsim.devices import CATALOG, DeviceProfile
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
@@ -134,6 +137,52 @@ class SimulationConfig(_Section):
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
 
 
+class FleetGroup(_Section):
+    profile: str = Field(..., min_length=1, description="Device profile (catalog name, or one of fleet.profiles).")
+    count: int = Field(..., ge=1, description="Clients of this profile; client ids follow the group order.")
+    availability: Availability | None = Field(None, description="Overrides the profile's availability for this group.")
+
+
+class FleetConfig(_Section):
+    """Which device each client is. Without groups or a trace, every client is `default_profile`."""
+
+    profiles: dict[str, DeviceProfile] = Field({}, description="Your own profiles, by name (override the catalog's).")
+    profiles_file: str | None = Field(None, description="A TOML file of [name] profile tables.")
+    groups: tuple[FleetGroup, ...] = Field((), description="Mix of profiles with counts, e.g. [{profile='jetson-tx2', count=30}].")
+    trace: str | None = Field(None, description="FedScale-style CSV: client_id,profile,windows[,figures]; replaces groups.")
+    default_profile: str = Field("laptop-cpu", description="Profile of every client when no groups or trace are given.")
+    jitter: float = Field(0.1, ge=0, le=1, description="Per-client log-normal spread (sigma) of speed and bandwidths.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Probability that a sampled client drops out mid-round.")
+    overcommit: float = Field(0.0, ge=0, le=4, description="Sample per_round*(1+overcommit) and keep the first per_round to finish.")
+    deadline_s: float = Field(0.0, ge=0, description="Round deadline in simulated seconds; later clients are stragglers (0 = none).")
+    idle_step_s: float = Field(60.0, gt=0, description="Simulated seconds a round lasts when no update could be kept (nobody online, all lost).")
+
+    @field_validator("groups", mode="before")
+    @classmethod
+    def _groups_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("groups", "default_profile")
+    @classmethod
+    def _known_profiles(cls, value: Any, info: ValidationInfo) -> Any:
+        # Fields validate in order: `profiles` and `profiles_file` are known here, unless they
+        # failed themselves (then their own errors are reported and this check waits).
+        if "profiles" not in info.data or info.data.get("profiles_file") or "profiles_file" not in info.data:
+            return value
+        known = {*CATALOG, *info.data["profiles"]}
+        names = [g.profile for g in value] if info.field_name == "groups" else [value]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown device profile(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FleetConfig:
+        if self.groups and self.trace:
+            raise ValueError("`fleet`: give either groups or a trace, not both")
+        return self
+
+
 class Scenario(_Section):
     name: str = Field("run", min_length=1, description="Run name; the run directory is <out>/<name>.")
     seed: int = Field(0, ge=0, description="Seeds data, sampling and training: same seed, same metrics.")
@@ -146,6 +195,7 @@ class Scenario(_Section):
     strategy: StrategyConfig = StrategyConfig()
     eval: EvalConfig = EvalConfig()
     simulation: SimulationConfig = SimulationConfig()
+    fleet: FleetConfig = FleetConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
@@ -195,11 +245,14 @@ class _Sections:
 
 def _describe(err: dict[str, Any]) -> list[str]:
     """One readable line per pydantic error: the dotted path, the rule, the value received."""
-    path = ".".join(str(p) for p in err["loc"])
+    loc = [str(p) for p in err["loc"]]
+    # pydantic puts the union's tag in the path (`availability.bernoulli.p`): drop it.
+    loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "availability" and p in KINDS)]
+    path = ".".join(loc)
     kind, msg = err["type"], err["msg"]
-    if kind == "value_error":  # our own checks, already phrased
+    if kind == "value_error":  # our own checks, already phrased (section checks name their paths)
         text = str(err["ctx"]["error"])
-        return [f"`{path}`: {text}"] if path else text.splitlines()
+        return [f"`{path}`: {text}"] if path and not text.startswith("`") else text.splitlines()
     if kind == "extra_forbidden":
         return [f"`{path}` is not a known key"]
     rule = msg.replace("Input should be", "must be").replace("Value error, ", "")
@@ -268,7 +321,7 @@ def load_scenario(
 
 
 # Keys that hold file paths; a relative one is read relative to the scenario file's folder.
-PATH_KEYS: tuple[tuple[str, str], ...] = (("data", "task"),)
+PATH_KEYS: tuple[tuple[str, str], ...] = (("data", "task"), ("fleet", "trace"), ("fleet", "profiles_file"))
 
 
 def _anchor_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:

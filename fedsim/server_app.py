@@ -11,6 +11,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.preflight import preflight
 from fedsim.rundir import RunDir
 from fedsim.scenario import load_scenario
 from fedsim.server import run_federation
@@ -27,6 +28,7 @@ def main(grid: Grid, context: Context) -> None:
         scenario_path = root / scenario_path
     overrides = [o for o in str(cfg.get("overrides", "")).split(";") if o.strip()]
     scenario = load_scenario(scenario_path, overrides)
+    preflight(scenario, str(scenario_path))
     out = Path(str(cfg.get("out", "runs")))
     run_dir = RunDir.create(out if out.is_absolute() else Path.cwd() / out, scenario)
     run_federation(grid, scenario, run_dir)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ class TrainResult:
     loss_before: float  # loss on a fixed probe batch before training
     loss_after: float  # ... and after
     tokens: int  # tokens processed (forward + backward), padding excluded
+    flops: float  # training FLOPs of the batches as computed (padding included), per `step_flops`
     wall_time_s: float
 
 
@@ -90,9 +91,11 @@ def train_lora(
     weight_decay: float,
     grad_clip: float,
     seed: int,
+    step_flops: Callable[[int, int], float] | None = None,
 ) -> TrainResult:
     """`steps` AdamW steps on the trainable (LoRA) parameters, batches drawn without
-    replacement from a seeded permutation of `examples` (re-shuffled when exhausted)."""
+    replacement from a seeded permutation of `examples` (re-shuffled when exhausted).
+    `step_flops(batch, seq_len)` prices one step for the simulated clock."""
     if not examples:
         raise ValueError("train_lora needs at least one example")
     start = time.perf_counter()
@@ -104,7 +107,7 @@ def train_lora(
 
     model.train()
     order: list[int] = []
-    losses, tokens = [], 0
+    losses, tokens, flops = [], 0, 0.0
     for _ in range(steps):
         if len(order) < batch_size:
             order += torch.randperm(len(examples), generator=gen).tolist()
@@ -118,6 +121,8 @@ def train_lora(
         opt.step()
         losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
+        if step_flops is not None:
+            flops += step_flops(*batch["input_ids"].shape)
     model.eval()
     return TrainResult(
         steps=steps,
@@ -125,6 +130,7 @@ def train_lora(
         loss_before=loss_before,
         loss_after=_probe_loss(model, probe),
         tokens=tokens,
+        flops=flops,
         wall_time_s=time.perf_counter() - start,
     )
 

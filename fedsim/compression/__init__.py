@@ -1,0 +1,25 @@
+"""Compressed client updates: ComPEFT (Yadav et al., arXiv:2311.13171) and its baselines.
+
+`compress` applies a method's rule (`methods`), `encode`/`decode` carry the result as bytes
+(`codec`, positions coded by `positions`), and `residual` is the client's error feedback.
+"""
+
+from fedsim.compression.codec import Header, decode, encode, encoded_size, read_header
+from fedsim.compression.errors import CodecError
+from fedsim.compression.methods import MAX_NUMEL, CodecConfig, Sparse, Update, compress, residual, sparsify
+
+__all__ = [
+    "MAX_NUMEL",
+    "CodecConfig",
+    "CodecError",
+    "Header",
+    "Sparse",
+    "Update",
+    "compress",
+    "decode",
+    "encode",
+    "encoded_size",
+    "read_header",
+    "residual",
+    "sparsify",
+]

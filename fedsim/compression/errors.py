@@ -1,0 +1,12 @@
+"""The one error a payload decoder raises.
+
+`decode` turns every malformed payload (wrong magic or version, unknown enums, truncation,
+counts that overflow, position codes that do not parse, trailing bytes) into a `CodecError` with
+the reason; nothing else (`IndexError`, `struct.error`, `OverflowError`, ...) escapes it.
+"""
+
+from __future__ import annotations
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded; the message says what is wrong and where."""

@@ -1,0 +1,60 @@
+"""Checks that need more than the scenario file: the fleet's files and the model's shape.
+
+Run before anything is written (by `fedsim run` and the `flwr run` ServerApp), so a bad trace
+row, a fleet that does not match `clients.num_clients`, or a deadline no device can meet is
+refused up front, like any other scenario problem.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fedsim.clock import comm_seconds
+from fedsim.costs import ModelShape
+from fedsim.fleet import Fleet, build_fleet
+from fedsim.models import load_model
+from fedsim.scenario import Scenario, ScenarioError
+
+
+@functools.cache
+def model_shape(name: str, dtype: str) -> ModelShape:
+    """The base model's shape (loads the model once per process)."""
+    return ModelShape.from_model(load_model(name, dtype=dtype)[0])
+
+
+def adapter_bytes(shape: ModelShape, scenario: Scenario) -> int:
+    """float32 bytes of the global adapter: what one message carries, roughly."""
+    from fedsim.costs import lora_params
+
+    return 4 * lora_params(shape, scenario.lora.rank, scenario.lora.target_modules)
+
+
+def deadline_problem(fleet: Fleet, scenario: Scenario, shape: ModelShape) -> str | None:
+    from fedsim.server import estimates
+
+    deadline = scenario.fleet.deadline_s
+    if deadline <= 0:
+        return None
+    est = estimates(shape, scenario)
+    nbytes = adapter_bytes(shape, scenario)
+    seconds = est.flops / fleet.flops + comm_seconds(nbytes, nbytes, fleet.down_bps, fleet.up_bps)
+    best = int(np.argmin(seconds))
+    if seconds[best] > deadline:
+        return (
+            f"`fleet.deadline_s` = {deadline:g} is shorter than any device's estimated round time: "
+            f"the fastest, client {best} ({fleet.device[best]}), needs about {seconds[best]:.3g}s"
+        )
+    return None
+
+
+def preflight(scenario: Scenario, source: str) -> None:
+    """Raise ScenarioError listing what makes the scenario unable to run on its fleet."""
+    try:
+        fleet = build_fleet(scenario)
+    except ValueError as exc:
+        raise ScenarioError(source, [f"`fleet`: {exc}"]) from None
+    problem = deadline_problem(fleet, scenario, model_shape(scenario.model.name, scenario.model.dtype))
+    if problem:
+        raise ScenarioError(source, [problem])

@@ -1,0 +1,224 @@
+"""One round on the fleet: choose who trains, send, check, time, keep, aggregate; and the
+federated evaluation that follows.
+
+Who trains (`train_round`), at simulated time t:
+  1. eligible = clients online at t and still online when they would finish (estimated from
+     their device: `Estimates`), excluding none other;
+  2. sample per_round·(1 + overcommit) of them (seeded by round, so any scheduling order gives
+     the same choice);
+  3. a client whose memory cannot hold the training step is `infeasible` and gets no message;
+     a client whose dropout draw fires is `dropped` and its work is lost;
+  4. the rest train; each reply is validated on its own (`fedsim.replies`), timed on the
+     simulated clock (`fedsim.clock`), and the first per_round finishers within the deadline
+     are kept; later ones are `straggler`s, their updates discarded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.adapter import AdapterState, from_record, to_record
+from fedsim.availability import dropout_draws
+from fedsim.clock import comm_seconds, keep_first_finishers, payload_bytes, round_duration
+from fedsim.fleet import GIB, Fleet
+from fedsim.replies import Checked, check_eval_reply, check_train_reply
+from fedsim.scenario import Scenario
+from fedsim.seeding import derive_seed
+
+Row = dict[str, Any]
+
+
+class Participants(Grid):
+    """A view of `grid` that shows only the nodes fedsim sampled, so a Flower strategy's own
+    `configure_*` (which samples from `grid.get_node_ids()`) addresses exactly them."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._ids)
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        return self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """What the server expects one client's training to cost, before it happens."""
+
+    flops: float  # local_steps full batches at max_seq_len
+    memory: int  # bytes of one training step (fedsim.costs.train_memory)
+
+
+@dataclass
+class RoundEnv:
+    """Everything a round needs that does not change between rounds."""
+
+    grid: Grid
+    scenario: Scenario
+    strategy: Strategy
+    fleet: Fleet
+    clients: dict[int, int]  # client id → node id
+    estimates: Estimates
+    node_to_client: dict[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.node_to_client = {n: c for c, n in self.clients.items()}
+
+
+def sample_clients(available: Iterable[int], k: int, seed: int, server_round: int, purpose: str) -> list[int]:
+    """k client ids drawn without replacement, a pure function of (seed, round, purpose)."""
+    pool = sorted(int(c) for c in available)
+    rng = np.random.default_rng(derive_seed(seed, server_round, purpose))
+    k = min(k, len(pool))
+    return sorted(int(c) for c in rng.choice(pool, size=k, replace=False)) if k else []
+
+
+def _base_row(env: RoundEnv, cid: int, server_round: int, kind: str, status: str, reason: str = "") -> Row:
+    return {"round": server_round, "client_id": cid, "kind": kind, "status": status, "reason": reason, "device": str(env.fleet.device[cid])}
+
+
+def _config(scenario: Scenario) -> ConfigRecord:
+    return ConfigRecord({"scenario": scenario.to_json()})
+
+
+def _exchange(env: RoundEnv, messages: Iterable[Message], check) -> tuple[list[Checked], list[int]]:  # type: ignore[no-untyped-def]
+    """Send, wait, validate; replies sorted by client id (aggregation order never depends on
+    arrival order). Also returns the nodes that never answered."""
+    sent = list(messages)
+    replies = env.grid.send_and_receive(sent, timeout=env.scenario.simulation.round_timeout_s)
+    checked = sorted((check(r) for r in replies), key=lambda c: env.node_to_client[c.message.metadata.src_node_id])
+    answered = {c.message.metadata.src_node_id for c in checked}
+    return checked, [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
+
+
+def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: int) -> np.ndarray:
+    """Clients online now and, by their device's estimated round time, until they finish."""
+    ids = np.array(sorted(env.clients), dtype=np.int64)
+    f = env.fleet
+    est_s = env.estimates.flops / f.flops[ids] + comm_seconds(est_bytes, est_bytes, f.down_bps[ids], f.up_bps[ids])
+    return ids[f.availability.online_through(ids, t_now, t_now + est_s, server_round)]
+
+
+def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> tuple[AdapterState, list[Row], float]:
+    """One training round at simulated time `t_now`: (new state, rows, simulated duration)."""
+    s, f = env.scenario, env.fleet
+    config = _config(s)
+    est_bytes = payload_bytes(RecordDict({"arrays": to_record(state), "config": config}))
+    eligible = eligible_clients(env, t_now, server_round, est_bytes)
+    chosen = np.array(sample_clients(eligible, math.ceil(s.clients.per_round * (1 + s.fleet.overcommit)), s.seed, server_round, "train"), dtype=np.int64)
+    rows: list[Row] = []
+    infeasible = f.memory[chosen] < env.estimates.memory if len(chosen) else np.zeros(0, bool)
+    for cid in chosen[infeasible]:
+        need, have = env.estimates.memory / GIB, f.memory[cid] / GIB
+        rows.append(_base_row(env, int(cid), server_round, "train", "infeasible", f"needs {need:.2f} GiB, device has {have:.2f} GiB"))
+    chosen = chosen[~infeasible]
+    dropped = dropout_draws(chosen, server_round, derive_seed(s.seed, "dropout"), s.fleet.dropout)
+    for cid in chosen[dropped]:
+        rows.append(_base_row(env, int(cid), server_round, "train", "dropped", f"dropped out mid-round (fleet.dropout = {s.fleet.dropout})"))
+    chosen = chosen[~dropped]
+
+    nodes = [env.clients[int(c)] for c in chosen]
+    messages = list(env.strategy.configure_train(server_round, to_record(state), config, Participants(env.grid, nodes))) if nodes else []
+    down = _bytes_by_node(messages)
+    checked, silent = _exchange(env, messages, lambda r: check_train_reply(r, state))
+    rows += [_base_row(env, env.node_to_client[n], server_round, "train", "failed", "no reply before the round timeout") for n in silent]
+    rows += [_base_row(env, env.node_to_client[c.message.metadata.src_node_id], server_round, "train", c.status, c.reason) for c in checked if c.status != "ok"]
+
+    ok = [c for c in checked if c.status == "ok"]
+    cids = np.array([env.node_to_client[c.message.metadata.src_node_id] for c in ok], dtype=np.int64)
+    flops = np.array([float(c.message.content["metrics"]["flops"]) for c in ok])
+    up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
+    down_ok = np.array([down[c.message.metadata.src_node_id] for c in ok], dtype=np.int64)
+    compute = flops / f.flops[cids]
+    comm = comm_seconds(down_ok, up, f.down_bps[cids], f.up_bps[cids])
+    kept = keep_first_finishers(compute + comm, s.clients.per_round, s.fleet.deadline_s)
+    for i, c in enumerate(ok):
+        status = "ok" if kept[i] else "straggler"
+        reason = "" if kept[i] else _straggler_reason(compute[i] + comm[i], s)
+        row = _base_row(env, int(cids[i]), server_round, "train", status, reason)
+        row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
+        rows.append(row)
+    rows.sort(key=lambda r: r["client_id"])
+
+    valid = [c.message for c, k in zip(ok, kept) if k]
+    if valid:
+        arrays, _ = env.strategy.aggregate_train(server_round, valid)
+        if arrays is not None:
+            state = from_record(arrays)
+    duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
+    # A round that kept nothing still costs time: the server waits before it samples again.
+    return state, rows, duration if kept.any() else max(duration, s.fleet.idle_step_s)
+
+
+def _bytes_by_node(messages: list[Message]) -> dict[int, int]:
+    """Payload bytes of each message; messages sharing one content are measured once."""
+    sizes: dict[int, int] = {}
+    for m in messages:
+        if id(m.content) not in sizes:
+            sizes[id(m.content)] = payload_bytes(m.content)
+    return {m.metadata.dst_node_id: sizes[id(m.content)] for m in messages}
+
+
+def _straggler_reason(finish_s: float, s: Scenario) -> str:
+    if s.fleet.deadline_s > 0 and finish_s > s.fleet.deadline_s:
+        return f"finished at {finish_s:.1f}s, after the {s.fleet.deadline_s:g}s deadline"
+    return f"not among the first {s.clients.per_round} to finish (over-commitment)"
+
+
+def _train_metrics(msg: Message) -> Row:
+    m = msg.content["metrics"]
+    return {
+        "num_examples": int(m["num-examples"]),
+        "loss": float(m["train-loss"]),
+        "loss_before": float(m["loss-before"]),
+        "loss_after": float(m["loss-after"]),
+        "tokens": int(m["tokens"]),
+        "wall_time_s": float(m["wall-time-s"]),
+    }
+
+
+def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> list[Row]:
+    """Federated evaluation on clients online at `t_now` (not on the simulated clock)."""
+    s = env.scenario
+    if s.clients.eval_per_round == 0:
+        return []
+    ids = np.array(sorted(env.clients), dtype=np.int64)
+    online = ids[env.fleet.availability.online(ids, t_now, server_round)]
+    nodes = [env.clients[c] for c in sample_clients(online, s.clients.eval_per_round, s.seed, server_round, "eval")]
+    if not nodes:
+        return []
+    messages = env.strategy.configure_evaluate(server_round, to_record(state), _config(s), Participants(env.grid, nodes))
+    checked, silent = _exchange(env, messages, check_eval_reply)
+    rows = [_base_row(env, env.node_to_client[n], server_round, "eval_client", "failed", "no reply before the round timeout") for n in silent]
+    for c in checked:
+        row = _base_row(env, env.node_to_client[c.message.metadata.src_node_id], server_round, "eval_client", c.status, c.reason)
+        if c.status == "ok":
+            m = c.message.content["metrics"]
+            row.update(num_examples=int(m["num-examples"]), loss=float(m["loss"]), accuracy=float(m["accuracy"]), wall_time_s=float(m["wall-time-s"]))
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["client_id"])
