@@ -113,7 +113,7 @@ def encode(update: Mapping[str, torch.Tensor], config: CodecConfig) -> bytes:
     parts = [_header(config, len(kept), _whole_scale(kept, config))]
     for name, sparse in kept.items():
         code, b, positions = _positions(sparse)
-        parts += [_sparse_record(name, sparse, config, code, b, len(positions)), positions, _values(sparse, config)]
+        parts += [_sparse_record(name, sparse, config, code, b, len(positions)), positions, _values(sparse)]
     return b"".join(parts)
 
 
@@ -172,7 +172,7 @@ def _positions(sparse: Sparse) -> tuple[int, int, bytes]:
     return code, b, bitmap_encode(sparse.positions, math.prod(sparse.shape))
 
 
-def _values(sparse: Sparse, config: CodecConfig) -> bytes:
+def _values(sparse: Sparse) -> bytes:
     if sparse.values is None:
         return pack_bits(sparse.negative)
     return _raw(sparse.values)

@@ -9,11 +9,16 @@ Sparsification and Quantization", arXiv:2311.13171). Rule, for an update x of n 
     C(x)_i = sign(x_i)·γ  if i ∈ S,  0 otherwise
 
 so only S and the signs on it travel (see `fedsim.compression.codec`). σ is the sample standard
-deviation (Bessel's n−1), as `torch.Tensor.std()` in the paper's code, computed by that very call
-on the float32 update; σ = 0 for n < 2. γ = α·σ is rounded once to float32. A constant update has
-σ = 0 and compresses to zeros: that is the paper's rule. Whole-update mode (the default, as the
-paper's code) ranks and takes σ over all tensors concatenated in the update's order;
-`per_tensor=True` applies the rule to each tensor with its own k and σ.
+deviation (Bessel's n−1), as `tv.std()` in the paper's code, computed by that very call on the
+float32 update; σ = 0 for n < 2. γ = α·σ is rounded once to float32. A constant update has σ = 0
+and compresses to zeros: that is the paper's rule. Whole-update mode (the default, as the paper's
+code) ranks and takes σ over all tensors concatenated in the update's order; `per_tensor=True`
+applies the rule to each tensor with its own k and σ.
+
+The paper's code (`compress_and_update_parms`, github.com/prateeky2806/ComPEFT, src/bert_eval.py)
+flattens the PEFT state dict sorted by name and keeps |x| ≥ its `kthvalue` threshold: ⌊d·n⌋ + 1
+entries plus any ties. Here k = ⌈d·n⌉ exactly (the same count unless d·n is a whole number) and
+ties go to the lower index of the update's own order, so the kept set is always k entries.
 
 k is ⌈d·n⌉ of the exact product (`fractions.Fraction`), so d = 0.7, n = 10 keeps 7 entries, not
 the 8 that the float 0.7·10 = 7.000000000000001 would give. An entry equal to zero is never kept

@@ -1,0 +1,70 @@
+"""`simulation.ray_address`: the federation runs on an existing Ray cluster instead of starting
+its own. The test starts a one-machine cluster (`ray start --head --block`, its own temp dir)
+and stops it at the end, whatever happens."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedsim.rundir import RunDir, read_metrics
+from fedsim.scenario import load_scenario
+from fedsim.simulation import run_simulation
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[tuple[str, Path]]:
+    temp = Path(tempfile.mkdtemp(prefix="/tmp/fsray"))  # short: Ray's socket paths have a length limit
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 90
+        while not list(temp.glob("session_*/logs/raylet.out")):
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail("the Ray head did not start within 90 s")
+            time.sleep(0.5)
+        time.sleep(2)
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_runs_on_an_existing_ray_cluster(ray_cluster: tuple[str, Path], tmp_path: Path) -> None:
+    address, temp = ray_cluster
+    scenario = load_scenario(ROOT / "scenarios" / "tiny.toml", ["rounds=1", f"simulation.ray_address='{address}'"])
+    run_dir = RunDir.create(tmp_path, scenario)
+    run_simulation(scenario, run_dir)
+    metrics = read_metrics(run_dir.path)
+    assert (metrics[metrics["kind"] == "train"]["status"] == "ok").sum() == 2
+    # The clients ran as workers of *that* cluster: their logs are in its session folder.
+    assert list(temp.glob("session_*/logs/worker-*")), "no worker of the existing cluster ran a client"
