@@ -7,8 +7,8 @@ server through Python objects. Handlers:
 - query: tells the server which client (partition) this node is, so the server can sample by
   client id deterministically (Flower's node ids are random).
 - train: load the global adapter into the cached base model + LoRA, train on this client's train
-  split with a seed derived from (scenario seed, round, client id), reply with the adapter and
-  metrics.
+  split with a seed derived from (scenario seed, round, client id), reply with the update
+  (local − global) encoded by `fedsim.compression` as the scenario says, and metrics.
 - evaluate: loss and exact match of the global adapter on this client's test split.
 
 The base model with its LoRA wrapper is built once per worker process (`_model`) and reused
@@ -20,21 +20,23 @@ from __future__ import annotations
 import functools
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from fedsim.adapter import AdapterState, attach_lora, from_record, get_state, set_state
+from fedsim.compression import CodecConfig, compress, encode, residual
 from fedsim.costs import ModelShape, train_step_flops
-from fedsim.adapter import attach_lora, from_record, get_state, set_state, to_record
 from fedsim.data import client_data
 from fedsim.models import load_model
-from fedsim.scenario import LoraConfig, ModelConfig, Scenario
+from fedsim.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.training import evaluate as evaluate_model
 from fedsim.training import train_lora
 
 app = ClientApp()
+EF_KEY = "error-feedback"  # context.state key of the residual not yet sent
 
 
 @functools.cache
@@ -68,9 +70,10 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario)
     model, tokenizer, shape = _model(scenario.model, scenario.lora, scenario.seed)
-    set_state(model, from_record(msg.content["arrays"]))
+    global_state = from_record(msg.content["arrays"])
+    set_state(model, global_state)
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
-    return scenario, cid, model, tokenizer, shape, data
+    return scenario, cid, model, tokenizer, shape, data, global_state
 
 
 @app.query()
@@ -82,7 +85,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, shape, data = _setup(msg, context)
+    scenario, cid, model, tokenizer, shape, data, global_state = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     t, lora = scenario.train, scenario.lora
     result = train_lora(
@@ -110,13 +113,32 @@ def train(msg: Message, context: Context) -> Message:
             "wall-time-s": result.wall_time_s,
         }
     )
-    content = RecordDict({"arrays": to_record(get_state(model)), "metrics": metrics})
+    payload = encode_update(get_state(model), global_state, scenario.compression, context)
+    content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": metrics})
     return Message(content, reply_to=msg)
+
+
+def codec_config(c: CompressionConfig) -> CodecConfig:
+    return CodecConfig(method=c.method, density=c.density, alpha=c.alpha, dtype=c.dtype, per_tensor=c.per_tensor)
+
+
+def encode_update(local: AdapterState, global_state: AdapterState, c: CompressionConfig, context: Context) -> bytes:
+    """The update local − global as codec bytes. With error feedback, what was not sent last
+    round is added first, and what is not sent now is kept in the node's context for next
+    round (Flower keeps `context.state` across rounds, in simulation and on a SuperNode)."""
+    update = {k: local[k] - global_state[k] for k in local}
+    if c.error_feedback and EF_KEY in context.state.array_records:
+        carried = context.state.array_records[EF_KEY].to_torch_state_dict()
+        update = {k: (v.double() + carried[k]).float() for k, v in update.items()}
+    config = codec_config(c)
+    if c.error_feedback:
+        context.state[EF_KEY] = ArrayRecord(residual(update, compress(update, config)))
+    return encode(update, config)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, _, data = _setup(msg, context)
+    scenario, cid, model, tokenizer, _, data, _ = _setup(msg, context)
     e = scenario.eval
     rows = list(data.test)[: e.client_examples]
     if not rows:

@@ -2,7 +2,8 @@
 
 Flower's FedAvg raises `InconsistentMessageReplies` on mismatched replies, and `Strategy.start`
 does not catch it; one bad client would end the run. Here every reply is checked on its own and a
-bad one is set aside with a reason, so it can neither end the run nor touch the global model.
+bad one (an error, a truncated/corrupted/foreign payload, wrong keys or shapes, NaNs) is set aside
+with a reason, so it can neither end the run nor touch the global model.
 """
 
 from __future__ import annotations
@@ -10,56 +11,62 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
+import torch
 from flwr.app import Message
 
 from fedsim.adapter import AdapterState
+from fedsim.compression import CodecError, decode
 
 ERROR_NAMES = {2: "ClientApp raised", 4: "TTL expired", 5: "node unavailable", 8: "ClientApp process crashed"}
 
 
 @dataclass(frozen=True)
 class Checked:
-    """A reply with its verdict: `reason` is "" for a usable reply."""
+    """A reply with its verdict: `reason` is "" for a usable reply, whose decoded update
+    (local − global adapter) is in `update`."""
 
     message: Message
     status: str  # ok | failed | rejected
     reason: str
+    update: AdapterState | None = None
 
 
 def check_train_reply(msg: Message, expected: AdapterState) -> Checked:
-    """A train reply must carry finite tensors with exactly the global adapter's keys and shapes,
-    and a positive `num-examples`."""
+    """A train reply must carry a payload that decodes (`fedsim.compression`) to finite tensors
+    with exactly the global adapter's keys and shapes, a positive `num-examples` and FLOPs."""
     if msg.has_error():
         name = ERROR_NAMES.get(msg.error.code, f"error code {msg.error.code}")
         return Checked(msg, "failed", f"{name}: {msg.error.reason}")
-    reason = _train_content_problem(msg, expected)
-    return Checked(msg, "rejected" if reason else "ok", reason)
+    update, reason = _decoded_update(msg, expected)
+    return Checked(msg, "rejected" if reason else "ok", reason, update if not reason else None)
 
 
-def _train_content_problem(msg: Message, expected: AdapterState) -> str:
+def _decoded_update(msg: Message, expected: AdapterState) -> tuple[AdapterState | None, str]:
     content = msg.content
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-        return "reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord"
+    if "update" not in content.config_records or "metrics" not in content.metric_records:
+        return None, "reply lacks the 'update' ConfigRecord or the 'metrics' MetricRecord"
     problem = _metrics_problem(msg)
     if problem:
-        return problem
+        return None, problem
     flops = content.metric_records["metrics"].get("flops")
     if not isinstance(flops, (int, float)) or not math.isfinite(flops) or flops < 0:
-        return f"'flops' must be a finite number >= 0, got {flops!r}"
-    arrays = content.array_records["arrays"]
-    if set(arrays.keys()) != set(expected):
-        missing = sorted(set(expected) - set(arrays.keys()))
-        extra = sorted(set(arrays.keys()) - set(expected))
-        return f"adapter keys differ from the global adapter: missing {missing[:2]}, unexpected {extra[:2]}"
+        return None, f"'flops' must be a finite number >= 0, got {flops!r}"
+    payload = content.config_records["update"].get("payload")
+    if not isinstance(payload, bytes):
+        return None, f"'payload' must be bytes, got {type(payload).__name__}"
+    try:  # never decode more entries than the global adapter has: a tiny payload can claim 2**31
+        update = decode(payload, max_numel=sum(t.numel() for t in expected.values()))
+    except CodecError as exc:
+        return None, f"update payload rejected: {exc}"
+    if set(update) != set(expected):
+        missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
+        return None, f"adapter keys differ from the global adapter: missing {missing[:2]}, unexpected {extra[:2]}"
     for key, ref in expected.items():
-        arr = arrays[key]
-        if tuple(arr.shape) != tuple(ref.shape):
-            return f"{key}: shape {tuple(arr.shape)}, expected {tuple(ref.shape)}"
-        values = arr.numpy()
-        if values.dtype.kind != "f" or not np.isfinite(values).all():
-            return f"{key}: not finite floating-point values (NaN/Inf, or dtype {values.dtype})"
-    return ""
+        if tuple(update[key].shape) != tuple(ref.shape):
+            return None, f"{key}: shape {tuple(update[key].shape)}, expected {tuple(ref.shape)}"
+        if not bool(torch.isfinite(update[key]).all()):
+            return None, f"{key}: not finite (NaN/Inf)"
+    return {k: v.to(torch.float32) for k, v in update.items()}, ""
 
 
 def _metrics_problem(msg: Message) -> str:

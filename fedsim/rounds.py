@@ -165,7 +165,7 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
         rows.append(row)
     rows.sort(key=lambda r: r["client_id"])
 
-    valid = [c.message for c, k in zip(ok, kept) if k]
+    valid = [_as_adapter_reply(c, state) for c, k in zip(ok, kept) if k]
     if valid:
         arrays, _ = env.strategy.aggregate_train(server_round, valid)
         if arrays is not None:
@@ -173,6 +173,16 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
     return state, rows, duration if kept.any() else max(duration, s.fleet.idle_step_s)
+
+
+def _as_adapter_reply(checked: Checked, state: AdapterState) -> Message:
+    """The reply as strategies see it: the client's adapter (global + decoded update) under
+    'arrays', its metrics under 'metrics' — whatever codec carried it."""
+    assert checked.update is not None  # ok replies carry their decoded update
+    local = {k: state[k] + checked.update[k] for k in state}
+    msg = checked.message
+    msg.content = RecordDict({"arrays": to_record(local), "metrics": msg.content["metrics"]})
+    return msg
 
 
 def _bytes_by_node(messages: list[Message]) -> dict[int, int]:

@@ -137,6 +137,18 @@ class SimulationConfig(_Section):
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
 
 
+class CompressionConfig(_Section):
+    """How client updates (local − global adapter) travel: always through `fedsim.compression`.
+    The default, `none` in float32, is lossless."""
+
+    method: Literal["none", "topk", "compeft"] = Field("none", description="none: plain tensors; topk: top-k values; compeft: top-k signs × α·σ.")
+    density: float = Field(0.1, gt=0, le=1, description="Share d of entries kept by topk/compeft: ceil(d·n).")
+    alpha: float = Field(1.0, gt=0, description="ComPEFT scale multiplier: kept entries become sign·α·σ(update).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Value dtype of none/topk.")
+    per_tensor: bool = Field(False, description="Select top-k and σ per tensor instead of over the whole update.")
+    error_feedback: bool = Field(False, description="Client adds what it did not send last time to its next update.")
+
+
 class FleetGroup(_Section):
     profile: str = Field(..., min_length=1, description="Device profile (catalog name, or one of fleet.profiles).")
     count: int = Field(..., ge=1, description="Clients of this profile; client ids follow the group order.")
@@ -196,6 +208,7 @@ class Scenario(_Section):
     eval: EvalConfig = EvalConfig()
     simulation: SimulationConfig = SimulationConfig()
     fleet: FleetConfig = FleetConfig()
+    compression: CompressionConfig = CompressionConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:

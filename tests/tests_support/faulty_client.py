@@ -1,13 +1,14 @@
-"""A ClientApp that misbehaves on purpose: client 1 returns NaN tensors, client 2 raises.
-Everyone else behaves like the real `clients.app`."""
+"""A ClientApp that misbehaves on purpose: client 1 sends an update full of NaNs, client 2
+raises, client 3 sends a truncated payload. Everyone else behaves like the real `clients.app`."""
 
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import app as real
+from fedsim.compression import CodecConfig, decode, encode
 
 app = ClientApp()
 
@@ -23,11 +24,14 @@ def train(msg: Message, context: Context) -> Message:
     if cid == 2:
         raise RuntimeError("deliberate crash")
     reply = real.train(msg, context)
+    payload = reply.content["update"]["payload"]
     if cid == 1:
-        arrays = reply.content["arrays"].to_torch_state_dict()
-        poisoned = ArrayRecord({k: torch.full_like(v, float("nan")) for k, v in arrays.items()})
-        reply = Message(RecordDict({"arrays": poisoned, "metrics": reply.content["metrics"]}), reply_to=msg)
-    return reply
+        nan = {k: torch.full_like(v, float("nan")) for k, v in decode(payload).items()}
+        payload = encode(nan, CodecConfig(method="none"))
+    elif cid == 3:
+        payload = payload[: len(payload) // 2]
+    content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": reply.content["metrics"]})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
