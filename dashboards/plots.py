@@ -114,5 +114,10 @@ RUN_PLOTS: dict[str, RunPlot] = {
 
 
 def available_plots(table: pd.DataFrame) -> list[str]:
-    """Names in `RUN_PLOTS` whose columns `table` has."""
-    return [name for name, plot in RUN_PLOTS.items() if all(c in table.columns for c in plot.needs)]
+    """Names in `RUN_PLOTS` whose columns `table` has, with at least one value (runs recorded
+    before a column existed have it all-NaN)."""
+    return [
+        name
+        for name, plot in RUN_PLOTS.items()
+        if all(c in table.columns and table[c].notna().any() for c in plot.needs)
+    ]

@@ -103,14 +103,11 @@ def _mtime(run_path: Path) -> float:
 
 
 def per_round(metrics: pd.DataFrame) -> pd.DataFrame:
-    """`round_table(metrics)`, plus `sim_time_s` (the simulated clock at the round's end: the
-    largest value among the round's rows) where the metrics have that column."""
+    """`round_table(metrics)` (which carries the simulated clock, `sim_time_s`, at each round's
+    end), or an empty table while a run has no rows yet."""
     if metrics.empty:
         return pd.DataFrame(columns=["train_loss", "central_accuracy"], index=pd.Index([], name="round"))
-    table = round_table(metrics)
-    if "sim_time_s" in metrics.columns and "sim_time_s" not in table.columns:
-        table["sim_time_s"] = metrics.groupby("round")["sim_time_s"].max()
-    return table
+    return round_table(metrics)
 
 
 def _read_scenario(run_path: Path) -> tuple[str, dict[str, Any], list[str]]:

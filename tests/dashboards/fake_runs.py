@@ -43,7 +43,7 @@ def metrics(accuracies: Sequence[float], sim_time: bool = False) -> pd.DataFrame
         rows.append({"round": k, "client_id": -1, "kind": "eval_central", "num_examples": 32, "loss": loss,
                      "accuracy": accuracy, "wall_time_s": 10.0 * k + 1.5})
     frame = metrics_frame(rows)
-    if sim_time:  # a column later issues add; the dashboard must pick it up when present
+    if sim_time:  # runs without a fleet clock (older runs) have the column all-NaN
         frame["sim_time_s"] = frame["round"] * 60.0
     return frame
 
