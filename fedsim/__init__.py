@@ -1,1 +1,11 @@
-"""placeholder"""
+"""fedsim: simulate federated LoRA fine-tuning of a language model on a fleet of devices.
+
+The engine: scenarios (`scenario`), models (`models`), tasks and partitions (`tasks`, `data`),
+local training (`training`), adapters (`adapter`), the fleet and its clock (`devices`,
+`availability`, `fleet`, `costs`, `clock`), compression (`compression`), the server loop
+(`server`, `rounds`), run directories (`rundir`, `report`) and the CLI (`cli`).
+"""
+
+from fedsim.scenario import Scenario, ScenarioError, load_scenario
+
+__all__ = ["Scenario", "ScenarioError", "load_scenario"]

@@ -39,6 +39,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedsim.errors import InputError
 from fedsim.seeding import derive_seed
 
 # --- specs ---------------------------------------------------------------------------------
@@ -276,14 +277,10 @@ _NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _WINDOW = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*")
 
 
-class TraceError(ValueError):
+class TraceError(InputError):
     """A trace file that cannot be used; `problems` lists every reason, each with its line."""
 
-    def __init__(self, source: str, problems: Sequence[str]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"trace {source} has {len(self.problems)} problem(s):\n{lines}")
+    what = "trace"
 
 
 def load_trace(path: str | Path, known_profiles: Collection[str] | None = None) -> tuple[list[dict[str, Any]], Windows]:

@@ -44,11 +44,10 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.preflight import preflight
     from fedsim.report import summary_text
     from fedsim.rundir import RunDir, RunExistsError, read_metrics
     from fedsim.scenario import ScenarioError, load_scenario
-
-    from fedsim.preflight import preflight
 
     try:
         scenario = load_scenario(args.scenario, args.set or [], seed=args.seed)

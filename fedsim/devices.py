@@ -44,6 +44,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from fedsim.availability import KINDS, AlwaysOn, Availability, Trace
+from fedsim.errors import InputError
 
 
 class DeviceProfile(BaseModel):
@@ -101,14 +102,10 @@ CATALOG: dict[str, DeviceProfile] = {
 }
 
 
-class ProfilesError(ValueError):
+class ProfilesError(InputError):
     """A device profiles file that cannot be used; `problems` names each dotted path."""
 
-    def __init__(self, source: str, problems: Sequence[str]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"device profiles file {source} has {len(self.problems)} problem(s):\n{lines}")
+    what = "device profiles file"
 
 
 _PROFILES = TypeAdapter(dict[str, DeviceProfile])

@@ -16,7 +16,7 @@ Who trains (`train_round`), at simulated time t:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,7 @@ class RoundEnv:
     fleet: Fleet
     clients: dict[int, int]  # client id → node id
     estimates: Estimates
+    score: Callable[[AdapterState], float] | None = None  # held-out loss of an adapter (α tuning)
     node_to_client: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -165,21 +166,39 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
         rows.append(row)
     rows.sort(key=lambda r: r["client_id"])
 
-    valid = [_as_adapter_reply(c, state) for c, k in zip(ok, kept) if k]
-    if valid:
-        arrays, _ = env.strategy.aggregate_train(server_round, valid)
-        if arrays is not None:
-            state = from_record(arrays)
+    kept_replies = [c for c, k in zip(ok, kept) if k]
+    factor = _best_alpha_factor(env, state, kept_replies, server_round) if s.compression.alpha_grid and kept_replies else 1.0
+    for row in rows:
+        if row["status"] == "ok" and s.compression.method == "compeft":
+            row["alpha"] = s.compression.alpha * factor
+    state = _aggregate(env, state, kept_replies, server_round, factor) or state
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
     return state, rows, duration if kept.any() else max(duration, s.fleet.idle_step_s)
 
 
-def _as_adapter_reply(checked: Checked, state: AdapterState) -> Message:
-    """The reply as strategies see it: the client's adapter (global + decoded update) under
-    'arrays', its metrics under 'metrics' — whatever codec carried it."""
+def _aggregate(env: RoundEnv, state: AdapterState, replies: list[Checked], server_round: int, factor: float) -> AdapterState | None:
+    if not replies:
+        return None
+    arrays, _ = env.strategy.aggregate_train(server_round, [_as_adapter_reply(c, state, factor) for c in replies])
+    return from_record(arrays) if arrays is not None else None
+
+
+def _best_alpha_factor(env: RoundEnv, state: AdapterState, replies: list[Checked], server_round: int) -> float:
+    """ComPEFT's α tuned by the server: kept entries are ±α·σ, so a decoded update times α'/α is
+    exactly what the client would have sent with α'. Each α' of the grid is aggregated and scored
+    by the held-out loss (`RoundEnv.score`); the best one's factor is returned."""
+    assert env.score is not None
+    alpha = env.scenario.compression.alpha
+    losses = {a: env.score(_aggregate(env, state, replies, server_round, a / alpha) or state) for a in env.scenario.compression.alpha_grid}
+    return min(losses, key=lambda a: (losses[a], a)) / alpha
+
+
+def _as_adapter_reply(checked: Checked, state: AdapterState, factor: float = 1.0) -> Message:
+    """The reply as strategies see it: the client's adapter (global + factor·decoded update)
+    under 'arrays', its metrics under 'metrics' — whatever codec carried it."""
     assert checked.update is not None  # ok replies carry their decoded update
-    local = {k: state[k] + checked.update[k] for k in state}
+    local = {k: state[k] + factor * checked.update[k] for k in state}
     msg = checked.message
     msg.content = RecordDict({"arrays": to_record(local), "metrics": msg.content["metrics"]})
     return msg

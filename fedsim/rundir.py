@@ -33,6 +33,7 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     bytes_up     int    train: reply payload as sent (Flower's deflated record tree)
     bytes_down   int    train: the message the client received, likewise
     sim_time_s   float  eval_central: simulated fleet time at the end of that round (cumulative)
+    alpha        float  train, ComPEFT: the α the server applied to this update (NaN otherwise)
     reason       str    why a row is not ok ("" when ok)
 
 Every file is replaced atomically (write to a temporary name, then rename).
@@ -70,6 +71,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "bytes_up": "int64",
     "bytes_down": "int64",
     "sim_time_s": "float64",
+    "alpha": "float64",
     "reason": "string",
 }
 _DEFAULTS: dict[str, Any] = {
@@ -88,6 +90,7 @@ _DEFAULTS: dict[str, Any] = {
     "bytes_up": 0,
     "bytes_down": 0,
     "sim_time_s": math.nan,
+    "alpha": math.nan,
     "reason": "",
 }
 

@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from fedsim.availability import KINDS, Availability
-from fedsim.devices import CATALOG, DeviceProfile
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fedsim.availability import KINDS, Availability
+from fedsim.devices import CATALOG, DeviceProfile
+from fedsim.errors import InputError
 
-class ScenarioError(ValueError):
+
+class ScenarioError(InputError):
     """A scenario that cannot run; `problems` lists every reason, each naming its dotted path."""
 
-    def __init__(self, source: str, problems: Sequence[str]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"scenario {source} has {len(self.problems)} problem(s):\n{lines}")
+    what = "scenario"
 
 
 class _Section(BaseModel):
@@ -144,9 +141,24 @@ class CompressionConfig(_Section):
     method: Literal["none", "topk", "compeft"] = Field("none", description="none: plain tensors; topk: top-k values; compeft: top-k signs × α·σ.")
     density: float = Field(0.1, gt=0, le=1, description="Share d of entries kept by topk/compeft: ceil(d·n).")
     alpha: float = Field(1.0, gt=0, description="ComPEFT scale multiplier: kept entries become sign·α·σ(update).")
+    alpha_grid: tuple[float, ...] = Field((), description="If given, the server picks α from it each round by held-out loss.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Value dtype of none/topk.")
     per_tensor: bool = Field(False, description="Select top-k and σ per tensor instead of over the whole update.")
     error_feedback: bool = Field(False, description="Client adds what it did not send last time to its next update.")
+
+    @field_validator("alpha_grid", mode="before")
+    @classmethod
+    def _grid_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _grid_needs_compeft(self) -> CompressionConfig:
+        problems = [f"`compression.alpha_grid` values must be > 0, got {a}" for a in self.alpha_grid if not a > 0]
+        if self.alpha_grid and self.method != "compeft":
+            problems.append(f"`compression.alpha_grid` needs method 'compeft', got {self.method!r}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class FleetGroup(_Section):

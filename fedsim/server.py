@@ -30,7 +30,7 @@ from fedsim.rounds import Estimates, RoundEnv, eval_round, train_round
 from fedsim.rundir import RunDir
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
-from fedsim.training import evaluate
+from fedsim.training import evaluate, evaluate_loss
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,13 @@ class CentralEvaluator:
     def initial_state(self) -> AdapterState:
         return get_state(self.model)
 
+    def loss(self, state: AdapterState, examples: int = 16) -> float:
+        """Held-out response loss on the first `examples` (no generation: cheap enough to
+        score several candidate aggregates in a round)."""
+        set_state(self.model, state)
+        rows = self.examples[:examples]
+        return float(evaluate_loss(self.model, self.tokenizer, rows, batch_size=self.scenario.eval.batch_size, max_len=self.scenario.train.max_seq_len))
+
     def __call__(self, state: AdapterState, server_round: int, elapsed: float, sim_time: float) -> dict[str, Any]:
         set_state(self.model, state)
         e, t = self.scenario.eval, self.scenario.train
@@ -95,7 +102,9 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     central = CentralEvaluator(scenario)
     fleet = build_fleet(scenario)
     state = central.initial_state()
-    env = RoundEnv(grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), estimates(central.shape, scenario))
+    env = RoundEnv(
+        grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), estimates(central.shape, scenario), score=central.loss
+    )
     run_dir.event("clients", count=len(env.clients))
     sim_time = 0.0
     row0 = central(state, 0, time.perf_counter() - start, sim_time)

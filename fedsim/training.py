@@ -180,6 +180,21 @@ def generate_answers(
 
 
 @torch.no_grad()
+def evaluate_loss(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[dict[str, str]], *, batch_size: int, max_len: int
+) -> float:
+    """Response-token loss alone (token-weighted mean), without generation."""
+    model.eval()
+    loss_sum, n_tokens = 0.0, 0
+    for lo in range(0, len(examples), batch_size):
+        batch = collate(tokenizer, examples[lo : lo + batch_size], max_len)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())  # tokens the shifted loss counts
+        loss_sum += float(_batch_loss(model, batch)) * n
+        n_tokens += n
+    return loss_sum / n_tokens if n_tokens else math.nan
+
+
+@torch.no_grad()
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -191,14 +206,10 @@ def evaluate(
 ) -> EvalResult:
     """Response-token loss (token-weighted mean) and greedy exact-match accuracy."""
     start = time.perf_counter()
-    model.eval()
-    loss_sum, n_tokens, correct = 0.0, 0, 0
+    loss = evaluate_loss(model, tokenizer, examples, batch_size=batch_size, max_len=max_len)
+    correct = 0
     for lo in range(0, len(examples), batch_size):
         rows = examples[lo : lo + batch_size]
-        batch = collate(tokenizer, rows, max_len)
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())  # tokens the shifted loss counts
-        loss_sum += float(_batch_loss(model, batch)) * n
-        n_tokens += n
         answers = generate_answers(
             model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, max_len=max_len
         )
@@ -206,7 +217,7 @@ def evaluate(
     count = len(examples)
     return EvalResult(
         num_examples=count,
-        loss=loss_sum / n_tokens if n_tokens else math.nan,
+        loss=loss,
         accuracy=correct / count if count else math.nan,
         wall_time_s=time.perf_counter() - start,
     )

@@ -15,12 +15,12 @@ from strategies.fedit import FedIT
 if TYPE_CHECKING:
     from fedsim.scenario import Scenario
 
-STRATEGIES: dict[str, Callable[["Scenario"], Strategy]] = {
+STRATEGIES: dict[str, Callable[[Scenario], Strategy]] = {
     "fedit": lambda scenario: FedIT(),
 }
 
 
-def build_strategy(scenario: "Scenario") -> Strategy:
+def build_strategy(scenario: Scenario) -> Strategy:
     """The strategy the scenario names (validated at load, so the name is known)."""
     return STRATEGIES[scenario.strategy.name](scenario)
 

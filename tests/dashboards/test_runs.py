@@ -10,6 +10,7 @@ from fake_runs import metrics, write_run
 from dashboards.runs import RunNotFoundError, list_runs, load_run, per_round, read_events, resolve_run, summary
 from fedsim.report import round_table
 
+
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/etc", "a\\b", "a\0b", "x" * 300, "missing"])
 def test_resolve_run_rejects_names_that_are_not_a_run_under_the_root(tmp_path: Path, name: str) -> None:
     with pytest.raises(RunNotFoundError):

@@ -27,3 +27,15 @@ def test_compeft_uplink_is_small_and_training_still_works(tmp_path: Path) -> Non
     assert (train["bytes_up"] < float32_bytes / 8).all()  # ComPEFT d=0.1: ≥ 8× smaller than float32
     central = metrics[metrics["kind"] == "eval_central"].set_index("round")["loss"]
     assert central[3] < central[0] - 0.05
+
+
+def test_server_picks_alpha_from_the_grid(tmp_path: Path) -> None:
+    overrides = ["rounds=2", "clients.eval_per_round=0", "compression.method='compeft'", "compression.density=0.2",
+                 "compression.alpha=1.0", "compression.alpha_grid=[0.25, 1.0, 4.0, 16.0]"]  # fmt: skip
+    scenario = load_scenario(ROOT / "scenarios" / "tiny.toml", overrides)
+    run_dir = RunDir.create(tmp_path, scenario)
+    run_simulation(scenario, run_dir)
+    train = read_metrics(run_dir.path).query("kind == 'train' and status == 'ok'")
+    assert set(train["alpha"]) <= {0.25, 1.0, 4.0, 16.0}
+    assert train.groupby("round")["alpha"].nunique().eq(1).all()  # one α per round, for every update
+    assert set(train["alpha"]) != {1.0}  # the fixed α was not simply kept: the grid was searched

@@ -116,8 +116,9 @@ def test_same_seed_same_metrics(cli_run: tuple[Path, str], tmp_path: Path) -> No
 def test_run_survives_bad_replies(tmp_path: Path) -> None:
     """Client 1 sends NaNs, client 2 crashes and client 3 sends a truncated payload in every
     round: all are recorded, none reaches the global model, and the run finishes."""
-    from fedsim.simulation import run_simulation
     from tests_support.faulty_client import app as faulty_app  # importable by Ray workers
+
+    from fedsim.simulation import run_simulation
 
     scenario = load_scenario(TINY, ["rounds=2", "clients.per_round=4", "clients.eval_per_round=0"])
     run_dir = RunDir.create(tmp_path, scenario)

@@ -6,28 +6,19 @@ PID at the end), and the run directory under tmp_path.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests_support.processes import BIN, free_port, stop_group, venv_env
 
 from fedsim.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -38,8 +29,7 @@ def superlink(tmp_path: Path) -> Iterator[tuple[dict[str, str], str]]:
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    # The SuperLink starts `flower-superexec` and friends by name: the venv must be on PATH.
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = venv_env(FLWR_HOME=str(home))  # the SuperLink starts `flower-superexec` by name
     proc = subprocess.Popen(
         [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation", "--port", str(port)],
         env=env,
@@ -59,12 +49,7 @@ def superlink(tmp_path: Path) -> Iterator[tuple[dict[str, str], str]]:
             pytest.fail("SuperLink did not open its port within 60 s")
         yield env, "sim"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def test_flwr_run_dot_runs_the_tiny_scenario(superlink: tuple[dict[str, str], str], tmp_path: Path) -> None:

@@ -4,38 +4,28 @@ and stops it at the end, whatever happens."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests_support.processes import BIN, free_port, stop_group, venv_env
 
 from fedsim.rundir import RunDir, read_metrics
 from fedsim.scenario import load_scenario
 from fedsim.simulation import run_simulation
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def ray_cluster() -> Iterator[tuple[str, Path]]:
     temp = Path(tempfile.mkdtemp(prefix="/tmp/fsray"))  # short: Ray's socket paths have a length limit
     port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = venv_env()
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
@@ -50,12 +40,7 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         time.sleep(2)
         yield f"127.0.0.1:{port}", temp
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -37,6 +37,7 @@ BAD_CASES = [
     ("density 0", "[compression]\ndensity = 0.0\n", "`compression.density` must be greater than 0, got 0.0"),
     ("density > 1", "[compression]\ndensity = 1.5\n", "`compression.density` must be less than or equal to 1, got 1.5"),
     ("alpha <= 0", "[compression]\nalpha = -1.0\n", "`compression.alpha` must be greater than 0, got -1.0"),
+    ("alpha grid without compeft", "[compression]\nalpha_grid = [1.0, 2.0]\n", "`compression.alpha_grid` needs method 'compeft', got 'none'"),
     ("per_round > clients", "[clients]\nnum_clients = 2\nper_round = 3\n", "`clients.per_round` must be <= clients.num_clients (2), got 3"),
 ]
 
