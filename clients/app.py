@@ -26,9 +26,10 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedsim.adapter import AdapterState, attach_lora, from_record, get_state, set_state
-from fedsim.compression import CodecConfig, compress, encode, residual
+from fedsim.compression import compress, encode, residual
 from fedsim.costs import ModelShape, train_step_flops
 from fedsim.data import client_data
+from fedsim.downlink import apply_down
 from fedsim.models import load_model
 from fedsim.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.seeding import derive_seed
@@ -37,6 +38,7 @@ from fedsim.training import train_lora
 
 app = ClientApp()
 EF_KEY = "error-feedback"  # context.state key of the residual not yet sent
+COPY_KEY = "downlink-copy"  # context.state key of this node's copy of the broadcast adapter
 
 
 @functools.cache
@@ -70,10 +72,24 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario)
     model, tokenizer, shape = _model(scenario.model, scenario.lora, scenario.seed)
-    global_state = from_record(msg.content["arrays"])
+    global_state = _received_adapter(msg, context)
     set_state(model, global_state)
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
     return scenario, cid, model, tokenizer, shape, data, global_state
+
+
+def _received_adapter(msg: Message, context: Context) -> AdapterState:
+    """The adapter to start from: sent whole ('arrays'), or through the compressed downlink
+    ('down'), applied to the copy this node keeps in its context."""
+    if "down" not in msg.content.config_records:
+        return from_record(msg.content["arrays"])
+    down = msg.content["down"]
+    held = context.state.array_records.get(COPY_KEY)
+    version = int(context.state[COPY_KEY + "-version"]["version"]) if held is not None else -1
+    state = apply_down(down, held.to_torch_state_dict() if held is not None else None, version)
+    context.state[COPY_KEY] = ArrayRecord(state)
+    context.state[COPY_KEY + "-version"] = ConfigRecord({"version": int(down["version"])})
+    return state
 
 
 @app.query()
@@ -118,10 +134,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def codec_config(c: CompressionConfig) -> CodecConfig:
-    return CodecConfig(method=c.method, density=c.density, alpha=c.alpha, dtype=c.dtype, per_tensor=c.per_tensor)
-
-
 def encode_update(local: AdapterState, global_state: AdapterState, c: CompressionConfig, context: Context) -> bytes:
     """The update local − global as codec bytes. With error feedback, what was not sent last
     round is added first, and what is not sent now is kept in the node's context for next
@@ -130,7 +142,7 @@ def encode_update(local: AdapterState, global_state: AdapterState, c: Compressio
     if c.error_feedback and EF_KEY in context.state.array_records:
         carried = context.state.array_records[EF_KEY].to_torch_state_dict()
         update = {k: (v.double() + carried[k]).float() for k, v in update.items()}
-    config = codec_config(c)
+    config = c.codec()
     if c.error_feedback:
         context.state[EF_KEY] = ArrayRecord(residual(update, compress(update, config)))
     return encode(update, config)

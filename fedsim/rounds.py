@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.adapter import AdapterState, from_record, to_record
 from fedsim.availability import dropout_draws
 from fedsim.clock import comm_seconds, keep_first_finishers, payload_bytes, round_duration
+from fedsim.downlink import Downlink
 from fedsim.fleet import GIB, Fleet
 from fedsim.replies import Checked, check_eval_reply, check_train_reply
 from fedsim.scenario import Scenario
@@ -85,6 +86,7 @@ class RoundEnv:
     clients: dict[int, int]  # client id → node id
     estimates: Estimates
     score: Callable[[AdapterState], float] | None = None  # held-out loss of an adapter (α tuning)
+    downlink: Downlink | None = None  # compressed server → client direction, if enabled
     node_to_client: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -144,9 +146,15 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     chosen = chosen[~dropped]
 
     nodes = [env.clients[int(c)] for c in chosen]
-    messages = list(env.strategy.configure_train(server_round, to_record(state), config, Participants(env.grid, nodes))) if nodes else []
+    base = env.downlink.advance(state, server_round) if env.downlink else state  # what clients start from
+    messages = list(env.strategy.configure_train(server_round, to_record(base), config, Participants(env.grid, nodes))) if nodes else []
+    if env.downlink:
+        for m in messages:  # each client gets the delta or the whole adapter, as it needs
+            m.content = RecordDict({"down": env.downlink.record_for(env.node_to_client[m.metadata.dst_node_id]), "config": m.content["config"]})
     down = _bytes_by_node(messages)
-    checked, silent = _exchange(env, messages, lambda r: check_train_reply(r, state))
+    checked, silent = _exchange(env, messages, lambda r: check_train_reply(r, base))
+    if env.downlink:
+        env.downlink.mark_received(np.array([env.node_to_client[c.message.metadata.src_node_id] for c in checked if c.status != "failed"], dtype=np.int64))
     rows += [_base_row(env, env.node_to_client[n], server_round, "train", "failed", "no reply before the round timeout") for n in silent]
     rows += [_base_row(env, env.node_to_client[c.message.metadata.src_node_id], server_round, "train", c.status, c.reason) for c in checked if c.status != "ok"]
 
@@ -167,11 +175,11 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     rows.sort(key=lambda r: r["client_id"])
 
     kept_replies = [c for c, k in zip(ok, kept) if k]
-    factor = _best_alpha_factor(env, state, kept_replies, server_round) if s.compression.alpha_grid and kept_replies else 1.0
+    factor = _best_alpha_factor(env, base, kept_replies, server_round) if s.compression.alpha_grid and kept_replies else 1.0
     for row in rows:
         if row["status"] == "ok" and s.compression.method == "compeft":
             row["alpha"] = s.compression.alpha * factor
-    state = _aggregate(env, state, kept_replies, server_round, factor) or state
+    state = _aggregate(env, base, kept_replies, server_round, factor) or state
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
     return state, rows, duration if kept.any() else max(duration, s.fleet.idle_step_s)

@@ -16,13 +16,16 @@ import json
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedsim.availability import KINDS, Availability
 from fedsim.devices import CATALOG, DeviceProfile
 from fedsim.errors import InputError
+
+if TYPE_CHECKING:
+    from fedsim.compression import CodecConfig
 
 
 class ScenarioError(InputError):
@@ -145,6 +148,13 @@ class CompressionConfig(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Value dtype of none/topk.")
     per_tensor: bool = Field(False, description="Select top-k and σ per tensor instead of over the whole update.")
     error_feedback: bool = Field(False, description="Client adds what it did not send last time to its next update.")
+    downlink: bool = Field(False, description="Also compress the server → client direction: send the global adapter's change.")
+
+    def codec(self) -> CodecConfig:
+        """The codec settings for `fedsim.compression` (the downlink uses the same ones)."""
+        from fedsim.compression import CodecConfig  # torch: imported only when a run needs it
+
+        return CodecConfig(method=self.method, density=self.density, alpha=self.alpha, dtype=self.dtype, per_tensor=self.per_tensor)
 
     @field_validator("alpha_grid", mode="before")
     @classmethod

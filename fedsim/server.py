@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from fedsim.adapter import AdapterState, attach_lora, get_state, save_adapter, set_state
 from fedsim.costs import ModelShape, train_memory, train_step_flops
 from fedsim.data import central_test_set
+from fedsim.downlink import Downlink
 from fedsim.fleet import build_fleet
 from fedsim.models import load_model
 from fedsim.rounds import Estimates, RoundEnv, eval_round, train_round
@@ -102,9 +103,12 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     central = CentralEvaluator(scenario)
     fleet = build_fleet(scenario)
     state = central.initial_state()
+    c = scenario.compression
+    downlink = Downlink(c.codec(), fleet.size) if c.downlink else None
     env = RoundEnv(
-        grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), estimates(central.shape, scenario), score=central.loss
-    )
+        grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), estimates(central.shape, scenario),
+        score=central.loss, downlink=downlink,
+    )  # fmt: skip
     run_dir.event("clients", count=len(env.clients))
     sim_time = 0.0
     row0 = central(state, 0, time.perf_counter() - start, sim_time)

@@ -39,3 +39,18 @@ def test_server_picks_alpha_from_the_grid(tmp_path: Path) -> None:
     assert set(train["alpha"]) <= {0.25, 1.0, 4.0, 16.0}
     assert train.groupby("round")["alpha"].nunique().eq(1).all()  # one α per round, for every update
     assert set(train["alpha"]) != {1.0}  # the fixed α was not simply kept: the grid was searched
+
+
+def test_compressed_downlink_sends_deltas_after_the_first_round(tmp_path: Path) -> None:
+    overrides = ["rounds=3", "clients.per_round=4", "clients.eval_per_round=0", "compression.method='compeft'",
+                 "compression.density=0.1", "compression.downlink=true"]  # fmt: skip
+    scenario = load_scenario(ROOT / "scenarios" / "tiny.toml", overrides)
+    run_dir = RunDir.create(tmp_path, scenario)
+    run_simulation(scenario, run_dir)
+    metrics = read_metrics(run_dir.path)
+    train = metrics[metrics["kind"] == "train"]
+    assert (train["status"] == "ok").all()
+    down = train.groupby("round")["bytes_down"].max()
+    assert down[2] * 4 < down[1] and down[3] * 4 < down[1]  # everyone in sync: compressed deltas
+    central = metrics[metrics["kind"] == "eval_central"].set_index("round")["loss"]
+    assert central[3] < central[0] - 0.05
