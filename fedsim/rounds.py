@@ -129,32 +129,10 @@ def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: 
 
 def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> tuple[AdapterState, list[Row], float]:
     """One training round at simulated time `t_now`: (new state, rows, simulated duration)."""
-    s, f = env.scenario, env.fleet
-    config = _config(s)
-    est_bytes = payload_bytes(RecordDict({"arrays": to_record(state), "config": config}))
-    eligible = eligible_clients(env, t_now, server_round, est_bytes)
-    chosen = np.array(sample_clients(eligible, math.ceil(s.clients.per_round * (1 + s.fleet.overcommit)), s.seed, server_round, "train"), dtype=np.int64)
-    rows: list[Row] = []
-    infeasible = f.memory[chosen] < env.estimates.memory if len(chosen) else np.zeros(0, bool)
-    for cid in chosen[infeasible]:
-        need, have = env.estimates.memory / GIB, f.memory[cid] / GIB
-        rows.append(_base_row(env, int(cid), server_round, "train", "infeasible", f"needs {need:.2f} GiB, device has {have:.2f} GiB"))
-    chosen = chosen[~infeasible]
-    dropped = dropout_draws(chosen, server_round, derive_seed(s.seed, "dropout"), s.fleet.dropout)
-    for cid in chosen[dropped]:
-        rows.append(_base_row(env, int(cid), server_round, "train", "dropped", f"dropped out mid-round (fleet.dropout = {s.fleet.dropout})"))
-    chosen = chosen[~dropped]
-
-    nodes = [env.clients[int(c)] for c in chosen]
+    s = env.scenario
+    chosen, rows = _choose(env, state, server_round, t_now)
     base = env.downlink.advance(state, server_round) if env.downlink else state  # what clients start from
-    messages = list(env.strategy.configure_train(server_round, to_record(base), config, Participants(env.grid, nodes))) if nodes else []
-    if env.downlink:
-        for m in messages:  # each client gets the delta or the whole adapter, as it needs
-            m.content = RecordDict({"down": env.downlink.record_for(env.node_to_client[m.metadata.dst_node_id]), "config": m.content["config"]})
-    down = _bytes_by_node(messages)
-    checked, silent = _exchange(env, messages, lambda r: check_train_reply(r, base))
-    if env.downlink:
-        env.downlink.mark_received(np.array([env.node_to_client[c.message.metadata.src_node_id] for c in checked if c.status != "failed"], dtype=np.int64))
+    checked, silent, down = _send_train(env, base, chosen, server_round)
     rows += [_base_row(env, env.node_to_client[n], server_round, "train", "failed", "no reply before the round timeout") for n in silent]
     rows += [_base_row(env, env.node_to_client[c.message.metadata.src_node_id], server_round, "train", c.status, c.reason) for c in checked if c.status != "ok"]
 
@@ -163,26 +141,57 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     flops = np.array([float(c.message.content["metrics"]["flops"]) for c in ok])
     up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
     down_ok = np.array([down[c.message.metadata.src_node_id] for c in ok], dtype=np.int64)
-    compute = flops / f.flops[cids]
-    comm = comm_seconds(down_ok, up, f.down_bps[cids], f.up_bps[cids])
+    compute = flops / env.fleet.flops[cids]
+    comm = comm_seconds(down_ok, up, env.fleet.down_bps[cids], env.fleet.up_bps[cids])
     kept = keep_first_finishers(compute + comm, s.clients.per_round, s.fleet.deadline_s)
-    for i, c in enumerate(ok):
-        status = "ok" if kept[i] else "straggler"
-        reason = "" if kept[i] else _straggler_reason(compute[i] + comm[i], s)
-        row = _base_row(env, int(cids[i]), server_round, "train", status, reason)
-        row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
-        rows.append(row)
-    rows.sort(key=lambda r: r["client_id"])
 
     kept_replies = [c for c, k in zip(ok, kept) if k]
     factor = _best_alpha_factor(env, base, kept_replies, server_round) if s.compression.alpha_grid and kept_replies else 1.0
-    for row in rows:
-        if row["status"] == "ok" and s.compression.method == "compeft":
+    for i, c in enumerate(ok):
+        row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
+        row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
+        if kept[i] and s.compression.method == "compeft":
             row["alpha"] = s.compression.alpha * factor
+        rows.append(row)
     state = _aggregate(env, base, kept_replies, server_round, factor) or state
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
-    return state, rows, duration if kept.any() else max(duration, s.fleet.idle_step_s)
+    return state, sorted(rows, key=lambda r: r["client_id"]), duration if kept.any() else max(duration, s.fleet.idle_step_s)
+
+
+def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> tuple[np.ndarray, list[Row]]:
+    """Clients to send to: sampled among the eligible, less the infeasible and the dropped
+    (who get a row saying so and no message)."""
+    s, f = env.scenario, env.fleet
+    est_bytes = payload_bytes(RecordDict({"arrays": to_record(state), "config": _config(s)}))
+    eligible = eligible_clients(env, t_now, server_round, est_bytes)
+    chosen = np.array(sample_clients(eligible, math.ceil(s.clients.per_round * (1 + s.fleet.overcommit)), s.seed, server_round, "train"), dtype=np.int64)
+    infeasible = f.memory[chosen] < env.estimates.memory
+    rows = [
+        _base_row(env, int(c), server_round, "train", "infeasible", f"needs {env.estimates.memory / GIB:.2f} GiB, device has {f.memory[c] / GIB:.2f} GiB")
+        for c in chosen[infeasible]
+    ]
+    chosen = chosen[~infeasible]
+    dropped = dropout_draws(chosen, server_round, derive_seed(s.seed, "dropout"), s.fleet.dropout)
+    rows += [_base_row(env, int(c), server_round, "train", "dropped", f"dropped out mid-round (fleet.dropout = {s.fleet.dropout})") for c in chosen[dropped]]
+    return chosen[~dropped], rows
+
+
+def _send_train(env: RoundEnv, base: AdapterState, chosen: np.ndarray, server_round: int) -> tuple[list[Checked], list[int], dict[int, int]]:
+    """Send the round's train messages (through the strategy's `configure_train`), wait, check.
+    Returns the checked replies, the nodes that never answered, and the bytes each node was sent."""
+    nodes = [env.clients[int(c)] for c in chosen]
+    if not nodes:
+        return [], [], {}
+    messages = list(env.strategy.configure_train(server_round, to_record(base), _config(env.scenario), Participants(env.grid, nodes)))
+    if env.downlink:
+        for m in messages:  # each client gets the delta or the whole adapter, as it needs
+            m.content = RecordDict({"down": env.downlink.record_for(env.node_to_client[m.metadata.dst_node_id]), "config": m.content["config"]})
+    down = _bytes_by_node(messages)
+    checked, silent = _exchange(env, messages, lambda r: check_train_reply(r, base))
+    if env.downlink:
+        env.downlink.mark_received(np.array([env.node_to_client[c.message.metadata.src_node_id] for c in checked if c.status != "failed"], dtype=np.int64))
+    return checked, silent, down
 
 
 def _aggregate(env: RoundEnv, state: AdapterState, replies: list[Checked], server_round: int, factor: float) -> AdapterState | None:
