@@ -116,6 +116,7 @@ def train(msg: Message, context: Context) -> Message:
         grad_clip=t.grad_clip,
         seed=derive_seed(scenario.seed, server_round, cid, "train"),
         step_flops=lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=lora.rank, targets=lora.target_modules),
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),  # set by Flower's FedProx
     )
     metrics = MetricRecord(
         {

@@ -112,6 +112,12 @@ class LoraConfig(_Section):
 
 class StrategyConfig(_Section):
     name: str = Field("fedit", description="Aggregation strategy (see `strategies`).")
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight μ of the proximal term μ/2·‖θ − θ_global‖².")
+    server_lr: float = Field(0.1, gt=0, description="fedadam/fedyogi/fedadagrad/fedavgm: server learning rate η.")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum β.")
+    beta_1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay.")
+    beta_2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay.")
+    tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity τ.")
 
     @field_validator("name")
     @classmethod
@@ -259,6 +265,9 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
             value = getattr(clients, field)
             if value > clients.num_clients:
                 problems.append(f"`clients.{field}` must be <= clients.num_clients ({clients.num_clients}), got {value}")
+    strategy, compression = getattr(s, "strategy", None), getattr(s, "compression", None)
+    if strategy is not None and compression is not None and compression.alpha_grid and strategy.name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+        problems.append(f"`compression.alpha_grid` cannot be used with the stateful server optimiser {strategy.name!r}: it aggregates several candidates per round")
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
         problems.append(f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}")
     return problems

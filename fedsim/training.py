@@ -92,15 +92,18 @@ def train_lora(
     grad_clip: float,
     seed: int,
     step_flops: Callable[[int, int], float] | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """`steps` AdamW steps on the trainable (LoRA) parameters, batches drawn without
     replacement from a seeded permutation of `examples` (re-shuffled when exhausted).
-    `step_flops(batch, seq_len)` prices one step for the simulated clock."""
+    `step_flops(batch, seq_len)` prices one step for the simulated clock; `proximal_mu` > 0 adds
+    FedProx's μ/2·‖θ − θ₀‖² with θ₀ the parameters training started from."""
     if not examples:
         raise ValueError("train_lora needs at least one example")
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     probe = collate(tokenizer, examples[:batch_size], max_len)
     loss_before = _probe_loss(model, probe)
@@ -114,8 +117,9 @@ def train_lora(
         idx, order = order[:batch_size], order[batch_size:]
         batch = collate(tokenizer, [examples[i] for i in idx], max_len)
         loss = _batch_loss(model, batch)
+        objective = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_params)) if proximal_mu > 0 else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()

@@ -11,12 +11,23 @@ from typing import TYPE_CHECKING
 from flwr.serverapp.strategy import Strategy
 
 from strategies.fedit import FedIT
+from strategies.flower_optimizers import STATEFUL, fedprox, server_optimizer
 
 if TYPE_CHECKING:
     from fedsim.scenario import Scenario
 
+def _optimizer(name: str) -> Callable[[Scenario], Strategy]:
+    def build(scenario: Scenario) -> Strategy:
+        s = scenario.strategy
+        return server_optimizer(name, s.server_lr, s.server_momentum, s.beta_1, s.beta_2, s.tau)
+
+    return build
+
+
 STRATEGIES: dict[str, Callable[[Scenario], Strategy]] = {
     "fedit": lambda scenario: FedIT(),
+    "fedprox": lambda scenario: fedprox(scenario.strategy.proximal_mu),
+    **{name: _optimizer(name) for name in STATEFUL},
 }
 
 

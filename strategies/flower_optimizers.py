@@ -1,0 +1,46 @@
+"""Flower's own server optimisers and client-drift methods, applied to the LoRA adapter.
+
+fedsim's global model is the LoRA adapter, a plain dict of arrays, so Flower's strategies work
+on it unchanged: these are Flower's classes, configured the way fedsim drives every strategy
+(fedsim samples the clients itself, see `strategies.fedit`). Each aggregates the LoRA factors
+like FedIT and then:
+
+- fedprox  (Li et al., 2020, arXiv:1812.06127): clients minimise loss + μ/2·‖θ − θ_global‖² over
+  the LoRA parameters θ; Flower's FedProx sends μ as "proximal-mu" and the ClientApp adds it.
+- fedadam / fedyogi / fedadagrad (Reddi et al., 2021, arXiv:2003.00295): Δ = mean(θ_k) − θ,
+  m ← β₁m + (1−β₁)Δ, v ← Adam/Yogi/Adagrad's second moment, θ ← θ + η·m/(√v + τ).
+- fedavgm  (Hsu et al., 2019, arXiv:1909.06335): v ← βv + Δ, θ ← θ + η·v.
+
+The server-side optimisers keep state across rounds, so they cannot be combined with
+`compression.alpha_grid`, which aggregates several candidates per round (refused at load).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYogi, Strategy
+
+# fedsim picks the participants and hands the strategy only them: take all, never wait.
+SAMPLING: dict[str, Any] = {
+    "fraction_train": 1.0,
+    "fraction_evaluate": 1.0,
+    "min_train_nodes": 0,
+    "min_evaluate_nodes": 0,
+    "min_available_nodes": 0,
+}
+STATEFUL = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+
+
+def fedprox(mu: float) -> Strategy:
+    return FedProx(proximal_mu=mu, **SAMPLING)
+
+
+def server_optimizer(name: str, lr: float, momentum: float, beta_1: float, beta_2: float, tau: float) -> Strategy:
+    if name == "fedavgm":
+        return FedAvgM(server_learning_rate=lr, server_momentum=momentum, **SAMPLING)
+    cls = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}[name]
+    kwargs: dict[str, Any] = {"eta": lr, "tau": tau}
+    if name != "fedadagrad":
+        kwargs |= {"beta_1": beta_1, "beta_2": beta_2}
+    return cls(**kwargs, **SAMPLING)

@@ -1,0 +1,401 @@
+"""The aggregation math of federated LoRA, per adapted layer, for every strategy fedsim runs.
+
+A client k sends, per layer, A_k (r_k, in) and B_k (out, r_k) trained with scaling s_k (PEFT's
+``lora_alpha / r``, or ``/ sqrt(r)`` under rsLoRA); its update is ΔW_k = s_k B_k A_k. Weights p_k
+are normalised here to Σ_k p_k = 1 (the caller passes n_k, or ones). The *ideal* update is
+
+    ΔW* = Σ_k p_k s_k B_k A_k                                                  (`weighted_product`)
+
+Scaling normalisation (all strategies). With mixed ranks the clients' scalings differ, so averaging
+raw B_k would weight the updates by 1/s_k. Every function that returns global factors (A, B) folds
+each client's scaling into its B relative to the global adapter's scaling s_g (the caller's
+``alpha / r_max``; by default the clients' common scaling, an error when they differ):
+
+    B'_k = (s_k / s_g) B_k,   so that   s_g B'_k A_k = s_k B_k A_k,
+
+and the global adapter, used with scaling s_g, carries s_g·B·A. Heterogeneous ranks are aligned by
+zero-padding to r_max (rows of A, columns of B), which leaves B_k A_k unchanged.
+
+Rules, each on the folded, zero-padded factors:
+
+- FedIT (Zhang et al., 2024, "Towards Building the Federated GPT", arXiv:2305.05644):
+  A = Σ p_k A_k, B = Σ p_k B'_k. Biased: s_g B A ≠ ΔW* (`aggregation_bias`).
+- HetLoRA (Cho et al., 2024, "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation
+  Models", arXiv:2401.06432): as FedIT with sparsity weights p_k ∝ w_k ‖s_k B_k A_k‖_F (w_k = 1 is
+  the paper's rule); client k gets the global factors truncated to r_k and trains with the penalty
+  λ ‖B[:, ⌊γ r_k⌋:r_k] A[⌊γ r_k⌋:r_k, :]‖_F on its tail ranks (`hetlora_rank_penalty`).
+- FlexLoRA (Bai et al., 2024, "Federated Fine-tuning of Large Language Models under Heterogeneous
+  Tasks and Client Resources", arXiv:2402.11505): ΔW* = U Σ Vᵀ; client k gets the rank-r_k truncated
+  SVD, split B_k = U_r Σ_r^½ / √s_k, A_k = Σ_r^½ V_rᵀ / √s_k, so s_k B_k A_k = U_r Σ_r V_rᵀ, the best
+  rank-r_k approximation (Eckart–Young). The paper puts all of Σ_r in B; the product is the same.
+- FLoRA (Wang et al., 2024, "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous
+  Low-Rank Adaptations", arXiv:2409.05976): A = [A_1; …; A_K], B = [p_1 s_1 B_1, …, p_K s_K B_K],
+  so B A = ΔW* exactly (scaling 1); the server merges it into the base weights (`merge_into_base`)
+  and clients start a fresh adapter.
+- FFA-LoRA (Sun et al., 2024, "Improving LoRA in Privacy-preserving Federated Learning",
+  arXiv:2403.12313): A is frozen and shared, B = Σ p_k B'_k; exact because ΔW is linear in B.
+- FedSA-LoRA (Guo et al., 2025, "Selective Aggregation for Low-Rank Adaptation in Federated
+  Learning", arXiv:2410.01463): A = Σ p_k A_k is shared; each client keeps its own B.
+- FedEx-LoRA (Singhal et al., 2024, "FedEx-LoRA: Exact Aggregation for Federated and Efficient
+  Fine-Tuning of Foundation Models", arXiv:2410.09432): FedIT's (A, B) plus the residual
+  ΔW* − s_g B A, folded into the frozen base so base + residual + s_g B A = base + ΔW*.
+- LoRA-FAIR (Bian et al., 2024, "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and
+  Initialization Refinement", arXiv:2411.14961): FedIT's (Ā, B̄), then B̄ + ΔB with
+  ΔB = argmin (1 − cos(ΔW*, s_g (B̄ + ΔB) Ā)) + λ ‖ΔB‖_F.
+
+Everything here is pure: tensors in, new tensors out; inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+_LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+
+
+# --- state dicts ---------------------------------------------------------------------------
+
+
+def layer_pairs(state: Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
+    """Layer prefix → (A key, B key) for PEFT names ``<prefix>.lora_A[.<adapter>].weight``.
+
+    Keys that are not LoRA factors are ignored; a factor without its partner is a ValueError.
+    """
+    found: dict[str, dict[str, str]] = {}
+    for key in state:
+        match = _LORA_KEY.match(key)
+        if match is None:
+            continue
+        slot = found.setdefault(match["prefix"], {})
+        if match["factor"] in slot:
+            raise ValueError(f"`{key}` and `{slot[match['factor']]}` are both lora_{match['factor']} of one layer")
+        slot[match["factor"]] = key
+    for prefix, slot in found.items():
+        if len(slot) == 1:
+            (have, key), missing = next(iter(slot.items())), "B" if "A" in slot else "A"
+            raise ValueError(
+                f"`{key}` has no matching `{prefix}.lora_{missing}.weight` (lora_{have} without lora_{missing})"
+            )
+    return {prefix: (slot["A"], slot["B"]) for prefix, slot in found.items()}
+
+
+def apply_per_layer(
+    states: Sequence[Mapping[str, Tensor]],
+    fn: Callable[[list[Tensor], list[Tensor]], tuple[Tensor, Tensor]],
+) -> dict[str, Tensor]:
+    """{A key: A, B key: B} with (A, B) = fn([A_k], [B_k]) for every layer of ``states[0]``.
+
+    Bind scales, weights and the rule with a lambda, e.g.
+    ``apply_per_layer(states, lambda As, Bs: fedit(As, Bs, scales, weights, r_max, s_g=s_g))``.
+    """
+    out: dict[str, Tensor] = {}
+    for prefix, (a_key, b_key) in layer_pairs(states[0]).items():
+        for k, state in enumerate(states):
+            if a_key not in state or b_key not in state:
+                raise ValueError(f"client {k} has no `{a_key}`/`{b_key}` pair (layer `{prefix}`)")
+        out[a_key], out[b_key] = fn([s[a_key] for s in states], [s[b_key] for s in states])
+    return out
+
+
+def _sum(terms: Iterable[Tensor]) -> Tensor:
+    """Σ of a non-empty sequence of same-shape tensors."""
+    return functools.reduce(operator.add, terms)
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def _check_pair(A: Tensor, B: Tensor) -> tuple[int, int, int]:
+    """(rank, in, out) of a factor pair A (r, in), B (out, r)."""
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(f"expected A (r, in) and B (out, r), got A {tuple(A.shape)} and B {tuple(B.shape)}")
+    return A.shape[0], A.shape[1], B.shape[0]
+
+
+def _check_rank(r: int, in_features: int, out_features: int) -> None:
+    limit = min(in_features, out_features)
+    if not 1 <= r <= limit:
+        raise ValueError(f"`r` must be in [1, min(in_features, out_features) = {limit}] for this layer, got {r}")
+
+
+def _normalise(weights: Sequence[float], n: int) -> list[float]:
+    """p_k = w_k / Σ_j w_j, checking w_k ≥ 0, finite, and Σ_j w_j > 0."""
+    if len(weights) != n:
+        raise ValueError(f"`weights` must have one entry per client ({n}), got {len(weights)}")
+    for k, w in enumerate(weights):
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"`weights[{k}]` must be finite and >= 0, got {w}")
+    total = math.fsum(weights)
+    if total <= 0:
+        raise ValueError(f"`weights` must have a positive sum, got {list(weights)}")
+    return [w / total for w in weights]
+
+
+def _check_clients(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float], weights: Sequence[float]
+) -> list[float]:
+    """Validate one layer's client factors; return the normalised weights p_k."""
+    if not As or len(As) != len(Bs) or len(As) != len(scales):
+        raise ValueError(f"need one A, B and scale per client, got {len(As)} A, {len(Bs)} B, {len(scales)} scales")
+    _, in0, out0 = _check_pair(As[0], Bs[0])
+    for k, (A, B) in enumerate(zip(As, Bs)):
+        _, in_k, out_k = _check_pair(A, B)
+        if (in_k, out_k) != (in0, out0):
+            raise ValueError(f"client {k} has layer shape (out, in) = {(out_k, in_k)}, client 0 has {(out0, in0)}")
+    for k, s in enumerate(scales):
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"`scales[{k}]` must be finite and > 0, got {s}")
+    return _normalise(weights, len(As))
+
+
+def _global_scale(scales: Sequence[float], s_g: float | None) -> float:
+    """s_g as given, else the clients' common scaling (an error when they differ)."""
+    if s_g is None:
+        if not all(math.isclose(s, scales[0], rel_tol=1e-9) for s in scales):
+            raise ValueError(f"clients' scalings differ ({list(scales)}); pass `s_g`, the global alpha / r_max")
+        return scales[0]
+    if not (math.isfinite(s_g) and s_g > 0):
+        raise ValueError(f"`s_g` must be finite and > 0, got {s_g}")
+    return s_g
+
+
+# --- rank alignment (HetLoRA) --------------------------------------------------------------
+
+
+def zero_pad(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Pad A (r_k, in) with zero rows and B (out, r_k) with zero columns to rank r ≥ r_k; B A is unchanged."""
+    r_k, in_features, out_features = _check_pair(A, B)
+    _check_rank(r, in_features, out_features)
+    if r < r_k:
+        raise ValueError(f"`r` = {r} is below the factors' rank {r_k}; use `truncate`")
+    A_pad = torch.cat([A, A.new_zeros(r - r_k, in_features)], dim=0)  # (r, in)
+    B_pad = torch.cat([B, B.new_zeros(out_features, r - r_k)], dim=1)  # (out, r)
+    return A_pad, B_pad
+
+
+def truncate(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Keep the first r ≤ r_k rows of A and columns of B (HetLoRA's downlink to a rank-r client)."""
+    r_k, in_features, out_features = _check_pair(A, B)
+    _check_rank(r, in_features, out_features)
+    if r > r_k:
+        raise ValueError(f"`r` = {r} exceeds the factors' rank {r_k}; use `zero_pad`")
+    return A[:r].clone(), B[:, :r].clone()
+
+
+def _padded_means(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float], p: Sequence[float], r: int, s_g: float
+) -> tuple[Tensor, Tensor]:
+    """(Σ p_k pad(A_k), Σ p_k (s_k / s_g) pad(B_k)) at rank r."""
+    padded = [zero_pad(A, B, r) for A, B in zip(As, Bs)]
+    A = _sum(p_k * A_k for p_k, (A_k, _) in zip(p, padded))
+    B = _sum(p_k * (s_k / s_g) * B_k for p_k, s_k, (_, B_k) in zip(p, scales, padded))
+    return A, B  # (r, in), (out, r)
+
+
+# --- rules ---------------------------------------------------------------------------------
+
+
+def weighted_product(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float], weights: Sequence[float]
+) -> Tensor:
+    """The ideal update ΔW* = Σ_k p_k s_k B_k A_k, shape (out, in); ranks may differ."""
+    p = _check_clients(As, Bs, scales, weights)
+    return _sum(p_k * s_k * (B_k @ A_k) for p_k, s_k, A_k, B_k in zip(p, scales, As, Bs))
+
+
+def fedit(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float],
+    r_max: int,
+    *,
+    s_g: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """FedIT: A = Σ p_k pad(A_k) (r_max, in), B = Σ p_k (s_k / s_g) pad(B_k) (out, r_max)."""
+    p = _check_clients(As, Bs, scales, weights)
+    return _padded_means(As, Bs, scales, p, r_max, _global_scale(scales, s_g))
+
+
+def hetlora_weights(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float], weights: Sequence[float]
+) -> list[float]:
+    """HetLoRA's sparsity weights p_k ∝ w_k ‖s_k B_k A_k‖_F (w_k alone when every update is zero)."""
+    w = _check_clients(As, Bs, scales, weights)
+    norms = [w_k * s_k * torch.linalg.matrix_norm(B_k @ A_k).item() for w_k, s_k, A_k, B_k in zip(w, scales, As, Bs)]
+    return _normalise(norms, len(w)) if math.fsum(norms) > 0 else w
+
+
+def hetlora(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float],
+    r_max: int,
+    *,
+    s_g: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """HetLoRA: FedIT's zero-padded, scale-folded means with p_k = `hetlora_weights` (pass ones for the paper)."""
+    p = hetlora_weights(As, Bs, scales, weights)
+    return _padded_means(As, Bs, scales, p, r_max, _global_scale(scales, s_g))
+
+
+def hetlora_rank_penalty(B: Tensor, A: Tensor, r_k: int, gamma: float, lam: float = 1.0) -> Tensor:
+    """HetLoRA's rank self-pruning regulariser λ ‖B[:, t:r_k] A[t:r_k, :]‖_F with t = ⌊γ r_k⌋ (0 when t = r_k).
+
+    Differentiable (add it to the client's loss); a client whose tail norm shrinks prunes to r_k ← t.
+    """
+    r, _, _ = _check_pair(A, B)
+    if not 1 <= r_k <= r:
+        raise ValueError(f"`r_k` must be in [1, {r}] (the factors' rank), got {r_k}")
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"`gamma` must be in [0, 1], got {gamma}")
+    t = math.floor(gamma * r_k)
+    return lam * torch.linalg.matrix_norm(B[:, t:r_k] @ A[t:r_k, :])
+
+
+def flexlora(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float],
+    ranks_out: Sequence[int],
+    s_g_per_client: Sequence[float],
+) -> list[tuple[Tensor, Tensor]]:
+    """FlexLoRA: ΔW* = U Σ Vᵀ; client j gets A_j = Σ_r^½ V_rᵀ / √s_j, B_j = U_r Σ_r^½ / √s_j, r = ranks_out[j]."""
+    delta = weighted_product(As, Bs, scales, weights)  # (out, in)
+    if len(ranks_out) != len(s_g_per_client):
+        raise ValueError(f"need one scale per output rank, got {len(ranks_out)} ranks and {len(s_g_per_client)} scales")
+    for j, (r, s) in enumerate(zip(ranks_out, s_g_per_client)):
+        _check_rank(r, delta.shape[1], delta.shape[0])
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"`s_g_per_client[{j}]` must be finite and > 0, got {s}")
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (out, m), (m,), (m, in)
+    out = []
+    for r, s in zip(ranks_out, s_g_per_client):
+        root = (S[:r] / s).sqrt()  # (r,)
+        out.append((root[:, None] * Vh[:r], U[:, :r] * root[None, :]))  # (r, in), (out, r)
+    return out
+
+
+def flora_stack(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float], weights: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """FLoRA: A = [A_1; …; A_K] (Σr_k, in), B = [p_1 s_1 B_1, …, p_K s_K B_K] (out, Σr_k); B A = ΔW*, scaling 1."""
+    p = _check_clients(As, Bs, scales, weights)
+    A_stack = torch.cat(list(As), dim=0)
+    B_stack = torch.cat([p_k * s_k * B_k for p_k, s_k, B_k in zip(p, scales, Bs)], dim=1)
+    return A_stack, B_stack
+
+
+def merge_into_base(W: Tensor, delta: Tensor) -> Tensor:
+    """W + ΔW, the base weight after merging an update (FLoRA, FedEx-LoRA's residual)."""
+    if W.shape != delta.shape:
+        raise ValueError(f"update shape {tuple(delta.shape)} does not match base weight {tuple(W.shape)}")
+    return W + delta
+
+
+def ffa_lora(
+    Bs: Sequence[Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float],
+    A_frozen: Tensor,
+    *,
+    s_g: float | None = None,
+) -> Tensor:
+    """FFA-LoRA: B = Σ p_k (s_k / s_g) B_k with A frozen, so s_g B A = Σ p_k s_k B_k A exactly."""
+    p = _check_clients([A_frozen] * len(Bs), Bs, scales, weights)
+    s_g = _global_scale(scales, s_g)
+    return _sum(p_k * (s_k / s_g) * B_k for p_k, s_k, B_k in zip(p, scales, Bs))
+
+
+def fedsa_lora(As: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """FedSA-LoRA: the shared A = Σ p_k A_k (all of one shape); each client keeps its B."""
+    p = _normalise(weights, len(As))
+    for k, A in enumerate(As):
+        if A.shape != As[0].shape:
+            raise ValueError(f"client {k} has A {tuple(A.shape)}, client 0 has {tuple(As[0].shape)}")
+    return _sum(p_k * A_k for p_k, A_k in zip(p, As))
+
+
+def fedex_lora(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float],
+    r_max: int,
+    *,
+    s_g: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FedEx-LoRA: FedIT's (A, B) and the residual ΔW* − s_g B A (out, in) for the frozen base."""
+    s_g = _global_scale(scales, s_g)
+    A, B = fedit(As, Bs, scales, weights, r_max, s_g=s_g)
+    return A, B, weighted_product(As, Bs, scales, weights) - s_g * (B @ A)
+
+
+def _cosine(x: Tensor, y: Tensor) -> Tensor:
+    """cos(x, y) over the flattened matrices."""
+    return (x * y).sum() / (torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y))
+
+
+def lora_fair(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float],
+    lam: float = 0.01,
+    steps: int = 50,
+    lr: float = 0.1,
+    *,
+    r_max: int | None = None,
+    s_g: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """LoRA-FAIR: (Ā, B̄ + ΔB) with ΔB ≈ argmin (1 − cos(ΔW*, s_g (B̄ + ΔB) Ā)) + λ ‖ΔB‖_F.
+
+    Deterministic descent from ΔB = 0: normalised-gradient steps of length lr·‖B̄‖_F, grown ×1.25 when
+    the objective falls, halved (and not taken) when it does not, so the objective never rises.
+    Returns (Ā, B̄) unchanged when ΔW* or s_g B̄ Ā is zero (the cosine is undefined).
+    """
+    p = _check_clients(As, Bs, scales, weights)
+    s_g = _global_scale(scales, s_g)
+    A, B = _padded_means(As, Bs, scales, p, r_max or max(A_k.shape[0] for A_k in As), s_g)
+    ideal = weighted_product(As, Bs, scales, weights)
+    if torch.linalg.vector_norm(ideal) == 0 or torch.linalg.vector_norm(B @ A) == 0:
+        return A, B
+    objective = lambda dB: 1 - _cosine(ideal, s_g * (B + dB) @ A) + lam * torch.linalg.vector_norm(dB)
+    delta, step = torch.zeros_like(B), lr * torch.linalg.vector_norm(B).item()
+    for _ in range(steps):
+        x = delta.detach().requires_grad_(True)
+        loss = objective(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        g_norm = torch.linalg.vector_norm(grad)
+        if g_norm == 0:
+            break
+        with torch.no_grad():
+            candidate = delta - step * grad / g_norm
+            better = objective(candidate) < loss
+        delta, step = (candidate, step * 1.25) if better else (delta, step * 0.5)
+    return A, B + delta
+
+
+def aggregation_bias(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float], weights: Sequence[float]
+) -> float:
+    """‖(Σ p_k s_k B_k)(Σ p_k A_k) − ΔW*‖_F / ‖ΔW*‖_F, zero-padded to max r_k.
+
+    0 for identical clients; 0 when both norms are 0, inf when only ΔW* is 0.
+    """
+    p = _check_clients(As, Bs, scales, weights)
+    A, sB = _padded_means(As, Bs, scales, p, max(A_k.shape[0] for A_k in As), 1.0)
+    ideal = weighted_product(As, Bs, scales, weights)
+    error, norm = torch.linalg.matrix_norm(sB @ A - ideal).item(), torch.linalg.matrix_norm(ideal).item()
+    if norm == 0:
+        return 0.0 if error == 0 else math.inf
+    return error / norm
