@@ -6,6 +6,7 @@ from dashboards.plots import (
     accuracy_png,
     available_plots,
     compare_accuracy_png,
+    compare_sim_time_png,
     loss_png,
     sim_time_accuracy_png,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "accuracy_png",
     "available_plots",
     "compare_accuracy_png",
+    "compare_sim_time_png",
     "list_runs",
     "load_run",
     "loss_png",

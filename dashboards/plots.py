@@ -97,6 +97,16 @@ def compare_accuracy_png(tables: Mapping[str, pd.DataFrame], *, size_px: tuple[i
     return _png(fig, ax)
 
 
+def compare_sim_time_png(tables: Mapping[str, pd.DataFrame], *, size_px: tuple[int, int] = SIZE_PX) -> bytes:
+    """Central accuracy against simulated fleet time, one line per run."""
+    fig, ax = _figure(size_px, "Central accuracy over simulated time", "simulated time (s)", "accuracy")
+    for name, table in tables.items():
+        _require(table, ("sim_time_s", "central_accuracy"), "comparison over simulated time")
+        ax.plot(table["sim_time_s"], table["central_accuracy"], marker="o", label=_label(name))
+    _accuracy_axis(ax)
+    return _png(fig, ax)
+
+
 @dataclass(frozen=True)
 class RunPlot:
     """A plot of one run: how to draw it and the per-round columns it needs."""

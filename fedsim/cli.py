@@ -1,6 +1,7 @@
 """The `fedsim` command line.
 
     fedsim run SCENARIO [--out DIR] [--set dotted.key=value ...] [--seed N]
+    fedsim compare SCENARIO --strategies a,b,... [--seeds N] [--target ACC] [--out DIR] [--set k=v ...]
     fedsim report RUN_DIR [--target ACC]
     fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
     fedsim models
@@ -74,6 +75,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedsim.compare import plan, run_all, write_outputs
+    from fedsim.scenario import ScenarioError
+    from fedsim.simulation import run_simulation
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        runs = plan(args.scenario, strategies, args.seeds, args.set or [])
+    except ScenarioError as exc:
+        print(f"fedsim: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    root = Path(args.out) / f"{Path(args.scenario).stem}-compare"
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        run_all(runs, root, args.scenario, lambda line: print(f"fedsim compare: {line}", flush=True), lambda s, d: run_simulation(s, d, progress=_progress))
+    except ScenarioError as exc:
+        print(f"fedsim: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    table = write_outputs(runs, root, args.target)
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"\ntable: {root / 'comparison.csv'} and .md; plots: {root / 'accuracy_vs_round.png'}, {root / 'accuracy_vs_sim_time.png'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report import round_table, time_to_accuracy
     from fedsim.rundir import read_metrics
@@ -131,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value, e.g. --set train.lr=1e-4 (repeatable)")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.set_defaults(func=cmd_run)
+
+    compare = sub.add_parser("compare", help="run a scenario once per strategy and seed, and compare them", description="Run a scenario once per strategy and seed (resumable), then write a comparison table and plots.")
+    compare.add_argument("scenario", help="scenario TOML file")
+    compare.add_argument("--strategies", required=True, help="comma-separated strategy names, e.g. fedit,fedprox,fedadam")
+    compare.add_argument("--seeds", type=int, default=1, help="seeds per strategy, from the scenario's seed on (default: 1)")
+    compare.add_argument("--target", type=float, default=0.3, help="central accuracy for the time-to-accuracy column (default: 0.3)")
+    compare.add_argument("--out", default="runs", help="parent folder of the comparison folder (default: runs)")
+    compare.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value for every run (repeatable)")
+    compare.set_defaults(func=cmd_compare)
 
     report = sub.add_parser("report", help="print a run's per-round table", description="Print the per-round table of a run directory.")
     report.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")

@@ -340,11 +340,6 @@ def fedex_lora(
     return A, B, weighted_product(As, Bs, scales, weights) - s_g * (B @ A)
 
 
-def _cosine(x: Tensor, y: Tensor) -> Tensor:
-    """cos(x, y) over the flattened matrices."""
-    return (x * y).sum() / (torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y))
-
-
 def lora_fair(
     As: Sequence[Tensor],
     Bs: Sequence[Tensor],
@@ -359,28 +354,36 @@ def lora_fair(
 ) -> tuple[Tensor, Tensor]:
     """LoRA-FAIR: (Ā, B̄ + ΔB) with ΔB ≈ argmin (1 − cos(ΔW*, s_g (B̄ + ΔB) Ā)) + λ ‖ΔB‖_F.
 
-    Deterministic descent from ΔB = 0: normalised-gradient steps of length lr·‖B̄‖_F, grown ×1.25 when
-    the objective falls, halved (and not taken) when it does not, so the objective never rises.
-    Returns (Ā, B̄) unchanged when ΔW* or s_g B̄ Ā is zero (the cosine is undefined).
+    With X = B̄ + ΔB the cosine is ⟨X, ΔW* Āᵀ⟩ / (‖ΔW*‖_F √⟨X Ā Āᵀ, X⟩) (s_g > 0 cancels), so each step
+    costs O(out·r²), not O(out·in). Deterministic descent from ΔB = 0: normalised-gradient steps of
+    length lr·‖B̄‖_F, grown ×1.25 when the objective falls, halved (and not taken) when it does not, so
+    the objective never rises. λ‖ΔB‖_F is in B's units (the paper's form): ΔB stays 0 where
+    ‖∇_B cos‖_F ≤ λ. Returns (Ā, B̄) unchanged when ΔW* or B̄ Ā is zero (the cosine is undefined).
     """
     p = _check_clients(As, Bs, scales, weights)
     s_g = _global_scale(scales, s_g)
-    A, B = _padded_means(As, Bs, scales, p, r_max or max(A_k.shape[0] for A_k in As), s_g)
-    ideal = weighted_product(As, Bs, scales, weights)
-    if torch.linalg.vector_norm(ideal) == 0 or torch.linalg.vector_norm(B @ A) == 0:
+    A, B = _padded_means(As, Bs, scales, p, r_max or max(A_k.shape[0] for A_k in As), s_g)  # (r, in), (out, r)
+    ideal = weighted_product(As, Bs, scales, weights)  # (out, in)
+    target, gram, ideal_norm = ideal @ A.T, A @ A.T, torch.linalg.matrix_norm(ideal)  # (out, r), (r, r), ()
+    if ideal_norm == 0 or torch.linalg.matrix_norm(B @ A) == 0:
         return A, B
-    objective = lambda dB: 1 - _cosine(ideal, s_g * (B + dB) @ A) + lam * torch.linalg.vector_norm(dB)
-    delta, step = torch.zeros_like(B), lr * torch.linalg.vector_norm(B).item()
+
+    def objective(dB: Tensor) -> Tensor:
+        X = B + dB  # (out, r)
+        cos = (X * target).sum() / (ideal_norm * ((X @ gram) * X).sum().clamp_min(0).sqrt())
+        return 1 - cos + lam * torch.linalg.matrix_norm(dB)
+
+    delta, step = torch.zeros_like(B), lr * torch.linalg.matrix_norm(B).item()
     for _ in range(steps):
         x = delta.detach().requires_grad_(True)
         loss = objective(x)
         (grad,) = torch.autograd.grad(loss, x)
-        g_norm = torch.linalg.vector_norm(grad)
-        if g_norm == 0:
+        g_norm = torch.linalg.matrix_norm(grad)
+        if not g_norm > 0:
             break
         with torch.no_grad():
             candidate = delta - step * grad / g_norm
-            better = objective(candidate) < loss
+            better = bool(objective(candidate) < loss)
         delta, step = (candidate, step * 1.25) if better else (delta, step * 0.5)
     return A, B + delta
 
