@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/compression.py
     .venv/bin/python bench/compression.py --repeats 7 --threads 2
+    .venv/bin/python bench/compression.py --accuracy      # + accuracy on the quickstart (~25 min)
 
 The update is SmolLM2-135M's LoRA at rank 16 on all seven linears of its 30 layers (hidden 576,
 9 query heads and 3 key/value heads of 64, MLP 1536): A (r × in) and B (out × r) per linear,
@@ -96,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--accuracy", action="store_true", help="also run bench/compression_accuracy.py's federations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     update = smollm2_lora_update()
@@ -124,6 +126,11 @@ def main() -> None:
           f"ratio {t_save / t_encode:.2f}")
     print(f"compeft d=0.1 decode {mb / t_decode:7.1f} MB/s   torch.load {mb / t_load:7.1f} MB/s   "
           f"ratio {t_load / t_decode:.2f}")
+    if args.accuracy:
+        import compression_accuracy  # bench/ is on sys.path when this script runs
+
+        sys.argv = [sys.argv[0]]
+        compression_accuracy.main()
 
 
 if __name__ == "__main__":

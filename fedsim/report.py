@@ -38,6 +38,7 @@ def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
                 "central_accuracy": float(central["accuracy"].iloc[0]) if len(central) else float("nan"),
                 "wall_time_s": float(central["wall_time_s"].iloc[0]) if len(central) else float("nan"),
                 "sim_time_s": float(central["sim_time_s"].iloc[0]) if len(central) and "sim_time_s" in central else float("nan"),
+                "aggregation_bias": float(central["aggregation_bias"].iloc[0]) if len(central) and "aggregation_bias" in central else float("nan"),
             }
         )
     return pd.DataFrame(rows).set_index("round")

@@ -33,6 +33,7 @@ from fedsim.fleet import GIB, Fleet
 from fedsim.replies import Checked, check_eval_reply, check_train_reply
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
+from strategies.lora_math import aggregation_bias, layer_pairs
 
 Row = dict[str, Any]
 
@@ -87,6 +88,7 @@ class RoundEnv:
     estimates: Estimates
     score: Callable[[AdapterState], float] | None = None  # held-out loss of an adapter (α tuning)
     downlink: Downlink | None = None  # compressed server → client direction, if enabled
+    last_bias: float = float("nan")  # aggregation bias of the last training round (`round_bias`)
     node_to_client: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +155,9 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
         if kept[i] and s.compression.method == "compeft":
             row["alpha"] = s.compression.alpha * factor
         rows.append(row)
+    bias = round_bias([_client_adapter(c, base, factor) for c in kept_replies], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
     state = _aggregate(env, base, kept_replies, server_round, factor) or state
+    env.last_bias = bias
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
     return state, sorted(rows, key=lambda r: r["client_id"]), duration if kept.any() else max(duration, s.fleet.idle_step_s)
@@ -211,11 +215,30 @@ def _best_alpha_factor(env: RoundEnv, state: AdapterState, replies: list[Checked
     return min(losses, key=lambda a: (losses[a], a)) / alpha
 
 
+def round_bias(adapters: list[AdapterState], weights: list[float], s: Scenario) -> float:
+    """The aggregation bias of this round's kept clients, ‖mean(sB)·mean(A) − mean(sB·A)‖_F /
+    ‖mean(sB·A)‖_F (example-weighted means), averaged over the adapted layers; NaN with fewer
+    than two clients. It is what averaging LoRA factors (FedIT) gets wrong."""
+    if len(adapters) < 2:
+        return float("nan")
+    scale = s.lora.alpha / s.lora.rank
+    per_layer = [
+        aggregation_bias([a[ka] for a in adapters], [a[kb] for a in adapters], [scale] * len(adapters), weights)
+        for ka, kb in layer_pairs(adapters[0]).values()
+    ]
+    return float(np.mean(per_layer))
+
+
+def _client_adapter(checked: Checked, state: AdapterState, factor: float = 1.0) -> AdapterState:
+    """The client's adapter: the one it started from plus its (rescaled) decoded update."""
+    assert checked.update is not None  # ok replies carry their decoded update
+    return {k: state[k] + factor * checked.update[k] for k in state}
+
+
 def _as_adapter_reply(checked: Checked, state: AdapterState, factor: float = 1.0) -> Message:
     """The reply as strategies see it: the client's adapter (global + factor·decoded update)
     under 'arrays', its metrics under 'metrics' — whatever codec carried it."""
-    assert checked.update is not None  # ok replies carry their decoded update
-    local = {k: state[k] + factor * checked.update[k] for k in state}
+    local = _client_adapter(checked, state, factor)
     msg = checked.message
     msg.content = RecordDict({"arrays": to_record(local), "metrics": msg.content["metrics"]})
     return msg

@@ -34,6 +34,8 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     bytes_down   int    train: the message the client received, likewise
     sim_time_s   float  eval_central: simulated fleet time at the end of that round (cumulative)
     alpha        float  train, ComPEFT: the α the server applied to this update (NaN otherwise)
+    aggregation_bias float eval_central: ‖mean(sB)·mean(A) − mean(sB·A)‖_F / ‖mean(sB·A)‖_F over
+                        the round's kept clients, mean over layers (fedsim.rounds.round_bias)
     reason       str    why a row is not ok ("" when ok)
 
 Every file is replaced atomically (write to a temporary name, then rename).
@@ -72,6 +74,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "bytes_down": "int64",
     "sim_time_s": "float64",
     "alpha": "float64",
+    "aggregation_bias": "float64",
     "reason": "string",
 }
 _DEFAULTS: dict[str, Any] = {
@@ -91,6 +94,7 @@ _DEFAULTS: dict[str, Any] = {
     "bytes_down": 0,
     "sim_time_s": math.nan,
     "alpha": math.nan,
+    "aggregation_bias": math.nan,
     "reason": "",
 }
 

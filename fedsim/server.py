@@ -120,7 +120,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
         train_time = time.perf_counter() - t_round
         sim_time += duration
         rows += eval_round(env, state, server_round, sim_time)
-        rows.append(central(state, server_round, time.perf_counter() - start, sim_time))
+        rows.append({**central(state, server_round, time.perf_counter() - start, sim_time), "aggregation_bias": env.last_bias})
         save_adapter(central.model, state, run_dir.checkpoint_path(server_round))
         run_dir.add_rows(rows)
         for r in rows:

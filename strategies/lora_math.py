@@ -104,12 +104,12 @@ def apply_per_layer(
     return out
 
 
+# --- validation and helpers ----------------------------------------------------------------
+
+
 def _sum(terms: Iterable[Tensor]) -> Tensor:
     """Σ of a non-empty sequence of same-shape tensors."""
     return functools.reduce(operator.add, terms)
-
-
-# --- validation ----------------------------------------------------------------------------
 
 
 def _check_pair(A: Tensor, B: Tensor) -> tuple[int, int, int]:

@@ -72,6 +72,12 @@ def test_metrics_schema(cli_run: tuple[Path, str]) -> None:
     assert (train["num_examples"] > 0).all() and (train["tokens"] > 0).all()
 
 
+def test_aggregation_bias_is_logged_per_round(cli_run: tuple[Path, str]) -> None:
+    central = read_metrics(cli_run[0]).query("kind == 'eval_central'").set_index("round")["aggregation_bias"]
+    assert math.isnan(central[0])  # nothing aggregated before round 1
+    assert all(0 < central[r] < 1 for r in (1, 2, 3)), central.to_dict()  # two different clients: FedIT is biased
+
+
 def test_loss_falls(cli_run: tuple[Path, str]) -> None:
     metrics = read_metrics(cli_run[0])
     central = metrics[metrics["kind"] == "eval_central"].set_index("round")["loss"]

@@ -424,6 +424,21 @@ def test_apply_per_layer_runs_the_rule_on_every_layer():
         torch.testing.assert_close(value, 0.25 * states[0][key] + 0.75 * states[1][key])
 
 
+def test_layer_pairs_refuses_two_adapters_on_one_layer():
+    state = peft_state(seed=22, rank=2) | peft_state(seed=23, rank=2, adapter=".other")
+
+    with pytest.raises(ValueError, match=r"lora_A\.other\.weight` and `.*lora_A\.weight` are both lora_A"):
+        layer_pairs(state)
+
+
+def test_apply_per_layer_names_the_client_missing_a_layer():
+    states = [peft_state(seed=24, rank=2), peft_state(seed=25, rank=2)]
+    del states[1]["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
+
+    with pytest.raises(ValueError, match=r"client 1 has no .*layers\.1\.self_attn\.q_proj\.lora_A\.weight"):
+        apply_per_layer(states, lambda As, Bs: fedit(As, Bs, [1.0, 1.0], [1.0, 1.0], 2))
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 LIMIT = r"min\(in_features, out_features\) = 4"
