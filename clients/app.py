@@ -34,7 +34,7 @@ from fedsim.models import load_model
 from fedsim.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.training import evaluate as evaluate_model
-from fedsim.training import train_lora
+from fedsim.training import resolve_device, train_lora
 
 app = ClientApp()
 EF_KEY = "error-feedback"  # context.state key of the residual not yet sent
@@ -47,11 +47,11 @@ def _scenario(text: str) -> Scenario:
 
 
 @functools.cache
-def _model(model: ModelConfig, lora: LoraConfig, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase, ModelShape]:
+def _model(model: ModelConfig, lora: LoraConfig, seed: int, device: str) -> tuple[PeftModel, PreTrainedTokenizerBase, ModelShape]:
     """(PeftModel, tokenizer, shape) for this process; pure in its arguments, so caching is safe."""
     base, tokenizer = load_model(model.name, dtype=model.dtype)
     shape = ModelShape.from_model(base)
-    return attach_lora(base, lora, seed), tokenizer, shape
+    return attach_lora(base, lora, seed).to(resolve_device(device)), tokenizer, shape
 
 
 def client_id(context: Context, scenario: Scenario) -> int:
@@ -71,7 +71,7 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     scenario = _scenario(str(msg.content["config"]["scenario"]))
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario)
-    model, tokenizer, shape = _model(scenario.model, scenario.lora, scenario.seed)
+    model, tokenizer, shape = _model(scenario.model, scenario.lora, scenario.seed, scenario.train.device)
     global_state = _received_adapter(msg, context)
     set_state(model, global_state)
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)

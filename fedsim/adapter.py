@@ -56,7 +56,7 @@ def _has_module(model: torch.nn.Module, short: str) -> bool:
 def get_state(model: peft.PeftModel) -> AdapterState:
     """A detached float32 copy of the adapter's tensors (ArrayRecord refuses bfloat16)."""
     state = peft.get_peft_model_state_dict(model)
-    return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
 def set_state(model: peft.PeftModel, state: AdapterState) -> None:

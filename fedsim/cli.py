@@ -187,8 +187,7 @@ def quiet_libraries() -> None:
     bars (datasets, transformers, Ray, Flower's run_simulation notice) are not for our users."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # e.g. Ray's note on GPU env vars
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import transformers
     from flwr.supercore.logger import FLOWER_LOGGER, update_console_handler

@@ -148,12 +148,12 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     kept = keep_first_finishers(compute + comm, s.clients.per_round, s.fleet.deadline_s)
 
     kept_replies = [c for c, k in zip(ok, kept) if k]
-    factor = _best_alpha_factor(env, base, kept_replies, server_round) if s.compression.alpha_grid and kept_replies else 1.0
+    factor = _best_alpha(env, base, kept_replies, server_round) if s.compression.alpha_auto and kept_replies else 1.0
     for i, c in enumerate(ok):
         row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
         row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
         if kept[i] and s.compression.method == "compeft":
-            row["alpha"] = s.compression.alpha * factor
+            row["alpha"] = factor if s.compression.alpha_auto else s.compression.alpha
         rows.append(row)
     bias = round_bias([_client_adapter(c, base, factor) for c in kept_replies], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
     state = _aggregate(env, base, kept_replies, server_round, factor) or state
@@ -205,14 +205,13 @@ def _aggregate(env: RoundEnv, state: AdapterState, replies: list[Checked], serve
     return from_record(arrays) if arrays is not None else None
 
 
-def _best_alpha_factor(env: RoundEnv, state: AdapterState, replies: list[Checked], server_round: int) -> float:
-    """ComPEFT's α tuned by the server: kept entries are ±α·σ, so a decoded update times α'/α is
-    exactly what the client would have sent with α'. Each α' of the grid is aggregated and scored
-    by the held-out loss (`RoundEnv.score`); the best one's factor is returned."""
+def _best_alpha(env: RoundEnv, state: AdapterState, replies: list[Checked], server_round: int) -> float:
+    """ComPEFT's α tuned by the server: clients encode with α = 1, so their kept entries are ±σ
+    and a decoded update times α is exactly what they would have sent with α. Each α of the
+    grid is aggregated and scored by the held-out loss (`RoundEnv.score`); the best is returned."""
     assert env.score is not None
-    alpha = env.scenario.compression.alpha
-    losses = {a: env.score(_aggregate(env, state, replies, server_round, a / alpha) or state) for a in env.scenario.compression.alpha_grid}
-    return min(losses, key=lambda a: (losses[a], a)) / alpha
+    losses = {a: env.score(_aggregate(env, state, replies, server_round, a) or state) for a in env.scenario.compression.alpha_grid}
+    return min(losses, key=lambda a: (losses[a], a))
 
 
 def round_bias(adapters: list[AdapterState], weights: list[float], s: Scenario) -> float:

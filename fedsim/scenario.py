@@ -95,6 +95,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
     threads: int = Field(1, ge=1, description="torch threads per client process (fixed for reproducibility).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when this process sees a GPU (Ray shows one to a client only if simulation.num_gpus_per_client > 0).")
 
 
 class LoraConfig(_Section):
@@ -149,18 +150,24 @@ class CompressionConfig(_Section):
 
     method: Literal["none", "topk", "compeft"] = Field("none", description="none: plain tensors; topk: top-k values; compeft: top-k signs × α·σ.")
     density: float = Field(0.1, gt=0, le=1, description="Share d of entries kept by topk/compeft: ceil(d·n).")
-    alpha: float = Field(1.0, gt=0, description="ComPEFT scale multiplier: kept entries become sign·α·σ(update).")
-    alpha_grid: tuple[float, ...] = Field((), description="If given, the server picks α from it each round by held-out loss.")
+    alpha: float | Literal["auto"] = Field("auto", description="ComPEFT scale multiplier (kept entries become sign·α·σ), > 0; 'auto': the server picks it from alpha_grid each round.")
+    alpha_grid: tuple[float, ...] = Field((1.0, 2.0, 4.0, 8.0, 16.0), min_length=1, description="Candidates for alpha = 'auto', scored by held-out loss.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Value dtype of none/topk.")
     per_tensor: bool = Field(False, description="Select top-k and σ per tensor instead of over the whole update.")
     error_feedback: bool = Field(False, description="Client adds what it did not send last time to its next update.")
     downlink: bool = Field(False, description="Also compress the server → client direction: send the global adapter's change.")
 
+    @property
+    def alpha_auto(self) -> bool:
+        """Whether the server tunes ComPEFT's α (clients then encode with α = 1)."""
+        return self.method == "compeft" and self.alpha == "auto"
+
     def codec(self) -> CodecConfig:
         """The codec settings for `fedsim.compression` (the downlink uses the same ones)."""
         from fedsim.compression import CodecConfig  # torch: imported only when a run needs it
 
-        return CodecConfig(method=self.method, density=self.density, alpha=self.alpha, dtype=self.dtype, per_tensor=self.per_tensor)
+        alpha = 1.0 if self.alpha == "auto" else self.alpha
+        return CodecConfig(method=self.method, density=self.density, alpha=alpha, dtype=self.dtype, per_tensor=self.per_tensor)
 
     @field_validator("alpha_grid", mode="before")
     @classmethod
@@ -168,10 +175,10 @@ class CompressionConfig(_Section):
         return tuple(value) if isinstance(value, list) else value
 
     @model_validator(mode="after")
-    def _grid_needs_compeft(self) -> CompressionConfig:
+    def _positive_alphas(self) -> CompressionConfig:
         problems = [f"`compression.alpha_grid` values must be > 0, got {a}" for a in self.alpha_grid if not a > 0]
-        if self.alpha_grid and self.method != "compeft":
-            problems.append(f"`compression.alpha_grid` needs method 'compeft', got {self.method!r}")
+        if self.alpha != "auto" and not self.alpha > 0:
+            problems.append(f"`compression.alpha` must be > 0 or 'auto', got {self.alpha}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -266,8 +273,11 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
             if value > clients.num_clients:
                 problems.append(f"`clients.{field}` must be <= clients.num_clients ({clients.num_clients}), got {value}")
     strategy, compression = getattr(s, "strategy", None), getattr(s, "compression", None)
-    if strategy is not None and compression is not None and compression.alpha_grid and strategy.name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
-        problems.append(f"`compression.alpha_grid` cannot be used with the stateful server optimiser {strategy.name!r}: it aggregates several candidates per round")
+    if strategy is not None and compression is not None and compression.alpha_auto and strategy.name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+        problems.append(
+            f"`compression.alpha` = 'auto' cannot be used with the stateful server optimiser {strategy.name!r} "
+            "(it aggregates several candidates per round): set a number"
+        )
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
         problems.append(f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}")
     return problems

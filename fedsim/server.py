@@ -31,7 +31,7 @@ from fedsim.rounds import Estimates, RoundEnv, eval_round, train_round
 from fedsim.rundir import RunDir
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
-from fedsim.training import evaluate, evaluate_loss
+from fedsim.training import evaluate, evaluate_loss, resolve_device
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class CentralEvaluator:
     def __init__(self, scenario: Scenario) -> None:
         base, self.tokenizer = load_model(scenario.model.name, dtype=scenario.model.dtype)
         self.shape = ModelShape.from_model(base)
-        self.model = attach_lora(base, scenario.lora, derive_seed(scenario.seed, "lora-init"))
+        self.model = attach_lora(base, scenario.lora, derive_seed(scenario.seed, "lora-init")).to(resolve_device(scenario.train.device))
         test = list(central_test_set(scenario.data, scenario.seed))
         self.examples = test[: scenario.eval.central_examples or None]
         self.scenario = scenario

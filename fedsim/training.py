@@ -75,8 +75,18 @@ def collate(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA if this process sees a GPU, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`train.device` = 'cuda' but this process sees no CUDA device")
+    return torch.device(name)
+
+
 def _batch_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
 def train_lora(
@@ -170,16 +180,17 @@ def generate_answers(
     for i, e in enumerate(enc):
         ids[i, width - len(e) :] = torch.tensor(e)
         mask[i, width - len(e) :] = 1
+    device = next(model.parameters()).device
     out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     return [
-        normalise_answer(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out
+        normalise_answer(tokenizer.decode(row[width:].cpu(), skip_special_tokens=True)) for row in out
     ]
 
 

@@ -36,8 +36,9 @@ BAD_CASES = [
     ("unknown strategy", "[strategy]\nname = \"fedmagic\"\n", "`strategy.name`: unknown strategy 'fedmagic'; known: fedadagrad, fedadam, fedavgm, fedit, fedprox, fedyogi"),
     ("density 0", "[compression]\ndensity = 0.0\n", "`compression.density` must be greater than 0, got 0.0"),
     ("density > 1", "[compression]\ndensity = 1.5\n", "`compression.density` must be less than or equal to 1, got 1.5"),
-    ("alpha <= 0", "[compression]\nalpha = -1.0\n", "`compression.alpha` must be greater than 0, got -1.0"),
-    ("alpha grid without compeft", "[compression]\nalpha_grid = [1.0, 2.0]\n", "`compression.alpha_grid` needs method 'compeft', got 'none'"),
+    ("alpha <= 0", "[compression]\nalpha = -1.0\n", "`compression.alpha` must be > 0 or 'auto', got -1.0"),
+    ("auto alpha with fedadam", "[compression]\nmethod = 'compeft'\n[strategy]\nname = 'fedadam'\n", "`compression.alpha` = 'auto' cannot be used with the stateful server optimiser 'fedadam'"),
+    ("bad alpha grid", "[compression]\nalpha_grid = [1.0, -2.0]\n", "`compression.alpha_grid` values must be > 0, got -2.0"),
     ("per_round > clients", "[clients]\nnum_clients = 2\nper_round = 3\n", "`clients.per_round` must be <= clients.num_clients (2), got 3"),
 ]
 
