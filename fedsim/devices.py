@@ -36,15 +36,14 @@ Users add or override profiles with a TOML file of `[name]` tables (`load_profil
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from fedsim.availability import KINDS, AlwaysOn, Availability, Trace
-from fedsim.errors import InputError
+from fedsim.availability import AlwaysOn, Availability, Trace
+from fedsim.errors import InputError, describe, read_toml
 
 
 class DeviceProfile(BaseModel):
@@ -115,13 +114,7 @@ def load_profiles_file(path: str | Path) -> dict[str, DeviceProfile]:
     """Read a TOML file of `[name]` tables, each a DeviceProfile (`[name.availability]` a sub-table);
     every problem is reported at once, by dotted path ("`my-board.uplink_mbps` must be greater
     than 0, got 0")."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProfilesError(str(path), [f"file not found: {path}"])
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfilesError(str(path), [f"not valid TOML: {exc}"]) from None
+    raw = read_toml(Path(path), ProfilesError)
     try:
         return _PROFILES.validate_python(raw)
     except ValidationError as exc:
@@ -129,19 +122,11 @@ def load_profiles_file(path: str | Path) -> dict[str, DeviceProfile]:
 
 
 def _describe(err: Mapping[str, Any]) -> str:
-    """One readable line per pydantic error. The availability tag pydantic puts in the location
-    (`x.availability.bernoulli.p`) is dropped: the user wrote `x.availability.p`."""
-    loc = err["loc"]
-    path = ".".join(str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] == "availability" and p in KINDS))
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return f"`{path}` is not a known key"
-    if kind == "missing":
-        return f"`{path}` is required"
-    if kind == "model_type" and len(loc) == 1:
-        return f"`{path}` must be a table of profile fields, got {err['input']!r}"
-    rule = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
-    return f"`{path}` {rule}, got {err['input']!r}"
+    """One line per pydantic error (`fedsim.errors.describe`); a profile that is not a table at
+    all gets its own wording."""
+    if err["type"] == "model_type" and len(err["loc"]) == 1:
+        return f"`{err['loc'][0]}` must be a table of profile fields, got {err['input']!r}"
+    return "\n".join(describe(err))
 
 
 def resolve_profile(name: str, custom: Mapping[str, DeviceProfile]) -> DeviceProfile:

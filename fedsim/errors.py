@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 
 class InputError(ValueError):
@@ -15,3 +18,32 @@ class InputError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{self.what} {source} has {len(self.problems)} problem(s):\n{lines}")
+
+
+def describe(err: Mapping[str, Any]) -> list[str]:
+    """Readable lines for one pydantic error: the dotted path, the rule, the value received."""
+    from fedsim.availability import KINDS  # availability imports this module
+
+    loc = [str(p) for p in err["loc"]]
+    # pydantic puts the union's tag in the path (`availability.bernoulli.p`): drop it.
+    path = ".".join(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "availability" and p in KINDS))
+    kind = err["type"]
+    if kind == "value_error":  # our own checks, already phrased (section checks name their paths)
+        text = str(err["ctx"]["error"])
+        return [f"`{path}`: {text}"] if path and not text.startswith("`") else text.splitlines()
+    if kind == "extra_forbidden":
+        return [f"`{path}` is not a known key"]
+    if kind == "missing":
+        return [f"`{path}` is required"]
+    rule = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+    return [f"`{path}` {rule}, got {err['input']!r}"]
+
+
+def read_toml(path: Path, error: type[InputError]) -> dict[str, Any]:
+    """The TOML file at `path`, or `error` saying it is missing or not TOML."""
+    if not path.is_file():
+        raise error(str(path), [f"{error.what.removesuffix(' file')} file not found: {path}"])
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(str(path), [f"not valid TOML: {exc}"]) from None

@@ -57,10 +57,6 @@ def fleet_profiles(cfg: FleetConfig, num_clients: int) -> tuple[list[str], list[
     return names, profiles, None
 
 
-def fleet_size(cfg: FleetConfig, num_clients: int) -> int:
-    return len(fleet_profiles(cfg, num_clients)[0])
-
-
 def build_fleet(scenario: Scenario) -> Fleet:
     """The scenario's fleet, jittered with its seed; raises ValueError naming what is wrong."""
     cfg = scenario.fleet
@@ -90,4 +86,4 @@ def describe(fleet: Fleet) -> str:
     return ", ".join(f"{c} {n}" for n, c in sorted(zip(names, counts), key=lambda nc: first[nc[0]]))
 
 
-__all__ = ["GIB", "Fleet", "build_fleet", "describe", "fleet_profiles", "fleet_size"]
+__all__ = ["GIB", "Fleet", "build_fleet", "describe", "fleet_profiles"]

@@ -35,8 +35,7 @@ def check_train_reply(msg: Message, expected: AdapterState) -> Checked:
     """A train reply must carry a payload that decodes (`fedsim.compression`) to finite tensors
     with exactly the global adapter's keys and shapes, a positive `num-examples` and FLOPs."""
     if msg.has_error():
-        name = ERROR_NAMES.get(msg.error.code, f"error code {msg.error.code}")
-        return Checked(msg, "failed", f"{name}: {msg.error.reason}")
+        return _failed(msg)
     update, reason = _decoded_update(msg, expected)
     return Checked(msg, "rejected" if reason else "ok", reason, update if not reason else None)
 
@@ -69,6 +68,11 @@ def _decoded_update(msg: Message, expected: AdapterState) -> tuple[AdapterState 
     return {k: v.to(torch.float32) for k, v in update.items()}, ""
 
 
+def _failed(msg: Message) -> Checked:
+    name = ERROR_NAMES.get(msg.error.code, f"error code {msg.error.code}")
+    return Checked(msg, "failed", f"{name}: {msg.error.reason}")
+
+
 def _metrics_problem(msg: Message) -> str:
     metrics = msg.content.metric_records["metrics"]
     n = metrics.get("num-examples")
@@ -79,8 +83,7 @@ def _metrics_problem(msg: Message) -> str:
 
 def check_eval_reply(msg: Message) -> Checked:
     if msg.has_error():
-        name = ERROR_NAMES.get(msg.error.code, f"error code {msg.error.code}")
-        return Checked(msg, "failed", f"{name}: {msg.error.reason}")
+        return _failed(msg)
     if "metrics" not in msg.content.metric_records:
         return Checked(msg, "rejected", "reply lacks the 'metrics' MetricRecord")
     reason = _metrics_problem(msg)

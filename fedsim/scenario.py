@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from fedsim.availability import KINDS, Availability
+from fedsim.availability import Availability
 from fedsim.devices import CATALOG, DeviceProfile
-from fedsim.errors import InputError
+from fedsim.errors import InputError, describe, read_toml
 
 if TYPE_CHECKING:
     from fedsim.compression import CodecConfig
@@ -297,22 +297,6 @@ class _Sections:
                     pass
 
 
-def _describe(err: dict[str, Any]) -> list[str]:
-    """One readable line per pydantic error: the dotted path, the rule, the value received."""
-    loc = [str(p) for p in err["loc"]]
-    # pydantic puts the union's tag in the path (`availability.bernoulli.p`): drop it.
-    loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "availability" and p in KINDS)]
-    path = ".".join(loc)
-    kind, msg = err["type"], err["msg"]
-    if kind == "value_error":  # our own checks, already phrased (section checks name their paths)
-        text = str(err["ctx"]["error"])
-        return [f"`{path}`: {text}"] if path and not text.startswith("`") else text.splitlines()
-    if kind == "extra_forbidden":
-        return [f"`{path}` is not a known key"]
-    rule = msg.replace("Input should be", "must be").replace("Value error, ", "")
-    return [f"`{path}` {rule}, got {err['input']!r}"]
-
-
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     """`["train.lr=1e-4", "data.task=units"]` → nested dict; values parse as TOML, else as strings."""
     nested: dict[str, Any] = {}
@@ -349,7 +333,7 @@ def validate_scenario(raw: dict[str, Any], source: str = "<dict>") -> Scenario:
     try:
         return Scenario.model_validate(raw)
     except ValidationError as exc:
-        problems = [line for err in exc.errors() for line in _describe(err)]
+        problems = [line for err in exc.errors() for line in describe(err)]
         if not any(not err["loc"] for err in exc.errors()):  # the cross-field checks did not run
             problems += _cross_field_problems(_Sections(raw))
         raise ScenarioError(source, problems) from None
@@ -360,12 +344,7 @@ def load_scenario(
 ) -> Scenario:
     """Read, override and validate a scenario file. The run name defaults to the file's stem."""
     path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(str(path), [f"scenario file not found: {path}"])
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from None
+    raw = read_toml(path, ScenarioError)
     raw.setdefault("name", path.stem)
     raw = _merge(raw, parse_overrides(overrides))
     raw = _anchor_paths(raw, path.parent)
