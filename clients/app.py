@@ -6,10 +6,17 @@ server through Python objects. Handlers:
 
 - query: tells the server which client (partition) this node is, so the server can sample by
   client id deterministically (Flower's node ids are random).
-- train: load the global adapter into the cached base model + LoRA, train on this client's train
-  split with a seed derived from (scenario seed, round, client id), reply with the update
-  (local − global) encoded by `fedsim.compression` as the scenario says, and metrics.
-- evaluate: loss and exact match of the global adapter on this client's test split.
+- train: load what the server sent (the global adapter's part for this client's LoRA rank, and
+  any merged base deltas) into the cached base model + LoRA, train on this client's train split
+  with a seed derived from (scenario seed, round, client id), reply with the update
+  (local − received) of the factors the strategy collects, encoded by `fedsim.compression` as
+  the scenario says, and metrics.
+- evaluate: loss and exact match of the received adapter on this client's test split.
+
+How to train comes in the message's config, set by the strategy (`strategies.lora_strategy`):
+`lora-rank`, `lora-uploads` (factors to send back), `lora-freeze` (factors not to train: FFA-LoRA's
+A), `lora-personal-b` (keep B on this node across rounds: FedSA-LoRA), `rank-penalty-*` (HetLoRA),
+`proximal-mu` (FedProx).
 
 The base model with its LoRA wrapper is built once per worker process (`_model`) and reused
 across rounds: a Ray actor lives for the whole simulation, so only its first message pays the load.
@@ -25,7 +32,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedsim.adapter import AdapterState, attach_lora, from_record, get_state, set_state
+from fedsim.adapter import AdapterState, attach_lora, from_record, get_state, set_state, set_trainable, use_rank
 from fedsim.compression import compress, encode, residual
 from fedsim.costs import ModelShape, train_step_flops
 from fedsim.data import client_data
@@ -35,10 +42,13 @@ from fedsim.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.training import evaluate as evaluate_model
 from fedsim.training import resolve_device, train_lora
+from strategies.lora_math import hetlora_rank_penalty
 
 app = ClientApp()
 EF_KEY = "error-feedback"  # context.state key of the residual not yet sent
 COPY_KEY = "downlink-copy"  # context.state key of this node's copy of the broadcast adapter
+PERSONAL_KEY = "personal-b"  # context.state key of this node's own B factors (FedSA-LoRA)
+RUN_KEY = "run"  # context.state key naming the run the above belong to
 
 
 @functools.cache
@@ -47,11 +57,25 @@ def _scenario(text: str) -> Scenario:
 
 
 @functools.cache
-def _model(model: ModelConfig, lora: LoraConfig, seed: int, device: str) -> tuple[PeftModel, PreTrainedTokenizerBase, ModelShape]:
-    """(PeftModel, tokenizer, shape) for this process; pure in its arguments, so caching is safe."""
+def _model(model: ModelConfig, lora_json: str, device: str) -> tuple[PeftModel, PreTrainedTokenizerBase, ModelShape]:
+    """(PeftModel, tokenizer, shape) for this process; pure in its arguments, so caching is safe.
+    Adapters of other ranks are added to the same model on first use (`use_rank`). Their initial
+    values never matter: every message loads the adapter it carries (or this node's own B)."""
     base, tokenizer = load_model(model.name, dtype=model.dtype)
     shape = ModelShape.from_model(base)
-    return attach_lora(base, lora, seed).to(resolve_device(device)), tokenizer, shape
+    return attach_lora(base, LoraConfig.model_validate_json(lora_json), seed=0).to(resolve_device(device)), tokenizer, shape
+
+
+def _fresh_state_per_run(context: Context, scenario: Scenario) -> None:
+    """Forget what this node kept for another run (one simulation can hold several runs:
+    `fedsim.simulation.run_simulations`): residuals, downlink copy, personal B."""
+    run = f"{scenario.name}/{scenario.seed}"
+    held = context.state.config_records.get(RUN_KEY)
+    if held is None or held["run"] != run:
+        for key in (EF_KEY, COPY_KEY, PERSONAL_KEY):
+            context.state.array_records.pop(key, None)
+        context.state.config_records.pop(COPY_KEY + "-version", None)
+        context.state[RUN_KEY] = ConfigRecord({"run": run})
 
 
 def client_id(context: Context, scenario: Scenario) -> int:
@@ -69,13 +93,27 @@ def client_id(context: Context, scenario: Scenario) -> int:
 
 def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     scenario = _scenario(str(msg.content["config"]["scenario"]))
+    config = msg.content["config"]
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario)
-    model, tokenizer, shape = _model(scenario.model, scenario.lora, scenario.seed, scenario.train.device)
-    global_state = _received_adapter(msg, context)
-    set_state(model, global_state)
+    _fresh_state_per_run(context, scenario)
+    model, tokenizer, shape = _model(scenario.model, scenario.lora.model_dump_json(), scenario.train.device)
+    use_rank(model, scenario.lora, int(config.get("lora-rank", scenario.lora.rank)))
+    set_trainable(model, freeze=str(config.get("lora-freeze", "")))
+    received = _received_adapter(msg, context)
+    full = {**received, **_personal_b(model, context)} if config.get("lora-personal-b", False) else received
+    set_state(model, full)
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
-    return scenario, cid, model, tokenizer, shape, data, global_state
+    return scenario, cid, model, tokenizer, shape, data, received
+
+
+def _personal_b(model: PeftModel, context: Context) -> AdapterState:
+    """This node's own B factors (FedSA-LoRA), zero until it first trains or when its rank changed."""
+    fresh = {k: torch.zeros_like(v) for k, v in get_state(model).items() if ".lora_B" in k}
+    held = context.state.array_records.get(PERSONAL_KEY)
+    kept = held.to_torch_state_dict() if held is not None else {}
+    same = set(kept) == set(fresh) and all(kept[k].shape == v.shape for k, v in fresh.items())
+    return {k: v.float() for k, v in kept.items()} if same else fresh
 
 
 def _received_adapter(msg: Message, context: Context) -> AdapterState:
@@ -101,9 +139,11 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, shape, data, global_state = _setup(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
+    scenario, cid, model, tokenizer, shape, data, received = _setup(msg, context)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
     t, lora = scenario.train, scenario.lora
+    rank = int(config.get("lora-rank", lora.rank))
     result = train_lora(
         model,
         tokenizer,
@@ -115,8 +155,9 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
         seed=derive_seed(scenario.seed, server_round, cid, "train"),
-        step_flops=lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=lora.rank, targets=lora.target_modules),
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),  # set by Flower's FedProx
+        step_flops=lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # set by Flower's FedProx
+        regulariser=_rank_penalty(model, rank, config),
     )
     metrics = MetricRecord(
         {
@@ -130,19 +171,36 @@ def train(msg: Message, context: Context) -> Message:
             "wall-time-s": result.wall_time_s,
         }
     )
-    payload = encode_update(get_state(model), global_state, scenario.compression, context)
+    local = get_state(model)
+    if config.get("lora-personal-b", False):
+        context.state[PERSONAL_KEY] = ArrayRecord({k: v for k, v in local.items() if ".lora_B" in k})
+    uploads = str(config.get("lora-uploads", "AB"))
+    shared = {k: v for k, v in local.items() if any(f".lora_{f}" in k for f in uploads)}
+    payload = encode_update(shared, received, scenario.compression, context)
     content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": metrics})
     return Message(content, reply_to=msg)
 
 
-def encode_update(local: AdapterState, global_state: AdapterState, c: CompressionConfig, context: Context) -> bytes:
-    """The update local − global as codec bytes. With error feedback, what was not sent last
-    round is added first, and what is not sent now is kept in the node's context for next
-    round (Flower keeps `context.state` across rounds, in simulation and on a SuperNode)."""
-    update = {k: local[k] - global_state[k] for k in local}
+def _rank_penalty(model: PeftModel, rank: int, config: ConfigRecord):  # type: ignore[no-untyped-def]
+    """HetLoRA's rank self-pruning penalty over every LoRA layer, if the strategy asks for it."""
+    lam = float(config.get("rank-penalty-lambda", 0.0))
+    if lam <= 0:
+        return None
+    gamma, name = float(config["rank-penalty-gamma"]), model.active_adapter
+    pairs = [(m.lora_B[name].weight, m.lora_A[name].weight) for m in model.modules() if hasattr(m, "lora_A") and name in m.lora_A]
+    return lambda: sum(hetlora_rank_penalty(B, A, rank, gamma, lam) for B, A in pairs)
+
+
+def encode_update(local: AdapterState, received: AdapterState, c: CompressionConfig, context: Context) -> bytes:
+    """The update local − received (over `local`'s keys) as codec bytes. With error feedback,
+    what was not sent last round is added first, and what is not sent now is kept in the node's
+    context for next round (Flower keeps `context.state` across rounds, in simulation and on a
+    SuperNode); a residual of another rank (the node's rank changed) is dropped."""
+    update = {k: local[k] - received[k] for k in local}
     if c.error_feedback and EF_KEY in context.state.array_records:
         carried = context.state.array_records[EF_KEY].to_torch_state_dict()
-        update = {k: (v.double() + carried[k]).float() for k, v in update.items()}
+        if set(carried) == set(update) and all(carried[k].shape == v.shape for k, v in update.items()):
+            update = {k: (v.double() + carried[k]).float() for k, v in update.items()}
     config = c.codec()
     if c.error_feedback:
         context.state[EF_KEY] = ArrayRecord(residual(update, compress(update, config)))

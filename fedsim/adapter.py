@@ -4,6 +4,14 @@ The global model of a federation is only the LoRA adapter: a dict of tensors key
 state-dict names (`get_peft_model_state_dict`, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). Keeping PEFT's names means a
 checkpoint saved with `save_pretrained` loads with `PeftModel.from_pretrained(base, path)`.
+
+Strategies that merge updates into the frozen base weights (FLoRA, FedEx-LoRA) add one more
+tensor per adapted layer, ``<layer prefix>.base_delta`` (out, in): the sum of what was merged
+into that layer's weight so far. It travels with the adapter and is applied to the base layer
+(`apply_base_delta`); checkpoints keep it in `base_delta.safetensors` beside the adapter.
+
+A client trains at its own rank: one PEFT model per process carries one adapter per rank
+(`use_rank`), all on the same frozen base, and state moves in and out of the active one.
 """
 
 from __future__ import annotations
@@ -18,6 +26,15 @@ from transformers import PreTrainedModel
 from fedsim.scenario import LoraConfig
 
 AdapterState = dict[str, torch.Tensor]
+BASE_DELTA = ".base_delta"  # key suffix of a layer's merged base-weight delta
+BASE_DELTA_FILE = "base_delta.safetensors"
+
+
+def split_state(state: AdapterState) -> tuple[AdapterState, AdapterState]:
+    """(LoRA tensors, base deltas keyed by layer prefix) of a global state."""
+    adapter = {k: v for k, v in state.items() if not k.endswith(BASE_DELTA)}
+    deltas = {k[: -len(BASE_DELTA)]: v for k, v in state.items() if k.endswith(BASE_DELTA)}
+    return adapter, deltas
 
 
 def peft_config(lora: LoraConfig) -> peft.LoraConfig:
@@ -53,21 +70,63 @@ def _has_module(model: torch.nn.Module, short: str) -> bool:
     return any(n.rsplit(".", 1)[-1] == short for n, _ in model.named_modules())
 
 
+def use_rank(model: peft.PeftModel, lora: LoraConfig, rank: int) -> None:
+    """Make the rank-`rank` adapter the active (and only trainable) one, adding it on first use.
+    The adapter built by `attach_lora` (rank `lora.rank`) is PEFT's "default"."""
+    name = "default" if rank == lora.rank else f"rank-{rank}"
+    if name not in model.peft_config:
+        model.add_adapter(name, peft_config(lora.model_copy(update={"rank": rank})))
+    model.set_adapter(name)
+
+
+def set_trainable(model: peft.PeftModel, freeze: str = "") -> None:
+    """Train the active adapter's factors except those named in `freeze` ("A": FFA-LoRA)."""
+    name = model.active_adapter
+    for module in model.modules():
+        for factor in ("A", "B"):
+            layers = getattr(module, f"lora_{factor}", None)
+            if isinstance(layers, torch.nn.ModuleDict) and name in layers:
+                layers[name].requires_grad_(factor not in freeze)
+
+
 def get_state(model: peft.PeftModel) -> AdapterState:
-    """A detached float32 copy of the adapter's tensors (ArrayRecord refuses bfloat16)."""
-    state = peft.get_peft_model_state_dict(model)
+    """A detached float32 copy of the active adapter's tensors (ArrayRecord refuses bfloat16)."""
+    state = peft.get_peft_model_state_dict(model, adapter_name=model.active_adapter)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
 def set_state(model: peft.PeftModel, state: AdapterState) -> None:
-    """Load adapter tensors into `model`; every key must match (no silent partial loads)."""
-    expected = peft.get_peft_model_state_dict(model).keys()
-    if set(expected) != set(state):
+    """Load LoRA tensors into the active adapter, and base deltas (if any) into the base layers;
+    every LoRA key must match (no silent partial loads)."""
+    adapter, deltas = split_state(state)
+    name = model.active_adapter
+    expected = peft.get_peft_model_state_dict(model, adapter_name=name).keys()
+    if set(expected) != set(adapter):
         raise ValueError(
-            f"adapter keys do not match the model: missing {sorted(set(expected) - set(state))[:3]}, "
-            f"unexpected {sorted(set(state) - set(expected))[:3]}"
+            f"adapter keys do not match the model: missing {sorted(set(expected) - set(adapter))[:3]}, "
+            f"unexpected {sorted(set(adapter) - set(expected))[:3]}"
         )
-    peft.set_peft_model_state_dict(model, state)
+    peft.set_peft_model_state_dict(model, adapter, adapter_name=name)
+    apply_base_delta(model, deltas)
+
+
+def apply_base_delta(model: peft.PeftModel, deltas: AdapterState) -> None:
+    """Set each adapted layer's frozen weight to original + delta (original where no delta is
+    given). The originals are kept on the model the first time, so states can be swapped freely."""
+    originals: dict[str, torch.Tensor] = model.__dict__.setdefault("_fedsim_base_originals", {})
+    for prefix in sorted(set(deltas) | set(originals)):
+        try:
+            layer = model.get_submodule(prefix).base_layer
+        except AttributeError:
+            raise ValueError(f"base delta for `{prefix}`, which is not a LoRA-adapted layer of this model") from None
+        w = layer.weight
+        if prefix not in originals:
+            originals[prefix] = w.detach().clone()
+        delta = deltas.get(prefix)
+        if delta is not None and tuple(delta.shape) != tuple(w.shape):
+            raise ValueError(f"base delta for `{prefix}` has shape {tuple(delta.shape)}, the weight {tuple(w.shape)}")
+        with torch.no_grad():
+            w.copy_(originals[prefix] if delta is None else originals[prefix] + delta.to(w.device, w.dtype))
 
 
 def to_record(state: AdapterState) -> ArrayRecord:
@@ -79,8 +138,14 @@ def from_record(record: ArrayRecord) -> AdapterState:
 
 
 def save_adapter(model: peft.PeftModel, state: AdapterState, path: Path) -> None:
-    """Write `state` in PEFT's own format at `path` (atomically: a killed write leaves no half folder)."""
+    """Write `state` in PEFT's own format at `path`, base deltas (if any) in `BASE_DELTA_FILE`
+    beside it (atomically: a killed write leaves no half folder)."""
+    from safetensors.torch import save_file
+
     set_state(model, state)
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
+    deltas = split_state(state)[1]
+    if deltas:
+        save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp / BASE_DELTA_FILE))
     tmp.rename(path)

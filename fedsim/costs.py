@@ -134,7 +134,7 @@ class ModelShape:
         """Parameters of the base model: embeddings, lm_head unless tied, linears, norms."""
         d = self.hidden
         layers = sum(
-            sum(i * o for i, o in _linears(layer, d).values()) + 2 * d for layer in self.layers
+            sum(i * o for i, o in linear_shapes(layer, d).values()) + 2 * d for layer in self.layers
         )
         return self.vocab * d * (1 if self.tied_embeddings else 2) + layers + d
 
@@ -151,7 +151,7 @@ def _layer_shape(layer: torch.nn.Module, hidden: int) -> LayerShape:
     attn, mlp = layer.self_attn, layer.mlp
     q_out, kv_out = _weight(attn.q_proj).shape[0], _weight(attn.k_proj).shape[0]
     shape = LayerShape(q_out, kv_out, attn.head_dim, _weight(mlp.gate_proj).shape[0])
-    expected = {name: (o, i) for name, (i, o) in _linears(shape, hidden).items()}
+    expected = {name: (o, i) for name, (i, o) in linear_shapes(shape, hidden).items()}
     found = {
         name: tuple(_weight(getattr(attn if name in _ATTENTION else mlp, name)).shape)
         for name in TARGETS
@@ -161,7 +161,7 @@ def _layer_shape(layer: torch.nn.Module, hidden: int) -> LayerShape:
     return shape
 
 
-def _linears(layer: LayerShape, d: int) -> dict[str, tuple[int, int]]:
+def linear_shapes(layer: LayerShape, d: int) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear of a decoder layer."""
     q, kv, m = layer.q_out, layer.kv_out, layer.mlp
     return {
@@ -181,7 +181,7 @@ def lora_params(shape: ModelShape, rank: int, targets: Sequence[str]) -> int:
     return sum(
         rank * (i + o)
         for layer in shape.layers
-        for name, (i, o) in _linears(layer, shape.hidden).items()
+        for name, (i, o) in linear_shapes(layer, shape.hidden).items()
         if name in targets
     )
 
@@ -219,7 +219,7 @@ def _layer_flops(
     """(forward, backward) FLOPs of one decoder layer."""
     n = b * t
     fwd = bwd = 0
-    for name, (fan_in, fan_out) in _linears(layer, d).items():
+    for name, (fan_in, fan_out) in linear_shapes(layer, d).items():
         base, live_in = 2 * n * fan_in * fan_out, g[_INPUT[name]]
         fwd += base
         bwd += base * live_in  # W frozen: only dX = dY·Wᵀ, and only if X needs it

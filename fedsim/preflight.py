@@ -1,8 +1,8 @@
 """Checks that need more than the scenario file: the fleet's files and the model's shape.
 
 Run before anything is written (by `fedsim run` and the `flwr run` ServerApp), so a bad trace
-row, a fleet that does not match `clients.num_clients`, or a deadline no device can meet is
-refused up front, like any other scenario problem.
+row, a fleet that does not match `clients.num_clients`, a LoRA rank larger than a layer allows,
+or a deadline no device can meet is refused up front, like any other scenario problem.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import numpy as np
 
 from fedsim.clock import comm_seconds
 from fedsim.costs import ModelShape
+from fedsim.devices import CATALOG
 from fedsim.fleet import Fleet, build_fleet
 from fedsim.models import load_model
+from fedsim.ranks import client_ranks, rank_limit_problems
 from fedsim.scenario import Scenario, ScenarioError
 
 
@@ -37,9 +39,10 @@ def deadline_problem(fleet: Fleet, scenario: Scenario, shape: ModelShape) -> str
     deadline = scenario.fleet.deadline_s
     if deadline <= 0:
         return None
-    est = estimates(shape, scenario)
+    ranks = client_ranks(scenario, fleet)
+    flops = np.array([estimates(shape, scenario, int(r)).flops for r in ranks])
     nbytes = adapter_bytes(shape, scenario)
-    seconds = est.flops / fleet.flops + comm_seconds(nbytes, nbytes, fleet.down_bps, fleet.up_bps)
+    seconds = flops / fleet.flops + comm_seconds(nbytes, nbytes, fleet.down_bps, fleet.up_bps)
     best = int(np.argmin(seconds))
     if seconds[best] > deadline:
         return (
@@ -55,6 +58,11 @@ def preflight(scenario: Scenario, source: str) -> None:
         fleet = build_fleet(scenario)
     except ValueError as exc:
         raise ScenarioError(source, [f"`fleet`: {exc}"]) from None
-    problem = deadline_problem(fleet, scenario, model_shape(scenario.model.name, scenario.model.dtype))
-    if problem:
-        raise ScenarioError(source, [problem])
+    unknown = sorted(set(scenario.lora.profile_ranks) - set(fleet.device.astype(str)) - set(CATALOG) - set(scenario.fleet.profiles))
+    if unknown:  # profiles from a file or trace: known only now
+        raise ScenarioError(source, [f"`lora.profile_ranks.{n}`: no device of the fleet has that profile" for n in unknown])
+    shape = model_shape(scenario.model.name, scenario.model.dtype)
+    problems = rank_limit_problems(shape, scenario, client_ranks(scenario, fleet))
+    problem = deadline_problem(fleet, scenario, shape)
+    if problems or problem:
+        raise ScenarioError(source, problems + ([problem] if problem else []))

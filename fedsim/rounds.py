@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from fedsim.adapter import AdapterState, from_record, to_record
+from fedsim.adapter import AdapterState, from_record, split_state, to_record
 from fedsim.availability import dropout_draws
 from fedsim.clock import comm_seconds, keep_first_finishers, payload_bytes, round_duration
 from fedsim.downlink import Downlink
@@ -33,6 +32,7 @@ from fedsim.fleet import GIB, Fleet
 from fedsim.replies import Checked, check_eval_reply, check_train_reply
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
+from strategies import LoraStrategy
 from strategies.lora_math import aggregation_bias, layer_pairs
 
 Row = dict[str, Any]
@@ -82,10 +82,11 @@ class RoundEnv:
 
     grid: Grid
     scenario: Scenario
-    strategy: Strategy
+    strategy: LoraStrategy
     fleet: Fleet
     clients: dict[int, int]  # client id → node id
-    estimates: Estimates
+    ranks: np.ndarray  # (N,) LoRA rank of each client id
+    estimates: dict[int, Estimates]  # by LoRA rank
     score: Callable[[AdapterState], float] | None = None  # held-out loss of an adapter (α tuning)
     downlink: Downlink | None = None  # compressed server → client direction, if enabled
     last_bias: float = float("nan")  # aggregation bias of the last training round (`round_bias`)
@@ -93,6 +94,18 @@ class RoundEnv:
 
     def __post_init__(self) -> None:
         self.node_to_client = {n: c for c, n in self.clients.items()}
+
+    def estimated(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(FLOPs, memory bytes) the server expects of each client in `ids`, at its rank."""
+        ranks = self.ranks[ids]
+        return (
+            np.array([self.estimates[int(r)].flops for r in ranks], dtype=float),
+            np.array([self.estimates[int(r)].memory for r in ranks], dtype=np.int64),
+        )
+
+    def assign_ranks(self, ids: Iterable[int]) -> None:
+        """Tell the strategy the rank of each client it will address."""
+        self.strategy.assign_ranks({self.clients[int(c)]: int(self.ranks[int(c)]) for c in ids})
 
 
 def sample_clients(available: Iterable[int], k: int, seed: int, server_round: int, purpose: str) -> list[int]:
@@ -104,7 +117,10 @@ def sample_clients(available: Iterable[int], k: int, seed: int, server_round: in
 
 
 def _base_row(env: RoundEnv, cid: int, server_round: int, kind: str, status: str, reason: str = "") -> Row:
-    return {"round": server_round, "client_id": cid, "kind": kind, "status": status, "reason": reason, "device": str(env.fleet.device[cid])}
+    return {
+        "round": server_round, "client_id": cid, "kind": kind, "status": status, "reason": reason,
+        "device": str(env.fleet.device[cid]), "lora_rank": int(env.ranks[cid]),
+    }  # fmt: skip
 
 
 def _config(scenario: Scenario) -> ConfigRecord:
@@ -125,7 +141,7 @@ def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: 
     """Clients online now and, by their device's estimated round time, until they finish."""
     ids = np.array(sorted(env.clients), dtype=np.int64)
     f = env.fleet
-    est_s = env.estimates.flops / f.flops[ids] + comm_seconds(est_bytes, est_bytes, f.down_bps[ids], f.up_bps[ids])
+    est_s = env.estimated(ids)[0] / f.flops[ids] + comm_seconds(est_bytes, est_bytes, f.down_bps[ids], f.up_bps[ids])
     return ids[f.availability.online_through(ids, t_now, t_now + est_s, server_round)]
 
 
@@ -134,7 +150,7 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     s = env.scenario
     chosen, rows = _choose(env, state, server_round, t_now)
     base = env.downlink.advance(state, server_round) if env.downlink else state  # what clients start from
-    checked, silent, down = _send_train(env, base, chosen, server_round)
+    checked, silent, down, sent = _send_train(env, base, chosen, server_round)
     rows += [_base_row(env, env.node_to_client[n], server_round, "train", "failed", "no reply before the round timeout") for n in silent]
     rows += [_base_row(env, env.node_to_client[c.message.metadata.src_node_id], server_round, "train", c.status, c.reason) for c in checked if c.status != "ok"]
 
@@ -148,15 +164,15 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     kept = keep_first_finishers(compute + comm, s.clients.per_round, s.fleet.deadline_s)
 
     kept_replies = [c for c, k in zip(ok, kept) if k]
-    factor = _best_alpha(env, base, kept_replies, server_round) if s.compression.alpha_auto and kept_replies else 1.0
+    factor = _best_alpha(env, sent, kept_replies, server_round) if s.compression.alpha_auto and kept_replies else 1.0
     for i, c in enumerate(ok):
         row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
         row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
         if kept[i] and s.compression.method == "compeft":
             row["alpha"] = factor if s.compression.alpha_auto else s.compression.alpha
         rows.append(row)
-    bias = round_bias([_client_adapter(c, base, factor) for c in kept_replies], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
-    state = _aggregate(env, base, kept_replies, server_round, factor) or state
+    bias = round_bias([_client_adapter(c, sent, factor) for c in kept_replies], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
+    state = _aggregate(env, sent, kept_replies, server_round, factor) or state
     env.last_bias = bias
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
@@ -170,10 +186,11 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
     est_bytes = payload_bytes(RecordDict({"arrays": to_record(state), "config": _config(s)}))
     eligible = eligible_clients(env, t_now, server_round, est_bytes)
     chosen = np.array(sample_clients(eligible, math.ceil(s.clients.per_round * (1 + s.fleet.overcommit)), s.seed, server_round, "train"), dtype=np.int64)
-    infeasible = f.memory[chosen] < env.estimates.memory
+    need = env.estimated(chosen)[1]
+    infeasible = f.memory[chosen] < need
     rows = [
-        _base_row(env, int(c), server_round, "train", "infeasible", f"needs {env.estimates.memory / GIB:.2f} GiB, device has {f.memory[c] / GIB:.2f} GiB")
-        for c in chosen[infeasible]
+        _base_row(env, int(c), server_round, "train", "infeasible", f"needs {m / GIB:.2f} GiB at rank {env.ranks[c]}, device has {f.memory[c] / GIB:.2f} GiB")
+        for c, m in zip(chosen[infeasible], need[infeasible])
     ]
     chosen = chosen[~infeasible]
     dropped = dropout_draws(chosen, server_round, derive_seed(s.seed, "dropout"), s.fleet.dropout)
@@ -181,63 +198,82 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
     return chosen[~dropped], rows
 
 
-def _send_train(env: RoundEnv, base: AdapterState, chosen: np.ndarray, server_round: int) -> tuple[list[Checked], list[int], dict[int, int]]:
-    """Send the round's train messages (through the strategy's `configure_train`), wait, check.
-    Returns the checked replies, the nodes that never answered, and the bytes each node was sent."""
+def _send_train(
+    env: RoundEnv, base: AdapterState, chosen: np.ndarray, server_round: int
+) -> tuple[list[Checked], list[int], dict[int, int], dict[int, AdapterState]]:
+    """Send the round's train messages (through the strategy's `configure_train`: each node gets
+    what its rank calls for), wait, check. Returns the checked replies, the nodes that never
+    answered, the bytes each node was sent, and the state each node was sent (by node id)."""
     nodes = [env.clients[int(c)] for c in chosen]
     if not nodes:
-        return [], [], {}
+        return [], [], {}, {}
+    env.assign_ranks(chosen)
     messages = list(env.strategy.configure_train(server_round, to_record(base), _config(env.scenario), Participants(env.grid, nodes)))
-    if env.downlink:
+    sent = _sent_states(messages)
+    if env.downlink:  # one rank for all (checked at load): what each node holds is `base`
         for m in messages:  # each client gets the delta or the whole adapter, as it needs
             m.content = RecordDict({"down": env.downlink.record_for(env.node_to_client[m.metadata.dst_node_id]), "config": m.content["config"]})
     down = _bytes_by_node(messages)
-    checked, silent = _exchange(env, messages, lambda r: check_train_reply(r, base))
+    checked, silent = _exchange(env, messages, lambda r: check_train_reply(r, env.strategy.uploaded(sent[r.metadata.src_node_id])))
     if env.downlink:
         env.downlink.mark_received(np.array([env.node_to_client[c.message.metadata.src_node_id] for c in checked if c.status != "failed"], dtype=np.int64))
-    return checked, silent, down
+    return checked, silent, down, sent
 
 
-def _aggregate(env: RoundEnv, state: AdapterState, replies: list[Checked], server_round: int, factor: float) -> AdapterState | None:
+def _sent_states(messages: list[Message]) -> dict[int, AdapterState]:
+    """node id → the state its message carries (decoded once per distinct record)."""
+    decoded: dict[int, AdapterState] = {}
+    for m in messages:
+        record = m.content["arrays"]
+        if id(record) not in decoded:
+            decoded[id(record)] = from_record(record)
+    return {m.metadata.dst_node_id: decoded[id(m.content["arrays"])] for m in messages}
+
+
+def _aggregate(env: RoundEnv, sent: dict[int, AdapterState], replies: list[Checked], server_round: int, factor: float) -> AdapterState | None:
     if not replies:
         return None
-    arrays, _ = env.strategy.aggregate_train(server_round, [_as_adapter_reply(c, state, factor) for c in replies])
+    arrays, _ = env.strategy.aggregate_train(server_round, [_as_adapter_reply(c, sent, factor) for c in replies])
     return from_record(arrays) if arrays is not None else None
 
 
-def _best_alpha(env: RoundEnv, state: AdapterState, replies: list[Checked], server_round: int) -> float:
+def _best_alpha(env: RoundEnv, sent: dict[int, AdapterState], replies: list[Checked], server_round: int) -> float:
     """ComPEFT's α tuned by the server: clients encode with α = 1, so their kept entries are ±σ
     and a decoded update times α is exactly what they would have sent with α. Each α of the
     grid is aggregated and scored by the held-out loss (`RoundEnv.score`); the best is returned."""
     assert env.score is not None
-    losses = {a: env.score(_aggregate(env, state, replies, server_round, a) or state) for a in env.scenario.compression.alpha_grid}
+    losses = {a: env.score(_aggregate(env, sent, replies, server_round, a) or {}) for a in env.scenario.compression.alpha_grid}  # replies ≠ [], so never {}
     return min(losses, key=lambda a: (losses[a], a))
 
 
 def round_bias(adapters: list[AdapterState], weights: list[float], s: Scenario) -> float:
-    """The aggregation bias of this round's kept clients, ‖mean(sB)·mean(A) − mean(sB·A)‖_F /
-    ‖mean(sB·A)‖_F (example-weighted means), averaged over the adapted layers; NaN with fewer
-    than two clients. It is what averaging LoRA factors (FedIT) gets wrong."""
-    if len(adapters) < 2:
+    """The aggregation bias of this round's kept clients, ‖mean(s_k B_k)·mean(A_k) −
+    mean(s_k B_k·A_k)‖_F / ‖mean(s_k B_k·A_k)‖_F (example-weighted means, ranks zero-padded,
+    s_k = α / r_k), averaged over the adapted layers; NaN with fewer than two clients or when
+    the server never sees B (fedsa_lora). It is what averaging LoRA factors (FedIT) gets wrong."""
+    if len(adapters) < 2 or not any(".lora_B" in k for k in adapters[0]):
         return float("nan")
-    scale = s.lora.alpha / s.lora.rank
+    first_a = next(k for k in adapters[0] if ".lora_A" in k)
+    scales = [s.lora.alpha / a[first_a].shape[0] for a in adapters]
     per_layer = [
-        aggregation_bias([a[ka] for a in adapters], [a[kb] for a in adapters], [scale] * len(adapters), weights)
+        aggregation_bias([a[ka] for a in adapters], [a[kb] for a in adapters], scales, weights)
         for ka, kb in layer_pairs(adapters[0]).values()
     ]
     return float(np.mean(per_layer))
 
 
-def _client_adapter(checked: Checked, state: AdapterState, factor: float = 1.0) -> AdapterState:
-    """The client's adapter: the one it started from plus its (rescaled) decoded update."""
+def _client_adapter(checked: Checked, sent: dict[int, AdapterState], factor: float = 1.0) -> AdapterState:
+    """The client's adapter: the LoRA tensors it was sent plus its (rescaled) decoded update on
+    the factors it uploads."""
     assert checked.update is not None  # ok replies carry their decoded update
-    return {k: state[k] + factor * checked.update[k] for k in state}
+    start = split_state(sent[checked.message.metadata.src_node_id])[0]
+    return {k: v + factor * checked.update[k] if k in checked.update else v for k, v in start.items()}
 
 
-def _as_adapter_reply(checked: Checked, state: AdapterState, factor: float = 1.0) -> Message:
-    """The reply as strategies see it: the client's adapter (global + factor·decoded update)
-    under 'arrays', its metrics under 'metrics' — whatever codec carried it."""
-    local = _client_adapter(checked, state, factor)
+def _as_adapter_reply(checked: Checked, sent: dict[int, AdapterState], factor: float = 1.0) -> Message:
+    """The reply as strategies see it: the client's adapter (what it was sent + factor·decoded
+    update) under 'arrays', its metrics under 'metrics' — whatever codec carried it."""
+    local = _client_adapter(checked, sent, factor)
     msg = checked.message
     msg.content = RecordDict({"arrays": to_record(local), "metrics": msg.content["metrics"]})
     return msg
@@ -277,9 +313,11 @@ def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: flo
         return []
     ids = np.array(sorted(env.clients), dtype=np.int64)
     online = ids[env.fleet.availability.online(ids, t_now, server_round)]
-    nodes = [env.clients[c] for c in sample_clients(online, s.clients.eval_per_round, s.seed, server_round, "eval")]
+    chosen = sample_clients(online, s.clients.eval_per_round, s.seed, server_round, "eval")
+    nodes = [env.clients[c] for c in chosen]
     if not nodes:
         return []
+    env.assign_ranks(chosen)
     messages = env.strategy.configure_evaluate(server_round, to_record(state), _config(s), Participants(env.grid, nodes))
     checked, silent = _exchange(env, messages, check_eval_reply)
     rows = [_base_row(env, env.node_to_client[n], server_round, "eval_client", "failed", "no reply before the round timeout") for n in silent]

@@ -19,6 +19,7 @@ metrics.parquet schema (`METRIC_COLUMNS`):
                         update discarded) | dropped (dropped out mid-round) | infeasible (the
                         training step does not fit the device's memory; not trained)
     device       str    the client's device profile ("" for server rows)
+    lora_rank    int    train/eval_client: the LoRA rank the client trained or evaluated at (0 for server rows)
     num_examples int    examples trained on / evaluated
     loss         float  train: mean loss over local steps; eval: response-token loss
     loss_before  float  train: loss on a fixed probe batch before local training (else NaN)
@@ -67,6 +68,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "tokens": "int64",
     "wall_time_s": "float64",
     "device": "string",
+    "lora_rank": "int64",
     "flops": "float64",
     "sim_compute_s": "float64",
     "sim_comm_s": "float64",
@@ -87,6 +89,7 @@ _DEFAULTS: dict[str, Any] = {
     "tokens": 0,
     "wall_time_s": math.nan,
     "device": "",
+    "lora_rank": 0,
     "flops": math.nan,
     "sim_compute_s": math.nan,
     "sim_comm_s": math.nan,

@@ -103,6 +103,21 @@ class LoraConfig(_Section):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1, description="Module names LoRA wraps.")
+    profile_ranks: dict[str, int] = Field({}, description="Rank per device profile, e.g. {phone = 4}; the global adapter keeps `rank` (the maximum).")
+    client_ranks: dict[str, int] = Field({}, description="Rank per client id (a string key, e.g. {\"3\" = 2}); overrides profile_ranks.")
+
+    @model_validator(mode="after")
+    def _ranks_within_global(self) -> LoraConfig:
+        problems = []
+        for field in ("profile_ranks", "client_ranks"):
+            for key, r in getattr(self, field).items():
+                if not 1 <= r <= self.rank:
+                    problems.append(f"`lora.{field}.{key}` = {r} must be in [1, lora.rank = {self.rank}] (the global adapter's rank serves every client)")
+                if field == "client_ranks" and not key.isdigit():
+                    problems.append(f"`lora.client_ranks` keys are client ids, got {key!r}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -119,6 +134,9 @@ class StrategyConfig(_Section):
     beta_1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay.")
     beta_2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity τ.")
+    rank_gamma: float = Field(0.99, gt=0, le=1, description="hetlora: the penalty acts on ranks ⌊γ·r_k⌋..r_k of each client.")
+    rank_lambda: float = Field(0.01, ge=0, description="hetlora: weight λ of the rank self-pruning penalty λ‖B_tail·A_tail‖_F.")
+    fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight λ of ‖ΔB‖_F in the residual correction.")
 
     @field_validator("name")
     @classmethod
@@ -278,8 +296,38 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
             f"`compression.alpha` = 'auto' cannot be used with the stateful server optimiser {strategy.name!r} "
             "(it aggregates several candidates per round): set a number"
         )
+    problems += _rank_problems(getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression)
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
         problems.append(f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}")
+    return problems
+
+
+def _rank_problems(lora: LoraConfig | None, clients: ClientsConfig | None, fleet: FleetConfig | None, strategy: StrategyConfig | None, compression: CompressionConfig | None) -> list[str]:
+    """Per-client ranks name real clients and profiles, and fit the strategy and the downlink."""
+    if lora is None:
+        return []
+    problems = []
+    if clients is not None:
+        problems += [
+            f"`lora.client_ranks.{key}`: client {key} does not exist (clients 0..{clients.num_clients - 1})"
+            for key in lora.client_ranks
+            if key.isdigit() and int(key) >= clients.num_clients
+        ]
+    if fleet is not None and not fleet.profiles_file and not fleet.trace:  # file profiles are checked at preflight
+        known = {*CATALOG, *fleet.profiles}
+        problems += [
+            f"`lora.profile_ranks.{name}`: unknown device profile; known: {', '.join(sorted(known))}"
+            for name in lora.profile_ranks
+            if name not in known
+        ]
+    mixed = bool(lora.client_ranks or lora.profile_ranks) and any(r != lora.rank for r in (*lora.client_ranks.values(), *lora.profile_ranks.values()))
+    if compression is not None and compression.downlink and strategy is not None:
+        if mixed:
+            problems.append("`compression.downlink` needs one rank for every client (lora.profile_ranks / client_ranks differ from lora.rank)")
+        if strategy.name in ("flora", "fedex_lora", "fedsa_lora"):
+            problems.append(f"`compression.downlink` cannot carry {strategy.name!r}'s state (base-weight merges or personal factors)")
+    if strategy is not None and strategy.name == "fedsa_lora" and clients is not None and clients.eval_per_round == 0:
+        problems.append("`strategy.name` = 'fedsa_lora' keeps a personal B on each client: its accuracy is measured on the clients' own test splits, so `clients.eval_per_round` must be >= 1")
     return problems
 
 

@@ -12,6 +12,7 @@ through Flower's `backend_config["init_args"]`); GPUs: `simulation.num_gpus_per_
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from flwr.app import Context
@@ -42,16 +43,43 @@ def run_simulation(
 ) -> None:
     """Run `scenario` to the end; exceptions from the server loop propagate to the caller.
     `client_app` replaces fedsim's own ClientApp (tests inject misbehaving clients this way)."""
+    run_simulations([(scenario, run_dir)], progress, client_app, keep_going=False)
+
+
+def run_simulations(
+    jobs: Sequence[tuple[Scenario, RunDir]],
+    progress: ProgressFn | None = None,
+    client_app: ClientApp | None = None,
+    keep_going: bool = True,
+) -> list[Exception]:
+    """Run several scenarios one after the other in ONE Flower simulation, so Ray, the client
+    actors and their model load are paid once (`fedsim compare`: a run per strategy and seed).
+    They must share the fleet size and the simulation settings. Clients keep nothing from one
+    run to the next (`clients.app` resets a node's state when the run changes). With
+    `keep_going`, a run that raises is recorded in its run directory (`run_failed`) and the next
+    one starts; the exceptions are returned."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     if client_app is None:
         from clients.app import app as client_app
+    first = jobs[0][0]
+    for scenario, _ in jobs[1:]:
+        if scenario.clients.num_clients != first.clients.num_clients or scenario.simulation != first.simulation:
+            raise ValueError(f"{scenario.name}: runs of one simulation must share clients.num_clients and [simulation]")
 
+    failures: list[Exception] = []
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, scenario, run_dir, progress)
+        for scenario, run_dir in jobs:
+            try:
+                run_federation(grid, scenario, run_dir, progress)
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                run_dir.event("run_failed", error=repr(exc))
+                failures.append(exc)
 
     # Ray's worker processes inherit the environment: keep their logs and thread pools quiet.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -59,6 +87,7 @@ def run_simulation(
     flwr_run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=scenario.clients.num_clients,
-        backend_config=backend_config(scenario),  # type: ignore[arg-type]
+        num_supernodes=first.clients.num_clients,
+        backend_config=backend_config(first),  # type: ignore[arg-type]
     )
+    return failures

@@ -103,11 +103,13 @@ def train_lora(
     seed: int,
     step_flops: Callable[[int, int], float] | None = None,
     proximal_mu: float = 0.0,
+    regulariser: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """`steps` AdamW steps on the trainable (LoRA) parameters, batches drawn without
     replacement from a seeded permutation of `examples` (re-shuffled when exhausted).
     `step_flops(batch, seq_len)` prices one step for the simulated clock; `proximal_mu` > 0 adds
-    FedProx's μ/2·‖θ − θ₀‖² with θ₀ the parameters training started from."""
+    FedProx's μ/2·‖θ − θ₀‖² with θ₀ the parameters training started from; `regulariser()` is
+    added to every step's objective (HetLoRA's rank penalty)."""
     if not examples:
         raise ValueError("train_lora needs at least one example")
     start = time.perf_counter()
@@ -128,6 +130,8 @@ def train_lora(
         batch = collate(tokenizer, [examples[i] for i in idx], max_len)
         loss = _batch_loss(model, batch)
         objective = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_params)) if proximal_mu > 0 else loss
+        if regulariser is not None:
+            objective = objective + regulariser()
         opt.zero_grad(set_to_none=True)
         objective.backward()
         if grad_clip > 0:

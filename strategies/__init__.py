@@ -1,6 +1,8 @@
-"""Aggregation strategies for federated LoRA, each a Flower Message-API strategy.
+"""Aggregation strategies for federated LoRA, each a Flower Message-API strategy (a `FedAvg`).
 
 `STRATEGIES` maps the scenario's `strategy.name` to a factory taking the validated scenario.
+Every strategy serves clients of mixed LoRA ranks (`strategies.lora_strategy`); the per-layer
+math is in `strategies.lora_math`.
 """
 
 from __future__ import annotations
@@ -8,32 +10,53 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flwr.serverapp.strategy import Strategy
-
+from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
+from strategies.fedsa_lora import FedSALoRA
+from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
 from strategies.flower_optimizers import STATEFUL, fedprox, server_optimizer
+from strategies.hetlora import HetLoRA
+from strategies.lora_fair import LoRAFAIR
+from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 if TYPE_CHECKING:
     from fedsim.scenario import Scenario
 
-def _optimizer(name: str) -> Callable[[Scenario], Strategy]:
-    def build(scenario: Scenario) -> Strategy:
+
+def _base(scenario: Scenario) -> tuple[int, float, int]:
+    return scenario.lora.rank, scenario.lora.alpha, scenario.seed
+
+
+def _optimizer(name: str) -> Callable[[Scenario], LoraStrategy]:
+    def build(scenario: Scenario) -> LoraStrategy:
         s = scenario.strategy
-        return server_optimizer(name, s.server_lr, s.server_momentum, s.beta_1, s.beta_2, s.tau)
+        return FedIT(*_base(scenario), optimizer=server_optimizer(name, s.server_lr, s.server_momentum, s.beta_1, s.beta_2, s.tau))
 
     return build
 
 
-STRATEGIES: dict[str, Callable[[Scenario], Strategy]] = {
-    "fedit": lambda scenario: FedIT(),
-    "fedprox": lambda scenario: fedprox(scenario.strategy.proximal_mu),
+STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
+    "fedit": lambda scenario: FedIT(*_base(scenario)),
+    "fedprox": lambda scenario: FedIT(*_base(scenario), optimizer=fedprox(scenario.strategy.proximal_mu)),
     **{name: _optimizer(name) for name in STATEFUL},
+    "hetlora": lambda scenario: HetLoRA(*_base(scenario), gamma=scenario.strategy.rank_gamma, lam=scenario.strategy.rank_lambda),
+    "flexlora": lambda scenario: FlexLoRA(*_base(scenario)),
+    "flora": lambda scenario: FLoRA(*_base(scenario)),
+    "ffa_lora": lambda scenario: FFALoRA(*_base(scenario)),
+    "fedsa_lora": lambda scenario: FedSALoRA(*_base(scenario)),
+    "fedex_lora": lambda scenario: FedExLoRA(*_base(scenario)),
+    "lora_fair": lambda scenario: LoRAFAIR(*_base(scenario), lam=scenario.strategy.fair_lambda),
 }
 
 
-def build_strategy(scenario: Scenario) -> Strategy:
+def build_strategy(scenario: Scenario) -> LoraStrategy:
     """The strategy the scenario names (validated at load, so the name is known)."""
     return STRATEGIES[scenario.strategy.name](scenario)
 
 
-__all__ = ["STRATEGIES", "FedIT", "build_strategy"]
+__all__ = [
+    "STRATEGIES", "ClientAdapter", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSALoRA", "FlexLoRA", "HetLoRA",
+    "LoRAFAIR", "LoraStrategy", "build_strategy",
+]  # fmt: skip

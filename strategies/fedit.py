@@ -1,32 +1,51 @@
 """FedIT: federated instruction tuning with LoRA (Zhang et al., 2024, arXiv:2305.05644).
 
-Rule (FedAvg of the LoRA factors, per adapted layer):
+Rule (FedAvg of the LoRA factors, per adapted layer), on factors zero-padded to r_max and with
+each client's scaling folded into B (`strategies.lora_strategy`):
 
-    A ← Σ_k p_k A_k,   B ← Σ_k p_k B_k,   p_k = n_k / Σ_j n_j
+    A ← Σ_k p_k pad(A_k),   B ← Σ_k p_k (s_k / s_g) pad(B_k),   p_k = n_k / Σ_j n_j
 
-where n_k is client k's number of training examples (``num-examples`` in its reply). This is
-exactly Flower's FedAvg applied to the adapter tensors, so FedIT *is* `FedAvg` with LoRA state as
-its arrays; it is biased (mean(B)·mean(A) ≠ mean(B·A)), which is what the other strategies in
-this package correct.
+where n_k is client k's number of training examples. The averaging *is* Flower's FedAvg, run on
+the aligned factors; with equal ranks it is FedAvg of A and B. It is biased
+(mean(B)·mean(A) ≠ mean(B·A)), which the other strategies of this package correct.
 
-Client side: train the LoRA factors it received, return them whole (not a difference).
+Flower's server optimisers and client-drift methods compose with it: pass `optimizer` (a Flower
+FedProx, FedAdam, FedYogi, FedAdagrad or FedAvgM) and FedIT hands it the global adapter to
+configure the round (FedProx adds "proximal-mu" to the config, FedOpt records the current
+arrays) and the aligned factors to aggregate, so Flower's own update rule runs unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedsim.adapter import from_record
+from strategies.lora_strategy import LoraStrategy
 
-class FedIT(FedAvg):
-    """Sample-weighted FedAvg of LoRA A and B tensors (the FedIT baseline)."""
 
-    def __init__(self) -> None:
-        # fedsim chooses the participants itself (seeded, by client id) and hands the strategy a
-        # grid holding only them, so FedAvg must take every node it sees and never wait for more.
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-            min_train_nodes=0,
-            min_evaluate_nodes=0,
-            min_available_nodes=0,
-        )
+class FedIT(LoraStrategy):
+    """Sample-weighted FedAvg of zero-padded, scale-folded LoRA factors, optionally through a
+    Flower server optimiser."""
+
+    def __init__(self, rank: int, alpha: float, seed: int = 0, optimizer: FedAvg | None = None) -> None:
+        super().__init__(rank, alpha, seed)
+        self.optimizer = optimizer
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.optimizer is None:
+            return super().configure_train(server_round, arrays, config, grid)
+        self.current = from_record(arrays)
+        return self._per_node(self.optimizer.configure_train(server_round, arrays, config, grid))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        aligned = []
+        for reply in replies:
+            reply.content = RecordDict({"arrays": ArrayRecord(self.padded(self._client(reply))), "metrics": reply.content["metrics"]})
+            aligned.append(reply)
+        if self.optimizer is not None:
+            return self.optimizer.aggregate_train(server_round, aligned)
+        return FedAvg.aggregate_train(self, server_round, aligned)

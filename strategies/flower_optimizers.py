@@ -1,9 +1,8 @@
-"""Flower's own server optimisers and client-drift methods, applied to the LoRA adapter.
+"""Flower's own server optimisers and client-drift methods, composed with FedIT.
 
-fedsim's global model is the LoRA adapter, a plain dict of arrays, so Flower's strategies work
-on it unchanged: these are Flower's classes, configured the way fedsim drives every strategy
-(fedsim samples the clients itself, see `strategies.fedit`). Each aggregates the LoRA factors
-like FedIT and then:
+fedsim's global model is the LoRA adapter, a plain dict of arrays, so Flower's strategies work on
+it unchanged: each of these is FedIT (`strategies.fedit`) handing the aligned factors to Flower's
+own class, which then does its usual update on them:
 
 - fedprox  (Li et al., 2020, arXiv:1812.06127): clients minimise loss + μ/2·‖θ − θ_global‖² over
   the LoRA parameters θ; Flower's FedProx sends μ as "proximal-mu" and the ClientApp adds it.
@@ -12,31 +11,25 @@ like FedIT and then:
 - fedavgm  (Hsu et al., 2019, arXiv:1909.06335): v ← βv + Δ, θ ← θ + η·v.
 
 The server-side optimisers keep state across rounds, so they cannot be combined with
-`compression.alpha_grid`, which aggregates several candidates per round (refused at load).
+`compression.alpha = "auto"`, which aggregates several candidates per round (refused at load).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-# fedsim picks the participants and hands the strategy only them: take all, never wait.
-SAMPLING: dict[str, Any] = {
-    "fraction_train": 1.0,
-    "fraction_evaluate": 1.0,
-    "min_train_nodes": 0,
-    "min_evaluate_nodes": 0,
-    "min_available_nodes": 0,
-}
+from strategies.lora_strategy import SAMPLING
+
 STATEFUL = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 
 
-def fedprox(mu: float) -> Strategy:
+def fedprox(mu: float) -> FedAvg:
     return FedProx(proximal_mu=mu, **SAMPLING)
 
 
-def server_optimizer(name: str, lr: float, momentum: float, beta_1: float, beta_2: float, tau: float) -> Strategy:
+def server_optimizer(name: str, lr: float, momentum: float, beta_1: float, beta_2: float, tau: float) -> FedAvg:
     if name == "fedavgm":
         return FedAvgM(server_learning_rate=lr, server_momentum=momentum, **SAMPLING)
     cls = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}[name]

@@ -33,7 +33,7 @@ BAD_CASES = [
     ("missing file", '[data]\ntask = "no/such/file.jsonl"\n', "`data.task`: file not found"),
     ("unknown task", '[data]\ntask = "poetry"\n', "`data.task`: unknown task 'poetry'"),
     ("unknown model", '[model]\nname = "gpt-17"\n', "`model.name`: unknown model 'gpt-17'"),
-    ("unknown strategy", "[strategy]\nname = \"fedmagic\"\n", "`strategy.name`: unknown strategy 'fedmagic'; known: fedadagrad, fedadam, fedavgm, fedit, fedprox, fedyogi"),
+    ("unknown strategy", "[strategy]\nname = \"fedmagic\"\n", "`strategy.name`: unknown strategy 'fedmagic'; known: fedadagrad, fedadam, fedavgm, fedex_lora, fedit, fedprox, fedsa_lora, fedyogi, ffa_lora, flexlora, flora, hetlora, lora_fair"),
     ("density 0", "[compression]\ndensity = 0.0\n", "`compression.density` must be greater than 0, got 0.0"),
     ("density > 1", "[compression]\ndensity = 1.5\n", "`compression.density` must be less than or equal to 1, got 1.5"),
     ("alpha <= 0", "[compression]\nalpha = -1.0\n", "`compression.alpha` must be > 0 or 'auto', got -1.0"),

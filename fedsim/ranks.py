@@ -1,0 +1,48 @@
+"""Each client's LoRA rank: from the scenario (per client, per device profile, else `lora.rank`),
+and whether the model's layers can hold it.
+
+The global adapter lives at r_max = `lora.rank`; a client of rank r_k ≤ r_max trains its own
+rank-r_k adapter (the strategy sends it the part its rank calls for, see
+`strategies.lora_strategy`). Later the bandit controller assigns ranks per round; this is the
+scenario's static assignment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedsim.costs import ModelShape, linear_shapes
+from fedsim.fleet import Fleet
+from fedsim.scenario import Scenario
+
+
+def client_ranks(scenario: Scenario, fleet: Fleet) -> np.ndarray:
+    """(N,) rank of each client id: `lora.client_ranks`, else `lora.profile_ranks` of its device,
+    else `lora.rank`."""
+    lora = scenario.lora
+    ranks = np.array([lora.profile_ranks.get(str(d), lora.rank) for d in fleet.device], dtype=np.int64)
+    for cid, r in lora.client_ranks.items():
+        ranks[int(cid)] = r
+    return ranks
+
+
+def rank_limit_problems(shape: ModelShape, scenario: Scenario, ranks: np.ndarray | None = None) -> list[str]:
+    """A LoRA rank cannot exceed min(in, out) of a layer it adapts (B·A would be over-parameterised
+    and the SVD-based strategies undefined): one problem per offending rank, naming the first
+    layer that cannot hold it and that layer's limit."""
+    used = sorted({scenario.lora.rank, *(int(r) for r in ranks)} if ranks is not None else {scenario.lora.rank})
+    targets = scenario.lora.target_modules
+    limits = [
+        (min(i, o), f"layer {n} {name} ({i}→{o})")
+        for n, layer in enumerate(shape.layers)
+        for name, (i, o) in linear_shapes(layer, shape.hidden).items()
+        if name in targets
+    ]
+    if not limits:
+        return []
+    limit, where = min(limits)
+    return [
+        f"LoRA rank {r} is larger than {where} allows: the rank must be <= min(in, out) = {limit}"
+        for r in used
+        if r > limit
+    ]

@@ -1,0 +1,32 @@
+"""FFA-LoRA (Sun et al., 2024, "Improving LoRA in Privacy-preserving Federated Learning",
+arXiv:2403.12313).
+
+A stays frozen at the shared random initialisation; clients train and upload only B, and since
+the update is linear in B the average is exact, per layer:
+
+    B ← Σ_k p_k (s_k / s_g) pad(B_k),   A unchanged,   s_g B A = Σ_k p_k s_k B_k A[:r_k] = ΔW*
+
+(p_k = n_k / Σ_j n_j). A client of rank r_k uses A's first r_k rows. Uplink is B alone; A still
+travels down (fedsim's clients hold no state they could derive it from), which the clock counts.
+"""
+
+from __future__ import annotations
+
+from fedsim.adapter import AdapterState, split_state
+from strategies.lora_math import ffa_lora, layer_pairs, zero_pad
+from strategies.lora_strategy import ClientAdapter, LoraStrategy
+
+
+class FFALoRA(LoraStrategy):
+    uploads = "B"
+    freeze = "A"
+
+    def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
+        adapter, _ = split_state(self.current)
+        scales, weights = [c.scale for c in clients], [c.weight for c in clients]
+        out: AdapterState = {}
+        for a_key, b_key in layer_pairs(adapter).values():
+            padded = [zero_pad(c.state[a_key], c.state[b_key], self.r_max)[1] for c in clients]
+            out[a_key] = adapter[a_key]
+            out[b_key] = ffa_lora(padded, scales, weights, adapter[a_key], s_g=self.scale(self.r_max))
+        return out
