@@ -11,11 +11,16 @@ Who trains (`train_round`), at simulated time t:
   4. the rest train; each reply is validated on its own (`fedsim.replies`), timed on the
      simulated clock (`fedsim.clock`), and the first per_round finishers within the deadline
      are kept; later ones are `straggler`s, their updates discarded.
+
+With `fleet.clock = "measured"` (a deployment on real devices) steps 1 and 3 are skipped — the
+devices that are there answer, and one that cannot train fails for real — and step 4 times each
+client by its measured round trip (compute: the training time it reports).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +95,7 @@ class RoundEnv:
     score: Callable[[AdapterState], float] | None = None  # held-out loss of an adapter (α tuning)
     downlink: Downlink | None = None  # compressed server → client direction, if enabled
     last_bias: float = float("nan")  # aggregation bias of the last training round (`round_bias`)
+    round_trips: dict[int, float] = field(default_factory=dict)  # node id → measured seconds, last exchange
     node_to_client: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,12 +135,30 @@ def _config(scenario: Scenario) -> ConfigRecord:
 
 def _exchange(env: RoundEnv, messages: Iterable[Message], check) -> tuple[list[Checked], list[int]]:  # type: ignore[no-untyped-def]
     """Send, wait, validate; replies sorted by client id (aggregation order never depends on
-    arrival order). Also returns the nodes that never answered."""
+    arrival order). Also returns the nodes that never answered. Each reply's measured round
+    trip is kept in `env.round_trips` (node id → seconds)."""
     sent = list(messages)
-    replies = env.grid.send_and_receive(sent, timeout=env.scenario.simulation.round_timeout_s)
+    replies, env.round_trips = timed_send_and_receive(env.grid, sent, env.scenario.simulation.round_timeout_s)
     checked = sorted((check(r) for r in replies), key=lambda c: env.node_to_client[c.message.metadata.src_node_id])
     answered = {c.message.metadata.src_node_id for c in checked}
     return checked, [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
+
+
+def timed_send_and_receive(grid: Grid, messages: list[Message], timeout: float, poll_s: float = 0.1) -> tuple[list[Message], dict[int, float]]:
+    """Flower's `Grid.send_and_receive` (push, then pull until all replied or `timeout`), also
+    returning each replying node's round trip in seconds (to within `poll_s`): the measured
+    clock of a deployment."""
+    start = time.monotonic()
+    pending = set(grid.push_messages(messages))
+    replies, seconds = [], {}
+    while pending and time.monotonic() - start < timeout:
+        for reply in grid.pull_messages(pending):
+            replies.append(reply)
+            seconds[reply.metadata.src_node_id] = time.monotonic() - start
+            pending.discard(reply.metadata.reply_to_message_id)
+        if pending:
+            time.sleep(poll_s)
+    return replies, seconds
 
 
 def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: int) -> np.ndarray:
@@ -159,8 +183,13 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     flops = np.array([float(c.message.content["metrics"]["flops"]) for c in ok])
     up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
     down_ok = np.array([down[c.message.metadata.src_node_id] for c in ok], dtype=np.int64)
-    compute = flops / env.fleet.flops[cids]
-    comm = comm_seconds(down_ok, up, env.fleet.down_bps[cids], env.fleet.up_bps[cids])
+    if s.fleet.clock == "measured":  # deployment: the clients' reported training time, the rest of the round trip
+        compute = np.array([float(c.message.content["metrics"]["wall-time-s"]) for c in ok])
+        trips = np.array([env.round_trips.get(c.message.metadata.src_node_id, 0.0) for c in ok])
+        comm = np.maximum(trips - compute, 0.0)
+    else:
+        compute = flops / env.fleet.flops[cids]
+        comm = comm_seconds(down_ok, up, env.fleet.down_bps[cids], env.fleet.up_bps[cids])
     kept = keep_first_finishers(compute + comm, s.clients.per_round, s.fleet.deadline_s)
 
     kept_replies = [c for c, k in zip(ok, kept) if k]
@@ -183,9 +212,12 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
     """Clients to send to: sampled among the eligible, less the infeasible and the dropped
     (who get a row saying so and no message)."""
     s, f = env.scenario, env.fleet
+    k = math.ceil(s.clients.per_round * (1 + s.fleet.overcommit))
+    if s.fleet.clock == "measured":  # real devices: who is there answers, the model is not applied
+        return np.array(sample_clients(env.clients, k, s.seed, server_round, "train"), dtype=np.int64), []
     est_bytes = payload_bytes(RecordDict({"arrays": to_record(state), "config": _config(s)}))
     eligible = eligible_clients(env, t_now, server_round, est_bytes)
-    chosen = np.array(sample_clients(eligible, math.ceil(s.clients.per_round * (1 + s.fleet.overcommit)), s.seed, server_round, "train"), dtype=np.int64)
+    chosen = np.array(sample_clients(eligible, k, s.seed, server_round, "train"), dtype=np.int64)
     need = env.estimated(chosen)[1]
     infeasible = f.memory[chosen] < need
     rows = [
@@ -312,7 +344,7 @@ def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: flo
     if s.clients.eval_per_round == 0:
         return []
     ids = np.array(sorted(env.clients), dtype=np.int64)
-    online = ids[env.fleet.availability.online(ids, t_now, server_round)]
+    online = ids if s.fleet.clock == "measured" else ids[env.fleet.availability.online(ids, t_now, server_round)]
     chosen = sample_clients(online, s.clients.eval_per_round, s.seed, server_round, "eval")
     nodes = [env.clients[c] for c in chosen]
     if not nodes:

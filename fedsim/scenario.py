@@ -221,6 +221,7 @@ class FleetConfig(_Section):
     overcommit: float = Field(0.0, ge=0, le=4, description="Sample per_round*(1+overcommit) and keep the first per_round to finish.")
     deadline_s: float = Field(0.0, ge=0, description="Round deadline in simulated seconds; later clients are stragglers (0 = none).")
     idle_step_s: float = Field(60.0, gt=0, description="Simulated seconds a round lasts when no update could be kept (nobody online, all lost).")
+    clock: Literal["simulated", "measured"] = Field("simulated", description="measured (deployment on real devices): time is what the server measures — each client's round trip, its reported training time as compute — and the modelled availability, memory and dropout are not applied.")
 
     @field_validator("groups", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,27 @@ def test_round_bias_matches_the_formula() -> None:
     fedit = (p[0] * B[0] + p[1] * B[1]) @ (p[0] * A[0] + p[1] * A[1])
     expected = float(torch.linalg.matrix_norm(fedit - ideal) / torch.linalg.matrix_norm(ideal))
     assert round_bias([a, b], [1.0, 3.0], s) == pytest.approx(expected, rel=1e-5)
+
+
+def test_timed_send_and_receive_measures_each_round_trip() -> None:
+    from types import SimpleNamespace
+
+    from fedsim.rounds import timed_send_and_receive
+
+    class SlowGrid:
+        """Node n answers n·0.1 s after the push; node 9 never does."""
+
+        def push_messages(self, messages):  # type: ignore[no-untyped-def]
+            self.t0 = time.monotonic()
+            return [f"m{m}" for m in messages]
+
+        def pull_messages(self, ids):  # type: ignore[no-untyped-def]
+            elapsed = time.monotonic() - self.t0
+            return [
+                SimpleNamespace(metadata=SimpleNamespace(src_node_id=int(i[1:]), reply_to_message_id=i))
+                for i in sorted(ids) if int(i[1:]) != 9 and elapsed >= int(i[1:]) * 0.1
+            ]  # fmt: skip
+
+    replies, seconds = timed_send_and_receive(SlowGrid(), [1, 3, 9], timeout=1.0, poll_s=0.01)  # type: ignore[arg-type]
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 3]
+    assert 0.1 <= seconds[1] < 0.2 and 0.3 <= seconds[3] < 0.4 and 9 not in seconds
