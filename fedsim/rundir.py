@@ -29,8 +29,10 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     wall_time_s  float  train/eval_client: the client's own time for its work;
                         eval_central: wall time of the run so far, at the end of that round
     flops        float  train: training FLOPs the client counted for its batches (fedsim.costs)
-    sim_compute_s float train: simulated compute time, flops / device throughput (fedsim.clock)
-    sim_comm_s   float  train: simulated transfer time of bytes_down and bytes_up
+    sim_compute_s float train: simulated compute time, flops / device throughput (fedsim.clock);
+                        with fleet.clock = measured, the training time the client reported
+    sim_comm_s   float  train: simulated transfer time of bytes_down and bytes_up; measured:
+                        the rest of the round trip the server timed (transfer, process start, load)
     bytes_up     int    train: reply payload as sent (Flower's deflated record tree)
     bytes_down   int    train: the message the client received, likewise
     sim_time_s   float  eval_central: simulated fleet time at the end of that round (cumulative)
