@@ -149,10 +149,14 @@ def timed_send_and_receive(grid: Grid, messages: list[Message], timeout: float, 
     returning each replying node's round trip in seconds (to within `poll_s`): the measured
     clock of a deployment."""
     start = time.monotonic()
-    pending = set(grid.push_messages(messages))
+    sent_to = {i: m.metadata.dst_node_id for i, m in zip(grid.push_messages(messages), messages) if i}
+    pending = set(sent_to)
     replies, seconds = [], {}
     while pending and time.monotonic() - start < timeout:
         for reply in grid.pull_messages(pending):
+            # The SuperLink answers "node unavailable" for a node that went away under its own
+            # id (1): credit the reply to the node the message went to. (Metadata has no setter.)
+            reply.metadata.__dict__["_src_node_id"] = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             replies.append(reply)
             seconds[reply.metadata.src_node_id] = time.monotonic() - start
             pending.discard(reply.metadata.reply_to_message_id)

@@ -13,6 +13,7 @@ writing metrics and a PEFT checkpoint after every round.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,8 @@ from fedsim.data import central_test_set
 from fedsim.downlink import Downlink
 from fedsim.fleet import build_fleet
 from fedsim.models import load_model
-from fedsim.rounds import Estimates, RoundEnv, eval_round, train_round
+from fedsim.ranks import client_ranks
+from fedsim.rounds import Estimates, RoundEnv, eval_round, timed_send_and_receive, train_round
 from fedsim.rundir import RunDir
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
@@ -39,28 +41,38 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 
 def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
-    """client id → node id, by asking every node which partition it holds (a `query` message)."""
+    """client id → node id, by asking every node which partition it holds (a `query` message).
+
+    In deployment SuperNodes connect over time: first wait until `clients.num_clients` nodes
+    are connected, or at most $FEDSIM_NODE_WAIT_S seconds (default 120), then go on with those
+    there, with a warning. In simulation every node is there at once."""
+    expected, wait_s = scenario.clients.num_clients, float(os.environ.get("FEDSIM_NODE_WAIT_S", "120"))
+    deadline = time.monotonic() + wait_s
+    while len(node_ids := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if len(node_ids) < expected:
+        log.warning("only %d of %d SuperNodes connected after %g s (FEDSIM_NODE_WAIT_S); going on with them", len(node_ids), expected, wait_s)
     config = ConfigRecord({"scenario": scenario.to_json()})
-    node_ids = sorted(grid.get_node_ids())
     messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     clients: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=scenario.simulation.round_timeout_s):
+    for reply in timed_send_and_receive(grid, messages, scenario.simulation.round_timeout_s)[0]:
+        node = reply.metadata.src_node_id  # the node the query went to, even if the SuperLink answered for it
         if reply.has_error():
-            log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            log.warning("node %d did not identify itself: %s", node, reply.error.reason)
             continue
         cid = int(reply.content["identity"]["client-id"])
         if cid in clients:
-            raise RuntimeError(f"two nodes claim client id {cid}: {clients[cid]} and {reply.metadata.src_node_id}")
-        clients[cid] = reply.metadata.src_node_id
+            raise RuntimeError(f"two nodes claim client id {cid}: {clients[cid]} and {node}")
+        clients[cid] = node
     if not clients:
         raise RuntimeError("no client identified itself; see the client errors above")
     return clients
 
 
-def estimates(shape: ModelShape, scenario: Scenario) -> Estimates:
-    """The server's prior for one client's round: full batches at max_seq_len."""
+def estimates(shape: ModelShape, scenario: Scenario, rank: int) -> Estimates:
+    """The server's prior for one client's round at LoRA rank `rank`: full batches at max_seq_len."""
     t, lora = scenario.train, scenario.lora
-    step = dict(batch=t.batch_size, seq_len=t.max_seq_len, rank=lora.rank, targets=lora.target_modules)
+    step = dict(batch=t.batch_size, seq_len=t.max_seq_len, rank=rank, targets=lora.target_modules)
     weight_bytes = 2 if scenario.model.dtype != "float32" else 4
     return Estimates(flops=t.local_steps * train_step_flops(shape, **step), memory=train_memory(shape, **step, weight_bytes=weight_bytes).total)
 
@@ -105,9 +117,10 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     state = central.initial_state()
     c = scenario.compression
     downlink = Downlink(c.codec(), fleet.size) if c.downlink else None
+    ranks = client_ranks(scenario, fleet)
     env = RoundEnv(
-        grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), estimates(central.shape, scenario),
-        score=central.loss, downlink=downlink,
+        grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks,
+        {int(r): estimates(central.shape, scenario, int(r)) for r in np.unique(ranks)}, score=central.loss, downlink=downlink,
     )  # fmt: skip
     run_dir.event("clients", count=len(env.clients))
     sim_time = 0.0

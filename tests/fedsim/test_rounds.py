@@ -48,22 +48,26 @@ def test_round_bias_matches_the_formula() -> None:
 def test_timed_send_and_receive_measures_each_round_trip() -> None:
     from types import SimpleNamespace
 
+    from flwr.app.metadata import Metadata
+
     from fedsim.rounds import timed_send_and_receive
 
     class SlowGrid:
-        """Node n answers n·0.1 s after the push; node 9 never does."""
+        """Node n answers n·0.1 s after the push; node 9 never does, node 5 went away (the
+        SuperLink answers for it, as node 1)."""
 
         def push_messages(self, messages):  # type: ignore[no-untyped-def]
             self.t0 = time.monotonic()
-            return [f"m{m}" for m in messages]
+            return [f"m{m.metadata.dst_node_id}" for m in messages]
 
         def pull_messages(self, ids):  # type: ignore[no-untyped-def]
             elapsed = time.monotonic() - self.t0
             return [
-                SimpleNamespace(metadata=SimpleNamespace(src_node_id=int(i[1:]), reply_to_message_id=i))
+                SimpleNamespace(metadata=Metadata(1, "", 1 if i == "m5" else int(i[1:]), 0, i, "", 0.0, 60.0, "train"))
                 for i in sorted(ids) if int(i[1:]) != 9 and elapsed >= int(i[1:]) * 0.1
             ]  # fmt: skip
 
-    replies, seconds = timed_send_and_receive(SlowGrid(), [1, 3, 9], timeout=1.0, poll_s=0.01)  # type: ignore[arg-type]
-    assert sorted(r.metadata.src_node_id for r in replies) == [1, 3]
-    assert 0.1 <= seconds[1] < 0.2 and 0.3 <= seconds[3] < 0.4 and 9 not in seconds
+    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (2, 3, 5, 9)]
+    replies, seconds = timed_send_and_receive(SlowGrid(), sent, timeout=1.0, poll_s=0.01)  # type: ignore[arg-type]
+    assert sorted(r.metadata.src_node_id for r in replies) == [2, 3, 5]
+    assert 0.2 <= seconds[2] < 0.3 and 0.3 <= seconds[3] < 0.4 and 9 not in seconds and 1 not in seconds
