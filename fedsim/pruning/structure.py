@@ -1,0 +1,190 @@
+"""What structured pruning can remove from a Llama-family decoder layer, and what it kept.
+
+Two kinds of structure per layer, each removed as a whole so the layer stays a valid
+grouped-query attention + gated MLP (d hidden, h head_dim, G query heads per KV head):
+
+- a **KV group**: one key/value head with the G query heads that share it. Its weights are G·h
+  rows of q_proj, h rows of k_proj and of v_proj, and the matching G·h input columns of o_proj:
+  d·h·(2G + 2) parameters. Query head i reads KV head i // G (transformers' `repeat_kv`), so the
+  query rows of group g are the contiguous block [g·G·h, (g+1)·G·h). Removing whole groups keeps G,
+  hence `num_key_value_groups`, unchanged.
+- an **MLP channel**: one row of gate_proj and of up_proj and one input column of down_proj: 3·d
+  parameters.
+
+The prunable parameters are these seven weights of every decoder layer (biases, norms and
+embeddings are not counted). A `Keep` records, per layer, the indices kept out of the model it was
+applied to, plus the geometry that turns them into row/column indices, so it needs no model config
+to slice a LoRA adapter and serialises to a small JSON document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FAMILIES = ("llama", "mistral", "qwen2")  # same layout, tested with tiny random configs
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+# the axis of each weight (out, in) that pruning shrinks: 0 = output rows, 1 = input columns
+AXIS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 0, "up_proj": 0, "down_proj": 1}
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Prunable structures of one decoder layer, as its weights are now."""
+
+    hidden: int  # d
+    head_dim: int  # h
+    group_size: int  # G: query heads per KV head
+    groups: int  # KV heads
+    channels: int  # MLP intermediate channels
+
+    @property
+    def group_params(self) -> int:
+        return self.hidden * self.head_dim * (2 * self.group_size + 2)
+
+    @property
+    def channel_params(self) -> int:
+        return 3 * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.groups * self.group_params + self.channels * self.channel_params
+
+    @property
+    def max_removable(self) -> int:
+        """Every layer keeps at least one KV group and one channel."""
+        return self.params - self.group_params - self.channel_params
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Importance per layer: one score per KV group (groups,) and per MLP channel (channels,)."""
+
+    groups: tuple[Tensor, ...]
+    channels: tuple[Tensor, ...]
+
+    def select(self, keep: Keep) -> Scores:
+        """The scores of the structures `keep` kept, in the pruned model's order."""
+        return Scores(
+            tuple(s[list(k)] for s, k in zip(self.groups, keep.groups, strict=True)),
+            tuple(s[list(k)] for s, k in zip(self.channels, keep.channels, strict=True)),
+        )
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Kept KV-group and channel indices per layer, into the model the keep was made for."""
+
+    groups: tuple[tuple[int, ...], ...]  # per layer, sorted kept KV-group indices
+    channels: tuple[tuple[int, ...], ...]  # per layer, sorted kept MLP channel indices
+    num_groups: tuple[int, ...]  # per layer, KV groups before pruning
+    num_channels: tuple[int, ...]  # per layer, channels before pruning
+    group_size: int  # G
+    head_dim: int  # h
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.groups), len(self.channels), len(self.num_groups), len(self.num_channels)}
+        if len(lengths) != 1:
+            raise ValueError(f"`Keep` fields must all have one entry per layer, got lengths {sorted(lengths)}")
+        problems = []
+        for i, (g, c, ng, nc) in enumerate(zip(self.groups, self.channels, self.num_groups, self.num_channels)):
+            problems += _check_indices(f"layer {i} KV groups", g, ng) + _check_indices(f"layer {i} channels", c, nc)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def indices(self, layer: int, proj: str) -> Tensor:
+        """Kept indices along `AXIS[proj]` of that projection's weight, as a LongTensor."""
+        if proj in MLP:
+            return torch.tensor(self.channels[layer], dtype=torch.long)
+        width = self.head_dim * (self.group_size if proj in ("q_proj", "o_proj") else 1)
+        offsets = torch.arange(width)
+        return (torch.tensor(self.groups[layer], dtype=torch.long)[:, None] * width + offsets).flatten()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "groups": self.groups,
+                "channels": self.channels,
+                "num_groups": self.num_groups,
+                "num_channels": self.num_channels,
+                "group_size": self.group_size,
+                "head_dim": self.head_dim,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Keep:
+        raw = json.loads(text)
+        return cls(
+            groups=tuple(tuple(int(i) for i in g) for g in raw["groups"]),
+            channels=tuple(tuple(int(i) for i in c) for c in raw["channels"]),
+            num_groups=tuple(int(n) for n in raw["num_groups"]),
+            num_channels=tuple(int(n) for n in raw["num_channels"]),
+            group_size=int(raw["group_size"]),
+            head_dim=int(raw["head_dim"]),
+        )
+
+
+def _check_indices(what: str, kept: Sequence[int], total: int) -> list[str]:
+    if len(kept) == 0:
+        return [f"{what}: keeps none of {total}; each layer must keep at least 1 KV group and 1 MLP channel"]
+    if list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= total:
+        return [f"{what}: indices must be sorted, distinct and in [0, {total}), got {_short(kept)}"]
+    return []
+
+
+def _short(values: Sequence[int]) -> str:
+    return str(list(values)) if len(values) <= 8 else f"[{', '.join(map(str, values[:8]))}, ...]"
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """`model.model.layers` of a (PEFT-wrapped) Llama-family causal LM; ValueError for others."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = getattr(getattr(base, "config", None), "model_type", None)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if kind not in FAMILIES or layers is None:
+        raise ValueError(
+            f"structured pruning does not know {type(base).__name__} (model_type {kind!r}); it works on the "
+            "Llama-family layout, model.model.layers[i].self_attn.{q,k,v,o}_proj and .mlp.{gate,up,down}_proj, "
+            f"of model types {', '.join(FAMILIES)}"
+        )
+    return layers
+
+
+def weight(module: torch.nn.Module) -> Tensor:
+    """The frozen (out, in) weight of an nn.Linear, or of the one a PEFT layer wraps."""
+    return getattr(module, "base_layer", module).weight
+
+
+def geometry(model: torch.nn.Module) -> list[LayerGeometry]:
+    """Per decoder layer, its prunable structures as the weights are now."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        h, g = attn.head_dim, attn.num_key_value_groups
+        d, kv, m = weight(attn.k_proj).shape[1], weight(attn.k_proj).shape[0], weight(mlp.gate_proj).shape[0]
+        expected = {"q_proj": (g * kv, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, g * kv)}
+        expected |= {"gate_proj": (m, d), "up_proj": (m, d), "down_proj": (d, m)}
+        found = {n: tuple(weight(getattr(attn if n in ATTENTION else mlp, n)).shape) for n in expected}
+        if found != expected or kv % h:
+            raise ValueError(
+                f"layer {i}: linear shapes {found} do not form grouped-query attention "
+                f"with head_dim {h} and {g} query heads per KV head"
+            )
+        out.append(LayerGeometry(d, h, g, kv // h, m))
+    return out
+
+
+def prunable_params(model: torch.nn.Module) -> int:
+    """Parameters of q,k,v,o,gate,up,down weights over all decoder layers (what a ratio counts)."""
+    return sum(
+        weight(getattr(sub, name)).numel()
+        for layer in decoder_layers(model)
+        for sub, names in ((layer.self_attn, ATTENTION), (layer.mlp, MLP))
+        for name in names
+    )
