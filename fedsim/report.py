@@ -54,6 +54,15 @@ def time_to_accuracy(metrics: pd.DataFrame, target: float) -> tuple[int, float] 
     return int(first), float(reached.loc[first, "sim_time_s"])
 
 
+def _clock(run_dir: str | Path) -> str:
+    """'simulated', or 'measured' for a deployment on real devices (the run's `fleet.clock`)."""
+    import tomllib
+
+    path = Path(run_dir) / "scenario.toml"
+    clock = tomllib.loads(path.read_text()).get("fleet", {}).get("clock", "simulated") if path.is_file() else "simulated"
+    return "measured" if clock == "measured" else "simulated"
+
+
 def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
     """The one-screen summary printed at the end of `fedsim run`."""
     table = round_table(metrics)
@@ -68,7 +77,7 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"central accuracy  {first['central_accuracy']:.3f} (round 0) -> {last['central_accuracy']:.3f} "
             f"(round {table.index[-1]}); best {table['central_accuracy'].max():.3f} at round {best_round}",
             f"central loss      {first['central_loss']:.4f} -> {last['central_loss']:.4f}",
-            f"simulated time    {last['sim_time_s']:.1f}s on the fleet (wall {last['wall_time_s']:.1f}s here)",
+            f"{_clock(run_dir) + ' time':<18}{last['sim_time_s']:.1f}s on the fleet (wall {last['wall_time_s']:.1f}s here)",
             f"client failures   {failed} failed or rejected, {lost} stragglers/dropped/infeasible",
             f"run directory     {run_dir}",
             f"final adapter     {Path(run_dir) / 'adapter'}  (PeftModel.from_pretrained(base, path))",
