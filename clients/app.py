@@ -32,7 +32,17 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedsim.adapter import AdapterState, attach_lora, from_record, get_state, set_state, set_trainable, use_rank
+from fedsim.adapter import (
+    AdapterState,
+    active_pairs,
+    attach_lora,
+    factors,
+    from_record,
+    get_state,
+    set_state,
+    set_trainable,
+    use_rank,
+)
 from fedsim.compression import compress, encode, residual
 from fedsim.costs import ModelShape, train_step_flops
 from fedsim.data import client_data
@@ -109,7 +119,7 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
 
 def _personal_b(model: PeftModel, context: Context) -> AdapterState:
     """This node's own B factors (FedSA-LoRA), zero until it first trains or when its rank changed."""
-    fresh = {k: torch.zeros_like(v) for k, v in get_state(model).items() if ".lora_B" in k}
+    fresh = {k: torch.zeros_like(v) for k, v in factors(get_state(model), "B").items()}
     held = context.state.array_records.get(PERSONAL_KEY)
     kept = held.to_torch_state_dict() if held is not None else {}
     same = set(kept) == set(fresh) and all(kept[k].shape == v.shape for k, v in fresh.items())
@@ -173,9 +183,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     local = get_state(model)
     if config.get("lora-personal-b", False):
-        context.state[PERSONAL_KEY] = ArrayRecord({k: v for k, v in local.items() if ".lora_B" in k})
-    uploads = str(config.get("lora-uploads", "AB"))
-    shared = {k: v for k, v in local.items() if any(f".lora_{f}" in k for f in uploads)}
+        context.state[PERSONAL_KEY] = ArrayRecord(factors(local, "B"))
+    shared = factors(local, str(config.get("lora-uploads", "AB")))
     payload = encode_update(shared, received, scenario.compression, context)
     content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": metrics})
     return Message(content, reply_to=msg)
@@ -186,9 +195,9 @@ def _rank_penalty(model: PeftModel, rank: int, config: ConfigRecord):  # type: i
     lam = float(config.get("rank-penalty-lambda", 0.0))
     if lam <= 0:
         return None
-    gamma, name = float(config["rank-penalty-gamma"]), model.active_adapter
-    pairs = [(m.lora_B[name].weight, m.lora_A[name].weight) for m in model.modules() if hasattr(m, "lora_A") and name in m.lora_A]
-    return lambda: sum(hetlora_rank_penalty(B, A, rank, gamma, lam) for B, A in pairs)
+    gamma = float(config["rank-penalty-gamma"])
+    pairs = active_pairs(model)
+    return lambda: sum(hetlora_rank_penalty(B.weight, A.weight, rank, gamma, lam) for A, B in pairs)
 
 
 def encode_update(local: AdapterState, received: AdapterState, c: CompressionConfig, context: Context) -> bytes:

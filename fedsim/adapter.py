@@ -79,14 +79,26 @@ def use_rank(model: peft.PeftModel, lora: LoraConfig, rank: int) -> None:
     model.set_adapter(name)
 
 
+def factors(state: AdapterState, which: str) -> AdapterState:
+    """The tensors of `state` that belong to the LoRA factors named in `which` ("A", "B", "AB")."""
+    return {k: v for k, v in state.items() if any(f".lora_{f}" in k for f in which)}
+
+
+def active_pairs(model: peft.PeftModel) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(lora_A, lora_B) modules of the active adapter, one pair per adapted layer."""
+    name = model.active_adapter
+    return [
+        (m.lora_A[name], m.lora_B[name])
+        for m in model.modules()
+        if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and name in m.lora_A
+    ]
+
+
 def set_trainable(model: peft.PeftModel, freeze: str = "") -> None:
     """Train the active adapter's factors except those named in `freeze` ("A": FFA-LoRA)."""
-    name = model.active_adapter
-    for module in model.modules():
-        for factor in ("A", "B"):
-            layers = getattr(module, f"lora_{factor}", None)
-            if isinstance(layers, torch.nn.ModuleDict) and name in layers:
-                layers[name].requires_grad_(factor not in freeze)
+    for A, B in active_pairs(model):
+        A.requires_grad_("A" not in freeze)
+        B.requires_grad_("B" not in freeze)
 
 
 def get_state(model: peft.PeftModel) -> AdapterState:

@@ -40,7 +40,8 @@ def deadline_problem(fleet: Fleet, scenario: Scenario, shape: ModelShape) -> str
     if deadline <= 0:
         return None
     ranks = client_ranks(scenario, fleet)
-    flops = np.array([estimates(shape, scenario, int(r)).flops for r in ranks])
+    per_rank = {int(r): estimates(shape, scenario, int(r)).flops for r in np.unique(ranks)}
+    flops = np.array([per_rank[int(r)] for r in ranks])
     nbytes = adapter_bytes(shape, scenario)
     seconds = flops / fleet.flops + comm_seconds(nbytes, nbytes, fleet.down_bps, fleet.up_bps)
     best = int(np.argmin(seconds))

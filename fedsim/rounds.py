@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.adapter import AdapterState, from_record, split_state, to_record
+from fedsim.adapter import AdapterState, factors, from_record, split_state, to_record
 from fedsim.availability import dropout_draws
 from fedsim.clock import comm_seconds, keep_first_finishers, payload_bytes, round_duration
 from fedsim.downlink import Downlink
@@ -287,9 +287,9 @@ def round_bias(adapters: list[AdapterState], weights: list[float], s: Scenario) 
     mean(s_k B_k·A_k)‖_F / ‖mean(s_k B_k·A_k)‖_F (example-weighted means, ranks zero-padded,
     s_k = α / r_k), averaged over the adapted layers; NaN with fewer than two clients or when
     the server never sees B (fedsa_lora). It is what averaging LoRA factors (FedIT) gets wrong."""
-    if len(adapters) < 2 or not any(".lora_B" in k for k in adapters[0]):
+    if len(adapters) < 2 or not factors(adapters[0], "B"):
         return float("nan")
-    first_a = next(k for k in adapters[0] if ".lora_A" in k)
+    first_a = next(iter(factors(adapters[0], "A")))
     scales = [s.lora.alpha / a[first_a].shape[0] for a in adapters]
     per_layer = [
         aggregation_bias([a[ka] for a in adapters], [a[kb] for a in adapters], scales, weights)

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.adapter import AdapterState, from_record, split_state
+from fedsim.adapter import AdapterState, factors, from_record, split_state
 from strategies.lora_math import layer_pairs, truncate, zero_pad
 
 # fedsim picks the participants itself (seeded, by client id) and hands a strategy a grid that
@@ -102,7 +102,7 @@ class LoraStrategy(FedAvg):
 
     def uploaded(self, sent: AdapterState) -> AdapterState:
         """The tensors of a client's state that its reply's update must cover."""
-        return {k: v for k, v in sent.items() if any(f".lora_{f}" in k for f in self.uploads)}
+        return factors(sent, self.uploads)
 
     def padded(self, client: ClientAdapter) -> AdapterState:
         """A client's adapter at r_max with its scaling folded into B (s_g B' A = s_k B A)."""
@@ -123,15 +123,16 @@ class LoraStrategy(FedAvg):
         return self._per_node(super().configure_evaluate(server_round, arrays, config, grid), from_record(arrays))
 
     def _per_node(self, messages: Iterable[Message], state: AdapterState | None = None) -> list[Message]:
-        """Give each message its node's slice and instructions (FedAvg builds one shared content)."""
+        """Give each message its node's slice and instructions. FedAvg builds one content for all;
+        here nodes of one rank share one, so it is built, and its bytes measured, once per rank."""
         state = self.current if state is None else state
         out, by_rank = [], {}
         for m in messages:
             rank = self.ranks.get(m.metadata.dst_node_id, self.r_max)
             if rank not in by_rank:
-                by_rank[rank] = ArrayRecord(self.client_state(state, rank))
-            config = ConfigRecord({**m.content["config"], **self.instructions(rank)})
-            m.content = RecordDict({"arrays": by_rank[rank], "config": config})
+                config = ConfigRecord({**m.content["config"], **self.instructions(rank)})
+                by_rank[rank] = RecordDict({"arrays": ArrayRecord(self.client_state(state, rank)), "config": config})
+            m.content = by_rank[rank]
             out.append(m)
         return out
 
@@ -148,7 +149,7 @@ class LoraStrategy(FedAvg):
 
     def _client(self, reply: Message) -> ClientAdapter:
         state = from_record(reply.content["arrays"])
-        rank = int(next(v for k, v in state.items() if ".lora_A" in k).shape[0])
+        rank = int(next(iter(factors(state, "A").values())).shape[0])
         return ClientAdapter(state, rank, self.scale(rank), float(reply.content["metrics"][self.weighted_by_key]))
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
