@@ -16,7 +16,8 @@ server through Python objects. Handlers:
 How to train comes in the message's config, set by the strategy (`strategies.lora_strategy`):
 `lora-rank`, `lora-uploads` (factors to send back), `lora-freeze` (factors not to train: FFA-LoRA's
 A), `lora-personal-b` (keep B on this node across rounds: FedSA-LoRA), `rank-penalty-*` (HetLoRA),
-`proximal-mu` (FedProx).
+`proximal-mu` (FedProx), `prune-keep` / `prune-target` / `prune-steps` (structured pruning: the
+model this client holds and how it grows, `clients.prune_and_tune`).
 
 The base model with its LoRA wrapper is built once per worker process (`_model`) and reused
 across rounds: a Ray actor lives for the whole simulation, so only its first message pays the load.
@@ -32,6 +33,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from clients.prune_and_tune import PruneAndTune, PruneOrder
 from fedsim.adapter import (
     AdapterState,
     active_pairs,
@@ -48,11 +50,15 @@ from fedsim.costs import ModelShape, train_step_flops
 from fedsim.data import client_data
 from fedsim.downlink import apply_down
 from fedsim.models import load_model
+from fedsim.pruning.slicing import slice_adapter
+from fedsim.pruning.structure import Keep, LayerGeometry, geometry
+from fedsim.pruning.surgery import pruned_copy
 from fedsim.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.training import evaluate as evaluate_model
 from fedsim.training import resolve_device, train_lora
 from strategies.lora_math import hetlora_rank_penalty
+from strategies.lora_strategy import PRUNE_RECORD
 
 app = ClientApp()
 EF_KEY = "error-feedback"  # context.state key of the residual not yet sent
@@ -84,7 +90,8 @@ def _fresh_state_per_run(context: Context, scenario: Scenario) -> None:
     if held is None or held["run"] != run:
         for key in (EF_KEY, COPY_KEY, PERSONAL_KEY):
             context.state.array_records.pop(key, None)
-        context.state.config_records.pop(COPY_KEY + "-version", None)
+        for key in (COPY_KEY + "-version", PERSONAL_KEY + "-keep"):
+            context.state.config_records.pop(key, None)
         context.state[RUN_KEY] = ConfigRecord({"run": run})
 
 
@@ -101,27 +108,43 @@ def client_id(context: Context, scenario: Scenario) -> int:
     return cid
 
 
+@functools.cache
+def _layers(model: ModelConfig, lora_json: str, device: str) -> list[LayerGeometry]:
+    """The unpruned model's prunable structures (what keeps index)."""
+    return geometry(_model(model, lora_json, device)[0])
+
+
 def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     scenario = _scenario(str(msg.content["config"]["scenario"]))
     config = msg.content["config"]
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario)
     _fresh_state_per_run(context, scenario)
-    model, tokenizer, shape = _model(scenario.model, scenario.lora.model_dump_json(), scenario.train.device)
+    key = (scenario.model, scenario.lora.model_dump_json(), scenario.train.device)
+    model, tokenizer, shape = _model(*key)
     use_rank(model, scenario.lora, int(config.get("lora-rank", scenario.lora.rank)))
     set_trainable(model, freeze=str(config.get("lora-freeze", "")))
+    order = PruneOrder.from_config(config, _layers(*key)) if scenario.pruning.enabled or config.get("prune-keep") else None
+    if order is not None:  # this client's own model; the cached one stays whole for the next client
+        model = pruned_copy(model, order.keep)
     received = _received_adapter(msg, context)
-    full = {**received, **_personal_b(model, context)} if config.get("lora-personal-b", False) else received
+    full = {**received, **_personal_b(model, context, order.keep if order else None)} if config.get("lora-personal-b", False) else received
     set_state(model, full)
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
-    return scenario, cid, model, tokenizer, shape, data, received
+    return scenario, cid, model, tokenizer, shape, data, received, order
 
 
-def _personal_b(model: PeftModel, context: Context) -> AdapterState:
-    """This node's own B factors (FedSA-LoRA), zero until it first trains or when its rank changed."""
+def _personal_b(model: PeftModel, context: Context, keep: Keep | None) -> AdapterState:
+    """This node's own B factors (FedSA-LoRA), zero until it first trains or when its rank changed;
+    cut to the model's keep when the node has pruned more since it kept them."""
     fresh = {k: torch.zeros_like(v) for k, v in factors(get_state(model), "B").items()}
     held = context.state.array_records.get(PERSONAL_KEY)
     kept = held.to_torch_state_dict() if held is not None else {}
+    held_keep = context.state.config_records.get(PERSONAL_KEY + "-keep")
+    if kept and keep is not None and held_keep is not None and held_keep["keep"]:
+        old = Keep.from_json(str(held_keep["keep"]))
+        if old != keep and old.num_groups == keep.num_groups:
+            kept = slice_adapter(kept, keep.within(old))
     same = set(kept) == set(fresh) and all(kept[k].shape == v.shape for k, v in fresh.items())
     return {k: v.float() for k, v in kept.items()} if same else fresh
 
@@ -149,11 +172,16 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, shape, data, received = _setup(msg, context)
+    scenario, cid, model, tokenizer, shape, data, received, order = _setup(msg, context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     t, lora = scenario.train, scenario.lora
     rank = int(config.get("lora-rank", lora.rank))
+    pruner = None
+    if order is not None:
+        layers = _layers(scenario.model, lora.model_dump_json(), t.device)
+        pruner = PruneAndTune.for_round(model, layers, order, scenario.pruning, t.local_steps, (t.batch_size, t.max_seq_len, rank, lora.target_modules))
+    step_flops = pruner.step_flops if pruner is not None else lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules)
     result = train_lora(
         model,
         tokenizer,
@@ -165,9 +193,10 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
         seed=derive_seed(scenario.seed, server_round, cid, "train"),
-        step_flops=lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules),
+        step_flops=step_flops,
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # set by Flower's FedProx
         regulariser=_rank_penalty(model, rank, config),
+        hooks=pruner,
     )
     metrics = MetricRecord(
         {
@@ -177,16 +206,21 @@ def train(msg: Message, context: Context) -> Message:
             "loss-before": result.loss_before,
             "loss-after": result.loss_after,
             "tokens": result.tokens,
-            "flops": result.flops,
+            "flops": result.flops + (pruner.flops if pruner is not None else 0.0),
             "wall-time-s": result.wall_time_s,
         }
     )
     local = get_state(model)
     if config.get("lora-personal-b", False):
         context.state[PERSONAL_KEY] = ArrayRecord(factors(local, "B"))
+        context.state[PERSONAL_KEY + "-keep"] = ConfigRecord({"keep": pruner.keep.to_json() if pruner is not None else ""})
     shared = factors(local, str(config.get("lora-uploads", "AB")))
-    payload = encode_update(shared, received, scenario.compression, context)
-    content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": metrics})
+    content = RecordDict({"metrics": metrics})
+    if pruner is not None and order is not None:  # the update covers the keep the client ended with
+        received = slice_adapter(received, pruner.keep.within(order.keep))
+        metrics["prune-ratio"] = pruner.ratio()
+        content[PRUNE_RECORD] = ConfigRecord({"keep": pruner.keep.to_json()})
+    content["update"] = ConfigRecord({"payload": encode_update(shared, received, scenario.compression, context)})
     return Message(content, reply_to=msg)
 
 
@@ -196,8 +230,8 @@ def _rank_penalty(model: PeftModel, rank: int, config: ConfigRecord):  # type: i
     if lam <= 0:
         return None
     gamma = float(config["rank-penalty-gamma"])
-    pairs = active_pairs(model)
-    return lambda: sum(hetlora_rank_penalty(B.weight, A.weight, rank, gamma, lam) for A, B in pairs)
+    # the pairs are looked up at every step: a prune event replaces the factors' modules
+    return lambda: sum(hetlora_rank_penalty(B.weight, A.weight, rank, gamma, lam) for A, B in active_pairs(model))
 
 
 def encode_update(local: AdapterState, received: AdapterState, c: CompressionConfig, context: Context) -> bytes:
@@ -218,7 +252,7 @@ def encode_update(local: AdapterState, received: AdapterState, c: CompressionCon
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, _, data, _ = _setup(msg, context)
+    scenario, cid, model, tokenizer, _, data, _, _ = _setup(msg, context)
     e = scenario.eval
     rows = list(data.test)[: e.client_examples]
     if not rows:

@@ -161,3 +161,16 @@ def save_adapter(model: peft.PeftModel, state: AdapterState, path: Path) -> None
     if deltas:
         save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp / BASE_DELTA_FILE))
     tmp.rename(path)
+
+
+def load_adapter_state(path: Path) -> AdapterState:
+    """The state `save_adapter` wrote at `path` (adapter and base deltas), float32."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} holds no saved adapter ({file.name} missing)")
+    state = {k: v.float() for k, v in load_file(str(file)).items()}
+    if (Path(path) / BASE_DELTA_FILE).is_file():
+        state |= {f"{k}{BASE_DELTA}": v.float() for k, v in load_file(str(Path(path) / BASE_DELTA_FILE)).items()}
+    return state

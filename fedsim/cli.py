@@ -3,6 +3,7 @@
     fedsim run SCENARIO [--out DIR] [--set dotted.key=value ...] [--seed N]
     fedsim compare SCENARIO --strategies a,b,... [--seeds N] [--target ACC] [--out DIR] [--set k=v ...]
     fedsim report RUN_DIR [--target ACC]
+    fedsim export RUN_DIR --device PROFILE [--out DIR]   # a device's pruned model, adapter merged
     fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
     fedsim models
     fedsim tasks
@@ -110,7 +111,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report import round_table, time_to_accuracy
+    from fedsim.report import ratio_table, round_table, time_to_accuracy
     from fedsim.rundir import read_metrics
 
     try:
@@ -119,12 +120,37 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"fedsim: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(round_table(metrics).to_string(float_format=lambda v: f"{v:.4f}"))
+    ratios = ratio_table(metrics)
+    if len(ratios):
+        print("\nfinal adapter on each target ratio's pruned model (central test set):")
+        print(ratios.to_string(float_format=lambda v: f"{v:.4f}"))
     for target in args.target or []:
         hit = time_to_accuracy(metrics, target)
         print(
             f"time to accuracy {target:g}: "
             + (f"round {hit[0]}, {hit[1]:.1f}s simulated" if hit else "not reached")
         )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedsim.errors import InputError
+    from fedsim.export import export
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "export" / args.device
+    if not (run_dir / "adapter").is_dir() or not (run_dir / "scenario.toml").is_file():
+        print(f"fedsim export: {run_dir} is not a finished fedsim run (no adapter/ or scenario.toml)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        exported = export(run_dir, args.device, out)
+    except (InputError, ValueError, FileExistsError) as exc:
+        print(f"fedsim export: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    params = sum(p.numel() for p in exported.model.parameters())
+    print(f"{out}: {args.device}'s model, {exported.ratio:.1%} of the prunable parameters removed, {params / 1e6:.2f} M parameters"
+          + (f" ({exported.padding:.1%} zero padding to uniform layers)" if exported.padding else "")
+          + "; AutoModelForCausalLM.from_pretrained(path) loads it")  # fmt: skip
     return 0
 
 
@@ -308,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
     report.add_argument("--target", type=float, action="append", metavar="ACC", help="also print the simulated time to reach this central accuracy (repeatable)")
     report.set_defaults(func=cmd_report)
+
+    exp = sub.add_parser("export", help="write a device's pruned model with the adapter merged", description="Write the final adapter merged into the pruned model of one device profile (the keep of its most trained client), loadable with transformers' AutoModelForCausalLM.from_pretrained.")
+    exp.add_argument("run_dir", help="a finished run directory")
+    exp.add_argument("--device", required=True, metavar="PROFILE", help="device profile, e.g. jetson-tx2")
+    exp.add_argument("--out", help="output folder (default: RUN_DIR/export/PROFILE)")
+    exp.set_defaults(func=cmd_export)
 
     dash = sub.add_parser("dashboard", help="serve a web dashboard over run directories", description="Serve a web dashboard over the run directories under RUNS_ROOT.")
     dash.add_argument("runs_root", nargs="?", default="runs", help="folder holding run directories (default: runs)")

@@ -2,7 +2,8 @@
 
 Run before anything is written (by `fedsim run` and the `flwr run` ServerApp), so a bad trace
 row, a fleet that does not match `clients.num_clients`, a LoRA rank larger than a layer allows,
-or a deadline no device can meet is refused up front, like any other scenario problem.
+a deadline no device can meet, or pruning of a model family the pruner does not know or to a
+ratio that would empty a layer, is refused up front, like any other scenario problem.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from fedsim.clock import comm_seconds
 from fedsim.costs import ModelShape
 from fedsim.devices import CATALOG
 from fedsim.fleet import Fleet, build_fleet
+from fedsim.keeps import client_ratios, ratio_problems
 from fedsim.models import load_model
+from fedsim.pruning.structure import LayerGeometry, geometry
 from fedsim.ranks import client_ranks, rank_limit_problems
 from fedsim.scenario import Scenario, ScenarioError
 
@@ -24,6 +27,24 @@ from fedsim.scenario import Scenario, ScenarioError
 def model_shape(name: str, dtype: str) -> ModelShape:
     """The base model's shape (loads the model once per process)."""
     return ModelShape.from_model(load_model(name, dtype=dtype)[0])
+
+
+@functools.cache
+def model_layers(name: str, dtype: str) -> list[LayerGeometry] | str:
+    """The base model's prunable structures, or why it cannot be pruned."""
+    try:
+        return geometry(load_model(name, dtype=dtype)[0])
+    except ValueError as exc:
+        return str(exc)
+
+
+def pruning_problems(scenario: Scenario, fleet: Fleet) -> list[str]:
+    if not scenario.pruning.enabled:
+        return []
+    layers = model_layers(scenario.model.name, scenario.model.dtype)
+    if isinstance(layers, str):
+        return [f"`pruning`: {layers}"]
+    return [f"`pruning`: {p}" for p in ratio_problems(layers, scenario, client_ratios(scenario, fleet))]
 
 
 def adapter_bytes(shape: ModelShape, scenario: Scenario) -> int:
@@ -59,11 +80,12 @@ def preflight(scenario: Scenario, source: str) -> None:
         fleet = build_fleet(scenario)
     except ValueError as exc:
         raise ScenarioError(source, [f"`fleet`: {exc}"]) from None
-    unknown = sorted(set(scenario.lora.profile_ranks) - set(fleet.device.astype(str)) - set(CATALOG) - set(scenario.fleet.profiles))
+    known = set(fleet.device.astype(str)) | set(CATALOG) | set(scenario.fleet.profiles)
+    unknown = [f"`{field}.{n}`: no device of the fleet has that profile" for field, names in (("lora.profile_ranks", scenario.lora.profile_ranks), ("pruning.profile_ratios", scenario.pruning.profile_ratios)) for n in sorted(set(names) - known)]
     if unknown:  # profiles from a file or trace: known only now
-        raise ScenarioError(source, [f"`lora.profile_ranks.{n}`: no device of the fleet has that profile" for n in unknown])
+        raise ScenarioError(source, unknown)
     shape = model_shape(scenario.model.name, scenario.model.dtype)
-    problems = rank_limit_problems(shape, scenario, client_ranks(scenario, fleet))
+    problems = rank_limit_problems(shape, scenario, client_ranks(scenario, fleet)) + pruning_problems(scenario, fleet)
     problem = deadline_problem(fleet, scenario, shape)
     if problems or problem:
         raise ScenarioError(source, problems + ([problem] if problem else []))

@@ -44,6 +44,14 @@ def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("round")
 
 
+def ratio_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Pruned runs: the final adapter on each target ratio's pruned model (`eval_export` rows),
+    one row per target ratio; empty for an unpruned run."""
+    rows = metrics[metrics["kind"] == "eval_export"] if "kind" in metrics else metrics.iloc[:0]
+    columns = ["prune_target", "prune_ratio", "accuracy", "loss", "num_examples"]
+    return rows[columns].set_index("prune_target").sort_index() if len(rows) else pd.DataFrame(columns=columns).set_index("prune_target")
+
+
 def time_to_accuracy(metrics: pd.DataFrame, target: float) -> tuple[int, float] | None:
     """(round, simulated seconds) at which central accuracy first reached `target`, or None."""
     table = round_table(metrics)
@@ -65,7 +73,7 @@ def _clock(run_dir: str | Path) -> str:
 
 def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
     """The one-screen summary printed at the end of `fedsim run`."""
-    table = round_table(metrics)
+    table, ratios = round_table(metrics), ratio_table(metrics)
     first, last = table.iloc[0], table.iloc[-1]
     best_round = int(table["central_accuracy"].idxmax())
     failed = int(table["clients_failed"].sum())
@@ -82,5 +90,9 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"run directory     {run_dir}",
             f"final adapter     {Path(run_dir) / 'adapter'}  (PeftModel.from_pretrained(base, path))",
             f"per-round table   fedsim report {run_dir}",
+            *(
+                [f"pruned models     {', '.join(f'ratio {r.prune_ratio:.2f}: acc {r.accuracy:.3f}' for r in ratios.itertuples())}  (fedsim export {run_dir} --device PROFILE)"]
+                if len(ratios) else []
+            ),
         ]
     )

@@ -15,6 +15,10 @@ Who trains (`train_round`), at simulated time t:
 With `fleet.clock = "measured"` (a deployment on real devices) steps 1 and 3 are skipped — the
 devices that are there answer, and one that cannot train fails for real — and step 4 times each
 client by its measured round trip (compute: the training time it reports).
+
+Pruning (`fedsim.keeps`): the estimates of steps 1 and 3 are those of the model each client holds
+(its keep: fewer FLOPs, less memory), each message carries the client's pruning order, and a
+kept reply's final keep becomes the client's record.
 """
 
 from __future__ import annotations
@@ -34,11 +38,15 @@ from fedsim.availability import dropout_draws
 from fedsim.clock import comm_seconds, keep_first_finishers, payload_bytes, round_duration
 from fedsim.downlink import Downlink
 from fedsim.fleet import GIB, Fleet
+from fedsim.keeps import PruneBook, plan_server_keeps
+from fedsim.pruning.slicing import slice_adapter
+from fedsim.pruning.structure import Keep, Scores
 from fedsim.replies import Checked, check_eval_reply, check_train_reply
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from strategies import LoraStrategy
 from strategies.lora_math import aggregation_bias, layer_pairs
+from strategies.lora_strategy import PRUNE_RECORD
 
 Row = dict[str, Any]
 
@@ -91,9 +99,11 @@ class RoundEnv:
     fleet: Fleet
     clients: dict[int, int]  # client id → node id
     ranks: np.ndarray  # (N,) LoRA rank of each client id
-    estimates: dict[int, Estimates]  # by LoRA rank
+    estimate: Callable[[int, Keep | None], Estimates]  # (rank, keep of the model held) → cost
     score: Callable[[AdapterState], float] | None = None  # held-out loss of an adapter (α tuning)
     downlink: Downlink | None = None  # compressed server → client direction, if enabled
+    pruning: PruneBook | None = None  # each client's pruned model, when pruning is on
+    server_scores: Callable[[AdapterState], Scores] | None = None  # pruning.where = "server": global importance
     last_bias: float = float("nan")  # aggregation bias of the last training round (`round_bias`)
     round_trips: dict[int, float] = field(default_factory=dict)  # node id → measured seconds, last exchange
     node_to_client: dict[int, int] = field(init=False)
@@ -102,16 +112,18 @@ class RoundEnv:
         self.node_to_client = {n: c for c, n in self.clients.items()}
 
     def estimated(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(FLOPs, memory bytes) the server expects of each client in `ids`, at its rank."""
-        ranks = self.ranks[ids]
-        return (
-            np.array([self.estimates[int(r)].flops for r in ranks], dtype=float),
-            np.array([self.estimates[int(r)].memory for r in ranks], dtype=np.int64),
-        )
+        """(FLOPs, memory bytes) the server expects of each client in `ids`, at its rank, on the
+        model it holds."""
+        book = self.pruning
+        each = [self.estimate(int(self.ranks[c]), book.held(int(c)) if book else None) for c in ids]
+        return np.array([e.flops for e in each], dtype=float), np.array([e.memory for e in each], dtype=np.int64)
 
     def assign_ranks(self, ids: Iterable[int]) -> None:
-        """Tell the strategy the rank of each client it will address."""
-        self.strategy.assign_ranks({self.clients[int(c)]: int(self.ranks[int(c)]) for c in ids})
+        """Tell the strategy the rank (and, pruning, the order) of each client it will address."""
+        ids = [int(c) for c in ids]
+        self.strategy.assign_ranks({self.clients[c]: int(self.ranks[c]) for c in ids})
+        book = self.pruning
+        self.strategy.assign_pruning({self.clients[c]: (book.held(c), book.order(c)) for c in ids} if book else {})
 
 
 def sample_clients(available: Iterable[int], k: int, seed: int, server_round: int, purpose: str) -> list[int]:
@@ -123,10 +135,13 @@ def sample_clients(available: Iterable[int], k: int, seed: int, server_round: in
 
 
 def _base_row(env: RoundEnv, cid: int, server_round: int, kind: str, status: str, reason: str = "") -> Row:
-    return {
+    row = {
         "round": server_round, "client_id": cid, "kind": kind, "status": status, "reason": reason,
         "device": str(env.fleet.device[cid]), "lora_rank": int(env.ranks[cid]),
     }  # fmt: skip
+    if env.pruning is not None:
+        row.update(prune_target=float(env.pruning.targets[cid]), prune_ratio=env.pruning.ratio(env.pruning.held(cid)))
+    return row
 
 
 def _config(scenario: Scenario) -> ConfigRecord:
@@ -203,8 +218,12 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
         row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
         if kept[i] and s.compression.method == "compeft":
             row["alpha"] = factor if s.compression.alpha_auto else s.compression.alpha
+        if env.pruning is not None:
+            row["prune_ratio"] = float(c.message.content["metrics"].get("prune-ratio", row["prune_ratio"]))
+            if kept[i]:
+                env.pruning.record(int(cids[i]), _reply_keep(c.message), s.train.local_steps)
         rows.append(row)
-    bias = round_bias([_client_adapter(c, sent, factor) for c in kept_replies], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
+    bias = round_bias([env.strategy.client_adapter(_as_adapter_reply(c, sent, factor)).state for c in kept_replies], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
     state = _aggregate(env, sent, kept_replies, server_round, factor) or state
     env.last_bias = bias
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
@@ -225,13 +244,18 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
     need = env.estimated(chosen)[1]
     infeasible = f.memory[chosen] < need
     rows = [
-        _base_row(env, int(c), server_round, "train", "infeasible", f"needs {m / GIB:.2f} GiB at rank {env.ranks[c]}, device has {f.memory[c] / GIB:.2f} GiB")
+        _base_row(env, int(c), server_round, "train", "infeasible", f"needs {m / GIB:.2f} GiB at rank {env.ranks[c]}{_pruned(env, int(c))}, device has {f.memory[c] / GIB:.2f} GiB")
         for c, m in zip(chosen[infeasible], need[infeasible])
     ]
     chosen = chosen[~infeasible]
     dropped = dropout_draws(chosen, server_round, derive_seed(s.seed, "dropout"), s.fleet.dropout)
     rows += [_base_row(env, int(c), server_round, "train", "dropped", f"dropped out mid-round (fleet.dropout = {s.fleet.dropout})") for c in chosen[dropped]]
     return chosen[~dropped], rows
+
+
+def _pruned(env: RoundEnv, cid: int) -> str:
+    book = env.pruning
+    return "" if book is None else f", pruned {book.ratio(book.held(cid)):.2f}"
 
 
 def _send_train(
@@ -243,6 +267,9 @@ def _send_train(
     nodes = [env.clients[int(c)] for c in chosen]
     if not nodes:
         return [], [], {}, {}
+    if env.pruning is not None and env.scenario.pruning.where == "server":
+        assert env.server_scores is not None
+        plan_server_keeps(env.pruning, chosen, lambda: env.server_scores(base))  # type: ignore[misc]
     env.assign_ranks(chosen)
     messages = list(env.strategy.configure_train(server_round, to_record(base), _config(env.scenario), Participants(env.grid, nodes)))
     sent = _sent_states(messages)
@@ -250,10 +277,25 @@ def _send_train(
         for m in messages:  # each client gets the delta or the whole adapter, as it needs
             m.content = RecordDict({"down": env.downlink.record_for(env.node_to_client[m.metadata.dst_node_id]), "config": m.content["config"]})
     down = _bytes_by_node(messages)
-    checked, silent = _exchange(env, messages, lambda r: check_train_reply(r, env.strategy.uploaded(sent[r.metadata.src_node_id])))
+    checked, silent = _exchange(env, messages, lambda r: _check_train(env, r, sent))
     if env.downlink:
         env.downlink.mark_received(np.array([env.node_to_client[c.message.metadata.src_node_id] for c in checked if c.status != "failed"], dtype=np.int64))
     return checked, silent, down, sent
+
+
+def _check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -> Checked:
+    """Validate a train reply. A pruned client may end its round holding less than it was sent:
+    its update then covers the slice of its final keep, which must lie within the one it was
+    sent (`sent` is updated to that slice, what the update adds to)."""
+    node = reply.metadata.src_node_id
+    if not reply.has_error() and env.pruning is not None and PRUNE_RECORD in reply.content.config_records:
+        held = env.pruning.held(env.node_to_client[node])
+        try:
+            keep = Keep.from_json(str(reply.content[PRUNE_RECORD]["keep"]))
+            sent[node] = slice_adapter(sent[node], keep.within(held) if held is not None else keep)
+        except (KeyError, ValueError) as err:
+            return Checked(reply, "rejected", f"bad pruning keep in the reply: {err}")
+    return check_train_reply(reply, env.strategy.uploaded(sent[node]))
 
 
 def _sent_states(messages: list[Message]) -> dict[int, AdapterState]:
@@ -311,8 +353,16 @@ def _as_adapter_reply(checked: Checked, sent: dict[int, AdapterState], factor: f
     update) under 'arrays', its metrics under 'metrics' — whatever codec carried it."""
     local = _client_adapter(checked, sent, factor)
     msg = checked.message
-    msg.content = RecordDict({"arrays": to_record(local), "metrics": msg.content["metrics"]})
+    content = RecordDict({"arrays": to_record(local), "metrics": msg.content["metrics"]})
+    if PRUNE_RECORD in msg.content.config_records:
+        content[PRUNE_RECORD] = msg.content[PRUNE_RECORD]
+    msg.content = content
     return msg
+
+
+def _reply_keep(msg: Message) -> Keep | None:
+    """The keep a pruned client ended its round with (validated by `_check_train`)."""
+    return Keep.from_json(str(msg.content[PRUNE_RECORD]["keep"])) if PRUNE_RECORD in msg.content.config_records else None
 
 
 def _bytes_by_node(messages: list[Message]) -> dict[int, int]:

@@ -7,13 +7,15 @@ Layout of ``<out>/<name>/``::
     metrics.parquet          one row per client per round and one per round (schema below)
     events.jsonl             one JSON object per line: run start/end, rounds, rejected replies
     checkpoints/round_<k>/   the global adapter after round k, in PEFT's format
+    keeps.json               pruning: each client's keep and steps trained, after the last round (`fedsim.keeps`)
     adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
 
 metrics.parquet schema (`METRIC_COLUMNS`):
 
     round        int    0 = before training; k = after round k
     client_id    int    the client's partition id; -1 for server rows
-    kind         str    train | eval_client | eval_central
+    kind         str    train | eval_client | eval_central | eval_export (the final adapter on the
+                        pruned model of each target ratio, central test set: `fedsim.export`)
     status       str    ok | failed (ClientApp error or no reply) | rejected (reply failed
                         validation) | straggler (finished too late: deadline or over-commitment;
                         update discarded) | dropped (dropped out mid-round) | infeasible (the
@@ -39,6 +41,10 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     alpha        float  train, ComPEFT: the α the server applied to this update (NaN otherwise)
     aggregation_bias float eval_central: ‖mean(sB)·mean(A) − mean(sB·A)‖_F / ‖mean(sB·A)‖_F over
                         the round's kept clients, mean over layers (fedsim.rounds.round_bias)
+    prune_target float  train/eval_client: the client's target pruning ratio (0 = unpruned; fedsim.keeps);
+                        eval_export: the target ratio of the exported model
+    prune_ratio  float  train: share of the prunable parameters the client had removed at the end of
+                        its round (others: what it held); eval_export: the exported model's
     reason       str    why a row is not ok ("" when ok)
 
 Every file is replaced atomically (write to a temporary name, then rename).
@@ -79,6 +85,8 @@ METRIC_COLUMNS: dict[str, str] = {
     "sim_time_s": "float64",
     "alpha": "float64",
     "aggregation_bias": "float64",
+    "prune_target": "float64",
+    "prune_ratio": "float64",
     "reason": "string",
 }
 _DEFAULTS: dict[str, Any] = {
@@ -100,6 +108,8 @@ _DEFAULTS: dict[str, Any] = {
     "sim_time_s": math.nan,
     "alpha": math.nan,
     "aggregation_bias": math.nan,
+    "prune_target": 0.0,
+    "prune_ratio": 0.0,
     "reason": "",
 }
 
@@ -154,6 +164,13 @@ class RunDir:
     @property
     def adapter_path(self) -> Path:
         return self.path / "adapter"
+
+    @property
+    def keeps_path(self) -> Path:
+        return self.path / "keeps.json"
+
+    def save_keeps(self, text: str) -> None:
+        _atomic_write(self.keeps_path, text.encode())
 
     def event(self, kind: str, /, **fields: Any) -> None:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}

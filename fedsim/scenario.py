@@ -202,6 +202,41 @@ class CompressionConfig(_Section):
         return self
 
 
+class PruningConfig(_Section):
+    """Structured pruning of each client's model (`fedsim.pruning`): whole KV groups and MLP
+    channels go, so a weak device computes and holds less; LoRA trains on what is left, and the
+    server aggregates each coordinate over the clients that kept it. Off while every ratio is 0."""
+
+    ratio: float = Field(0.0, ge=0, le=0.95, description="Target share of the prunable parameters (q,k,v,o,gate,up,down of every layer) each client removes.")
+    profile_ratios: dict[str, float] = Field({}, description="Target ratio per device profile, e.g. {jetson-tx2 = 0.5}; overrides `ratio`.")
+    client_ratios: dict[str, float] = Field({}, description="Target ratio per client id (string key); overrides profile_ratios.")
+    importance: Literal["lora_grad", "magnitude", "activation", "first_order"] = Field("lora_grad", description="Importance score (`fedsim.pruning.importance`); lora_grad (FedSpine/LoRAPrune) needs LoRA on an attention and an MLP projection.")
+    mode: Literal["per_layer", "global"] = Field("per_layer", description="Budget per decoder layer, or one budget over the model.")
+    where: Literal["client", "server"] = Field("client", description="client: each client scores its own data between its LoRA steps; server: the server scores the global adapter on a held-out batch between rounds and sends the keep.")
+    interval_steps: int = Field(20, ge=1, description="Local LoRA steps between prune events (FedSpine: about 20).")
+    events: int = Field(4, ge=1, description="Prune events to reach the target ratio (cubic schedule; 1 = prune once, before the first step).")
+    ema_beta: float = Field(0.9, ge=0, lt=1, description="Moving average of lora_grad scores over the steps before an event.")
+    score_steps: int = Field(5, ge=1, description="lora_grad: training steps before an event whose gradients are averaged.")
+    calibration_examples: int = Field(8, ge=1, description="Examples of the batch a score without training gradients reads.")
+
+    @property
+    def enabled(self) -> bool:
+        return any(r > 0 for r in (self.ratio, *self.profile_ratios.values(), *self.client_ratios.values()))
+
+    @model_validator(mode="after")
+    def _ratios_in_range(self) -> PruningConfig:
+        problems = [
+            f"`pruning.{field}.{key}` = {r} must be in [0, 0.95]"
+            for field in ("profile_ratios", "client_ratios")
+            for key, r in getattr(self, field).items()
+            if not 0 <= r <= 0.95
+        ]
+        problems += [f"`pruning.client_ratios` keys are client ids, got {key!r}" for key in self.client_ratios if not key.isdigit()]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
 class FleetGroup(_Section):
     profile: str = Field(..., min_length=1, description="Device profile (catalog name, or one of fleet.profiles).")
     count: int = Field(..., ge=1, description="Clients of this profile; client ids follow the group order.")
@@ -263,6 +298,7 @@ class Scenario(_Section):
     simulation: SimulationConfig = SimulationConfig()
     fleet: FleetConfig = FleetConfig()
     compression: CompressionConfig = CompressionConfig()
+    pruning: PruningConfig = PruningConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
@@ -298,6 +334,7 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
             "(it aggregates several candidates per round): set a number"
         )
     problems += _rank_problems(getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression)
+    problems += _pruning_problems(getattr(s, "pruning", None), getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression)
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
         problems.append(f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}")
     return problems
@@ -329,6 +366,43 @@ def _rank_problems(lora: LoraConfig | None, clients: ClientsConfig | None, fleet
             problems.append(f"`compression.downlink` cannot carry {strategy.name!r}'s state (base-weight merges or personal factors)")
     if strategy is not None and strategy.name == "fedsa_lora" and clients is not None and clients.eval_per_round == 0:
         problems.append("`strategy.name` = 'fedsa_lora' keeps a personal B on each client: its accuracy is measured on the clients' own test splits, so `clients.eval_per_round` must be >= 1")
+    return problems
+
+
+def _pruning_problems(
+    pruning: PruningConfig | None, lora: LoraConfig | None, clients: ClientsConfig | None, fleet: FleetConfig | None,
+    strategy: StrategyConfig | None, compression: CompressionConfig | None,
+) -> list[str]:
+    """Pruning names real clients and profiles, and fits the strategy, the adapter and the downlink."""
+    if pruning is None:
+        return []
+    problems = []
+    if clients is not None:
+        problems += [
+            f"`pruning.client_ratios.{key}`: client {key} does not exist (clients 0..{clients.num_clients - 1})"
+            for key in pruning.client_ratios
+            if key.isdigit() and int(key) >= clients.num_clients
+        ]
+    if fleet is not None and not fleet.profiles_file and not fleet.trace:
+        known = {*CATALOG, *fleet.profiles}
+        problems += [f"`pruning.profile_ratios.{name}`: unknown device profile; known: {', '.join(sorted(known))}" for name in pruning.profile_ratios if name not in known]
+    if not pruning.enabled:
+        return problems
+    from strategies import PRUNING_REFUSED  # the strategy registry imports torch
+
+    if strategy is not None and strategy.name in PRUNING_REFUSED:
+        problems.append(f"`strategy.name` = {strategy.name!r} cannot aggregate pruned clients: {PRUNING_REFUSED[strategy.name]}; use fedit, hetlora, ffa_lora or fedsa_lora, or set the pruning ratios to 0")
+    if lora is not None and pruning.importance == "lora_grad":
+        attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
+        missing = [what for what, names in (("an attention", attention), ("an MLP", mlp)) if not names & set(lora.target_modules)]
+        if missing:
+            problems.append(
+                f"`pruning.importance` = 'lora_grad' scores heads and channels from the LoRA gradients, but `lora.target_modules` "
+                f"{list(lora.target_modules)} has no {' and no '.join(missing)} projection: add one (e.g. gate_proj) or choose "
+                "magnitude, activation or first_order"
+            )
+    if compression is not None and compression.downlink:
+        problems.append("`compression.downlink` sends every client the same adapter; pruned clients each need their own slice: turn one off")
     return problems
 
 

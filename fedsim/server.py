@@ -26,14 +26,18 @@ from fedsim.adapter import AdapterState, attach_lora, get_state, save_adapter, s
 from fedsim.costs import ModelShape, train_memory, train_step_flops
 from fedsim.data import central_test_set
 from fedsim.downlink import Downlink
+from fedsim.export import export_rows
 from fedsim.fleet import build_fleet
+from fedsim.keeps import PruneBook, client_ratios, pruned_shape
 from fedsim.models import load_model
+from fedsim.pruning.importance import importance_scores
+from fedsim.pruning.structure import Keep, Scores, geometry
 from fedsim.ranks import client_ranks
 from fedsim.rounds import Estimates, RoundEnv, eval_round, timed_send_and_receive, train_round
 from fedsim.rundir import RunDir
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
-from fedsim.training import evaluate, evaluate_loss, resolve_device
+from fedsim.training import collate, evaluate, evaluate_loss, resolve_device
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,18 @@ def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
     return clients
 
 
+def cost_model(shape: ModelShape, scenario: Scenario) -> Callable[[int, Keep | None], Estimates]:
+    """`estimates` by (rank, keep of the model a client holds), each computed once."""
+    cache: dict[tuple[int, Keep | None], Estimates] = {}
+
+    def estimate(rank: int, keep: Keep | None) -> Estimates:
+        if (rank, keep) not in cache:
+            cache[rank, keep] = estimates(pruned_shape(shape, keep), scenario, rank)
+        return cache[rank, keep]
+
+    return estimate
+
+
 def estimates(shape: ModelShape, scenario: Scenario, rank: int) -> Estimates:
     """The server's prior for one client's round at LoRA rank `rank`: full batches at max_seq_len."""
     t, lora = scenario.train, scenario.lora
@@ -87,6 +103,15 @@ class CentralEvaluator:
         test = list(central_test_set(scenario.data, scenario.seed))
         self.examples = test[: scenario.eval.central_examples or None]
         self.scenario = scenario
+
+    def importance(self, state: AdapterState) -> Scores:
+        """`pruning.where = "server"`: the global adapter's importance scores (`pruning.importance`)
+        on the first `pruning.calibration_examples` held-out examples."""
+        set_state(self.model, state)
+        p, t = self.scenario.pruning, self.scenario.train
+        batch = collate(self.tokenizer, self.examples[: p.calibration_examples], t.max_seq_len)
+        device = next(self.model.parameters()).device
+        return importance_scores(self.model, p.importance, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
 
     def initial_state(self) -> AdapterState:
         return get_state(self.model)
@@ -118,9 +143,10 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     c = scenario.compression
     downlink = Downlink(c.codec(), fleet.size) if c.downlink else None
     ranks = client_ranks(scenario, fleet)
+    book = PruneBook(scenario, geometry(central.model), client_ratios(scenario, fleet)) if scenario.pruning.enabled else None
     env = RoundEnv(
         grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks,
-        {int(r): estimates(central.shape, scenario, int(r)) for r in np.unique(ranks)}, score=central.loss, downlink=downlink,
+        cost_model(central.shape, scenario), score=central.loss, downlink=downlink, pruning=book, server_scores=central.importance,
     )  # fmt: skip
     run_dir.event("clients", count=len(env.clients))
     sim_time = 0.0
@@ -135,12 +161,17 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
         rows += eval_round(env, state, server_round, sim_time)
         rows.append({**central(state, server_round, time.perf_counter() - start, sim_time), "aggregation_bias": env.last_bias})
         save_adapter(central.model, state, run_dir.checkpoint_path(server_round))
+        if book is not None:
+            run_dir.save_keeps(book.to_json())
         run_dir.add_rows(rows)
         for r in rows:
             if r.get("status", "ok") not in ("ok", "straggler"):
                 run_dir.event("client_problem", round=server_round, client_id=r["client_id"], kind=r["kind"], status=r["status"], reason=r["reason"])
         _report(progress, run_dir, server_round, scenario.rounds, rows, train_time_s=train_time)
     save_adapter(central.model, state, run_dir.adapter_path)
+    if book is not None:  # the final adapter on each ratio's pruned model, as its devices deploy it
+        set_state(central.model, state)
+        run_dir.add_rows(export_rows(central.model, central.tokenizer, central.examples, book, scenario, scenario.rounds))
     run_dir.event("run_end", wall_time_s=time.perf_counter() - start, sim_time_s=sim_time)
     return state
 

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +38,18 @@ class TrainResult:
     tokens: int  # tokens processed (forward + backward), padding excluded
     flops: float  # training FLOPs of the batches as computed (padding included), per `step_flops`
     wall_time_s: float
+
+
+class StepHooks(Protocol):
+    """Called by `train_lora` around each step (prune-and-tune: `clients.prune_and_tune`)."""
+
+    def before_step(self, step: int, batch: dict[str, torch.Tensor]) -> bool:
+        """Before step `step` on `batch`; True when the model's trainable parameters changed."""
+        ...
+
+    def after_backward(self, step: int) -> None:
+        """After the step's backward pass and optimizer step (its gradients are still there)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -104,12 +117,15 @@ def train_lora(
     step_flops: Callable[[int, int], float] | None = None,
     proximal_mu: float = 0.0,
     regulariser: Callable[[], torch.Tensor] | None = None,
+    hooks: StepHooks | None = None,
 ) -> TrainResult:
     """`steps` AdamW steps on the trainable (LoRA) parameters, batches drawn without
     replacement from a seeded permutation of `examples` (re-shuffled when exhausted).
     `step_flops(batch, seq_len)` prices one step for the simulated clock; `proximal_mu` > 0 adds
     FedProx's μ/2·‖θ − θ₀‖² with θ₀ the parameters training started from; `regulariser()` is
-    added to every step's objective (HetLoRA's rank penalty)."""
+    added to every step's objective (HetLoRA's rank penalty). `hooks` may change the model
+    between steps (pruning): the optimizer is then rebuilt over the new parameters, and FedProx's
+    anchor θ₀ moves to them."""
     if not examples:
         raise ValueError("train_lora needs at least one example")
     start = time.perf_counter()
@@ -123,11 +139,16 @@ def train_lora(
     model.train()
     order: list[int] = []
     losses, tokens, flops = [], 0, 0.0
-    for _ in range(steps):
+    for step in range(steps):
         if len(order) < batch_size:
             order += torch.randperm(len(examples), generator=gen).tolist()
         idx, order = order[:batch_size], order[batch_size:]
         batch = collate(tokenizer, [examples[i] for i in idx], max_len)
+        if hooks is not None and hooks.before_step(step, batch):
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         loss = _batch_loss(model, batch)
         objective = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_params)) if proximal_mu > 0 else loss
         if regulariser is not None:
@@ -137,6 +158,8 @@ def train_lora(
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        if hooks is not None:
+            hooks.after_backward(step)
         losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
         if step_flops is not None:

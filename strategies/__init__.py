@@ -51,12 +51,18 @@ STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
 }
 
 
+# Strategies that cannot aggregate pruned clients, and why (the scenario check names the reason).
+PRUNING_REFUSED: dict[str, str] = {
+    name: cls.pruning_refused for name, cls in {"flexlora": FlexLoRA, "flora": FLoRA, "fedex_lora": FedExLoRA, "lora_fair": LoRAFAIR}.items()
+}
+
+
 def build_strategy(scenario: Scenario) -> LoraStrategy:
     """The strategy the scenario names (validated at load, so the name is known)."""
     return STRATEGIES[scenario.strategy.name](scenario)
 
 
 __all__ = [
-    "STRATEGIES", "ClientAdapter", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSALoRA", "FlexLoRA", "HetLoRA",
+    "PRUNING_REFUSED", "STRATEGIES", "ClientAdapter", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSALoRA", "FlexLoRA", "HetLoRA",
     "LoRAFAIR", "LoraStrategy", "build_strategy",
 ]  # fmt: skip

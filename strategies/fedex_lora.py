@@ -18,6 +18,8 @@ from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class FedExLoRA(LoraStrategy):
+    pruning_refused = "it merges the clients' dense residual into the frozen base weights, which a pruned client holds only in part"
+
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, deltas = split_state(self.current)
         scales, weights = [c.scale for c in clients], [c.weight for c in clients]

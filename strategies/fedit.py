@@ -13,6 +13,8 @@ Flower's server optimisers and client-drift methods compose with it: pass `optim
 FedProx, FedAdam, FedYogi, FedAdagrad or FedAvgM) and FedIT hands it the global adapter to
 configure the round (FedProx adds "proximal-mu" to the config, FedOpt records the current
 arrays) and the aligned factors to aggregate, so Flower's own update rule runs unchanged.
+Pruned clients: each one's pruned-away coordinates are filled with the example-weighted mean of
+the clients that kept them (`LoraStrategy.aligned`), so FedAvg's mean is the mask-aware one.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ class FedIT(LoraStrategy):
         return self._per_node(self.optimizer.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        clients = [self.client_adapter(r) for r in replies]
+        states = self.aligned(clients, [c.weight for c in clients]) if clients else []
         aligned = []
-        for reply in replies:
-            reply.content = RecordDict({"arrays": ArrayRecord(self.padded(self._client(reply))), "metrics": reply.content["metrics"]})
+        for reply, state in zip(replies, states):
+            reply.content = RecordDict({"arrays": ArrayRecord(state), "metrics": reply.content["metrics"]})
             aligned.append(reply)
         if self.optimizer is not None:
             return self.optimizer.aggregate_train(server_round, aligned)

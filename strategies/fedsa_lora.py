@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fedsim.adapter import AdapterState, split_state
+from fedsim.pruning.slicing import fill_uncovered
 from strategies.lora_math import fedsa_lora, layer_pairs
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
@@ -28,10 +29,11 @@ class FedSALoRA(LoraStrategy):
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, _ = split_state(self.current)
         weights = [c.weight for c in clients]
-        out = dict(adapter)
-        for a_key, _ in layer_pairs(adapter).values():
-            out[a_key] = fedsa_lora([self._pad_rows(c.state[a_key]) for c in clients], weights)
-        return out
+        a_keys = [a_key for a_key, _ in layer_pairs(adapter).values()]
+        states = [{k: self._pad_rows(c.state[k], 0.0) for k in a_keys} for c in clients]
+        masks = [c.mask and {k: self._pad_rows(c.mask[k], True) for k in a_keys} for c in clients]
+        filled = fill_uncovered(states, masks, weights, {k: adapter[k] for k in a_keys})
+        return {**adapter, **{k: fedsa_lora([s[k] for s in filled], weights) for k in a_keys}}
 
-    def _pad_rows(self, A: torch.Tensor) -> torch.Tensor:
-        return torch.cat([A, A.new_zeros(self.r_max - A.shape[0], A.shape[1])])
+    def _pad_rows(self, A: torch.Tensor, value: float | bool) -> torch.Tensor:
+        return torch.cat([A, torch.full((self.r_max - A.shape[0], A.shape[1]), value, dtype=A.dtype)])

@@ -13,7 +13,7 @@ travels down (fedsim's clients hold no state they could derive it from), which t
 from __future__ import annotations
 
 from fedsim.adapter import AdapterState, split_state
-from strategies.lora_math import ffa_lora, layer_pairs, zero_pad
+from strategies.lora_math import ffa_lora, layer_pairs
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
@@ -23,10 +23,10 @@ class FFALoRA(LoraStrategy):
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, _ = split_state(self.current)
-        scales, weights = [c.scale for c in clients], [c.weight for c in clients]
+        weights, s_g = [c.weight for c in clients], self.scale(self.r_max)
+        aligned = self.aligned(clients, weights)  # B padded and folded (s_k/s_g): fold once, here
         out: AdapterState = {}
         for a_key, b_key in layer_pairs(adapter).values():
-            padded = [zero_pad(c.state[a_key], c.state[b_key], self.r_max)[1] for c in clients]
             out[a_key] = adapter[a_key]
-            out[b_key] = ffa_lora(padded, scales, weights, adapter[a_key], s_g=self.scale(self.r_max))
+            out[b_key] = ffa_lora([a[b_key] for a in aligned], [s_g] * len(clients), weights, adapter[a_key], s_g=s_g)
         return out

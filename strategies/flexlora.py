@@ -21,6 +21,8 @@ from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class FlexLoRA(LoraStrategy):
+    pruning_refused = "it takes the SVD of the mean of the clients' full products s_k B_k A_k, and a masked mean of products is not implemented"
+
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         scales, weights = [c.scale for c in clients], [c.weight for c in clients]
         s_g = self.scale(self.r_max)

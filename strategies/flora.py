@@ -27,6 +27,8 @@ from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class FLoRA(LoraStrategy):
+    pruning_refused = "it merges the clients' dense updates into the frozen base weights, which a pruned client holds only in part"
+
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, deltas = split_state(self.current)
         scales, weights = [c.scale for c in clients], [c.weight for c in clients]

@@ -19,6 +19,8 @@ from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class LoRAFAIR(LoraStrategy):
+    pruning_refused = "its residual correction needs every client's full product s_k B_k A_k"
+
     def __init__(self, rank: int, alpha: float, seed: int = 0, lam: float = 0.01) -> None:
         super().__init__(rank, alpha, seed)
         self.lam = lam

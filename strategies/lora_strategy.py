@@ -21,6 +21,15 @@ Which factors travel is per strategy (`downloads`, `uploads`); what the client m
 (freeze A, keep a personal B, add a penalty) travels in the message's config (`instructions`).
 Strategies that merge into the frozen base add `<layer>.base_delta` tensors to the global state
 (see `fedsim.adapter`); they travel to clients with the adapter, dense, and their bytes count.
+
+Pruned clients (`fedsim.pruning`). The global adapter keeps the unpruned shape. A pruned node
+(`assign_pruning`) receives the slice of its rank's state that matches the heads and channels it
+kept (`slicing.slice_adapter`) and its pruning order in the config (`fedsim.keeps`); its reply
+names the keep it ended the round with, and the client's adapter is scattered back to the unpruned shape with a coverage mask
+(`ClientAdapter.mask`). Strategies that average factors coordinate by coordinate (FedIT, HetLoRA,
+FFA-LoRA, FedSA-LoRA) fill each client's uncovered coordinates with the weighted mean of those
+that covered them (`slicing.fill_uncovered`), so their own rule yields the mask-aware mean, and a
+coordinate nobody kept stays as it was. The others set `pruning_refused` to the reason.
 """
 
 from __future__ import annotations
@@ -29,12 +38,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.adapter import AdapterState, factors, from_record, split_state
+from fedsim.pruning.slicing import fill_uncovered, scatter_adapter, slice_adapter
+from fedsim.pruning.structure import Keep
 from strategies.lora_math import layer_pairs, truncate, zero_pad
+
+PRUNE_RECORD = "prune"  # reply config record naming the keep a pruned client ended its round with
 
 # fedsim picks the participants itself (seeded, by client id) and hands a strategy a grid that
 # holds only them, so a strategy must take every node it sees and never wait for more.
@@ -55,6 +69,7 @@ class ClientAdapter:
     rank: int
     scale: float  # s_k = α / r_k
     weight: float  # its number of training examples
+    mask: AdapterState | None = None  # pruned client: True where `state` holds what it trained
 
 
 class LoraStrategy(FedAvg):
@@ -63,11 +78,13 @@ class LoraStrategy(FedAvg):
     downloads: ClassVar[str] = "AB"  # factors sent to a client ("A" alone: it keeps its own B)
     uploads: ClassVar[str] = "AB"  # factors a client sends back
     freeze: ClassVar[str] = ""  # factors the client must not train
+    pruning_refused: ClassVar[str] = ""  # why this rule cannot aggregate pruned clients ("" = it can)
 
     def __init__(self, rank: int, alpha: float, seed: int = 0) -> None:
         super().__init__(**SAMPLING)
         self.r_max, self.alpha, self.seed = rank, alpha, seed
         self.ranks: dict[int, int] = {}
+        self.pruning: dict[int, tuple[Keep | None, dict[str, Any]]] = {}
         self.current: AdapterState = {}
 
     # --- ranks ------------------------------------------------------------------------------
@@ -78,6 +95,13 @@ class LoraStrategy(FedAvg):
         if bad:
             raise ValueError(f"ranks {bad} outside [1, {self.r_max}]: the global adapter (rank {self.r_max}) cannot serve them")
         self.ranks = dict(ranks)
+
+    def assign_pruning(self, orders: Mapping[int, tuple[Keep | None, dict[str, Any]]]) -> None:
+        """node id → (the keep of the model it holds, None = unpruned; the config entries of its
+        pruning order) for the coming messages; nodes absent are not pruned."""
+        if orders and self.pruning_refused:
+            raise ValueError(f"{type(self).__name__} cannot aggregate pruned clients: {self.pruning_refused}")
+        self.pruning = dict(orders)
 
     def scale(self, rank: int) -> float:
         return self.alpha / rank
@@ -113,6 +137,24 @@ class LoraStrategy(FedAvg):
             out[a_key], out[b_key] = A, B * fold
         return out
 
+    def padded_mask(self, client: ClientAdapter) -> AdapterState | None:
+        """`padded`'s coverage: the client's mask, its padded ranks covered (they are zeros it holds)."""
+        if client.mask is None:
+            return None
+        out = dict(client.mask)
+        for a_key, b_key in layer_pairs(client.mask).values():
+            A, B = client.mask[a_key], client.mask[b_key]
+            out[a_key] = torch.cat([A, A.new_ones(self.r_max - A.shape[0], A.shape[1])])
+            out[b_key] = torch.cat([B, B.new_ones(B.shape[0], self.r_max - B.shape[1])], dim=1)
+        return out
+
+    def aligned(self, clients: list[ClientAdapter], weights: list[float]) -> list[AdapterState]:
+        """Each client's `padded` adapter, the coordinates it pruned away filled for a
+        `weights`-weighted mean (`slicing.fill_uncovered`; the global value where nobody kept them)."""
+        states = [self.padded(c) for c in clients]
+        previous = {k: v for k, v in split_state(self.current)[0].items() if k in states[0]}
+        return fill_uncovered(states, [self.padded_mask(c) for c in clients], weights, previous)
+
     # --- Flower hooks -----------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -126,13 +168,16 @@ class LoraStrategy(FedAvg):
         """Give each message its node's slice and instructions. FedAvg builds one content for all;
         here nodes of one rank share one, so it is built, and its bytes measured, once per rank."""
         state = self.current if state is None else state
-        out, by_rank = [], {}
+        out, by_part = [], {}
         for m in messages:
-            rank = self.ranks.get(m.metadata.dst_node_id, self.r_max)
-            if rank not in by_rank:
-                config = ConfigRecord({**m.content["config"], **self.instructions(rank)})
-                by_rank[rank] = RecordDict({"arrays": ArrayRecord(self.client_state(state, rank)), "config": config})
-            m.content = by_rank[rank]
+            node = m.metadata.dst_node_id
+            rank, (keep, order) = self.ranks.get(node, self.r_max), self.pruning.get(node, (None, {}))
+            part = (rank, keep.to_json() if keep is not None else "", *sorted(order.items()))
+            if part not in by_part:
+                config = ConfigRecord({**m.content["config"], **self.instructions(rank), **order})
+                sliced = self.client_state(state, rank) if keep is None else slice_adapter(self.client_state(state, rank), keep)
+                by_part[part] = RecordDict({"arrays": ArrayRecord(sliced), "config": config})
+            m.content = by_part[part]
             out.append(m)
         return out
 
@@ -142,15 +187,31 @@ class LoraStrategy(FedAvg):
         replies = list(replies)
         if not replies:
             return None, None
-        clients = [self._client(r) for r in replies]
+        clients = [self.client_adapter(r) for r in replies]
         state = self.aggregate(server_round, clients)
         metrics = self.train_metrics_aggr_fn([r.content for r in replies], self.weighted_by_key)
         return ArrayRecord(state), metrics
 
-    def _client(self, reply: Message) -> ClientAdapter:
+    def client_adapter(self, reply: Message) -> ClientAdapter:
+        """A reply (client adapter under "arrays") as `aggregate` sees it: scattered to the
+        unpruned shape with its coverage mask when the client pruned."""
         state = from_record(reply.content["arrays"])
         rank = int(next(iter(factors(state, "A").values())).shape[0])
-        return ClientAdapter(state, rank, self.scale(rank), float(reply.content["metrics"][self.weighted_by_key]))
+        weight = float(reply.content["metrics"][self.weighted_by_key])
+        if PRUNE_RECORD not in reply.content.config_records:
+            return ClientAdapter(state, rank, self.scale(rank), weight)
+        keep = Keep.from_json(str(reply.content[PRUNE_RECORD]["keep"]))
+        full, mask = scatter_adapter(state, keep, {k: self._full_shape(k, rank) for k in state})
+        return ClientAdapter(full, rank, self.scale(rank), weight, mask)
+
+    def _full_shape(self, key: str, rank: int) -> tuple[int, ...]:
+        """The unpruned shape of a client's tensor at its rank (A: (r_k, in), B: (out, r_k))."""
+        shape = list(self.current[key].shape)
+        if ".lora_A." in key:
+            shape[0] = rank
+        elif ".lora_B." in key and key.endswith(".weight"):
+            shape[1] = rank
+        return tuple(shape)
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         """The new global state (adapter at r_max, plus base deltas if the rule merges)."""

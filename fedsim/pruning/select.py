@@ -22,7 +22,7 @@ budget beyond the maximum is refused with the limit named.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -32,17 +32,21 @@ MODES = ("per_layer", "global")
 MAX_RATIO = 0.95
 
 
-def select_keep(scores: Scores, geometry: Sequence[LayerGeometry], ratio: float, mode: str = "per_layer") -> Keep:
-    """The structures to keep so that ~`ratio` of the prunable parameters go (module docstring)."""
+def select_keep(
+    scores: Scores, geometry: Sequence[LayerGeometry], ratio: float, mode: str = "per_layer", within: Keep | None = None
+) -> Keep:
+    """The structures to keep so that ~`ratio` of the prunable parameters go (module docstring);
+    with `within`, a subset of it (progressive pruning)."""
     _check(scores, geometry, ratio, mode)
-    per_layer = [_candidates(scores, geometry, i) for i in range(len(geometry))]
+    gone = _removed_by(within, geometry)
+    per_layer = [_candidates(scores, geometry, i, gone) for i in range(len(geometry))]
     if mode == "per_layer":
         dropped: set[tuple[int, int, int]] = set()
         for i, layer in enumerate(geometry):
-            dropped |= _greedy(per_layer[i], geometry, _budget(ratio, [layer], f"layer {i}", mode))
+            dropped |= _greedy(per_layer[i], geometry, max(_budget(ratio, [layer], f"layer {i}", mode), _held(gone, geometry, [i])))
     else:
         everything = sorted(c for layer in per_layer for c in layer)
-        dropped = _greedy(everything, geometry, _budget(ratio, geometry, "the model", mode))
+        dropped = _greedy(everything, geometry, max(_budget(ratio, geometry, "the model", mode), _held(gone, geometry, range(len(geometry)))))
     kept = [
         [[j for j in range(n) if (i, kind, j) not in dropped] for kind, n in enumerate((g.groups, g.channels))]
         for i, g in enumerate(geometry)
@@ -67,6 +71,18 @@ def check_request(ratio: float, mode: str) -> list[str]:
     return problems
 
 
+def budget_problems(ratio: float, geometry: Sequence[LayerGeometry], mode: str) -> list[str]:
+    """Why `ratio` cannot be reached on a model of this geometry (empty if it can), naming the
+    first layer (per_layer) or the model (global) and the largest ratio it allows."""
+    scopes = [([g], f"layer {i}") for i, g in enumerate(geometry)] if mode == "per_layer" else [(list(geometry), "the model")]
+    for layers, where in scopes:
+        try:
+            _budget(ratio, layers, where, mode)
+        except ValueError as err:
+            return [str(err)]
+    return []
+
+
 def _check(scores: Scores, geometry: Sequence[LayerGeometry], ratio: float, mode: str) -> None:
     problems = check_request(ratio, mode)
     if len(scores.groups) != len(geometry) or len(scores.channels) != len(geometry):
@@ -86,15 +102,38 @@ def _check(scores: Scores, geometry: Sequence[LayerGeometry], ratio: float, mode
         raise ValueError("; ".join(problems))
 
 
-Candidate = tuple[float, int, int, int, int]  # (S / n, n, layer, kind: 0 KV group / 1 channel, index)
+Candidate = tuple[bool, float, int, int, int, int]  # (kept before, S / n, n, layer, kind: 0 KV group / 1 channel, index)
 
 
-def _candidates(scores: Scores, geometry: Sequence[LayerGeometry], i: int) -> list[Candidate]:
-    """Layer i's structures in ascending score per parameter (ties: smaller first, then by index)."""
+def _candidates(scores: Scores, geometry: Sequence[LayerGeometry], i: int, gone: set[tuple[int, int, int]]) -> list[Candidate]:
+    """Layer i's structures, those already removed (`gone`) first, then in ascending score per
+    parameter (ties: smaller first, then by index)."""
     layer, out = geometry[i], []
     for kind, (s, n) in enumerate(((scores.groups[i], layer.group_params), (scores.channels[i], layer.channel_params))):
-        out += [(v / n, n, i, kind, j) for j, v in enumerate(s.double().tolist())]
+        out += [((i, kind, j) not in gone, v / n, n, i, kind, j) for j, v in enumerate(s.double().tolist())]
     return sorted(out)
+
+
+def _removed_by(within: Keep | None, geometry: Sequence[LayerGeometry]) -> set[tuple[int, int, int]]:
+    """(layer, kind, index) of each structure `within` removed; it must be a keep of this model."""
+    if within is None:
+        return set()
+    if within.num_groups != tuple(g.groups for g in geometry) or within.num_channels != tuple(g.channels for g in geometry):
+        raise ValueError("`within` is a keep of another model (its layers' KV groups or channels differ)")
+    return {
+        (i, kind, j)
+        for i, g in enumerate(geometry)
+        for kind, (kept, n) in enumerate(((within.groups[i], g.groups), (within.channels[i], g.channels)))
+        for j in sorted(set(range(n)) - set(kept))
+    }
+
+
+def _held(gone: set[tuple[int, int, int]], geometry: Sequence[LayerGeometry], layers: Iterable[int]) -> int:
+    """Parameters the structures in `gone` hold, over `layers`."""
+    chosen = set(layers)
+    return sum(
+        geometry[i].group_params if kind == 0 else geometry[i].channel_params for i, kind, _ in gone if i in chosen
+    )
 
 
 def _budget(ratio: float, layers: Sequence[LayerGeometry], where: str, mode: str) -> float:
@@ -114,7 +153,7 @@ def _greedy(
 ) -> set[tuple[int, int, int]]:
     left = {(i, kind): n for i, g in enumerate(geometry) for kind, n in enumerate((g.groups, g.channels))}
     removed, dropped = 0, set()
-    for _, size, i, kind, j in candidates:
+    for _, _, size, i, kind, j in candidates:
         if left[i, kind] > 1 and 2 * (budget - removed) > size:
             dropped.add((i, kind, j))
             removed += size

@@ -109,6 +109,29 @@ def masked_mean(
     return out
 
 
+def fill_uncovered(
+    states: Sequence[Mapping[str, Tensor]],
+    masks: Sequence[Mapping[str, Tensor] | None],
+    weights: Sequence[float],
+    previous: Mapping[str, Tensor],
+) -> list[dict[str, Tensor]]:
+    """Each state with the coordinates its mask leaves uncovered set to `masked_mean`'s value
+    (over `previous`'s keys; a None mask covers everything).
+
+    Any rule that then takes a `weights`-weighted mean of the clients' coordinates computes the
+    mask-aware mean: Σ_cov w x + Σ_uncov w·m = m·Σ w when m = Σ_cov w x / Σ_cov w. This is how
+    fedsim's factor-averaging strategies (and Flower's FedAvg and FedOpt behind FedIT) become
+    mask-aware without a masked copy of each rule.
+    """
+    if all(m is None for m in masks):
+        return [dict(s) for s in states]
+    full_masks = [m if m is not None else {k: torch.ones(v.shape, dtype=torch.bool) for k, v in previous.items()} for m in masks]
+    mean = masked_mean(states, full_masks, weights, previous)
+    return [
+        {k: torch.where(m[k].bool(), s[k], mean[k]) if k in mean else v for k, v in s.items()} for s, m in zip(states, full_masks)
+    ]
+
+
 def _where(key: str, keep: Keep) -> tuple[int, str, int] | None:
     where = pruned_axis(key)
     if where is not None and where[0] >= len(keep.groups):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -68,6 +68,17 @@ class Scores:
     groups: tuple[Tensor, ...]
     channels: tuple[Tensor, ...]
 
+    def scatter(self, keep: Keep, fill: float) -> Scores:
+        """Scores of a model pruned with `keep`, placed at the unpruned model's indices; `fill`
+        for the structures `keep` removed."""
+        def place(values: Tensor, kept: tuple[int, ...], total: int) -> Tensor:
+            return torch.full((total,), fill, dtype=values.dtype).index_copy(0, torch.tensor(kept, dtype=torch.long), values)
+
+        return Scores(
+            tuple(place(s, k, n) for s, k, n in zip(self.groups, keep.groups, keep.num_groups, strict=True)),
+            tuple(place(s, k, n) for s, k, n in zip(self.channels, keep.channels, keep.num_channels, strict=True)),
+        )
+
     def select(self, keep: Keep) -> Scores:
         """The scores of the structures `keep` kept, in the pruned model's order."""
         return Scores(
@@ -106,10 +117,12 @@ class Keep:
         return (torch.tensor(self.groups[layer], dtype=torch.long)[:, None] * width + offsets).flatten()
 
     def to_json(self) -> str:
+        """A compact document: per layer, a hex bit mask of the kept groups and channels (SmolLM2's
+        46,000 channel indices fit in 6 kB, small enough to travel in every message)."""
         return json.dumps(
             {
-                "groups": self.groups,
-                "channels": self.channels,
+                "groups": [_bits(g, n) for g, n in zip(self.groups, self.num_groups)],
+                "channels": [_bits(c, n) for c, n in zip(self.channels, self.num_channels)],
                 "num_groups": self.num_groups,
                 "num_channels": self.num_channels,
                 "group_size": self.group_size,
@@ -119,15 +132,83 @@ class Keep:
 
     @classmethod
     def from_json(cls, text: str) -> Keep:
-        raw = json.loads(text)
-        return cls(
-            groups=tuple(tuple(int(i) for i in g) for g in raw["groups"]),
-            channels=tuple(tuple(int(i) for i in c) for c in raw["channels"]),
-            num_groups=tuple(int(n) for n in raw["num_groups"]),
-            num_channels=tuple(int(n) for n in raw["num_channels"]),
-            group_size=int(raw["group_size"]),
-            head_dim=int(raw["head_dim"]),
+        """The keep `to_json` wrote; ValueError naming what is wrong with any other document."""
+        try:
+            raw = json.loads(text)
+            num_groups, num_channels = tuple(int(n) for n in raw["num_groups"]), tuple(int(n) for n in raw["num_channels"])
+            return cls(
+                groups=tuple(_indices(b, n) for b, n in zip(raw["groups"], num_groups, strict=True)),
+                channels=tuple(_indices(b, n) for b, n in zip(raw["channels"], num_channels, strict=True)),
+                num_groups=num_groups,
+                num_channels=num_channels,
+                group_size=int(raw["group_size"]),
+                head_dim=int(raw["head_dim"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a pruning keep document: {err!r}") from None
+
+    def removed_params(self, layers: Sequence[LayerGeometry]) -> int:
+        """Prunable parameters this keep removes from the model `layers` describes (unpruned)."""
+        return sum(
+            (g.groups - len(kg)) * g.group_params + (g.channels - len(kc)) * g.channel_params
+            for g, kg, kc in zip(layers, self.groups, self.channels, strict=True)
         )
+
+    def geometry(self, hidden: int) -> list[LayerGeometry]:
+        """The unpruned model's geometry, as far as the keep records it (plus the hidden size)."""
+        return [LayerGeometry(hidden, self.head_dim, self.group_size, g, c) for g, c in zip(self.num_groups, self.num_channels)]
+
+    def then(self, inner: Keep) -> Keep:
+        """The keep of pruning with `self`, then pruning the result with `inner` (made for it)."""
+        if inner.num_groups != tuple(map(len, self.groups)) or inner.num_channels != tuple(map(len, self.channels)):
+            raise ValueError("the inner keep is not for the model this keep leaves")
+        return replace(
+            self,
+            groups=tuple(tuple(o[i] for i in k) for o, k in zip(self.groups, inner.groups)),
+            channels=tuple(tuple(o[i] for i in k) for o, k in zip(self.channels, inner.channels)),
+        )
+
+    def within(self, outer: Keep) -> Keep:
+        """This keep (a subset of `outer`, both of the unpruned model) as a keep of the model
+        `outer` leaves: `outer.then(self.within(outer)) == self`."""
+        def positions(kept: tuple[int, ...], held: tuple[int, ...], what: str) -> tuple[int, ...]:
+            where = {v: i for i, v in enumerate(held)}
+            if any(v not in where for v in kept):
+                raise ValueError(f"{what}: the keep brings back structures the outer keep removed")
+            return tuple(where[v] for v in kept)
+
+        return Keep(
+            groups=tuple(positions(k, o, f"layer {i} KV groups") for i, (k, o) in enumerate(zip(self.groups, outer.groups))),
+            channels=tuple(positions(k, o, f"layer {i} channels") for i, (k, o) in enumerate(zip(self.channels, outer.channels))),
+            num_groups=tuple(map(len, outer.groups)),
+            num_channels=tuple(map(len, outer.channels)),
+            group_size=self.group_size,
+            head_dim=self.head_dim,
+        )
+
+    @classmethod
+    def everything(cls, layers: Sequence[LayerGeometry]) -> Keep:
+        """The keep that removes nothing."""
+        return cls(
+            groups=tuple(tuple(range(g.groups)) for g in layers),
+            channels=tuple(tuple(range(g.channels)) for g in layers),
+            num_groups=tuple(g.groups for g in layers),
+            num_channels=tuple(g.channels for g in layers),
+            group_size=layers[0].group_size,
+            head_dim=layers[0].head_dim,
+        )
+
+
+def _bits(kept: Sequence[int], total: int) -> str:
+    value = sum(1 << i for i in kept)
+    return format(value, f"0{(total + 3) // 4}x")
+
+
+def _indices(bits: str, total: int) -> tuple[int, ...]:
+    value = int(bits, 16)
+    if value >> total:
+        raise ValueError(f"bit mask {bits[:16]}... sets bits beyond {total}")
+    return tuple(i for i in range(total) if value >> i & 1)
 
 
 def _check_indices(what: str, kept: Sequence[int], total: int) -> list[str]:

@@ -22,6 +22,8 @@ Forward hooks registered on replaced linears are dropped with them.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from peft.tuners.lora import LoraLayer
 
@@ -50,6 +52,20 @@ def prune(
     keep = select_keep(scores, geometry(model), ratio, mode)
     apply_keep(model, keep)
     return keep
+
+
+def pruned_copy(model: torch.nn.Module, keep: Keep) -> torch.nn.Module:
+    """`model` (bare or PEFT-wrapped) pruned with `keep`, leaving `model` as it is.
+
+    Every tensor but the LoRA factors is shared with `model` until `apply_keep` replaces it by its
+    kept slice, so the copy costs the kept slices of the pruned linears, not a second model: the
+    per-message model of a pruned client whose process caches one unpruned model for all.
+    """
+    memo: dict[int, object] = {id(t): t for n, t in model.named_parameters() if "lora_" not in n}
+    memo |= {id(t): t for t in model.buffers()}
+    pruned = copy.deepcopy(model, memo)
+    apply_keep(pruned, keep)
+    return pruned
 
 
 def apply_keep(model: torch.nn.Module, keep: Keep) -> None:

@@ -1,0 +1,109 @@
+"""What each client's pruned model holds, as the server keeps track of it (issue #5).
+
+The server is the record of every client's pruning: its target ratio (from the scenario, or the
+controller), the local steps it has trained in the run (its place on the schedule,
+`fedsim.pruning.schedule`) and the keep it ended its last kept round with. Each train message
+carries the three (`LoraStrategy.assign_pruning`), so a client holds no pruning state of its own
+and the same ClientApp works on a SuperNode that restarted. A round whose update is discarded
+(straggler, failure) leaves the record as it was: the client redoes that progress next time.
+
+With `pruning.where = "server"` the server also makes each cut, between rounds, from the global
+adapter's importance on its own held-out calibration batch (`plan_server_keeps`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsim.costs import LayerShape, ModelShape
+from fedsim.fleet import Fleet
+from fedsim.pruning.schedule import ratio_before_step
+from fedsim.pruning.select import budget_problems, select_keep
+from fedsim.pruning.structure import Keep, LayerGeometry, Scores
+from fedsim.scenario import Scenario
+
+
+def client_ratios(scenario: Scenario, fleet: Fleet) -> np.ndarray:
+    """(N,) target pruning ratio of each client id: `pruning.client_ratios`, else
+    `pruning.profile_ratios` of its device, else `pruning.ratio`."""
+    p = scenario.pruning
+    ratios = np.array([p.profile_ratios.get(str(d), p.ratio) for d in fleet.device], dtype=float)
+    for cid, r in p.client_ratios.items():
+        ratios[int(cid)] = r
+    return ratios
+
+
+def pruned_shape(shape: ModelShape, keep: Keep | None) -> ModelShape:
+    """The shape of the unpruned model `shape` after `keep` (what `apply_keep` would build)."""
+    if keep is None:
+        return shape
+    layers = tuple(
+        LayerShape(q_out=len(g) * keep.group_size * keep.head_dim, kv_out=len(g) * keep.head_dim, head_dim=keep.head_dim, mlp=len(c))
+        for g, c in zip(keep.groups, keep.channels, strict=True)
+    )
+    return ModelShape(shape.hidden, shape.vocab, layers, shape.tied_embeddings)
+
+
+def ratio_problems(layers: list[LayerGeometry], scenario: Scenario, ratios: Iterable[float]) -> list[str]:
+    """One problem per target ratio this model cannot reach (a layer would lose every head or channel)."""
+    out = []
+    for r in sorted({float(r) for r in ratios if r > 0}):
+        out += [f"pruning ratio {r:g}: {msg}" for msg in budget_problems(r, layers, scenario.pruning.mode)]
+    return out
+
+
+@dataclass
+class PruneBook:
+    """Per client: target ratio, local steps trained, and the keep of its last kept round."""
+
+    scenario: Scenario
+    layers: list[LayerGeometry]  # of the unpruned model
+    targets: np.ndarray  # (N,) float
+    steps: np.ndarray = field(init=False)  # (N,) int
+    keeps: dict[int, Keep] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.steps = np.zeros(len(self.targets), dtype=np.int64)
+
+    def held(self, cid: int) -> Keep | None:
+        return self.keeps.get(int(cid))
+
+    def scheduled(self, cid: int) -> float:
+        """The ratio the schedule puts the client at for its coming round."""
+        p = self.scenario.pruning
+        return ratio_before_step(int(self.steps[cid]), float(self.targets[cid]), p.interval_steps, p.events)
+
+    def ratio(self, keep: Keep | None) -> float:
+        """Share of the unpruned model's prunable parameters `keep` removed."""
+        return 0.0 if keep is None else keep.removed_params(self.layers) / sum(g.params for g in self.layers)
+
+    def order(self, cid: int) -> dict[str, object]:
+        """The train config entries that tell client `cid` what to hold and how to grow it."""
+        keep = self.held(cid)
+        return {"prune-keep": keep.to_json() if keep is not None else "", "prune-target": float(self.targets[cid]), "prune-steps": int(self.steps[cid])}
+
+    def record(self, cid: int, keep: Keep | None, steps: int) -> None:
+        """A kept round: the client now holds `keep` and trained `steps` more steps."""
+        if keep is not None:
+            self.keeps[int(cid)] = keep
+        self.steps[cid] += steps
+
+    def to_json(self) -> str:
+        return json.dumps({"steps": self.steps.tolist(), "keeps": {str(c): k.to_json() for c, k in sorted(self.keeps.items())}})
+
+
+def plan_server_keeps(book: PruneBook, chosen: Iterable[int], scores: Callable[[], Scores]) -> None:
+    """`pruning.where = "server"`: cut each chosen client to its scheduled ratio, within what it
+    holds, by the global importance (`scores()`, computed once, only if some client needs a cut)."""
+    computed: list[Scores] = []
+    for cid in chosen:
+        ratio, held = book.scheduled(int(cid)), book.held(int(cid))
+        if ratio <= book.ratio(held) + 1e-12:
+            continue
+        if not computed:
+            computed.append(scores())
+        book.keeps[int(cid)] = select_keep(computed[0], book.layers, ratio, book.scenario.pruning.mode, within=held)
