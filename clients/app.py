@@ -124,7 +124,7 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     model, tokenizer, shape = _model(*key)
     use_rank(model, scenario.lora, int(config.get("lora-rank", scenario.lora.rank)))
     set_trainable(model, freeze=str(config.get("lora-freeze", "")))
-    order = PruneOrder.from_config(config, _layers(*key)) if scenario.pruning.enabled or config.get("prune-keep") else None
+    order = PruneOrder.from_config(config, _layers(*key)) if scenario.prunes else None
     if order is not None:  # this client's own model; the cached one stays whole for the next client
         model = pruned_copy(model, order.keep)
     received = _received_adapter(msg, context)
@@ -207,6 +207,7 @@ def train(msg: Message, context: Context) -> Message:
             "loss-after": result.loss_after,
             "tokens": result.tokens,
             "flops": result.flops + (pruner.flops if pruner is not None else 0.0),
+            "prune-ratio": pruner.ratio() if pruner is not None else 0.0,  # every reply has the same keys (Flower's metric averaging needs them)
             "wall-time-s": result.wall_time_s,
         }
     )
@@ -218,7 +219,6 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": metrics})
     if pruner is not None and order is not None:  # the update covers the keep the client ended with
         received = slice_adapter(received, pruner.keep.within(order.keep))
-        metrics["prune-ratio"] = pruner.ratio()
         content[PRUNE_RECORD] = ConfigRecord({"keep": pruner.keep.to_json()})
     content["update"] = ConfigRecord({"payload": encode_update(shared, received, scenario.compression, context)})
     return Message(content, reply_to=msg)

@@ -22,7 +22,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -112,12 +111,14 @@ def _padded(linear: torch.nn.Linear, axis: int, count: int) -> torch.nn.Linear:
 
 
 def per_ratio_keeps(book: PruneBook) -> dict[float, Keep | None]:
-    """Target ratio → the keep of its most trained client (None for ratio 0 or when none of its
-    clients trained yet): the models `eval_export` rows score."""
-    out: dict[float, Keep | None] = {}
-    for target in sorted({float(t) for t in book.targets}):
-        ids = [c for c in np.flatnonzero(book.targets == target) if book.held(int(c)) is not None]
-        out[target] = book.held(int(max(ids, key=lambda c: (book.steps[c], -c)))) if ids else None
+    """Target ratio → the keep of its most trained client, over the targets of clients that hold
+    a keep, and 0 → None (the unpruned model) if some client's target is 0: the models
+    `eval_export` rows score."""
+    held = [c for c in range(len(book.targets)) if book.held(c) is not None]
+    out: dict[float, Keep | None] = {0.0: None} if (book.targets == 0).any() else {}
+    for target in sorted({float(book.targets[c]) for c in held}):
+        ids = [c for c in held if book.targets[c] == target]
+        out[target] = book.held(max(ids, key=lambda c: (book.steps[c], -c)))
     return out
 
 
@@ -132,7 +133,6 @@ def export_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, exam
         rows.append({
             "round": server_round, "client_id": -1, "kind": "eval_export", "num_examples": res.num_examples, "loss": res.loss,
             "accuracy": res.accuracy, "wall_time_s": res.wall_time_s, "prune_target": target, "prune_ratio": book.ratio(keep),
-            "reason": "" if keep is not None or target == 0 else "no client of this ratio trained yet: the unpruned model",
         })  # fmt: skip
     return rows
 

@@ -64,10 +64,17 @@ class PruneBook:
     layers: list[LayerGeometry]  # of the unpruned model
     targets: np.ndarray  # (N,) float
     steps: np.ndarray = field(init=False)  # (N,) int
+    cut_for: np.ndarray = field(init=False)  # (N,) float: the scheduled ratio of the server's last cut
     keeps: dict[int, Keep] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.steps = np.zeros(len(self.targets), dtype=np.int64)
+        self.cut_for = np.zeros(len(self.targets))
+
+    def reset(self, cid: int) -> None:
+        """Forget client `cid`'s pruning: it starts over from the unpruned model."""
+        self.keeps.pop(int(cid), None)
+        self.steps[cid], self.cut_for[cid] = 0, 0.0
 
     def held(self, cid: int) -> Keep | None:
         return self.keeps.get(int(cid))
@@ -86,6 +93,15 @@ class PruneBook:
         keep = self.held(cid)
         return {"prune-keep": keep.to_json() if keep is not None else "", "prune-target": float(self.targets[cid]), "prune-steps": int(self.steps[cid])}
 
+    def retarget(self, cid: int, target: float) -> None:
+        """A new target ratio for client `cid` (the controller's arm): below what it holds, it
+        starts over from the unpruned model; otherwise its schedule restarts from what it holds."""
+        if target + 1e-9 < self.ratio(self.held(cid)):
+            self.reset(cid)
+        elif target != self.targets[cid]:
+            self.steps[cid], self.cut_for[cid] = 0, self.ratio(self.held(cid))
+        self.targets[cid] = target
+
     def record(self, cid: int, keep: Keep | None, steps: int) -> None:
         """A kept round: the client now holds `keep` and trained `steps` more steps."""
         if keep is not None:
@@ -102,8 +118,9 @@ def plan_server_keeps(book: PruneBook, chosen: Iterable[int], scores: Callable[[
     computed: list[Scores] = []
     for cid in chosen:
         ratio, held = book.scheduled(int(cid)), book.held(int(cid))
-        if ratio <= book.ratio(held) + 1e-12:
+        if ratio <= book.cut_for[cid] + 1e-12:  # (not the ratio held: a cut lands within half a structure of it)
             continue
         if not computed:
             computed.append(scores())
         book.keeps[int(cid)] = select_keep(computed[0], book.layers, ratio, book.scenario.pruning.mode, within=held)
+        book.cut_for[cid] = ratio

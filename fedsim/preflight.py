@@ -39,12 +39,13 @@ def model_layers(name: str, dtype: str) -> list[LayerGeometry] | str:
 
 
 def pruning_problems(scenario: Scenario, fleet: Fleet) -> list[str]:
-    if not scenario.pruning.enabled:
+    if not scenario.prunes:
         return []
     layers = model_layers(scenario.model.name, scenario.model.dtype)
     if isinstance(layers, str):
         return [f"`pruning`: {layers}"]
-    return [f"`pruning`: {p}" for p in ratio_problems(layers, scenario, client_ratios(scenario, fleet))]
+    arms = scenario.controller.ratios if scenario.controller is not None else ()
+    return [f"`pruning`: {p}" for p in ratio_problems(layers, scenario, [*client_ratios(scenario, fleet), *arms])]
 
 
 def adapter_bytes(shape: ModelShape, scenario: Scenario) -> int:

@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from fedsim.adapter import AdapterState, factors, from_record, split_state, to_record
 from fedsim.availability import dropout_draws
 from fedsim.clock import comm_seconds, keep_first_finishers, payload_bytes, round_duration
+from fedsim.control import ArmControl
 from fedsim.downlink import Downlink
 from fedsim.fleet import GIB, Fleet
 from fedsim.keeps import PruneBook, plan_server_keeps
@@ -103,6 +104,7 @@ class RoundEnv:
     score: Callable[[AdapterState], float] | None = None  # held-out loss of an adapter (α tuning)
     downlink: Downlink | None = None  # compressed server → client direction, if enabled
     pruning: PruneBook | None = None  # each client's pruned model, when pruning is on
+    control: ArmControl | None = None  # the bandit that picks each sampled client's arm, if any
     server_scores: Callable[[AdapterState], Scores] | None = None  # pruning.where = "server": global importance
     last_bias: float = float("nan")  # aggregation bias of the last training round (`round_bias`)
     round_trips: dict[int, float] = field(default_factory=dict)  # node id → measured seconds, last exchange
@@ -216,6 +218,7 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     for i, c in enumerate(ok):
         row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
         row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
+        row["update_norm"] = math.sqrt(sum(float(v.double().pow(2).sum()) for v in c.update.values())) if c.update else 0.0
         if kept[i] and s.compression.method == "compeft":
             row["alpha"] = factor if s.compression.alpha_auto else s.compression.alpha
         if env.pruning is not None:
@@ -226,6 +229,8 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     bias = round_bias([env.strategy.client_adapter(_as_adapter_reply(c, sent, factor)).state for c in kept_replies], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
     state = _aggregate(env, sent, kept_replies, server_round, factor) or state
     env.last_bias = bias
+    if env.control is not None:
+        env.control.observe(rows)
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
     return state, sorted(rows, key=lambda r: r["client_id"]), duration if kept.any() else max(duration, s.fleet.idle_step_s)
@@ -237,10 +242,13 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
     s, f = env.scenario, env.fleet
     k = math.ceil(s.clients.per_round * (1 + s.fleet.overcommit))
     if s.fleet.clock == "measured":  # real devices: who is there answers, the model is not applied
-        return np.array(sample_clients(env.clients, k, s.seed, server_round, "train"), dtype=np.int64), []
+        chosen = np.array(sample_clients(env.clients, k, s.seed, server_round, "train"), dtype=np.int64)
+        _plan(env, state, chosen, server_round)
+        return chosen, []
     est_bytes = payload_bytes(RecordDict({"arrays": to_record(state), "config": _config(s)}))
     eligible = eligible_clients(env, t_now, server_round, est_bytes)
     chosen = np.array(sample_clients(eligible, k, s.seed, server_round, "train"), dtype=np.int64)
+    _plan(env, state, chosen, server_round)
     need = env.estimated(chosen)[1]
     infeasible = f.memory[chosen] < need
     rows = [
@@ -253,9 +261,23 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
     return chosen[~dropped], rows
 
 
+def _plan(env: RoundEnv, state: AdapterState, chosen: np.ndarray, server_round: int) -> None:
+    """What the chosen clients will train: the controller's arms, then the server's cuts."""
+    if env.control is not None:
+        env.control.assign(chosen, server_round, env.ranks, env.pruning)
+    if env.pruning is not None and env.scenario.pruning.where == "server":
+        assert env.server_scores is not None
+        plan_server_keeps(env.pruning, chosen, lambda: env.server_scores(state))  # type: ignore[misc]
+
+
 def _pruned(env: RoundEnv, cid: int) -> str:
     book = env.pruning
-    return "" if book is None else f", pruned {book.ratio(book.held(cid)):.2f}"
+    if book is None:
+        return ""
+    note = f", pruned {book.ratio(book.held(cid)):.2f}"
+    if env.scenario.pruning.where == "client" and book.targets[cid] > book.ratio(book.held(cid)):
+        note += f" (it would prune toward {book.targets[cid]:g} on the device; pruning.where = 'server' cuts before sending)"
+    return note
 
 
 def _send_train(
@@ -267,9 +289,6 @@ def _send_train(
     nodes = [env.clients[int(c)] for c in chosen]
     if not nodes:
         return [], [], {}, {}
-    if env.pruning is not None and env.scenario.pruning.where == "server":
-        assert env.server_scores is not None
-        plan_server_keeps(env.pruning, chosen, lambda: env.server_scores(base))  # type: ignore[misc]
     env.assign_ranks(chosen)
     messages = list(env.strategy.configure_train(server_round, to_record(base), _config(env.scenario), Participants(env.grid, nodes)))
     sent = _sent_states(messages)

@@ -8,6 +8,7 @@ Layout of ``<out>/<name>/``::
     events.jsonl             one JSON object per line: run start/end, rounds, rejected replies
     checkpoints/round_<k>/   the global adapter after round k, in PEFT's format
     keeps.json               pruning: each client's keep and steps trained, after the last round (`fedsim.keeps`)
+    controller.npz           with a controller: its state after the last round (also in each checkpoint)
     adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
 
 metrics.parquet schema (`METRIC_COLUMNS`):
@@ -45,6 +46,10 @@ metrics.parquet schema (`METRIC_COLUMNS`):
                         eval_export: the target ratio of the exported model
     prune_ratio  float  train: share of the prunable parameters the client had removed at the end of
                         its round (others: what it held); eval_export: the exported model's
+    update_norm  float  train: ‖local − received‖ of the client's decoded update (NaN if none)
+    arm_rank     int    train, with a controller: the LoRA rank the bandit chose for the client (0 otherwise)
+    arm_ratio    float  train, with a controller: the pruning ratio it chose (NaN otherwise)
+    reward       float  train, with a controller: the reward the bandit learned from (NaN if none)
     reason       str    why a row is not ok ("" when ok)
 
 Every file is replaced atomically (write to a temporary name, then rename).
@@ -87,6 +92,10 @@ METRIC_COLUMNS: dict[str, str] = {
     "aggregation_bias": "float64",
     "prune_target": "float64",
     "prune_ratio": "float64",
+    "update_norm": "float64",
+    "arm_rank": "int64",
+    "arm_ratio": "float64",
+    "reward": "float64",
     "reason": "string",
 }
 _DEFAULTS: dict[str, Any] = {
@@ -110,6 +119,10 @@ _DEFAULTS: dict[str, Any] = {
     "aggregation_bias": math.nan,
     "prune_target": 0.0,
     "prune_ratio": 0.0,
+    "update_norm": math.nan,
+    "arm_rank": 0,
+    "arm_ratio": math.nan,
+    "reward": math.nan,
     "reason": "",
 }
 

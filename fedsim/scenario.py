@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedsim.availability import Availability
+from fedsim.controllers.config import ControllerConfig
 from fedsim.devices import CATALOG, DeviceProfile
 from fedsim.errors import InputError, describe, read_toml
 
@@ -299,6 +300,12 @@ class Scenario(_Section):
     fleet: FleetConfig = FleetConfig()
     compression: CompressionConfig = CompressionConfig()
     pruning: PruningConfig = PruningConfig()
+    controller: ControllerConfig | None = Field(None, description="A bandit that picks each sampled client's (LoRA rank, pruning ratio) every round (`fedsim.controllers`); absent: the static lora.*_ranks and pruning.*_ratios.")
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any client may be pruned (a ratio above 0, or a controller arm with one)."""
+        return self.pruning.enabled or (self.controller is not None and max(self.controller.ratios) > 0)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
@@ -334,7 +341,8 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
             "(it aggregates several candidates per round): set a number"
         )
     problems += _rank_problems(getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression)
-    problems += _pruning_problems(getattr(s, "pruning", None), getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression)
+    problems += _pruning_problems(getattr(s, "pruning", None), getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression, getattr(s, "controller", None))
+    problems += _controller_problems(getattr(s, "controller", None), getattr(s, "lora", None), getattr(s, "fleet", None))
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
         problems.append(f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}")
     return problems
@@ -371,9 +379,10 @@ def _rank_problems(lora: LoraConfig | None, clients: ClientsConfig | None, fleet
 
 def _pruning_problems(
     pruning: PruningConfig | None, lora: LoraConfig | None, clients: ClientsConfig | None, fleet: FleetConfig | None,
-    strategy: StrategyConfig | None, compression: CompressionConfig | None,
+    strategy: StrategyConfig | None, compression: CompressionConfig | None, controller: ControllerConfig | None = None,
 ) -> list[str]:
-    """Pruning names real clients and profiles, and fits the strategy, the adapter and the downlink."""
+    """Pruning names real clients and profiles, and fits the strategy, the adapter and the downlink
+    (pruning is on when a ratio or a controller's arm is above 0)."""
     if pruning is None:
         return []
     problems = []
@@ -386,7 +395,7 @@ def _pruning_problems(
     if fleet is not None and not fleet.profiles_file and not fleet.trace:
         known = {*CATALOG, *fleet.profiles}
         problems += [f"`pruning.profile_ratios.{name}`: unknown device profile; known: {', '.join(sorted(known))}" for name in pruning.profile_ratios if name not in known]
-    if not pruning.enabled:
+    if not pruning.enabled and (controller is None or max(controller.ratios) == 0):
         return problems
     from strategies import PRUNING_REFUSED  # the strategy registry imports torch
 
@@ -394,7 +403,7 @@ def _pruning_problems(
         problems.append(f"`strategy.name` = {strategy.name!r} cannot aggregate pruned clients: {PRUNING_REFUSED[strategy.name]}; use fedit, hetlora, ffa_lora or fedsa_lora, or set the pruning ratios to 0")
     if lora is not None and pruning.importance == "lora_grad":
         attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
-        missing = [what for what, names in (("an attention", attention), ("an MLP", mlp)) if not names & set(lora.target_modules)]
+        missing = [what for what, names in (("attention", attention), ("MLP", mlp)) if not names & set(lora.target_modules)]
         if missing:
             problems.append(
                 f"`pruning.importance` = 'lora_grad' scores heads and channels from the LoRA gradients, but `lora.target_modules` "
@@ -403,6 +412,22 @@ def _pruning_problems(
             )
     if compression is not None and compression.downlink:
         problems.append("`compression.downlink` sends every client the same adapter; pruned clients each need their own slice: turn one off")
+    return problems
+
+
+def _controller_problems(controller: ControllerConfig | None, lora: LoraConfig | None, fleet: FleetConfig | None) -> list[str]:
+    """Every arm's rank fits the global adapter; profile arms name real profiles."""
+    if controller is None:
+        return []
+    problems = []
+    if lora is not None and max(controller.ranks) > lora.rank:
+        problems.append(
+            f"`controller.ranks` go up to {max(controller.ranks)} but `lora.rank` = {lora.rank}: the global adapter (rank "
+            f"lora.rank) serves every arm, so set lora.rank >= {max(controller.ranks)}"
+        )
+    if fleet is not None and not fleet.profiles_file and not fleet.trace:
+        known = {*CATALOG, *fleet.profiles}
+        problems += [f"`controller.profile_arms.{name}`: unknown device profile; known: {', '.join(sorted(known))}" for name in controller.profile_arms if name not in known]
     return problems
 
 

@@ -23,6 +23,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.adapter import AdapterState, attach_lora, get_state, save_adapter, set_state
+from fedsim.control import ArmControl
 from fedsim.costs import ModelShape, train_memory, train_step_flops
 from fedsim.data import central_test_set
 from fedsim.downlink import Downlink
@@ -143,10 +144,11 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     c = scenario.compression
     downlink = Downlink(c.codec(), fleet.size) if c.downlink else None
     ranks = client_ranks(scenario, fleet)
-    book = PruneBook(scenario, geometry(central.model), client_ratios(scenario, fleet)) if scenario.pruning.enabled else None
+    book = PruneBook(scenario, geometry(central.model), client_ratios(scenario, fleet)) if scenario.prunes else None
+    control = ArmControl.build(scenario, fleet)
     env = RoundEnv(
         grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks,
-        cost_model(central.shape, scenario), score=central.loss, downlink=downlink, pruning=book, server_scores=central.importance,
+        cost_model(central.shape, scenario), score=central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,
     )  # fmt: skip
     run_dir.event("clients", count=len(env.clients))
     sim_time = 0.0
@@ -163,12 +165,16 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
         save_adapter(central.model, state, run_dir.checkpoint_path(server_round))
         if book is not None:
             run_dir.save_keeps(book.to_json())
+        if control is not None:
+            control.save(run_dir.checkpoint_path(server_round))
         run_dir.add_rows(rows)
         for r in rows:
             if r.get("status", "ok") not in ("ok", "straggler"):
                 run_dir.event("client_problem", round=server_round, client_id=r["client_id"], kind=r["kind"], status=r["status"], reason=r["reason"])
         _report(progress, run_dir, server_round, scenario.rounds, rows, train_time_s=train_time)
     save_adapter(central.model, state, run_dir.adapter_path)
+    if control is not None:
+        control.save(run_dir.path)
     if book is not None:  # the final adapter on each ratio's pruned model, as its devices deploy it
         set_state(central.model, state)
         run_dir.add_rows(export_rows(central.model, central.tokenizer, central.examples, book, scenario, scenario.rounds))

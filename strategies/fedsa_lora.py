@@ -30,10 +30,10 @@ class FedSALoRA(LoraStrategy):
         adapter, _ = split_state(self.current)
         weights = [c.weight for c in clients]
         a_keys = [a_key for a_key, _ in layer_pairs(adapter).values()]
-        states = [{k: self._pad_rows(c.state[k], 0.0) for k in a_keys} for c in clients]
-        masks = [c.mask and {k: self._pad_rows(c.mask[k], True) for k in a_keys} for c in clients]
+        states = [{k: self._pad_rows(c.state[k]) for k in a_keys} for c in clients]
+        masks = [c.mask and {k: torch.cat([c.mask[k], c.mask[k][:1].expand(self.r_max - c.mask[k].shape[0], -1)]) for k in a_keys} for c in clients]
         filled = fill_uncovered(states, masks, weights, {k: adapter[k] for k in a_keys})
         return {**adapter, **{k: fedsa_lora([s[k] for s in filled], weights) for k in a_keys}}
 
-    def _pad_rows(self, A: torch.Tensor, value: float | bool) -> torch.Tensor:
-        return torch.cat([A, torch.full((self.r_max - A.shape[0], A.shape[1]), value, dtype=A.dtype)])
+    def _pad_rows(self, A: torch.Tensor) -> torch.Tensor:
+        return torch.cat([A, A.new_zeros(self.r_max - A.shape[0], A.shape[1])])

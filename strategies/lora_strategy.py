@@ -138,14 +138,15 @@ class LoraStrategy(FedAvg):
         return out
 
     def padded_mask(self, client: ClientAdapter) -> AdapterState | None:
-        """`padded`'s coverage: the client's mask, its padded ranks covered (they are zeros it holds)."""
+        """`padded`'s coverage: the client's mask, extended over its padded ranks the way it covers
+        its own (a padded rank is a zero the client holds, in the rows and columns it kept only)."""
         if client.mask is None:
             return None
         out = dict(client.mask)
         for a_key, b_key in layer_pairs(client.mask).values():
             A, B = client.mask[a_key], client.mask[b_key]
-            out[a_key] = torch.cat([A, A.new_ones(self.r_max - A.shape[0], A.shape[1])])
-            out[b_key] = torch.cat([B, B.new_ones(B.shape[0], self.r_max - B.shape[1])], dim=1)
+            out[a_key] = torch.cat([A, A[:1].expand(self.r_max - A.shape[0], -1)])
+            out[b_key] = torch.cat([B, B[:, :1].expand(-1, self.r_max - B.shape[1])], dim=1)
         return out
 
     def aligned(self, clients: list[ClientAdapter], weights: list[float]) -> list[AdapterState]:

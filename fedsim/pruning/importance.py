@@ -227,7 +227,7 @@ def _collect(model: torch.nn.Module, per_weight: PerWeight) -> Scores:
             for name in names:
                 importance = per_weight(i, name, getattr(sub, name))
                 if importance is not None:
-                    per_index = importance.double().sum(dim=1 - AXIS[name])  # (out,) or (in,)
+                    per_index = importance.double().sum(dim=1 - AXIS[name]).cpu()  # (out,) or (in,)
                     acc += per_index.view(n, -1).sum(1)  # contiguous blocks: G·h, h or 1 per structure
             out.append(acc)
     return Scores(tuple(groups), tuple(channels))

@@ -1,0 +1,231 @@
+"""The controller interface, and the bookkeeping every bandit algorithm here shares.
+
+A controller gives each device, each round, an arm = (LoRA rank, pruning ratio), knowing nothing
+of the device beforehand, and learns from the rewards (`fedsim.controllers.reward`: progress per
+second) which arm serves that device best. The round loop's side of it:
+
+    ranks, ratios = ctrl.choose(devices, round)                  # (n,) int64, (n,) float64
+    ctrl.update(devices, ranks, ratios, rewards, feasible)       # what those devices reported
+    state = ctrl.state_dict(); other.load_state_dict(state)      # dict[str, np.ndarray]
+
+Candidate points. A controller picks among K candidate points (rank_k, ratio_k): the grid arms
+(`fedsim.controllers.arms`) for the grid algorithms, the cells of its partition tree for `sucb`.
+Per device and point it keeps
+
+    counts      (N, K) float64   pulls (plain, discounted or windowed, as the algorithm says)
+    sums        (N, K) float64   rewards summed over those pulls; mean = sums / counts
+    infeasible  (N, K) bool      the point did not fit the device
+
+and one numpy Generator (PCG64, seeded) for sampling and tie-breaks. All of it is arrays, so
+10,000 devices are one (N, K) matrix and choose/update are vectorised over devices; algorithms
+loop at most over arms, tree levels or device profiles.
+
+Rules every controller keeps:
+- Infeasible. A (rank, ratio) reported infeasible (out of memory) is never chosen again for that
+  device; with `infer_infeasible` neither is any point needing at least as much memory (rank ≥ r,
+  ratio ≤ p). Its reward (the reward module's penalty) is learned as any other, so that shared
+  models (linucb) and tree cells (sucb) learn that the region is poor. If every point is
+  infeasible for a device (`exhausted`), `choose` returns the cheapest point (smallest rank,
+  largest ratio): the round loop should leave that device out.
+- Ties are broken uniformly at random, with the controller's own Generator.
+- Determinism: the same seed and the same calls give the same choices; `state_dict` holds the
+  Generator's state as a uint64 array, so a controller loaded from it continues identically.
+- `update` takes each device at most once (one report per device per round).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from fedsim.controllers.arms import ArmGrid, dominated_by, same_point
+
+if TYPE_CHECKING:
+    from fedsim.controllers.config import ControllerConfig
+
+_U64 = (1 << 64) - 1
+
+
+class Controller(ABC):
+    """Per-device arm choice for one fleet: shared state and the choose/update/state contract.
+    Subclasses implement `_select` (and extend `_learn`, `_points`, `state_keys` as needed)."""
+
+    name: ClassVar[str] = ""
+    state_keys: ClassVar[tuple[str, ...]] = ("counts", "sums", "infeasible")
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        num_devices: int,
+        profiles: np.ndarray,
+        features: np.ndarray | None = None,
+        seed: int = 0,
+        profile_names: Sequence[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.grid = ArmGrid(config.ranks, config.ratios)
+        self.num_devices = int(num_devices)
+        self.profiles = _check_profiles(profiles, self.num_devices)  # (N,) int64
+        self.features = _check_features(features, self.num_devices)  # (N, d) float64
+        num_profiles = int(self.profiles.max()) + 1 if self.num_devices else 0
+        self.profile_names = tuple(profile_names) if profile_names is not None else tuple(str(g) for g in range(num_profiles))
+        if len(self.profile_names) < num_profiles:
+            raise ValueError(f"`profile_names` must name every profile index 0..{num_profiles - 1}, got {len(self.profile_names)} names")
+        self.point_ranks, self.point_ratios = self._points()  # (K,), (K,)
+        shape = (self.num_devices, len(self.point_ranks))
+        self.counts = np.zeros(shape)
+        self.sums = np.zeros(shape)
+        self.infeasible = np.zeros(shape, dtype=bool)
+        self.rng = np.random.default_rng(seed)
+        self._cheapest = int(np.lexsort((-self.point_ratios, self.point_ranks))[0])
+
+    # --- the interface --------------------------------------------------------------------
+
+    def choose(self, devices: np.ndarray, round: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ranks (n,) int64, ratios (n,) float64) for `devices` (n,) in round `round`."""
+        devices = self._check_devices(devices)
+        points = self._select(devices, round)
+        points = np.where(self.exhausted(devices), self._cheapest, points)
+        return self.point_ranks[points].copy(), self.point_ratios[points].copy()
+
+    def update(self, devices: np.ndarray, ranks: np.ndarray, ratios: np.ndarray, rewards: np.ndarray, feasible: np.ndarray) -> None:
+        """Learn from one round's reports: each device's (rank, ratio), reward and feasibility."""
+        devices = self._check_devices(devices, unique=True)
+        ranks, ratios, rewards, feasible = _aligned(len(devices), ranks=(ranks, np.int64), ratios=(ratios, np.float64), rewards=(rewards, np.float64), feasible=(feasible, bool))
+        if not np.isfinite(rewards).all():
+            raise ValueError(f"`rewards` must be finite, got {rewards[~np.isfinite(rewards)][:3]}")
+        points = self._locate(devices, ranks, ratios)
+        self._learn(devices, points, rewards)
+        bad = ~feasible
+        if bad.any():
+            match = dominated_by if self.config.infer_infeasible else same_point
+            rows = devices[bad]
+            self.infeasible[rows] |= match(self.point_ranks, self.point_ratios, ranks[bad], ratios[bad])
+
+    def exhausted(self, devices: np.ndarray) -> np.ndarray:
+        """(n,) whether no point fits the device any more (choose then returns the cheapest)."""
+        return self.infeasible[np.asarray(devices)].all(axis=1)
+
+    def means(self, devices: np.ndarray) -> np.ndarray:
+        """(n, K) mean reward of each point (0 where never pulled)."""
+        counts = self.counts[np.asarray(devices)]
+        return np.divide(self.sums[np.asarray(devices)], counts, out=np.zeros_like(counts), where=counts > 0)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every learned array, the Generator's state and the controller's name, as copies."""
+        state = {key: np.array(getattr(self, key), copy=True) for key in self.state_keys}
+        state["rng"] = _rng_to_array(self.rng)
+        state["controller"] = np.array(self.name)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore `state_dict()` of a controller built with the same config and fleet."""
+        if problems := self._state_problems(state):
+            raise ValueError("cannot load controller state:\n" + "\n".join(f"  - {p}" for p in problems))
+        for key in self.state_keys:
+            setattr(self, key, np.array(state[key], dtype=getattr(self, key).dtype, copy=True))
+        self.rng = _rng_from_array(np.asarray(state["rng"]))
+        self._after_load()
+
+    # --- what algorithms implement --------------------------------------------------------
+
+    @abstractmethod
+    def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
+        """(n,) candidate point index per device, never an infeasible one where a feasible exists."""
+
+    def _learn(self, devices: np.ndarray, points: np.ndarray, rewards: np.ndarray) -> None:
+        """Plain statistics: one more pull of `points` with `rewards` (devices are unique)."""
+        self.counts[devices, points] += 1.0
+        self.sums[devices, points] += rewards
+
+    def _points(self) -> tuple[np.ndarray, np.ndarray]:
+        """The candidate points (ranks (K,), ratios (K,)): the grid arms, in arm order."""
+        return self.grid.arm_ranks(), self.grid.arm_ratios()
+
+    def _locate(self, devices: np.ndarray, ranks: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+        """(n,) point index of each reported (rank, ratio)."""
+        return self.grid.arm_of(ranks, ratios)
+
+    def _after_load(self) -> None:
+        """Recompute what is derived from the state (caches), after `load_state_dict`."""
+        return None
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _pick(self, devices: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """(n,) argmax of scores (n, K) over each device's feasible points, ties at random."""
+        scores = np.where(self.infeasible[devices], -np.inf, scores)
+        best = scores >= scores.max(axis=1, keepdims=True)
+        return np.where(best, self.rng.random(scores.shape), -1.0).argmax(axis=1)
+
+    def _check_devices(self, devices: np.ndarray, unique: bool = False) -> np.ndarray:
+        devices = np.asarray(devices)
+        if devices.ndim != 1 or (devices.size and devices.dtype.kind not in "iu"):
+            raise ValueError(f"`devices` must be a 1-D array of device indices, got shape {devices.shape}, dtype {devices.dtype}")
+        devices = devices.astype(np.int64)
+        if devices.size and (devices.min() < 0 or devices.max() >= self.num_devices):
+            raise ValueError(f"`devices` must be in [0, {self.num_devices}), got values in [{devices.min()}, {devices.max()}]")
+        if unique and np.unique(devices).size != devices.size:
+            raise ValueError("`devices` must not repeat a device in one update (one report per device per round)")
+        return devices
+
+    def _state_problems(self, state: Mapping[str, np.ndarray]) -> list[str]:
+        expected = {*self.state_keys, "rng", "controller"}
+        problems = [f"missing key {k!r}" for k in sorted(expected - set(state))]
+        problems += [f"unexpected key {k!r}" for k in sorted(set(state) - expected)]
+        if "controller" in state and str(state["controller"]) != self.name:
+            problems.append(f"state of controller {str(state['controller'])!r} cannot load into {self.name!r}")
+        for key in self.state_keys:
+            if key in state:
+                mine, theirs = getattr(self, key), np.asarray(state[key])
+                if theirs.shape != mine.shape or theirs.dtype.kind != mine.dtype.kind:
+                    problems.append(f"{key!r} must have shape {mine.shape} and dtype kind {mine.dtype.kind!r}, got {theirs.shape}, {theirs.dtype}")
+        if "rng" in state and np.asarray(state["rng"]).shape != (6,):
+            problems.append(f"'rng' must have shape (6,), got {np.asarray(state['rng']).shape}")
+        return problems
+
+
+def _check_profiles(profiles: np.ndarray, num_devices: int) -> np.ndarray:
+    profiles = np.asarray(profiles)
+    if profiles.shape != (num_devices,) or (num_devices and (profiles.dtype.kind not in "iu" or profiles.min() < 0)):
+        raise ValueError(f"`profiles` must be ({num_devices},) non-negative profile indices, got shape {profiles.shape}, dtype {profiles.dtype}")
+    return profiles.astype(np.int64)
+
+
+def _check_features(features: np.ndarray | None, num_devices: int) -> np.ndarray:
+    if features is None:
+        return np.ones((num_devices, 1))
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] != num_devices or features.shape[1] < 1 or not np.isfinite(features).all():
+        raise ValueError(f"`features` must be a finite ({num_devices}, d) array with d >= 1, got shape {features.shape}")
+    return features
+
+
+def _aligned(n: int, **arrays: tuple[np.ndarray, type]) -> list[np.ndarray]:
+    """Each array as its dtype, checked to be (n,) like `devices`."""
+    out = []
+    for name, (value, dtype) in arrays.items():
+        value = np.asarray(value)
+        if value.shape != (n,):
+            raise ValueError(f"`{name}` must be aligned with devices, shape ({n},), got {value.shape}")
+        out.append(value.astype(dtype))
+    return out
+
+
+def _rng_to_array(rng: np.random.Generator) -> np.ndarray:
+    """PCG64 state → uint64[6]: state (hi, lo), increment (hi, lo), has_uint32, uinteger."""
+    st = rng.bit_generator.state
+    if st["bit_generator"] != "PCG64":
+        raise TypeError(f"controllers use PCG64, got {st['bit_generator']}")
+    s, inc = st["state"]["state"], st["state"]["inc"]
+    return np.array([s >> 64, s & _U64, inc >> 64, inc & _U64, st["has_uint32"], st["uinteger"]], dtype=np.uint64)
+
+
+def _rng_from_array(a: np.ndarray) -> np.random.Generator:
+    hi_s, lo_s, hi_i, lo_i, has, uint = (int(x) for x in a.astype(np.uint64))
+    bit_gen = np.random.PCG64()
+    bit_gen.state = {"bit_generator": "PCG64", "state": {"state": (hi_s << 64) | lo_s, "inc": (hi_i << 64) | lo_i}, "has_uint32": has, "uinteger": uint}
+    return np.random.Generator(bit_gen)

@@ -1,0 +1,136 @@
+"""The reward a controller learns from: a client's progress per second in one round.
+
+For client i of a round, with every term computed from what it reported (`Observations`):
+
+    ℓ_i = max(0, (ℓ_before − ℓ_after) / ℓ_before)      relative loss improvement (0 if ℓ_before ≤ 0
+                                                        or either loss is not finite: no progress)
+    π_i = max(0, min(ratio_reached, ratio_target))      pruning progress: the sparsity attained,
+                                                        credited up to the ratio asked for
+    ν_i = update_norm                                   the update's importance (0 if not finite)
+
+    g_i = w_ℓ·ℓ_i/ℓ̄ + w_π·π_i/π̄ + w_ν·ν_i/ν̄          ℓ̄, π̄, ν̄: the term's mean over the round's
+                                                        feasible clients (a term whose mean is 0
+                                                        is left as is): the weights, not the
+                                                        units, set each term's share
+    s_i = (T / t_i)^α  if t_i > T, else 1               Oort's straggler factor (Lai et al., "Oort:
+                                                        Efficient Federated Learning via Guided
+                                                        Participant Selection", OSDI 2021)
+    x_i = g_i / t_i · s_i                               progress per second, stragglers penalised
+
+and then normalised across the round, floored, and the clients that could not run penalised:
+
+    round_max:   x̃_i = x_i / max_j x_j                 ∈ [0, 1], UCB1's and EXP3's assumption
+    round_mean:  x̃_i = x_i / mean_j x_j                ≈ 1 on average, unbounded above
+    baseline:    x̃_i = x_i / λ_t,  λ_t = bias-corrected discounted mean of the rounds' mean x,
+                 m_t = β·m_{t−1} + (1 − β)·mean_j x_j, λ_t = m_t / (1 − β^t)   (this round included;
+                 FedEx's running baseline, Khodak et al. 2021, arXiv:2106.04502, used to scale
+                 rather than subtract, so rewards stay positive and comparable across rounds)
+    none:        x̃_i = x_i
+    r_i = max(x̃_i, floor)    if the client ran         r_i = infeasible_penalty    otherwise
+
+Normalising per round removes what every client shares that round (loss improvements shrink as
+the model converges), so a device's reward measures how good its arm is, not how late the round.
+The maxima, means and medians are over feasible clients only.
+
+Constants (`RewardConfig`): w_ℓ = 1, w_π = 0.5, w_ν = 0.25 (loss progress first; sparsity
+counts half as much; the update norm a little, as a diverging client also sends a large
+update); T = the round's deadline if it has one, else the median feasible client time
+(`straggler = "auto"`); α = 2 (as in open-source Oort implementations; the paper leaves α to
+the developer); round_max; floor = 0.01 (a feasible arm never scores 0, so it stays above an
+infeasible one and is never starved); penalty = 0 (no progress). Time t_i is the simulated
+clock in simulation and the measured round trip in deployment: the reward does not care which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from fedsim.controllers.config import RewardConfig
+
+
+@dataclass(frozen=True)
+class Observations:
+    """One round's reports, aligned per client: (n,) arrays, plus the round's deadline."""
+
+    loss_before: np.ndarray  # local training loss at the start of the round
+    loss_after: np.ndarray  # local training loss at its end
+    time_s: np.ndarray  # the client's round time, seconds (> 0 where feasible)
+    feasible: np.ndarray  # bool: False = out of memory / could not run
+    ratio_reached: np.ndarray  # pruning ratio the client's model has reached
+    ratio_target: np.ndarray  # pruning ratio it was asked for
+    update_norm: np.ndarray  # ‖ΔW‖ of its LoRA update
+    deadline_s: float = 0.0  # the round's deadline (0 = none)
+
+    def __post_init__(self) -> None:
+        arrays = [f.name for f in fields(self) if f.name != "deadline_s"]
+        for name in arrays:
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=bool if name == "feasible" else np.float64))
+        n = self.loss_before.shape
+        problems = [f"`{name}` must be 1-D and aligned with loss_before {n}, got {getattr(self, name).shape}" for name in arrays if getattr(self, name).shape != n or len(n) != 1]
+        if not problems:
+            bad = np.flatnonzero(self.feasible & ~(np.isfinite(self.time_s) & (self.time_s > 0)))
+            problems += [f"`time_s[{i}]` must be > 0 for a feasible client, got {self.time_s[i]}" for i in bad[:3]]
+        if not self.deadline_s >= 0:
+            problems.append(f"`deadline_s` must be >= 0, got {self.deadline_s}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The discounted baseline of `normalise = "baseline"`: m_t and 1 − β^t (its bias correction)."""
+
+    mean: float = 0.0
+    weight: float = 0.0
+
+
+def rewards(obs: Observations, config: RewardConfig, baseline: Baseline | None = None) -> tuple[np.ndarray, Baseline]:
+    """(n,) reward of each client, and the baseline for the next round (unchanged unless
+    `config.normalise == "baseline"` and some client ran)."""
+    baseline = baseline or Baseline()
+    ok = obs.feasible
+    time = np.where(ok, obs.time_s, 1.0)
+    x = progress(obs, config, ok) / time * straggler_factor(time, ok, obs.deadline_s, config)
+    x, baseline = normalise(x, ok, config, baseline)
+    return np.where(ok, np.maximum(x, config.floor), config.infeasible_penalty), baseline
+
+
+def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndarray:
+    """(n,) g_i: the weighted, mean-scaled sum of loss, pruning and update-norm progress."""
+    before, after = obs.loss_before, obs.loss_after
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loss = np.where(np.isfinite(before) & np.isfinite(after) & (before > 0), (before - after) / before, 0.0)
+    prune = np.minimum(obs.ratio_reached, obs.ratio_target)
+    norm = obs.update_norm
+    total = np.zeros(len(ok))
+    for weight, term in ((config.loss_weight, loss), (config.prune_weight, prune), (config.norm_weight, norm)):
+        term = np.where(ok & np.isfinite(term), np.maximum(term, 0.0), 0.0)
+        scale = term[ok].mean() if ok.any() else 0.0
+        total += weight * (term / scale if scale > 0 else term)
+    return total
+
+
+def straggler_factor(time: np.ndarray, ok: np.ndarray, deadline_s: float, config: RewardConfig) -> np.ndarray:
+    """(n,) (T / t)^α where t > T, else 1; T per `config.straggler` (1 everywhere with none)."""
+    mode = config.straggler
+    if mode == "auto":
+        mode = "deadline" if deadline_s > 0 else "median"
+    if mode == "none" or (mode == "deadline" and deadline_s <= 0) or not ok.any():
+        return np.ones(len(time))
+    threshold = deadline_s if mode == "deadline" else float(np.median(time[ok]))
+    return np.where(time > threshold, (threshold / time) ** config.straggler_alpha, 1.0)
+
+
+def normalise(x: np.ndarray, ok: np.ndarray, config: RewardConfig, baseline: Baseline) -> tuple[np.ndarray, Baseline]:
+    """(n,) x̃ per `config.normalise`, and the updated baseline."""
+    if config.normalise == "none" or not ok.any():
+        return x, baseline
+    if config.normalise == "baseline":
+        beta = config.baseline_discount
+        baseline = Baseline(beta * baseline.mean + (1.0 - beta) * float(x[ok].mean()), beta * baseline.weight + (1.0 - beta))
+        scale = baseline.mean / baseline.weight
+    else:
+        scale = float(x[ok].max() if config.normalise == "round_max" else x[ok].mean())
+    return (x / scale if scale > 0 else x), baseline

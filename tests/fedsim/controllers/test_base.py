@@ -1,0 +1,188 @@
+"""What every controller promises (`fedsim.controllers.base`): infeasible arms never chosen
+again, the cheapest point when nothing fits, identical choices after a state_dict round trip,
+determinism, input checks, and choose/update vectorised over 10,000 devices."""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fedsim.controllers as controllers
+from fedsim.controllers import CONTROLLERS, ControllerConfig, build_controller
+
+ALL = sorted(CONTROLLERS)
+
+
+def build(name: str, n: int, seed: int = 0, groups: int = 1, **overrides):
+    rng = np.random.default_rng(seed)
+    features = np.stack([np.ones(n), rng.normal(size=n)], axis=1)
+    return build_controller(ControllerConfig(name=name, **overrides), n, np.arange(n) % groups, features, seed)
+
+
+def test_registry_names_match_and_exports_are_sorted():
+    assert all(cls.name == name for name, cls in CONTROLLERS.items())
+    assert set(CONTROLLERS) == {"discounted_ucb", "exp3", "fixed", "linucb", "sliding_window_ucb", "sucb", "thompson", "ucb1"}
+    kind = lambda name: (0 if name.isupper() else 1 if name[0].isupper() else 2, name)  # constants, classes, functions
+    assert controllers.__all__ == sorted(controllers.__all__, key=kind)
+
+
+@pytest.mark.parametrize("infer", [True, False], ids=["infer", "exact"])
+@pytest.mark.parametrize("name", ALL)
+def test_infeasible_arms_are_never_chosen_again(name, infer):
+    # Device d fits (r, p) iff r < r_lim[d] or p > p_lim[d] (memory grows with the rank and
+    # shrinks with pruning); without inference it also misses random holes. (4, 0.6) always fits.
+    n, rounds = 30, 60
+    ctrl = build(name, n, infer_infeasible=infer)
+    grid, rng, devices = ctrl.grid, np.random.default_rng(1), np.arange(n)
+    ranks_k, ratios_k = grid.arm_ranks(), grid.arm_ratios()
+    fits = (ranks_k[None, :] < rng.choice([8, 16, 32], n)[:, None]) | (ratios_k[None, :] > rng.choice([0.0, 0.2, 0.4], n)[:, None] + 1e-9)
+    if not infer:
+        fits &= rng.random(fits.shape) > 0.2
+        fits[:, grid.arm_of([4], [0.6])[0]] = True
+    known = np.zeros_like(fits)  # (device, arm) reported infeasible
+    for t in range(rounds):
+        ranks, ratios = ctrl.choose(devices, t)
+        arms = grid.arm_of(ranks, ratios)
+        assert not known[devices, arms].any(), f"round {t}: an arm reported infeasible was chosen again"
+        if infer:
+            dominated = known & (ranks[:, None] >= ranks_k[None, :]) & (ratios[:, None] <= ratios_k[None, :] + 1e-9)
+            assert not dominated.any(), f"round {t}: an arm needing more memory than an infeasible one was chosen"
+        feasible = fits[devices, arms]
+        known[devices[~feasible], arms[~feasible]] = True
+        rewards = np.where(feasible, 0.5 + 0.1 * rng.standard_normal(n), 0.0)
+        ctrl.update(devices, ranks, ratios, rewards, feasible)
+    assert known.any()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_device_nothing_fits_gets_the_cheapest_point_and_is_flagged(name):
+    ctrl = build(name, 2, infer_infeasible=False)
+    grid = ctrl.grid
+    for arm in range(grid.num_arms):
+        ctrl.update(np.array([0]), grid.rank_of([arm]), grid.ratio_of([arm]), np.array([0.0]), np.array([False]))
+    assert ctrl.exhausted(np.array([0, 1])).tolist() == [True, False]
+    ranks, ratios = ctrl.choose(np.array([0, 1]), 0)
+    assert (ranks[0], ratios[0]) == (4, 0.6)
+
+
+def drive(ctrl, rounds: int, rng: np.random.Generator, start: int = 0) -> list[tuple[list[int], list[float]]]:
+    """Play `rounds` rounds on a random half of the fleet with random rewards, some infeasible;
+    the inputs depend only on `rng`, the choices are returned."""
+    seen = []
+    for t in range(start, start + rounds):
+        devices = np.sort(rng.choice(ctrl.num_devices, ctrl.num_devices // 2, replace=False))
+        ranks, ratios = ctrl.choose(devices, t)
+        rewards, feasible = rng.random(len(devices)), rng.random(len(devices)) > 0.1
+        ctrl.update(devices, ranks, ratios, np.where(feasible, rewards, 0.0), feasible)
+        seen.append((ranks.tolist(), ratios.tolist()))
+    return seen
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_round_trip_continues_identically(name):
+    original = build(name, 12, seed=3, groups=3)
+    drive(original, 15, np.random.default_rng(0))
+    buffer = io.BytesIO()
+    np.savez(buffer, **original.state_dict())
+    buffer.seek(0)
+    restored = build(name, 12, seed=3, groups=3)
+    restored.rng = np.random.default_rng(12345)  # overwritten by the loaded state
+    restored.load_state_dict(dict(np.load(buffer)))
+    assert drive(restored, 15, np.random.default_rng(1), start=15) == drive(original, 15, np.random.default_rng(1), start=15)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_holds_copies(name):
+    ctrl = build(name, 4)
+    state = ctrl.state_dict()
+    for value in state.values():
+        if value.dtype.kind in "fiu" and value.size:
+            value[...] = 7
+    assert not (ctrl.counts == 7).any() and ctrl.state_dict()["rng"].tolist() != state["rng"].tolist()
+
+
+def test_loading_a_mismatched_state_names_every_problem():
+    ctrl = build("ucb1", 4)
+    state = ctrl.state_dict()
+    state["counts"] = np.zeros((3, 16))
+    del state["sums"]
+    state["controller"] = np.array("exp3")
+    with pytest.raises(ValueError) as err:
+        ctrl.load_state_dict(state)
+    for fragment in ("missing key 'sums'", "'counts' must have shape (4, 16)", "controller 'exp3' cannot load into 'ucb1'"):
+        assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_choices(name):
+    assert drive(build(name, 10, seed=5), 10, np.random.default_rng(0)) == drive(build(name, 10, seed=5), 10, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.choose(np.array([0, 4]), 0), r"`devices` must be in \[0, 4\)"),
+        (lambda c: c.choose(np.array([[0]]), 0), r"`devices` must be a 1-D array"),
+        (lambda c: c.update(np.array([0, 0]), [4, 4], [0.0, 0.0], [1.0, 1.0], [True, True]), r"must not repeat a device"),
+        (lambda c: c.update(np.array([0, 1]), [4, 4], [0.0, 0.0], [1.0], [True, True]), r"`rewards` must be aligned with devices"),
+        (lambda c: c.update(np.array([0]), [4], [0.0], [np.nan], [True]), r"`rewards` must be finite"),
+        (lambda c: c.update(np.array([0]), [5], [0.0], [1.0], [True]), r"\(5, 0.0\) is not on the arm grid"),
+    ],
+)
+def test_bad_calls_are_refused_with_the_argument_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(build("ucb1", 4))
+
+
+def test_bad_fleet_arrays_are_refused_with_the_argument_named():
+    with pytest.raises(ValueError, match=r"`profiles` must be \(3,\)"):
+        build_controller(ControllerConfig(), 3, np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"`features` must be a finite \(3, d\)"):
+        build_controller(ControllerConfig(), 3, np.zeros(3, dtype=np.int64), np.ones((3, 0)))
+
+
+def python_lines(fn) -> int:
+    """Python lines executed inside fedsim/controllers while fn() runs."""
+    root, count = str(Path(controllers.__file__).parent), 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename.startswith(root) else None)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_10000_devices_run_vectorised(name):
+    # No Python loop over devices: the Python lines executed do not grow with the fleet
+    # (a loop over 10,000 devices would multiply them by 100), and a round takes well under
+    # a second (a generous bound for a shared machine).
+    def rounds(n: int):
+        ctrl, devices = build(name, n, groups=4), np.arange(n)
+        rewards, feasible = (devices % 10) / 10, devices % 7 != 0
+
+        def run():
+            for t in range(2):
+                ranks, ratios = ctrl.choose(devices, t)
+                assert ranks.shape == ratios.shape == (n,)
+                ctrl.update(devices, ranks, ratios, rewards, feasible)
+
+        return run
+
+    small, large = python_lines(rounds(100)), python_lines(rounds(10_000))
+    assert large <= 1.05 * small + 20, (small, large)
+    run = rounds(10_000)
+    start = time.perf_counter()
+    run()
+    assert time.perf_counter() - start < 4.0

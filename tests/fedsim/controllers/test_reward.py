@@ -1,0 +1,164 @@
+"""The reward: against a per-client reference of the module's formula, and each term on its own
+(improvement per second, straggler factor, normalisation, floor, infeasible penalty)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from fedsim.controllers import Baseline, Observations, RewardConfig, rewards
+
+ONLY_LOSS = {"prune_weight": 0.0, "norm_weight": 0.0, "straggler": "none", "normalise": "none", "floor": 0.0}
+
+
+def obs(n: int = 2, **arrays) -> Observations:
+    base = {
+        "loss_before": np.full(n, 2.0),
+        "loss_after": np.full(n, 1.0),
+        "time_s": np.full(n, 10.0),
+        "feasible": np.ones(n, dtype=bool),
+        "ratio_reached": np.zeros(n),
+        "ratio_target": np.zeros(n),
+        "update_norm": np.ones(n),
+    }
+    return Observations(**{**base, **arrays})
+
+
+def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float]) -> tuple[list[float], tuple[float, float]]:
+    """The module docstring's formula, client by client in plain Python."""
+    ok = [bool(f) for f in o.feasible]
+    idx = [i for i in range(len(ok)) if ok[i]]
+    loss = [max(0.0, (b - a) / b) if b > 0 and math.isfinite(a) and math.isfinite(b) else 0.0 for b, a in zip(o.loss_before, o.loss_after)]
+    prune = [max(0.0, min(r, t)) for r, t in zip(o.ratio_reached, o.ratio_target)]
+    norm = [max(0.0, v) if math.isfinite(v) else 0.0 for v in o.update_norm]
+    g = [0.0] * len(ok)
+    for w, term in ((c.loss_weight, loss), (c.prune_weight, prune), (c.norm_weight, norm)):
+        mean = sum(term[i] for i in idx) / len(idx)
+        for i in idx:
+            g[i] += w * (term[i] / mean if mean > 0 else term[i])
+    threshold = o.deadline_s if o.deadline_s > 0 else statistics.median(o.time_s[i] for i in idx)
+    x = [0.0] * len(ok)
+    for i in idx:
+        t = o.time_s[i]
+        x[i] = g[i] / t * ((threshold / t) ** c.straggler_alpha if t > threshold else 1.0)
+    m, w = baseline
+    if c.normalise == "round_max":
+        scale = max(x[i] for i in idx)
+    elif c.normalise == "round_mean":
+        scale = sum(x[i] for i in idx) / len(idx)
+    else:  # baseline
+        m = c.baseline_discount * m + (1 - c.baseline_discount) * sum(x[i] for i in idx) / len(idx)
+        w = c.baseline_discount * w + (1 - c.baseline_discount)
+        scale = m / w
+    return [max(x[i] / scale, c.floor) if ok[i] else c.infeasible_penalty for i in range(len(ok))], (m, w)
+
+
+@pytest.mark.parametrize("normalise", ["round_max", "round_mean", "baseline"])
+@pytest.mark.parametrize("deadline", [0.0, 12.0])
+def test_matches_the_reference_over_rounds(normalise, deadline):
+    rng = np.random.default_rng(0)
+    cfg = RewardConfig(normalise=normalise, floor=0.05, infeasible_penalty=-0.5)
+    ours, theirs = Baseline(), (0.0, 0.0)
+    for _ in range(4):
+        n = 9
+        before = rng.uniform(1.0, 3.0, n)
+        o = obs(
+            n,
+            loss_before=before,
+            loss_after=before * rng.uniform(0.7, 1.1, n),
+            time_s=np.where(np.arange(n) == 8, np.nan, rng.uniform(5.0, 20.0, n)),
+            feasible=np.arange(n) != 8,
+            ratio_reached=rng.uniform(0.0, 0.6, n),
+            ratio_target=rng.choice([0.0, 0.2, 0.4], n),
+            update_norm=rng.uniform(0.1, 2.0, n),
+            deadline_s=deadline,
+        )
+        got, ours = rewards(o, cfg, ours)
+        want, theirs = reference(o, cfg, theirs)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        assert (ours.mean, ours.weight) == pytest.approx(theirs)
+
+
+def test_reward_is_relative_improvement_per_second():
+    o = obs(3, loss_before=np.array([2.0, 2.0, 1.0]), loss_after=np.array([1.5, 1.5, 0.9]), time_s=np.array([10.0, 20.0, 10.0]))
+    r, _ = rewards(o, RewardConfig(**ONLY_LOSS))
+    scale = np.mean([0.25, 0.25, 0.1])  # the loss term is divided by its round mean
+    np.testing.assert_allclose(r, np.array([0.25 / 10, 0.25 / 20, 0.1 / 10]) / scale)
+
+
+def test_pruning_progress_is_credited_up_to_the_target():
+    o = obs(3, ratio_reached=np.array([0.3, 0.5, 0.2]), ratio_target=np.array([0.4, 0.4, 0.0]), time_s=np.ones(3))
+    r, _ = rewards(o, RewardConfig(loss_weight=0.0, norm_weight=0.0, prune_weight=1.0, straggler="none", normalise="none", floor=0.0))
+    np.testing.assert_allclose(r, np.array([0.3, 0.4, 0.0]) / np.mean([0.3, 0.4, 0.0]))
+
+
+@pytest.mark.parametrize(
+    ("straggler", "deadline", "factors"),
+    [
+        ("deadline", 10.0, [1.0, 1.0, 0.25]),  # (10/20)^2
+        ("deadline", 0.0, [1.0, 1.0, 1.0]),  # no deadline: no penalty
+        ("median", 0.0, [1.0, 1.0, 0.25]),  # median of 5, 10, 20 is 10
+        ("auto", 8.0, [1.0, (8 / 10) ** 2, (8 / 20) ** 2]),
+        ("auto", 0.0, [1.0, 1.0, 0.25]),
+        ("none", 8.0, [1.0, 1.0, 1.0]),
+    ],
+)
+def test_straggler_factor(straggler, deadline, factors):
+    times = np.array([5.0, 10.0, 20.0])
+    o = obs(3, time_s=times, deadline_s=deadline)
+    r, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "straggler": straggler}))
+    np.testing.assert_allclose(r, 1.0 / times * np.array(factors))
+
+
+def test_round_max_puts_the_best_feasible_client_at_1_and_ignores_infeasible_ones():
+    o = obs(3, time_s=np.array([10.0, 5.0, np.nan]), loss_after=np.array([1.0, 1.0, np.nan]), feasible=np.array([True, True, False]))
+    r, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "normalise": "round_max"}))
+    np.testing.assert_allclose(r, [0.5, 1.0, 0.0])
+
+
+def test_round_mean_averages_1_over_feasible_clients():
+    o = obs(4, time_s=np.array([1.0, 2.0, 4.0, 8.0]))
+    r, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "normalise": "round_mean"}))
+    assert r.mean() == pytest.approx(1.0)
+
+
+def test_baseline_is_the_bias_corrected_discounted_mean_of_rounds():
+    cfg = RewardConfig(**{**ONLY_LOSS, "normalise": "baseline", "baseline_discount": 0.5})
+    baseline = None
+    for t, time_s in enumerate([1.0, 2.0, 4.0]):
+        r, baseline = rewards(obs(2, time_s=np.full(2, time_s)), cfg, baseline)
+        means = [1.0, 0.5, 0.25][: t + 1]  # each round's mean raw reward
+        weights = [0.5 ** (t - s) * 0.5 for s in range(t + 1)]
+        lam = sum(w * m for w, m in zip(weights, means)) / sum(weights)
+        np.testing.assert_allclose(r, means[-1] / lam)
+    unchanged = rewards(obs(1, feasible=np.array([False]), time_s=np.array([np.nan])), cfg, baseline)[1]
+    assert unchanged == baseline
+
+
+def test_floor_for_no_progress_and_penalty_for_infeasible():
+    o = obs(3, loss_after=np.array([1.0, 2.5, np.nan]), time_s=np.array([10.0, 10.0, np.nan]), feasible=np.array([True, True, False]))
+    r, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "normalise": "round_max", "floor": 0.02, "infeasible_penalty": -1.0}))
+    np.testing.assert_allclose(r, [1.0, 0.02, -1.0])
+
+
+def test_a_round_where_nobody_ran_is_all_penalty():
+    o = obs(2, time_s=np.full(2, np.nan), feasible=np.zeros(2, dtype=bool))
+    r, baseline = rewards(o, RewardConfig(normalise="baseline"))
+    np.testing.assert_array_equal(r, [0.0, 0.0])
+    assert baseline == Baseline()
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"loss_after": np.ones(3)}, r"`loss_after` must be 1-D and aligned with loss_before \(2,\), got \(3,\)"),
+        ({"time_s": np.array([10.0, 0.0])}, r"`time_s\[1\]` must be > 0 for a feasible client, got 0.0"),
+        ({"deadline_s": -1.0}, r"`deadline_s` must be >= 0, got -1.0"),
+    ],
+)
+def test_bad_observations_are_refused_with_the_field_named(arrays, message):
+    with pytest.raises(ValueError, match=message):
+        obs(2, **arrays)
