@@ -2,7 +2,7 @@
 
     fedsim run SCENARIO [--out DIR] [--set dotted.key=value ...] [--seed N]
     fedsim compare SCENARIO --strategies a,b,... [--seeds N] [--target ACC] [--out DIR] [--set k=v ...]
-    fedsim report RUN_DIR [--target ACC]
+    fedsim report RUN_DIR [--target ACC] [--arms]
     fedsim export RUN_DIR --device PROFILE [--out DIR]   # a device's pruned model, adapter merged
     fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
     fedsim models
@@ -111,7 +111,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report import ratio_table, round_table, time_to_accuracy
+    from fedsim.report import arms_table, ratio_table, round_table, time_to_accuracy
     from fedsim.rundir import read_metrics
 
     try:
@@ -119,7 +119,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"fedsim: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(round_table(metrics).to_string(float_format=lambda v: f"{v:.4f}"))
+    if not args.arms:
+        print(round_table(metrics).to_string(float_format=lambda v: f"{v:.4f}"))
+    else:
+        arms = arms_table(metrics)
+        if arms.empty:
+            print(f"fedsim report: {args.run_dir} ran without a controller: no arms to show", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print("arms the controller settled on, per device profile (most chosen over the last third of the rounds):")
+        print(arms.to_string(float_format=lambda v: f"{v:.3f}"))
+        return 0
     ratios = ratio_table(metrics)
     if len(ratios):
         print("\nfinal adapter on each target ratio's pruned model (central test set):")
@@ -333,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print a run's per-round table", description="Print the per-round table of a run directory.")
     report.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
     report.add_argument("--target", type=float, action="append", metavar="ACC", help="also print the simulated time to reach this central accuracy (repeatable)")
+    report.add_argument("--arms", action="store_true", help="instead: per device profile, the (rank, ratio) arm the controller settled on")
     report.set_defaults(func=cmd_report)
 
     exp = sub.add_parser("export", help="write a device's pruned model with the adapter merged", description="Write the final adapter merged into the pruned model of one device profile (the keep of its most trained client), loadable with transformers' AutoModelForCausalLM.from_pretrained.")

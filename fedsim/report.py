@@ -52,6 +52,30 @@ def ratio_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return rows[columns].set_index("prune_target").sort_index() if len(rows) else pd.DataFrame(columns=columns).set_index("prune_target")
 
 
+def arms_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """With a controller: per device profile, the arm it settled on — the most chosen (rank,
+    ratio) over the last third of the rounds — its share of those choices and mean reward, the
+    mean reward over the whole run, and how many distinct arms were tried. Empty without one."""
+    train = metrics[(metrics["kind"] == "train") & (metrics["arm_rank"] > 0)] if "arm_rank" in metrics else metrics.iloc[:0]
+    columns = ["settled_rank", "settled_ratio", "settled_share", "settled_reward", "mean_reward", "arms_tried", "pulls"]
+    if train.empty:
+        return pd.DataFrame(columns=["device", *columns]).set_index("device")
+    late = train[train["round"] > train["round"].max() * 2 / 3]
+    rows = []
+    for device, group in train.groupby("device", sort=True):
+        tail = late[late["device"] == device]
+        tail = tail if len(tail) else group
+        counts = tail.groupby(["arm_rank", "arm_ratio"]).size().sort_values(ascending=False, kind="stable")
+        rank, ratio = counts.index[0]
+        chosen = tail[(tail["arm_rank"] == rank) & (tail["arm_ratio"] == ratio)]
+        rows.append({
+            "device": device, "settled_rank": int(rank), "settled_ratio": float(ratio), "settled_share": counts.iloc[0] / len(tail),
+            "settled_reward": float(chosen["reward"].mean()), "mean_reward": float(group["reward"].mean()),
+            "arms_tried": int(group.groupby(["arm_rank", "arm_ratio"]).ngroups), "pulls": len(group),
+        })  # fmt: skip
+    return pd.DataFrame(rows).set_index("device")
+
+
 def time_to_accuracy(metrics: pd.DataFrame, target: float) -> tuple[int, float] | None:
     """(round, simulated seconds) at which central accuracy first reached `target`, or None."""
     table = round_table(metrics)

@@ -1,0 +1,158 @@
+"""The bandit controller in the round loop (`fedsim/control.py`), and `fedsim report --arms`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsim.cli import main
+from fedsim.control import STATE_FILE, ArmControl
+from fedsim.fleet import build_fleet
+from fedsim.keeps import PruneBook
+from fedsim.pruning.structure import Keep, LayerGeometry
+from fedsim.report import arms_table
+from fedsim.rundir import read_metrics
+from fedsim.scenario import Scenario, validate_scenario
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = [LayerGeometry(hidden=64, head_dim=16, group_size=2, groups=2, channels=8)] * 2
+
+
+def _scenario(**controller: object) -> Scenario:
+    return validate_scenario(
+        {
+            "model": {"name": "tiny-llama"},
+            "clients": {"num_clients": 4, "per_round": 2},
+            "lora": {"rank": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+            "fleet": {"groups": [{"profile": "laptop-cpu", "count": 2}, {"profile": "phone-highend", "count": 2}]},
+            "controller": {"name": "ucb1", "ranks": [2, 8], "ratios": [0.0, 0.5], **controller},
+        }
+    )
+
+
+def _control(scenario: Scenario) -> tuple[ArmControl, PruneBook]:
+    control = ArmControl.build(scenario, build_fleet(scenario))
+    assert control is not None
+    return control, PruneBook(scenario, LAYERS, np.zeros(4))
+
+
+def _row(cid: int, status: str = "ok", before: float = 2.0, after: float = 1.0, seconds: float = 10.0) -> dict[str, object]:
+    return {
+        "kind": "train", "client_id": cid, "status": status, "loss_before": before, "loss_after": after,
+        "sim_compute_s": seconds, "sim_comm_s": 0.0, "prune_ratio": 0.0, "update_norm": 1.0, "reason": "",
+    }  # fmt: skip
+
+
+def test_no_controller_section_means_no_controller() -> None:
+    scenario = validate_scenario({"model": {"name": "tiny-llama"}})
+    assert ArmControl.build(scenario, build_fleet(scenario)) is None
+
+
+def test_assign_sets_each_clients_rank_and_target_ratio() -> None:
+    control, book = _control(_scenario())
+    ranks = np.full(4, 8)
+    control.assign(np.array([1, 3]), 1, ranks, book)
+    for c in (1, 3):
+        rank, ratio = control.arms[c]
+        assert ranks[c] == rank and book.targets[c] == ratio
+        assert (rank, ratio) in {(2, 0.0), (2, 0.5), (8, 0.0), (8, 0.5)}
+    assert ranks[0] == 8 and ranks[2] == 8  # clients not sampled keep what they had
+
+
+def test_a_lower_ratio_restarts_from_the_unpruned_model_and_a_new_one_restarts_the_schedule() -> None:
+    _, book = _control(_scenario())
+    keep = Keep(((0, 1), (0, 1)), ((0, 1, 2, 3), (0, 1, 2, 3)), (2, 2), (8, 8), 2, 16)  # half the channels
+    book.targets[0], book.keeps[0], book.steps[0] = 0.5, keep, 40
+    book.retarget(0, 0.5)
+    assert book.steps[0] == 40 and book.held(0) == keep  # same arm: nothing changes
+    book.retarget(0, 0.6)
+    assert book.steps[0] == 0 and book.held(0) == keep  # grows from what it holds
+    book.retarget(0, 0.0)
+    assert book.held(0) is None and book.steps[0] == 0 and book.targets[0] == 0.0
+
+
+def test_observe_rewards_progress_per_second_and_fills_the_rows() -> None:
+    control, book = _control(_scenario())
+    control.assign(np.array([0, 1]), 1, np.full(4, 8), book)
+    rows = [_row(0, seconds=10.0), _row(1, seconds=40.0), {"kind": "eval_client", "client_id": 0, "status": "ok"}]
+    control.observe(rows)
+    assert rows[0]["reward"] == pytest.approx(1.0)  # the same progress in a quarter of the time
+    assert 0 < rows[1]["reward"] < rows[0]["reward"]
+    assert (rows[0]["arm_rank"], rows[0]["arm_ratio"]) == control.arms[0]
+    assert "reward" not in rows[2]
+    assert control.controller.counts[[0, 1]].sum() == 2
+
+
+def test_an_infeasible_arm_is_not_chosen_again_for_that_device() -> None:
+    control, book = _control(_scenario(infer_infeasible=False))
+    ranks = np.full(4, 8)
+    control.assign(np.array([2]), 1, ranks, book)
+    bad = control.arms[2]
+    control.observe([{**_row(2, status="infeasible"), "sim_compute_s": math.nan}])
+    for server_round in range(2, 12):
+        control.assign(np.array([2]), server_round, ranks, book)
+        assert control.arms[2] != bad
+        control.observe([_row(2)])
+
+
+def test_dropped_and_failed_clients_teach_nothing() -> None:
+    control, book = _control(_scenario())
+    control.assign(np.array([0, 1]), 1, np.full(4, 8), book)
+    control.observe([_row(0, status="dropped"), {**_row(1, status="failed"), "reason": "ValueError: boom"}])
+    assert control.controller.counts.sum() == 0
+
+
+def test_saved_state_continues_identically(tmp_path: Path) -> None:
+    scenario = _scenario(name="thompson")
+    control, book = _control(scenario)
+    for server_round in (1, 2, 3):
+        control.assign(np.array([0, 1, 2]), server_round, np.full(4, 8), book)
+        control.observe([_row(c, seconds=5.0 + 3 * c) for c in (0, 1, 2)])
+    control.save(tmp_path)
+    assert (tmp_path / STATE_FILE).is_file()
+    fresh, _ = _control(scenario)
+    fresh.load(tmp_path)
+    for server_round in (4, 5, 6):
+        control.assign(np.array([0, 1, 3]), server_round, np.full(4, 8), book)
+        fresh.assign(np.array([0, 1, 3]), server_round, np.full(4, 8), book)
+        assert control.arms == fresh.arms
+        rows = [_row(c, seconds=5.0 + c) for c in (0, 1, 3)]
+        control.observe(rows)
+        fresh.observe([dict(r) for r in rows])
+
+
+def test_arms_table_reports_the_arm_each_profile_settled_on() -> None:
+    rows = []
+    for r in range(1, 7):
+        for device in ("phone", "laptop"):
+            arm = (2, 0.5) if device == "phone" and r > 2 else (8, 0.0) if device == "laptop" else (4, 0.0)
+            rows.append({"round": r, "kind": "train", "device": device, "arm_rank": arm[0], "arm_ratio": arm[1], "reward": 0.5 + 0.1 * (arm == (2, 0.5))})
+    table = arms_table(pd.DataFrame(rows))
+    assert table.loc["phone", ["settled_rank", "settled_ratio", "settled_share"]].tolist() == [2, 0.5, 1.0]
+    assert table.loc["phone", "arms_tried"] == 2 and table.loc["laptop", "arms_tried"] == 1
+    assert table.loc["phone", "settled_reward"] == pytest.approx(0.6)
+    assert arms_table(pd.DataFrame({"kind": ["train"], "arm_rank": [0]})).empty
+
+
+def test_a_federation_with_a_controller(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = [
+        "rounds=3", 'controller={name="ucb1", ranks=[2, 8], ratios=[0.0, 0.5]}', "pruning.events=1",
+        'fleet.groups=[{profile="laptop-cpu", count=2}, {profile="phone-highend", count=2}]',
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(ROOT / "scenarios" / "tiny.toml"), "--out", str(tmp_path), *[a for o in overrides for a in ("--set", o)]]) == 0
+    run = tmp_path / "tiny"
+    train = read_metrics(run).query("kind == 'train' and status == 'ok'")
+    assert (train["lora_rank"] == train["arm_rank"]).all() and set(train["arm_rank"]) <= {2, 8}
+    assert ((train["prune_ratio"] - train["arm_ratio"]).abs() < 0.05).all()  # one event, at the first step
+    assert train["reward"].between(0, 1).all() and (train.groupby("round")["reward"].max() == 1.0).all()
+    for k in (1, 2, 3):
+        assert (run / "checkpoints" / f"round_{k}" / STATE_FILE).is_file()
+    assert main(["report", str(run), "--arms"]) == 0
+    assert "settled_rank" in capsys.readouterr().out
