@@ -1,0 +1,124 @@
+"""FedSpine's experiment: the bandit controller against fixed (rank, ratio) arms, same fleet, same seeds.
+
+    .venv/bin/python bench/fedspine.py --tiny                 # CI-sized: the tiny model, ~10 min on 2 cores
+    .venv/bin/python bench/fedspine.py                        # SmolLM2 on the 80 Jetsons (hours on a CPU)
+    .venv/bin/python bench/fedspine.py --tiny --arms corners --seeds 0 1
+
+Every row is one federation of `scenarios/fedspine-jetson-80.toml` (30 TX2, 40 Xavier NX, 10 AGX
+Orin; 8 clients per round; LoRA on q, v, up_proj; global rank 32) in which only `[controller]`
+differs; all rows of a seed share one Flower simulation:
+
+- `bandit (sucb)`: the scenario's controller, FedSpine's default, and any others named with
+  `--bandits` (ucb1, discounted_ucb, exp3, thompson, linucb, ...);
+- `fixed r/p`: every device at rank r, ratio p (`fixed` controller), for each grid arm (`--arms
+  all`) or the four corners (`--arms corners`); the best and the worst of them are marked;
+- `per-profile`: a hand-tuned arm per profile, slower devices smaller and more pruned
+  (TX2 4/0.6, Xavier NX 8/0.4, AGX Orin 16/0.2);
+- `fedit`: the uniform baseline: a rank-8 global adapter, every device at rank 8, unpruned (a
+  `fixed` controller with one arm, which is the same as none).
+
+Target: the central loss (or, with `--metric accuracy`, accuracy) that `fedit` reaches at its last
+round, unless `--target` is given. "sim s to target" is the simulated fleet time at the first round
+that reaches it (mean over seeds; "—" if a seed never does), and the speedups are fedit's and the
+best fixed arm's time over the row's. Final figures are means over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from fedsim.cli import quiet_libraries  # noqa: E402
+from fedsim.rundir import RunDir, read_metrics  # noqa: E402
+from fedsim.scenario import load_scenario  # noqa: E402
+from fedsim.simulation import run_simulations  # noqa: E402
+
+SCENARIO = ROOT / "scenarios" / "fedspine-jetson-80.toml"
+PER_PROFILE = '{"jetson-tx2" = [4, 0.6], "jetson-xavier-nx" = [8, 0.4], "jetson-agx-orin" = [16, 0.2]}'
+
+
+def settings(arms: str, bandits: list[str]) -> dict[str, list[str]]:
+    """Row label → scenario overrides."""
+    grid = [(r, p) for r in (4, 8, 16, 32) for p in (0.0, 0.2, 0.4, 0.6)]
+    if arms == "corners":
+        grid = [(4, 0.0), (4, 0.6), (32, 0.0), (32, 0.6)]
+    rows = {f"bandit ({b})": [f'controller.name="{b}"'] for b in bandits}
+    rows |= {f"fixed {r}/{p:g}": ['controller.name="fixed"', f"controller.fixed_arm=[{r}, {p}]"] for r, p in grid}
+    rows["per-profile"] = ['controller.name="fixed"', f"controller.profile_arms={PER_PROFILE}"]
+    rows["fedit"] = ["lora.rank=8", "controller.ranks=[8]", "controller.ratios=[0.0]", 'controller.name="fixed"']  # = no controller
+    return rows
+
+
+def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str]) -> dict[str, object]:
+    """Every row's metrics for one seed, from one Flower simulation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
+        for overrides in rows.values():
+            scenario = load_scenario(SCENARIO, [*extra, *overrides, f"name=row{len(jobs)}"], seed=seed)
+            jobs.append((scenario, RunDir.create(Path(tmp), scenario)))
+        failures = run_simulations(jobs)
+        if failures:
+            raise RuntimeError(f"runs failed: {failures}")
+        return {label: read_metrics(run_dir.path) for label, (_, run_dir) in zip(rows, jobs)}
+
+
+def central(metrics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """(sim seconds, loss, accuracy) of the central evaluation, by round."""
+    c = metrics[metrics["kind"] == "eval_central"].sort_values("round")
+    return c["sim_time_s"].to_numpy(), c["loss"].to_numpy(), c["accuracy"].to_numpy()
+
+
+def time_to(metrics, metric: str, target: float) -> float:  # type: ignore[no-untyped-def]
+    t, loss, acc = central(metrics)
+    hit = loss <= target if metric == "loss" else acc >= target
+    return float(t[np.argmax(hit)]) if hit.any() else math.nan
+
+
+def _speedup(reference: float, t: float) -> str:
+    return "—" if math.isnan(t) or math.isnan(reference) or t == 0 else f"{reference / t:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny model (CI-sized)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rounds", type=int, help="override the scenario's rounds")
+    parser.add_argument("--arms", choices=("all", "corners"), default="all")
+    parser.add_argument("--bandits", nargs="+", default=["sucb"], help="controllers to compare (the first is the headline)")
+    parser.add_argument("--metric", choices=("loss", "accuracy"), default="loss")
+    parser.add_argument("--target", type=float, help="default: fedit's final value")
+    args = parser.parse_args()
+    quiet_libraries()
+    extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else [])
+    rows = settings(args.arms, args.bandits)
+    per_seed = [run_seed(s, rows, extra) for s in args.seeds]
+    final = {label: np.mean([[central(m[label])[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
+    column = 1 if args.metric == "loss" else 2
+    target = args.target if args.target is not None else float(final["fedit"][column])
+    reach = {label: np.mean([time_to(m[label], args.metric, target) for m in per_seed]) for label in rows}
+    fixed = [label for label in rows if label.startswith("fixed")]
+    better = (lambda a, b: a < b) if args.metric == "loss" else (lambda a, b: a > b)
+    best = min(fixed, key=lambda label: (math.isnan(reach[label]), reach[label], final[label][column] * (1 if args.metric == "loss" else -1)))
+    worst = max(fixed, key=lambda label: (math.isnan(reach[label]), np.nan_to_num(reach[label]), final[label][column] * (1 if args.metric == "loss" else -1)))
+    print(f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} {'<=' if args.metric == 'loss' else '>='} {target:.4f} (fedit's final unless --target)")
+    print(f"{'row':<22} {'final loss':>10} {'final acc':>9} {'sim s (run)':>11} {'sim s to target':>15} {'x fedit':>7} {'x best fixed':>12}")
+    for label in rows:
+        s, loss, acc = final[label]
+        note = " (best fixed)" if label == best else " (worst fixed)" if label == worst else ""
+        t = reach[label]
+        print(f"{label + note:<22} {loss:>10.4f} {acc:>9.3f} {s:>11.1f} {'—' if math.isnan(t) else f'{t:.1f}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}")
+    headline = f"bandit ({args.bandits[0]})"
+    verdict = better(final[headline][column], final[best][column])
+    print(f"\n{headline} vs best fixed arm ({best}): final {args.metric} {'better' if verdict else 'not better'}")
+
+
+if __name__ == "__main__":
+    main()
