@@ -71,3 +71,31 @@ def test_timed_send_and_receive_measures_each_round_trip() -> None:
     replies, seconds = timed_send_and_receive(SlowGrid(), sent, timeout=1.0, poll_s=0.01)  # type: ignore[arg-type]
     assert sorted(r.metadata.src_node_id for r in replies) == [2, 3, 5]
     assert 0.2 <= seconds[2] < 0.3 and 0.3 <= seconds[3] < 0.4 and 9 not in seconds and 1 not in seconds
+
+
+@pytest.mark.parametrize(
+    ("keep", "problem"),
+    [("not a keep", "not a pruning keep document"), ("everything", "brings back structures the outer keep removed")],
+)
+def test_a_pruned_reply_whose_keep_is_bad_is_rejected_not_fatal(keep: str, problem: str) -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.app.metadata import Metadata
+
+    from fedsim.pruning.slicing import slice_adapter
+    from fedsim.pruning.structure import Keep, LayerGeometry
+    from fedsim.rounds import _check_train
+    from strategies import FedIT
+
+    layers = [LayerGeometry(hidden=8, head_dim=2, group_size=2, groups=2, channels=4)]
+    held = Keep(((1,),), ((0, 2),), (2,), (4,), 2, 2)
+    state = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 8), "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(8, 2)}
+    sent = {7: slice_adapter(state, held)}
+    env = SimpleNamespace(pruning=SimpleNamespace(held=lambda cid: held), node_to_client={7: 0}, strategy=FedIT(2, 4.0))
+    text = Keep.everything(layers).to_json() if keep == "everything" else keep
+    meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    content = RecordDict({"prune": ConfigRecord({"keep": text}), "update": ConfigRecord({"payload": b""}), "metrics": MetricRecord({"num-examples": 1})})
+    checked = _check_train(env, make_message(meta, content), sent)  # type: ignore[arg-type]
+    assert checked.status == "rejected" and problem in checked.reason
