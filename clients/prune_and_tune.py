@@ -37,7 +37,7 @@ from fedsim.costs import ModelShape, train_step_flops
 from fedsim.pruning.importance import ImportanceEMA, importance_scores, lora_grad_scores
 from fedsim.pruning.schedule import events_in
 from fedsim.pruning.select import select_keep
-from fedsim.pruning.structure import Keep, LayerGeometry
+from fedsim.pruning.structure import Keep, LayerGeometry, Scores
 from fedsim.pruning.surgery import apply_keep
 from fedsim.scenario import PruningConfig
 
@@ -110,7 +110,7 @@ class PruneAndTune:
         self.keep, self.shape = keep, ModelShape.from_model(self.model)
         return True
 
-    def _score(self, batch: dict[str, torch.Tensor]) -> object:
+    def _score(self, batch: dict[str, torch.Tensor]) -> Scores:
         name = self.config.importance
         if name != "magnitude":  # a forward and backward pass on the coming batch
             self.flops += self.step_flops(*batch["input_ids"].shape)
