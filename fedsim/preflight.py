@@ -82,7 +82,7 @@ def preflight(scenario: Scenario, source: str) -> None:
     except ValueError as exc:
         raise ScenarioError(source, [f"`fleet`: {exc}"]) from None
     known = set(fleet.device.astype(str)) | set(CATALOG) | set(scenario.fleet.profiles)
-    unknown = [f"`{field}.{n}`: no device of the fleet has that profile" for field, names in (("lora.profile_ranks", scenario.lora.profile_ranks), ("pruning.profile_ratios", scenario.pruning.profile_ratios)) for n in sorted(set(names) - known)]
+    unknown = [f"`{field}.{n}`: no device of the fleet has that profile" for field, names in (("lora.profile_ranks", scenario.lora.profile_ranks), ("pruning.profile_ratios", scenario.pruning.profile_ratios), ("controller.profile_arms", scenario.controller.profile_arms if scenario.controller else {})) for n in sorted(set(names) - known)]
     if unknown:  # profiles from a file or trace: known only now
         raise ScenarioError(source, unknown)
     shape = model_shape(scenario.model.name, scenario.model.dtype)

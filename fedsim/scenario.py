@@ -348,24 +348,29 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
     return problems
 
 
+def _unknown_names(
+    client_field: str, by_client: dict[str, Any], profile_field: str, by_profile: dict[str, Any], clients: ClientsConfig | None, fleet: FleetConfig | None
+) -> list[str]:
+    """Keys of a per-client table that are not client ids, and of a per-profile table that are
+    not profiles (profiles from a file or a trace are known only at preflight)."""
+    problems = []
+    if clients is not None:
+        problems += [
+            f"`{client_field}.{key}`: client {key} does not exist (clients 0..{clients.num_clients - 1})"
+            for key in by_client
+            if key.isdigit() and int(key) >= clients.num_clients
+        ]
+    if fleet is not None and not fleet.profiles_file and not fleet.trace:
+        known = {*CATALOG, *fleet.profiles}
+        problems += [f"`{profile_field}.{name}`: unknown device profile; known: {', '.join(sorted(known))}" for name in by_profile if name not in known]
+    return problems
+
+
 def _rank_problems(lora: LoraConfig | None, clients: ClientsConfig | None, fleet: FleetConfig | None, strategy: StrategyConfig | None, compression: CompressionConfig | None) -> list[str]:
     """Per-client ranks name real clients and profiles, and fit the strategy and the downlink."""
     if lora is None:
         return []
-    problems = []
-    if clients is not None:
-        problems += [
-            f"`lora.client_ranks.{key}`: client {key} does not exist (clients 0..{clients.num_clients - 1})"
-            for key in lora.client_ranks
-            if key.isdigit() and int(key) >= clients.num_clients
-        ]
-    if fleet is not None and not fleet.profiles_file and not fleet.trace:  # file profiles are checked at preflight
-        known = {*CATALOG, *fleet.profiles}
-        problems += [
-            f"`lora.profile_ranks.{name}`: unknown device profile; known: {', '.join(sorted(known))}"
-            for name in lora.profile_ranks
-            if name not in known
-        ]
+    problems = _unknown_names("lora.client_ranks", lora.client_ranks, "lora.profile_ranks", lora.profile_ranks, clients, fleet)
     mixed = bool(lora.client_ranks or lora.profile_ranks) and any(r != lora.rank for r in (*lora.client_ranks.values(), *lora.profile_ranks.values()))
     if compression is not None and compression.downlink and strategy is not None:
         if mixed:
@@ -385,16 +390,7 @@ def _pruning_problems(
     (pruning is on when a ratio or a controller's arm is above 0)."""
     if pruning is None:
         return []
-    problems = []
-    if clients is not None:
-        problems += [
-            f"`pruning.client_ratios.{key}`: client {key} does not exist (clients 0..{clients.num_clients - 1})"
-            for key in pruning.client_ratios
-            if key.isdigit() and int(key) >= clients.num_clients
-        ]
-    if fleet is not None and not fleet.profiles_file and not fleet.trace:
-        known = {*CATALOG, *fleet.profiles}
-        problems += [f"`pruning.profile_ratios.{name}`: unknown device profile; known: {', '.join(sorted(known))}" for name in pruning.profile_ratios if name not in known]
+    problems = _unknown_names("pruning.client_ratios", pruning.client_ratios, "pruning.profile_ratios", pruning.profile_ratios, clients, fleet)
     if not pruning.enabled and (controller is None or max(controller.ratios) == 0):
         return problems
     from strategies import PRUNING_REFUSED  # the strategy registry imports torch
@@ -425,10 +421,7 @@ def _controller_problems(controller: ControllerConfig | None, lora: LoraConfig |
             f"`controller.ranks` go up to {max(controller.ranks)} but `lora.rank` = {lora.rank}: the global adapter (rank "
             f"lora.rank) serves every arm, so set lora.rank >= {max(controller.ranks)}"
         )
-    if fleet is not None and not fleet.profiles_file and not fleet.trace:
-        known = {*CATALOG, *fleet.profiles}
-        problems += [f"`controller.profile_arms.{name}`: unknown device profile; known: {', '.join(sorted(known))}" for name in controller.profile_arms if name not in known]
-    return problems
+    return problems + _unknown_names("", {}, "controller.profile_arms", controller.profile_arms, None, fleet)
 
 
 class _Sections:

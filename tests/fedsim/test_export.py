@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests_support.pruning import ALL, TINY_KEEP
 from transformers import AutoModelForCausalLM
 
 from fedsim.adapter import AdapterState, attach_lora, get_state, set_state
@@ -20,16 +21,7 @@ from fedsim.pruning import Keep, apply_keep, geometry
 from fedsim.pruning.structure import decoder_layers
 from fedsim.scenario import Scenario, validate_scenario
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# tiny-llama: 2 layers, 2 KV groups of 2 heads, head_dim 16, 176 channels
-NON_UNIFORM = Keep(
-    groups=((1,), (0, 1)),
-    channels=((3, 50, 175), tuple(range(0, 176, 2))),
-    num_groups=(2, 2),
-    num_channels=(176, 176),
-    group_size=2,
-    head_dim=16,
-)
+NON_UNIFORM = TINY_KEEP
 UNIFORM = Keep(((0,), (1,)), (tuple(range(60)), tuple(range(100, 160))), (2, 2), (176, 176), 2, 16)
 
 

@@ -8,31 +8,18 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests_support.pruning import small_llama
 
 from fedsim.pruning import Keep, Scores, apply_keep, geometry, prunable_params, select_keep
 from fedsim.pruning.select import budget_problems
 from fedsim.pruning.structure import LayerGeometry
 
-# 3 layers, 8 query heads in 4 KV groups of 2, head_dim 8, 96 channels: a group is 3072 weights, a channel 192
-DIMS = dict(
-    vocab_size=100,
-    hidden_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=8,
-    intermediate_size=96,
-    tie_word_embeddings=True,
-)
 GROUP, CHANNEL = 3072, 192
 LAYERS = [LayerGeometry(hidden=64, head_dim=8, group_size=2, groups=4, channels=96)] * 3
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(**DIMS)).eval()
+    return small_llama(seed)
 
 
 def _keep(groups: tuple[tuple[int, ...], ...], channels: tuple[tuple[int, ...], ...], layers: int = 3) -> Keep:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests_support.pruning import ALL, TINY_KEEP
 
 from fedsim.adapter import attach_lora
 from fedsim.costs import ModelShape, train_memory, train_step_flops
@@ -19,16 +20,7 @@ from fedsim.pruning import Keep, Scores, apply_keep, geometry, select_keep
 from fedsim.pruning.schedule import ratio_before_step
 from fedsim.scenario import LoraConfig, Scenario, validate_scenario
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# tiny-llama: 2 layers, 2 KV groups of 2 heads, head_dim 16, 176 channels; a layer is 46080 weights
-NON_UNIFORM = Keep(
-    groups=((1,), (0, 1)),
-    channels=((3, 50, 175), tuple(range(0, 176, 2))),
-    num_groups=(2, 2),
-    num_channels=(176, 176),
-    group_size=2,
-    head_dim=16,
-)
+NON_UNIFORM = TINY_KEEP
 
 
 def _scenario(**pruning: Any) -> Scenario:

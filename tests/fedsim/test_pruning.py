@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from tests_support.pruning import ALL, DIMS
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -36,18 +37,6 @@ from fedsim.pruning import (
 from fedsim.pruning.structure import ATTENTION, AXIS, MLP
 from fedsim.scenario import LoraConfig
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# 3 layers, 8 query heads in 4 KV groups of 2, head_dim 8, 96 channels: a group is 3072 weights, a channel 192
-DIMS = dict(
-    vocab_size=100,
-    hidden_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=8,
-    intermediate_size=96,
-    tie_word_embeddings=True,
-)
 FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**DIMS)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**DIMS)),

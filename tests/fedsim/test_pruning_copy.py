@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from tests_support.pruning import ALL, DIMS
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedsim.adapter import attach_lora, get_state
@@ -14,18 +15,6 @@ from fedsim.pruning import Keep, apply_keep
 from fedsim.pruning.surgery import pruned_copy
 from fedsim.scenario import LoraConfig
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# 3 layers, 8 query heads in 4 KV groups of 2, head_dim 8, 96 channels
-DIMS = dict(
-    vocab_size=100,
-    hidden_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=8,
-    intermediate_size=96,
-    tie_word_embeddings=True,
-)
 # layer 1 keeps every KV group (its attention linears stay whole), layer 2 every channel
 KEEP = Keep(
     groups=((1, 3), (0, 1, 2, 3), (2,)),

@@ -6,22 +6,14 @@ import itertools
 
 import pytest
 import torch
+from tests_support.pruning import ALL, TINY_KEEP
 
 from fedsim.adapter import attach_lora, get_state
 from fedsim.models import load_model
-from fedsim.pruning import Keep, masked_mean, scatter_adapter, slice_adapter
+from fedsim.pruning import masked_mean, scatter_adapter, slice_adapter
 from fedsim.scenario import LoraConfig
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# tiny-llama: 2 layers, 4 heads / 2 KV heads (G = 2), head_dim 16, 176 channels
-KEEP = Keep(
-    groups=((1,), (0, 1)),
-    channels=((3, 50, 175), tuple(range(0, 176, 2))),
-    num_groups=(2, 2),
-    num_channels=(176, 176),
-    group_size=2,
-    head_dim=16,
-)
+KEEP = TINY_KEEP
 PREFIX = "base_model.model.model.layers"
 
 
