@@ -1,6 +1,7 @@
 """The `fedsim` command line.
 
     fedsim run SCENARIO [--out DIR] [--set dotted.key=value ...] [--seed N]
+    fedsim resume RUN_DIR [--rounds N]               # go on from the last complete round
     fedsim compare SCENARIO --strategies a,b,... [--seeds N] [--target ACC] [--out DIR] [--set k=v ...]
     fedsim report RUN_DIR [--target ACC] [--arms]
     fedsim export RUN_DIR --device PROFILE [--out DIR]   # a device's pruned model, adapter merged
@@ -73,6 +74,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         run_simulation(scenario, run_dir, progress=_progress)
     except Exception as exc:  # the run started: report, keep what was saved
+        run_dir.event("run_failed", error=repr(exc))
+        logging.getLogger("fedsim").exception("run failed")
+        print(f"fedsim: run failed: {exc}\nwhat was saved is in {run_dir.path}", file=sys.stderr)
+        return EXIT_FAILED
+    print(summary_text(read_metrics(run_dir.path), run_dir.path))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from fedsim.preflight import preflight
+    from fedsim.report import summary_text
+    from fedsim.resume import resume_point
+    from fedsim.rundir import RunDir, read_metrics
+    from fedsim.scenario import ScenarioError, load_scenario
+
+    try:
+        run_dir = RunDir.open(Path(args.run_dir))
+        source = str(run_dir.path / "scenario.toml")
+        scenario = load_scenario(source, [f"rounds={args.rounds}"] if args.rounds else [])
+        preflight(scenario, source)
+        point = resume_point(run_dir, scenario)
+    except (ScenarioError, FileNotFoundError, ValueError) as exc:
+        print(f"fedsim resume: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run_dir.save_scenario(scenario)
+    from fedsim.simulation import run_simulation
+
+    lost = f"; not restored: {', '.join(point.lost)}" if point.lost else ""
+    print(f"fedsim: {scenario.name}: resuming after round {point.server_round} of {scenario.rounds}{lost}", flush=True)
+    try:
+        run_simulation(scenario, run_dir, progress=_progress, resume=point)
+    except Exception as exc:
         run_dir.event("run_failed", error=repr(exc))
         logging.getLogger("fedsim").exception("run failed")
         print(f"fedsim: run failed: {exc}\nwhat was saved is in {run_dir.path}", file=sys.stderr)
@@ -329,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value, e.g. --set train.lr=1e-4 (repeatable)")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.set_defaults(func=cmd_run)
+
+    res = sub.add_parser("resume", help="go on with a stopped run from its last complete round", description="Go on with a run that was killed, failed, or finished, from its last complete round (its checkpoint: adapter, pruning record, controller state), with the same seeds. --rounds N extends it.")
+    res.add_argument("run_dir", help="a run directory")
+    res.add_argument("--rounds", type=int, help="run up to N rounds in all (default: the scenario's)")
+    res.set_defaults(func=cmd_resume)
 
     compare = sub.add_parser("compare", help="run a scenario once per strategy and seed, and compare them", description="Run a scenario once per strategy and seed (resumable), then write a comparison table and plots.")
     compare.add_argument("scenario", help="scenario TOML file")

@@ -109,7 +109,18 @@ class PruneBook:
         self.steps[cid] += steps
 
     def to_json(self) -> str:
-        return json.dumps({"steps": self.steps.tolist(), "keeps": {str(c): k.to_json() for c, k in sorted(self.keeps.items())}})
+        return json.dumps({
+            "steps": self.steps.tolist(), "targets": self.targets.tolist(), "cut_for": self.cut_for.tolist(),
+            "keeps": {str(c): k.to_json() for c, k in sorted(self.keeps.items())},
+        })  # fmt: skip
+
+    def load(self, text: str) -> None:
+        """Restore what `to_json` wrote (resuming a run)."""
+        raw = json.loads(text)
+        self.steps = np.array(raw["steps"], dtype=np.int64)
+        self.targets = np.array(raw["targets"], dtype=float)
+        self.cut_for = np.array(raw["cut_for"], dtype=float)
+        self.keeps = {int(c): Keep.from_json(k) for c, k in raw["keeps"].items()}
 
 
 def plan_server_keeps(book: PruneBook, chosen: Iterable[int], scores: Callable[[], Scores]) -> None:

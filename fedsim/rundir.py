@@ -7,7 +7,8 @@ Layout of ``<out>/<name>/``::
     metrics.parquet          one row per client per round and one per round (schema below)
     events.jsonl             one JSON object per line: run start/end, rounds, rejected replies
     checkpoints/round_<k>/   the global adapter after round k, in PEFT's format
-    keeps.json               pruning: each client's keep and steps trained, after the last round (`fedsim.keeps`)
+    keeps.json               pruning: each client's keep and steps trained, after the last round
+                             (`fedsim.keeps`; also in each checkpoint, for `fedsim resume`)
     controller.npz           with a controller: its state after the last round (also in each checkpoint)
     adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
 
@@ -127,6 +128,9 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+KEEPS_FILE = "keeps.json"
+
+
 class RunExistsError(FileExistsError):
     """The run directory is already there; fedsim never overwrites a run silently."""
 
@@ -164,8 +168,9 @@ class RunDir:
             )
         path.mkdir(parents=True)
         (path / "checkpoints").mkdir()
-        _atomic_write(path / "scenario.toml", scenario_toml(scenario).encode())
-        return cls(path)
+        run = cls(path)
+        run.save_scenario(scenario)
+        return run
 
     @property
     def metrics_path(self) -> Path:
@@ -178,11 +183,23 @@ class RunDir:
     def adapter_path(self) -> Path:
         return self.path / "adapter"
 
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """An existing run directory (to resume it: `fedsim.resume`)."""
+        if not (Path(path) / "metrics.parquet").is_file() or not (Path(path) / "scenario.toml").is_file():
+            raise FileNotFoundError(f"{path} is not a fedsim run directory (no metrics.parquet or scenario.toml)")
+        return cls(Path(path))
+
+    def save_scenario(self, scenario: Scenario) -> None:
+        _atomic_write(self.path / "scenario.toml", scenario_toml(scenario).encode())
+
     @property
     def keeps_path(self) -> Path:
-        return self.path / "keeps.json"
+        return self.path / KEEPS_FILE
 
-    def save_keeps(self, text: str) -> None:
+    def save_keeps(self, text: str, server_round: int) -> None:
+        """Each client's pruning record after `server_round`: in its checkpoint, and the latest at the top."""
+        _atomic_write(self.checkpoint_path(server_round) / KEEPS_FILE, text.encode())
         _atomic_write(self.keeps_path, text.encode())
 
     def event(self, kind: str, /, **fields: Any) -> None:

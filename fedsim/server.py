@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from fedsim.models import load_model
 from fedsim.pruning.importance import importance_scores
 from fedsim.pruning.structure import Keep, Scores, geometry
 from fedsim.ranks import client_ranks
+from fedsim.resume import ResumePoint
 from fedsim.rounds import Estimates, RoundEnv, eval_round, timed_send_and_receive, train_round
 from fedsim.rundir import RunDir
 from fedsim.scenario import Scenario
@@ -134,13 +136,14 @@ class CentralEvaluator:
         }  # fmt: skip
 
 
-def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: ProgressFn | None = None) -> AdapterState:
-    """Run every round of `scenario` on `grid`, recording into `run_dir`; returns the final adapter."""
-    start = time.perf_counter()
+def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: ProgressFn | None = None, resume: ResumePoint | None = None) -> AdapterState:
+    """Run every round of `scenario` on `grid`, recording into `run_dir` (after `resume`'s round,
+    if given: `fedsim.resume`); returns the final adapter."""
+    start = time.perf_counter() - (resume.wall_time if resume else 0.0)
     run_dir.event("run_start", scenario=scenario.name, seed=scenario.seed)
     central = CentralEvaluator(scenario)
     fleet = build_fleet(scenario)
-    state = central.initial_state()
+    state = resume.state if resume else central.initial_state()
     c = scenario.compression
     downlink = Downlink(c.codec(), fleet.size) if c.downlink else None
     ranks = client_ranks(scenario, fleet)
@@ -151,11 +154,18 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
         cost_model(central.shape, scenario), score=central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,
     )  # fmt: skip
     run_dir.event("clients", count=len(env.clients))
-    sim_time = 0.0
-    row0 = central(state, 0, time.perf_counter() - start, sim_time)
-    run_dir.add_rows([row0])
-    _report(progress, run_dir, 0, scenario.rounds, [row0])
-    for server_round in range(1, scenario.rounds + 1):
+    sim_time, first = (resume.sim_time, resume.server_round + 1) if resume else (0.0, 1)
+    if resume is not None:
+        if book is not None:
+            book.load(resume.keeps)
+        if control is not None:
+            control.load(resume.checkpoint)
+        run_dir.event("run_resumed", after_round=resume.server_round, not_restored=list(resume.lost))
+    else:
+        row0 = central(state, 0, time.perf_counter() - start, sim_time)
+        run_dir.add_rows([row0])
+        _report(progress, run_dir, 0, scenario.rounds, [row0])
+    for server_round in range(first, scenario.rounds + 1):
         t_round = time.perf_counter()
         state, rows, duration = train_round(env, state, server_round, sim_time)
         train_time = time.perf_counter() - t_round
@@ -164,7 +174,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
         rows.append({**central(state, server_round, time.perf_counter() - start, sim_time), "aggregation_bias": env.last_bias})
         save_adapter(central.model, state, run_dir.checkpoint_path(server_round))
         if book is not None:
-            run_dir.save_keeps(book.to_json())
+            run_dir.save_keeps(book.to_json(), server_round)
         if control is not None:
             control.save(run_dir.checkpoint_path(server_round))
         run_dir.add_rows(rows)
@@ -172,6 +182,8 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
             if r.get("status", "ok") not in ("ok", "straggler"):
                 run_dir.event("client_problem", round=server_round, client_id=r["client_id"], kind=r["kind"], status=r["status"], reason=r["reason"])
         _report(progress, run_dir, server_round, scenario.rounds, rows, train_time_s=train_time)
+    if run_dir.adapter_path.exists():  # a resumed run that had finished before
+        shutil.rmtree(run_dir.adapter_path)
     save_adapter(central.model, state, run_dir.adapter_path)
     if control is not None:
         control.save(run_dir.path)

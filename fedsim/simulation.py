@@ -19,6 +19,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.resume import ResumePoint
 from fedsim.rundir import RunDir
 from fedsim.scenario import Scenario
 from fedsim.server import ProgressFn, run_federation
@@ -40,10 +41,12 @@ def run_simulation(
     run_dir: RunDir,
     progress: ProgressFn | None = None,
     client_app: ClientApp | None = None,
+    resume: ResumePoint | None = None,
 ) -> None:
-    """Run `scenario` to the end; exceptions from the server loop propagate to the caller.
-    `client_app` replaces fedsim's own ClientApp (tests inject misbehaving clients this way)."""
-    run_simulations([(scenario, run_dir)], progress, client_app, keep_going=False)
+    """Run `scenario` to the end (from `resume`'s round, if given); exceptions from the server
+    loop propagate to the caller. `client_app` replaces fedsim's own ClientApp (tests inject
+    misbehaving clients this way)."""
+    run_simulations([(scenario, run_dir)], progress, client_app, keep_going=False, resume=resume)
 
 
 def run_simulations(
@@ -51,6 +54,7 @@ def run_simulations(
     progress: ProgressFn | None = None,
     client_app: ClientApp | None = None,
     keep_going: bool = True,
+    resume: ResumePoint | None = None,
 ) -> list[Exception]:
     """Run several scenarios one after the other in ONE Flower simulation, so Ray, the client
     actors and their model load are paid once (`fedsim compare`: a run per strategy and seed).
@@ -74,7 +78,7 @@ def run_simulations(
     def main(grid: Grid, context: Context) -> None:
         for scenario, run_dir in jobs:
             try:
-                run_federation(grid, scenario, run_dir, progress)
+                run_federation(grid, scenario, run_dir, progress, resume if len(jobs) == 1 else None)
             except Exception as exc:
                 if not keep_going:
                     raise
