@@ -3,6 +3,10 @@
     .venv/bin/python bench/fedspine.py --tiny                 # CI-sized: the tiny model, ~10 min on 2 cores
     .venv/bin/python bench/fedspine.py                        # SmolLM2 on the 80 Jetsons (hours on a CPU)
     .venv/bin/python bench/fedspine.py --tiny --arms corners --seeds 0 1
+    .venv/bin/python bench/fedspine.py --ranks 4 16 --ratios 0 0.4 --bandits sucb linucb --set clients.num_clients=8 \
+        --set clients.per_round=8 --set clients.eval_per_round=0 --set rounds=8 --set train.local_steps=4 \
+        --set data.central_test_size=32 --set 'fleet.groups=[{profile="jetson-tx2", count=3}, \
+        {profile="jetson-xavier-nx", count=4}, {profile="jetson-agx-orin", count=1}]'   # SmolLM2, 8 devices, ~1 h
 
 Every row is one federation of `scenarios/fedspine-jetson-80.toml` (30 TX2, 40 Xavier NX, 10 AGX
 Orin; 8 clients per round; LoRA on q, v, up_proj; global rank 32) in which only `[controller]`
@@ -13,7 +17,7 @@ differs; all rows of a seed share one Flower simulation:
 - `fixed r/p`: every device at rank r, ratio p (`fixed` controller), for each grid arm (`--arms
   all`) or the four corners (`--arms corners`); the best and the worst of them are marked;
 - `per-profile`: a hand-tuned arm per profile, slower devices smaller and more pruned
-  (TX2 4/0.6, Xavier NX 8/0.4, AGX Orin 16/0.2);
+  (`per_profile`: on the default grid TX2 4/0.6, Xavier NX 16/0.4, AGX Orin 32/0);
 - `fedit`: the uniform baseline: a rank-8 global adapter, every device at rank 8, unpruned (a
   `fixed` controller with one arm, which is the same as none).
 
@@ -42,17 +46,29 @@ from fedsim.scenario import load_scenario  # noqa: E402
 from fedsim.simulation import run_simulations  # noqa: E402
 
 SCENARIO = ROOT / "scenarios" / "fedspine-jetson-80.toml"
-PER_PROFILE = '{"jetson-tx2" = [4, 0.6], "jetson-xavier-nx" = [8, 0.4], "jetson-agx-orin" = [16, 0.2]}'
+SLOW_TO_FAST = ("jetson-tx2", "jetson-xavier-nx", "jetson-agx-orin")
 
 
-def settings(arms: str, bandits: list[str]) -> dict[str, list[str]]:
+def per_profile(ranks: list[int], ratios: list[float]) -> str:
+    """The hand-tuned arms: the i-th slowest of n profiles gets the rank i/(n−1) of the way up the
+    ranks and the ratio i/(n−1) of the way down the ratios (slowest: smallest rank, most pruned)."""
+    n = len(SLOW_TO_FAST)
+    arms = {
+        p: (ranks[round(i * (len(ranks) - 1) / (n - 1))], ratios[round((n - 1 - i) * (len(ratios) - 1) / (n - 1))])
+        for i, p in enumerate(SLOW_TO_FAST)
+    }
+    return "{" + ", ".join(f'"{p}" = [{r}, {q}]' for p, (r, q) in arms.items()) + "}"
+
+
+def settings(arms: str, bandits: list[str], ranks: list[int], ratios: list[float]) -> dict[str, list[str]]:
     """Row label → scenario overrides."""
-    grid = [(r, p) for r in (4, 8, 16, 32) for p in (0.0, 0.2, 0.4, 0.6)]
+    grid = [(r, p) for r in ranks for p in ratios]
     if arms == "corners":
-        grid = [(4, 0.0), (4, 0.6), (32, 0.0), (32, 0.6)]
-    rows = {f"bandit ({b})": [f'controller.name="{b}"'] for b in bandits}
-    rows |= {f"fixed {r}/{p:g}": ['controller.name="fixed"', f"controller.fixed_arm=[{r}, {p}]"] for r, p in grid}
-    rows["per-profile"] = ['controller.name="fixed"', f"controller.profile_arms={PER_PROFILE}"]
+        grid = [(ranks[0], ratios[0]), (ranks[0], ratios[-1]), (ranks[-1], ratios[0]), (ranks[-1], ratios[-1])]
+    space = [f"controller.ranks={ranks}", f"controller.ratios={ratios}", f"lora.rank={max(ranks)}"]
+    rows = {f"bandit ({b})": [*space, f'controller.name="{b}"'] for b in bandits}
+    rows |= {f"fixed {r}/{p:g}": [*space, 'controller.name="fixed"', f"controller.fixed_arm=[{r}, {p}]"] for r, p in grid}
+    rows["per-profile"] = [*space, 'controller.name="fixed"', f"controller.profile_arms={per_profile(ranks, ratios)}"]
     rows["fedit"] = ["lora.rank=8", "controller.ranks=[8]", "controller.ratios=[0.0]", 'controller.name="fixed"']  # = no controller
     return rows
 
@@ -95,10 +111,13 @@ def main() -> None:
     parser.add_argument("--bandits", nargs="+", default=["sucb"], help="controllers to compare (the first is the headline)")
     parser.add_argument("--metric", choices=("loss", "accuracy"), default="loss")
     parser.add_argument("--target", type=float, help="default: fedit's final value")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="the arm grid's ranks")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="the arm grid's ratios")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more scenario overrides (repeatable)")
     args = parser.parse_args()
     quiet_libraries()
-    extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else [])
-    rows = settings(args.arms, args.bandits)
+    extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else []) + args.set
+    rows = settings(args.arms, args.bandits, args.ranks, args.ratios)
     per_seed = [run_seed(s, rows, extra) for s in args.seeds]
     final = {label: np.mean([[central(m[label])[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
     column = 1 if args.metric == "loss" else 2
