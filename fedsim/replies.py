@@ -31,6 +31,11 @@ class Checked:
     update: AdapterState | None = None
 
 
+# The metrics a train reply carries (clients.app), each a finite number; the round loop reads them
+# all, and the strategy averages exactly these (Flower refuses replies whose metric keys differ).
+TRAIN_METRICS = ("num-examples", "train-loss", "loss-before", "loss-after", "tokens", "flops", "wall-time-s", "prune-ratio")
+
+
 def check_train_reply(msg: Message, expected: AdapterState) -> Checked:
     """A train reply must carry a payload that decodes (`fedsim.compression`) to finite tensors
     with exactly the global adapter's keys and shapes, a positive `num-examples` and FLOPs."""
@@ -47,8 +52,12 @@ def _decoded_update(msg: Message, expected: AdapterState) -> tuple[AdapterState 
     problem = _metrics_problem(msg)
     if problem:
         return None, problem
-    flops = content.metric_records["metrics"].get("flops")
-    if not isinstance(flops, (int, float)) or not math.isfinite(flops) or flops < 0:
+    metrics = content.metric_records["metrics"]
+    bad = [k for k in TRAIN_METRICS if not isinstance(metrics.get(k), (int, float)) or not math.isfinite(metrics[k])]
+    if bad:
+        return None, f"metrics {bad} must be finite numbers (a train reply carries {', '.join(TRAIN_METRICS)})"
+    flops = metrics["flops"]
+    if flops < 0:
         return None, f"'flops' must be a finite number >= 0, got {flops!r}"
     payload = content.config_records["update"].get("payload")
     if not isinstance(payload, bytes):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.adapter import AdapterState, factors, from_record, split_state, to_record
@@ -42,7 +42,7 @@ from fedsim.fleet import GIB, Fleet
 from fedsim.keeps import PruneBook, plan_server_keeps
 from fedsim.pruning.slicing import slice_adapter
 from fedsim.pruning.structure import Keep, Scores
-from fedsim.replies import Checked, check_eval_reply, check_train_reply
+from fedsim.replies import TRAIN_METRICS, Checked, check_eval_reply, check_train_reply
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from strategies import LoraStrategy
@@ -372,7 +372,8 @@ def _as_adapter_reply(checked: Checked, sent: dict[int, AdapterState], factor: f
     update) under 'arrays', its metrics under 'metrics' — whatever codec carried it."""
     local = _client_adapter(checked, sent, factor)
     msg = checked.message
-    content = RecordDict({"arrays": to_record(local), "metrics": msg.content["metrics"]})
+    metrics = msg.content["metrics"]  # exactly the checked keys: Flower averages them and refuses replies that differ
+    content = RecordDict({"arrays": to_record(local), "metrics": MetricRecord({k: metrics[k] for k in TRAIN_METRICS})})
     if PRUNE_RECORD in msg.content.config_records:
         content[PRUNE_RECORD] = msg.content[PRUNE_RECORD]
     msg.content = content

@@ -1,0 +1,49 @@
+"""Train replies are validated on their own (`fedsim.replies`): metrics the round loop and the
+strategy need, each a finite number; extra metrics never reach Flower's averaging."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+
+from fedsim.compression import CodecConfig, encode
+from fedsim.replies import TRAIN_METRICS, check_train_reply
+from fedsim.rounds import _as_adapter_reply
+
+EXPECTED = {"layers.0.q_proj.lora_A.weight": torch.zeros(2, 4), "layers.0.q_proj.lora_B.weight": torch.zeros(4, 2)}
+GOOD = {"num-examples": 10, "train-loss": 1.5, "loss-before": 2.0, "loss-after": 1.0, "tokens": 100, "flops": 1e9, "wall-time-s": 0.5, "prune-ratio": 0.0}
+
+
+def _reply(metrics: dict[str, float]) -> object:
+    meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    payload = encode({k: torch.ones_like(v) for k, v in EXPECTED.items()}, CodecConfig(method="none"))
+    return make_message(meta, RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)}))
+
+
+def test_a_complete_reply_is_ok() -> None:
+    checked = check_train_reply(_reply(GOOD), EXPECTED)  # type: ignore[arg-type]
+    assert checked.status == "ok" and torch.equal(checked.update["layers.0.q_proj.lora_A.weight"], torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("key", TRAIN_METRICS[1:])
+def test_a_missing_metric_is_named(key: str) -> None:
+    checked = check_train_reply(_reply({k: v for k, v in GOOD.items() if k != key}), EXPECTED)  # type: ignore[arg-type]
+    assert checked.status == "rejected" and repr(key) in checked.reason
+
+
+def test_a_nan_loss_is_rejected() -> None:
+    checked = check_train_reply(_reply({**GOOD, "train-loss": math.nan}), EXPECTED)  # type: ignore[arg-type]
+    assert checked.status == "rejected" and "'train-loss'" in checked.reason
+
+
+def test_extra_metrics_do_not_reach_the_strategy() -> None:
+    checked = check_train_reply(_reply({**GOOD, "battery-level": 0.3}), EXPECTED)  # type: ignore[arg-type]
+    assert checked.status == "ok"
+    msg = _as_adapter_reply(checked, {7: EXPECTED})
+    assert set(msg.content["metrics"]) == set(TRAIN_METRICS)
