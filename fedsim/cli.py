@@ -26,7 +26,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only in the command that needs them
+    from fedsim.resume import ResumePoint
+    from fedsim.rundir import RunDir
+    from fedsim.scenario import Scenario
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -51,28 +56,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f}m" if seconds < 7200 else f"{seconds / 3600:.2f}h"
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.preflight import preflight
+def _simulate(scenario: Scenario, run_dir: RunDir, resume: ResumePoint | None = None) -> int:
+    """Run (or resume) the simulation, print the summary; a run that fails keeps what it saved."""
     from fedsim.report import summary_text
-    from fedsim.rundir import RunDir, RunExistsError, read_metrics
-    from fedsim.scenario import ScenarioError, load_scenario
-
-    try:
-        scenario = load_scenario(args.scenario, args.set or [], seed=args.seed)
-        preflight(scenario, args.scenario)
-        run_dir = RunDir.create(Path(args.out), scenario)
-    except (ScenarioError, RunExistsError) as exc:
-        print(f"fedsim: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    from fedsim.rundir import read_metrics
     from fedsim.simulation import run_simulation
 
-    print(
-        f"fedsim: {scenario.name}: {scenario.model.name} on {scenario.data.task}, {scenario.clients.num_clients} clients "
-        f"({scenario.clients.per_round}/round), {scenario.rounds} rounds, strategy {scenario.strategy.name}, seed {scenario.seed}",
-        flush=True,
-    )
     try:
-        run_simulation(scenario, run_dir, progress=_progress)
+        run_simulation(scenario, run_dir, progress=_progress, resume=resume)
     except Exception as exc:  # the run started: report, keep what was saved
         run_dir.event("run_failed", error=repr(exc))
         logging.getLogger("fedsim").exception("run failed")
@@ -82,11 +73,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.preflight import preflight
+    from fedsim.rundir import RunDir, RunExistsError
+    from fedsim.scenario import ScenarioError, load_scenario
+
+    try:
+        scenario = load_scenario(args.scenario, args.set or [], seed=args.seed)
+        preflight(scenario, args.scenario)
+        run_dir = RunDir.create(Path(args.out), scenario)
+    except (ScenarioError, RunExistsError) as exc:
+        print(f"fedsim: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    print(
+        f"fedsim: {scenario.name}: {scenario.model.name} on {scenario.data.task}, {scenario.clients.num_clients} clients "
+        f"({scenario.clients.per_round}/round), {scenario.rounds} rounds, strategy {scenario.strategy.name}, seed {scenario.seed}",
+        flush=True,
+    )
+    return _simulate(scenario, run_dir)
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from fedsim.preflight import preflight
-    from fedsim.report import summary_text
     from fedsim.resume import resume_point
-    from fedsim.rundir import RunDir, read_metrics
+    from fedsim.rundir import RunDir
     from fedsim.scenario import ScenarioError, load_scenario
 
     try:
@@ -99,19 +110,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print(f"fedsim resume: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     run_dir.save_scenario(scenario)
-    from fedsim.simulation import run_simulation
 
     lost = f"; not restored: {', '.join(point.lost)}" if point.lost else ""
     print(f"fedsim: {scenario.name}: resuming after round {point.server_round} of {scenario.rounds}{lost}", flush=True)
-    try:
-        run_simulation(scenario, run_dir, progress=_progress, resume=point)
-    except Exception as exc:
-        run_dir.event("run_failed", error=repr(exc))
-        logging.getLogger("fedsim").exception("run failed")
-        print(f"fedsim: run failed: {exc}\nwhat was saved is in {run_dir.path}", file=sys.stderr)
-        return EXIT_FAILED
-    print(summary_text(read_metrics(run_dir.path), run_dir.path))
-    return 0
+    return _simulate(scenario, run_dir, point)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
