@@ -5,7 +5,8 @@ Pure numpy, vectorised over devices (10,000 devices are rows of (N, K) arrays), 
 given the seed, and checkpointable (`state_dict` → dict of arrays, the RNG state included).
 
 - `arms`: the (rank, ratio) grid, arm index ↔ (rank, ratio), unit coordinates.
-- `base`: `Controller`, the choose / update / state_dict interface and shared bookkeeping.
+- `base`: `Controller`, the choose / update / state_dict interface and shared bookkeeping,
+  including `pool = "profile"`: a device's statistics shrunk toward its profile peers'.
 - `ucb1`, `discounted_ucb` (discounted and sliding-window), `exp3` (optionally FedEx's update),
   `thompson`, `linucb` (shared per profile or over device features), `fixed` (baselines),
   `sucb` (FedSpine's default: HOO-style smooth UCB over the continuous box).

@@ -31,6 +31,21 @@ Rules every controller keeps:
 - Determinism: the same seed and the same calls give the same choices; `state_dict` holds the
   Generator's state as a uint64 array, so a controller loaded from it continues identically.
 - `update` takes each device at most once (one report per device per round).
+
+Pooling over profiles (`pool = "profile"`, weight w = `pool_weight`). Devices of one profile
+(same hardware) behave alike, and a device sampled once every ten rounds would otherwise explore
+all run long. The grid and tree algorithms (ucb1, discounted/sliding-window UCB, thompson, sucb)
+then score each device's points on effective statistics, shrunk toward its peers':
+
+    n'_dk = n_dk + w·n̄_-d,k        s'_dk = s_dk + w·s̄_-d,k
+    n̄_-d,k = (Σ_{e∈p(d)} n_ek − n_dk) / (|p(d)| − 1)    (s̄ likewise; 0 for a profile of one)
+
+the leave-one-out average over the device's peers, i.e. the peers count as w extra devices of
+evidence (a prior whose mean is the peers' pooled mean). It is derived from `counts` and `sums`
+at each `choose` (`_statistics`), so it adds no state; a device alone in its profile is scored
+exactly as without pooling. Learning (`counts`, `sums`) and infeasibility stay per device: a
+peer's out-of-memory report lowers the pooled mean of that point but never excludes it for
+another device (memory differs per device).
 """
 
 from __future__ import annotations
@@ -81,6 +96,17 @@ class Controller(ABC):
         self.infeasible = np.zeros(shape, dtype=bool)
         self.rng = np.random.default_rng(seed)
         self._cheapest = int(np.lexsort((-self.point_ratios, self.point_ranks))[0])
+        # Pooling: devices sorted by profile, the start of each present profile's run, and each
+        # device's number of peers (the device's profile size − 1).
+        self._pool_order = np.argsort(self.profiles, kind="stable")
+        ids, self._pool_starts, sizes = np.unique(self.profiles[self._pool_order], return_index=True, return_counts=True)
+        self._pool_row = np.zeros(num_profiles, dtype=np.int64)
+        self._pool_row[ids] = np.arange(len(ids))  # profile index → row of the pooled totals
+        peers = np.zeros(num_profiles)
+        peers[ids] = sizes - 1
+        peers = peers[self.profiles]  # (N,)
+        self._pool_scale = np.divide(config.pool_weight, peers, out=np.zeros_like(peers), where=peers > 0)  # (N,) w / (|p| − 1)
+        self._pooled = config.pool == "profile" and bool((self._pool_scale > 0).any())
 
     # --- the interface --------------------------------------------------------------------
 
@@ -154,6 +180,19 @@ class Controller(ABC):
         return None
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _statistics(self, devices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, sums) (n, K) the algorithm scores `devices` on: their own, or with
+        `pool = "profile"` shrunk toward their peers' (the module docstring's n', s')."""
+        counts, sums = self.counts[devices], self.sums[devices]
+        if not self._pooled:
+            return counts, sums
+        order, starts = self._pool_order, self._pool_starts
+        rows = self._pool_row[self.profiles[devices]]
+        scale = self._pool_scale[devices][:, None]  # (n, 1)
+        total_counts = np.add.reduceat(self.counts[order], starts, axis=0)[rows]  # (n, K) the profile's totals
+        total_sums = np.add.reduceat(self.sums[order], starts, axis=0)[rows]
+        return counts + scale * (total_counts - counts), sums + scale * (total_sums - sums)
 
     def _pick(self, devices: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """(n,) argmax of scores (n, K) over each device's feasible points, ties at random."""

@@ -40,7 +40,7 @@ class DiscountedUCB(Controller):
     name = "discounted_ucb"
 
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
-        counts, sums = self.counts[devices], self.sums[devices]  # (n, K)
+        counts, sums = self._statistics(devices)  # (n, K)
         n = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             index = sums / counts + 2.0 * self.config.ucb_c * np.sqrt(self.config.xi * np.log(n) / counts)
@@ -67,8 +67,8 @@ class SlidingWindowUCB(Controller):
         self.pulls = np.zeros(self.num_devices, dtype=np.int64)  # (N,) t
 
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
-        counts, sums = self.counts[devices], self.sums[devices]
-        horizon = np.maximum(np.minimum(self.pulls[devices], self.config.window), 1)[:, None]  # min(t, τ)
+        counts, sums = self._statistics(devices)
+        horizon = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)  # min(t, τ): the pulls in the window (pooled ones too)
         with np.errstate(divide="ignore", invalid="ignore"):
             index = sums / counts + self.config.ucb_c * np.sqrt(self.config.xi * np.log(horizon) / counts)
         return self._pick(devices, np.where(counts > 0, index, np.inf))

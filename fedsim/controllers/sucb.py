@@ -105,8 +105,8 @@ class SmoothUCB(Controller):
         return b, below
 
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
-        counts, feasible = self.counts[devices], ~self.infeasible[devices]
-        b, below = self._b_values(counts, self.sums[devices], feasible)
+        (counts, sums), feasible = self._statistics(devices), ~self.infeasible[devices]
+        b, below = self._b_values(counts, sums, feasible)
         rows, node = np.arange(len(devices)), np.zeros(len(devices), dtype=np.int64)
         descending = np.ones(len(devices), dtype=bool)
         for _ in range(self.config.sucb_depth):  # a loop over tree levels

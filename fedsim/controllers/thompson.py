@@ -31,7 +31,8 @@ class GaussianThompson(Controller):
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
         cfg = self.config
         prior_prec, noise_prec = 1.0 / cfg.ts_prior_std**2, 1.0 / cfg.ts_noise_std**2
-        precision = prior_prec + self.counts[devices] * noise_prec  # (n, K)
-        mean = (cfg.ts_prior_mean * prior_prec + self.sums[devices] * noise_prec) / precision
+        counts, sums = self._statistics(devices)  # (n, K)
+        precision = prior_prec + counts * noise_prec
+        mean = (cfg.ts_prior_mean * prior_prec + sums * noise_prec) / precision
         theta = mean + self.rng.standard_normal(precision.shape) / np.sqrt(precision)
         return self._pick(devices, theta)

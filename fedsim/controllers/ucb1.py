@@ -34,4 +34,4 @@ class UCB1(Controller):
     name = "ucb1"
 
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
-        return self._pick(devices, ucb_scores(self.counts[devices], self.sums[devices], self.config.ucb_c))
+        return self._pick(devices, ucb_scores(*self._statistics(devices), self.config.ucb_c))

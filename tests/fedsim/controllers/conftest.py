@@ -59,6 +59,27 @@ def regret_curves(name: str, rounds: int, seeds: tuple[int, ...] = (0, 1), devic
     return np.mean(ours, axis=0), np.mean(uniform, axis=0)
 
 
+def sparse_regret(name: str, seeds: tuple[int, ...] = (0, 1, 2), devices: int = 60, profiles: int = 3, sampled: int = 6, rounds: int = 200, jitter: float = 0.03, **overrides) -> float:
+    """Cumulative regret after `rounds`, averaged over seeds, of a federated-style run: `sampled`
+    of `devices` devices a round (each pulled ~rounds·sampled/devices times, about once per arm),
+    devices of a profile sharing their means up to a small per-device jitter (σ = `jitter`)."""
+    totals = []
+    for seed in seeds:
+        groups = np.arange(devices) % profiles
+        ctrl = build_controller(ControllerConfig(name=name, **overrides), devices, groups, None, seed)
+        rng = np.random.default_rng(1000 + seed)
+        means = grid_means(devices, ctrl.grid.num_arms, rng, groups) + jitter * rng.standard_normal((devices, ctrl.grid.num_arms))
+        total = 0.0
+        for t in range(rounds):
+            chosen = np.sort(rng.choice(devices, sampled, replace=False))
+            ranks, ratios = ctrl.choose(chosen, t)
+            mu = means[chosen, ctrl.grid.arm_of(ranks, ratios)]
+            total += (means[chosen].max(axis=1) - mu).sum()
+            ctrl.update(chosen, ranks, ratios, mu + NOISE * rng.standard_normal(sampled), np.ones(sampled, dtype=bool))
+        totals.append(total)
+    return float(np.mean(totals))
+
+
 def assert_sublinear(cumulative: np.ndarray, uniform: np.ndarray, horizon: int) -> None:
     """Regret at 4T under 2.5× regret at T (linear growth would be 4×), and under half a
     uniform-random policy's."""
@@ -69,4 +90,4 @@ def assert_sublinear(cumulative: np.ndarray, uniform: np.ndarray, horizon: int) 
 
 @pytest.fixture
 def bandit() -> SimpleNamespace:
-    return SimpleNamespace(grid_means=grid_means, play=play, regret_curves=regret_curves, assert_sublinear=assert_sublinear, NOISE=NOISE, UCB_C=UCB_C, BEST=BEST)
+    return SimpleNamespace(grid_means=grid_means, play=play, regret_curves=regret_curves, sparse_regret=sparse_regret, assert_sublinear=assert_sublinear, NOISE=NOISE, UCB_C=UCB_C, BEST=BEST)

@@ -96,6 +96,52 @@ def test_state_dict_round_trip_continues_identically(name):
     assert drive(restored, 15, np.random.default_rng(1), start=15) == drive(original, 15, np.random.default_rng(1), start=15)
 
 
+POOLED = ["discounted_ucb", "sliding_window_ucb", "sucb", "thompson", "ucb1"]
+
+
+@pytest.mark.parametrize("name", POOLED)
+def test_pooled_state_dict_round_trip_continues_identically(name):
+    # Pooling adds no state: it is derived from counts and sums at each choose.
+    original = build(name, 12, seed=3, groups=3, pool="profile")
+    assert set(original.state_dict()) == set(build(name, 12, seed=3, groups=3).state_dict())
+    drive(original, 15, np.random.default_rng(0))
+    restored = build(name, 12, seed=3, groups=3, pool="profile")
+    restored.load_state_dict(original.state_dict())
+    assert drive(restored, 15, np.random.default_rng(1), start=15) == drive(original, 15, np.random.default_rng(1), start=15)
+
+
+@pytest.mark.parametrize("name", POOLED)
+def test_pooling_changes_nothing_for_a_device_alone_in_its_profile(name):
+    alone = build(name, 8, seed=2, groups=8, pool="profile")
+    assert drive(alone, 20, np.random.default_rng(0)) == drive(build(name, 8, seed=2, groups=8), 20, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("name", POOLED)
+def test_pooling_changes_the_choices_of_devices_that_have_peers(name):
+    pooled = build(name, 8, seed=2, groups=2, pool="profile")
+    assert drive(pooled, 20, np.random.default_rng(0)) != drive(build(name, 8, seed=2, groups=2), 20, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("name", POOLED)
+def test_a_peers_infeasible_arm_stays_open_to_a_device(name):
+    # Device 0 runs out of memory at (32, 0.0); its peer, device 1, has more memory and earns
+    # most there: pooled, it still tries that arm, and device 0 never does again.
+    ctrl = build(name, 2, pool="profile", pool_weight=1.0)
+    big = ctrl.grid.arm_of([32], [0.0])[0]
+    ctrl.update(np.array([0]), np.array([32]), np.array([0.0]), np.array([0.0]), np.array([False]))
+    assert ctrl.infeasible[0].sum() == 1 and not ctrl.infeasible[1].any()
+    ones, mine = np.ones(1, dtype=bool), []
+    for t in range(60):
+        for device in (0, 1):
+            ranks, ratios = ctrl.choose(np.array([device]), t)
+            arm = ctrl.grid.arm_of(ranks, ratios)[0]
+            assert device == 1 or arm != big, f"round {t}: device 0 chose its infeasible arm"
+            if device == 1:
+                mine.append(arm)
+            ctrl.update(np.array([device]), ranks, ratios, np.array([1.0 if arm == big else 0.3]), ones)
+    assert big in mine
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_state_dict_holds_copies(name):
     ctrl = build(name, 4)
@@ -163,13 +209,13 @@ def python_lines(fn) -> int:
     return count
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_10000_devices_run_vectorised(name):
+@pytest.mark.parametrize(("name", "pool"), [(name, "none") for name in ALL] + [("sucb", "profile"), ("ucb1", "profile")])
+def test_10000_devices_run_vectorised(name, pool):
     # No Python loop over devices: the Python lines executed do not grow with the fleet
     # (a loop over 10,000 devices would multiply them by 100), and a round takes well under
     # a second (a generous bound for a shared machine).
     def rounds(n: int):
-        ctrl, devices = build(name, n, groups=4), np.arange(n)
+        ctrl, devices = build(name, n, groups=4, pool=pool), np.arange(n)
         rewards, feasible = (devices % 10) / 10, devices % 7 != 0
 
         def run():

@@ -92,3 +92,11 @@ def test_a_deeper_tree_beats_the_best_grid_arm_when_the_optimum_is_off_grid(band
         earned[t] = mu.mean()
         ctrl.update(devices, ranks, ratios, mu + bandit.NOISE * rng.standard_normal(n), np.ones(n, dtype=bool))
     assert earned[-rounds // 4 :].mean() > best_grid + 0.03, (earned[-rounds // 4 :].mean(), best_grid)
+
+
+def test_pooling_over_profiles_cuts_regret_under_sparse_participation(bandit):
+    # 60 devices in 3 profiles, 6 a round for 200 rounds: ~20 pulls per device for 16 arms, so
+    # alone a device is still exploring at the end; its profile's peers have tried every arm.
+    alone = bandit.sparse_regret("sucb", ucb_c=bandit.UCB_C)
+    pooled = bandit.sparse_regret("sucb", ucb_c=bandit.UCB_C, pool="profile")
+    assert pooled < 0.7 * alone, (pooled, alone)

@@ -36,3 +36,11 @@ def test_tries_every_arm_once_before_repeating_one():
 def test_regret_is_sublinear_and_far_below_uniform(bandit):
     cumulative, uniform = bandit.regret_curves("ucb1", 1200, ucb_c=bandit.UCB_C)
     bandit.assert_sublinear(cumulative, uniform, 300)
+
+
+def test_pooling_over_profiles_cuts_regret_under_sparse_participation(bandit):
+    # 60 devices in 3 profiles, 6 a round for 200 rounds: ~20 pulls per device for 16 arms, so
+    # alone a device is still exploring at the end; its profile's peers have tried every arm.
+    alone = bandit.sparse_regret("ucb1", ucb_c=bandit.UCB_C)
+    pooled = bandit.sparse_regret("ucb1", ucb_c=bandit.UCB_C, pool="profile")
+    assert pooled < 0.75 * alone, (pooled, alone)
