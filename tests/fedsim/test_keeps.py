@@ -120,7 +120,18 @@ def test_a_fresh_book_holds_no_keep_and_orders_the_target(layers: list) -> None:
     assert book.held(0) is None and book.ratio(None) == 0.0
     assert book.order(0) == {"prune-keep": "", "prune-target": 0.5, "prune-steps": 0}
     assert book.order(1) == {"prune-keep": "", "prune-target": 0.0, "prune-steps": 0}
-    assert json.loads(book.to_json()) == {"steps": [0, 0], "keeps": {}}
+    assert json.loads(book.to_json()) == {"steps": [0, 0], "targets": [0.5, 0.0], "cut_for": [0.0, 0.0], "keeps": {}}
+
+
+def test_a_book_round_trips_through_json(layers: list) -> None:
+    scenario = _scenario(ratio=0.5, interval_steps=4, events=4)
+    book = PruneBook(scenario, layers, np.array([0.5, 0.25]))
+    book.record(0, TINY_KEEP, 8)
+    book.cut_for[1] = 0.2
+    other = PruneBook(scenario, layers, np.zeros(2))
+    other.load(book.to_json())
+    assert other.held(0) == TINY_KEEP and other.held(1) is None
+    assert other.steps.tolist() == [8, 0] and other.targets.tolist() == [0.5, 0.25] and other.cut_for.tolist() == [0.0, 0.2]
 
 
 def test_record_moves_the_client_along_its_schedule(layers: list) -> None:
