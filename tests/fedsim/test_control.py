@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from pathlib import Path
 
@@ -11,13 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedsim.cli import main
 from fedsim.control import STATE_FILE, ArmControl
 from fedsim.fleet import build_fleet
 from fedsim.keeps import PruneBook
 from fedsim.pruning.structure import Keep, LayerGeometry
 from fedsim.report import arms_table
-from fedsim.rundir import read_metrics
 from fedsim.scenario import Scenario, validate_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,21 +134,3 @@ def test_arms_table_reports_the_arm_each_profile_settled_on() -> None:
     assert table.loc["phone", "arms_tried"] == 2 and table.loc["laptop", "arms_tried"] == 1
     assert table.loc["phone", "settled_reward"] == pytest.approx(0.6)
     assert arms_table(pd.DataFrame({"kind": ["train"], "arm_rank": [0]})).empty
-
-
-def test_a_federation_with_a_controller(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    overrides = [
-        "rounds=3", 'controller={name="ucb1", ranks=[2, 8], ratios=[0.0, 0.5]}', "pruning.events=1",
-        'fleet.groups=[{profile="laptop-cpu", count=2}, {profile="phone-highend", count=2}]',
-    ]  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["run", str(ROOT / "scenarios" / "tiny.toml"), "--out", str(tmp_path), *[a for o in overrides for a in ("--set", o)]]) == 0
-    run = tmp_path / "tiny"
-    train = read_metrics(run).query("kind == 'train' and status == 'ok'")
-    assert (train["lora_rank"] == train["arm_rank"]).all() and set(train["arm_rank"]) <= {2, 8}
-    assert ((train["prune_ratio"] - train["arm_ratio"]).abs() < 0.05).all()  # one event, at the first step
-    assert train["reward"].between(0, 1).all() and (train.groupby("round")["reward"].max() == 1.0).all()
-    for k in (1, 2, 3):
-        assert (run / "checkpoints" / f"round_{k}" / STATE_FILE).is_file()
-    assert main(["report", str(run), "--arms"]) == 0
-    assert "settled_rank" in capsys.readouterr().out

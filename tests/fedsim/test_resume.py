@@ -1,5 +1,6 @@
 """`fedsim resume`: a run stopped after round 1 and resumed to round 2 gives the metrics of a run
-that went to round 2 at once, the pruning records and the controller's state included."""
+that went to round 2 at once, the pruning records and the controller's state included. The runs
+have a controller and pruning, so they are also the end-to-end test of the controller."""
 
 from __future__ import annotations
 
@@ -68,3 +69,15 @@ def test_a_round_whose_checkpoint_is_incomplete_is_redone(runs: tuple[Path, Path
 def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["resume", str(tmp_path)]) == 2
     assert "is not a fedsim run directory" in capsys.readouterr().err
+
+
+def test_the_controllers_arms_drive_rank_pruning_and_rewards(runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run = runs[1]
+    train = read_metrics(run).query("kind == 'train' and status == 'ok'")
+    assert (train["lora_rank"] == train["arm_rank"]).all() and set(train["arm_rank"]) <= {2, 8}
+    assert ((train["prune_ratio"] - train["arm_ratio"]).abs() < 0.05).all()  # one event, at the first step
+    assert train["reward"].between(0, 1).all() and (train.groupby("round")["reward"].max() == 1.0).all()
+    for k in (1, 2):
+        assert (run / "checkpoints" / f"round_{k}" / STATE_FILE).is_file()
+    assert main(["report", str(run), "--arms"]) == 0
+    assert "settled_rank" in capsys.readouterr().out
