@@ -120,4 +120,4 @@ class PruneAndTune:
 
     def ratio(self) -> float:
         """Share of the unpruned model's prunable parameters this client has removed."""
-        return self.keep.removed_params(self.layers) / sum(g.params for g in self.layers)
+        return self.keep.ratio(self.layers)

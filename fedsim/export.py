@@ -26,9 +26,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsim.adapter import AdapterState, attach_lora, set_state
-from fedsim.keeps import PruneBook
+from fedsim.keeps import PruneBook, most_trained
 from fedsim.models import load_model
-from fedsim.pruning.structure import Keep, decoder_layers, geometry, weight
+from fedsim.pruning.structure import Keep, decoder_layers, geometry, prunable_params, weight
 from fedsim.pruning.surgery import apply_keep, pruned_copy
 from fedsim.scenario import Scenario
 from fedsim.training import evaluate
@@ -54,8 +54,7 @@ def device_keep(keeps_json: str, device: list[str], profile: str) -> Keep | None
     pruned = [c for c in ids if str(c) in book["keeps"]]
     if not pruned:
         return None
-    best = max(pruned, key=lambda c: (book["steps"][c], -c))
-    return Keep.from_json(book["keeps"][str(best)])
+    return Keep.from_json(book["keeps"][str(most_trained(pruned, book["steps"]))])
 
 
 def pruned_merged(scenario: Scenario, adapter: AdapterState, keep: Keep | None) -> Exported:
@@ -67,7 +66,7 @@ def pruned_merged(scenario: Scenario, adapter: AdapterState, keep: Keep | None) 
     if keep is not None:
         apply_keep(model, keep)
     merged = model.merge_and_unload()
-    ratio = 0.0 if keep is None else keep.removed_params(layers) / sum(g.params for g in layers)
+    ratio = 0.0 if keep is None else keep.ratio(layers)
     padding = _widen(merged, keep) if keep is not None else 0.0
     return Exported(merged, tokenizer, ratio, padding)
 
@@ -93,8 +92,7 @@ def _widen(model: PreTrainedModel, keep: Keep) -> float:
     config = model.config
     config.head_dim, config.num_key_value_heads = h, groups
     config.num_attention_heads, config.intermediate_size = groups * G, channels
-    total = sum(weight(getattr(sub, n)).numel() for layer in decoder_layers(model) for sub, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))) for n in names)
-    return added / total
+    return added / prunable_params(model)
 
 
 def _padded(linear: torch.nn.Linear, axis: int, count: int) -> torch.nn.Linear:
@@ -118,7 +116,7 @@ def per_ratio_keeps(book: PruneBook) -> dict[float, Keep | None]:
     out: dict[float, Keep | None] = {0.0: None} if (book.targets == 0).any() else {}
     for target in sorted({float(book.targets[c]) for c in held}):
         ids = [c for c in held if book.targets[c] == target]
-        out[target] = book.held(max(ids, key=lambda c: (book.steps[c], -c)))
+        out[target] = book.held(most_trained(ids, book.steps))
     return out
 
 

@@ -9,6 +9,7 @@ a per-client factor exp(σ·z), z ~ N(0, 1) drawn from the scenario seed (σ = `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,15 @@ class Fleet:
     @property
     def size(self) -> int:
         return len(self.device)
+
+
+def per_client(fleet: Fleet, default: float, by_profile: Mapping[str, float], by_client: Mapping[str, float], dtype: type) -> np.ndarray:
+    """(N,) a per-client setting: `by_client[str(id)]`, else `by_profile[profile]`, else `default`
+    (the scenario's lora.*_ranks and pruning.*_ratios tables)."""
+    values = np.array([by_profile.get(str(d), default) for d in fleet.device], dtype=dtype)
+    for cid, v in by_client.items():
+        values[int(cid)] = v
+    return values
 
 
 def _custom_profiles(cfg: FleetConfig) -> dict[str, DeviceProfile]:

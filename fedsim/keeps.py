@@ -14,13 +14,13 @@ adapter's importance on its own held-out calibration batch (`plan_server_keeps`)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedsim.costs import LayerShape, ModelShape
-from fedsim.fleet import Fleet
+from fedsim.fleet import Fleet, per_client
 from fedsim.pruning.schedule import ratio_before_step
 from fedsim.pruning.select import budget_problems, select_keep
 from fedsim.pruning.structure import Keep, LayerGeometry, Scores
@@ -31,10 +31,13 @@ def client_ratios(scenario: Scenario, fleet: Fleet) -> np.ndarray:
     """(N,) target pruning ratio of each client id: `pruning.client_ratios`, else
     `pruning.profile_ratios` of its device, else `pruning.ratio`."""
     p = scenario.pruning
-    ratios = np.array([p.profile_ratios.get(str(d), p.ratio) for d in fleet.device], dtype=float)
-    for cid, r in p.client_ratios.items():
-        ratios[int(cid)] = r
-    return ratios
+    return per_client(fleet, p.ratio, p.profile_ratios, p.client_ratios, float)
+
+
+def most_trained(ids: Iterable[int], steps: Sequence[int]) -> int:
+    """The client among `ids` that trained most steps (ties: the lowest id): whose keep stands for
+    its ratio or profile (`fedsim.export`)."""
+    return max(ids, key=lambda c: (steps[c], -c))
 
 
 def pruned_shape(shape: ModelShape, keep: Keep | None) -> ModelShape:
@@ -86,7 +89,7 @@ class PruneBook:
 
     def ratio(self, keep: Keep | None) -> float:
         """Share of the unpruned model's prunable parameters `keep` removed."""
-        return 0.0 if keep is None else keep.removed_params(self.layers) / sum(g.params for g in self.layers)
+        return 0.0 if keep is None else keep.ratio(self.layers)
 
     def order(self, cid: int) -> dict[str, object]:
         """The train config entries that tell client `cid` what to hold and how to grow it."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedsim.costs import ModelShape, linear_shapes
-from fedsim.fleet import Fleet
+from fedsim.fleet import Fleet, per_client
 from fedsim.scenario import Scenario
 
 
@@ -20,10 +20,7 @@ def client_ranks(scenario: Scenario, fleet: Fleet) -> np.ndarray:
     """(N,) rank of each client id: `lora.client_ranks`, else `lora.profile_ranks` of its device,
     else `lora.rank`."""
     lora = scenario.lora
-    ranks = np.array([lora.profile_ranks.get(str(d), lora.rank) for d in fleet.device], dtype=np.int64)
-    for cid, r in lora.client_ranks.items():
-        ranks[int(cid)] = r
-    return ranks
+    return per_client(fleet, lora.rank, lora.profile_ranks, lora.client_ranks, np.int64)
 
 
 def rank_limit_problems(shape: ModelShape, scenario: Scenario, ranks: np.ndarray | None = None) -> list[str]:

@@ -155,6 +155,10 @@ class Keep:
             for g, kg, kc in zip(layers, self.groups, self.channels, strict=True)
         )
 
+    def ratio(self, layers: Sequence[LayerGeometry]) -> float:
+        """Share of the prunable parameters of the model `layers` describes (unpruned) that this keep removed."""
+        return self.removed_params(layers) / sum(g.params for g in layers)
+
     def geometry(self, hidden: int) -> list[LayerGeometry]:
         """The unpruned model's geometry, as far as the keep records it (plus the hidden size)."""
         return [LayerGeometry(hidden, self.head_dim, self.group_size, g, c) for g, c in zip(self.num_groups, self.num_channels)]
