@@ -31,7 +31,7 @@ class FedSALoRA(LoraStrategy):
         weights = [c.weight for c in clients]
         a_keys = [a_key for a_key, _ in layer_pairs(adapter).values()]
         states = [{k: self._pad_rows(c.state[k]) for k in a_keys} for c in clients]
-        masks = [c.mask and {k: torch.cat([c.mask[k], c.mask[k][:1].expand(self.r_max - c.mask[k].shape[0], -1)]) for k in a_keys} for c in clients]
+        masks = [c.mask and {k: self.padded_rows_mask(c.mask[k]) for k in a_keys} for c in clients]
         filled = fill_uncovered(states, masks, weights, {k: adapter[k] for k in a_keys})
         return {**adapter, **{k: fedsa_lora([s[k] for s in filled], weights) for k in a_keys}}
 

@@ -145,9 +145,13 @@ class LoraStrategy(FedAvg):
         out = dict(client.mask)
         for a_key, b_key in layer_pairs(client.mask).values():
             A, B = client.mask[a_key], client.mask[b_key]
-            out[a_key] = torch.cat([A, A[:1].expand(self.r_max - A.shape[0], -1)])
+            out[a_key] = self.padded_rows_mask(A)
             out[b_key] = torch.cat([B, B[:, :1].expand(-1, self.r_max - B.shape[1])], dim=1)
         return out
+
+    def padded_rows_mask(self, A: torch.Tensor) -> torch.Tensor:
+        """An A factor's coverage (r_k, in) at r_max rows: a padded rank covers the columns the client kept."""
+        return torch.cat([A, A[:1].expand(self.r_max - A.shape[0], -1)])
 
     def aligned(self, clients: list[ClientAdapter], weights: list[float]) -> list[AdapterState]:
         """Each client's `padded` adapter, the coordinates it pruned away filled for a
