@@ -22,7 +22,7 @@ budget beyond the maximum is refused with the limit named.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,14 +39,15 @@ def select_keep(
     with `within`, a subset of it (progressive pruning)."""
     _check(scores, geometry, ratio, mode)
     gone = _removed_by(within, geometry)
+    held = within.removed_per_layer(geometry) if within is not None else [0] * len(geometry)  # what `within` already removed
     per_layer = [_candidates(scores, geometry, i, gone) for i in range(len(geometry))]
     if mode == "per_layer":
         dropped: set[tuple[int, int, int]] = set()
         for i, layer in enumerate(geometry):
-            dropped |= _greedy(per_layer[i], geometry, max(_budget(ratio, [layer], f"layer {i}", mode), _held(gone, geometry, [i])))
+            dropped |= _greedy(per_layer[i], geometry, max(_budget(ratio, [layer], f"layer {i}", mode), held[i]))
     else:
         everything = sorted(c for layer in per_layer for c in layer)
-        dropped = _greedy(everything, geometry, max(_budget(ratio, geometry, "the model", mode), _held(gone, geometry, range(len(geometry)))))
+        dropped = _greedy(everything, geometry, max(_budget(ratio, geometry, "the model", mode), sum(held)))
     kept = [
         [[j for j in range(n) if (i, kind, j) not in dropped] for kind, n in enumerate((g.groups, g.channels))]
         for i, g in enumerate(geometry)
@@ -126,14 +127,6 @@ def _removed_by(within: Keep | None, geometry: Sequence[LayerGeometry]) -> set[t
         for kind, (kept, n) in enumerate(((within.groups[i], g.groups), (within.channels[i], g.channels)))
         for j in sorted(set(range(n)) - set(kept))
     }
-
-
-def _held(gone: set[tuple[int, int, int]], geometry: Sequence[LayerGeometry], layers: Iterable[int]) -> int:
-    """Parameters the structures in `gone` hold, over `layers`."""
-    chosen = set(layers)
-    return sum(
-        geometry[i].group_params if kind == 0 else geometry[i].channel_params for i, kind, _ in gone if i in chosen
-    )
 
 
 def _budget(ratio: float, layers: Sequence[LayerGeometry], where: str, mode: str) -> float:

@@ -148,12 +148,16 @@ class Keep:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a pruning keep document: {err!r}") from None
 
-    def removed_params(self, layers: Sequence[LayerGeometry]) -> int:
-        """Prunable parameters this keep removes from the model `layers` describes (unpruned)."""
-        return sum(
+    def removed_per_layer(self, layers: Sequence[LayerGeometry]) -> list[int]:
+        """Per layer, the prunable parameters this keep removes from the model `layers` describes (unpruned)."""
+        return [
             (g.groups - len(kg)) * g.group_params + (g.channels - len(kc)) * g.channel_params
             for g, kg, kc in zip(layers, self.groups, self.channels, strict=True)
-        )
+        ]
+
+    def removed_params(self, layers: Sequence[LayerGeometry]) -> int:
+        """Prunable parameters this keep removes from the model `layers` describes (unpruned)."""
+        return sum(self.removed_per_layer(layers))
 
     def ratio(self, layers: Sequence[LayerGeometry]) -> float:
         """Share of the prunable parameters of the model `layers` describes (unpruned) that this keep removed."""
