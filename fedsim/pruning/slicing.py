@@ -56,7 +56,7 @@ def slice_adapter(state: Mapping[str, Tensor], keep: Keep) -> dict[str, Tensor]:
         if where is None:
             out[key] = tensor.clone()
             continue
-        (layer, proj, axis), full = where, _full_length(keep, *where)
+        (layer, proj, axis), full = where, keep.full_length(where[0], where[1])
         if tensor.shape[axis] != full:
             raise ValueError(
                 f"`{key}` has {tensor.shape[axis]} entries along axis {axis}, the unpruned layer {layer} "
@@ -137,12 +137,6 @@ def _where(key: str, keep: Keep) -> tuple[int, str, int] | None:
     if where is not None and where[0] >= len(keep.groups):
         raise ValueError(f"`{key}` is in layer {where[0]}, the keep has {len(keep.groups)} layers")
     return where
-
-
-def _full_length(keep: Keep, layer: int, proj: str, axis: int) -> int:
-    if proj in ("gate_proj", "up_proj", "down_proj"):
-        return keep.num_channels[layer]
-    return keep.num_groups[layer] * keep.head_dim * (keep.group_size if proj in ("q_proj", "o_proj") else 1)
 
 
 def _check_clients(

@@ -109,11 +109,19 @@ class Keep:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def _width(self, proj: str) -> int:
+        """Entries along `AXIS[proj]` one structure owns: G·h (q, o), h (k, v), 1 (an MLP channel)."""
+        return 1 if proj in MLP else self.head_dim * (self.group_size if proj in ("q_proj", "o_proj") else 1)
+
+    def full_length(self, layer: int, proj: str) -> int:
+        """Length along `AXIS[proj]` of that projection's weight in the unpruned model."""
+        return (self.num_channels if proj in MLP else self.num_groups)[layer] * self._width(proj)
+
     def indices(self, layer: int, proj: str) -> Tensor:
         """Kept indices along `AXIS[proj]` of that projection's weight, as a LongTensor."""
         if proj in MLP:
             return torch.tensor(self.channels[layer], dtype=torch.long)
-        width = self.head_dim * (self.group_size if proj in ("q_proj", "o_proj") else 1)
+        width = self._width(proj)
         offsets = torch.arange(width)
         return (torch.tensor(self.groups[layer], dtype=torch.long)[:, None] * width + offsets).flatten()
 
