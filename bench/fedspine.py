@@ -21,6 +21,12 @@ differs; all rows of a seed share one Flower simulation:
 - `fedit`: the uniform baseline: a rank-8 global adapter, every device at rank 8, unpruned (a
   `fixed` controller with one arm, which is the same as none).
 
+`--keep DIR` keeps every row's run directory in DIR (named by its label, seed and a hash of its
+overrides) and reuses a finished one instead of running it again: a later command that changes
+only the bandit reruns only the bandit rows, and its table still holds every row. Simulated times
+do not depend on the machine, so rows from different commands compare exactly; reuse is the
+user's call, so only rows whose code did not change should be kept across a code change.
+
 Target: the central loss (or, with `--metric accuracy`, accuracy) that `fedit` reaches at its last
 round, unless `--target` is given. "sim s to target" is the simulated fleet time at the first round
 that reaches it (mean over seeds; "—" if a seed never does), and the speedups are fedit's and the
@@ -30,7 +36,10 @@ best fixed arm's time over the row's. Final figures are means over seeds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -73,17 +82,37 @@ def settings(arms: str, bandits: list[str], ranks: list[int], ratios: list[float
     return rows
 
 
-def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str]) -> dict[str, object]:
-    """Every row's metrics for one seed, from one Flower simulation."""
+def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str], keep: Path | None = None) -> dict[str, object]:
+    """Every row's metrics for one seed; the rows not already finished in `keep` run in one Flower
+    simulation."""
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = []
-        for overrides in rows.values():
-            scenario = load_scenario(SCENARIO, [*extra, *overrides, f"name=row{len(jobs)}"], seed=seed)
-            jobs.append((scenario, RunDir.create(Path(tmp), scenario)))
-        failures = run_simulations(jobs)
-        if failures:
-            raise RuntimeError(f"runs failed: {failures}")
-        return {label: read_metrics(run_dir.path) for label, (_, run_dir) in zip(rows, jobs)}
+        out = keep or Path(tmp)
+        jobs, metrics = [], {}
+        for label, overrides in rows.items():
+            settings_ = [*extra, *overrides]
+            name = f"{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-')}-s{seed}-{hashlib.sha256(repr(settings_).encode()).hexdigest()[:8]}"
+            scenario = load_scenario(SCENARIO, [*settings_, f'name="{name}"'], seed=seed)
+            if keep is not None and (done := _finished(keep / name, scenario.rounds)) is not None:
+                metrics[label] = done
+                continue
+            if (keep is not None) and (keep / name).exists():
+                shutil.rmtree(keep / name)  # an unfinished run: start it over
+            jobs.append((label, scenario, RunDir.create(out, scenario)))
+        if jobs:
+            failures = run_simulations([(scenario, run_dir) for _, scenario, run_dir in jobs])
+            if failures:
+                raise RuntimeError(f"runs failed: {failures}")
+        metrics |= {label: read_metrics(run_dir.path) for label, _, run_dir in jobs}
+        return {label: metrics[label] for label in rows}
+
+
+def _finished(path: Path, rounds: int):  # type: ignore[no-untyped-def]
+    """The metrics of a run in `path` that reached its last round's central evaluation, else None."""
+    try:
+        m = read_metrics(path)
+    except FileNotFoundError:
+        return None
+    return m if ((m["kind"] == "eval_central") & (m["round"] == rounds)).any() else None
 
 
 def central(metrics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -108,17 +137,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, help="override the scenario's rounds")
     parser.add_argument("--arms", choices=("all", "corners"), default="all")
-    parser.add_argument("--bandits", nargs="+", default=["sucb"], help="controllers to compare (the first is the headline)")
+    parser.add_argument("--bandits", nargs="*", default=["sucb"], help="controllers to compare (the first is the headline; none: the baselines only)")
     parser.add_argument("--metric", choices=("loss", "accuracy"), default="loss")
     parser.add_argument("--target", type=float, help="default: fedit's final value")
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="the arm grid's ranks")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="the arm grid's ratios")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the rows' runs in DIR and reuse the finished ones")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more scenario overrides (repeatable)")
     args = parser.parse_args()
     quiet_libraries()
     extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else []) + args.set
     rows = settings(args.arms, args.bandits, args.ranks, args.ratios)
-    per_seed = [run_seed(s, rows, extra) for s in args.seeds]
+    per_seed = [run_seed(s, rows, extra, args.keep) for s in args.seeds]
     final = {label: np.mean([[central(m[label])[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
     column = 1 if args.metric == "loss" else 2
     target = args.target if args.target is not None else float(final["fedit"][column])
@@ -134,6 +164,8 @@ def main() -> None:
         note = " (best fixed)" if label == best else " (worst fixed)" if label == worst else ""
         t = reach[label]
         print(f"{label + note:<22} {loss:>10.4f} {acc:>9.3f} {s:>11.1f} {'—' if math.isnan(t) else f'{t:.1f}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}")
+    if not args.bandits:
+        return
     headline = f"bandit ({args.bandits[0]})"
     verdict = better(final[headline][column], final[best][column])
     print(f"\n{headline} vs best fixed arm ({best}): final {args.metric} {'better' if verdict else 'not better'}")
