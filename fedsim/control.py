@@ -11,7 +11,8 @@ builds its pruned model from the unpruned one each round.
 
 After the round, `observe` turns each sampled client's row into an observation — time (simulated
 or measured, `sim_compute_s + sim_comm_s`), local loss before/after, ratio reached, the update's
-norm, and feasibility (`infeasible` rows; on real devices a failure that names memory) — computes
+norm, its contribution to the global model (scored by the server on held-out examples,
+`rounds.contributions`, when the reward weighs it), and feasibility (`infeasible` rows; on real devices a failure that names memory) — computes
 the rewards (`fedsim.controllers.reward`) and updates the controller. Dropped clients and other
 failures teach nothing about the arm and are skipped. Each train row gains `arm_rank`,
 `arm_ratio` and `reward`.
@@ -54,6 +55,11 @@ class ArmControl:
         ctrl = build_controller(scenario.controller, fleet.size, profiles.astype(np.int64), None, scenario.seed, profile_names=[str(n) for n in names])
         return cls(ctrl, scenario)
 
+    @property
+    def scores_contributions(self) -> bool:
+        """Whether the reward needs each reply's contribution to the global model (`rounds.contributions`)."""
+        return self.scenario.controller is not None and self.scenario.controller.reward.contribution_weight > 0
+
     def assign(self, chosen: np.ndarray, server_round: int, ranks: np.ndarray, book: PruneBook | None) -> None:
         """Give each client in `chosen` its arm: `ranks[c]` and `book.targets[c]` (in place)."""
         if len(chosen) == 0:
@@ -84,6 +90,7 @@ class ArmControl:
             ratio_target=np.array([self.arms[r["client_id"]][1] for r in seen]),
             update_norm=np.array([r.get("update_norm", 0.0) for r in seen]),
             deadline_s=self.scenario.fleet.deadline_s,
+            contribution=np.array([r.get("contribution", np.nan) for r in seen]),
         )
         reward, self.baseline = rewards(obs, self.scenario.controller.reward, self.baseline)  # type: ignore[union-attr]
         devices = np.array([r["client_id"] for r in seen], dtype=np.int64)

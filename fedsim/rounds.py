@@ -215,9 +215,11 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
 
     kept_replies = [c for c, k in zip(ok, kept) if k]
     factor = _best_alpha(env, sent, kept_replies, server_round) if s.compression.alpha_auto and kept_replies else 1.0
+    gains = contributions(env, state, sent, ok, factor) if env.control is not None and env.control.scores_contributions else np.full(len(ok), np.nan)
     for i, c in enumerate(ok):
         row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
         row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
+        row["contribution"] = float(gains[i])
         row["update_norm"] = math.sqrt(sum(float(v.double().pow(2).sum()) for v in c.update.values())) if c.update else 0.0
         if kept[i] and s.compression.method == "compeft":
             row["alpha"] = factor if s.compression.alpha_auto else s.compression.alpha
@@ -341,6 +343,26 @@ def _best_alpha(env: RoundEnv, sent: dict[int, AdapterState], replies: list[Chec
     assert env.score is not None
     losses = {a: env.score(_aggregate(env, sent, replies, server_round, a) or {}) for a in env.scenario.compression.alpha_grid}  # replies ≠ [], so never {}
     return min(losses, key=lambda a: (losses[a], a))
+
+
+def contributions(env: RoundEnv, state: AdapterState, sent: dict[int, AdapterState], replies: list[Checked], factor: float) -> np.ndarray:
+    """(n,) each reply's contribution to the global model, for the controller's reward: the
+    relative held-out loss decrease (L(θ) − L(θ_i)) / L(θ) had the server taken this client's
+    adapter alone — θ_i = the global state with its adapter as the strategy aligns it for
+    aggregation (padded to r_max, pruned-away coordinates at the global value; `LoraStrategy.aligned`).
+    It sees what an update does to the global model, which the client's own loss cannot: LoRA
+    trained on a pruned model can harm the unpruned one. One held-out forward pass per reply."""
+    assert env.score is not None
+    if not replies:
+        return np.zeros(0)
+    before = env.score(state)
+    out = np.full(len(replies), np.nan)
+    for i, c in enumerate(replies):
+        mine = env.strategy.aligned([env.strategy.client_adapter(_as_adapter_reply(c, sent, factor))], [1.0])[0]
+        after = env.score({**state, **mine})
+        if math.isfinite(before) and math.isfinite(after) and before > 0:
+            out[i] = (before - after) / before
+    return out
 
 
 def round_bias(adapters: list[AdapterState], weights: list[float], s: Scenario) -> float:

@@ -47,6 +47,8 @@ metrics.parquet schema (`METRIC_COLUMNS`):
                         eval_export: the target ratio of the exported model
     prune_ratio  float  train: share of the prunable parameters the client had removed at the end of
                         its round (others: what it held); eval_export: the exported model's
+    contribution float  train, with a controller: relative held-out loss decrease had the server taken the
+                        client's adapter alone (`rounds.contributions`; NaN if not scored)
     update_norm  float  train: ‖local − received‖ of the client's decoded update (NaN if none)
     arm_rank     int    train, with a controller: the LoRA rank the bandit chose for the client (0 otherwise)
     arm_ratio    float  train, with a controller: the pruning ratio it chose (NaN otherwise)
@@ -93,6 +95,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "aggregation_bias": "float64",
     "prune_target": "float64",
     "prune_ratio": "float64",
+    "contribution": "float64",
     "update_norm": "float64",
     "arm_rank": "int64",
     "arm_ratio": "float64",
@@ -120,6 +123,7 @@ _DEFAULTS: dict[str, Any] = {
     "aggregation_bias": math.nan,
     "prune_target": 0.0,
     "prune_ratio": 0.0,
+    "contribution": math.nan,
     "update_norm": math.nan,
     "arm_rank": 0,
     "arm_ratio": math.nan,

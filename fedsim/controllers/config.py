@@ -63,9 +63,11 @@ class _Section(BaseModel):
 class RewardConfig(_Section):
     """How one round's observations become rewards (`fedsim.controllers.reward`)."""
 
-    loss_weight: float = Field(1.0, ge=0, description="Weight of the relative loss improvement (ℓ_before − ℓ_after)/ℓ_before: the progress the server is after.")
-    prune_weight: float = Field(0.5, ge=0, description="Weight of the pruning progress min(ratio_reached, ratio_target): half the loss term's, so that reaching the sparsity counts but never outweighs learning.")
-    norm_weight: float = Field(0.25, ge=0, description="Weight of the update norm ‖ΔW‖ (the update's importance): small, as a diverging client also sends a large update.")
+    contribution_weight: float = Field(1.0, ge=0, description="Weight of the client's contribution to the global model: the relative held-out loss decrease had the server taken its adapter alone (measured by the server).")
+    loss_weight: float = Field(0.5, ge=0, description="Weight of the relative local loss improvement (ℓ_before − ℓ_after)/ℓ_before: half the contribution's, as it cannot see what the update does to the global model.")
+    prune_weight: float = Field(0.1, ge=0, description="Weight of the pruning progress min(ratio_reached, ratio_target): sparsity counts a little for itself; what it saves is already in the time.")
+    norm_weight: float = Field(0.0, ge=0, description="Weight of the update norm ‖ΔW‖: off, as a diverging client also sends a large update (the contribution measures importance instead).")
+    time: Literal["round", "per_second"] = Field("round", description="round: progress times the straggler factor (Oort), so a device faster than the threshold is not pushed to be faster still; per_second: also divided by the client's own time.")
     straggler: Literal["auto", "deadline", "median", "none"] = Field("auto", description="Threshold T of the straggler factor (T/t)^α: the round's deadline, the median client time, or none; auto: the deadline when the round has one, else the median.")
     straggler_alpha: float = Field(2.0, ge=0, description="Exponent α of the straggler factor; 2 as in open-source Oort implementations.")
     normalise: Literal["round_max", "round_mean", "baseline", "none"] = Field("round_max", description="Divide by the round's max (rewards in [0, 1]), its mean, a discounted baseline of past rounds' means (FedEx-style), or not at all.")
@@ -75,8 +77,8 @@ class RewardConfig(_Section):
 
     @model_validator(mode="after")
     def _some_weight(self) -> RewardConfig:
-        if self.loss_weight + self.prune_weight + self.norm_weight <= 0:
-            raise ValueError("at least one of loss_weight, prune_weight, norm_weight must be > 0, got all 0")
+        if self.contribution_weight + self.loss_weight + self.prune_weight + self.norm_weight <= 0:
+            raise ValueError("at least one of contribution_weight, loss_weight, prune_weight, norm_weight must be > 0, got all 0")
         if self.infeasible_penalty > self.floor:
             raise ValueError(f"infeasible_penalty must be <= floor ({self.floor}) so that a feasible arm always beats an infeasible one, got {self.infeasible_penalty}")
         return self

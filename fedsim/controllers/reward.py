@@ -1,21 +1,33 @@
-"""The reward a controller learns from: a client's progress per second in one round.
+"""The reward a controller learns from: how much a client's round moved the model, for the time it held the round.
 
 For client i of a round, with every term computed from what it reported (`Observations`):
 
-    ℓ_i = max(0, (ℓ_before − ℓ_after) / ℓ_before)      relative loss improvement (0 if ℓ_before ≤ 0
-                                                        or either loss is not finite: no progress)
+    c_i = max(0, contribution)                          the device's contribution to the global
+                                                        model: the relative held-out loss decrease
+                                                        (L(θ) − L(θ_i)) / L(θ) had the server taken
+                                                        this client's adapter alone (θ_i: the
+                                                        strategy's own alignment of it, pruned-away
+                                                        coordinates kept at the global value);
+                                                        measured by the server (`fedsim.rounds`),
+                                                        0 if not measured or not finite
+    ℓ_i = max(0, (ℓ_before − ℓ_after) / ℓ_before)      relative local loss improvement (0 if
+                                                        ℓ_before ≤ 0 or either loss is not finite)
     π_i = max(0, min(ratio_reached, ratio_target))      pruning progress: the sparsity attained,
                                                         credited up to the ratio asked for
-    ν_i = update_norm                                   the update's importance (0 if not finite)
+    ν_i = update_norm                                   the update's norm (0 if not finite)
 
-    g_i = w_ℓ·ℓ_i/ℓ̄ + w_π·π_i/π̄ + w_ν·ν_i/ν̄          ℓ̄, π̄, ν̄: the term's mean over the round's
-                                                        feasible clients (a term whose mean is 0
-                                                        is left as is): the weights, not the
+    g_i = w_c·c_i/c̄ + w_ℓ·ℓ_i/ℓ̄ + w_π·π_i/π̄ + w_ν·ν_i/ν̄
+                                                        c̄, ℓ̄, π̄, ν̄: the term's mean over the
+                                                        round's feasible clients (a term whose mean
+                                                        is 0 is left as is): the weights, not the
                                                         units, set each term's share
     s_i = (T / t_i)^α  if t_i > T, else 1               Oort's straggler factor (Lai et al., "Oort:
                                                         Efficient Federated Learning via Guided
                                                         Participant Selection", OSDI 2021)
-    x_i = g_i / t_i · s_i                               progress per second, stragglers penalised
+    x_i = g_i · s_i                                     time = "round" (Oort's form): progress, less
+                                                        for holding the round up
+    x_i = g_i / t_i · s_i                               time = "per_second": progress per second,
+                                                        stragglers penalised once more
 
 and then normalised across the round, floored, and the clients that could not run penalised:
 
@@ -32,13 +44,30 @@ Normalising per round removes what every client shares that round (loss improvem
 the model converges), so a device's reward measures how good its arm is, not how late the round.
 The maxima, means and medians are over feasible clients only.
 
-Constants (`RewardConfig`): w_ℓ = 1, w_π = 0.5, w_ν = 0.25 (loss progress first; sparsity
-counts half as much; the update norm a little, as a diverging client also sends a large
-update); T = the round's deadline if it has one, else the median feasible client time
-(`straggler = "auto"`); α = 2 (as in open-source Oort implementations; the paper leaves α to
-the developer); round_max; floor = 0.01 (a feasible arm never scores 0, so it stays above an
-infeasible one and is never starved); penalty = 0 (no progress). Time t_i is the simulated
-clock in simulation and the measured round trip in deployment: the reward does not care which.
+Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "Status, measured"):
+
+- The contribution c (w_c = 1) leads. A client's own loss drop cannot see what its update does to
+  the global model, and a pruned client's update can harm it badly (LoRA trained to recover a
+  pruned model, applied to the unpruned one: fixed rank 16 / ratio 0.4 ends at accuracy 0 while
+  its clients' local losses fall). c sees that harm; it is FedSpine's "importance of the LoRA
+  update" measured where it matters, and the issue's "device's contribution to the global
+  improvement". It uses the held-out examples the central metric is computed on (the issue names
+  the round's central metric as an input), the first 16, one forward pass per client.
+- ℓ (w_ℓ = 0.5) stays as a cheaper, noisier second opinion, and the whole signal where the
+  server cannot score (c = 0 for everyone: the term drops out).
+- π (w_π = 0.1): sparsity for its own sake counts a little; its value to the run (less time,
+  less memory) is already in t and in feasibility, and at 0.5 (its first value) a pruned client's
+  term equalled the loss term's share whatever the pruning did to the model.
+- ν (w_ν = 0): a diverging or over-compensating client also sends a large update; c measures the
+  update's importance instead. Available for runs without a held-out set.
+- time = "round": in a synchronous round the slowest kept client sets the time everybody waits,
+  so a device faster than T costs nothing by being slower still: dividing by its own time (the
+  former default, "per_second") pushed fast devices to the smallest rank and held them back.
+- T = the round's deadline if it has one, else the median feasible client time (`straggler =
+  "auto"`); α = 2 (as in open-source Oort implementations; the paper leaves α to the developer);
+  round_max; floor = 0.01 (a feasible arm never scores 0, so it stays above an infeasible one and
+  is never starved); penalty = 0 (no progress). Time t_i is the simulated clock in simulation and
+  the measured round trip in deployment: the reward does not care which.
 """
 
 from __future__ import annotations
@@ -62,8 +91,11 @@ class Observations:
     ratio_target: np.ndarray  # pruning ratio it was asked for
     update_norm: np.ndarray  # ‖ΔW‖ of its LoRA update
     deadline_s: float = 0.0  # the round's deadline (0 = none)
+    contribution: np.ndarray | None = None  # relative held-out loss decrease of the global model from its adapter (None: not measured)
 
     def __post_init__(self) -> None:
+        if self.contribution is None:
+            object.__setattr__(self, "contribution", np.full(np.shape(self.loss_before), np.nan))
         arrays = [f.name for f in fields(self) if f.name != "deadline_s"]
         for name in arrays:
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=bool if name == "feasible" else np.float64))
@@ -92,20 +124,23 @@ def rewards(obs: Observations, config: RewardConfig, baseline: Baseline | None =
     baseline = baseline or Baseline()
     ok = obs.feasible
     time = np.where(ok, obs.time_s, 1.0)
-    x = progress(obs, config, ok) / time * straggler_factor(time, ok, obs.deadline_s, config)
+    x = progress(obs, config, ok) * straggler_factor(time, ok, obs.deadline_s, config)
+    if config.time == "per_second":
+        x = x / time
     x, baseline = normalise(x, ok, config, baseline)
     return np.where(ok, np.maximum(x, config.floor), config.infeasible_penalty), baseline
 
 
 def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndarray:
-    """(n,) g_i: the weighted, mean-scaled sum of loss, pruning and update-norm progress."""
+    """(n,) g_i: the weighted, mean-scaled sum of contribution, loss, pruning and update-norm progress."""
     before, after = obs.loss_before, obs.loss_after
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = np.where(np.isfinite(before) & np.isfinite(after) & (before > 0), (before - after) / before, 0.0)
     prune = np.minimum(obs.ratio_reached, obs.ratio_target)
     norm = obs.update_norm
     total = np.zeros(len(ok))
-    for weight, term in ((config.loss_weight, loss), (config.prune_weight, prune), (config.norm_weight, norm)):
+    terms = ((config.contribution_weight, obs.contribution), (config.loss_weight, loss), (config.prune_weight, prune), (config.norm_weight, norm))
+    for weight, term in terms:
         term = np.where(ok & np.isfinite(term), np.maximum(term, 0.0), 0.0)
         scale = term[ok].mean() if ok.any() else 0.0
         total += weight * (term / scale if scale > 0 else term)

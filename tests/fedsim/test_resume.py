@@ -77,6 +77,7 @@ def test_the_controllers_arms_drive_rank_pruning_and_rewards(runs: tuple[Path, P
     assert (train["lora_rank"] == train["arm_rank"]).all() and set(train["arm_rank"]) <= {2, 8}
     assert ((train["prune_ratio"] - train["arm_ratio"]).abs() < 0.05).all()  # one event, at the first step
     assert train["reward"].between(0, 1).all() and (train.groupby("round")["reward"].max() == 1.0).all()
+    assert train["contribution"].between(-1, 1).all() and train["contribution"].nunique() > 1  # scored by the server, one per client
     for k in (1, 2):
         assert (run / "checkpoints" / f"round_{k}" / STATE_FILE).is_file()
     assert main(["report", str(run), "--arms"]) == 0

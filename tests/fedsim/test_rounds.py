@@ -99,3 +99,39 @@ def test_a_pruned_reply_whose_keep_is_bad_is_rejected_not_fatal(keep: str, probl
     content = RecordDict({"prune": ConfigRecord({"keep": text}), "update": ConfigRecord({"payload": b""}), "metrics": MetricRecord({"num-examples": 1})})
     checked = _check_train(env, make_message(meta, content), sent)  # type: ignore[arg-type]
     assert checked.status == "rejected" and problem in checked.reason
+
+
+def test_contributions_score_each_clients_adapter_as_the_global_one() -> None:
+    """`contributions`: (L(θ) − L(θ_i)) / L(θ), θ_i the global state with client i's adapter; an
+    update toward the held-out optimum contributes, one away from it is negative."""
+    from types import SimpleNamespace
+
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.app.metadata import Metadata
+
+    from fedsim.replies import TRAIN_METRICS, Checked
+    from fedsim.rounds import contributions
+    from strategies import FedIT
+
+    a_key, b_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    state = {a_key: torch.ones(2, 8), b_key: torch.zeros(8, 2)}
+    target = torch.full((8, 2), 0.5)
+
+    def score(s: dict[str, torch.Tensor]) -> float:  # a held-out "loss": distance of B to its optimum, plus 1
+        return 1.0 + float((s[b_key] - target).pow(2).sum())
+
+    strategy = FedIT(2, 4.0)
+    strategy.current = state
+    env = SimpleNamespace(score=score, strategy=strategy)
+
+    def reply(node: int, step: float) -> Checked:
+        meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+        content = RecordDict({"metrics": MetricRecord({k: 1.0 for k in TRAIN_METRICS})})
+        return Checked(make_message(meta, content), "ok", "", {a_key: torch.zeros(2, 8), b_key: torch.full((8, 2), step)})
+
+    sent = {1: state, 2: state}
+    got = contributions(env, state, sent, [reply(1, 0.5), reply(2, -0.5)], 1.0)  # type: ignore[arg-type]
+    before = score(state)  # 1 + 16·0.25 = 5
+    assert got == pytest.approx([(before - 1.0) / before, (before - (1.0 + 16 * 1.0)) / before])
+    assert got[0] > 0 > got[1]

@@ -41,7 +41,7 @@ KNOWN = ", ".join(sorted(CONTROLLERS))
         ({"sucb_depth": 11}, "`sucb_depth` must be less than or equal to 10, got 11"),
         ({"reward": {"floor": -1}}, "`reward.floor` must be greater than or equal to 0, got -1"),
         ({"reward": {"normalise": "median"}}, "`reward.normalise` must be 'round_max', 'round_mean', 'baseline' or 'none', got 'median'"),
-        ({"reward": {"loss_weight": 0, "prune_weight": 0, "norm_weight": 0}}, "`reward`: at least one of loss_weight, prune_weight, norm_weight must be > 0, got all 0"),
+        ({"reward": {"contribution_weight": 0, "loss_weight": 0, "prune_weight": 0, "norm_weight": 0}}, "`reward`: at least one of contribution_weight, loss_weight, prune_weight, norm_weight must be > 0, got all 0"),
         ({"reward": {"infeasible_penalty": 0.5}}, "`reward`: infeasible_penalty must be <= floor (0.01) so that a feasible arm always beats an infeasible one, got 0.5"),
         ({"ucb": 1}, "`ucb` is not a known key"),
     ],

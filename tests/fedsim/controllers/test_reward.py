@@ -1,5 +1,5 @@
 """The reward: against a per-client reference of the module's formula, and each term on its own
-(improvement per second, straggler factor, normalisation, floor, infeasible penalty)."""
+(contribution, improvement per second, straggler factor, normalisation, floor, infeasible penalty)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from fedsim.controllers import Baseline, Observations, RewardConfig, rewards
 
-ONLY_LOSS = {"prune_weight": 0.0, "norm_weight": 0.0, "straggler": "none", "normalise": "none", "floor": 0.0}
+ONLY_LOSS = {"contribution_weight": 0.0, "loss_weight": 1.0, "time": "per_second", "prune_weight": 0.0, "norm_weight": 0.0, "straggler": "none", "normalise": "none", "floor": 0.0}
 
 
 def obs(n: int = 2, **arrays) -> Observations:
@@ -34,8 +34,9 @@ def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float]) -
     loss = [max(0.0, (b - a) / b) if b > 0 and math.isfinite(a) and math.isfinite(b) else 0.0 for b, a in zip(o.loss_before, o.loss_after)]
     prune = [max(0.0, min(r, t)) for r, t in zip(o.ratio_reached, o.ratio_target)]
     norm = [max(0.0, v) if math.isfinite(v) else 0.0 for v in o.update_norm]
+    gain = [max(0.0, v) if math.isfinite(v) else 0.0 for v in o.contribution]
     g = [0.0] * len(ok)
-    for w, term in ((c.loss_weight, loss), (c.prune_weight, prune), (c.norm_weight, norm)):
+    for w, term in ((c.contribution_weight, gain), (c.loss_weight, loss), (c.prune_weight, prune), (c.norm_weight, norm)):
         mean = sum(term[i] for i in idx) / len(idx)
         for i in idx:
             g[i] += w * (term[i] / mean if mean > 0 else term[i])
@@ -43,7 +44,7 @@ def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float]) -
     x = [0.0] * len(ok)
     for i in idx:
         t = o.time_s[i]
-        x[i] = g[i] / t * ((threshold / t) ** c.straggler_alpha if t > threshold else 1.0)
+        x[i] = g[i] / (t if c.time == "per_second" else 1.0) * ((threshold / t) ** c.straggler_alpha if t > threshold else 1.0)
     m, w = baseline
     if c.normalise == "round_max":
         scale = max(x[i] for i in idx)
@@ -56,11 +57,12 @@ def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float]) -
     return [max(x[i] / scale, c.floor) if ok[i] else c.infeasible_penalty for i in range(len(ok))], (m, w)
 
 
+@pytest.mark.parametrize("time", ["round", "per_second"])
 @pytest.mark.parametrize("normalise", ["round_max", "round_mean", "baseline"])
 @pytest.mark.parametrize("deadline", [0.0, 12.0])
-def test_matches_the_reference_over_rounds(normalise, deadline):
+def test_matches_the_reference_over_rounds(normalise, deadline, time):
     rng = np.random.default_rng(0)
-    cfg = RewardConfig(normalise=normalise, floor=0.05, infeasible_penalty=-0.5)
+    cfg = RewardConfig(normalise=normalise, floor=0.05, infeasible_penalty=-0.5, time=time, norm_weight=0.25)
     ours, theirs = Baseline(), (0.0, 0.0)
     for _ in range(4):
         n = 9
@@ -75,6 +77,7 @@ def test_matches_the_reference_over_rounds(normalise, deadline):
             ratio_target=rng.choice([0.0, 0.2, 0.4], n),
             update_norm=rng.uniform(0.1, 2.0, n),
             deadline_s=deadline,
+            contribution=np.where(np.arange(n) == 3, np.nan, rng.uniform(-0.05, 0.1, n)),
         )
         got, ours = rewards(o, cfg, ours)
         want, theirs = reference(o, cfg, theirs)
@@ -89,9 +92,34 @@ def test_reward_is_relative_improvement_per_second():
     np.testing.assert_allclose(r, np.array([0.25 / 10, 0.25 / 20, 0.1 / 10]) / scale)
 
 
+def test_contribution_ranks_clients_by_what_their_update_does_to_the_global_model():
+    # Same local progress, same time: the client whose adapter lowers the held-out loss most
+    # wins; one that raises it gets nothing from the term; unmeasured (NaN) counts as nothing.
+    o = obs(4, contribution=np.array([0.02, 0.01, -0.03, np.nan]), time_s=np.ones(4))
+    r, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "loss_weight": 0.0, "contribution_weight": 1.0}))
+    np.testing.assert_allclose(r, np.array([0.02, 0.01, 0.0, 0.0]) / np.mean([0.02, 0.01, 0.0, 0.0]))
+
+
+def test_default_reward_prefers_a_harmless_update_over_a_harmful_one_with_more_local_progress():
+    # The pruned client's local loss falls further (it recovers from its own cut), but its adapter
+    # harms the global model: the default weights put it below the unpruned one.
+    o = obs(2, loss_after=np.array([1.5, 1.0]), contribution=np.array([0.02, -0.05]), ratio_reached=np.array([0.0, 0.2]), ratio_target=np.array([0.0, 0.2]), time_s=np.array([10.0, 9.0]))
+    r, _ = rewards(o, RewardConfig())
+    assert r[0] == 1.0 and r[1] < 0.6
+
+
+def test_round_time_does_not_push_a_client_below_the_threshold_but_per_second_does():
+    # Three clients, same progress; times 5 s, 10 s (the median) and 20 s.
+    o = obs(3, time_s=np.array([5.0, 10.0, 20.0]))
+    by_round, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "time": "round", "straggler": "median"}))
+    np.testing.assert_allclose(by_round, [1.0, 1.0, 0.25])  # only the straggler pays, (10/20)^2
+    per_second, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "straggler": "median"}))
+    np.testing.assert_allclose(per_second, [1 / 5, 1 / 10, 0.25 / 20])
+
+
 def test_pruning_progress_is_credited_up_to_the_target():
     o = obs(3, ratio_reached=np.array([0.3, 0.5, 0.2]), ratio_target=np.array([0.4, 0.4, 0.0]), time_s=np.ones(3))
-    r, _ = rewards(o, RewardConfig(loss_weight=0.0, norm_weight=0.0, prune_weight=1.0, straggler="none", normalise="none", floor=0.0))
+    r, _ = rewards(o, RewardConfig(contribution_weight=0.0, loss_weight=0.0, norm_weight=0.0, prune_weight=1.0, straggler="none", normalise="none", floor=0.0))
     np.testing.assert_allclose(r, np.array([0.3, 0.4, 0.0]) / np.mean([0.3, 0.4, 0.0]))
 
 
@@ -157,6 +185,7 @@ def test_a_round_where_nobody_ran_is_all_penalty():
         ({"loss_after": np.ones(3)}, r"`loss_after` must be 1-D and aligned with loss_before \(2,\), got \(3,\)"),
         ({"time_s": np.array([10.0, 0.0])}, r"`time_s\[1\]` must be > 0 for a feasible client, got 0.0"),
         ({"deadline_s": -1.0}, r"`deadline_s` must be >= 0, got -1.0"),
+        ({"contribution": np.zeros(3)}, r"`contribution` must be 1-D and aligned with loss_before \(2,\), got \(3,\)"),
     ],
 )
 def test_bad_observations_are_refused_with_the_field_named(arrays, message):
