@@ -26,6 +26,9 @@ overrides) and reuses a finished one instead of running it again: a later comman
 only the bandit reruns only the bandit rows, and its table still holds every row. Simulated times
 do not depend on the machine, so rows from different commands compare exactly; reuse is the
 user's call, so only rows whose code did not change should be kept across a code change.
+`--rows PATTERN...` runs only the rows whose label matches one of the shell-style patterns (e.g.
+`'bandit*'`); the table then needs the rest finished in DIR. One command at a time may use a
+DIR (it is locked), so a run in progress is never taken for an unfinished one and started over.
 
 Target: the central loss (or, with `--metric accuracy`, accuracy) that `fedit` reaches at its last
 round, unless `--target` is given. "sim s to target" is the simulated fleet time at the first round
@@ -36,6 +39,8 @@ best fixed arm's time over the row's. Final figures are means over seeds.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import fnmatch
 import hashlib
 import math
 import re
@@ -82,9 +87,10 @@ def settings(arms: str, bandits: list[str], ranks: list[int], ratios: list[float
     return rows
 
 
-def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str], keep: Path | None = None) -> dict[str, object]:
-    """Every row's metrics for one seed; the rows not already finished in `keep` run in one Flower
-    simulation."""
+def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str], keep: Path | None = None, run: list[str] | None = None) -> dict[str, object]:
+    """Every row's metrics for one seed; the rows not already finished in `keep` (and, with `run`,
+    matching one of its patterns) run in one Flower simulation. A row neither finished nor run is
+    left out."""
     with tempfile.TemporaryDirectory() as tmp:
         out = keep or Path(tmp)
         jobs, metrics = [], {}
@@ -95,6 +101,8 @@ def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str], keep: Path
             if keep is not None and (done := _finished(keep / name, scenario.rounds)) is not None:
                 metrics[label] = done
                 continue
+            if run is not None and not any(fnmatch.fnmatch(label, pattern) for pattern in run):
+                continue
             if (keep is not None) and (keep / name).exists():
                 shutil.rmtree(keep / name)  # an unfinished run: start it over
             jobs.append((label, scenario, RunDir.create(out, scenario)))
@@ -103,7 +111,7 @@ def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str], keep: Path
             if failures:
                 raise RuntimeError(f"runs failed: {failures}")
         metrics |= {label: read_metrics(run_dir.path) for label, _, run_dir in jobs}
-        return {label: metrics[label] for label in rows}
+        return {label: metrics[label] for label in rows if label in metrics}
 
 
 def _finished(path: Path, rounds: int):  # type: ignore[no-untyped-def]
@@ -113,6 +121,17 @@ def _finished(path: Path, rounds: int):  # type: ignore[no-untyped-def]
     except FileNotFoundError:
         return None
     return m if ((m["kind"] == "eval_central") & (m["round"] == rounds)).any() else None
+
+
+def _lock(folder: Path):  # type: ignore[no-untyped-def]
+    """An exclusive lock on `folder` for this process, or exit naming the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "w")  # noqa: SIM115 (held open: the lock lives as long as the file)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"{folder} is in use by another fedspine bench; wait for it or choose another --keep DIR")
+    return handle
 
 
 def central(metrics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -143,12 +162,21 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="the arm grid's ranks")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="the arm grid's ratios")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the rows' runs in DIR and reuse the finished ones")
+    parser.add_argument("--rows", nargs="+", metavar="PATTERN", help="with --keep: run only these rows (shell patterns of labels)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more scenario overrides (repeatable)")
     args = parser.parse_args()
     quiet_libraries()
     extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else []) + args.set
     rows = settings(args.arms, args.bandits, args.ranks, args.ratios)
-    per_seed = [run_seed(s, rows, extra, args.keep) for s in args.seeds]
+    if args.rows and not args.keep:
+        parser.error("--rows needs --keep DIR: the other rows come from there")
+    lock = _lock(args.keep) if args.keep else None  # noqa: F841 (held until the process ends)
+    per_seed = [run_seed(s, rows, extra, args.keep, args.rows) for s in args.seeds]
+    if missing := [label for label in rows if any(label not in m for m in per_seed)]:
+        print(f"finished so far; not yet in {args.keep}: {', '.join(missing)}")
+        rows = {label: v for label, v in rows.items() if label not in missing}
+        if "fedit" not in rows or not any(label.startswith("fixed") for label in rows):
+            return
     final = {label: np.mean([[central(m[label])[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
     column = 1 if args.metric == "loss" else 2
     target = args.target if args.target is not None else float(final["fedit"][column])
@@ -163,10 +191,10 @@ def main() -> None:
         s, loss, acc = final[label]
         note = " (best fixed)" if label == best else " (worst fixed)" if label == worst else ""
         t = reach[label]
-        print(f"{label + note:<22} {loss:>10.4f} {acc:>9.3f} {s:>11.1f} {'—' if math.isnan(t) else f'{t:.1f}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}")
-    if not args.bandits:
+        print(f"{label + note:<22} {loss:>10.4f} {acc:>9.3f} {s:>11.4g} {'—' if math.isnan(t) else f'{t:.4g}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}")
+    headline = f"bandit ({args.bandits[0]})" if args.bandits else ""
+    if headline not in rows:
         return
-    headline = f"bandit ({args.bandits[0]})"
     verdict = better(final[headline][column], final[best][column])
     print(f"\n{headline} vs best fixed arm ({best}): final {args.metric} {'better' if verdict else 'not better'}")
 
