@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.controllers import Baseline, Controller, Observations, build_controller, rewards
+from fedsim.controllers import Controller, Observations, RewardState, build_controller, rewards
 from fedsim.fleet import Fleet
 from fedsim.keeps import PruneBook
 from fedsim.scenario import Scenario
@@ -40,11 +40,11 @@ STATE_FILE = "controller.npz"
 
 @dataclass
 class ArmControl:
-    """The run's controller, its reward baseline and this round's arms."""
+    """The run's controller, its reward state (baseline, fastest round) and this round's arms."""
 
     controller: Controller
     scenario: Scenario
-    baseline: Baseline = field(default_factory=Baseline)
+    reward_state: RewardState = field(default_factory=RewardState)
     arms: dict[int, tuple[int, float]] = field(default_factory=dict)  # client id → (rank, ratio), this round
 
     @classmethod
@@ -92,7 +92,7 @@ class ArmControl:
             deadline_s=self.scenario.fleet.deadline_s,
             contribution=np.array([r.get("contribution", np.nan) for r in seen]),
         )
-        reward, self.baseline = rewards(obs, self.scenario.controller.reward, self.baseline)  # type: ignore[union-attr]
+        reward, self.reward_state = rewards(obs, self.scenario.controller.reward, self.reward_state)  # type: ignore[union-attr]
         devices = np.array([r["client_id"] for r in seen], dtype=np.int64)
         arm = np.array([self.arms[int(c)] for c in devices])
         self.controller.update(devices, arm[:, 0].astype(np.int64), arm[:, 1], reward, feasible)
@@ -100,8 +100,9 @@ class ArmControl:
             r["reward"] = float(x)
 
     def save(self, folder: Path) -> None:
-        """The controller's state and reward baseline, as arrays, in `folder / STATE_FILE`."""
-        state = {**self.controller.state_dict(), "baseline": np.array([self.baseline.mean, self.baseline.weight])}
+        """The controller's state and the reward's, as arrays, in `folder / STATE_FILE`."""
+        r = self.reward_state
+        state = {**self.controller.state_dict(), "reward_state": np.array([r.mean, r.weight, r.fastest_s])}
         tmp = folder / (STATE_FILE + ".tmp.npz")
         np.savez(tmp, **state)
         tmp.rename(folder / STATE_FILE)
@@ -110,9 +111,10 @@ class ArmControl:
         """Restore what `save` wrote (the controller continues exactly where it was)."""
         with np.load(folder / STATE_FILE) as data:
             state = {k: data[k] for k in data.files}
-        mean, weight = state.pop("baseline")
+        saved = state.pop("reward_state") if "reward_state" in state else [*state.pop("baseline"), np.inf]  # runs saved before the fastest round was kept
+        mean, weight, fastest = saved
         self.controller.load_state_dict(state)
-        self.baseline = Baseline(float(mean), float(weight))
+        self.reward_state = RewardState(float(mean), float(weight), float(fastest))
 
 
 def _informative(row: dict[str, Any]) -> bool:

@@ -16,7 +16,7 @@ given the seed, and checkpointable (`state_dict` → dict of arrays, the RNG sta
 
     ctrl = build_controller(config, num_devices, profiles, features, seed)
     ranks, ratios = ctrl.choose(devices, round)
-    r, baseline = rewards(observations, config.reward, baseline)
+    r, state = rewards(observations, config.reward, state)
     ctrl.update(devices, ranks, ratios, r, observations.feasible)
 """
 
@@ -33,7 +33,7 @@ from fedsim.controllers.discounted_ucb import DiscountedUCB, SlidingWindowUCB
 from fedsim.controllers.exp3 import Exp3
 from fedsim.controllers.fixed import Fixed
 from fedsim.controllers.linucb import LinUCB
-from fedsim.controllers.reward import Baseline, Observations, rewards
+from fedsim.controllers.reward import Observations, RewardState, rewards
 from fedsim.controllers.sucb import SmoothUCB
 from fedsim.controllers.thompson import GaussianThompson
 from fedsim.controllers.ucb1 import UCB1
@@ -62,7 +62,6 @@ __all__ = [
     "CONTROLLERS",
     "UCB1",
     "ArmGrid",
-    "Baseline",
     "Controller",
     "ControllerConfig",
     "ControllerConfigError",
@@ -73,6 +72,7 @@ __all__ = [
     "LinUCB",
     "Observations",
     "RewardConfig",
+    "RewardState",
     "SlidingWindowUCB",
     "SmoothUCB",
     "build_controller",

@@ -23,7 +23,9 @@ For client i of a round, with every term computed from what it reported (`Observ
                                                         units, set each term's share
     s_i = (T / t_i)^α  if t_i > T, else 1               Oort's straggler factor (Lai et al., "Oort:
                                                         Efficient Federated Learning via Guided
-                                                        Participant Selection", OSDI 2021)
+                                                        Participant Selection", OSDI 2021); T: the
+                                                        round's deadline, else the fastest round
+                                                        so far (its slowest feasible client)
     x_i = g_i · s_i                                     time = "round" (Oort's form): progress, less
                                                         for holding the round up
     x_i = g_i / t_i · s_i                               time = "per_second": progress per second,
@@ -63,8 +65,13 @@ Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "St
 - time = "round": in a synchronous round the slowest kept client sets the time everybody waits,
   so a device faster than T costs nothing by being slower still: dividing by its own time (the
   former default, "per_second") pushed fast devices to the smallest rank and held them back.
-- T = the round's deadline if it has one, else the median feasible client time (`straggler =
-  "auto"`); α = 2 (as in open-source Oort implementations; the paper leaves α to the developer);
+- T = the round's deadline if it has one, else the fastest round seen so far, i.e. the least,
+  over past rounds and this one, of a round's slowest feasible client time (`straggler = "auto"`).
+  It is the round time the fleet has shown it can keep: an arm that makes its device finish
+  later holds everyone up. The median of the round (the former default) rises with the round's
+  own exploration: when half the round tries a costly arm, the costly arm looks free. T only
+  falls, so a fleet that slows down penalises every device alike, which the per-round
+  normalisation removes. α = 2 (as in open-source Oort implementations; the paper leaves α to the developer);
   round_max; floor = 0.01 (a feasible arm never scores 0, so it stays above an infeasible one and
   is never starved); penalty = 0 (no progress). Time t_i is the simulated clock in simulation and
   the measured round trip in deployment: the reward does not care which.
@@ -72,7 +79,8 @@ Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "St
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -111,24 +119,29 @@ class Observations:
 
 
 @dataclass(frozen=True)
-class Baseline:
-    """The discounted baseline of `normalise = "baseline"`: m_t and 1 − β^t (its bias correction)."""
+class RewardState:
+    """What the reward carries from round to round: the discounted baseline of `normalise =
+    "baseline"` (m_t and 1 − β^t, its bias correction) and the fastest round seen so far (the
+    straggler threshold of `straggler = "fastest"`)."""
 
     mean: float = 0.0
     weight: float = 0.0
+    fastest_s: float = math.inf
 
 
-def rewards(obs: Observations, config: RewardConfig, baseline: Baseline | None = None) -> tuple[np.ndarray, Baseline]:
-    """(n,) reward of each client, and the baseline for the next round (unchanged unless
-    `config.normalise == "baseline"` and some client ran)."""
-    baseline = baseline or Baseline()
+def rewards(obs: Observations, config: RewardConfig, state: RewardState | None = None) -> tuple[np.ndarray, RewardState]:
+    """(n,) reward of each client, and the state for the next round (the baseline moves with
+    `config.normalise == "baseline"`, the fastest round with every round some client ran)."""
+    state = state or RewardState()
     ok = obs.feasible
     time = np.where(ok, obs.time_s, 1.0)
-    x = progress(obs, config, ok) * straggler_factor(time, ok, obs.deadline_s, config)
+    if ok.any():
+        state = replace(state, fastest_s=min(state.fastest_s, float(time[ok].max())))
+    x = progress(obs, config, ok) * straggler_factor(time, ok, obs.deadline_s, config, state.fastest_s)
     if config.time == "per_second":
         x = x / time
-    x, baseline = normalise(x, ok, config, baseline)
-    return np.where(ok, np.maximum(x, config.floor), config.infeasible_penalty), baseline
+    x, state = normalise(x, ok, config, state)
+    return np.where(ok, np.maximum(x, config.floor), config.infeasible_penalty), state
 
 
 def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndarray:
@@ -147,25 +160,25 @@ def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndar
     return total
 
 
-def straggler_factor(time: np.ndarray, ok: np.ndarray, deadline_s: float, config: RewardConfig) -> np.ndarray:
+def straggler_factor(time: np.ndarray, ok: np.ndarray, deadline_s: float, config: RewardConfig, fastest_s: float = math.inf) -> np.ndarray:
     """(n,) (T / t)^α where t > T, else 1; T per `config.straggler` (1 everywhere with none)."""
     mode = config.straggler
     if mode == "auto":
-        mode = "deadline" if deadline_s > 0 else "median"
+        mode = "deadline" if deadline_s > 0 else "fastest"
     if mode == "none" or (mode == "deadline" and deadline_s <= 0) or not ok.any():
         return np.ones(len(time))
-    threshold = deadline_s if mode == "deadline" else float(np.median(time[ok]))
+    threshold = {"deadline": deadline_s, "median": float(np.median(time[ok])), "fastest": fastest_s}[mode]
     return np.where(time > threshold, (threshold / time) ** config.straggler_alpha, 1.0)
 
 
-def normalise(x: np.ndarray, ok: np.ndarray, config: RewardConfig, baseline: Baseline) -> tuple[np.ndarray, Baseline]:
-    """(n,) x̃ per `config.normalise`, and the updated baseline."""
+def normalise(x: np.ndarray, ok: np.ndarray, config: RewardConfig, state: RewardState) -> tuple[np.ndarray, RewardState]:
+    """(n,) x̃ per `config.normalise`, and the state with the baseline updated."""
     if config.normalise == "none" or not ok.any():
-        return x, baseline
+        return x, state
     if config.normalise == "baseline":
         beta = config.baseline_discount
-        baseline = Baseline(beta * baseline.mean + (1.0 - beta) * float(x[ok].mean()), beta * baseline.weight + (1.0 - beta))
-        scale = baseline.mean / baseline.weight
+        state = replace(state, mean=beta * state.mean + (1.0 - beta) * float(x[ok].mean()), weight=beta * state.weight + (1.0 - beta))
+        scale = state.mean / state.weight
     else:
         scale = float(x[ok].max() if config.normalise == "round_max" else x[ok].mean())
-    return (x / scale if scale > 0 else x), baseline
+    return (x / scale if scale > 0 else x), state

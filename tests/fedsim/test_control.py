@@ -73,16 +73,21 @@ def test_a_lower_ratio_restarts_from_the_unpruned_model_and_a_new_one_restarts_t
     assert book.held(0) is None and book.steps[0] == 0 and book.targets[0] == 0.0
 
 
-def test_observe_rewards_progress_per_second_and_fills_the_rows() -> None:
+def test_observe_rewards_contribution_penalises_holding_the_round_up_and_fills_the_rows() -> None:
     control, book = _control(_scenario())
     control.assign(np.array([0, 1]), 1, np.full(4, 8), book)
+    control.observe([_row(0), _row(1)])  # a 10 s round: the fastest so far
+    control.assign(np.array([0, 1]), 2, np.full(4, 8), book)
     rows = [_row(0, seconds=10.0), _row(1, seconds=40.0), {"kind": "eval_client", "client_id": 0, "status": "ok"}]
     control.observe(rows)
-    assert rows[0]["reward"] == pytest.approx(1.0)  # the same progress in a quarter of the time
-    assert 0 < rows[1]["reward"] < rows[0]["reward"]
+    assert rows[0]["reward"] == pytest.approx(1.0) and rows[1]["reward"] == pytest.approx((10 / 40) ** 2)  # same progress, 4x the round
     assert (rows[0]["arm_rank"], rows[0]["arm_ratio"]) == control.arms[0]
     assert "reward" not in rows[2]
-    assert control.controller.counts[[0, 1]].sum() == 2
+    control.assign(np.array([0, 1]), 3, np.full(4, 8), book)
+    rows = [{**_row(0), "contribution": 0.05}, {**_row(1), "contribution": -0.02}]  # 1's adapter harms the global model
+    control.observe(rows)
+    assert rows[0]["reward"] == pytest.approx(1.0) and rows[1]["reward"] == pytest.approx(0.5 / 2.5)  # contribution 0.05/0.025 = 2, loss 0.5 each
+    assert control.controller.counts[[0, 1]].sum() == 6
 
 
 def test_an_infeasible_arm_is_not_chosen_again_for_that_device() -> None:
@@ -114,6 +119,7 @@ def test_saved_state_continues_identically(tmp_path: Path) -> None:
     assert (tmp_path / STATE_FILE).is_file()
     fresh, _ = _control(scenario)
     fresh.load(tmp_path)
+    assert fresh.reward_state == control.reward_state and control.reward_state.fastest_s == 11.0  # round 1's slowest, 5 + 3·2
     for server_round in (4, 5, 6):
         control.assign(np.array([0, 1, 3]), server_round, np.full(4, 8), book)
         fresh.assign(np.array([0, 1, 3]), server_round, np.full(4, 8), book)
@@ -121,6 +127,13 @@ def test_saved_state_continues_identically(tmp_path: Path) -> None:
         rows = [_row(c, seconds=5.0 + c) for c in (0, 1, 3)]
         control.observe(rows)
         fresh.observe([dict(r) for r in rows])
+
+
+def test_state_saved_before_the_fastest_round_was_kept_still_loads(tmp_path: Path) -> None:
+    control, _ = _control(_scenario())
+    np.savez(tmp_path / STATE_FILE, **control.controller.state_dict(), baseline=np.array([0.5, 0.2]))  # the earlier format
+    control.load(tmp_path)
+    assert (control.reward_state.mean, control.reward_state.weight, control.reward_state.fastest_s) == (0.5, 0.2, math.inf)
 
 
 def test_arms_table_reports_the_arm_each_profile_settled_on() -> None:

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import math
-import statistics
 
 import numpy as np
 import pytest
 
-from fedsim.controllers import Baseline, Observations, RewardConfig, rewards
+from fedsim.controllers import Observations, RewardConfig, RewardState, rewards
 
 ONLY_LOSS = {"contribution_weight": 0.0, "loss_weight": 1.0, "time": "per_second", "prune_weight": 0.0, "norm_weight": 0.0, "straggler": "none", "normalise": "none", "floor": 0.0}
 
@@ -27,7 +26,7 @@ def obs(n: int = 2, **arrays) -> Observations:
     return Observations(**{**base, **arrays})
 
 
-def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float]) -> tuple[list[float], tuple[float, float]]:
+def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float, float]) -> tuple[list[float], tuple[float, float, float]]:
     """The module docstring's formula, client by client in plain Python."""
     ok = [bool(f) for f in o.feasible]
     idx = [i for i in range(len(ok)) if ok[i]]
@@ -40,12 +39,13 @@ def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float]) -
         mean = sum(term[i] for i in idx) / len(idx)
         for i in idx:
             g[i] += w * (term[i] / mean if mean > 0 else term[i])
-    threshold = o.deadline_s if o.deadline_s > 0 else statistics.median(o.time_s[i] for i in idx)
+    m, w, fastest = baseline
+    fastest = min(fastest, max(o.time_s[i] for i in idx))  # the fastest round so far: its slowest client
+    threshold = o.deadline_s if o.deadline_s > 0 else fastest
     x = [0.0] * len(ok)
     for i in idx:
         t = o.time_s[i]
         x[i] = g[i] / (t if c.time == "per_second" else 1.0) * ((threshold / t) ** c.straggler_alpha if t > threshold else 1.0)
-    m, w = baseline
     if c.normalise == "round_max":
         scale = max(x[i] for i in idx)
     elif c.normalise == "round_mean":
@@ -54,7 +54,7 @@ def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float]) -
         m = c.baseline_discount * m + (1 - c.baseline_discount) * sum(x[i] for i in idx) / len(idx)
         w = c.baseline_discount * w + (1 - c.baseline_discount)
         scale = m / w
-    return [max(x[i] / scale, c.floor) if ok[i] else c.infeasible_penalty for i in range(len(ok))], (m, w)
+    return [max(x[i] / scale, c.floor) if ok[i] else c.infeasible_penalty for i in range(len(ok))], (m, w, fastest)
 
 
 @pytest.mark.parametrize("time", ["round", "per_second"])
@@ -63,7 +63,7 @@ def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float]) -
 def test_matches_the_reference_over_rounds(normalise, deadline, time):
     rng = np.random.default_rng(0)
     cfg = RewardConfig(normalise=normalise, floor=0.05, infeasible_penalty=-0.5, time=time, norm_weight=0.25)
-    ours, theirs = Baseline(), (0.0, 0.0)
+    ours, theirs = RewardState(), (0.0, 0.0, math.inf)
     for _ in range(4):
         n = 9
         before = rng.uniform(1.0, 3.0, n)
@@ -82,7 +82,7 @@ def test_matches_the_reference_over_rounds(normalise, deadline, time):
         got, ours = rewards(o, cfg, ours)
         want, theirs = reference(o, cfg, theirs)
         np.testing.assert_allclose(got, want, rtol=1e-12)
-        assert (ours.mean, ours.weight) == pytest.approx(theirs)
+        assert (ours.mean, ours.weight, ours.fastest_s) == pytest.approx(theirs)
 
 
 def test_reward_is_relative_improvement_per_second():
@@ -130,7 +130,8 @@ def test_pruning_progress_is_credited_up_to_the_target():
         ("deadline", 0.0, [1.0, 1.0, 1.0]),  # no deadline: no penalty
         ("median", 0.0, [1.0, 1.0, 0.25]),  # median of 5, 10, 20 is 10
         ("auto", 8.0, [1.0, (8 / 10) ** 2, (8 / 20) ** 2]),
-        ("auto", 0.0, [1.0, 1.0, 0.25]),
+        ("auto", 0.0, [1.0, 1.0, 1.0]),  # the fastest round is this one: its slowest client, 20
+        ("fastest", 0.0, [1.0, 1.0, 1.0]),
         ("none", 8.0, [1.0, 1.0, 1.0]),
     ],
 )
@@ -139,6 +140,17 @@ def test_straggler_factor(straggler, deadline, factors):
     o = obs(3, time_s=times, deadline_s=deadline)
     r, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "straggler": straggler}))
     np.testing.assert_allclose(r, 1.0 / times * np.array(factors))
+
+
+def test_the_fastest_round_so_far_is_the_threshold_and_a_round_of_costly_arms_does_not_raise_it():
+    cfg = RewardConfig(**{**ONLY_LOSS, "time": "round", "straggler": "auto"})
+    _, state = rewards(obs(2, time_s=np.array([5.0, 10.0])), cfg)  # a cheap round: T = 10
+    assert state.fastest_s == 10.0
+    r, state = rewards(obs(3, time_s=np.array([5.0, 20.0, 40.0])), cfg, state)  # half the round explores costly arms
+    np.testing.assert_allclose(r, [1.0, 0.25, 0.0625])  # (10/20)^2, (10/40)^2: the median (20) would have let 20 off
+    assert state.fastest_s == 10.0
+    r, state = rewards(obs(2, time_s=np.array([4.0, 6.0])), cfg, state)
+    assert state.fastest_s == 6.0 and (r == 1.0).all()
 
 
 def test_round_max_puts_the_best_feasible_client_at_1_and_ignores_infeasible_ones():
@@ -176,7 +188,7 @@ def test_a_round_where_nobody_ran_is_all_penalty():
     o = obs(2, time_s=np.full(2, np.nan), feasible=np.zeros(2, dtype=bool))
     r, baseline = rewards(o, RewardConfig(normalise="baseline"))
     np.testing.assert_array_equal(r, [0.0, 0.0])
-    assert baseline == Baseline()
+    assert baseline == RewardState()
 
 
 @pytest.mark.parametrize(
