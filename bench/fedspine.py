@@ -9,15 +9,15 @@
         {profile="jetson-xavier-nx", count=4}, {profile="jetson-agx-orin", count=1}]'   # SmolLM2, 8 devices, ~1 h
 
 Every row is one federation of `scenarios/fedspine-jetson-80.toml` (30 TX2, 40 Xavier NX, 10 AGX
-Orin; 8 clients per round; LoRA on q, v, up_proj; global rank 32) in which only `[controller]`
-differs; all rows of a seed share one Flower simulation:
+Orin; 8 clients per round; LoRA on q, v, up_proj; global rank = the largest arm rank) in which
+only `[controller]` differs; the rows a command runs for a seed share one Flower simulation:
 
 - `bandit (sucb)`: the scenario's controller, FedSpine's default, and any others named with
   `--bandits` (ucb1, discounted_ucb, exp3, thompson, linucb, ...);
 - `fixed r/p`: every device at rank r, ratio p (`fixed` controller), for each grid arm (`--arms
   all`) or the four corners (`--arms corners`); the best and the worst of them are marked;
 - `per-profile`: a hand-tuned arm per profile, slower devices smaller and more pruned
-  (`per_profile`: on the default grid TX2 4/0.6, Xavier NX 16/0.4, AGX Orin 32/0);
+  (`per_profile`: on the scenario's grid TX2 4/0.2, Xavier NX 8/0.1, AGX Orin 16/0);
 - `fedit`: the uniform baseline: a rank-8 global adapter, every device at rank 8, unpruned (a
   `fixed` controller with one arm, which is the same as none).
 
@@ -159,15 +159,17 @@ def main() -> None:
     parser.add_argument("--bandits", nargs="*", default=["sucb"], help="controllers to compare (the first is the headline; none: the baselines only)")
     parser.add_argument("--metric", choices=("loss", "accuracy"), default="loss")
     parser.add_argument("--target", type=float, help="default: fedit's final value")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="the arm grid's ranks")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="the arm grid's ratios")
+    parser.add_argument("--ranks", type=int, nargs="+", help="the arm grid's ranks (default: the scenario's)")
+    parser.add_argument("--ratios", type=float, nargs="+", help="the arm grid's ratios (default: the scenario's)")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the rows' runs in DIR and reuse the finished ones")
     parser.add_argument("--rows", nargs="+", metavar="PATTERN", help="with --keep: run only these rows (shell patterns of labels)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more scenario overrides (repeatable)")
     args = parser.parse_args()
     quiet_libraries()
     extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else []) + args.set
-    rows = settings(args.arms, args.bandits, args.ranks, args.ratios)
+    grid = load_scenario(SCENARIO).controller
+    assert grid is not None  # the scenario has a [controller]
+    rows = settings(args.arms, args.bandits, args.ranks or list(grid.ranks), args.ratios or list(grid.ratios))
     if args.rows and not args.keep:
         parser.error("--rows needs --keep DIR: the other rows come from there")
     lock = _lock(args.keep) if args.keep else None  # noqa: F841 (held until the process ends)
