@@ -97,11 +97,16 @@ class PruneBook:
         return {"prune-keep": keep.to_json() if keep is not None else "", "prune-target": float(self.targets[cid]), "prune-steps": int(self.steps[cid])}
 
     def retarget(self, cid: int, target: float) -> None:
-        """A new target ratio for client `cid` (the controller's arm): below what it holds, it
-        starts over from the unpruned model; otherwise its schedule restarts from what it holds."""
-        if target + 1e-9 < self.ratio(self.held(cid)):
+        """A target ratio for client `cid` (the controller's arm). The same target as before changes
+        nothing: the held model was cut for it (selection overshoots a target by up to one
+        structure, so the held ratio may exceed it slightly; that is no reason to start over). A
+        lower target than before, below what it holds, starts over from the unpruned model; any
+        other new target restarts the schedule from what it holds."""
+        if abs(target - self.targets[cid]) <= 1e-9:
+            return
+        if target < self.targets[cid] and target + 1e-9 < self.ratio(self.held(cid)):
             self.reset(cid)
-        elif target != self.targets[cid]:
+        else:
             self.steps[cid], self.cut_for[cid] = 0, self.ratio(self.held(cid))
         self.targets[cid] = target
 

@@ -73,6 +73,21 @@ def test_a_lower_ratio_restarts_from_the_unpruned_model_and_a_new_one_restarts_t
     assert book.held(0) is None and book.steps[0] == 0 and book.targets[0] == 0.0
 
 
+def test_the_same_arm_again_keeps_a_model_cut_slightly_past_its_target() -> None:
+    # Selection removes whole structures, so a model cut for ratio p holds a little more than p.
+    # Asking for p again must not send the client back to the unpruned model every round.
+    _, book = _control(_scenario())
+    keep = Keep(((0, 1), (0, 1)), ((0, 1, 2, 3), (0, 1, 2, 3)), (2, 2), (8, 8), 2, 16)
+    held = book.ratio(keep)
+    target = held - 0.01  # the arm it was cut for
+    book.targets[0], book.keeps[0], book.steps[0] = target, keep, 12
+    for _ in range(3):
+        book.retarget(0, target)
+        assert book.held(0) == keep and book.steps[0] == 12
+    book.retarget(0, target - 0.1)  # a lower arm, below what it holds: start over
+    assert book.held(0) is None
+
+
 def test_observe_rewards_contribution_penalises_holding_the_round_up_and_fills_the_rows() -> None:
     control, book = _control(_scenario())
     control.assign(np.array([0, 1]), 1, np.full(4, 8), book)
