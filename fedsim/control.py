@@ -57,8 +57,10 @@ class ArmControl:
 
     @property
     def scores_contributions(self) -> bool:
-        """Whether the reward needs each reply's contribution to the global model (`rounds.contributions`)."""
-        return self.scenario.controller is not None and self.scenario.controller.reward.contribution_weight > 0
+        """Whether the reward needs each reply's contribution to the global model
+        (`rounds.contributions`); a `fixed` controller learns nothing, so it is not scored."""
+        c = self.scenario.controller
+        return c is not None and c.name != "fixed" and c.reward.contribution_weight > 0
 
     def assign(self, chosen: np.ndarray, server_round: int, ranks: np.ndarray, book: PruneBook | None) -> None:
         """Give each client in `chosen` its arm: `ranks[c]` and `book.targets[c]` (in place)."""
