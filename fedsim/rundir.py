@@ -47,8 +47,8 @@ metrics.parquet schema (`METRIC_COLUMNS`):
                         eval_export: the target ratio of the exported model
     prune_ratio  float  train: share of the prunable parameters the client had removed at the end of
                         its round (others: what it held); eval_export: the exported model's
-    contribution float  train, with a controller: relative held-out loss decrease had the server taken the
-                        client's adapter alone (`rounds.contributions`; NaN if not scored)
+    contribution float  train, with a learning controller: relative held-out loss decrease of the global
+                        model moved by the client's share of an average (`rounds.contributions`; NaN if not scored)
     update_norm  float  train: ‖local − received‖ of the client's decoded update (NaN if none)
     arm_rank     int    train, with a controller: the LoRA rank the bandit chose for the client (0 otherwise)
     arm_ratio    float  train, with a controller: the pruning ratio it chose (NaN otherwise)

@@ -4,12 +4,11 @@ For client i of a round, with every term computed from what it reported (`Observ
 
     c_i = max(0, contribution)                          the device's contribution to the global
                                                         model: the relative held-out loss decrease
-                                                        (L(θ) − L(θ_i)) / L(θ) had the server taken
-                                                        this client's adapter alone (θ_i: the
-                                                        strategy's own alignment of it, pruned-away
-                                                        coordinates kept at the global value);
-                                                        measured by the server (`fedsim.rounds`),
-                                                        0 if not measured or not finite
+                                                        (L(θ) − L(θ_i)) / L(θ) of the global model
+                                                        moved by this client's share of an average
+                                                        toward its adapter (`rounds.contributions`,
+                                                        measured by the server), 0 if not measured
+                                                        or not finite
     ℓ_i = max(0, (ℓ_before − ℓ_after) / ℓ_before)      relative local loss improvement (0 if
                                                         ℓ_before ≤ 0 or either loss is not finite)
     π_i = max(0, min(ratio_reached, ratio_target))      pruning progress: the sparsity attained,

@@ -101,9 +101,10 @@ def test_a_pruned_reply_whose_keep_is_bad_is_rejected_not_fatal(keep: str, probl
     assert checked.status == "rejected" and problem in checked.reason
 
 
-def test_contributions_score_each_clients_adapter_as_the_global_one() -> None:
-    """`contributions`: (L(θ) − L(θ_i)) / L(θ), θ_i the global state with client i's adapter; an
-    update toward the held-out optimum contributes, one away from it is negative."""
+def test_contributions_score_each_clients_share_of_the_average() -> None:
+    """`contributions`: (L(θ) − L(θ_i)) / L(θ), θ_i = θ moved by the client's example-weighted
+    share of an average toward its adapter; an update toward the held-out optimum contributes,
+    one away from it is negative."""
     from types import SimpleNamespace
 
     from flwr.app import MetricRecord, RecordDict
@@ -125,13 +126,14 @@ def test_contributions_score_each_clients_adapter_as_the_global_one() -> None:
     strategy.current = state
     env = SimpleNamespace(score=score, strategy=strategy)
 
-    def reply(node: int, step: float) -> Checked:
+    def reply(node: int, step: float, examples: float) -> Checked:
         meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
-        content = RecordDict({"metrics": MetricRecord({k: 1.0 for k in TRAIN_METRICS})})
+        content = RecordDict({"metrics": MetricRecord({**{k: 1.0 for k in TRAIN_METRICS}, "num-examples": examples})})
         return Checked(make_message(meta, content), "ok", "", {a_key: torch.zeros(2, 8), b_key: torch.full((8, 2), step)})
 
     sent = {1: state, 2: state}
-    got = contributions(env, state, sent, [reply(1, 0.5), reply(2, -0.5)], 1.0)  # type: ignore[arg-type]
+    got = contributions(env, state, sent, [reply(1, 0.5, 3.0), reply(2, -0.5, 1.0)], 1.0)  # type: ignore[arg-type]
     before = score(state)  # 1 + 16·0.25 = 5
-    assert got == pytest.approx([(before - 1.0) / before, (before - (1.0 + 16 * 1.0)) / before])
+    moved = [1.0 + 16 * (0.5 - 0.75 * 0.5) ** 2, 1.0 + 16 * (0.5 + 0.25 * 0.5) ** 2]  # B moved by 3/4 of +0.5, 1/4 of −0.5
+    assert got == pytest.approx([(before - moved[0]) / before, (before - moved[1]) / before])
     assert got[0] > 0 > got[1]
