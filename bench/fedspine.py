@@ -3,10 +3,12 @@
     .venv/bin/python bench/fedspine.py --tiny                 # CI-sized: the tiny model, ~10 min on 2 cores
     .venv/bin/python bench/fedspine.py                        # SmolLM2 on the 80 Jetsons (hours on a CPU)
     .venv/bin/python bench/fedspine.py --tiny --arms corners --seeds 0 1
-    .venv/bin/python bench/fedspine.py --ranks 4 16 --ratios 0 0.4 --bandits sucb linucb --set clients.num_clients=8 \
-        --set clients.per_round=8 --set clients.eval_per_round=0 --set rounds=8 --set train.local_steps=4 \
-        --set data.central_test_size=32 --set 'fleet.groups=[{profile="jetson-tx2", count=3}, \
-        {profile="jetson-xavier-nx", count=4}, {profile="jetson-agx-orin", count=1}]'   # SmolLM2, 8 devices, ~1 h
+    .venv/bin/python bench/fedspine.py --ranks 4 16 --ratios 0 0.2 --rounds 10 --bandits sucb ucb1 \
+        --keep runs/fedspine-lean --set clients.num_clients=8 --set clients.per_round=8 \
+        --set clients.eval_per_round=0 --set train.local_steps=4 --set data.central_test_size=32 \
+        --set controller.sucb_depth=2 --set 'controller.sucb_snap="grid"' \
+        --set 'fleet.groups=[{profile="jetson-tx2", count=3}, {profile="jetson-xavier-nx", count=4}, \
+        {profile="jetson-agx-orin", count=1}]'      # the README's lean SmolLM2 run: 8 devices, ~1 h on 2 cores
 
 Every row is one federation of `scenarios/fedspine-jetson-80.toml` (30 TX2, 40 Xavier NX, 10 AGX
 Orin; 8 clients per round; LoRA on q, v, up_proj; global rank = the largest arm rank) in which
