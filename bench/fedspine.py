@@ -97,9 +97,9 @@ def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str], keep: Path
         out = keep or Path(tmp)
         jobs, metrics = [], {}
         for label, overrides in rows.items():
-            settings_ = [*extra, *overrides]
-            name = f"{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-')}-s{seed}-{hashlib.sha256(repr(settings_).encode()).hexdigest()[:8]}"
-            scenario = load_scenario(SCENARIO, [*settings_, f'name="{name}"'], seed=seed)
+            row_overrides = [*extra, *overrides]
+            name = f"{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-')}-s{seed}-{hashlib.sha256(repr(row_overrides).encode()).hexdigest()[:8]}"
+            scenario = load_scenario(SCENARIO, [*row_overrides, f'name="{name}"'], seed=seed)
             if keep is not None and (done := _finished(keep / name, scenario.rounds)) is not None:
                 metrics[label] = done
                 continue

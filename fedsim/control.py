@@ -12,7 +12,8 @@ builds its pruned model from the unpruned one each round.
 After the round, `observe` turns each sampled client's row into an observation — time (simulated
 or measured, `sim_compute_s + sim_comm_s`), local loss before/after, ratio reached, the update's
 norm, its contribution to the global model (scored by the server on held-out examples,
-`rounds.contributions`, when the reward weighs it), and feasibility (`infeasible` rows; on real devices a failure that names memory) — computes
+`rounds.contributions`, when the reward weighs it), and feasibility (`infeasible` rows; on real
+devices a failure that names memory) — computes
 the rewards (`fedsim.controllers.reward`) and updates the controller. Dropped clients and other
 failures teach nothing about the arm and are skipped. Each train row gains `arm_rank`,
 `arm_ratio` and `reward`.
@@ -58,9 +59,9 @@ class ArmControl:
     @property
     def scores_contributions(self) -> bool:
         """Whether the reward needs each reply's contribution to the global model
-        (`rounds.contributions`); a `fixed` controller learns nothing, so it is not scored."""
+        (`rounds.contributions`): not for a controller whose choices ignore rewards (`fixed`)."""
         c = self.scenario.controller
-        return c is not None and c.name != "fixed" and c.reward.contribution_weight > 0
+        return c is not None and self.controller.uses_rewards and c.reward.contribution_weight > 0
 
     def assign(self, chosen: np.ndarray, server_round: int, ranks: np.ndarray, book: PruneBook | None) -> None:
         """Give each client in `chosen` its arm: `ranks[c]` and `book.targets[c]` (in place)."""

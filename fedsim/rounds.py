@@ -47,7 +47,7 @@ from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from strategies import LoraStrategy
 from strategies.lora_math import aggregation_bias, layer_pairs
-from strategies.lora_strategy import PRUNE_RECORD
+from strategies.lora_strategy import PRUNE_RECORD, ClientAdapter
 
 Row = dict[str, Any]
 
@@ -215,7 +215,8 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
 
     kept_replies = [c for c, k in zip(ok, kept) if k]
     factor = _best_alpha(env, sent, kept_replies, server_round) if s.compression.alpha_auto and kept_replies else 1.0
-    gains = contributions(env, state, sent, ok, factor) if env.control is not None and env.control.scores_contributions else np.full(len(ok), np.nan)
+    adapters = [env.strategy.client_adapter(_as_adapter_reply(c, sent, factor)) for c in ok]  # as the strategy aggregates them
+    gains = contributions(env, state, adapters) if env.control is not None and env.control.scores_contributions else np.full(len(ok), np.nan)
     for i, c in enumerate(ok):
         row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
         row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
@@ -228,7 +229,7 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
             if kept[i]:
                 env.pruning.record(int(cids[i]), _reply_keep(c.message), s.train.local_steps)
         rows.append(row)
-    bias = round_bias([env.strategy.client_adapter(_as_adapter_reply(c, sent, factor)).state for c in kept_replies], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
+    bias = round_bias([a.state for a, k in zip(adapters, kept) if k], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
     state = _aggregate(env, sent, kept_replies, server_round, factor) or state
     env.last_bias = bias
     if env.control is not None:
@@ -345,30 +346,29 @@ def _best_alpha(env: RoundEnv, sent: dict[int, AdapterState], replies: list[Chec
     return min(losses, key=lambda a: (losses[a], a))
 
 
-def contributions(env: RoundEnv, state: AdapterState, sent: dict[int, AdapterState], replies: list[Checked], factor: float) -> np.ndarray:
-    """(n,) each reply's contribution to the global model, for the controller's reward: the
+def contributions(env: RoundEnv, state: AdapterState, clients: list[ClientAdapter]) -> np.ndarray:
+    """(n,) each client's contribution to the global model, for the controller's reward: the
     relative held-out loss decrease (L(θ) − L(θ_i)) / L(θ) of the global state moved by this
     client's share of an average, θ_i = θ + w_i·(a_i − θ) on the adapter, with a_i its adapter as
     the strategy aligns it for aggregation (padded to r_max, pruned-away coordinates at the
-    global value; `LoraStrategy.aligned`) and w_i its example weight over the replies'.
+    global value; `LoraStrategy.aligned`) and w_i its example weight over the clients'.
 
     It sees what an update does to the global model, which the client's own loss cannot: LoRA
     trained on a pruned model can harm the unpruned one. The share w_i, not the whole a_i, is
     scored because with non-IID clients any one client's adapter alone soon scores worse on the
     mixed held-out set than the average does, whatever its arm (measured: most clients' whole-
     adapter scores were negative from round 5 of the lean SmolLM2 run on), while the direction
-    it pulls the average in stays informative. One held-out forward pass per reply."""
+    it pulls the average in stays informative. One held-out forward pass per client."""
     assert env.score is not None
-    if not replies:
+    if not clients:
         return np.zeros(0)
-    clients = [env.strategy.client_adapter(_as_adapter_reply(c, sent, factor)) for c in replies]
     total = sum(c.weight for c in clients)
     before = env.score(state)
-    out = np.full(len(replies), np.nan)
+    out = np.full(len(clients), np.nan)
     for i, client in enumerate(clients):
-        mine = env.strategy.aligned([client], [1.0])[0]
+        mine = env.strategy.aligned([client], [1.0])[0]  # adapter keys, all of them in the global state
         share = client.weight / total if total > 0 else 1.0 / len(clients)
-        after = env.score({**state, **{k: state[k] + share * (v - state[k]) if k in state else v for k, v in mine.items()}})
+        after = env.score({**state, **{k: state[k] + share * (v - state[k]) for k, v in mine.items()}})
         if math.isfinite(before) and math.isfinite(after) and before > 0:
             out[i] = (before - after) / before
     return out

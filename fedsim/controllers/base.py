@@ -70,6 +70,7 @@ class Controller(ABC):
 
     name: ClassVar[str] = ""
     state_keys: ClassVar[tuple[str, ...]] = ("counts", "sums", "infeasible")
+    uses_rewards: ClassVar[bool] = True  # False: choices ignore rewards (only feasibility counts), so the loop need not score clients
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ class Fixed(Controller):
     """One arm for everybody, or one per device profile."""
 
     name = "fixed"
+    uses_rewards = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

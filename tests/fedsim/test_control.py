@@ -162,3 +162,9 @@ def test_arms_table_reports_the_arm_each_profile_settled_on() -> None:
     assert table.loc["phone", "arms_tried"] == 2 and table.loc["laptop", "arms_tried"] == 1
     assert table.loc["phone", "settled_reward"] == pytest.approx(0.6)
     assert arms_table(pd.DataFrame({"kind": ["train"], "arm_rank": [0]})).empty
+
+
+def test_only_a_controller_that_learns_from_rewards_has_clients_scored() -> None:
+    assert _control(_scenario())[0].scores_contributions  # ucb1
+    assert not _control(_scenario(name="fixed"))[0].scores_contributions
+    assert not _control(_scenario(reward={"contribution_weight": 0.0}))[0].scores_contributions

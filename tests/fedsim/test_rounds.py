@@ -112,7 +112,7 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
     from flwr.app.metadata import Metadata
 
     from fedsim.replies import TRAIN_METRICS, Checked
-    from fedsim.rounds import contributions
+    from fedsim.rounds import _as_adapter_reply, contributions
     from strategies import FedIT
 
     a_key, b_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -132,7 +132,8 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
         return Checked(make_message(meta, content), "ok", "", {a_key: torch.zeros(2, 8), b_key: torch.full((8, 2), step)})
 
     sent = {1: state, 2: state}
-    got = contributions(env, state, sent, [reply(1, 0.5, 3.0), reply(2, -0.5, 1.0)], 1.0)  # type: ignore[arg-type]
+    clients = [strategy.client_adapter(_as_adapter_reply(r, sent)) for r in (reply(1, 0.5, 3.0), reply(2, -0.5, 1.0))]
+    got = contributions(env, state, clients)  # type: ignore[arg-type]
     before = score(state)  # 1 + 16·0.25 = 5
     moved = [1.0 + 16 * (0.5 - 0.75 * 0.5) ** 2, 1.0 + 16 * (0.5 + 0.25 * 0.5) ** 2]  # B moved by 3/4 of +0.5, 1/4 of −0.5
     assert got == pytest.approx([(before - moved[0]) / before, (before - moved[1]) / before])
