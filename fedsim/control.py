@@ -18,13 +18,21 @@ the rewards (`fedsim.controllers.reward`) and updates the controller. Dropped cl
 failures teach nothing about the arm and are skipped. Each train row gains `arm_rank`,
 `arm_ratio` and `reward`.
 
+Pace screen (`controller.screen`, `fedsim.controllers.pace`): each observed round also teaches
+the device's pace (seconds per FLOP, per LoRA parameter sent), the server's `price` of every arm
+(FLOPs of a round, LoRA parameters) turns it into a predicted round time per arm, and `assign`
+asks the controller to avoid, this round, the arms predicted to hold the round far past the
+straggler threshold, so they are not explored at the whole round's expense. Each train row gains
+`arm_predicted_s`, the predicted time of the arm it played (NaN before its profile was seen).
+
 The controller knows the devices' profile names only (a device says what it is), no speeds,
 memories or bandwidths: those it learns. Its state (arrays) is saved with every round's
-checkpoint (`controller.npz`).
+checkpoint (`controller.npz`), the pace and the reward's state with it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,29 +40,37 @@ from typing import Any
 import numpy as np
 
 from fedsim.controllers import Controller, Observations, RewardState, build_controller, rewards
+from fedsim.controllers.pace import Pace
 from fedsim.fleet import Fleet
 from fedsim.keeps import PruneBook
 from fedsim.scenario import Scenario
 
 STATE_FILE = "controller.npz"
+PriceFn = Callable[[int, float], tuple[float, float]]  # (rank, ratio) → (FLOPs of a round, LoRA parameters sent)
 
 
 @dataclass
 class ArmControl:
-    """The run's controller, its reward state (baseline, fastest round) and this round's arms."""
+    """The run's controller, its reward state (baseline, fastest round), the devices' pace and this round's arms."""
 
     controller: Controller
     scenario: Scenario
+    price: PriceFn | None = None  # the server's cost of an arm; None: no pace, no screen
     reward_state: RewardState = field(default_factory=RewardState)
     arms: dict[int, tuple[int, float]] = field(default_factory=dict)  # client id → (rank, ratio), this round
+    predicted: dict[int, float] = field(default_factory=dict)  # client id → predicted seconds of its arm, this round
+    pace: Pace = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pace = Pace.unknown(self.controller.profiles)
 
     @classmethod
-    def build(cls, scenario: Scenario, fleet: Fleet) -> ArmControl | None:
+    def build(cls, scenario: Scenario, fleet: Fleet, price: PriceFn | None = None) -> ArmControl | None:
         if scenario.controller is None:
             return None
         names, profiles = np.unique(fleet.device.astype(str), return_inverse=True)
         ctrl = build_controller(scenario.controller, fleet.size, profiles.astype(np.int64), None, scenario.seed, profile_names=[str(n) for n in names])
-        return cls(ctrl, scenario)
+        return cls(ctrl, scenario, price)
 
     @property
     def scores_contributions(self) -> bool:
@@ -63,17 +79,37 @@ class ArmControl:
         c = self.scenario.controller
         return c is not None and self.controller.uses_rewards and c.reward.contribution_weight > 0
 
+    @property
+    def screens(self) -> bool:
+        """Whether `assign` keeps arms predicted too slow from being tried (not for `fixed`)."""
+        c = self.scenario.controller
+        return c is not None and c.screen and self.price is not None and self.controller.uses_rewards
+
     def assign(self, chosen: np.ndarray, server_round: int, ranks: np.ndarray, book: PruneBook | None) -> None:
         """Give each client in `chosen` its arm: `ranks[c]` and `book.targets[c]` (in place)."""
         if len(chosen) == 0:
-            self.arms = {}
+            self.arms, self.predicted = {}, {}
             return
-        arm_ranks, arm_ratios = self.controller.choose(chosen, server_round)
+        avoid = None
+        if self.screens:
+            flops, params = self._costs(self.controller.point_ranks, self.controller.point_ratios)
+            avoid = self.pace.hopeless(chosen, flops, params, self.threshold_s, self.scenario.controller.screen_slack)  # type: ignore[union-attr]
+        arm_ranks, arm_ratios = self.controller.choose(chosen, server_round, avoid)
         ranks[chosen] = arm_ranks
         if book is not None:
             for c, ratio in zip(chosen, arm_ratios):
                 book.retarget(int(c), float(ratio))
         self.arms = {int(c): (int(r), float(p)) for c, r, p in zip(chosen, arm_ranks, arm_ratios)}
+        self.predicted = {}
+        if self.price is not None:
+            flops, params = self._costs(arm_ranks, arm_ratios)
+            seconds = self.pace.predict(chosen, flops[:, None], params[:, None])[:, 0]
+            self.predicted = {int(c): float(t) for c, t in zip(chosen, seconds)}
+
+    @property
+    def threshold_s(self) -> float:
+        """The straggler threshold the screen compares with: the deadline, else the fastest round so far."""
+        return self.scenario.fleet.deadline_s or self.reward_state.fastest_s
 
     def observe(self, rows: list[dict[str, Any]]) -> None:
         """Rewards for this round's arms from its train rows; updates the controller and the rows."""
@@ -81,6 +117,7 @@ class ArmControl:
         for r in rows:
             if r["kind"] == "train" and r["client_id"] in self.arms:
                 r["arm_rank"], r["arm_ratio"] = self.arms[r["client_id"]]
+                r["arm_predicted_s"] = self.predicted.get(r["client_id"], float("nan"))
         if not seen:
             return
         feasible = np.array([r["status"] in ("ok", "straggler") for r in seen])
@@ -101,11 +138,21 @@ class ArmControl:
         self.controller.update(devices, arm[:, 0].astype(np.int64), arm[:, 1], reward, feasible)
         for r, x in zip(seen, reward):
             r["reward"] = float(x)
+        if self.price is not None and feasible.any():
+            flops, params = self._costs(arm[feasible, 0], arm[feasible, 1])
+            ran = [r for r, f in zip(seen, feasible) if f]
+            self.pace.observe(devices[feasible], flops, params, np.array([r.get("sim_compute_s", np.nan) for r in ran]), np.array([r.get("sim_comm_s", np.nan) for r in ran]))
+
+    def _costs(self, ranks: np.ndarray, ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(FLOPs, LoRA parameters) of each arm (rank, ratio), by the server's `price`."""
+        assert self.price is not None
+        each = [self.price(int(r), float(p)) for r, p in zip(ranks, ratios)]
+        return np.array([e[0] for e in each], dtype=float), np.array([e[1] for e in each], dtype=float)
 
     def save(self, folder: Path) -> None:
         """The controller's state and the reward's, as arrays, in `folder / STATE_FILE`."""
         r = self.reward_state
-        state = {**self.controller.state_dict(), "reward_state": np.array([r.mean, r.weight, r.fastest_s])}
+        state = {**self.controller.state_dict(), "reward_state": np.array([r.mean, r.weight, r.fastest_s]), "pace": self.pace.state()}
         tmp = folder / (STATE_FILE + ".tmp.npz")
         np.savez(tmp, **state)
         tmp.rename(folder / STATE_FILE)
@@ -116,6 +163,8 @@ class ArmControl:
             state = {k: data[k] for k in data.files}
         saved = state.pop("reward_state") if "reward_state" in state else [*state.pop("baseline"), np.inf]  # runs saved before the fastest round was kept
         mean, weight, fastest = saved
+        if "pace" in state:  # runs saved before the pace was kept start it over
+            self.pace.load(state.pop("pace"))
         self.controller.load_state_dict(state)
         self.reward_state = RewardState(float(mean), float(weight), float(fastest))
 

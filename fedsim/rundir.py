@@ -52,6 +52,8 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     update_norm  float  train: ‖local − received‖ of the client's decoded update (NaN if none)
     arm_rank     int    train, with a controller: the LoRA rank the bandit chose for the client (0 otherwise)
     arm_ratio    float  train, with a controller: the pruning ratio it chose (NaN otherwise)
+    arm_predicted_s float  train, with a controller: the arm's round time predicted from the device's
+                        pace before it played (`controllers.pace`; NaN before its profile was seen)
     reward       float  train, with a controller: the reward the bandit learned from (NaN if none)
     reason       str    why a row is not ok ("" when ok)
 
@@ -99,6 +101,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "update_norm": "float64",
     "arm_rank": "int64",
     "arm_ratio": "float64",
+    "arm_predicted_s": "float64",
     "reward": "float64",
     "reason": "string",
 }
@@ -127,6 +130,7 @@ _DEFAULTS: dict[str, Any] = {
     "update_norm": math.nan,
     "arm_rank": 0,
     "arm_ratio": math.nan,
+    "arm_predicted_s": math.nan,
     "reward": math.nan,
     "reason": "",
 }

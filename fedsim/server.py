@@ -20,12 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.adapter import AdapterState, attach_lora, get_state, save_adapter, set_state
 from fedsim.control import ArmControl
-from fedsim.costs import ModelShape, train_memory, train_step_flops
+from fedsim.costs import ModelShape, lora_params, train_memory, train_step_flops
 from fedsim.data import central_test_set
 from fedsim.downlink import Downlink
 from fedsim.export import export_rows
@@ -33,7 +34,8 @@ from fedsim.fleet import build_fleet
 from fedsim.keeps import PruneBook, client_ratios, pruned_shape
 from fedsim.models import load_model
 from fedsim.pruning.importance import importance_scores
-from fedsim.pruning.structure import Keep, Scores, geometry
+from fedsim.pruning.select import select_keep
+from fedsim.pruning.structure import Keep, LayerGeometry, Scores, geometry
 from fedsim.ranks import client_ranks
 from fedsim.resume import ResumePoint
 from fedsim.rounds import Estimates, RoundEnv, eval_round, timed_send_and_receive, train_round
@@ -86,6 +88,23 @@ def cost_model(shape: ModelShape, scenario: Scenario) -> Callable[[int, Keep | N
         return cache[rank, keep]
 
     return estimate
+
+
+def arm_price(shape: ModelShape, layers: list[LayerGeometry], scenario: Scenario) -> Callable[[int, float], tuple[float, float]]:
+    """(FLOPs of a round, LoRA parameters sent) of an arm (rank, ratio), each computed once: the
+    controller's pace screen (`fedsim.control`). The model is cut to the ratio with equal scores:
+    how much a cut removes, not which structures, sets the cost."""
+    equal = Scores(tuple(torch.ones(g.groups) for g in layers), tuple(torch.ones(g.channels) for g in layers))
+    cache: dict[tuple[int, float], tuple[float, float]] = {}
+
+    def price(rank: int, ratio: float) -> tuple[float, float]:
+        if (rank, ratio) not in cache:
+            keep = select_keep(equal, layers, ratio, scenario.pruning.mode) if ratio > 0 else None
+            cut = pruned_shape(shape, keep)
+            cache[rank, ratio] = float(estimates(cut, scenario, rank).flops), float(lora_params(cut, rank, scenario.lora.target_modules))
+        return cache[rank, ratio]
+
+    return price
 
 
 def estimates(shape: ModelShape, scenario: Scenario, rank: int) -> Estimates:
@@ -147,8 +166,9 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     c = scenario.compression
     downlink = Downlink(c.codec(), fleet.size) if c.downlink else None
     ranks = client_ranks(scenario, fleet)
-    book = PruneBook(scenario, geometry(central.model), client_ratios(scenario, fleet)) if scenario.prunes else None
-    control = ArmControl.build(scenario, fleet)
+    layers = geometry(central.model)
+    book = PruneBook(scenario, layers, client_ratios(scenario, fleet)) if scenario.prunes else None
+    control = ArmControl.build(scenario, fleet, arm_price(central.shape, layers, scenario))
     env = RoundEnv(
         grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks,
         cost_model(central.shape, scenario), score=central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,

@@ -27,6 +27,9 @@ Rules every controller keeps:
   models (linucb) and tree cells (sucb) learn that the region is poor. If every point is
   infeasible for a device (`exhausted`), `choose` returns the cheapest point (smallest rank,
   largest ratio): the round loop should leave that device out.
+- Avoided. `choose(avoid=...)` keeps the points a caller rules out for this round only (the
+  round loop's pace screen, `pace`) out of `_select`, as if infeasible, unless that would leave
+  a device nothing feasible. Nothing is learned or stored from it.
 - Ties are broken uniformly at random, with the controller's own Generator.
 - Determinism: the same seed and the same calls give the same choices; `state_dict` holds the
   Generator's state as a uint64 array, so a controller loaded from it continues identically.
@@ -96,6 +99,7 @@ class Controller(ABC):
         self.sums = np.zeros(shape)
         self.infeasible = np.zeros(shape, dtype=bool)
         self.rng = np.random.default_rng(seed)
+        self._avoid: np.ndarray | None = None  # (n, K) during `choose` only
         self._cheapest = int(np.lexsort((-self.point_ratios, self.point_ranks))[0])
         # Pooling: devices sorted by profile, the start of each present profile's run, and each
         # device's number of peers (the device's profile size − 1).
@@ -111,10 +115,16 @@ class Controller(ABC):
 
     # --- the interface --------------------------------------------------------------------
 
-    def choose(self, devices: np.ndarray, round: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ranks (n,) int64, ratios (n,) float64) for `devices` (n,) in round `round`."""
+    def choose(self, devices: np.ndarray, round: int, avoid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ranks (n,) int64, ratios (n,) float64) for `devices` (n,) in round `round`; `avoid`
+        (n, K) bool: points not to choose this round (predicted too slow, `pace`), ignored for a
+        device where it would leave no feasible point. Nothing is learned from it."""
         devices = self._check_devices(devices)
-        points = self._select(devices, round)
+        self._avoid = self._check_avoid(devices, avoid)
+        try:
+            points = self._select(devices, round)
+        finally:
+            self._avoid = None
         points = np.where(self.exhausted(devices), self._cheapest, points)
         return self.point_ranks[points].copy(), self.point_ratios[points].copy()
 
@@ -195,9 +205,23 @@ class Controller(ABC):
         total_sums = np.add.reduceat(self.sums[order], starts, axis=0)[rows]
         return counts + scale * (total_counts - counts), sums + scale * (total_sums - sums)
 
+    def _blocked(self, devices: np.ndarray) -> np.ndarray:
+        """(n, K) points `_select` must not choose: infeasible, or avoided this round."""
+        blocked = self.infeasible[devices]
+        return blocked if self._avoid is None else blocked | self._avoid
+
+    def _check_avoid(self, devices: np.ndarray, avoid: np.ndarray | None) -> np.ndarray | None:
+        if avoid is None:
+            return None
+        avoid = np.asarray(avoid)
+        if avoid.shape != (len(devices), len(self.point_ranks)) or avoid.dtype != bool:
+            raise ValueError(f"`avoid` must be a bool array of shape ({len(devices)}, {len(self.point_ranks)}), got {avoid.dtype} {avoid.shape}")
+        infeasible = self.infeasible[devices]
+        return avoid & ~(infeasible | avoid).all(axis=1, keepdims=True)
+
     def _pick(self, devices: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """(n,) argmax of scores (n, K) over each device's feasible points, ties at random."""
-        scores = np.where(self.infeasible[devices], -np.inf, scores)
+        """(n,) argmax of scores (n, K) over each device's choosable points, ties at random."""
+        scores = np.where(self._blocked(devices), -np.inf, scores)
         best = scores >= scores.max(axis=1, keepdims=True)
         return np.where(best, self.rng.random(scores.shape), -1.0).argmax(axis=1)
 

@@ -113,6 +113,8 @@ class ControllerConfig(_Section):
     sucb_nu: float = Field(1.0, ge=0, description="sucb: smoothness ν: the reward varies by at most ν·ρ^h inside a depth-h cell.")
     sucb_rho: float = Field(2**-0.5, gt=0, lt=1, description="sucb: shrink factor ρ of the smoothness term per level.")
     sucb_snap: Literal["integer", "grid"] = Field("integer", description="sucb: a cell's rank is the nearest integer in [min(ranks), max(ranks)], or the nearest of `ranks`.")
+    screen: bool = Field(True, description="Price each arm for each device from its observed pace (seconds per FLOP, per LoRA parameter sent; `controllers.pace`) and do not try, that round, arms predicted to take more than screen_slack × the straggler threshold. Not for fixed.")
+    screen_slack: float = Field(1.5, ge=1, allow_inf_nan=False, description="screen: how much slower than the straggler threshold (the deadline, else the fastest round so far) an arm may be predicted to be and still be tried; at 1.5 the reward's straggler factor is 0.44.")
     fixed_arm: Arm | None = Field(None, description="fixed: (rank, ratio) for every device, on the grid; default (max rank, min ratio), i.e. the unpruned full adapter.")
     profile_arms: dict[str, Arm] = Field({}, description="fixed: (rank, ratio) per device profile name, on the grid; overrides fixed_arm.")
     reward: RewardConfig = Field(RewardConfig(), description="How each round's reports become rewards (`fedsim.controllers.reward`).")

@@ -55,8 +55,8 @@ class Exp3(Controller):
         self.baseline_weight = np.zeros(n)  # (N,) FedEx: discounted count (bias correction)
 
     def probabilities(self, devices: np.ndarray) -> np.ndarray:
-        """(n, K) the sampling distribution of each device (0 on infeasible arms)."""
-        feasible = ~self.infeasible[devices]
+        """(n, K) the sampling distribution of each device (0 on infeasible and avoided arms)."""
+        feasible = ~self._blocked(devices)
         feasible[~feasible.any(axis=1)] = True  # exhausted: choose() overrides; avoid 0/0
         logw = np.where(feasible, self.log_weights[devices], -np.inf)
         w = np.exp(logw - logw.max(axis=1, keepdims=True))  # (n, K)

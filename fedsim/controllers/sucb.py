@@ -43,7 +43,8 @@ replayed like the arms of UCB1.
 Infeasible points (`base`): a node whose point is known not to fit is skipped: an unplayed
 infeasible node passes the descent to its children (B = max of theirs), a played one counts only
 through its children; a played feasible node whose children are all infeasible is replayed as a
-leaf. So the descent always ends on a feasible point while one exists.
+leaf. So the descent always ends on a feasible point while one exists. Points avoided for the
+round (`choose(avoid=...)`) are skipped the same way.
 
 The client does nothing special: it trains at the (rank, ratio) it is sent.
 """
@@ -105,7 +106,7 @@ class SmoothUCB(Controller):
         return b, below
 
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
-        (counts, sums), feasible = self._statistics(devices), ~self.infeasible[devices]
+        (counts, sums), feasible = self._statistics(devices), ~self._blocked(devices)
         b, below = self._b_values(counts, sums, feasible)
         rows, node = np.arange(len(devices)), np.zeros(len(devices), dtype=np.int64)
         descending = np.ones(len(devices), dtype=bool)

@@ -1,0 +1,100 @@
+"""Each device's pace, learned from its own reports, to price the arms it has not tried.
+
+Exploring an arm costs what the arm costs: on the lean SmolLM2 Jetson run (README, "Status,
+measured") a TX2 or Xavier NX that tried rank 16 held the whole round for 4.2 s instead of 1.8 s,
+and that exploration was the bandit's whole gap to the best fixed arm. Yet after one round the
+server can price every arm for that device without trying it. A client's round time is compute
+plus communication, and the server's cost model gives each arm k its FLOPs per round F_k
+(`fedsim.costs` at the arm's rank, on the model cut to its ratio) and the LoRA parameters P_k that
+travel (both directions scale with them: ComPEFT keeps a fixed share of them, the downlink sends
+the client's rank). From a round in which device d played arm j and reported compute c and
+communication m seconds:
+
+    a_d = c / F_j   (seconds per FLOP)            b_d = m / P_j   (seconds per LoRA parameter)
+
+averaged over its rounds (halving the old value's weight each time: speed and bandwidth are the
+device's own, jitter and contention move them a little), and then
+
+    t̂_dk = a_d · F_k + b_d · P_k                  the arm's predicted round time on device d.
+
+A device not yet seen takes its profile's median a and b (a device says what hardware it is,
+nothing more; `fedsim.control`); with no peer seen either its times are unknown (NaN).
+
+Screening (`hopeless`): an arm is not tried on device d this round when
+
+    t̂_dk > s · max(T, min_k t̂_dk)
+
+with T the straggler threshold of the reward (the round's deadline, else the fastest round so
+far) and s = `screen_slack` (1.5). At 1.5 × T the reward's straggler factor (T/t)^2 is 0.44: the
+arm would need 2.25 times the progress of an arm that keeps the pace, which no rank or ratio of
+the grid has shown on SmolLM2. The max keeps a device that cannot reach T at all choosing among
+its own fastest arms. Screening is the controller's business only through `choose(avoid=...)`:
+nothing is marked infeasible, and an arm screened now is tried again when T or the device's
+pace changes (a longer deadline, a faster link).
+
+Vectorised over devices; the state is two (N,) arrays, saved with the controller's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Pace:
+    """Per device, seconds per FLOP of training and seconds per LoRA parameter sent (NaN: not seen)."""
+
+    profiles: np.ndarray  # (N,) profile index of each device
+    compute: np.ndarray  # (N,) a_d
+    comm: np.ndarray  # (N,) b_d
+
+    @classmethod
+    def unknown(cls, profiles: np.ndarray) -> Pace:
+        n = len(profiles)
+        return cls(np.asarray(profiles, dtype=np.int64), np.full(n, np.nan), np.full(n, np.nan))
+
+    def observe(self, devices: np.ndarray, flops: np.ndarray, params: np.ndarray, compute_s: np.ndarray, comm_s: np.ndarray) -> None:
+        """Learn from devices (n,) that played arms of `flops` and `params` (n,) and took
+        `compute_s` and `comm_s` (n,) seconds. Entries that are not finite and positive are skipped."""
+        for rate, seconds, units in ((self.compute, compute_s, flops), (self.comm, comm_s, params)):
+            seconds, units = np.asarray(seconds, dtype=float), np.asarray(units, dtype=float)
+            good = np.isfinite(seconds) & (seconds >= 0) & np.isfinite(units) & (units > 0)
+            d, new = np.asarray(devices)[good], seconds[good] / units[good]
+            rate[d] = np.where(np.isnan(rate[d]), new, 0.5 * rate[d] + 0.5 * new)
+
+    def predict(self, devices: np.ndarray, flops: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """(n, K) predicted round time of each arm (`flops`, `params`: (K,) the same arms for
+        every device, or (n, K) per device) on each device; NaN where neither the device nor a
+        peer of its profile has been seen."""
+        devices = np.asarray(devices, dtype=np.int64)
+        a, b = self._rates(self.compute, devices), self._rates(self.comm, devices)
+        return a[:, None] * np.atleast_2d(np.asarray(flops, dtype=float)) + b[:, None] * np.atleast_2d(np.asarray(params, dtype=float))
+
+    def hopeless(self, devices: np.ndarray, flops: np.ndarray, params: np.ndarray, threshold_s: float, slack: float) -> np.ndarray:
+        """(n, K) arms predicted to take more than `slack` × max(threshold, the device's fastest
+        arm): not worth a try this round. Unknown devices screen nothing."""
+        t = self.predict(devices, flops, params)
+        known = np.isfinite(t).all(axis=1, keepdims=True)
+        limit = slack * np.maximum(threshold_s, np.where(known, t, np.inf).min(axis=1, keepdims=True))
+        return known & (t > limit)
+
+    def state(self) -> np.ndarray:
+        """(2, N): compute and comm rates, for the controller's checkpoint."""
+        return np.stack([self.compute, self.comm])
+
+    def load(self, state: np.ndarray) -> None:
+        state = np.asarray(state, dtype=float)
+        if state.shape != (2, len(self.profiles)):
+            raise ValueError(f"cannot load pace: expected shape (2, {len(self.profiles)}), got {state.shape}")
+        self.compute, self.comm = state[0].copy(), state[1].copy()
+
+    def _rates(self, rate: np.ndarray, devices: np.ndarray) -> np.ndarray:
+        """The devices' own rates, else their profile's median over seen devices (a loop over profiles)."""
+        out = rate[devices].copy()
+        for g in np.unique(self.profiles[devices[np.isnan(out)]]):
+            peers = rate[(self.profiles == g) & ~np.isnan(rate)]
+            if peers.size:
+                out[np.isnan(out) & (self.profiles[devices] == g)] = np.median(peers)
+        return out
