@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedsim.control import STATE_FILE, ArmControl
+from fedsim.control import STATE_FILE, ArmControl, PriceFn
 from fedsim.fleet import build_fleet
 from fedsim.keeps import PruneBook
 from fedsim.pruning.structure import Keep, LayerGeometry
@@ -32,8 +32,8 @@ def _scenario(**controller: object) -> Scenario:
     )
 
 
-def _control(scenario: Scenario) -> tuple[ArmControl, PruneBook]:
-    control = ArmControl.build(scenario, build_fleet(scenario))
+def _control(scenario: Scenario, price: PriceFn | None = None) -> tuple[ArmControl, PruneBook]:
+    control = ArmControl.build(scenario, build_fleet(scenario), price)
     assert control is not None
     return control, PruneBook(scenario, LAYERS, np.zeros(4))
 
@@ -168,3 +168,76 @@ def test_only_a_controller_that_learns_from_rewards_has_clients_scored() -> None
     assert _control(_scenario())[0].scores_contributions  # ucb1
     assert not _control(_scenario(name="fixed"))[0].scores_contributions
     assert not _control(_scenario(reward={"contribution_weight": 0.0}))[0].scores_contributions
+
+
+def _price(rank: int, ratio: float) -> tuple[float, float]:
+    """A round's FLOPs fall with the pruning ratio, the LoRA parameters sent grow with the rank."""
+    return 1e12 * (1.0 - ratio), 1e5 * rank
+
+
+def _paced_run(screen: bool, rounds: int = 12) -> tuple[ArmControl, list[dict[str, object]]]:
+    """Clients 0 (1 s of compute, a slow link: rank 8 sends for 8 s) and 1 (fast link), every
+    round, their times following `_price` exactly."""
+    control, book = _control(_scenario(screen=screen, ucb_c=0.3), _price)
+    seconds_per = {0: (1e-12, 1e-5), 1: (1e-12, 1e-6)}  # (per FLOP, per parameter)
+    played = []
+    for server_round in range(1, rounds + 1):
+        control.assign(np.array([0, 1]), server_round, np.full(4, 8), book)
+        rows = []
+        for c in (0, 1):
+            flops, params = _price(*control.arms[c])
+            rows.append({**_row(c), "sim_compute_s": flops * seconds_per[c][0], "sim_comm_s": params * seconds_per[c][1]})
+        control.observe(rows)
+        played += rows
+    return control, played
+
+
+def test_the_pace_predicts_each_arms_round_time_after_one_round() -> None:
+    control, rows = _paced_run(screen=False)
+    first, later = rows[:2], rows[2:]
+    assert all(math.isnan(r["arm_predicted_s"]) for r in first)  # nothing seen yet
+    for r in later:
+        assert r["arm_predicted_s"] == pytest.approx(r["sim_compute_s"] + r["sim_comm_s"]), r
+
+
+def test_the_screen_keeps_a_slow_link_from_trying_the_large_rank() -> None:
+    slow_large = lambda rows: sum(1 for r in rows if r["client_id"] == 0 and r["arm_rank"] == 8)
+    _, free = _paced_run(screen=False)
+    control, screened = _paced_run(screen=True)
+    assert slow_large(free) >= 2  # UCB1 tries every arm: both rank-8 arms cost the round 8+ s
+    assert slow_large(screened) <= 1  # at most before its pace was known
+    assert control.threshold_s <= 3.0  # the fastest round: client 0 at rank 2
+    assert sum(1 for r in screened if r["client_id"] == 1 and r["arm_rank"] == 8) >= 2  # the fast link still explores it
+
+
+def test_fixed_is_never_screened_and_a_run_without_a_price_has_no_pace() -> None:
+    assert not _control(_scenario(name="fixed"), _price)[0].screens
+    assert not _control(_scenario())[0].screens
+    assert _control(_scenario(), _price)[0].screens
+    assert not _control(_scenario(screen=False), _price)[0].screens
+
+
+def test_the_pace_is_saved_and_restored_with_the_controller(tmp_path: Path) -> None:
+    control, _ = _paced_run(screen=True, rounds=2)
+    control.save(tmp_path)
+    fresh, _ = _control(_scenario(screen=True, ucb_c=0.3), _price)
+    fresh.load(tmp_path)
+    np.testing.assert_array_equal(fresh.pace.state(), control.pace.state())
+    assert np.isfinite(fresh.pace.state()[:, :2]).all()
+
+
+def test_the_servers_price_of_an_arm_falls_with_pruning_and_its_payload_grows_with_the_rank() -> None:
+    from fedsim.costs import ModelShape, lora_params
+    from fedsim.models import load_model
+    from fedsim.pruning.structure import geometry
+    from fedsim.server import arm_price
+
+    base = load_model("tiny-llama")[0]
+    scenario = _scenario()
+    shape = ModelShape.from_model(base)
+    price = arm_price(shape, geometry(base), scenario)
+    (f_small, p_small), (f_big, p_big), (f_cut, p_cut) = price(2, 0.0), price(8, 0.0), price(2, 0.5)
+    assert p_small == lora_params(shape, 2, scenario.lora.target_modules) and p_big == 4 * p_small
+    assert f_big > f_small  # a larger adapter costs a little more compute
+    assert 0.4 * f_small < f_cut < 0.8 * f_small and p_cut < p_small  # half the structures gone: about half the work, a smaller up_proj adapter
+    assert price(2, 0.5) is price(2, 0.5)  # priced once

@@ -232,3 +232,32 @@ def test_10000_devices_run_vectorised(name, pool):
     start = time.perf_counter()
     run()
     assert time.perf_counter() - start < 4.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_avoided_points_are_not_chosen_that_round_and_nothing_is_learned_from_them(name):
+    n = 12
+    ctrl = build(name, n, ucb_c=0.3)
+    devices = np.arange(n)
+    avoid = np.repeat((ctrl.point_ranks == 32)[None], n, axis=0)  # every rank-32 point, every device
+    rng = np.random.default_rng(0)
+    for t in range(20):
+        ranks, ratios = ctrl.choose(devices, t, avoid)
+        assert (ranks != 32).all(), f"round {t}"
+        ctrl.update(devices, ranks, ratios, rng.random(n), np.ones(n, dtype=bool))
+    assert not ctrl.infeasible.any()
+    assert 32 in ctrl.choose(devices, 20)[0]  # the next round without it may try rank 32 again
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_avoiding_every_point_is_ignored_rather_than_leaving_a_device_nothing(name):
+    ctrl = build(name, 3)
+    k = len(ctrl.point_ranks)
+    ranks, ratios = ctrl.choose(np.arange(3), 0, np.ones((3, k), dtype=bool))
+    assert len(ranks) == 3 and set(ranks) <= set(ctrl.grid.ranks)
+
+
+def test_avoid_of_the_wrong_shape_names_it():
+    ctrl = build("ucb1", 3)
+    with pytest.raises(ValueError, match=r"`avoid` must be a bool array of shape \(3, 16\)"):
+        ctrl.choose(np.arange(3), 0, np.zeros((3, 4), dtype=bool))

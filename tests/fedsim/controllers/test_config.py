@@ -39,6 +39,7 @@ KNOWN = ", ".join(sorted(CONTROLLERS))
         ({"exp3_gamma": 0}, "`exp3_gamma`: must be in (0, 1] or 'auto', got 0.0"),
         ({"discount": 1.5}, "`discount` must be less than or equal to 1, got 1.5"),
         ({"sucb_depth": 11}, "`sucb_depth` must be less than or equal to 10, got 11"),
+        ({"screen_slack": 0.9}, "`screen_slack` must be greater than or equal to 1, got 0.9"),
         ({"reward": {"floor": -1}}, "`reward.floor` must be greater than or equal to 0, got -1"),
         ({"reward": {"normalise": "median"}}, "`reward.normalise` must be 'round_max', 'round_mean', 'baseline' or 'none', got 'median'"),
         ({"reward": {"contribution_weight": 0, "loss_weight": 0, "prune_weight": 0, "norm_weight": 0}}, "`reward`: at least one of contribution_weight, loss_weight, prune_weight, norm_weight must be > 0, got all 0"),
