@@ -65,7 +65,7 @@ class RewardConfig(_Section):
 
     contribution_weight: float = Field(1.0, ge=0, description="Weight of the client's contribution to the global model: the relative held-out loss decrease of the global model moved by the client's share of an average toward its adapter (measured by the server).")
     loss_weight: float = Field(0.5, ge=0, description="Weight of the relative local loss improvement (ℓ_before − ℓ_after)/ℓ_before: half the contribution's, as it cannot see what the update does to the global model.")
-    prune_weight: float = Field(0.1, ge=0, description="Weight of the pruning progress min(ratio_reached, ratio_target): sparsity counts a little for itself; what it saves is already in the time.")
+    prune_weight: float = Field(0.5, ge=0, description="Weight of the pruning progress min(ratio_reached, ratio_target), a share of the model, not scaled: a 20 % cut adds 0.1, a tenth of an average client's contribution; what it saves is already in the time.")
     norm_weight: float = Field(0.0, ge=0, description="Weight of the update norm ‖ΔW‖: off, as a diverging client also sends a large update (the contribution measures importance instead).")
     time: Literal["round", "per_second"] = Field("round", description="round: progress times the straggler factor (Oort), so a device faster than the threshold is not pushed to be faster still; per_second: also divided by the client's own time.")
     straggler: Literal["auto", "deadline", "fastest", "median", "none"] = Field("auto", description="Threshold T of the straggler factor (T/t)^α: the round's deadline, the fastest round so far (its slowest client), the round's median client time, or none; auto: the deadline when the round has one, else the fastest round.")

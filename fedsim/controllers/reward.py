@@ -15,11 +15,14 @@ For client i of a round, with every term computed from what it reported (`Observ
                                                         credited up to the ratio asked for
     ν_i = update_norm                                   the update's norm (0 if not finite)
 
-    g_i = w_c·c_i/c̄ + w_ℓ·ℓ_i/ℓ̄ + w_π·π_i/π̄ + w_ν·ν_i/ν̄
-                                                        c̄, ℓ̄, π̄, ν̄: the term's mean over the
-                                                        round's feasible clients (a term whose mean
-                                                        is 0 is left as is): the weights, not the
-                                                        units, set each term's share
+    g_i = w_c·c_i/c̄ + w_ℓ·ℓ_i/ℓ̄ + w_π·π_i + w_ν·ν_i/ν̄
+                                                        c̄, ℓ̄, ν̄: the term's mean over the round's
+                                                        feasible clients (a term whose mean is 0 is
+                                                        left as is): the weights, not the units,
+                                                        set each term's share. π is a share of the
+                                                        model already and is not scaled: divided
+                                                        by its round mean, a lone pruner's π/π̄
+                                                        was n (the round's size)
     s_i = (T / t_i)^α  if t_i > T, else 1               Oort's straggler factor (Lai et al., "Oort:
                                                         Efficient Federated Learning via Guided
                                                         Participant Selection", OSDI 2021); T: the
@@ -56,9 +59,11 @@ Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "St
   the round's central metric as an input), the first 16, one forward pass per client.
 - ℓ (w_ℓ = 0.5) stays as a cheaper, noisier second opinion, and the whole signal where the
   server cannot score (c = 0 for everyone: the term drops out).
-- π (w_π = 0.1): sparsity for its own sake counts a little; its value to the run (less time,
-  less memory) is already in t and in feasibility, and at 0.5 (its first value) a pruned client's
-  term equalled the loss term's share whatever the pruning did to the model.
+- π (w_π = 0.5, unscaled): sparsity for its own sake counts a little: a client that removed 20 %
+  of the prunable weights gains 0.1, a tenth of an average client's contribution. Its value to
+  the run (less time, less memory) is already in t and in feasibility. It was first scaled by its
+  round mean like the other terms; then the one pruned client of a round of 8 scored π/π̄ = 8, and
+  on the lean SmolLM2 run S-UCB took the TX2s to ratio 0.2, which costs loss, for that bonus.
 - ν (w_ν = 0): a diverging or over-compensating client also sends a large update; c measures the
   update's importance instead. Available for runs without a held-out set.
 - time = "round": in a synchronous round the slowest kept client sets the time everybody waits,
@@ -144,17 +149,17 @@ def rewards(obs: Observations, config: RewardConfig, state: RewardState | None =
 
 
 def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndarray:
-    """(n,) g_i: the weighted, mean-scaled sum of contribution, loss, pruning and update-norm progress."""
+    """(n,) g_i: the weighted sum of contribution, loss and update-norm progress (each scaled by its round mean) and pruning progress."""
     before, after = obs.loss_before, obs.loss_after
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = np.where(np.isfinite(before) & np.isfinite(after) & (before > 0), (before - after) / before, 0.0)
     prune = np.minimum(obs.ratio_reached, obs.ratio_target)
     norm = obs.update_norm
     total = np.zeros(len(ok))
-    terms = ((config.contribution_weight, obs.contribution), (config.loss_weight, loss), (config.prune_weight, prune), (config.norm_weight, norm))
-    for weight, term in terms:
+    terms = ((config.contribution_weight, obs.contribution, True), (config.loss_weight, loss, True), (config.prune_weight, prune, False), (config.norm_weight, norm, True))
+    for weight, term, scaled in terms:
         term = np.where(ok & np.isfinite(term), np.maximum(term, 0.0), 0.0)
-        scale = term[ok].mean() if ok.any() else 0.0
+        scale = term[ok].mean() if scaled and ok.any() else 0.0
         total += weight * (term / scale if scale > 0 else term)
     return total
 

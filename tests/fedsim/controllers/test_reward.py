@@ -36,7 +36,7 @@ def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float, fl
     gain = [max(0.0, v) if math.isfinite(v) else 0.0 for v in o.contribution]
     g = [0.0] * len(ok)
     for w, term in ((c.contribution_weight, gain), (c.loss_weight, loss), (c.prune_weight, prune), (c.norm_weight, norm)):
-        mean = sum(term[i] for i in idx) / len(idx)
+        mean = sum(term[i] for i in idx) / len(idx) if term is not prune else 0.0  # a share of the model: not scaled
         for i in idx:
             g[i] += w * (term[i] / mean if mean > 0 else term[i])
     m, w, fastest = baseline
@@ -120,7 +120,17 @@ def test_round_time_does_not_push_a_client_below_the_threshold_but_per_second_do
 def test_pruning_progress_is_credited_up_to_the_target():
     o = obs(3, ratio_reached=np.array([0.3, 0.5, 0.2]), ratio_target=np.array([0.4, 0.4, 0.0]), time_s=np.ones(3))
     r, _ = rewards(o, RewardConfig(contribution_weight=0.0, loss_weight=0.0, norm_weight=0.0, prune_weight=1.0, straggler="none", normalise="none", floor=0.0))
-    np.testing.assert_allclose(r, np.array([0.3, 0.4, 0.0]) / np.mean([0.3, 0.4, 0.0]))
+    np.testing.assert_allclose(r, [0.3, 0.4, 0.0])
+
+
+def test_a_lone_pruner_gets_the_same_pruning_credit_as_one_of_many():
+    # Scaled by its round mean, the one pruned client of 8 scored π/π̄ = 8: a bonus for being rare.
+    alone = obs(8, ratio_reached=np.r_[0.2, np.zeros(7)], ratio_target=np.r_[0.2, np.zeros(7)], time_s=np.ones(8))
+    many = obs(8, ratio_reached=np.full(8, 0.2), ratio_target=np.full(8, 0.2), time_s=np.ones(8))
+    config = RewardConfig(contribution_weight=0.0, loss_weight=1.0, prune_weight=0.5, straggler="none", normalise="none")
+    r_alone, r_many = rewards(alone, config)[0], rewards(many, config)[0]
+    assert r_alone[0] == pytest.approx(1.0 + 0.1) and r_alone[1] == pytest.approx(1.0)
+    assert r_many[0] == pytest.approx(r_alone[0])
 
 
 @pytest.mark.parametrize(
