@@ -78,6 +78,12 @@ def test_the_controllers_arms_drive_rank_pruning_and_rewards(runs: tuple[Path, P
     assert ((train["prune_ratio"] - train["arm_ratio"]).abs() < 0.05).all()  # one event, at the first step
     assert train["reward"].between(0, 1).all() and (train.groupby("round")["reward"].max() == 1.0).all()
     assert train["contribution"].between(-1, 1).all() and train["contribution"].nunique() > 1  # scored by the server, one per client
+    seen = set(train.query("round == 1")["device"])
+    later = train.query("round == 2")
+    known = later[later["device"].isin(seen)]
+    assert len(known) > 0 and train.query("round == 1")["arm_predicted_s"].isna().all()
+    ratio = known["arm_predicted_s"] / (known["sim_compute_s"] + known["sim_comm_s"])  # the pace's price of the arm played
+    assert ratio.between(0.5, 2.0).all(), ratio.tolist()
     for k in (1, 2):
         assert (run / "checkpoints" / f"round_{k}" / STATE_FILE).is_file()
     assert main(["report", str(run), "--arms"]) == 0
