@@ -8,7 +8,8 @@
         --set clients.eval_per_round=0 --set train.local_steps=4 --set data.central_test_size=32 \
         --set controller.sucb_depth=2 --set 'controller.sucb_snap="grid"' \
         --set 'fleet.groups=[{profile="jetson-tx2", count=3}, {profile="jetson-xavier-nx", count=4}, \
-        {profile="jetson-agx-orin", count=1}]'      # the README's lean SmolLM2 run: 8 devices, ~1 h on 2 cores
+        {profile="jetson-agx-orin", count=1}]' \
+        --bandit-set 'controller.pool="none"'       # the README's lean SmolLM2 run: 8 devices, ~1 h on 2 cores
 
 Every row is one federation of `scenarios/fedspine-jetson-80.toml` (30 TX2, 40 Xavier NX, 10 AGX
 Orin; 8 clients per round; LoRA on q, v, up_proj; global rank = the largest arm rank) in which

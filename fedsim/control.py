@@ -22,7 +22,8 @@ Pace screen (`controller.screen`, `fedsim.controllers.pace`): each observed roun
 the device's pace (seconds per FLOP, per LoRA parameter sent), the server's `price` of every arm
 (FLOPs of a round, LoRA parameters) turns it into a predicted round time per arm, and `assign`
 asks the controller to avoid, this round, the arms predicted to hold the round far past the
-straggler threshold, so they are not explored at the whole round's expense. Each train row gains
+deadline, or past the fastest round seen or predicted for the round's devices, so they are not
+explored at the whole round's expense. Each train row gains
 `arm_predicted_s`, the predicted time of the arm it played (NaN before its profile was seen).
 
 The controller knows the devices' profile names only (a device says what it is), no speeds,
@@ -93,7 +94,8 @@ class ArmControl:
         avoid = None
         if self.screens:
             flops, params = self._costs(self.controller.point_ranks, self.controller.point_ratios)
-            avoid = self.pace.hopeless(chosen, flops, params, self.threshold_s, self.scenario.controller.screen_slack)  # type: ignore[union-attr]
+            threshold = self.scenario.fleet.deadline_s or min(self.reward_state.fastest_s, self.pace.fastest_round(chosen, flops, params))
+            avoid = self.pace.hopeless(chosen, flops, params, threshold, self.scenario.controller.screen_slack)  # type: ignore[union-attr]
         arm_ranks, arm_ratios = self.controller.choose(chosen, server_round, avoid)
         ranks[chosen] = arm_ranks
         if book is not None:
@@ -105,11 +107,6 @@ class ArmControl:
             flops, params = self._costs(arm_ranks, arm_ratios)
             seconds = self.pace.predict(chosen, flops[:, None], params[:, None])[:, 0]
             self.predicted = {int(c): float(t) for c, t in zip(chosen, seconds)}
-
-    @property
-    def threshold_s(self) -> float:
-        """The straggler threshold the screen compares with: the deadline, else the fastest round so far."""
-        return self.scenario.fleet.deadline_s or self.reward_state.fastest_s
 
     def observe(self, rows: list[dict[str, Any]]) -> None:
         """Rewards for this round's arms from its train rows; updates the controller and the rows."""

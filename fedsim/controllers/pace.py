@@ -24,8 +24,12 @@ Screening (`hopeless`): an arm is not tried on device d this round when
 
     t̂_dk > s · max(T, min_k t̂_dk)
 
-with T the straggler threshold of the reward (the round's deadline, else the fastest round so
-far) and s = `screen_slack` (1.5). At 1.5 × T the reward's straggler factor (T/t)^2 is 0.44: the
+with T the round's deadline if it has one, else the lesser of the fastest round so far (the
+reward's threshold) and the fastest round the pace predicts for this round's devices,
+max_d min_k t̂_dk (every device at its fastest arm: `fastest_round`), and s = `screen_slack` (1.5).
+The prediction matters where exploration starts with costly arms: UCB1 plays unplayed arms first,
+so on the lean SmolLM2 run its first round had NX devices at rank 16 (3.0 s), no round after was
+faster, and against T = 3.0 s rank 16 on a TX2 (4.2 s) was never hopeless. At 1.5 × T the reward's straggler factor (T/t)^2 is 0.44: the
 arm would need 2.25 times the progress of an arm that keeps the pace, which no rank or ratio of
 the grid has shown on SmolLM2. The max keeps a device that cannot reach T at all choosing among
 its own fastest arms. Screening is the controller's business only through `choose(avoid=...)`:
@@ -79,6 +83,13 @@ class Pace:
         known = np.isfinite(t).all(axis=1, keepdims=True)
         limit = slack * np.maximum(threshold_s, np.where(known, t, np.inf).min(axis=1, keepdims=True))
         return known & (t > limit)
+
+    def fastest_round(self, devices: np.ndarray, flops: np.ndarray, params: np.ndarray) -> float:
+        """The round time if each of `devices` played its fastest arm: max_d min_k t̂_dk over the
+        devices whose pace is known (inf if none is)."""
+        t = self.predict(devices, flops, params)
+        fastest = t[np.isfinite(t).all(axis=1)].min(axis=1, initial=np.inf)
+        return float(fastest.max()) if fastest.size else float("inf")
 
     def state(self) -> np.ndarray:
         """(2, N): compute and comm rates, for the controller's checkpoint."""

@@ -175,14 +175,16 @@ def _price(rank: int, ratio: float) -> tuple[float, float]:
     return 1e12 * (1.0 - ratio), 1e5 * rank
 
 
-def _paced_run(screen: bool, rounds: int = 12) -> tuple[ArmControl, list[dict[str, object]]]:
+def _paced_run(screen: bool, rounds: int = 12, first: tuple[int, float] | None = None) -> tuple[ArmControl, list[dict[str, object]]]:
     """Clients 0 (1 s of compute, a slow link: rank 8 sends for 8 s) and 1 (fast link), every
-    round, their times following `_price` exactly."""
+    round, their times following `_price` exactly; `first`: both play this arm in round 1."""
     control, book = _control(_scenario(screen=screen, ucb_c=0.3), _price)
     seconds_per = {0: (1e-12, 1e-5), 1: (1e-12, 1e-6)}  # (per FLOP, per parameter)
     played = []
     for server_round in range(1, rounds + 1):
         control.assign(np.array([0, 1]), server_round, np.full(4, 8), book)
+        if first is not None and server_round == 1:
+            control.arms = {0: first, 1: first}
         rows = []
         for c in (0, 1):
             flops, params = _price(*control.arms[c])
@@ -206,8 +208,23 @@ def test_the_screen_keeps_a_slow_link_from_trying_the_large_rank() -> None:
     control, screened = _paced_run(screen=True)
     assert slow_large(free) >= 2  # UCB1 tries every arm: both rank-8 arms cost the round 8+ s
     assert slow_large(screened) <= 1  # at most before its pace was known
-    assert control.threshold_s <= 3.0  # the fastest round: client 0 at rank 2
+    assert control.reward_state.fastest_s <= 3.0  # the fastest round: client 0 at rank 2
     assert sum(1 for r in screened if r["client_id"] == 1 and r["arm_rank"] == 8) >= 2  # the fast link still explores it
+
+
+def test_a_costly_first_round_does_not_set_the_bar_for_the_screen() -> None:
+    # Round 1 at rank 8 for everybody: the fastest round seen is client 0's 9 s, and no round is
+    # faster while it keeps exploring. The pace predicts 3 s for client 0 at rank 2 (its fastest
+    # arm), which is the round the fleet can keep, and screens rank 8 (9 s) against it.
+    control, rows = _paced_run(screen=True, rounds=1, first=(8, 0.0))
+    assert rows[0]["arm_rank"] == 8 and control.reward_state.fastest_s == pytest.approx(9.0)
+    asked = []
+    choose = control.controller.choose
+    control.controller.choose = lambda devices, server_round, avoid=None: asked.append(avoid) or choose(devices, server_round, avoid)  # type: ignore[method-assign]
+    control.assign(np.array([0, 1]), 2, np.full(4, 8), _control(_scenario())[1])
+    large = control.controller.point_ranks == 8
+    assert asked[0][0, large].all() and not asked[0][0, ~large].any()  # client 0: rank 8 screened, rank 2 not
+    assert not asked[0][1].any()  # client 1's fast link affords every arm
 
 
 def test_fixed_is_never_screened_and_a_run_without_a_price_has_no_pace() -> None:

@@ -62,3 +62,11 @@ def test_state_round_trips_and_a_wrong_shape_names_it():
     np.testing.assert_array_equal(other.predict(np.array([1]), FLOPS, PARAMS), pace.predict(np.array([1]), FLOPS, PARAMS))
     with pytest.raises(ValueError, match=r"expected shape \(2, 2\), got \(2, 3\)"):
         other.load(np.zeros((2, 3)))
+
+
+def test_the_fastest_round_is_the_slowest_device_at_its_fastest_arm():
+    pace = Pace.unknown(np.array([0, 1, 2]))
+    pace.observe(np.array([0, 1]), np.full(2, 1e12), np.full(2, 1e6), np.array([0.5, 6.0]), np.array([0.5, 0.5]))
+    assert pace.fastest_round(np.array([0, 1, 2]), FLOPS, PARAMS) == pytest.approx(6.5)  # device 1 at arm 0; 2 unknown
+    assert pace.fastest_round(np.array([0]), FLOPS, PARAMS) == pytest.approx(1.0)
+    assert pace.fastest_round(np.array([2]), FLOPS, PARAMS) == np.inf
