@@ -35,13 +35,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedsim.controllers import Controller, Observations, RewardState, build_controller, rewards
-from fedsim.controllers.pace import Pace
+from fedsim.controllers.pace import Pace, fastest_round, hopeless
 from fedsim.fleet import Fleet
 from fedsim.keeps import PruneBook
 from fedsim.scenario import Scenario
@@ -93,9 +94,9 @@ class ArmControl:
             return
         avoid = None
         if self.screens:
-            flops, params = self._costs(self.controller.point_ranks, self.controller.point_ratios)
-            threshold = self.scenario.fleet.deadline_s or min(self.reward_state.fastest_s, self.pace.fastest_round(chosen, flops, params))
-            avoid = self.pace.hopeless(chosen, flops, params, threshold, self.scenario.controller.screen_slack)  # type: ignore[union-attr]
+            times = self.pace.predict(chosen, *self._point_costs)
+            threshold = self.scenario.fleet.deadline_s or min(self.reward_state.fastest_s, fastest_round(times))
+            avoid = hopeless(times, threshold, self.scenario.controller.screen_slack)  # type: ignore[union-attr]
         arm_ranks, arm_ratios = self.controller.choose(chosen, server_round, avoid)
         ranks[chosen] = arm_ranks
         if book is not None:
@@ -139,6 +140,11 @@ class ArmControl:
             flops, params = self._costs(arm[feasible, 0], arm[feasible, 1])
             ran = [r for r, f in zip(seen, feasible) if f]
             self.pace.observe(devices[feasible], flops, params, np.array([r.get("sim_compute_s", np.nan) for r in ran]), np.array([r.get("sim_comm_s", np.nan) for r in ran]))
+
+    @cached_property
+    def _point_costs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(FLOPs (K,), LoRA parameters (K,)) of the controller's points, which never change."""
+        return self._costs(self.controller.point_ranks, self.controller.point_ratios)
 
     def _costs(self, ranks: np.ndarray, ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(FLOPs, LoRA parameters) of each arm (rank, ratio), by the server's `price`."""

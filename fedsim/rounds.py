@@ -215,8 +215,10 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
 
     kept_replies = [c for c, k in zip(ok, kept) if k]
     factor = _best_alpha(env, sent, kept_replies, server_round) if s.compression.alpha_auto and kept_replies else 1.0
-    adapters = [env.strategy.client_adapter(_as_adapter_reply(c, sent, factor)) for c in ok]  # as the strategy aggregates them
-    gains = contributions(env, state, adapters) if env.control is not None and env.control.scores_contributions else np.full(len(ok), np.nan)
+    scoring = env.control is not None and env.control.scores_contributions
+    # Each reply's adapter as the strategy aggregates it: the kept ones for the bias, every one when scored.
+    adapters = {i: env.strategy.client_adapter(_as_adapter_reply(c, sent, factor)) for i, c in enumerate(ok) if kept[i] or scoring}
+    gains = contributions(env, state, list(adapters.values())) if scoring else np.full(len(ok), np.nan)
     for i, c in enumerate(ok):
         row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
         row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
@@ -229,7 +231,7 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
             if kept[i]:
                 env.pruning.record(int(cids[i]), _reply_keep(c.message), s.train.local_steps)
         rows.append(row)
-    bias = round_bias([a.state for a, k in zip(adapters, kept) if k], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
+    bias = round_bias([adapters[i].state for i in np.flatnonzero(kept)], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
     state = _aggregate(env, sent, kept_replies, server_round, factor) or state
     env.last_bias = bias
     if env.control is not None:

@@ -90,18 +90,17 @@ def cost_model(shape: ModelShape, scenario: Scenario) -> Callable[[int, Keep | N
     return estimate
 
 
-def arm_price(shape: ModelShape, layers: list[LayerGeometry], scenario: Scenario) -> Callable[[int, float], tuple[float, float]]:
-    """(FLOPs of a round, LoRA parameters sent) of an arm (rank, ratio), each computed once: the
-    controller's pace screen (`fedsim.control`). The model is cut to the ratio with equal scores:
-    how much a cut removes, not which structures, sets the cost."""
+def arm_price(estimate: Callable[[int, Keep | None], Estimates], shape: ModelShape, layers: list[LayerGeometry], scenario: Scenario) -> Callable[[int, float], tuple[float, float]]:
+    """(FLOPs of a round by `estimate`, the run's `cost_model`; LoRA parameters sent) of an arm
+    (rank, ratio), each computed once: the controller's pace screen (`fedsim.control`). The model
+    is cut to the ratio with equal scores: how much a cut removes, not which structures, sets the cost."""
     equal = Scores(tuple(torch.ones(g.groups) for g in layers), tuple(torch.ones(g.channels) for g in layers))
     cache: dict[tuple[int, float], tuple[float, float]] = {}
 
     def price(rank: int, ratio: float) -> tuple[float, float]:
         if (rank, ratio) not in cache:
             keep = select_keep(equal, layers, ratio, scenario.pruning.mode) if ratio > 0 else None
-            cut = pruned_shape(shape, keep)
-            cache[rank, ratio] = float(estimates(cut, scenario, rank).flops), float(lora_params(cut, rank, scenario.lora.target_modules))
+            cache[rank, ratio] = float(estimate(rank, keep).flops), float(lora_params(pruned_shape(shape, keep), rank, scenario.lora.target_modules))
         return cache[rank, ratio]
 
     return price
@@ -168,10 +167,11 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     ranks = client_ranks(scenario, fleet)
     layers = geometry(central.model)
     book = PruneBook(scenario, layers, client_ratios(scenario, fleet)) if scenario.prunes else None
-    control = ArmControl.build(scenario, fleet, arm_price(central.shape, layers, scenario))
+    estimate = cost_model(central.shape, scenario)
+    control = ArmControl.build(scenario, fleet, arm_price(estimate, central.shape, layers, scenario))
     env = RoundEnv(
         grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks,
-        cost_model(central.shape, scenario), score=central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,
+        estimate, score=central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,
     )  # fmt: skip
     run_dir.event("clients", count=len(env.clients))
     sim_time, first = (resume.sim_time, resume.server_round + 1) if resume else (0.0, 1)

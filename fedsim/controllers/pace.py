@@ -20,7 +20,7 @@ device's own, jitter and contention move them a little), and then
 A device not yet seen takes its profile's median a and b (a device says what hardware it is,
 nothing more; `fedsim.control`); with no peer seen either its times are unknown (NaN).
 
-Screening (`hopeless`): an arm is not tried on device d this round when
+Screening (`hopeless`, on the times `Pace.predict` gives): an arm is not tried on device d this round when
 
     t̂_dk > s · max(T, min_k t̂_dk)
 
@@ -29,9 +29,9 @@ reward's threshold) and the fastest round the pace predicts for this round's dev
 max_d min_k t̂_dk (every device at its fastest arm: `fastest_round`), and s = `screen_slack` (1.5).
 The prediction matters where exploration starts with costly arms: UCB1 plays unplayed arms first,
 so on the lean SmolLM2 run its first round had NX devices at rank 16 (3.0 s), no round after was
-faster, and against T = 3.0 s rank 16 on a TX2 (4.2 s) was never hopeless. At 1.5 × T the reward's straggler factor (T/t)^2 is 0.44: the
-arm would need 2.25 times the progress of an arm that keeps the pace, which no rank or ratio of
-the grid has shown on SmolLM2. The max keeps a device that cannot reach T at all choosing among
+faster, and against T = 3.0 s rank 16 on a TX2 (4.2 s) was never hopeless. At 1.5 × T the
+reward's straggler factor (T/t)^2 is 0.44: the arm would need 2.25 times the progress of an arm
+that keeps the pace, which no rank or ratio of the grid has shown on SmolLM2. The max keeps a device that cannot reach T at all choosing among
 its own fastest arms. Screening is the controller's business only through `choose(avoid=...)`:
 nothing is marked infeasible, and an arm screened now is tried again when T or the device's
 pace changes (a longer deadline, a faster link).
@@ -76,21 +76,6 @@ class Pace:
         a, b = self._rates(self.compute, devices), self._rates(self.comm, devices)
         return a[:, None] * np.atleast_2d(np.asarray(flops, dtype=float)) + b[:, None] * np.atleast_2d(np.asarray(params, dtype=float))
 
-    def hopeless(self, devices: np.ndarray, flops: np.ndarray, params: np.ndarray, threshold_s: float, slack: float) -> np.ndarray:
-        """(n, K) arms predicted to take more than `slack` × max(threshold, the device's fastest
-        arm): not worth a try this round. Unknown devices screen nothing."""
-        t = self.predict(devices, flops, params)
-        known = np.isfinite(t).all(axis=1, keepdims=True)
-        limit = slack * np.maximum(threshold_s, np.where(known, t, np.inf).min(axis=1, keepdims=True))
-        return known & (t > limit)
-
-    def fastest_round(self, devices: np.ndarray, flops: np.ndarray, params: np.ndarray) -> float:
-        """The round time if each of `devices` played its fastest arm: max_d min_k t̂_dk over the
-        devices whose pace is known (inf if none is)."""
-        t = self.predict(devices, flops, params)
-        fastest = t[np.isfinite(t).all(axis=1)].min(axis=1, initial=np.inf)
-        return float(fastest.max()) if fastest.size else float("inf")
-
     def state(self) -> np.ndarray:
         """(2, N): compute and comm rates, for the controller's checkpoint."""
         return np.stack([self.compute, self.comm])
@@ -109,3 +94,18 @@ class Pace:
             if peers.size:
                 out[np.isnan(out) & (self.profiles[devices] == g)] = np.median(peers)
         return out
+
+
+def fastest_round(times: np.ndarray) -> float:
+    """The round time if each device played its fastest arm: max_d min_k t̂_dk over the rows of
+    `times` (n, K) whose pace is known (inf if none is)."""
+    fastest = times[np.isfinite(times).all(axis=1)].min(axis=1, initial=np.inf)
+    return float(fastest.max()) if fastest.size else float("inf")
+
+
+def hopeless(times: np.ndarray, threshold_s: float, slack: float) -> np.ndarray:
+    """(n, K) arms whose predicted time (`times`, (n, K)) is more than `slack` × max(threshold, the
+    device's fastest arm): not worth a try this round. Devices of unknown pace screen nothing."""
+    known = np.isfinite(times).all(axis=1, keepdims=True)
+    limit = slack * np.maximum(threshold_s, np.where(known, times, np.inf).min(axis=1, keepdims=True))
+    return known & (times > limit)

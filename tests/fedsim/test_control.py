@@ -247,12 +247,12 @@ def test_the_servers_price_of_an_arm_falls_with_pruning_and_its_payload_grows_wi
     from fedsim.costs import ModelShape, lora_params
     from fedsim.models import load_model
     from fedsim.pruning.structure import geometry
-    from fedsim.server import arm_price
+    from fedsim.server import arm_price, cost_model
 
     base = load_model("tiny-llama")[0]
     scenario = _scenario()
     shape = ModelShape.from_model(base)
-    price = arm_price(shape, geometry(base), scenario)
+    price = arm_price(cost_model(shape, scenario), shape, geometry(base), scenario)
     (f_small, p_small), (f_big, p_big), (f_cut, p_cut) = price(2, 0.0), price(8, 0.0), price(2, 0.5)
     assert p_small == lora_params(shape, 2, scenario.lora.target_modules) and p_big == 4 * p_small
     assert f_big > f_small  # a larger adapter costs a little more compute

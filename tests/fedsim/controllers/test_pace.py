@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.controllers.pace import Pace
+from fedsim.controllers.pace import Pace, fastest_round, hopeless
 
 FLOPS = np.array([1e12, 1e12, 2e12])  # arms: rank 4, rank 16, rank 4 of a twice-bigger model
 PARAMS = np.array([1e6, 4e6, 1e6])
@@ -46,12 +46,12 @@ def test_hopeless_arms_are_those_far_slower_than_the_threshold_or_the_devices_ow
     pace = Pace.unknown(np.array([0, 1, 2]))
     # device 0: fast (0.5 s per 1e6 params), device 1: slow compute (6 s), device 2 never seen
     pace.observe(np.array([0, 1]), np.full(2, 1e12), np.full(2, 1e6), np.array([0.5, 6.0]), np.array([0.5, 0.5]))
-    hopeless = pace.hopeless(np.array([0, 1, 2]), FLOPS, PARAMS, threshold_s=2.0, slack=1.5)
+    screened = hopeless(pace.predict(np.array([0, 1, 2]), FLOPS, PARAMS), threshold_s=2.0, slack=1.5)
     # device 0: 1.0, 2.5, 1.5 s against 1.5 × 2 = 3 s: nothing is hopeless
     # device 1: 6.5, 8.0, 12.5 s; its fastest (6.5) is over T, so 1.5 × 6.5 = 9.75 s is its limit
-    np.testing.assert_array_equal(hopeless, [[False, False, False], [False, False, True], [False, False, False]])
-    assert pace.hopeless(np.array([0]), FLOPS, PARAMS, threshold_s=1.0, slack=1.5).tolist() == [[False, True, False]]  # 2.5 > 1.5
-    assert not pace.hopeless(np.array([0]), FLOPS, PARAMS, threshold_s=np.inf, slack=1.5).any()  # no round yet: nothing to compare
+    np.testing.assert_array_equal(screened, [[False, False, False], [False, False, True], [False, False, False]])
+    assert hopeless(pace.predict(np.array([0]), FLOPS, PARAMS), threshold_s=1.0, slack=1.5).tolist() == [[False, True, False]]  # 2.5 > 1.5
+    assert not hopeless(pace.predict(np.array([0]), FLOPS, PARAMS), threshold_s=np.inf, slack=1.5).any()  # no round yet: nothing to compare
 
 
 def test_state_round_trips_and_a_wrong_shape_names_it():
@@ -67,6 +67,6 @@ def test_state_round_trips_and_a_wrong_shape_names_it():
 def test_the_fastest_round_is_the_slowest_device_at_its_fastest_arm():
     pace = Pace.unknown(np.array([0, 1, 2]))
     pace.observe(np.array([0, 1]), np.full(2, 1e12), np.full(2, 1e6), np.array([0.5, 6.0]), np.array([0.5, 0.5]))
-    assert pace.fastest_round(np.array([0, 1, 2]), FLOPS, PARAMS) == pytest.approx(6.5)  # device 1 at arm 0; 2 unknown
-    assert pace.fastest_round(np.array([0]), FLOPS, PARAMS) == pytest.approx(1.0)
-    assert pace.fastest_round(np.array([2]), FLOPS, PARAMS) == np.inf
+    assert fastest_round(pace.predict(np.array([0, 1, 2]), FLOPS, PARAMS)) == pytest.approx(6.5)  # device 1 at arm 0; 2 unknown
+    assert fastest_round(pace.predict(np.array([0]), FLOPS, PARAMS)) == pytest.approx(1.0)
+    assert fastest_round(pace.predict(np.array([2]), FLOPS, PARAMS)) == np.inf
