@@ -101,7 +101,7 @@ class RoundEnv:
     clients: dict[int, int]  # client id → node id
     ranks: np.ndarray  # (N,) LoRA rank of each client id
     estimate: Callable[[int, Keep | None], Estimates]  # (rank, keep of the model held) → cost
-    score: Callable[[AdapterState], float] | None = None  # held-out loss of an adapter (α tuning)
+    score: Callable[..., float] | None = None  # held-out loss of an adapter (α tuning, contributions): (state, examples=16)
     downlink: Downlink | None = None  # compressed server → client direction, if enabled
     pruning: PruneBook | None = None  # each client's pruned model, when pruning is on
     control: ArmControl | None = None  # the bandit that picks each sampled client's arm, if any
@@ -360,17 +360,19 @@ def contributions(env: RoundEnv, state: AdapterState, clients: list[ClientAdapte
     scored because with non-IID clients any one client's adapter alone soon scores worse on the
     mixed held-out set than the average does, whatever its arm (measured: most clients' whole-
     adapter scores were negative from round 5 of the lean SmolLM2 run on), while the direction
-    it pulls the average in stays informative. One held-out forward pass per client."""
+    it pulls the average in stays informative. One held-out forward pass per client, over the
+    first `controller.reward.contribution_examples` of the central set."""
     assert env.score is not None
     if not clients:
         return np.zeros(0)
     total = sum(c.weight for c in clients)
-    before = env.score(state)
+    examples = env.scenario.controller.reward.contribution_examples
+    before = env.score(state, examples)
     out = np.full(len(clients), np.nan)
     for i, client in enumerate(clients):
         mine = env.strategy.aligned([client], [1.0])[0]  # adapter keys, all of them in the global state
         share = client.weight / total if total > 0 else 1.0 / len(clients)
-        after = env.score({**state, **{k: state[k] + share * (v - state[k]) for k, v in mine.items()}})
+        after = env.score({**state, **{k: state[k] + share * (v - state[k]) for k, v in mine.items()}}, examples)
         if math.isfinite(before) and math.isfinite(after) and before > 0:
             out[i] = (before - after) / before
     return out

@@ -56,7 +56,7 @@ Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "St
   its clients' local losses fall). c sees that harm; it is FedSpine's "importance of the LoRA
   update" measured where it matters, and the issue's "device's contribution to the global
   improvement". It uses the held-out examples the central metric is computed on (the issue names
-  the round's central metric as an input), the first 16, one forward pass per client.
+  the round's central metric as an input), the first `contribution_examples` (16), one forward pass per client.
 - ℓ (w_ℓ = 0.5) stays as a cheaper, noisier second opinion, and the whole signal where the
   server cannot score (c = 0 for everyone: the term drops out).
 - π (w_π = 0.5, unscaled): sparsity for its own sake counts a little: a client that removed 20 %

@@ -119,12 +119,15 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
     state = {a_key: torch.ones(2, 8), b_key: torch.zeros(8, 2)}
     target = torch.full((8, 2), 0.5)
 
-    def score(s: dict[str, torch.Tensor]) -> float:  # a held-out "loss": distance of B to its optimum, plus 1
+    asked: list[int] = []
+
+    def score(s: dict[str, torch.Tensor], examples: int = 16) -> float:  # a held-out "loss": distance of B to its optimum, plus 1
+        asked.append(examples)
         return 1.0 + float((s[b_key] - target).pow(2).sum())
 
     strategy = FedIT(2, 4.0)
     strategy.current = state
-    env = SimpleNamespace(score=score, strategy=strategy)
+    env = SimpleNamespace(score=score, strategy=strategy, scenario=SimpleNamespace(controller=SimpleNamespace(reward=SimpleNamespace(contribution_examples=24))))
 
     def reply(node: int, step: float, examples: float) -> Checked:
         meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
@@ -138,3 +141,4 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
     moved = [1.0 + 16 * (0.5 - 0.75 * 0.5) ** 2, 1.0 + 16 * (0.5 + 0.25 * 0.5) ** 2]  # B moved by 3/4 of +0.5, 1/4 of −0.5
     assert got == pytest.approx([(before - moved[0]) / before, (before - moved[1]) / before])
     assert got[0] > 0 > got[1]
+    assert asked[:3] == [24, 24, 24]  # scored on `controller.reward.contribution_examples`
