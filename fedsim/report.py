@@ -55,9 +55,12 @@ def ratio_table(metrics: pd.DataFrame) -> pd.DataFrame:
 def arms_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """With a controller: per device profile, the arm it settled on — the most chosen (rank,
     ratio) over the last third of the rounds — its share of those choices and mean reward, the
-    mean reward over the whole run, and how many distinct arms were tried. Empty without one."""
+    mean reward over the whole run, how many distinct arms were tried, and `predicted_share`: the
+    median of the pace's predicted round time over the measured one (compute + comm) of its
+    clients, i.e. how far to trust the screen on that profile (NaN without a prediction). Empty
+    without a controller."""
     train = metrics[(metrics["kind"] == "train") & (metrics["arm_rank"] > 0)] if "arm_rank" in metrics else metrics.iloc[:0]
-    columns = ["settled_rank", "settled_ratio", "settled_share", "settled_reward", "mean_reward", "arms_tried", "pulls"]
+    columns = ["settled_rank", "settled_ratio", "settled_share", "settled_reward", "mean_reward", "arms_tried", "pulls", "predicted_share"]
     if train.empty:
         return pd.DataFrame(columns=["device", *columns]).set_index("device")
     late = train[train["round"] > train["round"].max() * 2 / 3]
@@ -72,8 +75,18 @@ def arms_table(metrics: pd.DataFrame) -> pd.DataFrame:
             "device": device, "settled_rank": int(rank), "settled_ratio": float(ratio), "settled_share": counts.iloc[0] / len(tail),
             "settled_reward": float(chosen["reward"].mean()), "mean_reward": float(group["reward"].mean()),
             "arms_tried": int(group.groupby(["arm_rank", "arm_ratio"]).ngroups), "pulls": len(group),
+            "predicted_share": _predicted_share(group),
         })  # fmt: skip
     return pd.DataFrame(rows).set_index("device")
+
+
+def _predicted_share(rows: pd.DataFrame) -> float:
+    """Median of arm_predicted_s / (sim_compute_s + sim_comm_s) over the rows that have both."""
+    if "arm_predicted_s" not in rows:
+        return float("nan")
+    share = rows["arm_predicted_s"] / (rows["sim_compute_s"] + rows["sim_comm_s"])
+    share = share[np.isfinite(share) & (share > 0)]
+    return float(share.median()) if len(share) else float("nan")
 
 
 def time_to_accuracy(metrics: pd.DataFrame, target: float) -> tuple[int, float] | None:

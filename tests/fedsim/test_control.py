@@ -156,8 +156,13 @@ def test_arms_table_reports_the_arm_each_profile_settled_on() -> None:
     for r in range(1, 7):
         for device in ("phone", "laptop"):
             arm = (2, 0.5) if device == "phone" and r > 2 else (8, 0.0) if device == "laptop" else (4, 0.0)
-            rows.append({"round": r, "kind": "train", "device": device, "arm_rank": arm[0], "arm_ratio": arm[1], "reward": 0.5 + 0.1 * (arm == (2, 0.5))})
+            predicted = float("nan") if r == 1 else 2.0 * r if device == "phone" else 0.9
+            rows.append({
+                "round": r, "kind": "train", "device": device, "arm_rank": arm[0], "arm_ratio": arm[1], "reward": 0.5 + 0.1 * (arm == (2, 0.5)),
+                "arm_predicted_s": predicted, "sim_compute_s": 0.5 * r if device == "phone" else 0.5, "sim_comm_s": 0.5 * r if device == "phone" else 0.5,
+            })  # fmt: skip
     table = arms_table(pd.DataFrame(rows))
+    assert table.loc["phone", "predicted_share"] == pytest.approx(2.0) and table.loc["laptop", "predicted_share"] == pytest.approx(0.9)
     assert table.loc["phone", ["settled_rank", "settled_ratio", "settled_share"]].tolist() == [2, 0.5, 1.0]
     assert table.loc["phone", "arms_tried"] == 2 and table.loc["laptop", "arms_tried"] == 1
     assert table.loc["phone", "settled_reward"] == pytest.approx(0.6)
