@@ -77,15 +77,16 @@ def per_profile(ranks: list[int], ratios: list[float]) -> str:
     return "{" + ", ".join(f'"{p}" = [{r}, {q}]' for p, (r, q) in arms.items()) + "}"
 
 
-def settings(arms: str, bandits: list[str], ranks: list[int], ratios: list[float], bandit_set: list[str] | None = None) -> dict[str, list[str]]:
-    """Row label → scenario overrides (`bandit_set`: more, for the bandit rows only)."""
+def settings(arms: str, bandits: list[str], ranks: list[int], ratios: list[float], bandit_set: list[str] | None = None, profile_arms: str | None = None) -> dict[str, list[str]]:
+    """Row label → scenario overrides (`bandit_set`: more, for the bandit rows only; `profile_arms`:
+    the per-profile row's arms as a TOML table, instead of `per_profile`'s)."""
     grid = [(r, p) for r in ranks for p in ratios]
     if arms == "corners":
         grid = [(ranks[0], ratios[0]), (ranks[0], ratios[-1]), (ranks[-1], ratios[0]), (ranks[-1], ratios[-1])]
     space = [f"controller.ranks={ranks}", f"controller.ratios={ratios}", f"lora.rank={max(ranks)}"]
     rows = {f"bandit ({b})": [*space, f'controller.name="{b}"', *(bandit_set or [])] for b in bandits}
     rows |= {f"fixed {r}/{p:g}": [*space, 'controller.name="fixed"', f"controller.fixed_arm=[{r}, {p}]"] for r, p in grid}
-    rows["per-profile"] = [*space, 'controller.name="fixed"', f"controller.profile_arms={per_profile(ranks, ratios)}"]
+    rows["per-profile"] = [*space, 'controller.name="fixed"', f"controller.profile_arms={profile_arms or per_profile(ranks, ratios)}"]
     rows["fedit"] = ["lora.rank=8", "controller.ranks=[8]", "controller.ratios=[0.0]", 'controller.name="fixed"']  # = no controller
     return rows
 
@@ -167,13 +168,14 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the rows' runs in DIR and reuse the finished ones")
     parser.add_argument("--rows", nargs="+", metavar="PATTERN", help="with --keep: run only these rows (shell patterns of labels)")
     parser.add_argument("--bandit-set", action="append", default=[], metavar="KEY=VALUE", help="scenario overrides for the bandit rows only (repeatable): tune the bandit, keep the baselines")
+    parser.add_argument("--profile-arms", metavar="TOML", help='the per-profile row\'s arms, e.g. \'{"jetson-tx2" = [4, 0.2]}\' (default: slower profiles smaller and more pruned)')
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more scenario overrides (repeatable)")
     args = parser.parse_args()
     quiet_libraries()
     extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else []) + args.set
     grid = load_scenario(SCENARIO).controller
     assert grid is not None  # the scenario has a [controller]
-    rows = settings(args.arms, args.bandits, args.ranks or list(grid.ranks), args.ratios or list(grid.ratios), args.bandit_set)
+    rows = settings(args.arms, args.bandits, args.ranks or list(grid.ranks), args.ratios or list(grid.ratios), args.bandit_set, args.profile_arms)
     if args.rows and not args.keep:
         parser.error("--rows needs --keep DIR: the other rows come from there")
     lock = _lock(args.keep) if args.keep else None  # noqa: F841 (held until the process ends)

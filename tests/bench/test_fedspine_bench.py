@@ -36,3 +36,14 @@ def test_the_experiment_runs_every_row_and_reuses_kept_ones(tmp_path: Path) -> N
     again = bench("--keep", str(tmp_path), "--rows", "bandit*")  # everything finished: nothing runs
     assert again[again.index("row "):] == table
     assert {p: (tmp_path / p / "metrics.parquet").stat().st_mtime_ns for p in runs} == stamps
+
+
+def test_the_per_profile_row_takes_the_arms_given() -> None:
+    """`--profile-arms` replaces the hand-tuned default (slower profiles smaller and more pruned)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fedspine
+
+    given = fedspine.settings("corners", ["sucb"], [2, 8], [0.0, 0.5], profile_arms='{"jetson-xavier-nx" = [2, 0.5]}')["per-profile"]
+    default = fedspine.settings("corners", ["sucb"], [2, 8], [0.0, 0.5])["per-profile"]
+    assert 'controller.profile_arms={"jetson-xavier-nx" = [2, 0.5]}' in given
+    assert 'controller.profile_arms={"jetson-tx2" = [2, 0.5], "jetson-xavier-nx" = [2, 0.0], "jetson-agx-orin" = [8, 0.0]}' in default
