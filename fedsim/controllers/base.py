@@ -49,6 +49,20 @@ at each `choose` (`_statistics`), so it adds no state; a device alone in its pro
 exactly as without pooling. Learning (`counts`, `sums`) and infeasibility stay per device: a
 peer's out-of-memory report lowers the pooled mean of that point but never excludes it for
 another device (memory differs per device).
+
+Spreading a profile's picks (`pool_spread`, on by default with pooling). Pooled devices of one
+profile score alike, so the ones chosen in the same round all took the same point ("herding"):
+with per-round normalised rewards such a round says nothing about the point (measured on the
+lean SmolLM2 run: a round in which all 8 Jetsons played the pruned arm scored it like the
+unpruned one). `choose` therefore picks in waves, the i-th chosen device of every profile in wave
+i (at most `SPREAD_WAVES` = 8 waves, so `choose` stays vectorised: more of a profile's devices in
+one round share waves); after each wave, each pick counts for the later peers as one more pull of that point (and, in
+S-UCB, of its ancestors: `_credit`) at the device's current mean, weighted as a real peer pull
+(w / (|p| − 1)): the "hallucinated" observations of batched bandits (Desautels, Krause &
+Burdick, "Parallelizing Exploration-Exploitation Tradeoffs in Gaussian Process Bandit
+Optimization", JMLR 15, 2014). The mean is unchanged, the confidence bonus shrinks, so a
+close second point gets the next device. Nothing of it is stored: `counts` and `sums` hold
+only real pulls.
 """
 
 from __future__ import annotations
@@ -65,6 +79,7 @@ if TYPE_CHECKING:
     from fedsim.controllers.config import ControllerConfig
 
 _U64 = (1 << 64) - 1
+SPREAD_WAVES = 8  # `_spread`: a profile's devices in one round pick in at most 8 waves (a round's sample of a profile is rarely more)
 
 
 class Controller(ABC):
@@ -100,6 +115,7 @@ class Controller(ABC):
         self.infeasible = np.zeros(shape, dtype=bool)
         self.rng = np.random.default_rng(seed)
         self._avoid: np.ndarray | None = None  # (n, K) during `choose` only
+        self._extra: tuple[np.ndarray, np.ndarray] | None = None  # (n, K) peers' picks this round, during `choose` only
         self._cheapest = int(np.lexsort((-self.point_ratios, self.point_ranks))[0])
         # Pooling: devices sorted by profile, the start of each present profile's run, and each
         # device's number of peers (the device's profile size − 1).
@@ -122,9 +138,9 @@ class Controller(ABC):
         devices = self._check_devices(devices)
         self._avoid = self._check_avoid(devices, avoid)
         try:
-            points = self._select(devices, round)
+            points = self._spread(devices, round) if self._pooled and self.config.pool_spread else self._select(devices, round)
         finally:
-            self._avoid = None
+            self._avoid, self._extra = None, None
         points = np.where(self.exhausted(devices), self._cheapest, points)
         return self.point_ranks[points].copy(), self.point_ratios[points].copy()
 
@@ -178,6 +194,12 @@ class Controller(ABC):
         self.counts[devices, points] += 1.0
         self.sums[devices, points] += rewards
 
+    def _credit(self, points: np.ndarray) -> np.ndarray:
+        """(n, K) the statistics one pull of each point adds to (1 where it counts): the point."""
+        credit = np.zeros((len(points), len(self.point_ranks)))
+        credit[np.arange(len(points)), points] = 1.0
+        return credit
+
     def _points(self) -> tuple[np.ndarray, np.ndarray]:
         """The candidate points (ranks (K,), ratios (K,)): the grid arms, in arm order."""
         return self.grid.arm_ranks(), self.grid.arm_ratios()
@@ -194,7 +216,8 @@ class Controller(ABC):
 
     def _statistics(self, devices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(counts, sums) (n, K) the algorithm scores `devices` on: their own, or with
-        `pool = "profile"` shrunk toward their peers' (the module docstring's n', s')."""
+        `pool = "profile"` shrunk toward their peers' (the module docstring's n', s'), plus the
+        peers' picks earlier in this round's `choose` (`_spread`)."""
         counts, sums = self.counts[devices], self.sums[devices]
         if not self._pooled:
             return counts, sums
@@ -203,7 +226,36 @@ class Controller(ABC):
         scale = self._pool_scale[devices][:, None]  # (n, 1)
         total_counts = np.add.reduceat(self.counts[order], starts, axis=0)[rows]  # (n, K) the profile's totals
         total_sums = np.add.reduceat(self.sums[order], starts, axis=0)[rows]
-        return counts + scale * (total_counts - counts), sums + scale * (total_sums - sums)
+        counts, sums = counts + scale * (total_counts - counts), sums + scale * (total_sums - sums)
+        if self._extra is not None:
+            counts, sums = counts + scale * self._extra[0], sums + scale * self._extra[1]
+        return counts, sums
+
+    def _spread(self, devices: np.ndarray, round: int) -> np.ndarray:
+        """`_select` in waves, the i-th chosen device of each profile in wave i, each wave seeing
+        the earlier waves' picks of its peers as pulls at their current mean (module docstring)."""
+        rows = self._pool_row[self.profiles[devices]]  # (n,) the device's profile, as a pool row
+        order = np.argsort(rows, kind="stable")
+        first = np.r_[0, np.flatnonzero(np.diff(rows[order])) + 1]  # where each profile's run starts
+        size = np.repeat(np.diff(np.r_[first, len(devices)]), np.diff(np.r_[first, len(devices)]))  # chosen of the device's profile
+        position = np.arange(len(devices)) - np.repeat(first, np.diff(np.r_[first, len(devices)]))
+        wave = np.empty(len(devices), dtype=np.int64)
+        wave[order] = position * np.minimum(SPREAD_WAVES, size) // size  # more than SPREAD_WAVES: near-equal waves
+        picked_counts = np.zeros((len(self._pool_starts), len(self.point_ranks)))  # per profile
+        picked_sums = np.zeros_like(picked_counts)
+        avoid, points = self._avoid, np.zeros(len(devices), dtype=np.int64)
+        for w in range(int(wave.max(initial=-1)) + 1):  # at most SPREAD_WAVES, whatever the number of devices
+            now = np.flatnonzero(wave == w)
+            self._avoid = None if avoid is None else avoid[now]
+            self._extra = (picked_counts[rows[now]], picked_sums[rows[now]])
+            points[now] = self._select(devices[now], round)
+            counts, sums = self._statistics(devices[now])
+            overall = np.divide(sums.sum(axis=1, keepdims=True), counts.sum(axis=1, keepdims=True), out=np.zeros((len(now), 1)), where=counts.sum(axis=1, keepdims=True) > 0)
+            mean = np.divide(sums, counts, out=np.broadcast_to(overall, sums.shape).copy(), where=counts > 0)  # never pulled: the device's overall mean
+            credit = self._credit(points[now])
+            np.add.at(picked_counts, rows[now], credit)
+            np.add.at(picked_sums, rows[now], credit * mean)
+        return points
 
     def _blocked(self, devices: np.ndarray) -> np.ndarray:
         """(n, K) points `_select` must not choose: infeasible, or avoided this round."""

@@ -33,6 +33,11 @@ Every default is explained in its field's description; the reasoning behind the 
   devices differ within a profile. Hence off by default, on (`pool = "profile"`) for federated
   runs whose profiles are real hardware classes; w = 3 is a middle ground: w = 10 cuts further
   on homogeneous profiles (144), w = 19 (the whole profile's pulls) hurts heterogeneous ones.
+- `pool_spread` = true: with rewards divided by the round's max (the default), a profile whose
+  devices all take the same point learns nothing that round. Spreading their picks (`base`) cut
+  the synthetic regret of 8 devices of one profile, all playing 60 rounds, from 104 to 63
+  (ucb1) and 93 to 54 (sucb); with 3 profiles sucb 108 → 86; on sparse participation (80
+  devices, 8 a round) 213 → 204. Without the round normalisation it still helps or ties.
 - `sucb_rho` = 2^(−1/2): the tree splits the two axes in turn, so a cell's diameter halves every
   two levels; with a Lipschitz reward, HOO's smoothness term ν·ρ^h then shrinks with the cell.
 """
@@ -107,6 +112,7 @@ class ControllerConfig(_Section):
     ts_noise_std: float = Field(0.5, gt=0, description="thompson: reward noise σ assumed by the Gaussian likelihood (a [0, 1] reward is 1/2-sub-Gaussian).")
     pool: Literal["none", "profile"] = Field("none", description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own statistics, or shrunk toward its profile peers' (counts n + w·n̄, sums s + w·s̄, n̄ and s̄ the peers' per-device averages); learning and infeasibility stay per device.")
     pool_weight: float = Field(3.0, ge=0, description="pool = profile: weight w of the peers' average, in devices' worth of evidence (0: no pooling); 3 as measured on sparse participation (see the module docstring).")
+    pool_spread: bool = Field(True, description="pool = profile: devices of one profile chosen in the same round pick one after another, each counting its peers' picks of this round as pulls at their current mean (batched UCB's hallucinated pulls), so a profile tries several points in a round instead of all taking the same one.")
     linucb_alpha: float = Field(1.0, ge=0, description="linucb: width α of the confidence bonus α√(xᵀA⁻¹x).")
     linucb_ridge: float = Field(1.0, gt=0, description="linucb: ridge λ, A starts at λI.")
     linucb_share: Literal["profile", "global"] = Field("profile", description="linucb: one model per (device profile, arm), or one per arm for every device (then the features alone tell devices apart).")

@@ -129,6 +129,15 @@ class SmoothUCB(Controller):
         known &= (self.point_ranks[node] == ranks) & (np.abs(self.point_ratios[node] - ratios) <= RATIO_ATOL)
         return np.where(known, pending, self._leaf_of(ranks, ratios))
 
+    def _credit(self, points: np.ndarray) -> np.ndarray:
+        """(n, M) a pull of node `points` counts for the node and every ancestor (`_learn`)."""
+        credit, node = np.zeros((len(points), len(self.point_ranks))), points.copy()
+        for _ in range(self.config.sucb_depth + 1):
+            live = node >= 0
+            credit[np.flatnonzero(live), node[live]] = 1.0
+            node = np.where(node > 0, (node - 1) // 2, -1)
+        return credit
+
     def _leaf_of(self, ranks: np.ndarray, ratios: np.ndarray) -> np.ndarray:
         coords = np.clip(np.stack([self.grid.ratio_coord(ratios), self.grid.rank_coord(ranks)], axis=1), 0.0, 1.0)  # (n, 2)
         rows, node = np.arange(len(ranks)), np.zeros(len(ranks), dtype=np.int64)

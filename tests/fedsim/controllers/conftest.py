@@ -59,10 +59,11 @@ def regret_curves(name: str, rounds: int, seeds: tuple[int, ...] = (0, 1), devic
     return np.mean(ours, axis=0), np.mean(uniform, axis=0)
 
 
-def sparse_regret(name: str, seeds: tuple[int, ...] = (0, 1, 2), devices: int = 60, profiles: int = 3, sampled: int = 6, rounds: int = 200, jitter: float = 0.03, **overrides) -> float:
+def sparse_regret(name: str, seeds: tuple[int, ...] = (0, 1, 2), devices: int = 60, profiles: int = 3, sampled: int = 6, rounds: int = 200, jitter: float = 0.03, round_max: bool = False, **overrides) -> float:
     """Cumulative regret after `rounds`, averaged over seeds, of a federated-style run: `sampled`
     of `devices` devices a round (each pulled ~rounds·sampled/devices times, about once per arm),
-    devices of a profile sharing their means up to a small per-device jitter (σ = `jitter`)."""
+    devices of a profile sharing their means up to a small per-device jitter (σ = `jitter`).
+    `round_max`: rewards divided by the round's largest, as the reward module's default does."""
     totals = []
     for seed in seeds:
         groups = np.arange(devices) % profiles
@@ -75,7 +76,8 @@ def sparse_regret(name: str, seeds: tuple[int, ...] = (0, 1, 2), devices: int = 
             ranks, ratios = ctrl.choose(chosen, t)
             mu = means[chosen, ctrl.grid.arm_of(ranks, ratios)]
             total += (means[chosen].max(axis=1) - mu).sum()
-            ctrl.update(chosen, ranks, ratios, mu + NOISE * rng.standard_normal(sampled), np.ones(sampled, dtype=bool))
+            reward = mu + NOISE * rng.standard_normal(sampled)
+            ctrl.update(chosen, ranks, ratios, reward / reward.max() if round_max else reward, np.ones(sampled, dtype=bool))
         totals.append(total)
     return float(np.mean(totals))
 
