@@ -54,15 +54,15 @@ Spreading a profile's picks (`pool_spread`, on by default with pooling). Pooled 
 profile score alike, so the ones chosen in the same round all took the same point ("herding"):
 with per-round normalised rewards such a round says nothing about the point (measured on the
 lean SmolLM2 run: a round in which all 8 Jetsons played the pruned arm scored it like the
-unpruned one). `choose` therefore picks in waves, the i-th chosen device of every profile in wave
-i (at most `SPREAD_WAVES` = 8 waves, so `choose` stays vectorised: more of a profile's devices in
-one round share waves); after each wave, each pick counts for the later peers as one more pull of that point (and, in
-S-UCB, of its ancestors: `_credit`) at the device's current mean, weighted as a real peer pull
-(w / (|p| − 1)): the "hallucinated" observations of batched bandits (Desautels, Krause &
-Burdick, "Parallelizing Exploration-Exploitation Tradeoffs in Gaussian Process Bandit
-Optimization", JMLR 15, 2014). The mean is unchanged, the confidence bonus shrinks, so a
-close second point gets the next device. Nothing of it is stored: `counts` and `sums` hold
-only real pulls.
+unpruned one). `choose` therefore picks in waves, the i-th chosen device of every profile in
+wave i (at most `SPREAD_WAVES` = 8 waves, so `choose` stays vectorised: more of a profile's
+devices in one round share waves). After each wave, each pick counts for the later peers as one
+more pull of that point (and, in S-UCB, of its ancestors: `_credit`) at the device's current
+mean, weighted as a real peer pull (w / (|p| − 1)): the "hallucinated" observations of batched
+bandits (Desautels, Krause & Burdick, "Parallelizing Exploration-Exploitation Tradeoffs in
+Gaussian Process Bandit Optimization", JMLR 15, 2014). The mean is unchanged and the confidence
+bonus shrinks, so a close second point gets the next device. Nothing of it is stored: `counts`
+and `sums` hold only real pulls.
 """
 
 from __future__ import annotations
@@ -237,8 +237,8 @@ class Controller(ABC):
         rows = self._pool_row[self.profiles[devices]]  # (n,) the device's profile, as a pool row
         order = np.argsort(rows, kind="stable")
         first = np.r_[0, np.flatnonzero(np.diff(rows[order])) + 1]  # where each profile's run starts
-        size = np.repeat(np.diff(np.r_[first, len(devices)]), np.diff(np.r_[first, len(devices)]))  # chosen of the device's profile
-        position = np.arange(len(devices)) - np.repeat(first, np.diff(np.r_[first, len(devices)]))
+        runs = np.diff(np.r_[first, len(devices)])  # how many of each profile were chosen
+        size, position = np.repeat(runs, runs), np.arange(len(devices)) - np.repeat(first, runs)
         wave = np.empty(len(devices), dtype=np.int64)
         wave[order] = position * np.minimum(SPREAD_WAVES, size) // size  # more than SPREAD_WAVES: near-equal waves
         picked_counts = np.zeros((len(self._pool_starts), len(self.point_ranks)))  # per profile
