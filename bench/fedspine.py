@@ -20,7 +20,8 @@ only `[controller]` differs; the rows a command runs for a seed share one Flower
 - `fixed r/p`: every device at rank r, ratio p (`fixed` controller), for each grid arm (`--arms
   all`) or the four corners (`--arms corners`); the best and the worst of them are marked;
 - `per-profile`: a hand-tuned arm per profile, slower devices smaller and more pruned
-  (`per_profile`: on the scenario's grid TX2 4/0.2, Xavier NX 8/0.1, AGX Orin 16/0);
+  (`per_profile`: on the scenario's grid TX2 4/0.2, Xavier NX 8/0.1, AGX Orin 16/0), or the
+  arms of `--profile-arms` for a fleet of other profiles;
 - `fedit`: the uniform baseline: a rank-8 global adapter, every device at rank 8, unpruned (a
   `fixed` controller with one arm, which is the same as none).
 
