@@ -362,7 +362,7 @@ def contributions(env: RoundEnv, state: AdapterState, clients: list[ClientAdapte
     adapter scores were negative from round 5 of the lean SmolLM2 run on), while the direction
     it pulls the average in stays informative. One held-out forward pass per client, over the
     first `controller.reward.contribution_examples` of the central set."""
-    assert env.score is not None
+    assert env.score is not None and env.scenario.controller is not None  # only a controller's reward asks for them
     if not clients:
         return np.zeros(0)
     total = sum(c.weight for c in clients)

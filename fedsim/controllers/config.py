@@ -69,7 +69,7 @@ class RewardConfig(_Section):
     """How one round's observations become rewards (`fedsim.controllers.reward`)."""
 
     contribution_weight: float = Field(1.0, ge=0, description="Weight of the client's contribution to the global model: the relative held-out loss decrease of the global model moved by the client's share of an average toward its adapter (measured by the server).")
-    contribution_examples: int = Field(16, ge=1, description="Held-out examples the contribution is scored on (the first of the central set; one forward pass over them per client per round): more cut the reward's noise, at the server's cost.")
+    contribution_examples: int = Field(16, ge=1, description="Held-out examples the contribution is scored on (the first of the central set; one forward pass over them per client per round): more examples, less sampling noise in the reward, at the server's cost (32 instead of 16 did not help the lean SmolLM2 run, README).")
     loss_weight: float = Field(0.5, ge=0, description="Weight of the relative local loss improvement (ℓ_before − ℓ_after)/ℓ_before: half the contribution's, as it cannot see what the update does to the global model.")
     prune_weight: float = Field(0.5, ge=0, description="Weight of the pruning progress min(ratio_reached, ratio_target), a share of the model, not scaled: a 20 % cut adds 0.1, a tenth of an average client's contribution; what it saves is already in the time.")
     norm_weight: float = Field(0.0, ge=0, description="Weight of the update norm ‖ΔW‖: off, as a diverging client also sends a large update (the contribution measures importance instead).")
