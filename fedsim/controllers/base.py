@@ -115,7 +115,7 @@ class Controller(ABC):
         self.infeasible = np.zeros(shape, dtype=bool)
         self.rng = np.random.default_rng(seed)
         self._avoid: np.ndarray | None = None  # (n, K) during `choose` only
-        self._extra: tuple[np.ndarray, np.ndarray] | None = None  # (n, K) peers' picks this round, during `choose` only
+        self._totals: tuple[np.ndarray, np.ndarray] | None = None  # (P, K) the profiles' totals with this round's picks, during `_spread` only
         self._cheapest = int(np.lexsort((-self.point_ratios, self.point_ranks))[0])
         # Pooling: devices sorted by profile, the start of each present profile's run, and each
         # device's number of peers (the device's profile size − 1).
@@ -140,7 +140,7 @@ class Controller(ABC):
         try:
             points = self._spread(devices, round) if self._pooled and self.config.pool_spread else self._select(devices, round)
         finally:
-            self._avoid, self._extra = None, None
+            self._avoid, self._totals = None, None
         points = np.where(self.exhausted(devices), self._cheapest, points)
         return self.point_ranks[points].copy(), self.point_ratios[points].copy()
 
@@ -216,20 +216,20 @@ class Controller(ABC):
 
     def _statistics(self, devices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(counts, sums) (n, K) the algorithm scores `devices` on: their own, or with
-        `pool = "profile"` shrunk toward their peers' (the module docstring's n', s'), plus the
-        peers' picks earlier in this round's `choose` (`_spread`)."""
+        `pool = "profile"` shrunk toward their peers' (the module docstring's n', s'), whose totals
+        include, within `_spread`, the peers' picks earlier in this round."""
         counts, sums = self.counts[devices], self.sums[devices]
         if not self._pooled:
             return counts, sums
-        order, starts = self._pool_order, self._pool_starts
         rows = self._pool_row[self.profiles[devices]]
         scale = self._pool_scale[devices][:, None]  # (n, 1)
-        total_counts = np.add.reduceat(self.counts[order], starts, axis=0)[rows]  # (n, K) the profile's totals
-        total_sums = np.add.reduceat(self.sums[order], starts, axis=0)[rows]
-        counts, sums = counts + scale * (total_counts - counts), sums + scale * (total_sums - sums)
-        if self._extra is not None:
-            counts, sums = counts + scale * self._extra[0], sums + scale * self._extra[1]
-        return counts, sums
+        total_counts, total_sums = self._totals if self._totals is not None else self._profile_totals()
+        return counts + scale * (total_counts[rows] - counts), sums + scale * (total_sums[rows] - sums)
+
+    def _profile_totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, sums) (P, K) summed over each profile's devices (rows: `_pool_row`)."""
+        order, starts = self._pool_order, self._pool_starts
+        return np.add.reduceat(self.counts[order], starts, axis=0), np.add.reduceat(self.sums[order], starts, axis=0)
 
     def _spread(self, devices: np.ndarray, round: int) -> np.ndarray:
         """`_select` in waves, the i-th chosen device of each profile in wave i, each wave seeing
@@ -241,20 +241,19 @@ class Controller(ABC):
         size, position = np.repeat(runs, runs), np.arange(len(devices)) - np.repeat(first, runs)
         wave = np.empty(len(devices), dtype=np.int64)
         wave[order] = position * np.minimum(SPREAD_WAVES, size) // size  # more than SPREAD_WAVES: near-equal waves
-        picked_counts = np.zeros((len(self._pool_starts), len(self.point_ranks)))  # per profile
-        picked_sums = np.zeros_like(picked_counts)
+        total_counts, total_sums = self._totals = self._profile_totals()  # once; each wave's picks are added to them
         avoid, points = self._avoid, np.zeros(len(devices), dtype=np.int64)
         for w in range(int(wave.max(initial=-1)) + 1):  # at most SPREAD_WAVES, whatever the number of devices
             now = np.flatnonzero(wave == w)
             self._avoid = None if avoid is None else avoid[now]
-            self._extra = (picked_counts[rows[now]], picked_sums[rows[now]])
             points[now] = self._select(devices[now], round)
             counts, sums = self._statistics(devices[now])
-            overall = np.divide(sums.sum(axis=1, keepdims=True), counts.sum(axis=1, keepdims=True), out=np.zeros((len(now), 1)), where=counts.sum(axis=1, keepdims=True) > 0)
+            pulls = counts.sum(axis=1, keepdims=True)
+            overall = np.divide(sums.sum(axis=1, keepdims=True), pulls, out=np.zeros_like(pulls), where=pulls > 0)
             mean = np.divide(sums, counts, out=np.broadcast_to(overall, sums.shape).copy(), where=counts > 0)  # never pulled: the device's overall mean
             credit = self._credit(points[now])
-            np.add.at(picked_counts, rows[now], credit)
-            np.add.at(picked_sums, rows[now], credit * mean)
+            np.add.at(total_counts, rows[now], credit)  # in place: the later waves' `_statistics` see them
+            np.add.at(total_sums, rows[now], credit * mean)
         return points
 
     def _blocked(self, devices: np.ndarray) -> np.ndarray:

@@ -130,7 +130,7 @@ class SmoothUCB(Controller):
         return np.where(known, pending, self._leaf_of(ranks, ratios))
 
     def _credit(self, points: np.ndarray) -> np.ndarray:
-        """(n, M) a pull of node `points` counts for the node and every ancestor (`_learn`)."""
+        """(n, M) a pull of node `points` counts for the node and every ancestor."""
         credit, node = np.zeros((len(points), len(self.point_ranks))), points.copy()
         for _ in range(self.config.sucb_depth + 1):
             live = node >= 0
@@ -148,10 +148,7 @@ class SmoothUCB(Controller):
         return node
 
     def _learn(self, devices: np.ndarray, points: np.ndarray, rewards: np.ndarray) -> None:
-        node = points.copy()
-        for _ in range(self.config.sucb_depth + 1):  # credit the path, leaf to root
-            live = node >= 0
-            self.counts[devices[live], node[live]] += 1.0
-            self.sums[devices[live], node[live]] += rewards[live]
-            node = np.where(node > 0, (node - 1) // 2, -1)
+        credit = self._credit(points)  # the path, leaf to root
+        self.counts[devices] += credit
+        self.sums[devices] += credit * rewards[:, None]
         self.pending[devices] = -1
