@@ -20,7 +20,8 @@ device's own, jitter and contention move them a little), and then
 A device not yet seen takes its profile's median a and b (a device says what hardware it is,
 nothing more; `fedsim.control`); with no peer seen either its times are unknown (NaN).
 
-Screening (`hopeless`, on the times `Pace.predict` gives): an arm is not tried on device d this round when
+Screening (`hopeless`, on the times `Pace.predict` gives): an arm is not tried on device d this
+round when
 
     t̂_dk > s · max(T, min_k t̂_dk)
 
@@ -31,8 +32,8 @@ The prediction matters where exploration starts with costly arms: UCB1 plays unp
 so on the lean SmolLM2 run its first round had NX devices at rank 16 (3.0 s), no round after was
 faster, and against T = 3.0 s rank 16 on a TX2 (4.2 s) was never hopeless. At 1.5 × T the
 reward's straggler factor (T/t)^2 is 0.44: the arm would need 2.25 times the progress of an arm
-that keeps the pace, which no rank or ratio of the grid has shown on SmolLM2. The max keeps a device that cannot reach T at all choosing among
-its own fastest arms. Screening is the controller's business only through `choose(avoid=...)`:
+that keeps the pace, which no rank or ratio of the grid has shown on SmolLM2. The max keeps a
+device that cannot reach T at all choosing among its own fastest arms. Screening is the controller's business only through `choose(avoid=...)`:
 nothing is marked infeasible, and an arm screened now is tried again when T or the device's
 pace changes (a longer deadline, a faster link).
 
