@@ -33,9 +33,10 @@ so on the lean SmolLM2 run its first round had NX devices at rank 16 (3.0 s), no
 faster, and against T = 3.0 s rank 16 on a TX2 (4.2 s) was never hopeless. At 1.5 × T the
 reward's straggler factor (T/t)^2 is 0.44: the arm would need 2.25 times the progress of an arm
 that keeps the pace, which no rank or ratio of the grid has shown on SmolLM2. The max keeps a
-device that cannot reach T at all choosing among its own fastest arms. Screening is the controller's business only through `choose(avoid=...)`:
-nothing is marked infeasible, and an arm screened now is tried again when T or the device's
-pace changes (a longer deadline, a faster link).
+device that cannot reach T at all choosing among its own fastest arms. Screening is the
+controller's business only through `choose(avoid=...)`: nothing is marked infeasible, and an arm
+screened now is tried again when T or the device's pace changes (a longer deadline, a faster
+link).
 
 Vectorised over devices; the state is two (N,) arrays, saved with the controller's.
 """
