@@ -18,7 +18,9 @@ only `[controller]` differs; the rows a command runs for a seed share one Flower
 - `bandit (sucb)`: the scenario's controller, FedSpine's default, and any others named with
   `--bandits` (ucb1, discounted_ucb, exp3, thompson, linucb, ...);
 - `fixed r/p`: every device at rank r, ratio p (`fixed` controller), for each grid arm (`--arms
-  all`) or the four corners (`--arms corners`); the best and the worst of them are marked;
+  all`) or the four corners (`--arms corners`); the best and the worst of them are marked, and a
+  row whose devices could not all hold its arm (it then plays the nearest arm that fits) is
+  footnoted with the share of client-rounds played elsewhere;
 - `per-profile`: a hand-tuned arm per profile, slower devices smaller and more pruned
   (`per_profile`: on the scenario's grid TX2 4/0.2, Xavier NX 8/0.1, AGX Orin 16/0), or the
   arms of `--profile-arms` for a fleet of other profiles;
@@ -151,6 +153,19 @@ def time_to(metrics, metric: str, target: float) -> float:  # type: ignore[no-un
     return float(t[np.argmax(hit)]) if hit.any() else math.nan
 
 
+def off_arm(metrics, label: str) -> float:  # type: ignore[no-untyped-def]
+    """Share of a `fixed r/p` row's client-rounds played at another arm: `fixed` falls back to the
+    nearest arm that fits a device's memory (`controllers.fixed`), so on a memory-limited fleet the
+    row is not one arm for everybody. 0 for other rows."""
+    arm = re.fullmatch(r"fixed (\d+)/([\d.]+)", label)
+    t = metrics[metrics["kind"] == "train"]
+    if arm is None or "arm_rank" not in t or t.empty:
+        return 0.0
+    t = t.dropna(subset=["arm_rank"])
+    other = (t["arm_rank"] != int(arm[1])) | ((t["arm_ratio"] - float(arm[2])).abs() > 1e-9)
+    return float(other.mean()) if len(t) else 0.0
+
+
 def _speedup(reference: float, t: float) -> str:
     return "—" if math.isnan(t) or math.isnan(reference) or t == 0 else f"{reference / t:.2f}"
 
@@ -201,6 +216,9 @@ def main() -> None:
         note = " (best fixed)" if label == best else " (worst fixed)" if label == worst else ""
         t = reach[label]
         print(f"{label + note:<22} {loss:>10.4f} {acc:>9.3f} {s:>11.4g} {'—' if math.isnan(t) else f'{t:.4g}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}")
+    for label in fixed:
+        if share := np.mean([off_arm(m[label], label) for m in per_seed]):
+            print(f"  {label}: {share:.0%} of its client-rounds at a nearer arm that fits the device's memory")
     headline = f"bandit ({args.bandits[0]})" if args.bandits else ""
     if headline not in rows:
         return

@@ -47,3 +47,20 @@ def test_the_per_profile_row_takes_the_arms_given() -> None:
     default = fedspine.settings("corners", ["sucb"], [2, 8], [0.0, 0.5])["per-profile"]
     assert 'controller.profile_arms={"jetson-xavier-nx" = [2, 0.5]}' in given
     assert 'controller.profile_arms={"jetson-tx2" = [2, 0.5], "jetson-xavier-nx" = [2, 0.0], "jetson-agx-orin" = [8, 0.0]}' in default
+
+
+def test_a_fixed_row_that_fell_back_is_measured() -> None:
+    """`fixed` plays the nearest arm that fits a device; the table footnotes the share of client-rounds it did."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fedspine
+
+    rows = pd.DataFrame({
+        "kind": ["eval_central", "train", "train", "train", "train"],
+        "arm_rank": [None, 4, 4, 4, 4], "arm_ratio": [None, 0.0, 0.2, 0.0, 0.2],
+    })  # fmt: skip
+    assert fedspine.off_arm(rows, "fixed 4/0") == 0.5
+    assert fedspine.off_arm(rows, "fixed 4/0.2") == 0.5
+    assert fedspine.off_arm(rows[rows["arm_ratio"] != 0.2], "fixed 4/0") == 0.0
+    assert fedspine.off_arm(rows, "per-profile") == 0.0
