@@ -40,6 +40,10 @@ Target: the central loss (or, with `--metric accuracy`, accuracy) that `fedit` r
 round, unless `--target` is given. "sim s to target" is the simulated fleet time at the first round
 that reaches it (mean over seeds; "—" if a seed never does), and the speedups are fedit's and the
 best fixed arm's time over the row's. Final figures are means over seeds.
+
+At the same sparsity (FedSpine's comparison): `--set 'pruning.deploy_ratios={"jetson-tx2" = 0.2}'
+--metric deployed_loss` scores every row on the models the fleet would deploy, each profile's
+pruned to its ratio (`fedsim.deployment`), and the bandit's contributions on them too.
 """
 
 from __future__ import annotations
@@ -141,15 +145,17 @@ def _lock(folder: Path):  # type: ignore[no-untyped-def]
     return handle
 
 
-def central(metrics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
-    """(sim seconds, loss, accuracy) of the central evaluation, by round."""
+def central(metrics, deployed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """(sim seconds, loss, accuracy) of the central evaluation, by round (`deployed`: of the
+    fleet's deployed models, `pruning.deploy_ratios`)."""
     c = metrics[metrics["kind"] == "eval_central"].sort_values("round")
-    return c["sim_time_s"].to_numpy(), c["loss"].to_numpy(), c["accuracy"].to_numpy()
+    prefix = "deployed_" if deployed else ""
+    return c["sim_time_s"].to_numpy(), c[prefix + "loss"].to_numpy(), c[prefix + "accuracy"].to_numpy()
 
 
 def time_to(metrics, metric: str, target: float) -> float:  # type: ignore[no-untyped-def]
-    t, loss, acc = central(metrics)
-    hit = loss <= target if metric == "loss" else acc >= target
+    t, loss, acc = central(metrics, metric.startswith("deployed"))
+    hit = loss <= target if metric.endswith("loss") else acc >= target
     return float(t[np.argmax(hit)]) if hit.any() else math.nan
 
 
@@ -177,7 +183,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="override the scenario's rounds")
     parser.add_argument("--arms", choices=("all", "corners"), default="all")
     parser.add_argument("--bandits", nargs="*", default=["sucb"], help="controllers to compare (the first is the headline; none: the baselines only)")
-    parser.add_argument("--metric", choices=("loss", "accuracy"), default="loss")
+    parser.add_argument("--metric", choices=("loss", "accuracy", "deployed_loss", "deployed_accuracy"), default="loss", help="deployed_*: of the fleet's deployed models (needs --set pruning.deploy_ratios=...)")
     parser.add_argument("--target", type=float, help="default: fedit's final value")
     parser.add_argument("--ranks", type=int, nargs="+", help="the arm grid's ranks (default: the scenario's)")
     parser.add_argument("--ratios", type=float, nargs="+", help="the arm grid's ratios (default: the scenario's)")
@@ -201,21 +207,24 @@ def main() -> None:
         rows = {label: v for label, v in rows.items() if label not in missing}
         if "fedit" not in rows or not any(label.startswith("fixed") for label in rows):
             return
-    final = {label: np.mean([[central(m[label])[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
-    column = 1 if args.metric == "loss" else 2
+    deployed = args.metric.startswith("deployed")
+    final = {label: np.mean([[central(m[label], deployed)[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
+    column = 1 if args.metric.endswith("loss") else 2
     target = args.target if args.target is not None else float(final["fedit"][column])
     reach = {label: np.mean([time_to(m[label], args.metric, target) for m in per_seed]) for label in rows}
     fixed = [label for label in rows if label.startswith("fixed")]
-    better = (lambda a, b: a < b) if args.metric == "loss" else (lambda a, b: a > b)
-    best = min(fixed, key=lambda label: (math.isnan(reach[label]), reach[label], final[label][column] * (1 if args.metric == "loss" else -1)))
-    worst = max(fixed, key=lambda label: (math.isnan(reach[label]), np.nan_to_num(reach[label]), final[label][column] * (1 if args.metric == "loss" else -1)))
-    print(f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} {'<=' if args.metric == 'loss' else '>='} {target:.4f} (fedit's final unless --target)")
-    print(f"{'row':<22} {'final loss':>10} {'final acc':>9} {'sim s (run)':>11} {'sim s to target':>15} {'x fedit':>7} {'x best fixed':>12}")
+    sign = 1 if args.metric.endswith("loss") else -1
+    better = (lambda a, b: a < b) if sign > 0 else (lambda a, b: a > b)
+    best = min(fixed, key=lambda label: (math.isnan(reach[label]), reach[label], final[label][column] * sign))
+    worst = max(fixed, key=lambda label: (math.isnan(reach[label]), np.nan_to_num(reach[label]), final[label][column] * sign))
+    print(f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} {'<=' if sign > 0 else '>='} {target:.4f} (fedit's final unless --target)")
+    head = "deployed " if deployed else "final "
+    print(f"{'row':<22} {head + 'loss':>13} {head + 'acc':>12} {'sim s (run)':>11} {'sim s to target':>15} {'x fedit':>7} {'x best fixed':>12}")
     for label in rows:
         s, loss, acc = final[label]
         note = " (best fixed)" if label == best else " (worst fixed)" if label == worst else ""
         t = reach[label]
-        print(f"{label + note:<22} {loss:>10.4f} {acc:>9.3f} {s:>11.4g} {'—' if math.isnan(t) else f'{t:.4g}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}")
+        print(f"{label + note:<22} {loss:>13.4f} {acc:>12.3f} {s:>11.4g} {'—' if math.isnan(t) else f'{t:.4g}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}")
     for label in fixed:
         if share := np.mean([off_arm(m[label], label) for m in per_seed]):
             print(f"  {label}: {share:.0%} of its client-rounds at a nearer arm that fits the device's memory")

@@ -39,13 +39,16 @@ def model_layers(name: str, dtype: str) -> list[LayerGeometry] | str:
 
 
 def pruning_problems(scenario: Scenario, fleet: Fleet) -> list[str]:
-    if not scenario.prunes:
-        return []
+    deploy = scenario.pruning.deploy_ratios
+    present = set(fleet.device.astype(str))
+    problems = [f"`pruning.deploy_ratios.{name}`: no device of the fleet has this profile; profiles: {', '.join(sorted(present))}" for name in deploy if name not in present]
+    if not scenario.prunes and not any(deploy.values()):
+        return problems
     layers = model_layers(scenario.model.name, scenario.model.dtype)
     if isinstance(layers, str):
-        return [f"`pruning`: {layers}"]
+        return [*problems, f"`pruning`: {layers}"]
     arms = scenario.controller.ratios if scenario.controller is not None else ()
-    return [f"`pruning`: {p}" for p in ratio_problems(layers, scenario, [*client_ratios(scenario, fleet), *arms])]
+    return problems + [f"`pruning`: {p}" for p in ratio_problems(layers, scenario, [*client_ratios(scenario, fleet), *arms, *deploy.values()])]
 
 
 def adapter_bytes(shape: ModelShape, scenario: Scenario) -> int:

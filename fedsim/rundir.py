@@ -29,6 +29,9 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     loss_before  float  train: loss on a fixed probe batch before local training (else NaN)
     loss_after   float  train: the same batch after local training (else NaN)
     accuracy     float  eval: greedy exact match (train: NaN)
+    deployed_loss float eval_central, with `pruning.deploy_ratios`: the fleet's deployed models'
+                        loss, each profile's model cut to its ratio, device-weighted (`fedsim.deployment`)
+    deployed_accuracy float  eval_central: their accuracy, likewise (both NaN without deploy ratios)
     tokens       int    train: tokens processed, padding excluded (else 0)
     wall_time_s  float  train/eval_client: the client's own time for its work;
                         eval_central: wall time of the run so far, at the end of that round
@@ -83,6 +86,8 @@ METRIC_COLUMNS: dict[str, str] = {
     "loss_before": "float64",
     "loss_after": "float64",
     "accuracy": "float64",
+    "deployed_loss": "float64",
+    "deployed_accuracy": "float64",
     "tokens": "int64",
     "wall_time_s": "float64",
     "device": "string",
@@ -112,6 +117,8 @@ _DEFAULTS: dict[str, Any] = {
     "loss_before": math.nan,
     "loss_after": math.nan,
     "accuracy": math.nan,
+    "deployed_loss": math.nan,
+    "deployed_accuracy": math.nan,
     "tokens": 0,
     "wall_time_s": math.nan,
     "device": "",

@@ -219,6 +219,7 @@ class PruningConfig(_Section):
     ema_beta: float = Field(0.9, ge=0, lt=1, description="Moving average of lora_grad scores over the steps before an event.")
     score_steps: int = Field(5, ge=1, description="lora_grad: training steps before an event whose gradients are averaged.")
     calibration_examples: int = Field(8, ge=1, description="Examples of the batch a score without training gradients reads.")
+    deploy_ratios: dict[str, float] = Field({}, description="Per device profile, the pruning ratio of the model it deploys (e.g. {jetson-tx2 = 0.2}: what its memory or latency allows for inference); the central evaluation then also scores the fleet's deployed models (`deployed_loss`, `fedsim.deployment`) and a controller's reward scores contributions on them.")
 
     @property
     def enabled(self) -> bool:
@@ -228,7 +229,7 @@ class PruningConfig(_Section):
     def _ratios_in_range(self) -> PruningConfig:
         problems = [
             f"`pruning.{field}.{key}` = {r} must be in [0, 0.95]"
-            for field in ("profile_ratios", "client_ratios")
+            for field in ("profile_ratios", "client_ratios", "deploy_ratios")
             for key, r in getattr(self, field).items()
             if not 0 <= r <= 0.95
         ]
@@ -391,7 +392,8 @@ def _pruning_problems(
     if pruning is None:
         return []
     problems = _unknown_names("pruning.client_ratios", pruning.client_ratios, "pruning.profile_ratios", pruning.profile_ratios, clients, fleet)
-    if not pruning.enabled and (controller is None or max(controller.ratios) == 0):
+    problems += _unknown_names("pruning.client_ratios", {}, "pruning.deploy_ratios", pruning.deploy_ratios, clients, fleet)
+    if not pruning.enabled and (controller is None or max(controller.ratios) == 0) and not any(pruning.deploy_ratios.values()):
         return problems
     from strategies import PRUNING_REFUSED  # the strategy registry imports torch
 

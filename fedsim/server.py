@@ -28,6 +28,7 @@ from fedsim.adapter import AdapterState, attach_lora, get_state, save_adapter, s
 from fedsim.control import ArmControl
 from fedsim.costs import ModelShape, lora_params, train_memory, train_step_flops
 from fedsim.data import central_test_set
+from fedsim.deployment import Deployment
 from fedsim.downlink import Downlink
 from fedsim.export import export_rows
 from fedsim.fleet import build_fleet
@@ -169,10 +170,20 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     book = PruneBook(scenario, layers, client_ratios(scenario, fleet)) if scenario.prunes else None
     estimate = cost_model(central.shape, scenario)
     control = ArmControl.build(scenario, fleet, arm_price(estimate, central.shape, layers, scenario))
+    deploy = Deployment(scenario, fleet.device, central.model, central.tokenizer, central.examples, central.importance) if any(scenario.pruning.deploy_ratios.values()) else None
     env = RoundEnv(
-        grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks,
-        estimate, score=central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,
+        grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks, estimate,
+        score=deploy.loss if deploy else central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,
     )  # fmt: skip
+
+    def evaluated(state: AdapterState, server_round: int, sim_time: float) -> dict[str, Any]:
+        """The round's central row, with the fleet's deployed models scored (and planned for the next round's contributions)."""
+        row = central(state, server_round, time.perf_counter() - start, sim_time)
+        if deploy is not None:
+            deploy.plan(state, book)
+            row["deployed_loss"], row["deployed_accuracy"] = deploy.evaluate(state)
+        return row
+
     run_dir.event("clients", count=len(env.clients))
     sim_time, first = (resume.sim_time, resume.server_round + 1) if resume else (0.0, 1)
     if resume is not None:
@@ -180,9 +191,11 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
             book.load(resume.keeps)
         if control is not None:
             control.load(resume.checkpoint)
+        if deploy is not None:
+            deploy.plan(state, book)
         run_dir.event("run_resumed", after_round=resume.server_round, not_restored=list(resume.lost))
     else:
-        row0 = central(state, 0, time.perf_counter() - start, sim_time)
+        row0 = evaluated(state, 0, sim_time)
         run_dir.add_rows([row0])
         _report(progress, run_dir, 0, scenario.rounds, [row0])
     for server_round in range(first, scenario.rounds + 1):
@@ -191,7 +204,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
         train_time = time.perf_counter() - t_round
         sim_time += duration
         rows += eval_round(env, state, server_round, sim_time)
-        rows.append({**central(state, server_round, time.perf_counter() - start, sim_time), "aggregation_bias": env.last_bias})
+        rows.append({**evaluated(state, server_round, sim_time), "aggregation_bias": env.last_bias})
         save_adapter(central.model, state, run_dir.checkpoint_path(server_round))
         if book is not None:
             run_dir.save_keeps(book.to_json(), server_round)

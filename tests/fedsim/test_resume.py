@@ -1,6 +1,7 @@
 """`fedsim resume`: a run stopped after round 1 and resumed to round 2 gives the metrics of a run
 that went to round 2 at once, the pruning records and the controller's state included. The runs
-have a controller and pruning, so they are also the end-to-end test of the controller."""
+have a controller, pruning and a deploy ratio, so they are also the end-to-end test of the
+controller and of the fleet's deployed models (`fedsim.deployment`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fedsim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
-    'controller={name="ucb1", ranks=[2, 8], ratios=[0.0, 0.5]}', "pruning.events=1", "clients.eval_per_round=0",
+    'controller={name="ucb1", ranks=[2, 8], ratios=[0.0, 0.5]}', "pruning.events=1", "clients.eval_per_round=0", "pruning.deploy_ratios={phone-highend=0.5}",
     'fleet.groups=[{profile="laptop-cpu", count=2}, {profile="phone-highend", count=2}]',
 ]  # fmt: skip
 
@@ -88,3 +89,5 @@ def test_the_controllers_arms_drive_rank_pruning_and_rewards(runs: tuple[Path, P
         assert (run / "checkpoints" / f"round_{k}" / STATE_FILE).is_file()
     assert main(["report", str(run), "--arms"]) == 0
     assert "settled_rank" in capsys.readouterr().out
+    central = read_metrics(run).query("kind == 'eval_central'")  # the phones deploy a model cut to 0.5: scored too
+    assert central["deployed_loss"].notna().all() and (central["deployed_loss"] != central["loss"]).all()

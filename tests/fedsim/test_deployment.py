@@ -1,0 +1,120 @@
+"""fedsim.deployment: the fleet's deployed models, each profile's cut to its ratio, scored as the
+device-weighted mean, on the keep its most trained client trained at or else the server's cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.adapter import AdapterState, attach_lora, get_state, set_state
+from fedsim.data import central_test_set
+from fedsim.deployment import Deployment
+from fedsim.fleet import build_fleet
+from fedsim.keeps import PruneBook
+from fedsim.models import load_model
+from fedsim.preflight import pruning_problems
+from fedsim.pruning.importance import magnitude_scores
+from fedsim.pruning.select import select_keep
+from fedsim.pruning.structure import Scores, geometry
+from fedsim.pruning.surgery import pruned_copy
+from fedsim.scenario import Scenario, ScenarioError, validate_scenario
+from fedsim.training import evaluate_loss
+
+DEVICES = np.array(["laptop-cpu", "phone-highend", "phone-highend", "phone-highend"])
+
+
+def _scenario(**pruning: object) -> Scenario:
+    return validate_scenario({
+        "model": {"name": "tiny-llama"}, "data": {"task": "sentiment", "central_test_size": 16},
+        "clients": {"num_clients": 4, "per_round": 2},
+        "fleet": {"groups": [{"profile": "laptop-cpu", "count": 1}, {"profile": "phone-highend", "count": 3}]},
+        "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+        "pruning": {"deploy_ratios": {"phone-highend": 0.5}, "importance": "magnitude", "events": 1, **pruning},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[Scenario, Deployment, AdapterState]:
+    scenario = _scenario()
+    base, tokenizer = load_model("tiny-llama")
+    model = attach_lora(base, scenario.lora, seed=0)
+    g = torch.Generator().manual_seed(3)
+    state = {
+        k: 0.05 * torch.randn(v.shape, generator=g) for k, v in get_state(model).items()
+    }  # B not zero: the adapter counts
+    examples = list(central_test_set(scenario.data, scenario.seed))
+    deploy = Deployment(
+        scenario, DEVICES, model, tokenizer, examples, lambda s: (set_state(model, s), magnitude_scores(model))[1]
+    )
+    return scenario, deploy, state
+
+
+def _reference_loss(deploy: Deployment, state: AdapterState, keep: object, examples: int) -> float:
+    """The loss `fedsim export` would see: adapter loaded on the whole model, then cut."""
+    set_state(deploy.model, state)
+    model = pruned_copy(deploy.model, keep) if keep is not None else deploy.model
+    return evaluate_loss(model, deploy.tokenizer, deploy.examples[:examples], batch_size=16, max_len=64)
+
+
+def test_the_fleet_loss_is_the_device_weighted_mean_of_each_profiles_deployed_model(
+    setup: tuple[Scenario, Deployment, AdapterState],
+) -> None:
+    scenario, deploy, state = setup
+    deploy.plan(state, None)
+    set_state(deploy.model, state)
+    cut = select_keep(magnitude_scores(deploy.model), geometry(deploy.model), 0.5, scenario.pruning.mode)
+    assert deploy.keeps == {"laptop-cpu": None, "phone-highend": cut}  # no client trained at 0.5: the server cuts
+    whole, pruned = _reference_loss(deploy, state, None, 16), _reference_loss(deploy, state, cut, 16)
+    assert abs(pruned - whole) > 5e-4  # the cut matters (little, on a random model), so the mean below tells them apart
+    assert deploy.loss(state, 16) == pytest.approx(0.25 * whole + 0.75 * pruned, abs=2e-5)
+    loss, accuracy = deploy.evaluate(state)
+    assert loss == pytest.approx(0.25 * whole + 0.75 * pruned, abs=2e-5) and 0.0 <= accuracy <= 1.0
+
+
+def test_a_profile_deploys_the_keep_its_most_trained_client_trained_at(
+    setup: tuple[Scenario, Deployment, AdapterState],
+) -> None:
+    scenario, deploy, state = setup
+    layers = geometry(deploy.model)
+    book = PruneBook(scenario, layers, np.array([0.0, 0.5, 0.5, 0.25]))
+    g = torch.Generator().manual_seed(1)
+    magnitude = magnitude_scores(deploy.model)
+    scores = Scores(
+        tuple(torch.rand(t.shape, generator=g) for t in magnitude.groups),
+        tuple(torch.rand(t.shape, generator=g) for t in magnitude.channels),
+    )
+    trained, less, other = (
+        select_keep(s, layers, r, scenario.pruning.mode) for s, r in ((scores, 0.5), (magnitude, 0.5), (scores, 0.25))
+    )
+    book.record(1, less, 8)
+    book.record(2, trained, 16)
+    book.record(3, other, 32)  # trained most, at another ratio
+    deploy.plan(state, book)
+    assert deploy.keeps["phone-highend"] == trained and deploy.keeps["laptop-cpu"] is None
+    book.retarget(2, 0.25)  # now trains toward another ratio: client 1's keep stands
+    deploy.plan(state, book)
+    assert deploy.keeps["phone-highend"] == less
+
+
+def test_a_score_before_a_plan_is_refused() -> None:
+    scenario = _scenario()
+    model = attach_lora(load_model("tiny-llama")[0], scenario.lora, seed=0)
+    deploy = Deployment(scenario, DEVICES, model, None, [], lambda s: {})  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="plan must run"):
+        deploy.loss(get_state(model))
+
+
+def test_deploy_ratios_are_checked() -> None:
+    with pytest.raises(ScenarioError, match=r"`pruning.deploy_ratios.phone-highend` = 1.5 must be in \[0, 0.95\]"):
+        _scenario(deploy_ratios={"phone-highend": 1.5})
+    with pytest.raises(ScenarioError, match="`pruning.deploy_ratios.toaster`: unknown device profile"):
+        _scenario(deploy_ratios={"toaster": 0.2})
+
+
+def test_a_deploy_ratio_for_a_profile_the_fleet_lacks_is_named() -> None:
+    scenario = _scenario(deploy_ratios={"phone-midrange": 0.2})
+    problems = pruning_problems(scenario, build_fleet(scenario))
+    assert any(
+        "`pruning.deploy_ratios.phone-midrange`: no device of the fleet has this profile" in p for p in problems
+    ), problems
