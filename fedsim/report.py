@@ -39,9 +39,12 @@ def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
                 "wall_time_s": float(central["wall_time_s"].iloc[0]) if len(central) else float("nan"),
                 "sim_time_s": float(central["sim_time_s"].iloc[0]) if len(central) and "sim_time_s" in central else float("nan"),
                 "aggregation_bias": float(central["aggregation_bias"].iloc[0]) if len(central) and "aggregation_bias" in central else float("nan"),
+                **{k: float(central[k].iloc[0]) for k in ("deployed_loss", "deployed_accuracy") if len(central) and k in central},
             }
         )
-    return pd.DataFrame(rows).set_index("round")
+    table = pd.DataFrame(rows).set_index("round")
+    deployed = [k for k in ("deployed_loss", "deployed_accuracy") if k in table]
+    return table.drop(columns=deployed) if deployed and table[deployed].isna().all().all() else table  # only runs with deploy ratios have them
 
 
 def ratio_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -122,6 +125,10 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"central accuracy  {first['central_accuracy']:.3f} (round 0) -> {last['central_accuracy']:.3f} "
             f"(round {table.index[-1]}); best {table['central_accuracy'].max():.3f} at round {best_round}",
             f"central loss      {first['central_loss']:.4f} -> {last['central_loss']:.4f}",
+            *(
+                [f"deployed models   loss {first['deployed_loss']:.4f} -> {last['deployed_loss']:.4f}, accuracy {last['deployed_accuracy']:.3f}  (each profile's model cut to pruning.deploy_ratios)"]
+                if "deployed_loss" in table else []
+            ),
             f"{_clock(run_dir) + ' time':<18}{last['sim_time_s']:.1f}s on the fleet (wall {last['wall_time_s']:.1f}s here)",
             f"client failures   {failed} failed or rejected, {lost} stragglers/dropped/infeasible",
             f"run directory     {run_dir}",

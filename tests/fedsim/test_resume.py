@@ -91,3 +91,5 @@ def test_the_controllers_arms_drive_rank_pruning_and_rewards(runs: tuple[Path, P
     assert "settled_rank" in capsys.readouterr().out
     central = read_metrics(run).query("kind == 'eval_central'")  # the phones deploy a model cut to 0.5: scored too
     assert central["deployed_loss"].notna().all() and (central["deployed_loss"] != central["loss"]).all()
+    assert main(["report", str(run)]) == 0
+    assert "deployed_loss" in capsys.readouterr().out
