@@ -73,7 +73,7 @@ class Deployment:
                 keep = cut[ratio]
             self.keeps[profile] = keep
         wanted = {k for k in self.keeps.values() if k is not None}
-        self._copies = {k: self._copies.get(k) or pruned_copy(self.model, k) for k in wanted}
+        self._copies = {k: self._copies[k] if k in self._copies else pruned_copy(self.model, k) for k in wanted}
 
     def loss(self, state: AdapterState, examples: int = 16) -> float:
         """L_deployed on the first `examples` held-out examples (no generation)."""

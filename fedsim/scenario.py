@@ -388,16 +388,18 @@ def _pruning_problems(
     strategy: StrategyConfig | None, compression: CompressionConfig | None, controller: ControllerConfig | None = None,
 ) -> list[str]:
     """Pruning names real clients and profiles, and fits the strategy, the adapter and the downlink
-    (pruning is on when a ratio or a controller's arm is above 0)."""
+    (clients prune when a ratio or a controller's arm is above 0; the server scores importance
+    for that and for deploy ratios)."""
     if pruning is None:
         return []
     problems = _unknown_names("pruning.client_ratios", pruning.client_ratios, "pruning.profile_ratios", pruning.profile_ratios, clients, fleet)
     problems += _unknown_names("pruning.client_ratios", {}, "pruning.deploy_ratios", pruning.deploy_ratios, clients, fleet)
-    if not pruning.enabled and (controller is None or max(controller.ratios) == 0) and not any(pruning.deploy_ratios.values()):
+    clients_prune = pruning.enabled or (controller is not None and max(controller.ratios) > 0)
+    if not clients_prune and not any(pruning.deploy_ratios.values()):
         return problems
     from strategies import PRUNING_REFUSED  # the strategy registry imports torch
 
-    if strategy is not None and strategy.name in PRUNING_REFUSED:
+    if clients_prune and strategy is not None and strategy.name in PRUNING_REFUSED:
         problems.append(f"`strategy.name` = {strategy.name!r} cannot aggregate pruned clients: {PRUNING_REFUSED[strategy.name]}; use fedit, hetlora, ffa_lora or fedsa_lora, or set the pruning ratios to 0")
     if lora is not None and pruning.importance == "lora_grad":
         attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
@@ -408,7 +410,7 @@ def _pruning_problems(
                 f"{list(lora.target_modules)} has no {' and no '.join(missing)} projection: add one (e.g. gate_proj) or choose "
                 "magnitude, activation or first_order"
             )
-    if compression is not None and compression.downlink:
+    if clients_prune and compression is not None and compression.downlink:
         problems.append("`compression.downlink` sends every client the same adapter; pruned clients each need their own slice: turn one off")
     return problems
 

@@ -24,12 +24,13 @@ from fedsim.training import evaluate_loss
 DEVICES = np.array(["laptop-cpu", "phone-highend", "phone-highend", "phone-highend"])
 
 
-def _scenario(**pruning: object) -> Scenario:
+def _scenario(strategy_name: str = "fedit", targets: list[str] | None = None, **pruning: object) -> Scenario:
     return validate_scenario({
+        "strategy": {"name": strategy_name},
         "model": {"name": "tiny-llama"}, "data": {"task": "sentiment", "central_test_size": 16},
         "clients": {"num_clients": 4, "per_round": 2},
         "fleet": {"groups": [{"profile": "laptop-cpu", "count": 1}, {"profile": "phone-highend", "count": 3}]},
-        "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+        "lora": {"rank": 4, "alpha": 8.0, "target_modules": targets or ["q_proj", "v_proj", "up_proj"]},
         "pruning": {"deploy_ratios": {"phone-highend": 0.5}, "importance": "magnitude", "events": 1, **pruning},
     })  # fmt: skip
 
@@ -118,3 +119,10 @@ def test_a_deploy_ratio_for_a_profile_the_fleet_lacks_is_named() -> None:
     assert any(
         "`pruning.deploy_ratios.phone-midrange`: no device of the fleet has this profile" in p for p in problems
     ), problems
+
+
+def test_deploy_ratios_alone_do_not_ask_the_strategy_to_aggregate_pruned_clients() -> None:
+    """Only the server cuts (for scoring): flexlora, which refuses pruned clients, is fine; lora_grad still needs its targets."""
+    _scenario(strategy_name="flexlora")
+    with pytest.raises(ScenarioError, match="'lora_grad' scores heads and channels"):
+        _scenario(importance="lora_grad", targets=["q_proj", "v_proj"])
