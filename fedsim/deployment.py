@@ -15,9 +15,10 @@ ratio deploys the unpruned model. The fleet's deployed loss is the device-weight
 
     L_deployed = Σ_p (n_p / N) · L_p,      L_p: held-out loss of the global adapter on p's model,
 
-and accuracy likewise. With a controller, contributions (`rounds.contributions`) are scored on
-L_deployed instead of the unpruned loss, so the bandit learns what a device's update does to the
-models the fleet will run.
+and accuracy likewise. Every held-out score of the round loop then uses L_deployed instead of
+the unpruned loss: a controller's contributions (`rounds.contributions`), so the bandit learns
+what a device's update does to the models the fleet will run, and ComPEFT's α grid
+(`compression.alpha = "auto"`). They use the keeps planned after the previous round.
 
 Each distinct keep is cut once per round (`plan`, `surgery.pruned_copy`: it shares the unpruned
 tensors it keeps whole); a score then loads the adapter's slice for that keep onto it.
