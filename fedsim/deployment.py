@@ -50,8 +50,8 @@ class Deployment:
         self, scenario: Scenario, device: np.ndarray, model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase,
         examples: Sequence[dict[str, str]], importance: Callable[[AdapterState], Scores],
     ) -> None:  # fmt: skip
-        names, counts = np.unique(np.asarray(device).astype(str), return_counts=True)
         self.scenario, self.device = scenario, np.asarray(device).astype(str)
+        names, counts = np.unique(self.device, return_counts=True)
         self.shares = {str(n): float(c) / len(self.device) for n, c in zip(names, counts)}  # profile → n_p / N
         self.ratios = {p: r for p, r in scenario.pruning.deploy_ratios.items() if r > 0}
         self.model, self.tokenizer, self.examples, self.importance = model, tokenizer, list(examples), importance
@@ -88,8 +88,9 @@ class Deployment:
             state,
         )[0]
 
-    def evaluate(self, state: AdapterState) -> tuple[float, float]:
-        """(L_deployed, deployed accuracy) on the central test set, with generation."""
+    def evaluate(self, state: AdapterState, unpruned: tuple[float, float] | None = None) -> tuple[float, float]:
+        """(L_deployed, deployed accuracy) on the central test set, with generation; `unpruned`: the
+        unpruned model's (loss, accuracy) there, when the central evaluation has them already."""
         e, t = self.scenario.eval, self.scenario.train
 
         def score(m: peft.PeftModel) -> tuple[float, float]:
@@ -103,13 +104,16 @@ class Deployment:
             )
             return res.loss, res.accuracy
 
-        return self._mean(score, state)
+        return self._mean(score, state, {} if unpruned is None else {None: unpruned})
 
-    def _mean(self, score: Callable[[peft.PeftModel], tuple[float, float]], state: AdapterState) -> tuple[float, float]:
-        """The device-weighted mean of `score` over the planned keeps, each model scored once."""
+    def _mean(
+        self, score: Callable[[peft.PeftModel], tuple[float, float]], state: AdapterState, known: dict[Keep | None, tuple[float, float]] | None = None
+    ) -> tuple[float, float]:
+        """The device-weighted mean of `score` over the planned keeps, each model scored once
+        (`known`: scores already at hand, by keep)."""
         if not self.keeps:
             raise RuntimeError("Deployment.plan must run before a score")
-        by_keep: dict[Keep | None, tuple[float, float]] = {}
+        by_keep = dict(known or {})
         loss = accuracy = 0.0
         for profile, keep in self.keeps.items():
             if keep not in by_keep:

@@ -71,6 +71,8 @@ def test_the_fleet_loss_is_the_device_weighted_mean_of_each_profiles_deployed_mo
     assert deploy.loss(state, 16) == pytest.approx(0.25 * whole + 0.75 * pruned, abs=2e-5)
     loss, accuracy = deploy.evaluate(state)
     assert loss == pytest.approx(0.25 * whole + 0.75 * pruned, abs=2e-5) and 0.0 <= accuracy <= 1.0
+    given, _ = deploy.evaluate(state, unpruned=(10.0, 0.5))  # the central evaluation's: not scored again
+    assert given == pytest.approx(0.25 * 10.0 + 0.75 * pruned, abs=2e-5)
 
 
 def test_a_profile_deploys_the_keep_its_most_trained_client_trained_at(
