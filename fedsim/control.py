@@ -129,6 +129,7 @@ class ArmControl:
             update_norm=np.array([r.get("update_norm", 0.0) for r in seen]),
             deadline_s=self.scenario.fleet.deadline_s,
             contribution=np.array([r.get("contribution", np.nan) for r in seen]),
+            ratio_deployed=self._deployed(seen),
         )
         reward, self.reward_state = rewards(obs, self.scenario.controller.reward, self.reward_state)  # type: ignore[union-attr]
         devices = np.array([r["client_id"] for r in seen], dtype=np.int64)
@@ -140,6 +141,11 @@ class ArmControl:
             flops, params = self._costs(arm[feasible, 0], arm[feasible, 1])
             ran = [r for r, f in zip(seen, feasible) if f]
             self.pace.observe(devices[feasible], flops, params, np.array([r.get("sim_compute_s", np.nan) for r in ran]), np.array([r.get("sim_comm_s", np.nan) for r in ran]))
+
+    def _deployed(self, rows: list[dict[str, Any]]) -> np.ndarray | None:
+        """Each row's deploy ratio, its device profile's (0 for a profile without one); None if the run has none."""
+        ratios = self.scenario.pruning.deploy_ratios
+        return np.array([ratios.get(r["device"], 0.0) for r in rows]) if ratios else None
 
     @cached_property
     def _point_costs(self) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,11 @@ For client i of a round, with every term computed from what it reported (`Observ
     ℓ_i = max(0, (ℓ_before − ℓ_after) / ℓ_before)      relative local loss improvement (0 if
                                                         ℓ_before ≤ 0 or either loss is not finite)
     π_i = max(0, min(ratio_reached, ratio_target))      pruning progress: the sparsity attained,
-                                                        credited up to the ratio asked for
+                                                        credited up to the ratio asked for; with
+                                                        deploy ratios (`ratio_deployed`, the ratio
+                                                        ρ_i its profile deploys), the share of ρ_i
+                                                        trained at, min(reached, target, ρ_i) / ρ_i
+                                                        (0 where ρ_i = 0)
     ν_i = update_norm                                   the update's norm (0 if not finite)
 
     g_i = w_c·c_i/c̄ + w_ℓ·ℓ_i/ℓ̄ + w_π·π_i + w_ν·ν_i/ν̄
@@ -64,6 +68,14 @@ Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "St
   the run (less time, less memory) is already in t and in feasibility. It was first scaled by its
   round mean like the other terms; then the one pruned client of a round of 8 scored π/π̄ = 8, and
   on the lean SmolLM2 run S-UCB took the TX2s to ratio 0.2, which costs loss, for that bonus.
+  With deploy ratios (`pruning.deploy_ratios`), π measures progress toward the model the device
+  will run instead: training at its deploy ratio gains the full w_π, pruning a device that deploys
+  whole gains nothing. A device's deployed model is only as good as the training it had at its
+  deploy ratio, a value that builds up over rounds and that one round's contribution misses
+  (measured on the lean SmolLM2 run: the TX2s' mean contribution at ratio 0.2 vs 0 was 0.029 vs
+  0.016 in one seed and 0.028 vs 0.032 in the other, while training them at 0.2 every round
+  ended 0.17–0.21 lower on the deployed loss). The deploy ratio is the user's requirement for the
+  device, not knowledge of its speed, memory or link, which the controller still learns.
 - ν (w_ν = 0): a diverging or over-compensating client also sends a large update; c measures the
   update's importance instead. Available for runs without a held-out set.
 - time = "round": in a synchronous round the slowest kept client sets the time everybody waits,
@@ -104,11 +116,12 @@ class Observations:
     update_norm: np.ndarray  # ‖ΔW‖ of its LoRA update
     deadline_s: float = 0.0  # the round's deadline (0 = none)
     contribution: np.ndarray | None = None  # relative held-out loss decrease of the global model from its adapter (None: not measured)
+    ratio_deployed: np.ndarray | None = None  # pruning ratio of the model its profile deploys (None: the run has no deploy ratios)
 
     def __post_init__(self) -> None:
         if self.contribution is None:
             object.__setattr__(self, "contribution", np.full(np.shape(self.loss_before), np.nan))
-        arrays = [f.name for f in fields(self) if f.name != "deadline_s"]
+        arrays = [f.name for f in fields(self) if f.name != "deadline_s" and getattr(self, f.name) is not None]
         for name in arrays:
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=bool if name == "feasible" else np.float64))
         n = self.loss_before.shape
@@ -154,6 +167,10 @@ def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndar
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = np.where(np.isfinite(before) & np.isfinite(after) & (before > 0), (before - after) / before, 0.0)
     prune = np.minimum(obs.ratio_reached, obs.ratio_target)
+    if obs.ratio_deployed is not None:
+        deployed = obs.ratio_deployed
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prune = np.where(deployed > 0, np.minimum(prune, deployed) / deployed, 0.0)
     norm = obs.update_norm
     total = np.zeros(len(ok))
     terms = ((config.contribution_weight, obs.contribution, True), (config.loss_weight, loss, True), (config.prune_weight, prune, False), (config.norm_weight, norm, True))

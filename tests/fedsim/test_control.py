@@ -263,3 +263,15 @@ def test_the_servers_price_of_an_arm_falls_with_pruning_and_its_payload_grows_wi
     assert f_big > f_small  # a larger adapter costs a little more compute
     assert 0.4 * f_small < f_cut < 0.8 * f_small and p_cut < p_small  # half the structures gone: about half the work, a smaller up_proj adapter
     assert price(2, 0.5) is price(2, 0.5)  # priced once
+
+
+def test_with_deploy_ratios_the_reward_credits_training_at_the_ratio_the_profile_deploys() -> None:
+    scenario = _scenario(reward={"contribution_weight": 0.0, "loss_weight": 0.0, "prune_weight": 1.0, "straggler": "none", "normalise": "none", "floor": 0.0})
+    deploying = scenario.model_copy(update={"pruning": scenario.pruning.model_copy(update={"deploy_ratios": {"phone-highend": 0.5}})})
+    for s, expected in ((scenario, [0.5, 0.5]), (deploying, [0.0, 1.0])):
+        control, book = _control(s)
+        control.assign(np.array([0, 2]), 1, np.full(4, 8), book)
+        control.arms = {0: (8, 0.5), 2: (8, 0.5)}  # both pruned to 0.5: a laptop (deploys whole) and a phone (deploys at 0.5)
+        rows = [{**_row(c), "device": str(build_fleet(s).device[c]), "prune_ratio": 0.5} for c in (0, 2)]
+        control.observe(rows)
+        assert [r["reward"] for r in rows] == pytest.approx(expected)
