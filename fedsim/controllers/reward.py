@@ -14,9 +14,10 @@ For client i of a round, with every term computed from what it reported (`Observ
     π_i = max(0, min(ratio_reached, ratio_target))      pruning progress: the sparsity attained,
                                                         credited up to the ratio asked for; with
                                                         deploy ratios (`ratio_deployed`, the ratio
-                                                        ρ_i its profile deploys), the share of ρ_i
-                                                        trained at, min(reached, target, ρ_i) / ρ_i
-                                                        (0 where ρ_i = 0)
+                                                        ρ_i its profile deploys), how close that
+                                                        sparsity s_i is to ρ_i: max(0, 1 − |s_i −
+                                                        ρ_i| / ρ_i), so s_i / ρ_i up to ρ_i, falling
+                                                        back to 0 at 2ρ_i (0 where ρ_i = 0)
     ν_i = update_norm                                   the update's norm (0 if not finite)
 
     g_i = w_c·c_i/c̄ + w_ℓ·ℓ_i/ℓ̄ + w_π·π_i + w_ν·ν_i/ν̄
@@ -69,8 +70,8 @@ Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "St
   round mean like the other terms; then the one pruned client of a round of 8 scored π/π̄ = 8, and
   on the lean SmolLM2 run S-UCB took the TX2s to ratio 0.2, which costs loss, for that bonus.
   With deploy ratios (`pruning.deploy_ratios`), π measures progress toward the model the device
-  will run instead: training at its deploy ratio gains the full w_π, pruning a device that deploys
-  whole gains nothing. A device's deployed model is only as good as the training it had at its
+  will run instead: training at its deploy ratio gains the full w_π, training further from it
+  (either way) less, pruning a device that deploys whole nothing. A device's deployed model is only as good as the training it had at its
   deploy ratio, a value that builds up over rounds and that one round's contribution misses
   (measured on the lean SmolLM2 run: the TX2s' mean contribution at ratio 0.2 vs 0 was 0.029 vs
   0.016 in one seed and 0.028 vs 0.032 in the other, while training them at 0.2 every round
@@ -170,7 +171,7 @@ def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndar
     if obs.ratio_deployed is not None:
         deployed = obs.ratio_deployed
         with np.errstate(divide="ignore", invalid="ignore"):
-            prune = np.where(deployed > 0, np.minimum(prune, deployed) / deployed, 0.0)
+            prune = np.where(deployed > 0, np.maximum(0.0, 1.0 - np.abs(prune - deployed) / deployed), 0.0)
     norm = obs.update_norm
     total = np.zeros(len(ok))
     terms = ((config.contribution_weight, obs.contribution, True), (config.loss_weight, loss, True), (config.prune_weight, prune, False), (config.norm_weight, norm, True))

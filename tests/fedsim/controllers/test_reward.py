@@ -216,17 +216,17 @@ def test_bad_observations_are_refused_with_the_field_named(arrays, message):
 
 
 def test_with_deploy_ratios_pruning_progress_is_the_share_of_the_ratio_the_device_deploys():
-    # Clients: trained at its deploy ratio 0.2; half way to it; past it (0.4 for a 0.2 device);
-    # pruned on a device that deploys whole.
+    # Clients: trained at its deploy ratio 0.2; half way to it; past it (0.3, then 0.4, for a
+    # 0.2 device); pruned on a device that deploys whole.
     o = obs(
-        4, ratio_reached=np.array([0.2, 0.1, 0.4, 0.2]), ratio_target=np.array([0.2, 0.2, 0.4, 0.2]),
-        ratio_deployed=np.array([0.2, 0.2, 0.2, 0.0]), time_s=np.ones(4),
+        5, ratio_reached=np.array([0.2, 0.1, 0.3, 0.4, 0.2]), ratio_target=np.array([0.2, 0.2, 0.3, 0.4, 0.2]),
+        ratio_deployed=np.array([0.2, 0.2, 0.2, 0.2, 0.0]), time_s=np.ones(5),
     )  # fmt: skip
     config = RewardConfig(contribution_weight=0.0, loss_weight=0.0, norm_weight=0.0, prune_weight=1.0, straggler="none", normalise="none", floor=0.0)
     r, _ = rewards(o, config)
-    np.testing.assert_allclose(r, [1.0, 0.5, 1.0, 0.0])
-    without, _ = rewards(obs(4, ratio_reached=o.ratio_reached, ratio_target=o.ratio_target, time_s=np.ones(4)), config)
-    np.testing.assert_allclose(without, [0.2, 0.1, 0.4, 0.2])  # no deploy ratios: the sparsity itself
+    np.testing.assert_allclose(r, [1.0, 0.5, 0.5, 0.0, 0.0])
+    without, _ = rewards(obs(5, ratio_reached=o.ratio_reached, ratio_target=o.ratio_target, time_s=np.ones(5)), config)
+    np.testing.assert_allclose(without, [0.2, 0.1, 0.3, 0.4, 0.2])  # no deploy ratios: the sparsity itself
 
 
 def test_deploy_ratios_must_align_with_the_other_arrays():
