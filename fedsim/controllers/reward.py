@@ -71,12 +71,13 @@ Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "St
   on the lean SmolLM2 run S-UCB took the TX2s to ratio 0.2, which costs loss, for that bonus.
   With deploy ratios (`pruning.deploy_ratios`), π measures progress toward the model the device
   will run instead: training at its deploy ratio gains the full w_π, training further from it
-  (either way) less, pruning a device that deploys whole nothing. A device's deployed model is only as good as the training it had at its
-  deploy ratio, a value that builds up over rounds and that one round's contribution misses
-  (measured on the lean SmolLM2 run: the TX2s' mean contribution at ratio 0.2 vs 0 was 0.029 vs
-  0.016 in one seed and 0.028 vs 0.032 in the other, while training them at 0.2 every round
-  ended 0.17–0.21 lower on the deployed loss). The deploy ratio is the user's requirement for the
-  device, not knowledge of its speed, memory or link, which the controller still learns.
+  (either way) less, pruning a device that deploys whole nothing. A device's deployed model is
+  only as good as the training it had at its deploy ratio, a value that builds up over rounds and
+  that one round's contribution misses (measured on the lean SmolLM2 run: the TX2s' mean
+  contribution at ratio 0.2 vs 0 was 0.029 vs 0.016 in one seed and 0.028 vs 0.032 in the other,
+  while training them at 0.2 every round ended 0.17–0.21 lower on the deployed loss). The deploy
+  ratio is the user's requirement for the device, not knowledge of its speed, memory or link,
+  which the controller still learns.
 - ν (w_ν = 0): a diverging or over-compensating client also sends a large update; c measures the
   update's importance instead. Available for runs without a held-out set.
 - time = "round": in a synchronous round the slowest kept client sets the time everybody waits,
