@@ -6,19 +6,28 @@ the global adapter on it. Comparing methods "at the same sparsity", as FedSpine 
 scoring those models: a run whose weak devices never trained pruned still ships them a pruned
 model, and pays for it there.
 
-Which model profile p deploys, with ratio ρ_p > 0: the keep of its most trained client that holds
-a keep cut for ρ_p (its target is ρ_p and its schedule has reached it), which is what `fedsim
-export --device p` ships; if none does, the server cuts the model to ρ_p by the global adapter's
+Which models profile p deploys, with ratio ρ_p > 0: each device its own. A device that trained at
+ρ_p (its target is ρ_p and its schedule has reached it) runs the keep it trained on, cut from
+importance on its own data; any other device runs the server's cut to ρ_p by the global adapter's
 importance (`pruning.importance` on the held-out calibration examples, as `pruning.where =
-"server"` does), as a user pruning the final model before shipping it would. A profile without a
-ratio deploys the unpruned model. The fleet's deployed loss is the device-weighted mean
+"server"` does), as a user pruning the final model before shipping it would. L_p is the mean over
+a panel of p's devices: `pruning.deploy_panel` of them, a seeded sample fixed for the run (all of
+them when p has fewer), so the cost of a score does not grow with the fleet and every method of a
+comparison is scored on the same devices. A profile without a ratio deploys the unpruned model.
+The fleet's deployed loss is the device-weighted mean
 
-    L_deployed = Σ_p (n_p / N) · L_p,      L_p: held-out loss of the global adapter on p's model,
+    L_deployed = Σ_p (n_p / N) · L_p,      L_p = mean over p's panel of the global adapter's
+                                            held-out loss on each device's model,
 
 and accuracy likewise. Every held-out score of the round loop then uses L_deployed instead of
 the unpruned loss: a controller's contributions (`rounds.contributions`), so the bandit learns
 what a device's update does to the models the fleet will run, and ComPEFT's α grid
 (`compression.alpha = "auto"`). They use the keeps planned after the previous round.
+
+Why each device its own keep and not one per profile: with non-IID data the devices' keeps
+differ, and one global adapter scored very differently on them (measured on the lean SmolLM2
+run's three TX2 keeps: 1.42 / 2.80 / 1.50); scoring one keep per profile (its most trained
+client's, as `fedsim export --device` ships) made a method's score hinge on which client that was.
 
 Each distinct keep is cut once per round (`plan`, `surgery.pruned_copy`: it shares the unpruned
 tensors it keeps whole); a score then loads the adapter's slice for that keep onto it.
@@ -33,18 +42,19 @@ import peft
 from transformers import PreTrainedTokenizerBase
 
 from fedsim.adapter import AdapterState, set_state
-from fedsim.keeps import PruneBook, most_trained
+from fedsim.keeps import PruneBook
 from fedsim.pruning.schedule import ratio_before_step
 from fedsim.pruning.select import select_keep
 from fedsim.pruning.slicing import slice_adapter
 from fedsim.pruning.structure import Keep, Scores, geometry
 from fedsim.pruning.surgery import pruned_copy
 from fedsim.scenario import Scenario
+from fedsim.seeding import derive_seed
 from fedsim.training import evaluate, evaluate_loss
 
 
 class Deployment:
-    """Each profile's deployed keep for the round, and the fleet's loss and accuracy on them."""
+    """Each profile's panel of devices and the keeps they deploy this round, and the fleet's loss and accuracy on them."""
 
     def __init__(
         self, scenario: Scenario, device: np.ndarray, model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase,
@@ -54,26 +64,28 @@ class Deployment:
         names, counts = np.unique(self.device, return_counts=True)
         self.shares = {str(n): float(c) / len(self.device) for n, c in zip(names, counts)}  # profile → n_p / N
         self.ratios = {p: r for p, r in scenario.pruning.deploy_ratios.items() if r > 0}
+        self.panel = {p: self._sample(p) for p in self.shares if p in self.ratios}  # profile → the client ids scored
         self.model, self.tokenizer, self.examples, self.importance = model, tokenizer, list(examples), importance
         self.layers = geometry(model)
-        self.keeps: dict[str, Keep | None] = {}  # profile → the keep it deploys this round
+        self.keeps: dict[str, list[Keep | None]] = {}  # profile → the keeps its panel deploys this round
         self._copies: dict[Keep, peft.PeftModel] = {}
 
     def plan(self, state: AdapterState, book: PruneBook | None) -> None:
-        """Choose each profile's keep for the global adapter `state` and the clients' `book`, and cut
-        each distinct one (a keep already cut last round is reused)."""
-        cut: dict[float, Keep] = {}
+        """Choose each panel device's keep for the global adapter `state` and the clients' `book`,
+        and cut each distinct one (a keep already cut last round is reused)."""
+        server: dict[float, Keep] = {}  # ratio → the server's cut, made only if a device runs it
         scores: list[Scores] = []
         for profile in self.shares:
             ratio = self.ratios.get(profile, 0.0)
-            keep = self._held(book, profile, ratio) if ratio > 0 else None
-            if ratio > 0 and keep is None:
-                if ratio not in cut:
-                    scores = scores or [self.importance(state)]
-                    cut[ratio] = select_keep(scores[0], self.layers, ratio, self.scenario.pruning.mode)
-                keep = cut[ratio]
-            self.keeps[profile] = keep
-        wanted = {k for k in self.keeps.values() if k is not None}
+            if ratio == 0:
+                self.keeps[profile] = [None]
+                continue
+            held = [self._held(book, c, ratio) for c in self.panel[profile]]
+            if None in held and ratio not in server:
+                scores = scores or [self.importance(state)]
+                server[ratio] = select_keep(scores[0], self.layers, ratio, self.scenario.pruning.mode)
+            self.keeps[profile] = [k if k is not None else server[ratio] for k in held]
+        wanted = {k for keeps in self.keeps.values() for k in keeps if k is not None}
         self._copies = {k: self._copies[k] if k in self._copies else pruned_copy(self.model, k) for k in wanted}
 
     def loss(self, state: AdapterState, examples: int = 16) -> float:
@@ -109,17 +121,18 @@ class Deployment:
     def _mean(
         self, score: Callable[[peft.PeftModel], tuple[float, float]], state: AdapterState, known: dict[Keep | None, tuple[float, float]] | None = None
     ) -> tuple[float, float]:
-        """The device-weighted mean of `score` over the planned keeps, each model scored once
-        (`known`: scores already at hand, by keep)."""
+        """The device-weighted mean of `score` over the profiles, each profile's the mean over its
+        panel's keeps, each model scored once (`known`: scores already at hand, by keep)."""
         if not self.keeps:
             raise RuntimeError("Deployment.plan must run before a score")
         by_keep = dict(known or {})
         loss = accuracy = 0.0
-        for profile, keep in self.keeps.items():
-            if keep not in by_keep:
-                by_keep[keep] = score(self._loaded(keep, state))
-            loss += self.shares[profile] * by_keep[keep][0]
-            accuracy += self.shares[profile] * by_keep[keep][1]
+        for profile, keeps in self.keeps.items():
+            for keep in keeps:
+                if keep not in by_keep:
+                    by_keep[keep] = score(self._loaded(keep, state))
+                loss += self.shares[profile] * by_keep[keep][0] / len(keeps)
+                accuracy += self.shares[profile] * by_keep[keep][1] / len(keeps)
         return loss, accuracy
 
     def _loaded(self, keep: Keep | None, state: AdapterState) -> peft.PeftModel:
@@ -131,21 +144,18 @@ class Deployment:
         set_state(model, slice_adapter(state, keep))
         return model
 
-    def _held(self, book: PruneBook | None, profile: str, ratio: float) -> Keep | None:
-        """The keep of the profile's most trained client whose model is cut for `ratio`, if any."""
-        if book is None:
+    def _sample(self, profile: str) -> list[int]:
+        """The profile's panel: `pruning.deploy_panel` of its client ids, drawn from the scenario seed."""
+        ids = np.flatnonzero(self.device == profile)
+        size = self.scenario.pruning.deploy_panel
+        if len(ids) > size:
+            ids = np.sort(np.random.default_rng(derive_seed(self.scenario.seed, "deploy-panel", profile)).choice(ids, size, replace=False))
+        return [int(c) for c in ids]
+
+    def _held(self, book: PruneBook | None, client: int, ratio: float) -> Keep | None:
+        """The keep `client` trained at, if it is cut for `ratio` and its schedule has reached it."""
+        if book is None or book.held(client) is None or abs(book.targets[client] - ratio) > 1e-9 or book.steps[client] < 1:
             return None
         p = self.scenario.pruning
-
-        def reached(c: int) -> bool:  # its last step trained at the target (the schedule's last event is behind it)
-            return (
-                book.steps[c] >= 1
-                and ratio_before_step(int(book.steps[c]) - 1, ratio, p.interval_steps, p.events) >= ratio - 1e-9
-            )
-
-        ids = [
-            int(c)
-            for c in np.flatnonzero(self.device == profile)
-            if book.held(int(c)) is not None and abs(book.targets[c] - ratio) <= 1e-9 and reached(int(c))
-        ]
-        return book.held(most_trained(ids, book.steps)) if ids else None
+        reached = ratio_before_step(int(book.steps[client]) - 1, ratio, p.interval_steps, p.events) >= ratio - 1e-9  # its last step trained at the target
+        return book.held(client) if reached else None

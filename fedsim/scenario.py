@@ -220,6 +220,7 @@ class PruningConfig(_Section):
     score_steps: int = Field(5, ge=1, description="lora_grad: training steps before an event whose gradients are averaged.")
     calibration_examples: int = Field(8, ge=1, description="Examples of the batch a score without training gradients reads.")
     deploy_ratios: dict[str, float] = Field({}, description="Per device profile, the pruning ratio of the model it deploys (e.g. {jetson-tx2 = 0.2}: what its memory or latency allows for inference); the central evaluation then also scores the fleet's deployed models (`deployed_loss`, `fedsim.deployment`) and a controller's reward scores contributions on them and credits pruning only toward them (`controllers.reward`).")
+    deploy_panel: int = Field(4, ge=1, description="Per profile with a deploy ratio, how many of its devices the deployed scores average over, each on its own model (the keep it trained at, else the server's cut): a sample drawn from the seed, fixed for the run; all of them when the profile has fewer.")
 
     @property
     def enabled(self) -> bool:

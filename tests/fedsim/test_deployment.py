@@ -1,5 +1,6 @@
 """fedsim.deployment: the fleet's deployed models, each profile's cut to its ratio, scored as the
-device-weighted mean, on the keep its most trained client trained at or else the server's cut."""
+device-weighted mean, each device of a profile's panel on the keep it trained at or else the
+server's cut."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_the_fleet_loss_is_the_device_weighted_mean_of_each_profiles_deployed_mo
     deploy.plan(state, None)
     set_state(deploy.model, state)
     cut = select_keep(magnitude_scores(deploy.model), geometry(deploy.model), 0.5, scenario.pruning.mode)
-    assert deploy.keeps == {"laptop-cpu": None, "phone-highend": cut}  # no client trained at 0.5: the server cuts
+    assert deploy.keeps == {"laptop-cpu": [None], "phone-highend": [cut] * 3}  # no client trained at 0.5: the server cuts
     whole, pruned = _reference_loss(deploy, state, None, 16), _reference_loss(deploy, state, cut, 16)
     assert abs(pruned - whole) > 5e-4  # the cut matters (little, on a random model), so the mean below tells them apart
     assert deploy.loss(state, 16) == pytest.approx(0.25 * whole + 0.75 * pruned, abs=2e-5)
@@ -75,7 +76,7 @@ def test_the_fleet_loss_is_the_device_weighted_mean_of_each_profiles_deployed_mo
     assert given == pytest.approx(0.25 * 10.0 + 0.75 * pruned, abs=2e-5)
 
 
-def test_a_profile_deploys_the_keep_its_most_trained_client_trained_at(
+def test_each_device_deploys_the_keep_it_trained_at_and_the_others_the_servers_cut(
     setup: tuple[Scenario, Deployment, AdapterState],
 ) -> None:
     scenario, deploy, state = setup
@@ -87,17 +88,32 @@ def test_a_profile_deploys_the_keep_its_most_trained_client_trained_at(
         tuple(torch.rand(t.shape, generator=g) for t in magnitude.groups),
         tuple(torch.rand(t.shape, generator=g) for t in magnitude.channels),
     )
-    trained, less, other = (
-        select_keep(s, layers, r, scenario.pruning.mode) for s, r in ((scores, 0.5), (magnitude, 0.5), (scores, 0.25))
-    )
-    book.record(1, less, 8)
-    book.record(2, trained, 16)
-    book.record(3, other, 32)  # trained most, at another ratio
+    own, other = select_keep(scores, layers, 0.5, scenario.pruning.mode), select_keep(scores, layers, 0.25, scenario.pruning.mode)
+    set_state(deploy.model, state)
+    server = select_keep(magnitude_scores(deploy.model), layers, 0.5, scenario.pruning.mode)
+    assert len({own, server}) == 2
+    book.record(2, own, 16)
+    book.record(3, other, 32)  # trained, at another ratio: runs the server's cut
     deploy.plan(state, book)
-    assert deploy.keeps["phone-highend"] == trained and deploy.keeps["laptop-cpu"] is None
-    book.retarget(2, 0.25)  # now trains toward another ratio: client 1's keep stands
+    assert deploy.keeps == {"laptop-cpu": [None], "phone-highend": [server, own, server]}  # client 1 has not trained
+    whole, mine, cut = (_reference_loss(deploy, state, k, 16) for k in (None, own, server))
+    assert abs(mine - cut) > 5e-4  # the two keeps score apart, so the mean below tells them apart
+    assert deploy.loss(state, 16) == pytest.approx(0.25 * whole + 0.75 * (2 * cut + mine) / 3, abs=2e-5)
+    book.retarget(2, 0.25)  # now trains toward another ratio: its keep no longer counts
     deploy.plan(state, book)
-    assert deploy.keeps["phone-highend"] == less
+    assert deploy.keeps["phone-highend"] == [server] * 3
+
+
+def test_a_profile_is_scored_on_a_seeded_panel_of_its_devices() -> None:
+    scenario = _scenario(deploy_panel=2)
+    model = attach_lora(load_model("tiny-llama")[0], scenario.lora, seed=0)
+    panels = [Deployment(scenario, DEVICES, model, None, [], lambda s: {}).panel for _ in range(2)]  # type: ignore[arg-type]
+    assert panels[0] == panels[1] and set(panels[0]) == {"phone-highend"}  # the laptop deploys whole: no panel
+    assert len(panels[0]["phone-highend"]) == 2 and set(panels[0]["phone-highend"]) < {1, 2, 3}
+    others = {tuple(Deployment(scenario.model_copy(update={"seed": s}), DEVICES, model, None, [], lambda s: {}).panel["phone-highend"]) for s in range(8)}  # type: ignore[arg-type]
+    assert len(others) > 1  # drawn from the seed
+    with pytest.raises(ScenarioError, match="deploy_panel"):
+        _scenario(deploy_panel=0)
 
 
 def test_a_score_before_a_plan_is_refused() -> None:
