@@ -42,8 +42,8 @@ that reaches it (mean over seeds; "—" if a seed never does), and the speedups 
 best fixed arm's time over the row's. Final figures are means over seeds.
 
 At the same sparsity (FedSpine's comparison): `--set 'pruning.deploy_ratios={"jetson-tx2" = 0.2}'
---metric deployed_loss` scores every row on the models the fleet would deploy, each profile's
-pruned to its ratio (`fedsim.deployment`), and the bandit's contributions on them too (its
+--metric deployed_loss` scores every row on the models the fleet would deploy, each device's
+pruned to its profile's ratio (`fedsim.deployment`), and the bandit's contributions on them too (its
 reward's pruning term then credits training at a device's deploy ratio).
 """
 

@@ -30,7 +30,7 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     loss_after   float  train: the same batch after local training (else NaN)
     accuracy     float  eval: greedy exact match (train: NaN)
     deployed_loss float eval_central, with `pruning.deploy_ratios`: the fleet's deployed models'
-                        loss, each profile's model cut to its ratio, device-weighted (`fedsim.deployment`)
+                        loss, each device's model cut to its profile's ratio, device-weighted (`fedsim.deployment`)
     deployed_accuracy float  eval_central: their accuracy, likewise (both NaN without deploy ratios)
     tokens       int    train: tokens processed, padding excluded (else 0)
     wall_time_s  float  train/eval_client: the client's own time for its work;
