@@ -43,7 +43,6 @@ from transformers import PreTrainedTokenizerBase
 
 from fedsim.adapter import AdapterState, set_state
 from fedsim.keeps import PruneBook
-from fedsim.pruning.schedule import ratio_before_step
 from fedsim.pruning.select import select_keep
 from fedsim.pruning.slicing import slice_adapter
 from fedsim.pruning.structure import Keep, Scores, geometry
@@ -154,8 +153,6 @@ class Deployment:
 
     def _held(self, book: PruneBook | None, client: int, ratio: float) -> Keep | None:
         """The keep `client` trained at, if it is cut for `ratio` and its schedule has reached it."""
-        if book is None or book.held(client) is None or abs(book.targets[client] - ratio) > 1e-9 or book.steps[client] < 1:
+        if book is None or abs(book.targets[client] - ratio) > 1e-9 or not book.reached(client):
             return None
-        p = self.scenario.pruning
-        reached = ratio_before_step(int(book.steps[client]) - 1, ratio, p.interval_steps, p.events) >= ratio - 1e-9  # its last step trained at the target
-        return book.held(client) if reached else None
+        return book.held(client)

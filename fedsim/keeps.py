@@ -87,6 +87,12 @@ class PruneBook:
         p = self.scenario.pruning
         return ratio_before_step(int(self.steps[cid]), float(self.targets[cid]), p.interval_steps, p.events)
 
+    def reached(self, cid: int) -> bool:
+        """Whether the client's last step trained at its target (the schedule's last event is behind it)."""
+        p = self.scenario.pruning
+        target = float(self.targets[cid])
+        return self.steps[cid] >= 1 and ratio_before_step(int(self.steps[cid]) - 1, target, p.interval_steps, p.events) >= target - 1e-9
+
     def ratio(self, keep: Keep | None) -> float:
         """Share of the unpruned model's prunable parameters `keep` removed."""
         return 0.0 if keep is None else keep.ratio(self.layers)

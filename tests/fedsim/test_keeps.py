@@ -147,6 +147,17 @@ def test_record_moves_the_client_along_its_schedule(layers: list) -> None:
     assert book.scheduled(1) == pytest.approx(0.2 * (1 - 0.75**3))
 
 
+def test_reached_once_a_step_trained_at_the_target(layers: list) -> None:
+    """Events at steps 0, 4, 8 and 12 (0.289, 0.438, 0.492, 0.5): the 13th step is the first at 0.5."""
+    book = PruneBook(_scenario(ratio=0.5, interval_steps=4, events=4), layers, np.array([0.5, 0.0]))
+    got = []
+    for steps in (0, 12, 1):
+        book.record(0, None, steps)
+        got.append(book.reached(0))
+    assert got == [False, False, True]
+    assert not book.reached(1)  # never trained
+
+
 def test_record_keeps_the_last_keep_and_order_sends_it(layers: list) -> None:
     book = PruneBook(_scenario(ratio=0.5), layers, np.array([0.5, 0.5]))
     book.record(1, NON_UNIFORM, 8)
