@@ -4,7 +4,7 @@
     fedsim resume RUN_DIR [--rounds N]               # go on from the last complete round
     fedsim compare SCENARIO --strategies a,b,... [--seeds N] [--target ACC] [--out DIR] [--set k=v ...]
     fedsim report RUN_DIR [--target ACC] [--arms]
-    fedsim export RUN_DIR --device PROFILE [--out DIR]   # a device's pruned model, adapter merged
+    fedsim export RUN_DIR --device PROFILE | --client ID [--out DIR]   # a device's pruned model, adapter merged
     fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
     fedsim models
     fedsim tasks
@@ -182,17 +182,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fedsim.export import export
 
     run_dir = Path(args.run_dir)
-    out = Path(args.out) if args.out else run_dir / "export" / args.device
+    name = args.device if args.client is None else f"client-{args.client}"
+    out = Path(args.out) if args.out else run_dir / "export" / name
     if not (run_dir / "adapter").is_dir() or not (run_dir / "scenario.toml").is_file():
         print(f"fedsim export: {run_dir} is not a finished fedsim run (no adapter/ or scenario.toml)", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        exported = export(run_dir, args.device, out)
+        exported = export(run_dir, out, profile=args.device, client=args.client)
     except (InputError, ValueError, FileExistsError) as exc:
         print(f"fedsim export: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     params = sum(p.numel() for p in exported.model.parameters())
-    print(f"{out}: {args.device}'s model, {exported.ratio:.1%} of the prunable parameters removed, {params / 1e6:.2f} M parameters"
+    print(f"{out}: {name}'s model, {exported.ratio:.1%} of the prunable parameters removed, {params / 1e6:.2f} M parameters"
           + (f" ({exported.padding:.1%} zero padding to uniform layers)" if exported.padding else "")
           + "; AutoModelForCausalLM.from_pretrained(path) loads it")  # fmt: skip
     return 0
@@ -385,10 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--arms", action="store_true", help="instead: per device profile, the (rank, ratio) arm the controller settled on")
     report.set_defaults(func=cmd_report)
 
-    exp = sub.add_parser("export", help="write a device's pruned model with the adapter merged", description="Write the final adapter merged into the pruned model of one device profile (the keep of its most trained client), loadable with transformers' AutoModelForCausalLM.from_pretrained.")
+    exp = sub.add_parser("export", help="write a device's pruned model with the adapter merged", description="Write the final adapter merged into the pruned model one device deploys (with deploy ratios, the model the run scored it on), loadable with transformers' AutoModelForCausalLM.from_pretrained.")
     exp.add_argument("run_dir", help="a finished run directory")
-    exp.add_argument("--device", required=True, metavar="PROFILE", help="device profile, e.g. jetson-tx2")
-    exp.add_argument("--out", help="output folder (default: RUN_DIR/export/PROFILE)")
+    which = exp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--device", metavar="PROFILE", help="device profile, e.g. jetson-tx2: the model of its most trained client")
+    which.add_argument("--client", type=int, metavar="ID", help="one client id: the model that device deploys")
+    exp.add_argument("--out", help="output folder (default: RUN_DIR/export/PROFILE or RUN_DIR/export/client-ID)")
     exp.set_defaults(func=cmd_export)
 
     dash = sub.add_parser("dashboard", help="serve a web dashboard over run directories", description="Serve a web dashboard over the run directories under RUNS_ROOT.")

@@ -79,7 +79,7 @@ class Deployment:
             if ratio == 0:
                 self.keeps[profile] = [None]
                 continue
-            held = [self._held(book, c, ratio) for c in self.panel[profile]]
+            held = [book.trained_at(c, ratio) if book is not None else None for c in self.panel[profile]]
             if None in held and ratio not in server:
                 scores = scores or [self.importance(state)]
                 server[ratio] = select_keep(scores[0], self.layers, ratio, self.scenario.pruning.mode)
@@ -150,9 +150,3 @@ class Deployment:
         if len(ids) > size:
             ids = np.sort(np.random.default_rng(derive_seed(self.scenario.seed, "deploy-panel", profile)).choice(ids, size, replace=False))
         return [int(c) for c in ids]
-
-    def _held(self, book: PruneBook | None, client: int, ratio: float) -> Keep | None:
-        """The keep `client` trained at, if it is cut for `ratio` and its schedule has reached it."""
-        if book is None or abs(book.targets[client] - ratio) > 1e-9 or not book.reached(client):
-            return None
-        return book.held(client)

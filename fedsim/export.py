@@ -1,9 +1,15 @@
 """The deployable result of a pruned run: one device's pruned model with the adapter merged in.
 
-`fedsim export RUN_DIR --device PROFILE` takes the final global adapter (unpruned shape) and the
-keep of that profile's most trained client (`keeps.json`, `fedsim.keeps`), cuts base model and
-adapter to it (`surgery.apply_keep`), merges the adapter (PEFT's `merge_and_unload`) and saves a
-plain transformers model: `AutoModelForCausalLM.from_pretrained(OUT)` loads it, no fedsim needed.
+`fedsim export RUN_DIR --device PROFILE` (or `--client ID`, one device) takes the final global
+adapter (unpruned shape) and the keep the device deploys (`shipped_keep`): with deploy ratios
+(`pruning.deploy_ratios`) the model `fedsim.deployment` scored, i.e. the keep a device trained at
+its profile's ratio, else the server's cut of the final adapter to that ratio; without them, the
+keep it trained on (`keeps.json`, `fedsim.keeps`). For a profile, the most trained client stands
+for it. It cuts base model and adapter to the keep (`surgery.apply_keep`), merges the adapter
+(PEFT's `merge_and_unload`) and saves a plain transformers model:
+`AutoModelForCausalLM.from_pretrained(OUT)` loads it, no fedsim needed. `--client` ships exactly
+the model a device was scored on; `--device` ships one of them, as a profile's devices differ
+when each cut its own keep from its own data.
 
 A transformers config has one head count and one MLP width for all layers. A uniform keep (every
 layer kept as many KV groups and channels) is saved as it is, with the config updated. A per-layer
@@ -19,15 +25,18 @@ model (`export_rows`, rows of kind `eval_export`), and `fedsim report` prints th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import peft
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedsim.adapter import AdapterState, attach_lora, set_state
+from fedsim.adapter import set_state
 from fedsim.keeps import PruneBook, most_trained
-from fedsim.models import load_model
+from fedsim.pruning.select import select_keep
 from fedsim.pruning.structure import Keep, decoder_layers, geometry, prunable_params, weight
 from fedsim.pruning.surgery import apply_keep, pruned_copy
 from fedsim.scenario import Scenario
@@ -44,31 +53,49 @@ class Exported:
     padding: float  # share of the saved prunable parameters that are zero padding
 
 
-def device_keep(keeps_json: str, device: list[str], profile: str) -> Keep | None:
-    """The keep of the client of `profile` that trained most (None: none of them is pruned).
-    `device[cid]` is each client's profile; ValueError if no client has that profile."""
-    book = json.loads(keeps_json) if keeps_json else {"steps": [0] * len(device), "keeps": {}}
+def export_clients(device: Sequence[str], profile: str | None = None, client: int | None = None) -> tuple[str, list[int]]:
+    """The profile and client ids an export stands for: every client of `profile`, or `client`
+    alone (exactly one of them given). ValueError naming the known profiles or the id range."""
+    if (profile is None) == (client is None):
+        raise ValueError("give a device profile or a client id, not both and not neither")
+    if client is not None:
+        if not 0 <= client < len(device):
+            raise ValueError(f"client {client}: the run has clients 0-{len(device) - 1}")
+        return str(device[client]), [client]
     ids = [c for c, d in enumerate(device) if d == profile]
     if not ids:
         raise ValueError(f"no client of the run has device profile {profile!r}; profiles: {', '.join(sorted(set(device)))}")
-    pruned = [c for c in ids if str(c) in book["keeps"]]
-    if not pruned:
-        return None
-    return Keep.from_json(book["keeps"][str(most_trained(pruned, book["steps"]))])
+    return str(profile), ids
 
 
-def pruned_merged(scenario: Scenario, adapter: AdapterState, keep: Keep | None) -> Exported:
-    """The base model with `adapter` (and any base deltas) merged, cut to `keep`, widened to uniform layers."""
-    base, tokenizer = load_model(scenario.model.name, dtype=scenario.model.dtype)
-    model = attach_lora(base, scenario.lora, seed=0)
-    set_state(model, adapter)
+def shipped_keep(book: PruneBook, profile: str, ids: Sequence[int], deploy_ratios: Mapping[str, float], cut: Callable[[float], Keep]) -> Keep | None:
+    """The keep clients `ids` of `profile` deploy (the most trained one's; None: the unpruned model).
+
+    With deploy ratios (`pruning.deploy_ratios`) it is the model `fedsim.deployment` scored: at
+    the profile's ratio ρ > 0, a keep trained at ρ (`PruneBook.trained_at`), else the server's cut
+    of the final adapter to ρ (`cut(ρ)`); a profile without a ratio deploys whole. Without deploy
+    ratios, a device deploys the keep it trained on, if it holds one."""
+    ratios = {p: r for p, r in deploy_ratios.items() if r > 0}
+    if ratios:
+        rho = ratios.get(profile, 0.0)
+        if rho == 0:
+            return None
+        trained = [c for c in ids if book.trained_at(c, rho) is not None]
+        return book.held(most_trained(trained, book.steps)) if trained else cut(rho)
+    held = [c for c in ids if book.held(c) is not None]
+    return book.held(most_trained(held, book.steps)) if held else None
+
+
+def merged(model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase, keep: Keep | None) -> Exported:
+    """`model` (base + LoRA, the adapter loaded) cut to `keep`, the adapter (and any base deltas)
+    merged, widened to uniform layers. It consumes `model`."""
     layers = geometry(model)
     if keep is not None:
         apply_keep(model, keep)
-    merged = model.merge_and_unload()
+    out = model.merge_and_unload()
     ratio = 0.0 if keep is None else keep.ratio(layers)
-    padding = _widen(merged, keep) if keep is not None else 0.0
-    return Exported(merged, tokenizer, ratio, padding)
+    padding = _widen(out, keep) if keep is not None else 0.0
+    return Exported(out, tokenizer, ratio, padding)
 
 
 def _widen(model: PreTrainedModel, keep: Keep) -> float:
@@ -135,22 +162,32 @@ def export_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, exam
     return rows
 
 
-def export(run_dir: Path, profile: str, out: Path) -> Exported:
-    """Write `profile`'s deployable model for run `run_dir` to `out` (module docstring)."""
+def export(run_dir: Path, out: Path, profile: str | None = None, client: int | None = None) -> Exported:
+    """Write the deployable model of device `profile` (its most trained client's) or of `client`
+    for run `run_dir` to `out` (module docstring)."""
     from fedsim.adapter import load_adapter_state
     from fedsim.fleet import build_fleet
     from fedsim.scenario import load_scenario
+    from fedsim.server import CentralEvaluator
 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     scenario = load_scenario(run_dir / "scenario.toml")
+    device = [str(d) for d in build_fleet(scenario).device]
+    profile, ids = export_clients(device, profile, client)
     adapter = load_adapter_state(run_dir / "adapter")
-    keeps = (run_dir / "keeps.json").read_text() if (run_dir / "keeps.json").is_file() else ""
-    keep = device_keep(keeps, [str(d) for d in build_fleet(scenario).device], profile)
-    exported = pruned_merged(scenario, adapter, keep)
+    central = CentralEvaluator(scenario)  # the server's model, and its calibration examples for a cut
+    set_state(central.model, adapter)
+    layers = geometry(central.model)
+    book = PruneBook(scenario, layers, np.zeros(len(device)))
+    if (run_dir / "keeps.json").is_file():
+        book.load((run_dir / "keeps.json").read_text())
+    mode = scenario.pruning.mode
+    keep = shipped_keep(book, profile, ids, scenario.pruning.deploy_ratios, lambda rho: select_keep(central.importance(adapter), layers, rho, mode))
+    exported = merged(central.model, central.tokenizer, keep)
     out.mkdir(parents=True, exist_ok=True)
     exported.model.save_pretrained(out)
     exported.tokenizer.save_pretrained(out)
-    manifest = {"run": str(run_dir), "device": profile, "ratio": exported.ratio, "padding": exported.padding, "keep": keep.to_json() if keep else None}
+    manifest = {"run": str(run_dir), "device": profile, "client": client, "ratio": exported.ratio, "padding": exported.padding, "keep": keep.to_json() if keep else None}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return exported

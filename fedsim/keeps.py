@@ -93,6 +93,13 @@ class PruneBook:
         target = float(self.targets[cid])
         return self.steps[cid] >= 1 and ratio_before_step(int(self.steps[cid]) - 1, target, p.interval_steps, p.events) >= target - 1e-9
 
+    def trained_at(self, cid: int, ratio: float) -> Keep | None:
+        """The keep client `cid` trained at `ratio`: held, cut for that ratio and reached (the
+        model it runs there, `fedsim.deployment`, `fedsim export`); None otherwise."""
+        if abs(self.targets[cid] - ratio) > 1e-9 or not self.reached(cid):
+            return None
+        return self.held(cid)
+
     def ratio(self, keep: Keep | None) -> float:
         """Share of the unpruned model's prunable parameters `keep` removed."""
         return 0.0 if keep is None else keep.ratio(self.layers)

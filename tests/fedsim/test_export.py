@@ -4,7 +4,6 @@ the right client."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from tests_support.pruning import ALL, TINY_KEEP
 from transformers import AutoModelForCausalLM
 
 from fedsim.adapter import AdapterState, attach_lora, get_state, set_state
-from fedsim.export import _widen, device_keep, pruned_merged
+from fedsim.export import Exported, _widen, export_clients, merged, shipped_keep
 from fedsim.keeps import PruneBook
 from fedsim.models import load_model
 from fedsim.pruning import Keep, apply_keep, geometry
@@ -42,6 +41,12 @@ def adapter(scenario: Scenario) -> AdapterState:
     model = attach_lora(load_model("tiny-llama")[0], scenario.lora, seed=0)
     g = torch.Generator().manual_seed(3)
     return {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in get_state(model).items()}
+
+
+def pruned_merged(scenario: Scenario, adapter: AdapterState, keep: Keep | None) -> Exported:
+    model = attach_lora(load_model("tiny-llama")[0], scenario.lora, seed=0)
+    set_state(model, adapter)
+    return merged(model, load_model("tiny-llama")[1], keep)
 
 
 def _pruned_peft(scenario: Scenario, adapter: AdapterState, keep: Keep) -> torch.nn.Module:
@@ -142,41 +147,67 @@ def test_saved_and_reloaded_with_transformers_alone_gives_the_same_outputs(
     assert loaded.config.intermediate_size == exported.model.config.intermediate_size
 
 
-# --- device_keep ----------------------------------------------------------------------------
+# --- which keep a device ships ------------------------------------------------------------------
 
 
-def _book(scenario: Scenario, steps: list[int], keeps: dict[int, Keep]) -> str:
-    book = PruneBook(scenario, geometry(load_model("tiny-llama")[0]), np.full(len(steps), 0.5))
+def _book(scenario: Scenario, steps: list[int], keeps: dict[int, Keep], targets: list[float] | None = None) -> PruneBook:
+    book = PruneBook(scenario, geometry(load_model("tiny-llama")[0]), np.array(targets or [0.5] * len(steps)))
     for cid, n in enumerate(steps):
         book.record(cid, keeps.get(cid), n)
-    return book.to_json()
+    restored = PruneBook(scenario, book.layers, np.zeros(len(steps)))
+    restored.load(book.to_json())  # as `fedsim export` reads keeps.json
+    return restored
 
 
 DEVICES = ["phone", "laptop", "phone", "phone", "laptop"]
+CUT = Keep(((0,), (0,)), (tuple(range(10)), tuple(range(10))), (2, 2), (176, 176), 2, 16)  # stands for the server's cut
 
 
-def test_device_keep_is_the_keep_of_the_most_trained_client_of_the_profile(scenario: Scenario) -> None:
-    text = _book(scenario, [8, 16, 24, 16, 40], {0: UNIFORM, 2: NON_UNIFORM, 3: UNIFORM})
-    assert device_keep(text, DEVICES, "phone") == NON_UNIFORM  # client 2 trained 24 steps
-    assert device_keep(text, DEVICES, "laptop") is None  # no laptop client holds a keep
+def _shipped(book: PruneBook, profile: str, ids: list[int], ratios: dict[str, float] | None = None) -> Keep | None:
+    asked: list[float] = []
+    keep = shipped_keep(book, profile, ids, ratios or {}, lambda rho: (asked.append(rho), CUT)[1])
+    assert asked in ([], [0.25]) and (keep is CUT) == bool(asked)  # the server cuts only when it ships the cut
+    return keep
 
 
-def test_device_keep_breaks_ties_by_the_lowest_client_id(scenario: Scenario) -> None:
-    text = _book(scenario, [16, 0, 8, 16, 0], {0: UNIFORM, 2: NON_UNIFORM, 3: NON_UNIFORM})
-    assert device_keep(text, DEVICES, "phone") == UNIFORM
+PHONES = [0, 2, 3]
 
 
-def test_device_keep_skips_clients_that_hold_no_keep(scenario: Scenario) -> None:
-    text = _book(scenario, [8, 0, 100, 0, 0], {0: NON_UNIFORM})  # client 2 trained most, unpruned
-    assert device_keep(text, DEVICES, "phone") == NON_UNIFORM
+def test_without_deploy_ratios_a_profile_ships_its_most_trained_clients_keep(scenario: Scenario) -> None:
+    book = _book(scenario, [8, 16, 24, 16, 40], {0: UNIFORM, 2: NON_UNIFORM, 3: UNIFORM})
+    assert _shipped(book, "phone", PHONES) == NON_UNIFORM  # client 2 trained 24 steps
+    assert _shipped(book, "laptop", [1, 4]) is None  # no laptop client holds a keep
+    assert _shipped(book, "phone", [3]) == UNIFORM  # --client 3: its own
+    ties = _book(scenario, [16, 0, 8, 16, 0], {0: UNIFORM, 2: NON_UNIFORM, 3: NON_UNIFORM})
+    assert _shipped(ties, "phone", PHONES) == UNIFORM  # ties: the lowest id
+    unpruned_most = _book(scenario, [8, 0, 100, 0, 0], {0: NON_UNIFORM})  # client 2 trained most, unpruned
+    assert _shipped(unpruned_most, "phone", PHONES) == NON_UNIFORM
 
 
-def test_device_keep_of_a_run_without_pruning_is_none() -> None:
-    assert device_keep("", DEVICES, "phone") is None
+@pytest.fixture(scope="module")
+def deploying() -> Scenario:
+    """Reached after one step (one prune event), so `steps` alone says who trained at its target."""
+    return validate_scenario({"model": {"name": "tiny-llama"}, "lora": {"rank": 4, "target_modules": ALL}, "pruning": {"ratio": 0.25, "events": 1}})
 
 
-def test_device_keep_of_an_unknown_profile_names_the_known_ones(scenario: Scenario) -> None:
-    text = _book(scenario, [8] * 5, {0: UNIFORM})
+def test_with_deploy_ratios_a_device_ships_the_keep_it_trained_at_its_profiles_ratio(deploying: Scenario) -> None:
+    ratios = {"phone": 0.25}
+    # client 2 trained most but toward 0.5; client 3 at 0.25; client 0 at 0.25 but has not trained since
+    book = _book(deploying, [0, 4, 40, 8, 0], {0: UNIFORM, 2: NON_UNIFORM, 3: UNIFORM, 4: NON_UNIFORM}, [0.25, 0.0, 0.5, 0.25, 0.25])
+    assert _shipped(book, "phone", PHONES, ratios) == UNIFORM  # client 3's: the only keep trained at 0.25
+    assert _shipped(book, "phone", [3], ratios) == UNIFORM
+    assert _shipped(book, "phone", [2], ratios) is CUT  # trained at another ratio: the server's cut to 0.25
+    assert _shipped(book, "phone", [0], ratios) is CUT  # holds a keep at 0.25 it never trained on
+    assert _shipped(book, "laptop", [4], ratios) is None  # its profile deploys whole, whatever it trained
+    assert _shipped(_book(deploying, [0] * 5, {}), "phone", PHONES, ratios) is CUT  # nobody pruned: cut, not unpruned
+
+
+def test_export_clients_names_what_is_wrong() -> None:
+    assert export_clients(DEVICES, profile="phone") == ("phone", PHONES)
+    assert export_clients(DEVICES, client=4) == ("laptop", [4])
     with pytest.raises(ValueError, match=r"no client of the run has device profile 'tablet'; profiles: laptop, phone"):
-        device_keep(text, DEVICES, "tablet")
-    json.loads(text)  # the book is plain JSON
+        export_clients(DEVICES, profile="tablet")
+    with pytest.raises(ValueError, match=r"client 5: the run has clients 0-4"):
+        export_clients(DEVICES, client=5)
+    with pytest.raises(ValueError, match="not both"):
+        export_clients(DEVICES, profile="phone", client=0)

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from fedsim.cli import main
 from fedsim.costs import ModelShape, train_step_flops
 from fedsim.data import central_test_set
+from fedsim.fleet import build_fleet
 from fedsim.keeps import pruned_shape
 from fedsim.models import load_model
 from fedsim.pruning.structure import Keep, geometry
@@ -118,6 +119,32 @@ def test_report_and_export_score_each_ratios_pruned_model(pruned_run: tuple[Path
 def test_export_refuses_an_unknown_profile(pruned_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(pruned_run[0]), "--device", "jetson-tx2", "--out", str(tmp_path / "x")]) == 2
     assert "no client of the run has device profile 'jetson-tx2'" in capsys.readouterr().err
+
+
+def test_export_ships_each_device_the_model_its_deployed_score_used(tmp_path: Path) -> None:
+    """Deploy ratios, nobody trains pruned: a phone ships the server's cut to 0.5 (not the unpruned
+    model), scored as the run scored it; a laptop, whose profile deploys whole, the unpruned one."""
+    run, _ = _run(tmp_path / "runs", [
+        "rounds=2", "clients.eval_per_round=0", 'fleet.groups=[{profile="laptop-cpu", count=2}, {profile="phone-highend", count=2}]',
+        "pruning.deploy_ratios={phone-highend=0.5}", 'pruning.importance="magnitude"',
+    ])  # fmt: skip
+    final = read_metrics(run).query("kind == 'eval_central'").sort_values("round").iloc[-1]
+    cut_loss = 2 * final["deployed_loss"] - final["loss"]  # half the fleet deploys whole, half the cut
+    scenario = load_scenario(run / "scenario.toml")
+    phones = [c for c, d in enumerate(build_fleet(scenario).device) if d == "phone-highend"]
+    losses = {}
+    for name, which in (("phone", ["--client", str(phones[0])]), ("laptop", ["--device", "laptop-cpu"])):
+        assert main(["export", str(run), *which, "--out", str(tmp_path / name)]) == 0
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        examples = list(central_test_set(scenario.data, scenario.seed))
+        e = scenario.eval
+        losses[name] = evaluate(model, load_model("tiny-llama")[1], examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=scenario.train.max_seq_len).loss
+        manifest = json.loads((tmp_path / name / "fedsim-export.json").read_text())
+        assert (manifest["ratio"] > 0.4) == (name == "phone"), manifest["ratio"]
+    assert losses["phone"] == pytest.approx(cut_loss, abs=1e-4)
+    assert losses["laptop"] == pytest.approx(final["loss"], abs=1e-4)
+    assert abs(losses["phone"] - losses["laptop"]) > 1e-3  # the two models score apart: the check above can fail
+    assert main(["export", str(run), "--client", "9", "--out", str(tmp_path / "x")]) == 2
 
 
 def test_server_side_pruning_sends_each_client_its_cut(tmp_path: Path) -> None:
