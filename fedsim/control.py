@@ -7,7 +7,11 @@ and target ratio (`PruneBook.targets`), so the memory check, the simulated clock
 all follow the arm (`PruneBook.retarget`): a new ratio restarts the client's pruning schedule from
 the model it holds, toward the new target; a ratio below what it holds cannot be reached by pruning
 more, so the client then starts over from the unpruned model, which it can, since every client
-builds its pruned model from the unpruned one each round.
+builds its pruned model from the unpruned one each round. In the run's last `commit_rounds`
+rounds the controller explores no more (`choose(exploit=True)`): a bandit that knows its horizon
+has no use for what those rounds would teach, and the model they end on is the one the devices
+deploy (measured: a TX2 that tried the unpruned arm in the last round of the lean SmolLM2 run
+shipped the server's cut instead of the keep it had trained at 0.2).
 
 After the round, `observe` turns each sampled client's row into an observation — time (simulated
 or measured, `sim_compute_s + sim_comm_s`), local loss before/after, ratio reached, the update's
@@ -97,7 +101,8 @@ class ArmControl:
             times = self.pace.predict(chosen, *self._point_costs)
             threshold = self.scenario.fleet.deadline_s or min(self.reward_state.fastest_s, fastest_round(times))
             avoid = hopeless(times, threshold, self.scenario.controller.screen_slack)  # type: ignore[union-attr]
-        arm_ranks, arm_ratios = self.controller.choose(chosen, server_round, avoid)
+        last = self.scenario.rounds - self.scenario.controller.commit_rounds  # type: ignore[union-attr]
+        arm_ranks, arm_ratios = self.controller.choose(chosen, server_round, avoid, exploit=server_round > last)
         ranks[chosen] = arm_ranks
         if book is not None:
             for c, ratio in zip(chosen, arm_ratios):

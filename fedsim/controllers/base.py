@@ -131,14 +131,21 @@ class Controller(ABC):
 
     # --- the interface --------------------------------------------------------------------
 
-    def choose(self, devices: np.ndarray, round: int, avoid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def choose(self, devices: np.ndarray, round: int, avoid: np.ndarray | None = None, exploit: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ranks (n,) int64, ratios (n,) float64) for `devices` (n,) in round `round`; `avoid`
         (n, K) bool: points not to choose this round (predicted too slow, `pace`), ignored for a
-        device where it would leave no feasible point. Nothing is learned from it."""
+        device where it would leave no feasible point. Nothing is learned from it. `exploit`:
+        explore no more, each device plays its best point so far (`_exploit`; the run's last
+        rounds, `commit_rounds`)."""
         devices = self._check_devices(devices)
         self._avoid = self._check_avoid(devices, avoid)
         try:
-            points = self._spread(devices, round) if self._pooled and self.config.pool_spread else self._select(devices, round)
+            if exploit and self.uses_rewards:
+                points = self._exploit(devices, round)
+            elif self._pooled and self.config.pool_spread:
+                points = self._spread(devices, round)
+            else:
+                points = self._select(devices, round)
         finally:
             self._avoid, self._totals = None, None
         points = np.where(self.exhausted(devices), self._cheapest, points)
@@ -188,6 +195,20 @@ class Controller(ABC):
     @abstractmethod
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
         """(n,) candidate point index per device, never an infeasible one where a feasible exists."""
+
+    def _exploit(self, devices: np.ndarray, round: int) -> np.ndarray:
+        """(n,) the choosable point with the best mean reward (on `_statistics`: pooled with
+        `pool`), ties at random; a device that has played no choosable point explores (`_select`)."""
+        counts, sums = self._statistics(devices)
+        played = (counts > 0) & ~self._blocked(devices)
+        mean = np.divide(sums, counts, out=np.full(counts.shape, -np.inf), where=played)
+        points, avoid, known = np.zeros(len(devices), dtype=np.int64), self._avoid, played.any(axis=1)
+        for rows in (known, ~known):  # each on its rows' share of `avoid`
+            if rows.any():
+                self._avoid = None if avoid is None else avoid[rows]
+                points[rows] = self._pick(devices[rows], mean[rows]) if rows is known else self._select(devices[rows], round)
+        self._avoid = avoid
+        return points
 
     def _learn(self, devices: np.ndarray, points: np.ndarray, rewards: np.ndarray) -> None:
         """Plain statistics: one more pull of `points` with `rewards` (devices are unique)."""

@@ -63,14 +63,22 @@ class LinUCB(Controller):
         self._refresh()
 
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
+        return self._pick(devices, self._scores(devices, self.config.linucb_alpha))
+
+    def _exploit(self, devices: np.ndarray, round: int) -> np.ndarray:
+        """The arm with the best estimate θᵀx, the shared model's (not the device's own means)."""
+        return self._pick(devices, self._scores(devices, 0.0))
+
+    def _scores(self, devices: np.ndarray, alpha: float) -> np.ndarray:
+        """(n, K) θᵀx + α·√(xᵀA⁻¹x) of each device's arms."""
         groups = self.group[devices]
         scores = np.empty((len(devices), self.counts.shape[1]))
         for g in np.unique(groups):  # a loop over profiles, not devices
             rows = groups == g
             x = self.context[devices[rows]]  # (m, d)
             var = np.einsum("md,kde,me->mk", x, self.A_inv[g], x)  # (m, K)
-            scores[rows] = x @ self.theta[g].T + self.config.linucb_alpha * np.sqrt(np.maximum(var, 0.0))
-        return self._pick(devices, scores)
+            scores[rows] = x @ self.theta[g].T + alpha * np.sqrt(np.maximum(var, 0.0))
+        return scores
 
     def _learn(self, devices: np.ndarray, points: np.ndarray, rewards: np.ndarray) -> None:
         groups, x = self.group[devices], self.context[devices]  # (n,), (n, d)

@@ -120,6 +120,13 @@ class SmoothUCB(Controller):
         self.pending[devices] = node
         return node
 
+    def _exploit(self, devices: np.ndarray, round: int) -> np.ndarray:
+        """The node with the best mean reward (its own pulls and its subtree's: a node beats its
+        children only if its own point did better than they), credited as played."""
+        node = super()._exploit(devices, round)
+        self.pending[devices] = node
+        return node
+
     def _locate(self, devices: np.ndarray, ranks: np.ndarray, ratios: np.ndarray) -> np.ndarray:
         """The node chosen for the device if it played that node's point, else the depth-D cell
         that contains the reported point (clipped into the box)."""

@@ -23,7 +23,7 @@ LAYERS = [LayerGeometry(hidden=64, head_dim=16, group_size=2, groups=2, channels
 def _scenario(**controller: object) -> Scenario:
     return validate_scenario(
         {
-            "model": {"name": "tiny-llama"},
+            "model": {"name": "tiny-llama"}, "rounds": 100,  # the tests drive fewer: no round is committed
             "clients": {"num_clients": 4, "per_round": 2},
             "lora": {"rank": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
             "fleet": {"groups": [{"profile": "laptop-cpu", "count": 2}, {"profile": "phone-highend", "count": 2}]},
@@ -225,7 +225,7 @@ def test_a_costly_first_round_does_not_set_the_bar_for_the_screen() -> None:
     assert rows[0]["arm_rank"] == 8 and control.reward_state.fastest_s == pytest.approx(9.0)
     asked = []
     choose = control.controller.choose
-    control.controller.choose = lambda devices, server_round, avoid=None: asked.append(avoid) or choose(devices, server_round, avoid)  # type: ignore[method-assign]
+    control.controller.choose = lambda devices, server_round, avoid=None, exploit=False: asked.append(avoid) or choose(devices, server_round, avoid, exploit)  # type: ignore[method-assign]
     control.assign(np.array([0, 1]), 2, np.full(4, 8), _control(_scenario())[1])
     large = control.controller.point_ranks == 8
     assert asked[0][0, large].all() and not asked[0][0, ~large].any()  # client 0: rank 8 screened, rank 2 not
@@ -275,3 +275,16 @@ def test_with_deploy_ratios_the_reward_credits_training_at_the_ratio_the_profile
         rows = [{**_row(c), "device": str(build_fleet(s).device[c]), "prune_ratio": 0.5} for c in (0, 2)]
         control.observe(rows)
         assert [r["reward"] for r in rows] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("commit", [1, 2, 0])
+def test_the_runs_last_rounds_exploit_and_the_others_explore(commit: int) -> None:
+    scenario = _scenario(commit_rounds=commit).model_copy(update={"rounds": 5})
+    control, book = _control(scenario)
+    asked = []
+    choose = control.controller.choose
+    control.controller.choose = lambda devices, server_round, avoid=None, exploit=False: asked.append(exploit) or choose(devices, server_round, avoid, exploit)  # type: ignore[method-assign]
+    for server_round in range(1, 6):
+        control.assign(np.array([0, 1]), server_round, np.full(4, 8), book)
+        control.observe([_row(0), _row(1, after=1.5)])
+    assert asked == [False] * (5 - commit) + [True] * commit

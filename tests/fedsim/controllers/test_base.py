@@ -288,3 +288,37 @@ def test_avoid_of_the_wrong_shape_names_it():
     ctrl = build("ucb1", 3)
     with pytest.raises(ValueError, match=r"`avoid` must be a bool array of shape \(3, 16\)"):
         ctrl.choose(np.arange(3), 0, np.zeros((3, 4), dtype=bool))
+
+
+LEARNING = [n for n in ALL if n != "fixed"]
+
+
+@pytest.mark.parametrize("name", LEARNING)
+def test_exploit_plays_each_devices_best_mean_point_and_learns_nothing(name, bandit):
+    n = 40
+    ctrl = build(name, n, seed=1, groups=n, ucb_c=bandit.UCB_C)  # a profile per device: linucb's model is the device's
+    rng = np.random.default_rng(0)
+    means = bandit.grid_means(n, ctrl.grid.num_arms, rng)
+    bandit.play(ctrl, means, 80, rng)
+    counts = ctrl.counts.copy()
+    devices = np.arange(n)
+    ranks, ratios = ctrl.choose(devices, 80, exploit=True)
+    mean = np.where(ctrl.counts > 0, ctrl.means(devices), -np.inf)
+    best = mean == mean.max(axis=1, keepdims=True)
+    at = (ctrl.point_ranks == ranks[:, None]) & np.isclose(ctrl.point_ratios, ratios[:, None])  # (n, K) the points played
+    if name != "linucb":  # linucb: the best estimate of its shared model
+        assert (best & at).any(axis=1).all()  # a point with the device's best mean
+    truth = ctrl.grid.arm_of(ranks, ratios) == means.argmax(axis=1)
+    assert truth.mean() >= 0.9, truth.mean()  # gaps of 0.2+: the best mean is the best arm
+    np.testing.assert_array_equal(ctrl.counts, counts)  # choosing teaches nothing
+    fresh, twin = build(name, n, seed=1, groups=n), build(name, n, seed=1, groups=n)
+    np.testing.assert_array_equal(fresh.choose(devices, 0, exploit=True)[0], twin.choose(devices, 0)[0])  # nothing played: it explores
+
+
+def test_exploit_skips_infeasible_points_and_fixed_ignores_it():
+    ctrl = build("ucb1", 1, ranks=[4, 16], ratios=[0.0])
+    ctrl.update(np.array([0]), np.array([16]), np.array([0.0]), np.array([0.9]), np.array([False]))
+    ctrl.update(np.array([0]), np.array([4]), np.array([0.0]), np.array([0.2]), np.array([True]))
+    assert ctrl.choose(np.array([0]), 2, exploit=True)[0].tolist() == [4]  # rank 16 scored 0.9 but did not fit
+    fixed = build("fixed", 2, ranks=[4, 16], ratios=[0.0, 0.2], fixed_arm=(4, 0.2))
+    assert fixed.choose(np.arange(2), 9, exploit=True)[0].tolist() == [4, 4]

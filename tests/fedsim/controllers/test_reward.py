@@ -222,11 +222,11 @@ def test_with_deploy_ratios_pruning_progress_is_the_share_of_the_ratio_the_devic
         5, ratio_reached=np.array([0.2, 0.1, 0.3, 0.4, 0.2]), ratio_target=np.array([0.2, 0.2, 0.3, 0.4, 0.2]),
         ratio_deployed=np.array([0.2, 0.2, 0.2, 0.2, 0.0]), time_s=np.ones(5),
     )  # fmt: skip
-    config = RewardConfig(contribution_weight=0.0, loss_weight=0.0, norm_weight=0.0, prune_weight=1.0, straggler="none", normalise="none", floor=0.0)
+    config = RewardConfig(contribution_weight=0.0, loss_weight=0.0, norm_weight=0.0, prune_weight=0.5, deploy_weight=2.0, straggler="none", normalise="none", floor=0.0)
     r, _ = rewards(o, config)
-    np.testing.assert_allclose(r, [1.0, 0.5, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(r, [2.0, 1.0, 1.0, 0.0, 0.0])  # weighed by deploy_weight
     without, _ = rewards(obs(5, ratio_reached=o.ratio_reached, ratio_target=o.ratio_target, time_s=np.ones(5)), config)
-    np.testing.assert_allclose(without, [0.2, 0.1, 0.3, 0.4, 0.2])  # no deploy ratios: the sparsity itself
+    np.testing.assert_allclose(without, [0.1, 0.05, 0.15, 0.2, 0.1])  # no deploy ratios: the sparsity itself, by prune_weight
 
 
 def test_deploy_ratios_must_align_with_the_other_arrays():
