@@ -36,15 +36,17 @@ user's call, so only rows whose code did not change should be kept across a code
 `'bandit*'`); the table then needs the rest finished in DIR. One command at a time may use a
 DIR (it is locked), so a run in progress is never taken for an unfinished one and started over.
 
-Target: the central loss (or, with `--metric accuracy`, accuracy) that `fedit` reaches at its last
+Target: the central (deployed) loss (or, with `--metric accuracy`, accuracy) that `fedit` reaches at its last
 round, unless `--target` is given. "sim s to target" is the simulated fleet time at the first round
 that reaches it (mean over seeds; "—" if a seed never does), and the speedups are fedit's and the
 best fixed arm's time over the row's. Final figures are means over seeds.
 
-At the same sparsity (FedSpine's comparison): `--set 'pruning.deploy_ratios={"jetson-tx2" = 0.2}'
---metric deployed_loss` scores every row on the models the fleet would deploy, each device's
-pruned to its profile's ratio (`fedsim.deployment`), and the bandit's contributions on them too (its
-reward's pruning term then credits training at a device's deploy ratio).
+At the same sparsity (FedSpine's comparison): the scenario's `pruning.deploy_ratios` (the TX2s
+deploy at 0.2) make every row scored on the models the fleet would deploy, each device's pruned to
+its profile's ratio (`fedsim.deployment`), and the bandit's contributions on them too (its
+reward's pruning term then credits training at a device's deploy ratio); the metric is then
+`deployed_loss` unless `--metric` says otherwise. `--set 'pruning.deploy_ratios={jetson-tx2=0}'`
+compares the unpruned models instead.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="override the scenario's rounds")
     parser.add_argument("--arms", choices=("all", "corners"), default="all")
     parser.add_argument("--bandits", nargs="*", default=["sucb"], help="controllers to compare (the first is the headline; none: the baselines only)")
-    parser.add_argument("--metric", choices=("loss", "accuracy", "deployed_loss", "deployed_accuracy"), default="loss", help="deployed_*: of the fleet's deployed models (needs --set pruning.deploy_ratios=...)")
+    parser.add_argument("--metric", choices=("loss", "accuracy", "deployed_loss", "deployed_accuracy"), help="deployed_*: of the fleet's deployed models (`pruning.deploy_ratios`); default: deployed_loss when the scenario has deploy ratios, else loss")
     parser.add_argument("--target", type=float, help="default: fedit's final value")
     parser.add_argument("--ranks", type=int, nargs="+", help="the arm grid's ranks (default: the scenario's)")
     parser.add_argument("--ratios", type=float, nargs="+", help="the arm grid's ratios (default: the scenario's)")
@@ -196,8 +198,10 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else []) + args.set
-    grid = load_scenario(SCENARIO).controller
+    base = load_scenario(SCENARIO, extra)
+    grid = base.controller
     assert grid is not None  # the scenario has a [controller]
+    args.metric = args.metric or ("deployed_loss" if any(base.pruning.deploy_ratios.values()) else "loss")
     rows = settings(args.arms, args.bandits, args.ranks or list(grid.ranks), args.ratios or list(grid.ratios), args.bandit_set, args.profile_arms)
     if args.rows and not args.keep:
         parser.error("--rows needs --keep DIR: the other rows come from there")

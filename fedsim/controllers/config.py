@@ -38,6 +38,11 @@ Every default is explained in its field's description; the reasoning behind the 
   the synthetic regret of 8 devices of one profile, all playing 60 rounds, from 104 to 63
   (ucb1) and 93 to 54 (sucb); with 3 profiles sucb 108 → 86; on sparse participation (80
   devices, 8 a round) 213 → 204. Without the round normalisation it still helps or ties.
+- `commit_rounds` = 1: a bandit that knows its horizon gains nothing from exploring in the last
+  round, and there the cost is the shipped model itself: a TX2 of the lean SmolLM2 run that tried
+  the unpruned arm in round 10 of 10 deployed the server's cut instead of the keep it had trained
+  at its deploy ratio 0.2 (seeds 1 and 2; the fleet's deployed loss rose 1.265 → 1.313 in seed
+  2's last round). One round, not more: the earlier rounds' lessons are still used.
 - `sucb_rho` = 2^(−1/2): the tree splits the two axes in turn, so a cell's diameter halves every
   two levels; with a Lipschitz reward, HOO's smoothness term ν·ρ^h then shrinks with the cell.
 """
