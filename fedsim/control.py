@@ -10,8 +10,8 @@ more, so the client then starts over from the unpruned model, which it can, sinc
 builds its pruned model from the unpruned one each round. In the run's last `commit_rounds`
 rounds the controller explores no more (`choose(exploit=True)`): a bandit that knows its horizon
 has no use for what those rounds would teach, and the model they end on is the one the devices
-deploy (measured: a TX2 that tried the unpruned arm in the last round of the lean SmolLM2 run
-shipped the server's cut instead of the keep it had trained at 0.2).
+deploy (a TX2 that explores the unpruned arm in the last round ships the server's cut instead of
+the keep it trained at its deploy ratio).
 
 After the round, `observe` turns each sampled client's row into an observation — time (simulated
 or measured, `sim_compute_s + sim_comm_s`), local loss before/after, ratio reached, the update's
