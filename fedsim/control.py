@@ -8,10 +8,8 @@ all follow the arm (`PruneBook.retarget`): a new ratio restarts the client's pru
 the model it holds, toward the new target; a ratio below what it holds cannot be reached by pruning
 more, so the client then starts over from the unpruned model, which it can, since every client
 builds its pruned model from the unpruned one each round. In the run's last `commit_rounds`
-rounds the controller explores no more (`choose(exploit=True)`): a bandit that knows its horizon
-has no use for what those rounds would teach, and the model they end on is the one the devices
-deploy (a TX2 that explores the unpruned arm in the last round ships the server's cut instead of
-the keep it trained at its deploy ratio).
+rounds (0 by default: measured, it did not pay; `controllers.config`) the controller explores no
+more (`choose(exploit=True)`).
 
 After the round, `observe` turns each sampled client's row into an observation — time (simulated
 or measured, `sim_compute_s + sim_comm_s`), local loss before/after, ratio reached, the update's

@@ -38,12 +38,13 @@ Every default is explained in its field's description; the reasoning behind the 
   the synthetic regret of 8 devices of one profile, all playing 60 rounds, from 104 to 63
   (ucb1) and 93 to 54 (sucb); with 3 profiles sucb 108 → 86; on sparse participation (80
   devices, 8 a round) 213 → 204. Without the round normalisation it still helps or ties.
-- `commit_rounds` = 1: a bandit that knows its horizon gains nothing from exploring in the last
-  round, and there the cost is the shipped model itself (a TX2 of the lean SmolLM2 run that tried
-  the unpruned arm in round 10 of 10 deployed the server's cut, not the keep it had trained at its
-  deploy ratio). Measured on three lean SmolLM2 seeds it changed the final deployed loss by
-  +0.000 / +0.007 / +0.009, within a round's noise: where it mattered, the TX2's best mean reward
-  was its unpruned arm anyway. One round, not more: the earlier rounds' lessons are still used.
+- `commit_rounds` = 0: a bandit that knows its horizon gains nothing from exploring in the last
+  round, and there the cost is the shipped model itself. Measured, committing the last round did
+  not pay: on three lean SmolLM2 seeds the final deployed loss moved +0.000 / +0.007 / +0.009
+  (where it mattered, a TX2's best mean reward was its unpruned arm anyway), and on the 80-Jetson
+  run (seed 0) it rose 1.360 → 1.561 against 1.370 exploring: pooled by profile, the exploit sent
+  all four Xavier NXs of the round to one point (16 / 0.067) that few pulls supported, with nothing
+  left to spread them. Kept as an option for fleets whose devices play often enough for their means.
 - `sucb_rho` = 2^(−1/2): the tree splits the two axes in turn, so a cell's diameter halves every
   two levels; with a Lipschitz reward, HOO's smoothness term ν·ρ^h then shrinks with the cell.
 """
@@ -129,7 +130,7 @@ class ControllerConfig(_Section):
     sucb_snap: Literal["integer", "grid"] = Field("integer", description="sucb: a cell's rank is the nearest integer in [min(ranks), max(ranks)], or the nearest of `ranks`.")
     screen: bool = Field(True, description="Price each arm for each device from its observed pace (seconds per FLOP, per LoRA parameter sent; `controllers.pace`) and do not try, that round, arms predicted to take more than screen_slack × the straggler threshold. Not for fixed.")
     screen_slack: float = Field(1.5, ge=1, allow_inf_nan=False, description="screen: how much slower than the straggler threshold (the deadline, else the fastest round so far) an arm may be predicted to be and still be tried; at 1.5 the reward's straggler factor is 0.44.")
-    commit_rounds: int = Field(1, ge=0, description="The run's last N rounds explore no more: each device plays the point with its best mean reward so far (pooled, with pool = profile; the best-mean path of the tree for sucb), since what they would teach is never used and the model they end on is the one the devices deploy. 0: explore to the end. Not for fixed.")
+    commit_rounds: int = Field(0, ge=0, description="The run's last N rounds explore no more: each device plays the point with its best mean reward so far (pooled, with pool = profile; the best-mean node for sucb; the model's best estimate for linucb), since what they would teach is never used. 0 (the default, as measured): explore to the end. Not for fixed.")
     fixed_arm: Arm | None = Field(None, description="fixed: (rank, ratio) for every device, on the grid; default (max rank, min ratio), i.e. the unpruned full adapter.")
     profile_arms: dict[str, Arm] = Field({}, description="fixed: (rank, ratio) per device profile name, on the grid; overrides fixed_arm.")
     reward: RewardConfig = Field(RewardConfig(), description="How each round's reports become rewards (`fedsim.controllers.reward`).")
