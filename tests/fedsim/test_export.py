@@ -44,9 +44,10 @@ def adapter(scenario: Scenario) -> AdapterState:
 
 
 def pruned_merged(scenario: Scenario, adapter: AdapterState, keep: Keep | None) -> Exported:
-    model = attach_lora(load_model("tiny-llama")[0], scenario.lora, seed=0)
+    base, tokenizer = load_model("tiny-llama")
+    model = attach_lora(base, scenario.lora, seed=0)
     set_state(model, adapter)
-    return merged(model, load_model("tiny-llama")[1], keep)
+    return merged(model, tokenizer, keep)
 
 
 def _pruned_peft(scenario: Scenario, adapter: AdapterState, keep: Keep) -> torch.nn.Module:
