@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.controllers import Controller, Observations, RewardState, build_controller, rewards
-from fedsim.controllers.pace import Pace, fastest_round, hopeless
+from fedsim.controllers.pace import Pace, fastest_round, hopeless, worst_ratio
 from fedsim.fleet import Fleet
 from fedsim.keeps import PruneBook
 from fedsim.scenario import Scenario
@@ -98,7 +98,7 @@ class ArmControl:
         if self.screens:
             times = self.pace.predict(chosen, *self._point_costs)
             threshold = self.scenario.fleet.deadline_s or min(self.reward_state.fastest_s, fastest_round(times))
-            avoid = hopeless(times, threshold, self.scenario.controller.screen_slack)  # type: ignore[union-attr]
+            avoid = hopeless(times, threshold, self.scenario.controller.screen_slack, worst_ratio(*self._point_costs))  # type: ignore[union-attr]
         last = self.scenario.rounds - self.scenario.controller.commit_rounds  # type: ignore[union-attr]
         arm_ranks, arm_ratios = self.controller.choose(chosen, server_round, avoid, exploit=server_round > last)
         ranks[chosen] = arm_ranks

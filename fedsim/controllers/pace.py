@@ -27,16 +27,27 @@ round when
 
 with T the round's deadline if it has one, else the lesser of the fastest round so far (the
 reward's threshold) and the fastest round the pace predicts for this round's devices,
-max_d min_k t̂_dk (every device at its fastest arm: `fastest_round`), and s = `screen_slack` (1.5).
+max_d min_k t̂_dk (every device at its fastest arm: `fastest_round`), and s = `screen_slack` (1.25).
 The prediction matters where exploration starts with costly arms: UCB1 plays unplayed arms first,
 so on the lean SmolLM2 run its first round had NX devices at rank 16 (3.0 s), no round after was
-faster, and against T = 3.0 s rank 16 on a TX2 (4.2 s) was never hopeless. At 1.5 × T the
-reward's straggler factor (T/t)^2 is 0.44: the arm would need 2.25 times the progress of an arm
-that keeps the pace, which no rank or ratio of the grid has shown on SmolLM2. The max keeps a
+faster, and against T = 3.0 s rank 16 on a TX2 (4.2 s) was never hopeless. At 1.25 × T the
+reward's straggler factor (T/t)^2 is 0.64: the arm would need 1.56 times the progress of an arm
+that keeps the pace, which no rank or ratio of the grid has shown on SmolLM2, and it would hold
+every other device of the round too. s was 1.5 first; but a prediction from one or two rounds
+carries the fleet's jitter (±15 %), and on the lean run a Xavier NX's rank 16, predicted 2.74 s
+against a limit of 2.76 s, ran 3.29 s (1.8 × T), then 16/0.2 predicted 2.57 s ran 3.14 s: a
+wrongly tried arm costs the whole round, a wrongly screened one at most 25 % of a round. The max keeps a
 device that cannot reach T at all choosing among its own fastest arms. Screening is the
 controller's business only through `choose(avoid=...)`: nothing is marked infeasible, and an arm
 screened now is tried again when T or the device's pace changes (a longer deadline, a faster
 link).
+
+Before a device's pace is known (its first round, and its profile's), its arms cannot be priced,
+but how much slower one can be than another can: t_k ≤ max(F_k / min F, P_k / min P) × the
+device's fastest arm (`worst_ratio`), so arms whose bound exceeds s wait until the device has
+reported once. On the lean run this was round 1's whole exploration cost: a Xavier NX that started
+at rank 16 (4× the LoRA parameters of rank 4) held the round 2.6–2.8 s instead of ~1.8 s. Cheap
+arms (another ratio at the same rank: ≤ 1.25× the FLOPs) are still tried from the start.
 
 Vectorised over devices; the state is two (N,) arrays, saved with the controller's.
 """
@@ -105,9 +116,18 @@ def fastest_round(times: np.ndarray) -> float:
     return float(fastest.max()) if fastest.size else float("inf")
 
 
-def hopeless(times: np.ndarray, threshold_s: float, slack: float) -> np.ndarray:
+def worst_ratio(flops: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """(K,) the most each arm can take over a device's fastest arm, whatever the device's pace:
+    t_k = a·F_k + b·P_k ≤ max(F_k / min F, P_k / min P) · (a·min F + b·min P) ≤ that × min_j t_j."""
+    flops, params = np.asarray(flops, dtype=float), np.asarray(params, dtype=float)
+    return np.maximum(flops / flops.min(), params / params.min())
+
+
+def hopeless(times: np.ndarray, threshold_s: float, slack: float, worst: np.ndarray | None = None) -> np.ndarray:
     """(n, K) arms whose predicted time (`times`, (n, K)) is more than `slack` × max(threshold, the
-    device's fastest arm): not worth a try this round. Devices of unknown pace screen nothing."""
+    device's fastest arm): not worth a try this round. A device of unknown pace screens the arms
+    that could take more than `slack` × its fastest (`worst`, (K,), from `worst_ratio`; none without it)."""
     known = np.isfinite(times).all(axis=1, keepdims=True)
     limit = slack * np.maximum(threshold_s, np.where(known, times, np.inf).min(axis=1, keepdims=True))
-    return known & (times > limit)
+    blind = ~known & (np.asarray(worst)[None, :] > slack) if worst is not None else np.zeros_like(known)
+    return (known & (times > limit)) | blind

@@ -212,9 +212,18 @@ def test_the_screen_keeps_a_slow_link_from_trying_the_large_rank() -> None:
     _, free = _paced_run(screen=False)
     control, screened = _paced_run(screen=True)
     assert slow_large(free) >= 2  # UCB1 tries every arm: both rank-8 arms cost the round 8+ s
-    assert slow_large(screened) <= 1  # at most before its pace was known
+    assert slow_large(screened) == 0  # not even before its pace was known (round 1: `worst_ratio`)
     assert control.reward_state.fastest_s <= 3.0  # the fastest round: client 0 at rank 2
     assert sum(1 for r in screened if r["client_id"] == 1 and r["arm_rank"] == 8) >= 2  # the fast link still explores it
+
+
+def test_before_a_device_reports_it_plays_only_arms_that_cannot_take_much_over_its_cheapest() -> None:
+    # _price: rank 8 sends 4x rank 2's parameters, ratio 0 costs 2x ratio 0.5's FLOPs; over 1.25x
+    # the cheapest arm (2/0.5) either could be, whatever the device's pace, so round 1 plays 2/0.5.
+    _, rows = _paced_run(screen=True, rounds=1)
+    assert [(r["arm_rank"], r["arm_ratio"]) for r in rows] == [(2, 0.5), (2, 0.5)]
+    _, free = _paced_run(screen=False, rounds=1)
+    assert {(r["arm_rank"], r["arm_ratio"]) for r in free} != {(2, 0.5)}  # unscreened UCB1 starts elsewhere
 
 
 def test_a_costly_first_round_does_not_set_the_bar_for_the_screen() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.controllers.pace import Pace, fastest_round, hopeless
+from fedsim.controllers.pace import Pace, fastest_round, hopeless, worst_ratio
 
 FLOPS = np.array([1e12, 1e12, 2e12])  # arms: rank 4, rank 16, rank 4 of a twice-bigger model
 PARAMS = np.array([1e6, 4e6, 1e6])
@@ -52,6 +52,21 @@ def test_hopeless_arms_are_those_far_slower_than_the_threshold_or_the_devices_ow
     np.testing.assert_array_equal(screened, [[False, False, False], [False, False, True], [False, False, False]])
     assert hopeless(pace.predict(np.array([0]), FLOPS, PARAMS), threshold_s=1.0, slack=1.5).tolist() == [[False, True, False]]  # 2.5 > 1.5
     assert not hopeless(pace.predict(np.array([0]), FLOPS, PARAMS), threshold_s=np.inf, slack=1.5).any()  # no round yet: nothing to compare
+
+
+def test_an_unknown_device_screens_the_arms_that_could_be_far_slower_than_its_cheapest():
+    np.testing.assert_allclose(worst_ratio(FLOPS, PARAMS), [1.0, 4.0, 2.0])
+    # whatever the pace, no arm exceeds its bound: t_k / min_j t_j <= worst_ratio
+    for a, b in ((1e-12, 0.0), (0.0, 1e-6), (1e-12, 1e-6), (3e-13, 2e-5)):
+        t = a * FLOPS + b * PARAMS
+        assert (t / t.min() <= worst_ratio(FLOPS, PARAMS) + 1e-12).all()
+    pace = Pace.unknown(np.array([0, 1]))
+    pace.observe(np.array([0]), np.array([1e12]), np.array([1e6]), np.array([0.5]), np.array([0.5]))
+    times = pace.predict(np.array([0, 1]), FLOPS, PARAMS)
+    screened = hopeless(times, threshold_s=2.0, slack=1.5, worst=worst_ratio(FLOPS, PARAMS))
+    assert screened.tolist() == [[False, False, False], [False, True, True]]  # device 0 by its pace; 1 by the bound
+    assert not hopeless(times, 2.0, 1.5)[1].any()  # without the bound an unknown device screens nothing
+    assert not hopeless(times, 2.0, 4.0, worst=worst_ratio(FLOPS, PARAMS))[1].any()
 
 
 def test_state_round_trips_and_a_wrong_shape_names_it():
