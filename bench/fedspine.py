@@ -39,7 +39,9 @@ DIR (it is locked), so a run in progress is never taken for an unfinished one an
 Target: the central (deployed) loss (or, with `--metric accuracy`, accuracy) that `fedit` reaches at its last
 round, unless `--target` is given. "sim s to target" is the simulated fleet time at the first round
 that reaches it (mean over seeds; "—" if a seed never does), and the speedups are fedit's and the
-best fixed arm's time over the row's. Final figures are means over seeds.
+best fixed arm's time over the row's. Final figures are means over seeds. `--window K` scores
+each round by the mean of its last K evaluations, for the final figure and the time to target
+alike: on a small held-out set one round's loss moves by up to 0.1 (README, "At the same sparsity").
 
 At the same sparsity (FedSpine's comparison): the scenario's `pruning.deploy_ratios` (the TX2s
 deploy at 0.2) make every row scored on the models the fleet would deploy, each device's pruned to
@@ -148,16 +150,18 @@ def _lock(folder: Path):  # type: ignore[no-untyped-def]
     return handle
 
 
-def central(metrics, deployed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+def central(metrics, deployed: bool = False, window: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """(sim seconds, loss, accuracy) of the central evaluation, by round (`deployed`: of the
-    fleet's deployed models, `pruning.deploy_ratios`)."""
+    fleet's deployed models, `pruning.deploy_ratios`); with `window` K > 1, each round's loss and
+    accuracy are the mean of its last K evaluations (fewer at the start)."""
     c = metrics[metrics["kind"] == "eval_central"].sort_values("round")
     prefix = "deployed_" if deployed else ""
-    return c["sim_time_s"].to_numpy(), c[prefix + "loss"].to_numpy(), c[prefix + "accuracy"].to_numpy()
+    loss, acc = (c[prefix + name].rolling(window, min_periods=1).mean().to_numpy() for name in ("loss", "accuracy"))
+    return c["sim_time_s"].to_numpy(), loss, acc
 
 
-def time_to(metrics, metric: str, target: float) -> float:  # type: ignore[no-untyped-def]
-    t, loss, acc = central(metrics, metric.startswith("deployed"))
+def time_to(metrics, metric: str, target: float, window: int = 1) -> float:  # type: ignore[no-untyped-def]
+    t, loss, acc = central(metrics, metric.startswith("deployed"), window)
     hit = loss <= target if metric.endswith("loss") else acc >= target
     return float(t[np.argmax(hit)]) if hit.any() else math.nan
 
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("--bandits", nargs="*", default=["sucb"], help="controllers to compare (the first is the headline; none: the baselines only)")
     parser.add_argument("--metric", choices=("loss", "accuracy", "deployed_loss", "deployed_accuracy"), help="deployed_*: of the fleet's deployed models (`pruning.deploy_ratios`); default: deployed_loss when the scenario has deploy ratios, else loss")
     parser.add_argument("--target", type=float, help="default: fedit's final value")
+    parser.add_argument("--window", type=int, default=1, metavar="K", help="score each round by the mean of its last K central evaluations (final: the last K rounds' mean): one round's evaluation swings with a small held-out set")
     parser.add_argument("--ranks", type=int, nargs="+", help="the arm grid's ranks (default: the scenario's)")
     parser.add_argument("--ratios", type=float, nargs="+", help="the arm grid's ratios (default: the scenario's)")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the rows' runs in DIR and reuse the finished ones")
@@ -205,6 +210,8 @@ def main() -> None:
     rows = settings(args.arms, args.bandits, args.ranks or list(grid.ranks), args.ratios or list(grid.ratios), args.bandit_set, args.profile_arms)
     if args.rows and not args.keep:
         parser.error("--rows needs --keep DIR: the other rows come from there")
+    if args.window < 1:
+        parser.error(f"--window must be >= 1, got {args.window}")
     lock = _lock(args.keep) if args.keep else None  # noqa: F841 (held until the process ends)
     per_seed = [run_seed(s, rows, extra, args.keep, args.rows) for s in args.seeds]
     if missing := [label for label in rows if any(label not in m for m in per_seed)]:
@@ -213,16 +220,16 @@ def main() -> None:
         if "fedit" not in rows or not any(label.startswith("fixed") for label in rows):
             return
     deployed = args.metric.startswith("deployed")
-    final = {label: np.mean([[central(m[label], deployed)[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
+    final = {label: np.mean([[central(m[label], deployed, args.window)[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
     column = 1 if args.metric.endswith("loss") else 2
     target = args.target if args.target is not None else float(final["fedit"][column])
-    reach = {label: np.mean([time_to(m[label], args.metric, target) for m in per_seed]) for label in rows}
+    reach = {label: np.mean([time_to(m[label], args.metric, target, args.window) for m in per_seed]) for label in rows}
     fixed = [label for label in rows if label.startswith("fixed")]
     sign = 1 if args.metric.endswith("loss") else -1
     better = (lambda a, b: a < b) if sign > 0 else (lambda a, b: a > b)
     best = min(fixed, key=lambda label: (math.isnan(reach[label]), reach[label], final[label][column] * sign))
     worst = max(fixed, key=lambda label: (math.isnan(reach[label]), np.nan_to_num(reach[label]), final[label][column] * sign))
-    print(f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} {'<=' if sign > 0 else '>='} {target:.4f} (fedit's final unless --target)")
+    print(f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} {'<=' if sign > 0 else '>='} {target:.4f} (fedit's final unless --target){f'; each round the mean of its last {args.window}' if args.window > 1 else ''}")
     head = "deployed " if deployed else "final "
     print(f"{'row':<22} {head + 'loss':>13} {head + 'acc':>12} {'sim s (run)':>11} {'sim s to target':>15} {'x fedit':>7} {'x best fixed':>12}")
     for label in rows:

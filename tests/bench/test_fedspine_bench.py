@@ -4,9 +4,12 @@ rows instead of running them again."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
@@ -64,3 +67,28 @@ def test_a_fixed_row_that_fell_back_is_measured() -> None:
     assert fedspine.off_arm(rows, "fixed 4/0.2") == 0.5
     assert fedspine.off_arm(rows[rows["arm_ratio"] != 0.2], "fixed 4/0") == 0.0
     assert fedspine.off_arm(rows, "per-profile") == 0.0
+
+
+def test_a_window_scores_each_round_by_its_last_evaluations() -> None:
+    """`--window K`: the final figure is the last K rounds' mean and the time to target is when that mean first reaches it."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fedspine
+
+    rows = pd.DataFrame({
+        "kind": ["eval_central"] * 5 + ["train"], "round": [0, 1, 2, 3, 4, 1],
+        "sim_time_s": [0.0, 1.0, 2.0, 3.0, 4.0, 9.9], "loss": [4.0, 1.4, 2.0, 1.4, 1.6, 0.1], "accuracy": [0.0, 0.2, 0.1, 0.3, 0.2, 1.0],
+    })  # fmt: skip
+    _, loss, acc = fedspine.central(rows, window=2)
+    np.testing.assert_allclose(loss, [4.0, 2.7, 1.7, 1.7, 1.5])
+    np.testing.assert_allclose(acc, [0.0, 0.1, 0.15, 0.2, 0.25])
+    assert fedspine.time_to(rows, "loss", 1.5) == 1.0  # one round's dip
+    assert fedspine.time_to(rows, "loss", 1.5, window=2) == 4.0  # the first two rounds in a row that average 1.5
+    assert math.isnan(fedspine.time_to(rows, "loss", 1.0, window=2))  # never reached
+    assert fedspine.central(rows)[1].tolist() == [4.0, 1.4, 2.0, 1.4, 1.6]
+
+
+def test_a_window_below_one_is_refused_before_anything_runs() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "fedspine.py"), *ARGS, "--window", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--window must be >= 1, got 0" in done.stderr
