@@ -46,8 +46,9 @@ Before a device's pace is known (its first round, and its profile's), its arms c
 but how much slower one can be than another can: t_k ≤ max(F_k / min F, P_k / min P) × the
 device's fastest arm (`worst_ratio`), so arms whose bound exceeds s wait until the device has
 reported once. On the lean run this was round 1's whole exploration cost: a Xavier NX that started
-at rank 16 (4× the LoRA parameters of rank 4) held the round 2.6–2.8 s instead of ~1.8 s. Cheap
-arms (another ratio at the same rank: ≤ 1.25× the FLOPs) are still tried from the start.
+at rank 16 (4× the LoRA parameters of rank 4) held the round 2.6–2.8 s instead of ~1.8 s. The
+grid's ratios at the smallest rank are still tried from the start (on SmolLM2, ratio 0 costs 1.20×
+the FLOPs of 0.2, rank 8 2.3× and rank 16 4.7× the LoRA parameters of 4/0.2).
 
 Vectorised over devices; the state is two (N,) arrays, saved with the controller's.
 """
