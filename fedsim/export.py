@@ -183,7 +183,7 @@ def export(run_dir: Path, out: Path, profile: str | None = None, client: int | N
     if (run_dir / "keeps.json").is_file():
         book.load((run_dir / "keeps.json").read_text())
     mode = scenario.pruning.mode
-    keep = shipped_keep(book, profile, ids, scenario.pruning.deploy_ratios, lambda rho: select_keep(central.importance(adapter), layers, rho, mode))
+    keep = shipped_keep(book, profile, ids, scenario.pruning.deploy_ratios, lambda rho: select_keep(central.deploy_importance(adapter), layers, rho, mode))
     exported = merged(central.model, central.tokenizer, keep)
     out.mkdir(parents=True, exist_ok=True)
     exported.model.save_pretrained(out)

@@ -220,6 +220,7 @@ class PruningConfig(_Section):
     score_steps: int = Field(5, ge=1, description="lora_grad: training steps before an event whose gradients are averaged.")
     calibration_examples: int = Field(8, ge=1, description="Examples of the batch a score without training gradients reads.")
     deploy_ratios: dict[str, float] = Field({}, description="Per device profile, the pruning ratio of the model it deploys (e.g. {jetson-tx2 = 0.2}: what its memory or latency allows for inference); the central evaluation then also scores the fleet's deployed models (`deployed_loss`, `fedsim.deployment`) and a controller's reward scores contributions on them and credits pruning only toward them (`controllers.reward`).")
+    deploy_importance: Literal["lora_grad", "magnitude", "activation", "first_order"] = Field("first_order", description="Importance score of the server's one-shot cut of the global adapter to a deploy ratio (for a device that did not train at it, and `fedsim export`): first_order (LLM-Pruner's |w·g| on the calibration batch) by default: lora_grad read from one batch, without the average over training steps a client has, cut two adapters 0.05 apart in unpruned loss to deployed losses of 2.00 and 3.66 (README).")
     deploy_panel: int = Field(4, ge=1, description="Per profile with a deploy ratio, how many of its devices the deployed scores average over, each on its own model (the keep it trained at, else the server's cut): a sample drawn from the seed, fixed for the run; all of them when the profile has fewer.")
 
     @property
@@ -402,15 +403,18 @@ def _pruning_problems(
 
     if clients_prune and strategy is not None and strategy.name in PRUNING_REFUSED:
         problems.append(f"`strategy.name` = {strategy.name!r} cannot aggregate pruned clients: {PRUNING_REFUSED[strategy.name]}; use fedit, hetlora, ffa_lora or fedsa_lora, or set the pruning ratios to 0")
-    if lora is not None and pruning.importance == "lora_grad":
+    scores = {"importance": clients_prune, "deploy_importance": any(pruning.deploy_ratios.values())}  # the scores in use
+    lora_grad = [field for field, used in scores.items() if used and getattr(pruning, field) == "lora_grad"]
+    if lora is not None and lora_grad:
         attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
         missing = [what for what, names in (("attention", attention), ("MLP", mlp)) if not names & set(lora.target_modules)]
-        if missing:
-            problems.append(
-                f"`pruning.importance` = 'lora_grad' scores heads and channels from the LoRA gradients, but `lora.target_modules` "
-                f"{list(lora.target_modules)} has no {' and no '.join(missing)} projection: add one (e.g. gate_proj) or choose "
-                "magnitude, activation or first_order"
-            )
+        problems += [
+            f"`pruning.{field}` = 'lora_grad' scores heads and channels from the LoRA gradients, but `lora.target_modules` "
+            f"{list(lora.target_modules)} has no {' and no '.join(missing)} projection: add one (e.g. gate_proj) or choose "
+            "magnitude, activation or first_order"
+            for field in lora_grad
+            if missing
+        ]
     if clients_prune and compression is not None and compression.downlink:
         problems.append("`compression.downlink` sends every client the same adapter; pruned clients each need their own slice: turn one off")
     return problems

@@ -129,11 +129,18 @@ class CentralEvaluator:
     def importance(self, state: AdapterState) -> Scores:
         """`pruning.where = "server"`: the global adapter's importance scores (`pruning.importance`)
         on the first `pruning.calibration_examples` held-out examples."""
+        return self._scores(state, self.scenario.pruning.importance)
+
+    def deploy_importance(self, state: AdapterState) -> Scores:
+        """The same for the server's cut to a deploy ratio (`pruning.deploy_importance`)."""
+        return self._scores(state, self.scenario.pruning.deploy_importance)
+
+    def _scores(self, state: AdapterState, score: str) -> Scores:
         set_state(self.model, state)
         p, t = self.scenario.pruning, self.scenario.train
         batch = collate(self.tokenizer, self.examples[: p.calibration_examples], t.max_seq_len)
         device = next(self.model.parameters()).device
-        return importance_scores(self.model, p.importance, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        return importance_scores(self.model, score, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
 
     def initial_state(self) -> AdapterState:
         return get_state(self.model)
@@ -170,7 +177,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     book = PruneBook(scenario, layers, client_ratios(scenario, fleet)) if scenario.prunes else None
     estimate = cost_model(central.shape, scenario)
     control = ArmControl.build(scenario, fleet, arm_price(estimate, central.shape, layers, scenario))
-    deploy = Deployment(scenario, fleet.device, central.model, central.tokenizer, central.examples, central.importance) if any(scenario.pruning.deploy_ratios.values()) else None
+    deploy = Deployment(scenario, fleet.device, central.model, central.tokenizer, central.examples, central.deploy_importance) if any(scenario.pruning.deploy_ratios.values()) else None
     env = RoundEnv(
         grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks, estimate,
         score=deploy.loss if deploy else central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,

@@ -20,6 +20,7 @@ from fedsim.pruning.select import select_keep
 from fedsim.pruning.structure import Scores, geometry
 from fedsim.pruning.surgery import pruned_copy
 from fedsim.scenario import Scenario, ScenarioError, validate_scenario
+from fedsim.server import CentralEvaluator
 from fedsim.training import evaluate_loss
 
 DEVICES = np.array(["laptop-cpu", "phone-highend", "phone-highend", "phone-highend"])
@@ -140,7 +141,21 @@ def test_a_deploy_ratio_for_a_profile_the_fleet_lacks_is_named() -> None:
 
 
 def test_deploy_ratios_alone_do_not_ask_the_strategy_to_aggregate_pruned_clients() -> None:
-    """Only the server cuts (for scoring): flexlora, which refuses pruned clients, is fine; lora_grad still needs its targets."""
+    """Only the server cuts (for scoring): flexlora, which refuses pruned clients, is fine; a lora_grad
+    cut still needs its targets, and the clients' score is then not read."""
     _scenario(strategy_name="flexlora")
-    with pytest.raises(ScenarioError, match="'lora_grad' scores heads and channels"):
-        _scenario(importance="lora_grad", targets=["q_proj", "v_proj"])
+    with pytest.raises(ScenarioError, match=r"`pruning.deploy_importance` = 'lora_grad' scores heads and channels"):
+        _scenario(deploy_importance="lora_grad", targets=["q_proj", "v_proj"])
+    assert _scenario(importance="lora_grad", targets=["q_proj", "v_proj"]).pruning.deploy_importance == "first_order"
+
+
+def test_the_servers_deploy_cut_reads_deploy_importance_not_the_clients_score() -> None:
+    scenario = _scenario(importance="lora_grad", deploy_importance="magnitude")
+    central = CentralEvaluator(scenario)
+    state = central.initial_state()
+    deployed, expected = central.deploy_importance(state), magnitude_scores(central.model)
+    assert len(deployed.groups) == len(expected.groups) > 0
+    for got, want in zip((*deployed.groups, *deployed.channels), (*expected.groups, *expected.channels)):
+        assert torch.equal(got, want)
+    clients = central.importance(state)  # lora_grad: another score
+    assert any(not torch.allclose(got, want) for got, want in zip(clients.channels, expected.channels))
