@@ -71,15 +71,15 @@ Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "St
   round mean like the other terms; then the one pruned client of a round of 8 scored π/π̄ = 8, and
   on the lean SmolLM2 run S-UCB took the TX2s to ratio 0.2, which costs loss, for that bonus.
   With deploy ratios (`pruning.deploy_ratios`), π measures progress toward the model the device
-  will run instead, weighed by w_π = `deploy_weight` (1): training at its deploy ratio gains the
-  full weight, training further from it (either way) less, pruning a device that deploys whole
-  nothing. A device's deployed model is only as good as the training it had at its deploy ratio,
-  a value that builds up over rounds and that one round's contribution misses: scored on the
-  deployed models, a TX2's pruned update contributed 0.011–0.020 in one round against
-  0.028–0.037 unpruned (lean SmolLM2 run, three seeds), while training the TX2s at 0.2 every
-  round ended 0.04–0.14 lower on the deployed loss. At w_π = 0.5 the TX2s trained at 0.2 in
-  87 / 30 / 67 % of their rounds and the bandit's deployed loss ended at 1.363 (mean of the
-  seeds; 1.417 over the last three rounds); at 1, 87 / 83 / 77 % and 1.337 (1.346) (README, "At
+  will run instead, weighed by w_π = `deploy_weight`, off (0) by default: c is then scored on the
+  deployed models, so it already says what training a device at its deploy ratio buys. The term
+  was weighed 1 while the server cut an untrained device's model by `lora_grad` from one batch: that
+  cut was unstable, training the TX2s at 0.2 every round ended 0.04–0.14 lower on the deployed
+  loss, and the bonus took the bandit there. With the cut by `first_order`
+  (`pruning.deploy_importance`) it is the reverse on the lean SmolLM2 run: every TX2 unpruned
+  (fixed 4/0) ends at a deployed loss of 1.148 (mean of three seeds) against 1.276 for the TX2s at
+  0.2, a TX2's unpruned update contributes 0.050 against 0.016 pruned, and with the bonus the
+  bandit kept its TX2s at 0.2 (27 of 30 client-rounds) and ended at 1.396 against 1.205 without it (seed 0; README, "At
   the same sparsity"). The deploy ratio is the user's requirement for the device, not knowledge
   of its speed, memory or link, which the controller still learns.
 - ν (w_ν = 0): a diverging or over-compensating client also sends a large update; c measures the

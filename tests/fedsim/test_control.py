@@ -275,7 +275,7 @@ def test_the_servers_price_of_an_arm_falls_with_pruning_and_its_payload_grows_wi
 
 
 def test_with_deploy_ratios_the_reward_credits_training_at_the_ratio_the_profile_deploys() -> None:
-    scenario = _scenario(reward={"contribution_weight": 0.0, "loss_weight": 0.0, "prune_weight": 1.0, "straggler": "none", "normalise": "none", "floor": 0.0})
+    scenario = _scenario(reward={"contribution_weight": 0.0, "loss_weight": 0.0, "prune_weight": 1.0, "deploy_weight": 1.0, "straggler": "none", "normalise": "none", "floor": 0.0})
     deploying = scenario.model_copy(update={"pruning": scenario.pruning.model_copy(update={"deploy_ratios": {"phone-highend": 0.5}})})
     for s, expected in ((scenario, [0.5, 0.5]), (deploying, [0.0, 1.0])):
         control, book = _control(s)

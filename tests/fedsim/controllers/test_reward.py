@@ -229,6 +229,16 @@ def test_with_deploy_ratios_pruning_progress_is_the_share_of_the_ratio_the_devic
     np.testing.assert_allclose(without, [0.1, 0.05, 0.15, 0.2, 0.1])  # no deploy ratios: the sparsity itself, by prune_weight
 
 
+def test_by_default_training_at_the_deploy_ratio_earns_nothing_by_itself():
+    """The contributions are scored on the deployed models: a device's sparsity adds no bonus of its own."""
+    o = obs(
+        3, ratio_reached=np.array([0.2, 0.0, 0.1]), ratio_target=np.array([0.2, 0.0, 0.1]),
+        ratio_deployed=np.array([0.2, 0.2, 0.2]), contribution=np.array([0.01, 0.03, 0.02]), time_s=np.ones(3),
+    )  # fmt: skip
+    r, _ = rewards(o, RewardConfig(loss_weight=0.0, straggler="none", normalise="none", floor=0.0))
+    np.testing.assert_allclose(r, [0.5, 1.5, 1.0])  # c / c̄ only: the unpruned update, 3x the pruned one's, scores 3x
+
+
 def test_deploy_ratios_must_align_with_the_other_arrays():
     with pytest.raises(ValueError, match=r"`ratio_deployed` must be 1-D and aligned with loss_before \(2,\), got \(3,\)"):
         obs(2, ratio_deployed=np.zeros(3))
