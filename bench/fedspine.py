@@ -22,7 +22,7 @@ only `[controller]` differs; the rows a command runs for a seed share one Flower
   row whose devices could not all hold its arm (it then plays the nearest arm that fits) is
   footnoted with the share of client-rounds played elsewhere;
 - `per-profile`: a hand-tuned arm per profile, slower devices smaller and more pruned
-  (`per_profile`: on the scenario's grid TX2 4/0.2, Xavier NX 8/0.1, AGX Orin 16/0), or the
+  (`per_profile`: on the scenario's grid TX2 4/0.2, Xavier NX 4/0, AGX Orin 16/0), or the
   arms of `--profile-arms` for a fleet of other profiles;
 - `fedit`: the uniform baseline: a rank-8 global adapter, every device at rank 8, unpruned (a
   `fixed` controller with one arm, which is the same as none).
