@@ -203,6 +203,9 @@ class CompressionConfig(_Section):
         return self
 
 
+ImportanceScore = Literal["lora_grad", "magnitude", "activation", "first_order"]  # `fedsim.pruning.importance.SCORES` (not imported: it needs torch)
+
+
 class PruningConfig(_Section):
     """Structured pruning of each client's model (`fedsim.pruning`): whole KV groups and MLP
     channels go, so a weak device computes and holds less; LoRA trains on what is left, and the
@@ -211,7 +214,7 @@ class PruningConfig(_Section):
     ratio: float = Field(0.0, ge=0, le=0.95, description="Target share of the prunable parameters (q,k,v,o,gate,up,down of every layer) each client removes.")
     profile_ratios: dict[str, float] = Field({}, description="Target ratio per device profile, e.g. {jetson-tx2 = 0.5}; overrides `ratio`.")
     client_ratios: dict[str, float] = Field({}, description="Target ratio per client id (string key); overrides profile_ratios.")
-    importance: Literal["lora_grad", "magnitude", "activation", "first_order"] = Field("lora_grad", description="Importance score (`fedsim.pruning.importance`); lora_grad (FedSpine/LoRAPrune) needs LoRA on an attention and an MLP projection.")
+    importance: ImportanceScore = Field("lora_grad", description="Importance score (`fedsim.pruning.importance`); lora_grad (FedSpine/LoRAPrune) needs LoRA on an attention and an MLP projection.")
     mode: Literal["per_layer", "global"] = Field("per_layer", description="Budget per decoder layer, or one budget over the model.")
     where: Literal["client", "server"] = Field("client", description="client: each client scores its own data between its LoRA steps; server: the server scores the global adapter on a held-out batch between rounds and sends the keep.")
     interval_steps: int = Field(20, ge=1, description="Local LoRA steps between prune events (FedSpine: about 20).")
@@ -220,7 +223,7 @@ class PruningConfig(_Section):
     score_steps: int = Field(5, ge=1, description="lora_grad: training steps before an event whose gradients are averaged.")
     calibration_examples: int = Field(8, ge=1, description="Examples of the batch a score without training gradients reads.")
     deploy_ratios: dict[str, float] = Field({}, description="Per device profile, the pruning ratio of the model it deploys (e.g. {jetson-tx2 = 0.2}: what its memory or latency allows for inference); the central evaluation then also scores the fleet's deployed models (`deployed_loss`, `fedsim.deployment`) and a controller's reward scores contributions on them (and, with `controller.reward.deploy_weight` > 0, credits pruning only toward them; `controllers.reward`).")
-    deploy_importance: Literal["lora_grad", "magnitude", "activation", "first_order"] = Field("first_order", description="Importance score of the server's one-shot cut of the global adapter to a deploy ratio (for a device that did not train at it, and `fedsim export`): first_order (LLM-Pruner's |w·g| on the calibration batch) by default: lora_grad read from one batch, without the average over training steps a client has, cut two adapters 0.05 apart in unpruned loss to deployed losses of 2.00 and 3.66 (README).")
+    deploy_importance: ImportanceScore = Field("first_order", description="Importance score of the server's one-shot cut of the global adapter to a deploy ratio (for a device that did not train at it, and `fedsim export`): first_order (LLM-Pruner's |w·g| on the calibration batch) by default: lora_grad read from one batch, without the average over training steps a client has, cut two adapters 0.05 apart in unpruned loss to deployed losses of 2.00 and 3.66 (README).")
     deploy_panel: int = Field(4, ge=1, description="Per profile with a deploy ratio, how many of its devices the deployed scores average over, each on its own model (the keep it trained at, else the server's cut): a sample drawn from the seed, fixed for the run; all of them when the profile has fewer.")
 
     @property
@@ -408,13 +411,13 @@ def _pruning_problems(
     if lora is not None and lora_grad:
         attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
         missing = [what for what, names in (("attention", attention), ("MLP", mlp)) if not names & set(lora.target_modules)]
-        problems += [
-            f"`pruning.{field}` = 'lora_grad' scores heads and channels from the LoRA gradients, but `lora.target_modules` "
-            f"{list(lora.target_modules)} has no {' and no '.join(missing)} projection: add one (e.g. gate_proj) or choose "
-            "magnitude, activation or first_order"
-            for field in lora_grad
-            if missing
-        ]
+        if missing:
+            problems += [
+                f"`pruning.{field}` = 'lora_grad' scores heads and channels from the LoRA gradients, but `lora.target_modules` "
+                f"{list(lora.target_modules)} has no {' and no '.join(missing)} projection: add one (e.g. gate_proj) or choose "
+                "magnitude, activation or first_order"
+                for field in lora_grad
+            ]
     if clients_prune and compression is not None and compression.downlink:
         problems.append("`compression.downlink` sends every client the same adapter; pruned clients each need their own slice: turn one off")
     return problems

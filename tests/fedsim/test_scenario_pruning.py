@@ -3,12 +3,13 @@ a ratio that would empty a layer of the model."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from fedsim.preflight import preflight
-from fedsim.scenario import ScenarioError, validate_scenario
+from fedsim.pruning.importance import SCORES
+from fedsim.scenario import ImportanceScore, ScenarioError, validate_scenario
 
 
 def _raw(pruning: dict[str, Any], **sections: Any) -> dict[str, Any]:
@@ -174,3 +175,7 @@ def test_preflight_names_each_unreachable_ratio() -> None:
     with pytest.raises(ScenarioError) as err:
         preflight(validate_scenario(raw), "<test>")
     assert [p.split(":")[1].strip() for p in err.value.problems] == ["pruning ratio 0.9", "pruning ratio 0.95"]
+
+
+def test_the_scenarios_importance_choices_are_the_scores_fedsim_computes() -> None:
+    assert sorted(get_args(ImportanceScore)) == sorted(SCORES)
