@@ -35,20 +35,30 @@ Rules every controller keeps:
   Generator's state as a uint64 array, so a controller loaded from it continues identically.
 - `update` takes each device at most once (one report per device per round).
 
-Pooling over profiles (`pool = "profile"`, weight w = `pool_weight`). Devices of one profile
-(same hardware) behave alike, and a device sampled once every ten rounds would otherwise explore
-all run long. The grid and tree algorithms (ucb1, discounted/sliding-window UCB, thompson, sucb)
-then score each device's points on effective statistics, shrunk toward its peers':
+Pooling over profiles (`pool = "profile"`, at most C = `pool_pulls` borrowed). Devices of one
+profile (same hardware) behave alike, and a device sampled once every ten rounds would otherwise
+explore all run long. The grid and tree algorithms (ucb1, discounted/sliding-window UCB, thompson,
+sucb) then score each device's points on effective statistics, its own plus what its peers lend:
 
-    n'_dk = n_dk + w·n̄_-d,k        s'_dk = s_dk + w·s̄_-d,k
-    n̄_-d,k = (Σ_{e∈p(d)} n_ek − n_dk) / (|p(d)| − 1)    (s̄ likewise; 0 for a profile of one)
+    n'_dk = n_dk + m_dk           s'_dk = s_dk + m_dk · S_dk / N_dk
+    N_dk, S_dk = the peers' pulls and reward sums of point k (the profile's, less the device's own)
+    m_dk = N_dk · C / (N_dk + C)  the pulls' worth the peers lend: all of them while few (N ≪ C),
+                                  at most C however many peers have played
 
-the leave-one-out average over the device's peers, i.e. the peers count as w extra devices of
-evidence (a prior whose mean is the peers' pooled mean). It is derived from `counts` and `sums`
-at each `choose` (`_statistics`), so it adds no state; a device alone in its profile is scored
-exactly as without pooling. Learning (`counts`, `sums`) and infeasibility stay per device: a
-peer's out-of-memory report lowers the pooled mean of that point but never excludes it for
-another device (memory differs per device).
+i.e. a prior at the peers' mean worth m pulls: the normal-normal shrinkage of a device's mean
+toward its profile's, where C is the ratio of the reward noise's variance to the spread of the
+devices' true means within a profile (σ²/τ²; C → ∞ pools the profile into one learner, C = 0
+learns alone). What the peers lend depends on how much they have played, not on how many they
+are: a profile of 40 rarely sampled devices lends as much as one of 3 that play every round. The
+former form (peers' per-device average × w devices' worth) lent w/(|p| − 1) of the peers' pulls,
+so a 40-device profile lent 8 % of them at w = 3 while a 3-device one lent 150 %: on the
+80-Jetson fleet a device's first round saw under one pull of its peers' evidence and explored as
+if alone. It is derived from `counts` and `sums` at each `choose` (`_statistics`), so it adds no
+state; a device alone in its profile is scored exactly as without pooling, and its own pulls
+outweigh the loan once it has played C times, so pooling fades for a device that differs from its
+peers. Learning (`counts`, `sums`) and infeasibility stay per device: a peer's out-of-memory report
+lowers the pooled mean of that point but never excludes it for another device (memory differs per
+device).
 
 Spreading a profile's picks (`pool_spread`, on by default with pooling). Pooled devices of one
 profile score alike, so the ones chosen in the same round all took the same point ("herding"):
@@ -58,11 +68,11 @@ unpruned one). `choose` therefore picks in waves, the i-th chosen device of ever
 wave i (at most `SPREAD_WAVES` = 8 waves, so `choose` stays vectorised: more of a profile's
 devices in one round share waves). After each wave, each pick counts for the later peers as one
 more pull of that point (and, in S-UCB, of its ancestors: `_credit`) at the device's current
-mean, weighted as a real peer pull (w / (|p| − 1)): the "hallucinated" observations of batched
-bandits (Desautels, Krause & Burdick, "Parallelizing Exploration-Exploitation Tradeoffs in
-Gaussian Process Bandit Optimization", JMLR 15, 2014). The mean is unchanged and the confidence
-bonus shrinks, so a close second point gets the next device. Nothing of it is stored: `counts`
-and `sums` hold only real pulls.
+mean, in full, beside the loan (the peers it stands for are about to play it): the "hallucinated"
+observations of batched bandits (Desautels, Krause & Burdick, "Parallelizing
+Exploration-Exploitation Tradeoffs in Gaussian Process Bandit Optimization", JMLR 15, 2014). The
+mean is unchanged and the confidence bonus shrinks, so a close second point gets the next device.
+Nothing of it is stored: `counts` and `sums` hold only real pulls.
 """
 
 from __future__ import annotations
@@ -115,19 +125,15 @@ class Controller(ABC):
         self.infeasible = np.zeros(shape, dtype=bool)
         self.rng = np.random.default_rng(seed)
         self._avoid: np.ndarray | None = None  # (n, K) during `choose` only
-        self._totals: tuple[np.ndarray, np.ndarray] | None = None  # (P, K) the profiles' totals with this round's picks, during `_spread` only
+        self._batch: tuple[np.ndarray, np.ndarray] | None = None  # (P, K) counts and sums of this round's earlier picks per profile, during `_spread` only
         self._cheapest = int(np.lexsort((-self.point_ratios, self.point_ranks))[0])
-        # Pooling: devices sorted by profile, the start of each present profile's run, and each
-        # device's number of peers (the device's profile size − 1).
+        # Pooling: devices sorted by profile, the start of each present profile's run, and whether
+        # any device has a peer to borrow from.
         self._pool_order = np.argsort(self.profiles, kind="stable")
         ids, self._pool_starts, sizes = np.unique(self.profiles[self._pool_order], return_index=True, return_counts=True)
         self._pool_row = np.zeros(num_profiles, dtype=np.int64)
         self._pool_row[ids] = np.arange(len(ids))  # profile index → row of the pooled totals
-        peers = np.zeros(num_profiles)
-        peers[ids] = sizes - 1
-        peers = peers[self.profiles]  # (N,)
-        self._pool_scale = np.divide(config.pool_weight, peers, out=np.zeros_like(peers), where=peers > 0)  # (N,) w / (|p| − 1)
-        self._pooled = config.pool == "profile" and bool((self._pool_scale > 0).any())
+        self._pooled = config.pool == "profile" and config.pool_pulls > 0 and bool((sizes > 1).any())
 
     # --- the interface --------------------------------------------------------------------
 
@@ -147,7 +153,7 @@ class Controller(ABC):
             else:
                 points = self._select(devices, round)
         finally:
-            self._avoid, self._totals = None, None
+            self._avoid, self._batch = None, None
         points = np.where(self.exhausted(devices), self._cheapest, points)
         return self.point_ranks[points].copy(), self.point_ratios[points].copy()
 
@@ -237,15 +243,22 @@ class Controller(ABC):
 
     def _statistics(self, devices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(counts, sums) (n, K) the algorithm scores `devices` on: their own, or with
-        `pool = "profile"` shrunk toward their peers' (the module docstring's n', s'), whose totals
-        include, within `_spread`, the peers' picks earlier in this round."""
+        `pool = "profile"` plus what their peers lend (the module docstring's n', s') and, within
+        `_spread`, the peers' picks earlier in this round."""
         counts, sums = self.counts[devices], self.sums[devices]
         if not self._pooled:
             return counts, sums
-        rows = self._pool_row[self.profiles[devices]]
-        scale = self._pool_scale[devices][:, None]  # (n, 1)
-        total_counts, total_sums = self._totals if self._totals is not None else self._profile_totals()
-        return counts + scale * (total_counts[rows] - counts), sums + scale * (total_sums[rows] - sums)
+        rows, cap = self._pool_row[self.profiles[devices]], self.config.pool_pulls
+        total_counts, total_sums = self._profile_totals()
+        peer_counts, peer_sums = total_counts[rows] - counts, total_sums[rows] - sums
+        peer_counts = np.maximum(peer_counts, 0.0)  # float round-off of totals less one's own
+        lent = peer_counts * cap / (peer_counts + cap)
+        peer_mean = np.divide(peer_sums, peer_counts, out=np.zeros_like(peer_sums), where=peer_counts > 0)
+        counts, sums = counts + lent, sums + lent * peer_mean
+        if self._batch is not None:
+            batch_counts, batch_sums = self._batch
+            counts, sums = counts + batch_counts[rows], sums + batch_sums[rows]
+        return counts, sums
 
     def _profile_totals(self) -> tuple[np.ndarray, np.ndarray]:
         """(counts, sums) (P, K) summed over each profile's devices (rows: `_pool_row`)."""
@@ -262,7 +275,8 @@ class Controller(ABC):
         size, position = np.repeat(runs, runs), np.arange(len(devices)) - np.repeat(first, runs)
         wave = np.empty(len(devices), dtype=np.int64)
         wave[order] = position * np.minimum(SPREAD_WAVES, size) // size  # more than SPREAD_WAVES: near-equal waves
-        total_counts, total_sums = self._totals = self._profile_totals()  # once; each wave's picks are added to them
+        self._batch = (np.zeros((len(self._pool_starts), len(self.point_ranks))), np.zeros((len(self._pool_starts), len(self.point_ranks))))
+        batch_counts, batch_sums = self._batch  # each wave's picks are added to them
         avoid, points = self._avoid, np.zeros(len(devices), dtype=np.int64)
         for w in range(int(wave.max(initial=-1)) + 1):  # at most SPREAD_WAVES, whatever the number of devices
             now = np.flatnonzero(wave == w)
@@ -273,8 +287,8 @@ class Controller(ABC):
             overall = np.divide(sums.sum(axis=1, keepdims=True), pulls, out=np.zeros_like(pulls), where=pulls > 0)
             mean = np.divide(sums, counts, out=np.broadcast_to(overall, sums.shape).copy(), where=counts > 0)  # never pulled: the device's overall mean
             credit = self._credit(points[now])
-            np.add.at(total_counts, rows[now], credit)  # in place: the later waves' `_statistics` see them
-            np.add.at(total_sums, rows[now], credit * mean)
+            np.add.at(batch_counts, rows[now], credit)  # in place: the later waves' `_statistics` see them
+            np.add.at(batch_sums, rows[now], credit * mean)
         return points
 
     def _blocked(self, devices: np.ndarray) -> np.ndarray:

@@ -23,16 +23,20 @@ Every default is explained in its field's description; the reasoning behind the 
 - `sucb_depth` = 4: the tree's 16 leaves are then the default grid, refined from the whole box
   down; a device takes part in tens of rounds of a run, about what 16 points need, and a deeper
   tree (finer ranks and ratios) is still exploring when such a run ends.
-- `pool` = "none", `pool_weight` = 3: pooling a profile's statistics (`base`) assumes its devices
-  share their best arm, and its weight grows with the peers' pulls, so it never fades: on a
-  synthetic fleet where each device of one profile has its own best arm and every device plays
-  every round, ucb1's cumulative regret after 1200 rounds rises from 40 to 50–64 with it. Where
-  profiles are homogeneous and participation sparse (60 devices in 3 profiles, 6 a round, 200
-  rounds, c = 0.3) it cuts ucb1's regret 506 → 272 at w = 3 (sucb 523 → 210, thompson 541 → 381,
-  discounted_ucb 515 → 315, sliding_window_ucb 482 → 122), and still helps (486 → 365) when
-  devices differ within a profile. Hence off by default, on (`pool = "profile"`) for federated
-  runs whose profiles are real hardware classes; w = 3 is a middle ground: w = 10 cuts further
-  on homogeneous profiles (144), w = 19 (the whole profile's pulls) hurts heterogeneous ones.
+- `pool` = "none", `pool_pulls` = 10: pooling a profile's statistics (`base`) assumes its devices
+  behave alike, and biases the ones that do not. Off by default, on (`pool = "profile"`) for
+  federated runs whose profiles are real hardware classes. Measured by `bench/pooling.py`
+  (cumulative regret, mean of 6 seeds, ucb1 / sucb: alone → the former loan of w = 3 devices'
+  worth of the peers' per-device average → C = 10; C = ∞ pools a profile into one learner):
+  alike profiles under sparse participation (60 devices in 3, 6 a round, 200 rounds, 16 arms)
+  496 / 499 → 273 / 208 → 70 / 78 (∞: 95 / 79); the 80 Jetsons' shape (30 / 40 / 10, 10 a
+  round, 12 rounds, the 2 × 2 grid) 45 / 52 → 16 / 17 → 6.9 / 9.0; every device its own best arm
+  483 / 462 → 356 / 344 → 361 / 365 (∞: 534 / 539), and with 24 devices all playing 300 rounds
+  710 / 658 → 502 / 548 → 545 / 545 (∞: 2641 / 2628). The former loan was a fixed share of the
+  peers' pulls, w/(|p| − 1), so it lent a 40-device profile's member 8 % of them and a 3-device
+  one's 150 %; C = 10 costs up to 9 % more regret than it where devices differ, and cuts it 2–4×
+  where they are alike. C = 5–50 are within ~20 % of each other where profiles are alike; from
+  20 on, a device that differs from its peers stays biased.
 - `pool_spread` = true: with rewards divided by the round's max (the default), a profile whose
   devices all take the same point learns nothing that round. Spreading their picks (`base`) cut
   the synthetic regret of 8 devices of one profile, all playing 60 rounds, from 104 to 63
@@ -118,8 +122,8 @@ class ControllerConfig(_Section):
     ts_prior_mean: float = Field(0.5, description="thompson: prior mean of every arm (the middle of the normalised reward range).")
     ts_prior_std: float = Field(1.0, gt=0, description="thompson: prior standard deviation (wide: twice the normalised reward range).")
     ts_noise_std: float = Field(0.5, gt=0, description="thompson: reward noise σ assumed by the Gaussian likelihood (a [0, 1] reward is 1/2-sub-Gaussian).")
-    pool: Literal["none", "profile"] = Field("none", description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own statistics, or shrunk toward its profile peers' (counts n + w·n̄, sums s + w·s̄, n̄ and s̄ the peers' per-device averages); learning and infeasibility stay per device.")
-    pool_weight: float = Field(3.0, ge=0, description="pool = profile: weight w of the peers' average, in devices' worth of evidence (0: no pooling); 3 as measured on sparse participation (see the module docstring).")
+    pool: Literal["none", "profile"] = Field("none", description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own statistics, or on its own plus what its profile's peers lend (a prior at the peers' mean worth m = N·C/(N + C) pulls, N the peers' pulls of the point, C = pool_pulls); learning and infeasibility stay per device.")
+    pool_pulls: float = Field(10.0, ge=0, description="pool = profile: C, the most pulls' worth of evidence per point a device borrows from its peers however many have played (0: no pooling); 10 as measured (see the module docstring).")
     pool_spread: bool = Field(True, description="pool = profile: devices of one profile chosen in the same round pick one after another, each counting its peers' picks of this round as pulls at their current mean (batched UCB's hallucinated pulls), so a profile tries several points in a round instead of all taking the same one.")
     linucb_alpha: float = Field(1.0, ge=0, description="linucb: width α of the confidence bonus α√(xᵀA⁻¹x).")
     linucb_ridge: float = Field(1.0, gt=0, description="linucb: ridge λ, A starts at λI.")

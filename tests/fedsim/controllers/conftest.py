@@ -59,14 +59,15 @@ def regret_curves(name: str, rounds: int, seeds: tuple[int, ...] = (0, 1), devic
     return np.mean(ours, axis=0), np.mean(uniform, axis=0)
 
 
-def sparse_regret(name: str, seeds: tuple[int, ...] = (0, 1, 2), devices: int = 60, profiles: int = 3, sampled: int = 6, rounds: int = 200, jitter: float = 0.03, round_max: bool = False, **overrides) -> float:
+def sparse_regret(name: str, seeds: tuple[int, ...] = (0, 1, 2), devices: int = 60, profiles: int | tuple[int, ...] = 3, sampled: int = 6, rounds: int = 200, jitter: float = 0.03, round_max: bool = False, **overrides) -> float:
     """Cumulative regret after `rounds`, averaged over seeds, of a federated-style run: `sampled`
     of `devices` devices a round (each pulled ~rounds·sampled/devices times, about once per arm),
     devices of a profile sharing their means up to a small per-device jitter (σ = `jitter`).
+    `profiles`: how many, of equal size, or each one's size (summing to `devices`).
     `round_max`: rewards divided by the round's largest, as the reward module's default does."""
     totals = []
     for seed in seeds:
-        groups = np.arange(devices) % profiles
+        groups = np.arange(devices) % profiles if isinstance(profiles, int) else np.repeat(np.arange(len(profiles)), profiles)
         ctrl = build_controller(ControllerConfig(name=name, **overrides), devices, groups, None, seed)
         rng = np.random.default_rng(1000 + seed)
         means = grid_means(devices, ctrl.grid.num_arms, rng, groups) + jitter * rng.standard_normal((devices, ctrl.grid.num_arms))

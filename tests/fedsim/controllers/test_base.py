@@ -122,6 +122,34 @@ def test_pooling_changes_the_choices_of_devices_that_have_peers(name):
     assert drive(pooled, 20, np.random.default_rng(0)) != drive(build(name, 8, seed=2, groups=2), 20, np.random.default_rng(0))
 
 
+def test_peers_lend_their_mean_worth_at_most_pool_pulls():
+    # n' = n + m, s' = s + m·S/N with m = N·C/(N + C): N, S the peers' pulls and sums of the point.
+    ctrl = build("ucb1", 4, ranks=[4, 16], ratios=[0.0], pool="profile", pool_pulls=10.0)
+    ctrl.counts[:] = [[2.0, 0.0], [3.0, 1.0], [5.0, 0.0], [0.0, 0.0]]
+    ctrl.sums[:] = [[1.0, 0.0], [2.4, 0.9], [3.5, 0.0], [0.0, 0.0]]
+    counts, sums = ctrl._statistics(np.array([0, 3]))
+    n, s = np.array([8.0, 1.0]), np.array([5.9, 0.9])  # device 0's peers (1, 2)
+    lent = n * 10 / (n + 10)
+    assert np.allclose(counts[0], [2.0, 0.0] + lent) and np.allclose(sums[0], [1.0, 0.0] + lent * s / n)
+    n = np.array([10.0, 1.0])  # device 3's peers (0, 1, 2), it has no pulls of its own
+    assert np.allclose(counts[1], n * 10 / (n + 10)) and np.allclose(sums[1] / counts[1], [6.9 / 10, 0.9])
+
+
+def test_what_peers_lend_depends_on_their_pulls_not_on_their_number():
+    # The same 30 peer pulls lend a fresh device as much in a profile of 40 as in one of 4, and
+    # 3000 lend no more than pool_pulls: a rarely sampled device of a big profile still starts
+    # from what its peers learnt (the former per-device average lent it 30/39 of a pull per w).
+    def fresh(size: int, pulls: float):
+        ctrl = build("ucb1", size, ranks=[4, 16], ratios=[0.0], pool="profile", pool_pulls=10.0)
+        ctrl.counts[1:, 0] = pulls / (size - 1)
+        ctrl.sums[1:, 0] = 0.7 * pulls / (size - 1)
+        return ctrl._statistics(np.array([0]))
+    (small, small_sums), (big, big_sums) = fresh(4, 30.0), fresh(40, 30.0)
+    assert np.allclose(small, big) and np.allclose(small_sums, big_sums) and np.isclose(small[0, 0], 7.5)
+    capped, _ = fresh(40, 3000.0)
+    assert 9.9 < capped[0, 0] < 10.0 and capped[0, 1] == 0.0
+
+
 def test_pooled_devices_of_one_round_spread_over_close_points_and_nothing_is_stored():
     # Three devices of one profile, two arms at means 0.6 and 0.5 after two pulls each (8 pooled
     # pulls each): pooled, all three score the first higher; spread, each earlier pick of a peer
@@ -153,7 +181,7 @@ def test_spreading_a_profiles_picks_cuts_regret_under_round_normalised_rewards(n
 def test_a_peers_infeasible_arm_stays_open_to_a_device(name):
     # Device 0 runs out of memory at (32, 0.0); its peer, device 1, has more memory and earns
     # most there: pooled, it still tries that arm, and device 0 never does again.
-    ctrl = build(name, 2, pool="profile", pool_weight=1.0)
+    ctrl = build(name, 2, pool="profile", pool_pulls=1.0)
     big = ctrl.grid.arm_of([32], [0.0])[0]
     ctrl.update(np.array([0]), np.array([32]), np.array([0.0]), np.array([0.0]), np.array([False]))
     assert ctrl.infeasible[0].sum() == 1 and not ctrl.infeasible[1].any()

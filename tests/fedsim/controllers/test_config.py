@@ -13,7 +13,7 @@ def test_defaults():
     cfg = ControllerConfig()
     assert (cfg.name, cfg.ranks, cfg.ratios) == ("sucb", (4, 8, 16, 32), (0.0, 0.2, 0.4, 0.6))
     assert cfg.reward == RewardConfig() and cfg.fixed_arm is None and cfg.profile_arms == {}
-    assert (cfg.pool, cfg.pool_weight) == ("none", 3.0)
+    assert (cfg.pool, cfg.pool_pulls) == ("none", 10.0)
 
 
 def test_toml_lists_are_accepted_and_the_config_is_frozen():

@@ -97,6 +97,7 @@ def test_a_deeper_tree_beats_the_best_grid_arm_when_the_optimum_is_off_grid(band
 def test_pooling_over_profiles_cuts_regret_under_sparse_participation(bandit):
     # 60 devices in 3 profiles, 6 a round for 200 rounds: ~20 pulls per device for 16 arms, so
     # alone a device is still exploring at the end; its profile's peers have tried every arm.
+    # Measured, seeds 0–5: 492 alone, 78 pooled (208 with the former per-device-average loan).
     alone = bandit.sparse_regret("sucb", ucb_c=bandit.UCB_C)
     pooled = bandit.sparse_regret("sucb", ucb_c=bandit.UCB_C, pool="profile")
-    assert pooled < 0.7 * alone, (pooled, alone)
+    assert pooled < 0.3 * alone, (pooled, alone)

@@ -41,6 +41,17 @@ def test_regret_is_sublinear_and_far_below_uniform(bandit):
 def test_pooling_over_profiles_cuts_regret_under_sparse_participation(bandit):
     # 60 devices in 3 profiles, 6 a round for 200 rounds: ~20 pulls per device for 16 arms, so
     # alone a device is still exploring at the end; its profile's peers have tried every arm.
+    # Measured, seeds 0–5: 493 alone, 69 pooled (270 with the former per-device-average loan).
     alone = bandit.sparse_regret("ucb1", ucb_c=bandit.UCB_C)
     pooled = bandit.sparse_regret("ucb1", ucb_c=bandit.UCB_C, pool="profile")
-    assert pooled < 0.75 * alone, (pooled, alone)
+    assert pooled < 0.3 * alone, (pooled, alone)
+
+
+def test_pooling_pays_on_the_80_jetsons_in_a_dozen_rounds(bandit):
+    # The 80-Jetson scenario's shape: profiles of 30 / 40 / 10, 10 sampled a round, its 2 × 2
+    # grid, round-normalised rewards, 12 rounds: most client-rounds are a device's first, so only
+    # the peers' evidence can keep it off a poor arm. Measured, seeds 0–5: 45 alone, 7 pooled
+    # (16 with the former loan, whose share of 39 peers' pulls was 3/39).
+    kw = dict(devices=80, profiles=(30, 40, 10), sampled=10, rounds=12, round_max=True, ucb_c=0.2, ranks=[4, 16], ratios=[0.0, 0.2])
+    alone, pooled = bandit.sparse_regret("ucb1", **kw), bandit.sparse_regret("ucb1", pool="profile", **kw)
+    assert pooled < 0.25 * alone, (pooled, alone)
