@@ -45,8 +45,8 @@ alike: on a small held-out set one round's loss moves by up to 0.1 (README, "At 
 
 At the same sparsity (FedSpine's comparison): the scenario's `pruning.deploy_ratios` (the TX2s
 deploy at 0.2) make every row scored on the models the fleet would deploy, each device's pruned to
-its profile's ratio (`fedsim.deployment`), and the bandit's contributions on them too (its
-reward's pruning term then credits training at a device's deploy ratio); the metric is then
+its profile's ratio (`fedsim.deployment`), and the bandit's contributions on them too (the
+reward's `deploy_weight`, 0 by default, would also credit training at a device's deploy ratio); the metric is then
 `deployed_loss` unless `--metric` says otherwise. `--set 'pruning.deploy_ratios={jetson-tx2=0}'`
 compares the unpruned models instead.
 """

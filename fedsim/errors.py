@@ -7,6 +7,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# Keys fedsim once read, and what replaced them: a scenario written for an earlier version is told
+# what to write now rather than only that the key is unknown.
+RETIRED_KEYS = {
+    "pool_weight": "replaced by `pool_pulls`, the most pulls' worth of evidence a device borrows from its peers (10; `fedsim.controllers.base`)",
+}
+
 
 class InputError(ValueError):
     """An input that cannot be used; `problems` lists every reason (a dotted path or a line)."""
@@ -32,7 +38,8 @@ def describe(err: Mapping[str, Any]) -> list[str]:
         text = str(err["ctx"]["error"])
         return [f"`{path}`: {text}"] if path and not text.startswith("`") else text.splitlines()
     if kind == "extra_forbidden":
-        return [f"`{path}` is not a known key"]
+        retired = RETIRED_KEYS.get(loc[-1] if loc else "")
+        return [f"`{path}` is not a known key" + (f": {retired}" if retired else "")]
     if kind == "missing":
         return [f"`{path}` is required"]
     rule = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
