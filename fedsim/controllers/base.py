@@ -275,8 +275,8 @@ class Controller(ABC):
         size, position = np.repeat(runs, runs), np.arange(len(devices)) - np.repeat(first, runs)
         wave = np.empty(len(devices), dtype=np.int64)
         wave[order] = position * np.minimum(SPREAD_WAVES, size) // size  # more than SPREAD_WAVES: near-equal waves
-        self._batch = (np.zeros((len(self._pool_starts), len(self.point_ranks))), np.zeros((len(self._pool_starts), len(self.point_ranks))))
-        batch_counts, batch_sums = self._batch  # each wave's picks are added to them
+        shape = (len(self._pool_starts), len(self.point_ranks))
+        batch_counts, batch_sums = self._batch = (np.zeros(shape), np.zeros(shape))  # each wave's picks are added to them
         avoid, points = self._avoid, np.zeros(len(devices), dtype=np.int64)
         for w in range(int(wave.max(initial=-1)) + 1):  # at most SPREAD_WAVES, whatever the number of devices
             now = np.flatnonzero(wave == w)
