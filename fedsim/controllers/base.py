@@ -125,6 +125,7 @@ class Controller(ABC):
         self.infeasible = np.zeros(shape, dtype=bool)
         self.rng = np.random.default_rng(seed)
         self._avoid: np.ndarray | None = None  # (n, K) during `choose` only
+        self._totals: tuple[np.ndarray, np.ndarray] | None = None  # (P, K) the profiles' counts and sums, during `_spread` only (they do not change within a choose)
         self._batch: tuple[np.ndarray, np.ndarray] | None = None  # (P, K) counts and sums of this round's earlier picks per profile, during `_spread` only
         self._cheapest = int(np.lexsort((-self.point_ratios, self.point_ranks))[0])
         # Pooling: devices sorted by profile, the start of each present profile's run, and whether
@@ -153,7 +154,7 @@ class Controller(ABC):
             else:
                 points = self._select(devices, round)
         finally:
-            self._avoid, self._batch = None, None
+            self._avoid, self._totals, self._batch = None, None, None
         points = np.where(self.exhausted(devices), self._cheapest, points)
         return self.point_ranks[points].copy(), self.point_ratios[points].copy()
 
@@ -249,7 +250,7 @@ class Controller(ABC):
         if not self._pooled:
             return counts, sums
         rows, cap = self._pool_row[self.profiles[devices]], self.config.pool_pulls
-        total_counts, total_sums = self._profile_totals()
+        total_counts, total_sums = self._totals if self._totals is not None else self._profile_totals()
         peer_counts, peer_sums = total_counts[rows] - counts, total_sums[rows] - sums
         peer_counts = np.maximum(peer_counts, 0.0)  # float round-off of totals less one's own
         lent = peer_counts * cap / (peer_counts + cap)
@@ -275,6 +276,7 @@ class Controller(ABC):
         size, position = np.repeat(runs, runs), np.arange(len(devices)) - np.repeat(first, runs)
         wave = np.empty(len(devices), dtype=np.int64)
         wave[order] = position * np.minimum(SPREAD_WAVES, size) // size  # more than SPREAD_WAVES: near-equal waves
+        self._totals = self._profile_totals()  # once: every wave's `_statistics` reads them
         shape = (len(self._pool_starts), len(self.point_ranks))
         batch_counts, batch_sums = self._batch = (np.zeros(shape), np.zeros(shape))  # each wave's picks are added to them
         avoid, points = self._avoid, np.zeros(len(devices), dtype=np.int64)
