@@ -215,7 +215,7 @@ def main() -> None:
     lock = _lock(args.keep) if args.keep else None  # noqa: F841 (held until the process ends)
     per_seed = [run_seed(s, rows, extra, args.keep, args.rows) for s in args.seeds]
     if missing := [label for label in rows if any(label not in m for m in per_seed)]:
-        print(f"finished so far; not yet in {args.keep}: {', '.join(missing)}")
+        print(f"finished so far; not yet in {args.keep}: {', '.join(missing)} (best and worst below: of the finished rows)")
         rows = {label: v for label, v in rows.items() if label not in missing}
         if "fedit" not in rows or not any(label.startswith("fixed") for label in rows):
             return
@@ -244,7 +244,7 @@ def main() -> None:
     if headline not in rows:
         return
     verdict = better(final[headline][column], final[best][column])
-    print(f"\n{headline} vs best fixed arm ({best}): final {args.metric} {'better' if verdict else 'not better'}")
+    print(f"\n{headline} vs best fixed arm{' finished' if missing else ''} ({best}): final {args.metric} {'better' if verdict else 'not better'}")
 
 
 if __name__ == "__main__":
