@@ -29,8 +29,8 @@ def bench(*extra: str) -> str:
 
 def test_the_experiment_runs_every_row_and_reuses_kept_ones(tmp_path: Path) -> None:
     part = bench("--keep", str(tmp_path), "--rows", "bandit*", "fixed 2/0", "fedit")
-    assert "not yet in" in part and "fixed 8/0.5, per-profile" in part  # named, and the verdict says its best is partial
-    assert "\nfixed 8/0 " not in part[part.index("row "):] and "vs best fixed arm finished (fixed 2/0)" in part
+    assert "not yet in" in part and "fixed 8/0.5, per-profile" in part  # the missing rows are named
+    assert "\nfixed 8/0 " not in part[part.index("row "):] and "vs best fixed arm finished (fixed 2/0)" in part  # its best is of the finished rows
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
     first = bench("--keep", str(tmp_path))  # runs the four rows left, reuses the three
     assert "not yet in" not in first and "vs best fixed arm (" in first
