@@ -15,7 +15,9 @@ server through Python objects. Handlers:
 
 How to train comes in the message's config, set by the strategy (`strategies.lora_strategy`):
 `lora-rank`, `lora-uploads` (factors to send back), `lora-freeze` (factors not to train: FFA-LoRA's
-A), `lora-personal-b` (keep B on this node across rounds: FedSA-LoRA), `rank-penalty-*` (HetLoRA),
+A), `lora-personal-b` (keep B on this node across rounds: FedSA-LoRA), `rank-penalty-*` (HetLoRA's
+tail penalty) and `rank-self-prune` (HetLoRA's rank self-pruning: after training, the client may
+drop its tail ranks; its reply then covers the kept rank, named in its `rank` record),
 `proximal-mu` (FedProx), `prune-keep` / `prune-target` / `prune-steps` (structured pruning: the
 model this client holds and how it grows, `clients.prune_and_tune`).
 
@@ -57,7 +59,8 @@ from fedsim.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.training import evaluate as evaluate_model
 from fedsim.training import resolve_device, train_lora
-from strategies.lora_math import hetlora_rank_penalty
+from strategies.hetlora import KEPT, PENALTY_GAMMA, PENALTY_LAMBDA, RANK_RECORD, SELF_PRUNE, drop_tail, self_pruned_rank
+from strategies.lora_math import hetlora_rank_penalty, layer_pairs
 from strategies.lora_strategy import PRUNE_RECORD
 
 app = ClientApp()
@@ -215,23 +218,34 @@ def train(msg: Message, context: Context) -> Message:
     if config.get("lora-personal-b", False):
         context.state[PERSONAL_KEY] = ArrayRecord(factors(local, "B"))
         context.state[PERSONAL_KEY + "-keep"] = ConfigRecord({"keep": pruner.keep.to_json() if pruner is not None else ""})
-    shared = factors(local, str(config.get("lora-uploads", "AB")))
     content = RecordDict({"metrics": metrics})
     if pruner is not None and order is not None:  # the update covers the keep the client ended with
         received = slice_adapter(received, pruner.keep.within(order.keep))
         content[PRUNE_RECORD] = ConfigRecord({"keep": pruner.keep.to_json()})
+    if config.get(SELF_PRUNE, False):  # and the rank it kept
+        kept = _self_pruned_rank(local, received, rank, float(config[PENALTY_GAMMA]))
+        local, received = (drop_tail(local, kept), drop_tail(received, kept)) if kept < rank else (local, received)
+        content[RANK_RECORD] = ConfigRecord({KEPT: kept})
+    shared = factors(local, str(config.get("lora-uploads", "AB")))
     content["update"] = ConfigRecord({"payload": encode_update(shared, received, scenario.compression, context)})
     return Message(content, reply_to=msg)
 
 
 def _rank_penalty(model: PeftModel, rank: int, config: ConfigRecord):  # type: ignore[no-untyped-def]
     """HetLoRA's rank self-pruning penalty over every LoRA layer, if the strategy asks for it."""
-    lam = float(config.get("rank-penalty-lambda", 0.0))
+    lam = float(config.get(PENALTY_LAMBDA, 0.0))
     if lam <= 0:
         return None
-    gamma = float(config["rank-penalty-gamma"])
+    gamma = float(config[PENALTY_GAMMA])
     # the pairs are looked up at every step: a prune event replaces the factors' modules
     return lambda: sum(hetlora_rank_penalty(B.weight, A.weight, rank, gamma, lam) for A, B in active_pairs(model))
+
+
+def _self_pruned_rank(local: AdapterState, received: AdapterState, rank: int, gamma: float) -> int:
+    """HetLoRA's self-pruning test over every LoRA layer (`strategies.hetlora.self_pruned_rank`):
+    the rank this client keeps, `rank` when its tail norm did not fall below the received one's."""
+    keys = layer_pairs(local).values()
+    return self_pruned_rank([(received[a], received[b]) for a, b in keys], [(local[a], local[b]) for a, b in keys], rank, gamma)
 
 
 def encode_update(local: AdapterState, received: AdapterState, c: CompressionConfig, context: Context) -> bytes:

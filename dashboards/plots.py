@@ -2,9 +2,11 @@
 the dashboard and for `fedsim compare`.
 
 The tables are `dashboards.runs.per_round` (= `fedsim.report.round_table`, indexed by round, plus
-`sim_time_s` where a run records it). Figures are drawn on a bare matplotlib `Figure` with the Agg
-canvas, not through pyplot: pyplot keeps global state (the current figure, the backend chosen at
-import) and is not thread-safe, while the dashboard renders plots from several request threads.
+`sim_time_s` where a run records it); the comparison plots also take `fedsim.comparison.mean_curves`
+and shade its `<column>_lo` / `<column>_hi` as a band. Figures are drawn on a bare matplotlib
+`Figure` with the Agg canvas, not through pyplot: pyplot keeps global state (the current figure,
+the backend chosen at import) and is not thread-safe, while the dashboard renders plots from
+several request threads.
 """
 
 from __future__ import annotations
@@ -87,24 +89,44 @@ def sim_time_accuracy_png(table: pd.DataFrame, *, size_px: tuple[int, int] = SIZ
     return _png(fig, ax)
 
 
-def compare_accuracy_png(tables: Mapping[str, pd.DataFrame], *, size_px: tuple[int, int] = SIZE_PX) -> bytes:
-    """Central accuracy per round, one line per run (`tables`: run name → per-round table)."""
-    fig, ax = _figure(size_px, "Central accuracy", "round", "accuracy")
+def _band(ax: Axes, x: pd.Series, table: pd.DataFrame, column: str, color: str) -> None:
+    """Shade [`column`_lo, `column`_hi] around a line where the table has them (`fedsim compare`:
+    the 95 % interval over seeds)."""
+    lo, hi = f"{column}_lo", f"{column}_hi"
+    if lo in table.columns and hi in table.columns and (table[lo].notna() & table[hi].notna()).any():
+        ax.fill_between(x, table[lo], table[hi], color=color, alpha=0.2, linewidth=0)
+
+
+def _compare(tables: Mapping[str, pd.DataFrame], x: str | None, y: str, fig: Figure, ax: Axes, plot: str) -> bytes:
+    """One line per table, `y` against `x` (None: the round index), each with its band."""
     for name, table in tables.items():
-        _require(table, ("central_accuracy",), "comparison")
-        ax.plot(table.index, table["central_accuracy"], marker="o", label=_label(name))
-    _accuracy_axis(ax)
+        _require(table, (y,) if x is None else (x, y), plot)
+        xs = table.index.to_series() if x is None else table[x]
+        (line,) = ax.plot(xs, table[y], marker="o", label=_label(name))
+        _band(ax, xs, table, y, line.get_color())
+    if y.endswith("accuracy"):
+        _accuracy_axis(ax)
     return _png(fig, ax)
+
+
+def compare_accuracy_png(tables: Mapping[str, pd.DataFrame], *, size_px: tuple[int, int] = SIZE_PX) -> bytes:
+    """Central accuracy per round, one line per run or strategy (`tables`: name → per-round
+    table), shaded over [central_accuracy_lo, central_accuracy_hi] where a table has them."""
+    fig, ax = _figure(size_px, "Central accuracy", "round", "accuracy")
+    return _compare(tables, None, "central_accuracy", fig, ax, "comparison")
 
 
 def compare_sim_time_png(tables: Mapping[str, pd.DataFrame], *, size_px: tuple[int, int] = SIZE_PX) -> bytes:
-    """Central accuracy against simulated fleet time, one line per run."""
+    """Central accuracy against simulated fleet time, one line per run or strategy, with its band."""
     fig, ax = _figure(size_px, "Central accuracy over simulated time", "simulated time (s)", "accuracy")
-    for name, table in tables.items():
-        _require(table, ("sim_time_s", "central_accuracy"), "comparison over simulated time")
-        ax.plot(table["sim_time_s"], table["central_accuracy"], marker="o", label=_label(name))
-    _accuracy_axis(ax)
-    return _png(fig, ax)
+    return _compare(tables, "sim_time_s", "central_accuracy", fig, ax, "comparison over simulated time")
+
+
+def compare_loss_png(tables: Mapping[str, pd.DataFrame], *, size_px: tuple[int, int] = SIZE_PX) -> bytes:
+    """Central loss per round, one line per run or strategy, shaded over [central_loss_lo,
+    central_loss_hi] where a table has them."""
+    fig, ax = _figure(size_px, "Central loss", "round", "loss")
+    return _compare(tables, None, "central_loss", fig, ax, "loss comparison")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The engine: scenarios (`scenario`), models (`models`), tasks and partitions (`tasks`, `data`),
 local training (`training`), adapters (`adapter`), the fleet and its clock (`devices`,
 `availability`, `fleet`, `costs`, `clock`), compression (`compression`), the server loop
-(`server`, `rounds`), run directories (`rundir`, `report`) and the CLI (`cli`).
+(`server`, `rounds`), run directories (`rundir`, `report`), comparisons of runs (`compare`,
+`comparison`, `stats`) and the CLI (`cli`).
 """
 
 from fedsim.scenario import Scenario, ScenarioError, load_scenario

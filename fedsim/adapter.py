@@ -124,21 +124,58 @@ def set_state(model: peft.PeftModel, state: AdapterState) -> None:
 
 def apply_base_delta(model: peft.PeftModel, deltas: AdapterState) -> None:
     """Set each adapted layer's frozen weight to original + delta (original where no delta is
-    given). The originals are kept on the model the first time, so states can be swapped freely."""
+    given). The originals are kept on the model the first time, so states can be swapped freely.
+
+    The sum is formed and held in float32 whatever the model's dtype: a bf16/fp16 layer that
+    carries a delta gets a float32 weight and computes in float32 (`_in_float32`), so a delta far
+    below the half-precision step of the weight (FedEx-LoRA's residuals) is applied with float32
+    error, not rounded away. Without a delta the layer returns to its original tensor and dtype.
+    """
     originals: dict[str, torch.Tensor] = model.__dict__.setdefault("_fedsim_base_originals", {})
     for prefix in sorted(set(deltas) | set(originals)):
         try:
             layer = model.get_submodule(prefix).base_layer
         except AttributeError:
             raise ValueError(f"base delta for `{prefix}`, which is not a LoRA-adapted layer of this model") from None
-        w = layer.weight
         if prefix not in originals:
-            originals[prefix] = w.detach().clone()
-        delta = deltas.get(prefix)
-        if delta is not None and tuple(delta.shape) != tuple(w.shape):
-            raise ValueError(f"base delta for `{prefix}` has shape {tuple(delta.shape)}, the weight {tuple(w.shape)}")
+            originals[prefix] = layer.weight.detach().clone()
+        original, delta = originals[prefix], deltas.get(prefix)
+        if delta is not None and tuple(delta.shape) != tuple(original.shape):
+            raise ValueError(f"base delta for `{prefix}` has shape {tuple(delta.shape)}, the weight {tuple(original.shape)}")
+        if delta is None:
+            _set_weight(layer, original)
+        else:
+            _set_weight(layer, original.to(torch.float32) + delta.to(original.device, torch.float32))
+
+
+def _set_weight(layer: torch.nn.Linear, value: torch.Tensor) -> None:
+    """Give `layer` the frozen weight `value`, in `value`'s dtype (in place when the dtype is the weight's)."""
+    if value.dtype == layer.weight.dtype:
         with torch.no_grad():
-            w.copy_(originals[prefix] if delta is None else originals[prefix] + delta.to(w.device, w.dtype))
+            layer.weight.copy_(value)
+        return
+    layer.weight = torch.nn.Parameter(value.clone(), requires_grad=False)
+    if layer.bias is not None:
+        layer.bias = torch.nn.Parameter(layer.bias.detach().to(value.dtype), requires_grad=False)
+    _in_float32(layer, value.dtype == torch.float32)
+
+
+def _in_float32(layer: torch.nn.Linear, on: bool) -> None:
+    """Run `layer` on float32 inputs and return its input's dtype (on), or drop those hooks (off)."""
+    for handle in layer.__dict__.pop("_fedsim_float32_hooks", ()):
+        handle.remove()
+    if not on:
+        return
+    dtypes: list[torch.dtype] = []
+
+    def cast_in(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        dtypes.append(args[0].dtype)
+        return (args[0].to(torch.float32), *args[1:])
+
+    def cast_out(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return output.to(dtypes.pop())
+
+    layer.__dict__["_fedsim_float32_hooks"] = (layer.register_forward_pre_hook(cast_in), layer.register_forward_hook(cast_out))
 
 
 def to_record(state: AdapterState) -> ArrayRecord:

@@ -2,7 +2,7 @@
 
     fedsim run SCENARIO [--out DIR] [--set dotted.key=value ...] [--seed N]
     fedsim resume RUN_DIR [--rounds N]               # go on from the last complete round
-    fedsim compare SCENARIO --strategies a,b,... [--seeds N] [--target ACC] [--out DIR] [--set k=v ...]
+    fedsim compare SCENARIO --strategies a,b,... [--seeds N] [--baseline S] [--target ACC] [--out DIR] [--set k=v ...]
     fedsim report RUN_DIR [--target ACC] [--arms]
     fedsim export RUN_DIR --device PROFILE | --client ID [--out DIR]   # a device's pruned model, adapter merged
     fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
@@ -117,15 +117,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedsim.compare import plan, run_all, write_outputs
+    from fedsim.compare import CompareError, plan, run_all, write_outputs
     from fedsim.scenario import ScenarioError
     from fedsim.simulation import run_simulations
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
-        runs = plan(args.scenario, strategies, args.seeds, args.set or [])
-    except ScenarioError as exc:
-        print(f"fedsim: {exc}", file=sys.stderr)
+        runs = plan(args.scenario, strategies, args.seeds, args.set or [], args.baseline)
+    except CompareError as exc:
+        print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
     root = Path(args.out) / f"{Path(args.scenario).stem}-compare"
     root.mkdir(parents=True, exist_ok=True)
@@ -139,9 +139,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"fedsim compare: a run failed: {exc!r}", file=sys.stderr)
         print(f"fedsim compare: failed runs are recorded in their run directories under {root}; run the command again to retry them", file=sys.stderr)
         return EXIT_FAILED
-    table = write_outputs(runs, root, args.target)
-    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
-    print(f"\ntable: {root / 'comparison.csv'} and .md; plots: {root / 'accuracy_vs_round.png'}, {root / 'accuracy_vs_sim_time.png'}")
+    try:
+        text = write_outputs(runs, root, args.target, args.baseline, ["fedsim", *args.argv])
+    except ValueError as exc:  # runs at one seed scored on different held-out sets
+        print(f"fedsim compare: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(text)
+    plots = ("accuracy_vs_round.png", "accuracy_vs_sim_time.png", "loss_vs_round.png")
+    print(f"table: {root / 'comparison.csv'} and .md; plots: {', '.join(str(root / p) for p in plots)}")
     return 0
 
 
@@ -371,10 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--rounds", type=int, help="run up to N rounds in all (default: the scenario's)")
     res.set_defaults(func=cmd_resume)
 
-    compare = sub.add_parser("compare", help="run a scenario once per strategy and seed, and compare them", description="Run a scenario once per strategy and seed (resumable), then write a comparison table and plots.")
+    compare = sub.add_parser("compare", help="run a scenario once per strategy and seed, and compare them", description="Run a scenario once per strategy and seed (resumable), then write a comparison table (mean and 95 % intervals over seeds and held-out examples, differences from --baseline) and plots.")
     compare.add_argument("scenario", help="scenario TOML file")
     compare.add_argument("--strategies", required=True, help="comma-separated strategy names, e.g. fedit,fedprox,fedadam")
-    compare.add_argument("--seeds", type=int, default=1, help="seeds per strategy, from the scenario's seed on (default: 1)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per strategy, from the scenario's seed on (default: 3)")
+    compare.add_argument("--baseline", default="fedit", help="strategy the others are compared with, paired by seed; one of --strategies (default: fedit)")
     compare.add_argument("--target", type=float, default=0.3, help="central accuracy for the time-to-accuracy column (default: 0.3)")
     compare.add_argument("--out", default="runs", help="parent folder of the comparison folder (default: runs)")
     compare.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value for every run (repeatable)")
@@ -476,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given: `fedsim compare` writes it down
     return int(args.func(args))
 
 

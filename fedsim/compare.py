@@ -1,45 +1,96 @@
-"""`fedsim compare`: one scenario, several strategies and seeds, one table and two plots.
+"""`fedsim compare`: one scenario, several strategies and seeds, one table and three plots.
 
     <out>/<scenario>-compare/<strategy>-seed<k>/     a normal run directory per run
-    <out>/<scenario>-compare/comparison.csv|.md      per strategy, over seeds (below)
-    <out>/<scenario>-compare/accuracy_vs_round.png, accuracy_vs_sim_time.png
+    <out>/<scenario>-compare/comparison.csv|.md      per strategy, over seeds (`fedsim.comparison`)
+    <out>/<scenario>-compare/accuracy_vs_round.png, accuracy_vs_sim_time.png, loss_vs_round.png
+
+`plan` checks every input before anything runs or is written and raises `CompareError` listing
+every problem: `--seeds` below 1, strategy names that are not in `strategies.STRATEGIES`, a
+`--baseline` that is not among the strategies, and the scenario's own problems under each
+strategy (e.g. a pruning scenario that flexlora refuses).
 
 Resumable: a run whose events.jsonl ends with `run_end` is kept and not run again; a run that
 was interrupted midway is removed and run again (its directory is fedsim's own, inside the
 comparison folder). All pending runs share one Flower simulation (`run_simulations`): Ray, the
-client actors and the model load are paid once. Columns of the table: final central accuracy
-mean and std over seeds, final central loss, final accuracy of the federated evaluation on the
-clients' own test splits (the figure that counts for a personalised strategy such as
-fedsa_lora, whose server holds no complete model), simulated time to `--target` accuracy (mean
-over the seeds that reached it, and how many did), total bytes up and down per run, wall time
-per run.
+client actors and the model load are paid once.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
+from fedsim.comparison import comparison, markdown, mean_curves, read_results
+from fedsim.errors import InputError
 from fedsim.preflight import preflight
-from fedsim.report import round_table, time_to_accuracy
-from fedsim.rundir import RunDir, read_metrics
-from fedsim.scenario import Scenario, load_scenario
+from fedsim.rundir import RunDir
+from fedsim.scenario import Scenario, ScenarioError, load_scenario
 
 
-def plan(scenario_path: str, strategies: Sequence[str], seeds: int, overrides: Sequence[str]) -> list[Scenario]:
-    """Every run's scenario, validated before any runs (a bad strategy name fails up front)."""
-    base = load_scenario(scenario_path, overrides)
+class CompareError(InputError):
+    """`fedsim compare` arguments or scenario that cannot run; `problems` lists every reason."""
+
+    what = "fedsim compare on"
+
+
+def argument_problems(strategies: Sequence[str], seeds: int, baseline: str, known: Sequence[str]) -> list[str]:
+    """What is wrong with the command's own arguments (`known`: the strategy names there are)."""
+    problems = [f"`--seeds` must be >= 1, got {seeds}"] if seeds < 1 else []
+    if not strategies:
+        problems.append("`--strategies` names no strategy")
+    unknown = [s for s in dict.fromkeys(strategies) if s not in known]
+    if unknown:
+        names = ", ".join(repr(s) for s in unknown)
+        problems.append(f"`--strategies`: unknown strategy {names}; known: {', '.join(sorted(known))}")
+    twice = [s for s in dict.fromkeys(strategies) if strategies.count(s) > 1]
+    if twice:
+        problems.append(f"`--strategies` names {', '.join(repr(s) for s in twice)} more than once")
+    if strategies and baseline not in strategies:
+        problems.append(
+            f"`--baseline` must be one of the --strategies ({', '.join(dict.fromkeys(strategies))}), got {baseline!r}"
+        )
+    return problems
+
+
+def plan(
+    scenario_path: str, strategies: Sequence[str], seeds: int, overrides: Sequence[str], baseline: str
+) -> list[Scenario]:
+    """Every run's scenario, strategy by strategy and seed by seed from the scenario's seed on;
+    `CompareError` with every problem (`argument_problems`, and the scenario's under each known
+    strategy) before anything runs."""
+    from strategies import STRATEGIES  # the registry imports torch
+
+    problems = argument_problems(strategies, seeds, baseline, list(STRATEGIES))
+    first: dict[str, Scenario] = {}
+    refused: dict[str, list[str]] = {}
+    for strategy in dict.fromkeys(s for s in strategies if s in STRATEGIES):
+        try:
+            first[strategy] = load_scenario(scenario_path, [*overrides, f"strategy.name='{strategy}'"])
+        except ScenarioError as exc:
+            refused[strategy] = exc.problems
+    problems += _per_strategy(refused, len(first) + len(refused))
+    if problems:
+        raise CompareError(scenario_path, problems)
+    base = next(iter(first.values())).seed
     runs = []
-    for strategy in strategies:
-        for seed in range(base.seed, base.seed + seeds):
+    for strategy in first:
+        for seed in range(base, base + seeds):
             extra = [*overrides, f"strategy.name='{strategy}'", f"name='{strategy}-seed{seed}'"]
             runs.append(load_scenario(scenario_path, extra, seed=seed))
     return runs
+
+
+def _per_strategy(refused: dict[str, list[str]], strategies: int) -> list[str]:
+    """Scenario problems by strategy: one every strategy has is listed once, the others each
+    with the strategy it comes with."""
+    lists = list(refused.values())
+    common = (
+        [p for p in lists[0] if all(p in ps for ps in lists)] if strategies > 1 and len(lists) == strategies else []
+    )
+    return common + [f"with strategy {s!r}: {p}" for s, ps in refused.items() for p in ps if p not in common]
 
 
 def is_complete(run_path: Path) -> bool:
@@ -51,7 +102,11 @@ def is_complete(run_path: Path) -> bool:
 
 
 def run_all(
-    runs: Sequence[Scenario], root: Path, source: str, say: Callable[[str], None], run: Callable[[list[tuple[Scenario, RunDir]]], list[Exception]]
+    runs: Sequence[Scenario],
+    root: Path,
+    source: str,
+    say: Callable[[str], None],
+    run: Callable[[list[tuple[Scenario, RunDir]]], list[Exception]],
 ) -> list[Exception]:
     """Run what is not done yet, all in one call of `run` (one simulation: `run_simulations`);
     returns the runs' failures (each also recorded in its own run directory)."""
@@ -72,61 +127,19 @@ def run_all(
     return run([(s, RunDir.create(root, s)) for s in todo])
 
 
-def comparison(runs: Sequence[Scenario], root: Path, target: float) -> pd.DataFrame:
-    """One row per strategy, aggregated over its seeds."""
-    rows = []
-    for strategy in dict.fromkeys(s.strategy.name for s in runs):
-        metrics = [read_metrics(root / s.name) for s in runs if s.strategy.name == strategy]
-        tables = [round_table(m) for m in metrics]
-        final = [t["central_accuracy"].iloc[-1] for t in tables]
-        hits = [h[1] for m in metrics if (h := time_to_accuracy(m, target)) is not None]
-        rows.append({
-            "strategy": strategy,
-            "seeds": len(metrics),
-            "final_accuracy_mean": float(np.mean(final)),
-            "final_accuracy_std": float(np.std(final)),
-            "final_loss_mean": float(np.mean([t["central_loss"].iloc[-1] for t in tables])),
-            "final_client_accuracy_mean": float(np.mean([_last_valid(t["client_accuracy"]) for t in tables])),
-            f"sim_time_to_{target:g}_s": float(np.mean(hits)) if hits else float("nan"),
-            "runs_reaching_target": len(hits),
-            "bytes_up": float(np.mean([t["bytes_up"].sum() for t in tables])),
-            "bytes_down": float(np.mean([t["bytes_down"].sum() for t in tables])),
-            "wall_time_s": float(np.mean([t["wall_time_s"].iloc[-1] for t in tables])),
-        })  # fmt: skip
-    return pd.DataFrame(rows).set_index("strategy")
+def write_outputs(runs: Sequence[Scenario], root: Path, target: float, baseline: str, command: Sequence[str]) -> str:
+    """Write comparison.csv, comparison.md (opening with `command`, the argv that produced it) and
+    the plots under `root`; returns the Markdown. ValueError when runs at one seed were scored on
+    different held-out sets."""
+    from dashboards.plots import compare_accuracy_png, compare_loss_png, compare_sim_time_png
 
-
-def _last_valid(column: pd.Series) -> float:
-    valid = column.dropna()
-    return float(valid.iloc[-1]) if len(valid) else float("nan")
-
-
-def mean_curves(runs: Sequence[Scenario], root: Path) -> dict[str, pd.DataFrame]:
-    """Per strategy, the per-round table averaged over seeds (accuracy and simulated time)."""
-    curves = {}
-    for strategy in dict.fromkeys(s.strategy.name for s in runs):
-        tables = [round_table(read_metrics(root / s.name)) for s in runs if s.strategy.name == strategy]
-        curves[strategy] = pd.concat(tables).groupby(level=0)[["central_accuracy", "sim_time_s"]].mean()
-    return curves
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A GitHub-style Markdown table (no extra dependency)."""
-    cols = [table.index.name or "", *table.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for name, row in table.iterrows():
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join([str(name), *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(runs: Sequence[Scenario], root: Path, target: float) -> pd.DataFrame:
-    from dashboards.plots import compare_accuracy_png, compare_sim_time_png
-
-    table = comparison(runs, root, target)
-    table.to_csv(root / "comparison.csv")
-    (root / "comparison.md").write_text(markdown(table))
-    curves = mean_curves(runs, root)
+    results = read_results(runs, root, target)
+    table = comparison(results, baseline)
+    table.to_csv(root / "comparison.csv", index=False)
+    text = markdown(table, results, baseline, target, shlex.join(command))
+    (root / "comparison.md").write_text(text)
+    curves = mean_curves(results)
     (root / "accuracy_vs_round.png").write_bytes(compare_accuracy_png(curves))
     (root / "accuracy_vs_sim_time.png").write_bytes(compare_sim_time_png(curves))
-    return table
+    (root / "loss_vs_round.png").write_bytes(compare_loss_png(curves))
+    return text

@@ -1,5 +1,5 @@
 """Each client's LoRA rank: from the scenario (per client, per device profile, else `lora.rank`),
-and whether the model's layers can hold it.
+whether the model's layers can hold it, and the ranks HetLoRA clients kept when they self-pruned.
 
 The global adapter lives at r_max = `lora.rank`; a client of rank r_k ≤ r_max trains its own
 rank-r_k adapter (the strategy sends it the part its rank calls for, see
@@ -10,6 +10,7 @@ scenario's static assignment.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from fedsim.costs import ModelShape, linear_shapes
 from fedsim.fleet import Fleet, per_client
@@ -43,3 +44,14 @@ def rank_limit_problems(shape: ModelShape, scenario: Scenario, ranks: np.ndarray
         for r in used
         if r > limit
     ]
+
+
+def kept_ranks(metrics: pd.DataFrame) -> dict[int, int]:
+    """client id → the rank it kept when it last self-pruned (HetLoRA), from a run's metric rows:
+    its kept train rows (status ok) whose `rank_kept` is below `lora_rank`, the last one by round
+    (what `rounds.RoundEnv.kept_ranks` held after those rounds). Rows from before the column
+    existed name none."""
+    if "rank_kept" not in metrics.columns:
+        return {}
+    rows = metrics[(metrics["kind"] == "train") & (metrics["status"] == "ok") & (metrics["rank_kept"] > 0) & (metrics["rank_kept"] < metrics["lora_rank"])]
+    return {int(c): int(r) for c, r in rows.sort_values("round").groupby("client_id")["rank_kept"].last().items()}

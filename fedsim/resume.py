@@ -4,8 +4,9 @@ from its last complete round (`fedsim resume RUN_DIR [--rounds N]`).
 A round k is complete when its metric rows are written and its checkpoint holds everything the
 next round starts from: the global state (adapter and base deltas), and, when the run has them,
 each client's pruning record (`keeps.json`) and the controller's state (`controller.npz`). The
-run goes on from there with the same seeds, so sampling, training batches and availability are
-those of an uninterrupted run.
+ranks HetLoRA clients kept when they self-pruned are rebuilt from the metric rows (`rank_kept`,
+`fedsim.ranks.kept_ranks`). The run goes on from there with the same seeds, so sampling, training
+batches and availability are those of an uninterrupted run.
 
 What lived only in processes is not in a checkpoint and starts afresh: a stateful server
 optimiser's moments (fedadam, fedyogi, fedadagrad, fedavgm), the clients' error-feedback
@@ -16,7 +17,7 @@ the whole adapter once). A resumed run with any of these differs from an uninter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pandas as pd
 
 from fedsim.adapter import AdapterState, load_adapter_state
 from fedsim.control import STATE_FILE
+from fedsim.ranks import kept_ranks
 from fedsim.rundir import KEEPS_FILE, RunDir, read_metrics
 from fedsim.scenario import Scenario
 
@@ -39,6 +41,7 @@ class ResumePoint:
     keeps: str  # PruneBook JSON at that round ("" when the run does not prune)
     checkpoint: Path  # the round's checkpoint folder (controller state)
     lost: tuple[str, ...]  # what a process held that this resume cannot restore
+    kept_ranks: dict[int, int] = field(default_factory=dict)  # client id → rank kept when it last self-pruned (HetLoRA)
 
 
 def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
@@ -61,6 +64,7 @@ def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
         keeps=(folder / KEEPS_FILE).read_text() if scenario.prunes else "",
         checkpoint=folder,
         lost=_lost(scenario),
+        kept_ranks=kept_ranks(metrics[metrics["round"] <= k]),
     )
 
 

@@ -19,6 +19,10 @@ client by its measured round trip (compute: the training time it reports).
 Pruning (`fedsim.keeps`): the estimates of steps 1 and 3 are those of the model each client holds
 (its keep: fewer FLOPs, less memory), each message carries the client's pruning order, and a
 kept reply's final keep becomes the client's record.
+
+Rank self-pruning (HetLoRA, `strategies.hetlora`): a reply may name a kept rank below the one the
+client was sent; its update then covers that rank. When such a reply is kept, the client's rank
+is capped at the kept one from then on (`RoundEnv.rank`: min(assigned rank, kept rank)).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from fedsim.replies import TRAIN_METRICS, Checked, check_eval_reply, check_train
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from strategies import LoraStrategy
+from strategies.hetlora import KEPT, RANK_RECORD, SELF_PRUNE, drop_tail
 from strategies.lora_math import aggregation_bias, layer_pairs
 from strategies.lora_strategy import PRUNE_RECORD, ClientAdapter
 
@@ -99,7 +104,7 @@ class RoundEnv:
     strategy: LoraStrategy
     fleet: Fleet
     clients: dict[int, int]  # client id → node id
-    ranks: np.ndarray  # (N,) LoRA rank of each client id
+    ranks: np.ndarray  # (N,) LoRA rank of each client id (assigned: the scenario's, or the controller's arm)
     estimate: Callable[[int, Keep | None], Estimates]  # (rank, keep of the model held) → cost
     score: Callable[..., float] | None = None  # held-out loss of an adapter (α tuning, contributions): (state, examples=16)
     downlink: Downlink | None = None  # compressed server → client direction, if enabled
@@ -108,22 +113,29 @@ class RoundEnv:
     server_scores: Callable[[AdapterState], Scores] | None = None  # pruning.where = "server": global importance
     last_bias: float = float("nan")  # aggregation bias of the last training round (`round_bias`)
     round_trips: dict[int, float] = field(default_factory=dict)  # node id → measured seconds, last exchange
+    kept_ranks: dict[int, int] = field(default_factory=dict)  # client id → rank it kept when it last self-pruned
     node_to_client: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.node_to_client = {n: c for c, n in self.clients.items()}
 
+    def rank(self, cid: int) -> int:
+        """The rank client `cid` trains and evaluates at: its assigned rank, capped by the rank it
+        kept when it last self-pruned (HetLoRA), so a pruned rank never grows back."""
+        assigned = int(self.ranks[cid])
+        return min(assigned, self.kept_ranks.get(cid, assigned))
+
     def estimated(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(FLOPs, memory bytes) the server expects of each client in `ids`, at its rank, on the
         model it holds."""
         book = self.pruning
-        each = [self.estimate(int(self.ranks[c]), book.held(int(c)) if book else None) for c in ids]
+        each = [self.estimate(self.rank(int(c)), book.held(int(c)) if book else None) for c in ids]
         return np.array([e.flops for e in each], dtype=float), np.array([e.memory for e in each], dtype=np.int64)
 
     def assign_ranks(self, ids: Iterable[int]) -> None:
         """Tell the strategy the rank (and, pruning, the order) of each client it will address."""
         ids = [int(c) for c in ids]
-        self.strategy.assign_ranks({self.clients[c]: int(self.ranks[c]) for c in ids})
+        self.strategy.assign_ranks({self.clients[c]: self.rank(c) for c in ids})
         book = self.pruning
         self.strategy.assign_pruning({self.clients[c]: (book.held(c), book.order(c)) for c in ids} if book else {})
 
@@ -139,7 +151,7 @@ def sample_clients(available: Iterable[int], k: int, seed: int, server_round: in
 def _base_row(env: RoundEnv, cid: int, server_round: int, kind: str, status: str, reason: str = "") -> Row:
     row = {
         "round": server_round, "client_id": cid, "kind": kind, "status": status, "reason": reason,
-        "device": str(env.fleet.device[cid]), "lora_rank": int(env.ranks[cid]),
+        "device": str(env.fleet.device[cid]), "lora_rank": env.rank(cid),
     }  # fmt: skip
     if env.pruning is not None:
         row.update(prune_target=float(env.pruning.targets[cid]), prune_ratio=env.pruning.ratio(env.pruning.held(cid)))
@@ -222,6 +234,9 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     for i, c in enumerate(ok):
         row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
         row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
+        row["rank_kept"] = _reply_rank(c.message, row["lora_rank"])
+        if kept[i] and row["rank_kept"] < row["lora_rank"]:
+            env.kept_ranks[int(cids[i])] = row["rank_kept"]
         row["contribution"] = float(gains[i])
         row["update_norm"] = math.sqrt(sum(float(v.double().pow(2).sum()) for v in c.update.values())) if c.update else 0.0
         if kept[i] and s.compression.method == "compeft":
@@ -257,7 +272,7 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
     need = env.estimated(chosen)[1]
     infeasible = f.memory[chosen] < need
     rows = [
-        _base_row(env, int(c), server_round, "train", "infeasible", f"needs {m / GIB:.2f} GiB at rank {env.ranks[c]}{_pruned(env, int(c))}, device has {f.memory[c] / GIB:.2f} GiB")
+        _base_row(env, int(c), server_round, "train", "infeasible", f"needs {m / GIB:.2f} GiB at rank {env.rank(int(c))}{_pruned(env, int(c))}, device has {f.memory[c] / GIB:.2f} GiB")
         for c, m in zip(chosen[infeasible], need[infeasible])
     ]
     chosen = chosen[~infeasible]
@@ -310,7 +325,8 @@ def _send_train(
 def _check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -> Checked:
     """Validate a train reply. A pruned client may end its round holding less than it was sent:
     its update then covers the slice of its final keep, which must lie within the one it was
-    sent (`sent` is updated to that slice, what the update adds to)."""
+    sent, and the rank it kept if it self-pruned (`sent` is updated to that slice and rank, what
+    the update adds to)."""
     node = reply.metadata.src_node_id
     if not reply.has_error() and env.pruning is not None and PRUNE_RECORD in reply.content.config_records:
         held = env.pruning.held(env.node_to_client[node])
@@ -319,7 +335,27 @@ def _check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -
             sent[node] = slice_adapter(sent[node], keep.within(held) if held is not None else keep)
         except (KeyError, ValueError) as err:
             return Checked(reply, "rejected", f"bad pruning keep in the reply: {err}")
+    if not reply.has_error() and RANK_RECORD in reply.content.config_records:
+        problem = _kept_rank_problem(env, reply, sent)
+        if problem:
+            return Checked(reply, "rejected", problem)
     return check_train_reply(reply, env.strategy.uploaded(sent[node]))
+
+
+def _kept_rank_problem(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -> str:
+    """What is wrong with a reply's kept rank ("" if nothing): it must be an integer in [1, the rank
+    the client was sent], from a client the strategy asked to self-prune. A smaller one cuts
+    `sent[node]` to it (`strategies.hetlora.drop_tail`), as the client cut what it received."""
+    node = reply.metadata.src_node_id
+    if not env.strategy.instructions(env.rank(env.node_to_client[node])).get(SELF_PRUNE, False):
+        return f"the reply names a kept rank (its {RANK_RECORD!r} record), but {type(env.strategy).__name__} asks for no rank self-pruning"
+    sent_rank = next(iter(factors(sent[node], "A").values())).shape[0]
+    kept = reply.content[RANK_RECORD].get(KEPT)
+    if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= sent_rank:
+        return f"bad kept rank in the reply: {RANK_RECORD}.{KEPT} must be an integer in [1, {sent_rank}] (the rank the client was sent), got {kept!r}"
+    if kept < sent_rank:
+        sent[node] = drop_tail(sent[node], kept)
+    return ""
 
 
 def _sent_states(messages: list[Message]) -> dict[int, AdapterState]:
@@ -409,10 +445,17 @@ def _as_adapter_reply(checked: Checked, sent: dict[int, AdapterState], factor: f
     msg = checked.message
     metrics = msg.content["metrics"]  # exactly the checked keys: Flower averages them and refuses replies that differ
     content = RecordDict({"arrays": to_record(local), "metrics": MetricRecord({k: metrics[k] for k in TRAIN_METRICS})})
-    if PRUNE_RECORD in msg.content.config_records:
-        content[PRUNE_RECORD] = msg.content[PRUNE_RECORD]
+    for record in (PRUNE_RECORD, RANK_RECORD):
+        if record in msg.content.config_records:
+            content[record] = msg.content[record]
     msg.content = content
     return msg
+
+
+def _reply_rank(msg: Message, trained: int) -> int:
+    """The rank of the adapter a client sent back: the one it kept if it self-pruned (validated by
+    `_check_train`), else the rank it trained at."""
+    return int(msg.content[RANK_RECORD][KEPT]) if RANK_RECORD in msg.content.config_records else trained
 
 
 def _reply_keep(msg: Message) -> Keep | None:

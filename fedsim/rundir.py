@@ -11,6 +11,8 @@ Layout of ``<out>/<name>/``::
                              (`fedsim.keeps`; also in each checkpoint, for `fedsim resume`)
     controller.npz           with a controller: its state after the last round (also in each checkpoint)
     adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
+    final_eval.parquet       the last round's central evaluation, one row per held-out example
+                             (the whole held-out set; schema `FINAL_EVAL_COLUMNS` below)
 
 metrics.parquet schema (`METRIC_COLUMNS`):
 
@@ -24,7 +26,10 @@ metrics.parquet schema (`METRIC_COLUMNS`):
                         training step does not fit the device's memory; not trained)
     device       str    the client's device profile ("" for server rows)
     lora_rank    int    train/eval_client: the LoRA rank the client trained or evaluated at (0 for server rows)
-    num_examples int    examples trained on / evaluated
+    rank_kept    int    train, with a reply: the rank of the adapter the client sent back, below lora_rank
+                        when it self-pruned (hetlora; the server then caps its rank there); 0 otherwise
+    num_examples int    examples trained on / evaluated (eval_central: `eval.central_examples` of the
+                        held-out set each round, the whole set at the run's last round)
     loss         float  train: mean loss over local steps; eval: response-token loss
     loss_before  float  train: loss on a fixed probe batch before local training (else NaN)
     loss_after   float  train: the same batch after local training (else NaN)
@@ -60,6 +65,15 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     reward       float  train, with a controller: the reward the bandit learned from (NaN if none)
     reason       str    why a row is not ok ("" when ok)
 
+final_eval.parquet schema (`FINAL_EVAL_COLUMNS`), rows in held-out order; its token-weighted loss
+and mean `correct` are the final eval_central row's loss and accuracy (`fedsim.training`):
+
+    round        int    the round evaluated (a run's last; compare with metrics.parquet's)
+    example      int    index in the held-out set (`fedsim.data.central_test_set`, seeded by the run's seed)
+    loss         float  the example's mean response-token loss l_i (NaN without a response token)
+    n_tokens     int    response tokens n_i that l_i is the mean of
+    correct      bool   greedy exact match
+
 Every file is replaced atomically (write to a temporary name, then rename).
 """
 
@@ -69,6 +83,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +107,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "wall_time_s": "float64",
     "device": "string",
     "lora_rank": "int64",
+    "rank_kept": "int64",
     "flops": "float64",
     "sim_compute_s": "float64",
     "sim_comm_s": "float64",
@@ -123,6 +139,7 @@ _DEFAULTS: dict[str, Any] = {
     "wall_time_s": math.nan,
     "device": "",
     "lora_rank": 0,
+    "rank_kept": 0,
     "flops": math.nan,
     "sim_compute_s": math.nan,
     "sim_comm_s": math.nan,
@@ -142,7 +159,14 @@ _DEFAULTS: dict[str, Any] = {
     "reason": "",
 }
 
-
+FINAL_EVAL_COLUMNS: dict[str, str] = {
+    "round": "int64",
+    "example": "int64",
+    "loss": "float64",
+    "n_tokens": "int64",
+    "correct": "bool",
+}
+FINAL_EVAL_FILE = "final_eval.parquet"
 KEEPS_FILE = "keeps.json"
 
 
@@ -217,6 +241,14 @@ class RunDir:
         _atomic_write(self.checkpoint_path(server_round) / KEEPS_FILE, text.encode())
         _atomic_write(self.keeps_path, text.encode())
 
+    def save_final_eval(
+        self, server_round: int, loss: Sequence[float], n_tokens: Sequence[int], correct: Sequence[bool]
+    ) -> None:
+        """The per-example central evaluation of `server_round`, example k of the held-out set in row k."""
+        frame = pd.DataFrame({"round": server_round, "example": range(len(correct))})
+        frame = frame.assign(loss=list(loss), n_tokens=list(n_tokens), correct=list(correct))
+        _atomic_write(self.path / FINAL_EVAL_FILE, frame.astype(FINAL_EVAL_COLUMNS).to_parquet(index=False))
+
     def event(self, kind: str, /, **fields: Any) -> None:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
         line = json.dumps({"time": time.time(), "event": kind, **clean}, default=str, allow_nan=False)
@@ -234,4 +266,13 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / "metrics.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a fedsim run directory (no metrics.parquet)")
+    return pd.read_parquet(path)
+
+
+def read_final_eval(run_dir: str | Path) -> pd.DataFrame:
+    """The run's final_eval.parquet; FileNotFoundError if it has none (a run still going, or one
+    recorded before the file existed)."""
+    path = Path(run_dir) / FINAL_EVAL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {FINAL_EVAL_FILE} (per-example results of its final round)")
     return pd.read_parquet(path)

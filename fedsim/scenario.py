@@ -66,7 +66,7 @@ class DataConfig(_Section):
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; small is more skewed.")
     classes_per_client: int = Field(2, ge=1, description="Pathological: distinct values of partition_by per client.")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's data kept for its own test split.")
-    central_test_size: int = Field(100, ge=1, description="Held-out examples the server evaluates on, taken before partitioning.")
+    central_test_size: int = Field(256, ge=1, description="Held-out examples the server evaluates on, taken before partitioning; all of them after the last round.")
 
     @field_validator("task")
     @classmethod
@@ -135,9 +135,14 @@ class StrategyConfig(_Section):
     beta_1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay.")
     beta_2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity τ.")
-    rank_gamma: float = Field(0.99, gt=0, le=1, description="hetlora: the penalty acts on ranks ⌊γ·r_k⌋..r_k of each client.")
-    rank_lambda: float = Field(0.01, ge=0, description="hetlora: weight λ of the rank self-pruning penalty λ‖B_tail·A_tail‖_F.")
+    rank_gamma: float = Field(0.99, gt=0, le=1, description="hetlora: a client's tail is ranks ⌊γ·r_k⌋..r_k: the penalty acts on it, self-pruning drops it (r_k ← max(1, ⌊γ·r_k⌋)); 1 = neither.")
+    rank_lambda: float = Field(0.01, ge=0, description="hetlora: weight λ of the tail penalty λ‖B_tail·A_tail‖_F.")
     fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight λ of ‖ΔB‖_F in the residual correction.")
+    rank_padding: Literal["paper", "holders", "zeros"] = Field(
+        "paper",
+        description="Mixed ranks: 'holders' averages each rank over the clients that hold it, 'zeros' zero-pads; "
+        "'paper': the strategy's paper (zeros for hetlora and flexlora, holders for the others).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -150,7 +155,7 @@ class StrategyConfig(_Section):
 
 
 class EvalConfig(_Section):
-    central_examples: int = Field(0, ge=0, description="Held-out examples evaluated each round (0 = the whole set).")
+    central_examples: int = Field(0, ge=0, description="Held-out examples evaluated each round but the last, which uses the whole set (0 = the whole set).")
     client_examples: int = Field(16, ge=1, description="Max test examples a client evaluates.")
     max_new_tokens: int = Field(10, ge=1, description="Greedy generation length for exact match.")
     batch_size: int = Field(16, ge=1, description="Evaluation batch size.")
@@ -346,6 +351,8 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
             f"`compression.alpha` = 'auto' cannot be used with the stateful server optimiser {strategy.name!r} "
             "(it aggregates several candidates per round): set a number"
         )
+    if strategy is not None and strategy.name == "flora" and strategy.rank_padding != "paper":
+        problems.append(f"`strategy.rank_padding` = {strategy.rank_padding!r} does not apply to 'flora', which stacks every client's factors at their own rank: leave it 'paper'")
     problems += _rank_problems(getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression)
     problems += _pruning_problems(getattr(s, "pruning", None), getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression, getattr(s, "controller", None))
     problems += _controller_problems(getattr(s, "controller", None), getattr(s, "lora", None), getattr(s, "fleet", None))
@@ -383,6 +390,8 @@ def _rank_problems(lora: LoraConfig | None, clients: ClientsConfig | None, fleet
             problems.append("`compression.downlink` needs one rank for every client (lora.profile_ranks / client_ranks differ from lora.rank)")
         if strategy.name in ("flora", "fedex_lora", "fedsa_lora"):
             problems.append(f"`compression.downlink` cannot carry {strategy.name!r}'s state (base-weight merges or personal factors)")
+        if strategy.name == "hetlora" and strategy.rank_gamma < 1:
+            problems.append(f"`compression.downlink` needs one rank for every client, but hetlora's clients self-prune their ranks (`strategy.rank_gamma` = {strategy.rank_gamma} < 1): set rank_gamma = 1 or turn the downlink off")
     if strategy is not None and strategy.name == "fedsa_lora" and clients is not None and clients.eval_per_round == 0:
         problems.append("`strategy.name` = 'fedsa_lora' keeps a personal B on each client: its accuracy is measured on the clients' own test splits, so `clients.eval_per_round` must be >= 1")
     return problems

@@ -7,7 +7,8 @@ calls the strategy's own Flower hooks (`configure_train`, `aggregate_train`, `co
 fits, how long each client takes: `fedsim.rounds`), sampling by client id with a seeded
 generator (Flower's node ids are random, and `sample_nodes` uses the global `random`),
 validating each reply on its own before aggregation (Flower raises on one bad reply), and
-writing metrics and a PEFT checkpoint after every round.
+writing metrics and a PEFT checkpoint after every round. The last round is scored on the whole
+held-out set and kept per example (`final_eval.parquet`, `fedsim.rundir`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from fedsim.rounds import Estimates, RoundEnv, eval_round, timed_send_and_receiv
 from fedsim.rundir import RunDir
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
-from fedsim.training import collate, evaluate, evaluate_loss, resolve_device
+from fedsim.training import ExampleResults, collate, evaluate_examples, evaluate_loss, resolve_device
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -116,14 +117,18 @@ def estimates(shape: ModelShape, scenario: Scenario, rank: int) -> Estimates:
 
 
 class CentralEvaluator:
-    """The server's copy of base model + LoRA, for central evaluation and for saving checkpoints."""
+    """The server's copy of base model + LoRA, for central evaluation and for saving checkpoints.
+
+    `held_out` is the server's whole held-out set (`data.central_test_size`); `examples`, its first
+    `eval.central_examples` (0 = all), is what each round, calibration and the deployed models are
+    scored on. The run's last round is scored on the whole held-out set."""
 
     def __init__(self, scenario: Scenario) -> None:
         base, self.tokenizer = load_model(scenario.model.name, dtype=scenario.model.dtype)
         self.shape = ModelShape.from_model(base)
         self.model = attach_lora(base, scenario.lora, derive_seed(scenario.seed, "lora-init")).to(resolve_device(scenario.train.device))
-        test = list(central_test_set(scenario.data, scenario.seed))
-        self.examples = test[: scenario.eval.central_examples or None]
+        self.held_out = list(central_test_set(scenario.data, scenario.seed))
+        self.examples = self.held_out[: scenario.eval.central_examples or None]  # each round's subset
         self.scenario = scenario
 
     def importance(self, state: AdapterState) -> Scores:
@@ -152,14 +157,23 @@ class CentralEvaluator:
         rows = self.examples[:examples]
         return float(evaluate_loss(self.model, self.tokenizer, rows, batch_size=self.scenario.eval.batch_size, max_len=self.scenario.train.max_seq_len))
 
-    def __call__(self, state: AdapterState, server_round: int, elapsed: float, sim_time: float) -> dict[str, Any]:
+    def __call__(
+        self, state: AdapterState, server_round: int, elapsed: float, sim_time: float, *, final: bool = False
+    ) -> tuple[dict[str, Any], ExampleResults]:
+        """The round's eval_central row and its per-example results, on `examples`, or on
+        `held_out` when `final`."""
         set_state(self.model, state)
         e, t = self.scenario.eval, self.scenario.train
-        res = evaluate(self.model, self.tokenizer, self.examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=t.max_seq_len)
+        rows = self.held_out if final else self.examples
+        per_example = evaluate_examples(
+            self.model, self.tokenizer, rows,
+            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=t.max_seq_len,
+        )
+        res = per_example.reduce()
         return {
             "round": server_round, "client_id": -1, "kind": "eval_central", "num_examples": res.num_examples,
             "loss": res.loss, "accuracy": res.accuracy, "wall_time_s": elapsed, "sim_time_s": sim_time,
-        }  # fmt: skip
+        }, per_example  # fmt: skip
 
 
 def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: ProgressFn | None = None, resume: ResumePoint | None = None) -> AdapterState:
@@ -184,11 +198,17 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     )  # fmt: skip
 
     def evaluated(state: AdapterState, server_round: int, sim_time: float) -> dict[str, Any]:
-        """The round's central row, with the fleet's deployed models scored (and planned for the next round's contributions)."""
-        row = central(state, server_round, time.perf_counter() - start, sim_time)
+        """The round's central row, with the fleet's deployed models scored (and planned for the
+        next round's contributions); the last round's per-example results go to final_eval.parquet."""
+        final = server_round == scenario.rounds
+        row, per_example = central(state, server_round, time.perf_counter() - start, sim_time, final=final)
+        if final:
+            run_dir.save_final_eval(server_round, per_example.loss, per_example.n_tokens, per_example.correct)
         if deploy is not None:
             deploy.plan(state, book)
-            row["deployed_loss"], row["deployed_accuracy"] = deploy.evaluate(state, unpruned=(row["loss"], row["accuracy"]))  # the unpruned model is not scored twice
+            # the unpruned model is not scored twice, unless the last round's row is on more examples than deploy's
+            unpruned = (row["loss"], row["accuracy"]) if row["num_examples"] == len(deploy.examples) else None
+            row["deployed_loss"], row["deployed_accuracy"] = deploy.evaluate(state, unpruned=unpruned)
         return row
 
     run_dir.event("clients", count=len(env.clients))
@@ -198,6 +218,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
             book.load(resume.keeps)
         if control is not None:
             control.load(resume.checkpoint)
+        env.kept_ranks.update(resume.kept_ranks)
         if deploy is not None:
             deploy.plan(state, book)
         run_dir.event("run_resumed", after_round=resume.server_round, not_restored=list(resume.lost))

@@ -5,9 +5,12 @@ evaluation), so both score a model the same way:
 
 - An example is rendered as ``PROMPT_TEMPLATE.format(prompt=...)`` followed by the response and
   the end-of-sequence token. The loss is the mean cross-entropy over response tokens only: prompt
-  positions carry the label -100, as in instruction tuning (FedIT, Alpaca).
+  positions carry the label -100, as in instruction tuning (FedIT, Alpaca). Per example i, l_i is
+  the mean over its n_i response tokens (`example_losses`); a set's loss is the token-weighted
+  Σ l_i n_i / Σ n_i (`token_weighted`), the one definition every evaluation uses.
 - Exact match: greedy generation from the rendered prompt, cut at the first newline or EOS,
-  stripped, compared with the stripped reference response.
+  stripped, compared with the stripped reference response (`exact_matches`).
+- `evaluate_examples` keeps both per example; `evaluate` is its reduction.
 - Everything random (batch order) is drawn from a `torch.Generator` seeded by the caller, so a
   client's work depends only on (scenario seed, round, client id), never on scheduling order.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PROMPT_TEMPLATE = "Question: {prompt}\nAnswer: "
@@ -58,6 +62,27 @@ class EvalResult:
     loss: float  # mean response-token loss
     accuracy: float  # exact match
     wall_time_s: float
+
+
+@dataclass(frozen=True)
+class ExampleResults:
+    """`evaluate_examples`: one entry per example, in the order given."""
+
+    loss: tuple[float, ...]  # mean response-token loss l_i
+    n_tokens: tuple[int, ...]  # response tokens n_i that l_i is the mean of
+    correct: tuple[bool, ...]  # greedy exact match
+    wall_time_s: float
+
+    def reduce(self) -> EvalResult:
+        """Token-weighted loss Σ l_i n_i / Σ n_i and accuracy, the share of examples correct."""
+        count = len(self.correct)
+        accuracy = sum(self.correct) / count if count else math.nan
+        return EvalResult(
+            num_examples=count,
+            loss=token_weighted(self.loss, self.n_tokens),
+            accuracy=accuracy,
+            wall_time_s=self.wall_time_s,
+        )
 
 
 def encode(
@@ -221,22 +246,99 @@ def generate_answers(
     ]
 
 
+def token_weighted(losses: Sequence[float], n_tokens: Sequence[int]) -> float:
+    """Σ_i l_i n_i / Σ_i n_i: the mean over every response token of the examples whose mean losses
+    are `losses` over `n_tokens` tokens each (NaN when no example has a response token)."""
+    total = sum(n_tokens)
+    return sum(loss * n for loss, n in zip(losses, n_tokens, strict=True) if n) / total if total else math.nan
+
+
 @torch.no_grad()
-def evaluate_loss(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[dict[str, str]], *, batch_size: int, max_len: int
-) -> float:
-    """Response-token loss alone (token-weighted mean), without generation."""
+def example_losses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[dict[str, str]],
+    *,
+    batch_size: int,
+    max_len: int,
+) -> tuple[list[float], list[int]]:
+    """Per example, in order: its mean response-token cross-entropy l_i (NaN if the truncation left
+    it no response token) and n_i, the tokens that mean is over (the labels after the causal shift,
+    as the model's own loss counts them)."""
     model.eval()
-    loss_sum, n_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    counts: list[int] = []
     for lo in range(0, len(examples), batch_size):
         batch = collate(tokenizer, examples[lo : lo + batch_size], max_len)
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())  # tokens the shifted loss counts
-        loss_sum += float(_batch_loss(model, batch)) * n
-        n_tokens += n
-    return loss_sum / n_tokens if n_tokens else math.nan
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+        labels = batch["labels"][:, 1:].to(device)  # (B, T-1): token t+1 is predicted at t
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+        )  # (B, T-1)
+        n = (labels != IGNORE).sum(dim=1)  # (B,)
+        sums = nll.double().sum(dim=1)  # (B,)
+        counts += n.tolist()
+        losses += [s / k if k else math.nan for s, k in zip(sums.tolist(), n.tolist(), strict=True)]
+    return losses, counts
+
+
+def evaluate_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[dict[str, str]],
+    *,
+    batch_size: int,
+    max_len: int,
+) -> float:
+    """Response-token loss alone (token-weighted mean of `example_losses`), without generation."""
+    return token_weighted(*example_losses(model, tokenizer, examples, batch_size=batch_size, max_len=max_len))
 
 
 @torch.no_grad()
+def exact_matches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_len: int,
+) -> list[bool]:
+    """Per example, in order: whether the greedy answer equals the stripped reference response."""
+    model.eval()
+    correct: list[bool] = []
+    for lo in range(0, len(examples), batch_size):
+        rows = examples[lo : lo + batch_size]
+        answers = generate_answers(
+            model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, max_len=max_len
+        )
+        correct += [a == r["response"].strip() for a, r in zip(answers, rows, strict=True)]
+    return correct
+
+
+def evaluate_examples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_len: int,
+) -> ExampleResults:
+    """Per-example response-token loss (`example_losses`) and exact match (`exact_matches`)."""
+    start = time.perf_counter()
+    losses, n_tokens = example_losses(model, tokenizer, examples, batch_size=batch_size, max_len=max_len)
+    correct = exact_matches(
+        model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, max_len=max_len
+    )
+    return ExampleResults(
+        loss=tuple(losses), n_tokens=tuple(n_tokens), correct=tuple(correct), wall_time_s=time.perf_counter() - start
+    )
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -246,20 +348,8 @@ def evaluate(
     batch_size: int,
     max_len: int,
 ) -> EvalResult:
-    """Response-token loss (token-weighted mean) and greedy exact-match accuracy."""
-    start = time.perf_counter()
-    loss = evaluate_loss(model, tokenizer, examples, batch_size=batch_size, max_len=max_len)
-    correct = 0
-    for lo in range(0, len(examples), batch_size):
-        rows = examples[lo : lo + batch_size]
-        answers = generate_answers(
-            model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, max_len=max_len
-        )
-        correct += sum(a == r["response"].strip() for a, r in zip(answers, rows, strict=True))
-    count = len(examples)
-    return EvalResult(
-        num_examples=count,
-        loss=loss,
-        accuracy=correct / count if count else math.nan,
-        wall_time_s=time.perf_counter() - start,
-    )
+    """Response-token loss (token-weighted mean) and greedy exact-match accuracy: the reduction
+    of `evaluate_examples`."""
+    return evaluate_examples(
+        model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, max_len=max_len
+    ).reduce()

@@ -29,25 +29,33 @@ def _base(scenario: Scenario) -> tuple[int, float, int]:
     return scenario.lora.rank, scenario.lora.alpha, scenario.seed
 
 
+def _padding(scenario: Scenario) -> str | None:
+    """The scenario's `strategy.rank_padding`; None ("paper") leaves the strategy's `paper_padding`."""
+    return None if scenario.strategy.rank_padding == "paper" else scenario.strategy.rank_padding
+
+
 def _optimizer(name: str) -> Callable[[Scenario], LoraStrategy]:
     def build(scenario: Scenario) -> LoraStrategy:
         s = scenario.strategy
-        return FedIT(*_base(scenario), optimizer=server_optimizer(name, s.server_lr, s.server_momentum, s.beta_1, s.beta_2, s.tau))
+        optimizer = server_optimizer(name, s.server_lr, s.server_momentum, s.beta_1, s.beta_2, s.tau)
+        return FedIT(*_base(scenario), optimizer=optimizer, padding=_padding(scenario))
 
     return build
 
 
 STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
-    "fedit": lambda scenario: FedIT(*_base(scenario)),
-    "fedprox": lambda scenario: FedIT(*_base(scenario), optimizer=fedprox(scenario.strategy.proximal_mu)),
+    "fedit": lambda scenario: FedIT(*_base(scenario), padding=_padding(scenario)),
+    "fedprox": lambda scenario: FedIT(*_base(scenario), optimizer=fedprox(scenario.strategy.proximal_mu), padding=_padding(scenario)),
     **{name: _optimizer(name) for name in STATEFUL},
-    "hetlora": lambda scenario: HetLoRA(*_base(scenario), gamma=scenario.strategy.rank_gamma, lam=scenario.strategy.rank_lambda),
-    "flexlora": lambda scenario: FlexLoRA(*_base(scenario)),
+    "hetlora": lambda scenario: HetLoRA(
+        *_base(scenario), gamma=scenario.strategy.rank_gamma, lam=scenario.strategy.rank_lambda, padding=_padding(scenario)
+    ),
+    "flexlora": lambda scenario: FlexLoRA(*_base(scenario), padding=_padding(scenario)),
     "flora": lambda scenario: FLoRA(*_base(scenario)),
-    "ffa_lora": lambda scenario: FFALoRA(*_base(scenario)),
-    "fedsa_lora": lambda scenario: FedSALoRA(*_base(scenario)),
-    "fedex_lora": lambda scenario: FedExLoRA(*_base(scenario)),
-    "lora_fair": lambda scenario: LoRAFAIR(*_base(scenario), lam=scenario.strategy.fair_lambda),
+    "ffa_lora": lambda scenario: FFALoRA(*_base(scenario), padding=_padding(scenario)),
+    "fedsa_lora": lambda scenario: FedSALoRA(*_base(scenario), padding=_padding(scenario)),
+    "fedex_lora": lambda scenario: FedExLoRA(*_base(scenario), padding=_padding(scenario)),
+    "lora_fair": lambda scenario: LoRAFAIR(*_base(scenario), lam=scenario.strategy.fair_lambda, padding=_padding(scenario)),
 }
 
 

@@ -6,14 +6,18 @@ FedIT's averages, plus the error they make folded into the frozen base, per laye
     A ← Σ_k p_k pad(A_k),   B ← Σ_k p_k (s_k / s_g) pad(B_k),   p_k = n_k / Σ_j n_j
     base_delta ← base_delta + (ΔW* − s_g B A),   ΔW* = Σ_k p_k s_k B_k A_k
 
-so base + base_delta + s_g B A moves by exactly ΔW* each round. The residual travels to the
+so base + base_delta + s_g B A moves by exactly ΔW* each round. The paper assumes one rank for
+all; with mixed ranks the default `padding` is "holders" (each rank of A, B averaged over the
+clients that hold it, and ΔW* the global product moved by the clients' mean change: see
+`strategies.lora_math`), so a round in which every client returns what it was sent changes
+nothing; "zeros" zero-pads and takes ΔW* = Σ_k p_k s_k B_k A_k. The residual travels to the
 clients with the adapter, dense (out × in per adapted layer), and its bytes are on the clock.
 """
 
 from __future__ import annotations
 
 from fedsim.adapter import BASE_DELTA, AdapterState, split_state
-from strategies.lora_math import fedex_lora, layer_pairs
+from strategies.lora_math import fedex_residual, fedit, layer_pairs
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
@@ -22,10 +26,12 @@ class FedExLoRA(LoraStrategy):
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, deltas = split_state(self.current)
-        scales, weights = [c.scale for c in clients], [c.weight for c in clients]
+        weights, s_g = [c.weight for c in clients], self.scale(self.r_max)
+        aligned = self.aligned(clients, weights)  # padded, B folded to s_g
         out: AdapterState = {}
         for prefix, (a_key, b_key) in layer_pairs(adapter).items():
-            As, Bs = [c.state[a_key] for c in clients], [c.state[b_key] for c in clients]
-            out[a_key], out[b_key], residual = fedex_lora(As, Bs, scales, weights, self.r_max, s_g=self.scale(self.r_max))
+            A, B = fedit([s[a_key] for s in aligned], [s[b_key] for s in aligned], [s_g] * len(clients), weights, self.r_max, s_g=s_g)
+            residual = fedex_residual(A, B, s_g, *self.update_stack(clients, a_key, b_key))
+            out[a_key], out[b_key] = A, B
             out[prefix + BASE_DELTA] = deltas[prefix] + residual if prefix in deltas else residual
         return out

@@ -6,7 +6,10 @@ each client's scaling folded into B (`strategies.lora_strategy`):
     A ← Σ_k p_k pad(A_k),   B ← Σ_k p_k (s_k / s_g) pad(B_k),   p_k = n_k / Σ_j n_j
 
 where n_k is client k's number of training examples. The averaging *is* Flower's FedAvg, run on
-the aligned factors; with equal ranks it is FedAvg of A and B. It is biased
+the aligned factors; with equal ranks it is FedAvg of A and B. The paper assumes one rank for all;
+with mixed ranks the default `padding` is "holders": each rank of A and B is averaged over the
+clients that hold it (their missing ranks filled with that mean before FedAvg), so a round in
+which every client returns what it was sent changes nothing; "zeros" is plain zero padding. It is biased
 (mean(B)·mean(A) ≠ mean(B·A)), which the other strategies of this package correct.
 
 Flower's server optimisers and client-drift methods compose with it: pass `optimizer` (a Flower
@@ -33,8 +36,8 @@ class FedIT(LoraStrategy):
     """Sample-weighted FedAvg of zero-padded, scale-folded LoRA factors, optionally through a
     Flower server optimiser."""
 
-    def __init__(self, rank: int, alpha: float, seed: int = 0, optimizer: FedAvg | None = None) -> None:
-        super().__init__(rank, alpha, seed)
+    def __init__(self, rank: int, alpha: float, seed: int = 0, optimizer: FedAvg | None = None, padding: str | None = None) -> None:
+        super().__init__(rank, alpha, seed, padding)
         self.optimizer = optimizer
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

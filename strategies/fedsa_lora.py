@@ -6,6 +6,9 @@ client. Per layer:
 
     A ← Σ_k p_k pad(A_k),   p_k = n_k / Σ_j n_j;   client k keeps its own B_k
 
+The paper assumes one rank for all; with mixed ranks each row of A is averaged over the clients
+that hold it (`padding` "holders", the default; "zeros" pads with zero rows).
+
 Clients download and upload A alone and keep B_k in their node state across rounds (zero until
 they first train). There is no single global model: the server's adapter holds the shared A with
 B = 0, so the figure that counts is accuracy on the clients' own test splits (federated
@@ -31,9 +34,16 @@ class FedSALoRA(LoraStrategy):
         weights = [c.weight for c in clients]
         a_keys = [a_key for a_key, _ in layer_pairs(adapter).values()]
         states = [{k: self._pad_rows(c.state[k]) for k in a_keys} for c in clients]
-        masks = [c.mask and {k: self.padded_rows_mask(c.mask[k]) for k in a_keys} for c in clients]
+        masks = [self._rows_mask(c, a_keys) for c in clients]
         filled = fill_uncovered(states, masks, weights, {k: adapter[k] for k in a_keys})
         return {**adapter, **{k: fedsa_lora([s[k] for s in filled], weights) for k in a_keys}}
+
+    def _rows_mask(self, client: ClientAdapter, a_keys: list[str]) -> AdapterState | None:
+        """`padded_mask` for A alone (B never comes back)."""
+        if client.mask is None and (client.rank == self.r_max or self.padding == "zeros"):
+            return None
+        held = client.mask or {k: torch.ones(client.state[k].shape, dtype=torch.bool) for k in a_keys}
+        return {k: self.padded_rows_mask(held[k]) for k in a_keys}
 
     def _pad_rows(self, A: torch.Tensor) -> torch.Tensor:
         return torch.cat([A, A.new_zeros(self.r_max - A.shape[0], A.shape[1])])

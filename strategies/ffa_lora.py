@@ -6,7 +6,10 @@ the update is linear in B the average is exact, per layer:
 
     B ← Σ_k p_k (s_k / s_g) pad(B_k),   A unchanged,   s_g B A = Σ_k p_k s_k B_k A[:r_k] = ΔW*
 
-(p_k = n_k / Σ_j n_j). A client of rank r_k uses A's first r_k rows. Uplink is B alone; A still
+(p_k = n_k / Σ_j n_j). A client of rank r_k uses A's first r_k rows. The paper assumes one rank
+for all; with mixed ranks the default `padding` is "holders": column j of B is averaged over the
+clients that hold it (exact per rank, and a client that returns what it was sent moves nothing);
+"zeros" zero-pads, which is exact for ΔW* = Σ_k p_k s_k B_k A[:r_k]. Uplink is B alone; A still
 travels down (fedsim's clients hold no state they could derive it from), which the clock counts.
 """
 

@@ -12,6 +12,7 @@ adapter is re-initialised for the next round (A ~ PEFT's Kaiming-uniform init, d
 scenario seed and the round; B = 0). The merged base delta travels to every client with the
 adapter, dense (out × in per adapted layer): that is FLoRA's real downlink cost, on the clock.
 Folding p_k s_k into B fixes the scaling pitfall of the public code (one α/Σr for the stack).
+Mixed ranks need no padding, so `strategy.rank_padding` does not apply (the scenario refuses it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class FLoRA(LoraStrategy):
+    paper_padding = "stack"  # no padding: every client's factors enter the stack at their own rank
     pruning_refused = "it merges the clients' dense updates into the frozen base weights, which a pruned client holds only in part"
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:

@@ -8,26 +8,31 @@ that brings the product back toward the ideal update, per layer:
     ΔB  = argmin_ΔB  (1 − cos(ΔW*, s_g (B̄ + ΔB) Ā)) + λ ‖ΔB‖_F      (λ = `strategy.fair_lambda`, 0.01 in the paper)
 
 and every client starts the next round from (Ā, B̄ + ΔB). The minimisation is the deterministic
-descent of `strategies.lora_math.lora_fair`.
+descent of `strategies.lora_math.lora_fair_refine`. The paper assumes one rank for all; with mixed
+ranks the default `padding` is "holders" (Ā, B̄ averaged per rank over the clients that hold it,
+ΔW* the global product moved by the clients' mean change: see `strategies.lora_math`); "zeros"
+zero-pads and takes ΔW* = Σ_k p_k s_k B_k A_k.
 """
 
 from __future__ import annotations
 
-from fedsim.adapter import AdapterState
-from strategies.lora_math import apply_per_layer, lora_fair
+from fedsim.adapter import AdapterState, split_state
+from strategies.lora_math import fedit, layer_pairs, lora_fair_refine
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class LoRAFAIR(LoraStrategy):
     pruning_refused = "its residual correction needs every client's full product s_k B_k A_k"
 
-    def __init__(self, rank: int, alpha: float, seed: int = 0, lam: float = 0.01) -> None:
-        super().__init__(rank, alpha, seed)
+    def __init__(self, rank: int, alpha: float, seed: int = 0, lam: float = 0.01, padding: str | None = None) -> None:
+        super().__init__(rank, alpha, seed, padding)
         self.lam = lam
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
-        scales, weights = [c.scale for c in clients], [c.weight for c in clients]
-        s_g = self.scale(self.r_max)
-        return apply_per_layer(
-            [c.state for c in clients], lambda As, Bs: lora_fair(As, Bs, scales, weights, lam=self.lam, r_max=self.r_max, s_g=s_g)
-        )
+        weights, s_g = [c.weight for c in clients], self.scale(self.r_max)
+        aligned = self.aligned(clients, weights)  # padded, B folded to s_g
+        out: AdapterState = {}
+        for a_key, b_key in layer_pairs(split_state(self.current)[0]).values():
+            A, B = fedit([s[a_key] for s in aligned], [s[b_key] for s in aligned], [s_g] * len(clients), weights, self.r_max, s_g=s_g)
+            out[a_key], out[b_key] = A, lora_fair_refine(A, B, *self.update_stack(clients, a_key, b_key), lam=self.lam)
+        return out

@@ -16,7 +16,23 @@ each client's scaling into its B relative to the global adapter's scaling s_g (t
 and the global adapter, used with scaling s_g, carries s_g·B·A. Heterogeneous ranks are aligned by
 zero-padding to r_max (rows of A, columns of B), which leaves B_k A_k unchanged.
 
-Rules, each on the folded, zero-padded factors:
+Mixed ranks. A rank-r_k client receives the first r_k ranks of the global adapter (A_g, B_g) and
+holds nothing beyond them. Two readings of its reply (`RANK_PADDINGS`):
+
+- "zeros": its missing ranks are zeros it holds. Every rule below on zero-padded factors; the
+  ideal update is ΔW* = Σ_k p_k s_k B_k A_k. A round in which every client returns what it was sent
+  shrinks rank j of the global adapter by the weight share of the clients that hold it (HetLoRA
+  does this on purpose; FlexLoRA's mean of full products does it too).
+- "holders": a client moves only what it holds. Each rank coordinate of the factors is averaged
+  over the clients that hold it (the pruning masks' `fill_uncovered`, with ranks as coverage), and
+  the ideal update is the global product moved by the weighted mean of each client's change from
+  the truncation it received (`update_stack`):
+
+      ΔW* = s_g B_g A_g + Σ_k p_k (s_k B_k A_k − s_g B_g[:, :r_k] A_g[:r_k, :]).
+
+  With every r_k = r_max both readings agree; a client that returns what it was sent moves nothing.
+
+Rules, each on the folded, padded factors:
 
 - FedIT (Zhang et al., 2024, "Towards Building the Federated GPT", arXiv:2305.05644):
   A = Σ p_k A_k, B = Σ p_k B'_k. Biased: s_g B A ≠ ΔW* (`aggregation_bias`).
@@ -26,8 +42,10 @@ Rules, each on the folded, zero-padded factors:
   λ ‖B[:, ⌊γ r_k⌋:r_k] A[⌊γ r_k⌋:r_k, :]‖_F on its tail ranks (`hetlora_rank_penalty`).
 - FlexLoRA (Bai et al., 2024, "Federated Fine-tuning of Large Language Models under Heterogeneous
   Tasks and Client Resources", arXiv:2402.11505): ΔW* = U Σ Vᵀ; client k gets the rank-r_k truncated
-  SVD, split B_k = U_r Σ_r^½ / √s_k, A_k = Σ_r^½ V_rᵀ / √s_k, so s_k B_k A_k = U_r Σ_r V_rᵀ, the best
-  rank-r_k approximation (Eckart–Young). The paper puts all of Σ_r in B; the product is the same.
+  SVD split as the paper does, B_k = U_r Σ_r / s_k, A_k = V_rᵀ, so s_k B_k A_k = U_r Σ_r V_rᵀ, the best
+  rank-r_k approximation (Eckart–Young). A's rows stay orthonormal, so a rank whose singular value
+  is near zero still trains (its B column gets the gradient G V_r). The SVD is taken from QRs of
+  the stacked factors (`product_svd`), never of the dense out × in matrix.
 - FLoRA (Wang et al., 2024, "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous
   Low-Rank Adaptations", arXiv:2409.05976): A = [A_1; …; A_K], B = [p_1 s_1 B_1, …, p_K s_K B_K],
   so B A = ΔW* exactly (scaling 1); the server merges it into the base weights (`merge_into_base`)
@@ -56,6 +74,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+RANK_PADDINGS = ("holders", "zeros")  # how a reply's missing ranks are read (module docstring)
 
 _LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -261,6 +281,52 @@ def hetlora_rank_penalty(B: Tensor, A: Tensor, r_k: int, gamma: float, lam: floa
     return lam * torch.linalg.matrix_norm(B[:, t:r_k] @ A[t:r_k, :])
 
 
+def update_stack(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float],
+    received: tuple[Tensor, Tensor, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(B_s (out, R), A_s (R, in)) with B_s A_s = ΔW*, the ideal update, never formed densely.
+
+    Without `received`: the "zeros" reading, ΔW* = Σ_k p_k s_k B_k A_k (FLoRA's stack, R = Σ r_k).
+    With `received` = (A_g, B_g, s_g), the global adapter the clients were sent: the "holders"
+    reading, ΔW* = s_g B_g A_g + Σ_k p_k (s_k B_k A_k − s_g B_g[:, :r_k] A_g[:r_k]), stacked as one more
+    block s_g B_g diag(1 − P_j), A_g with P_j = Σ_{k: r_k > j} p_k (R = Σ r_k + r_max).
+    """
+    A_s, B_s = flora_stack(As, Bs, scales, weights)
+    if received is None:
+        return B_s, A_s
+    A_g, B_g, s_g = received
+    r_max, _, _ = _check_pair(A_g, B_g)
+    p = _normalise(weights, len(As))
+    held = torch.tensor([math.fsum(p_k for p_k, A_k in zip(p, As) if A_k.shape[0] > j) for j in range(r_max)], dtype=B_g.dtype)
+    return torch.cat([B_s, s_g * B_g * (1 - held)[None, :]], dim=1), torch.cat([A_s, A_g], dim=0)
+
+
+def product_svd(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(U (out, rank), S (rank,), Vh (rank, in)): the top-`rank` SVD of B A, from QRs of the factors.
+
+    B = Q_B R_B and Aᵀ = Q_A R_A give B A = Q_B (R_B R_Aᵀ) Q_Aᵀ, so only the small core is decomposed:
+    O((out + in)·R²) for B (out, R), A (R, in), against O(out·in·min(out, in)) for the dense SVD.
+    Computed in float64, returned in B's dtype. Where B A has fewer than `rank` components, Vh is
+    completed with orthonormal rows and S with zeros.
+    """
+    dtype = B.dtype
+    Q_B, R_B = torch.linalg.qr(B.double())  # (out, m), (m, R)
+    Q_A, R_A = torch.linalg.qr(A.double().T)  # (in, n), (n, R)
+    U_c, S, Vh_c = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)  # (m, q), (q,), (q, n)
+    U, Vh = Q_B @ U_c, Vh_c @ Q_A.T  # (out, q), (q, in)
+    missing = rank - S.shape[0]
+    if missing > 0:
+        basis = torch.linalg.qr(torch.cat([Vh.T, torch.eye(Vh.shape[1], missing, dtype=Vh.dtype)], dim=1))[0]  # (in, q + missing)
+        Vh = torch.cat([Vh, basis[:, S.shape[0] :].T])
+        U = torch.cat([U, U.new_zeros(U.shape[0], missing)], dim=1)
+        S = torch.cat([S, S.new_zeros(missing)])
+    return U[:, :rank].to(dtype), S[:rank].to(dtype), Vh[:rank].to(dtype)
+
+
 def flexlora(
     As: Sequence[Tensor],
     Bs: Sequence[Tensor],
@@ -268,21 +334,19 @@ def flexlora(
     weights: Sequence[float],
     ranks_out: Sequence[int],
     s_g_per_client: Sequence[float],
+    received: tuple[Tensor, Tensor, float] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """FlexLoRA: ΔW* = U Σ Vᵀ; client j gets A_j = Σ_r^½ V_rᵀ / √s_j, B_j = U_r Σ_r^½ / √s_j, r = ranks_out[j]."""
-    delta = weighted_product(As, Bs, scales, weights)  # (out, in)
+    """FlexLoRA: ΔW* = U Σ Vᵀ (`update_stack`'s ΔW*, `received` as there); output j gets
+    A_j = V_rᵀ, B_j = U_r Σ_r / s_j with r = ranks_out[j], so s_j B_j A_j = U_r Σ_r V_rᵀ."""
+    B_s, A_s = update_stack(As, Bs, scales, weights, received)
     if len(ranks_out) != len(s_g_per_client):
         raise ValueError(f"need one scale per output rank, got {len(ranks_out)} ranks and {len(s_g_per_client)} scales")
     for j, (r, s) in enumerate(zip(ranks_out, s_g_per_client)):
-        _check_rank(r, delta.shape[1], delta.shape[0])
+        _check_rank(r, A_s.shape[1], B_s.shape[0])
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"`s_g_per_client[{j}]` must be finite and > 0, got {s}")
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (out, m), (m,), (m, in)
-    out = []
-    for r, s in zip(ranks_out, s_g_per_client):
-        root = (S[:r] / s).sqrt()  # (r,)
-        out.append((root[:, None] * Vh[:r], U[:, :r] * root[None, :]))  # (r, in), (out, r)
-    return out
+    U, S, Vh = product_svd(B_s, A_s, max(ranks_out))
+    return [(Vh[:r].clone(), U[:, :r] * (S[:r] / s)[None, :]) for r, s in zip(ranks_out, s_g_per_client)]  # (r, in), (out, r)
 
 
 def flora_stack(
@@ -334,10 +398,16 @@ def fedex_lora(
     *,
     s_g: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """FedEx-LoRA: FedIT's (A, B) and the residual ΔW* − s_g B A (out, in) for the frozen base."""
+    """FedEx-LoRA on zero-padded factors: FedIT's (A, B) and the residual ΔW* − s_g B A (out, in) for
+    the frozen base (`fedex_residual` for any (A, B) and ΔW*)."""
     s_g = _global_scale(scales, s_g)
     A, B = fedit(As, Bs, scales, weights, r_max, s_g=s_g)
-    return A, B, weighted_product(As, Bs, scales, weights) - s_g * (B @ A)
+    return A, B, fedex_residual(A, B, s_g, *update_stack(As, Bs, scales, weights))
+
+
+def fedex_residual(A: Tensor, B: Tensor, s_g: float, B_s: Tensor, A_s: Tensor) -> Tensor:
+    """ΔW* − s_g B A (out, in), with ΔW* = B_s A_s (`update_stack`): what the adapter misses of the ideal update."""
+    return B_s @ A_s - s_g * (B @ A)
 
 
 def lora_fair(
@@ -352,21 +422,27 @@ def lora_fair(
     r_max: int | None = None,
     s_g: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """LoRA-FAIR: (Ā, B̄ + ΔB) with ΔB ≈ argmin (1 − cos(ΔW*, s_g (B̄ + ΔB) Ā)) + λ ‖ΔB‖_F.
-
-    With X = B̄ + ΔB the cosine is ⟨X, ΔW* Āᵀ⟩ / (‖ΔW*‖_F √⟨X Ā Āᵀ, X⟩) (s_g > 0 cancels), so each step
-    costs O(out·r²), not O(out·in). Deterministic descent from ΔB = 0: normalised-gradient steps of
-    length lr·‖B̄‖_F, grown ×1.25 when the objective falls, halved (and not taken) when it does not, so
-    the objective never rises. λ‖ΔB‖_F is in B's units (the paper's form): ΔB stays 0 where
-    ‖∇_B cos‖_F ≤ λ. Returns (Ā, B̄) unchanged when ΔW* or B̄ Ā is zero (the cosine is undefined).
-    """
+    """LoRA-FAIR on zero-padded factors: FedIT's (Ā, B̄), then `lora_fair_refine` toward ΔW* = Σ p_k s_k B_k A_k."""
     p = _check_clients(As, Bs, scales, weights)
     s_g = _global_scale(scales, s_g)
     A, B = _padded_means(As, Bs, scales, p, r_max or max(A_k.shape[0] for A_k in As), s_g)  # (r, in), (out, r)
-    ideal = weighted_product(As, Bs, scales, weights)  # (out, in)
-    target, gram, ideal_norm = ideal @ A.T, A @ A.T, torch.linalg.matrix_norm(ideal)  # (out, r), (r, r), ()
+    return A, lora_fair_refine(A, B, *update_stack(As, Bs, scales, weights), lam=lam, steps=steps, lr=lr)
+
+
+def lora_fair_refine(A: Tensor, B: Tensor, B_s: Tensor, A_s: Tensor, lam: float = 0.01, steps: int = 50, lr: float = 0.1) -> Tensor:
+    """B̄ + ΔB with ΔB ≈ argmin (1 − cos(ΔW*, (B̄ + ΔB) Ā)) + λ ‖ΔB‖_F, ΔW* = B_s A_s (`update_stack`).
+
+    With X = B̄ + ΔB the cosine is ⟨X, ΔW* Āᵀ⟩ / (‖ΔW*‖_F √⟨X Ā Āᵀ, X⟩) (the adapter's scaling cancels),
+    so each step costs O(out·r·R), never O(out·in). Deterministic descent from ΔB = 0:
+    normalised-gradient steps of length lr·‖B̄‖_F, grown ×1.25 when the objective falls, halved (and
+    not taken) when it does not, so the objective never rises. λ‖ΔB‖_F is in B's units (the paper's
+    form): ΔB stays 0 where ‖∇_B cos‖_F ≤ λ. Returns B̄ unchanged when ΔW* or B̄ Ā is zero (the
+    cosine is undefined).
+    """
+    target = B_s @ (A_s @ A.T)  # ΔW* Āᵀ (out, r)
+    gram, ideal_norm = A @ A.T, _product_norm(B_s, A_s)  # (r, r), ()
     if ideal_norm == 0 or torch.linalg.matrix_norm(B @ A) == 0:
-        return A, B
+        return B
 
     def objective(dB: Tensor) -> Tensor:
         X = B + dB  # (out, r)
@@ -385,7 +461,12 @@ def lora_fair(
             candidate = delta - step * grad / g_norm
             better = bool(objective(candidate) < loss)
         delta, step = (candidate, step * 1.25) if better else (delta, step * 0.5)
-    return A, B + delta
+    return B + delta
+
+
+def _product_norm(B: Tensor, A: Tensor) -> Tensor:
+    """‖B A‖_F = √tr((BᵀB)(A Aᵀ)), without forming B A."""
+    return ((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt()
 
 
 def aggregation_bias(

@@ -17,6 +17,12 @@ Uplink. Each reply's adapter (rank r_k, read from its shapes) reaches `aggregate
 Averaging raw factors instead weights a rank-r client's product by α/r — the scaling pitfall of
 public FLoRA code, which stacks raw B_k and applies one α/Σr to the stack.
 
+Mixed ranks (`strategies.lora_math`, "Mixed ranks"). How a reply's missing ranks are read is the
+strategy's `padding`: "zeros" (they are zeros the client holds) or "holders" (each rank coordinate
+is averaged over the clients that hold it, a rank nobody held this round stays as it was). Each
+strategy's `paper_padding` is what its paper does or, where the paper assumes one rank for all,
+"holders"; the scenario's `strategy.rank_padding` overrides it.
+
 Which factors travel is per strategy (`downloads`, `uploads`); what the client must do differently
 (freeze A, keep a personal B, add a penalty) travels in the message's config (`instructions`).
 Strategies that merge into the frozen base add `<layer>.base_delta` tensors to the global state
@@ -46,7 +52,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedsim.adapter import AdapterState, factors, from_record, split_state
 from fedsim.pruning.slicing import fill_uncovered, scatter_adapter, slice_adapter
 from fedsim.pruning.structure import Keep
-from strategies.lora_math import layer_pairs, truncate, zero_pad
+from strategies.lora_math import RANK_PADDINGS, layer_pairs, truncate, update_stack, zero_pad
 
 PRUNE_RECORD = "prune"  # reply config record naming the keep a pruned client ended its round with
 
@@ -79,10 +85,15 @@ class LoraStrategy(FedAvg):
     uploads: ClassVar[str] = "AB"  # factors a client sends back
     freeze: ClassVar[str] = ""  # factors the client must not train
     pruning_refused: ClassVar[str] = ""  # why this rule cannot aggregate pruned clients ("" = it can)
+    paper_padding: ClassVar[str] = "holders"  # how the paper reads a reply's missing ranks (RANK_PADDINGS)
 
-    def __init__(self, rank: int, alpha: float, seed: int = 0) -> None:
+    def __init__(self, rank: int, alpha: float, seed: int = 0, padding: str | None = None) -> None:
         super().__init__(**SAMPLING)
+        if padding is not None and (padding not in RANK_PADDINGS or self.paper_padding not in RANK_PADDINGS):
+            allowed = f"one of {RANK_PADDINGS} or None (the paper's, {self.paper_padding!r})" if self.paper_padding in RANK_PADDINGS else "None"
+            raise ValueError(f"{type(self).__name__}: `padding` must be {allowed}, got {padding!r}")
         self.r_max, self.alpha, self.seed = rank, alpha, seed
+        self.padding = padding or self.paper_padding
         self.ranks: dict[int, int] = {}
         self.pruning: dict[int, tuple[Keep | None, dict[str, Any]]] = {}
         self.current: AdapterState = {}
@@ -138,20 +149,22 @@ class LoraStrategy(FedAvg):
         return out
 
     def padded_mask(self, client: ClientAdapter) -> AdapterState | None:
-        """`padded`'s coverage: the client's mask, extended over its padded ranks the way it covers
-        its own (a padded rank is a zero the client holds, in the rows and columns it kept only)."""
-        if client.mask is None:
+        """Which coordinates of `padded(client)` the client holds (None: all). A padded rank is held
+        under "zeros" (a zero, in the rows and columns the client kept), not under "holders"."""
+        if client.mask is None and (client.rank == self.r_max or self.padding == "zeros"):
             return None
-        out = dict(client.mask)
-        for a_key, b_key in layer_pairs(client.mask).values():
-            A, B = client.mask[a_key], client.mask[b_key]
-            out[a_key] = self.padded_rows_mask(A)
-            out[b_key] = torch.cat([B, B[:, :1].expand(-1, self.r_max - B.shape[1])], dim=1)
+        mask = client.mask if client.mask is not None else {k: torch.ones(v.shape, dtype=torch.bool) for k, v in client.state.items()}
+        out = dict(mask)
+        for a_key, b_key in layer_pairs(mask).values():
+            out[a_key] = self.padded_rows_mask(mask[a_key])
+            out[b_key] = self.padded_rows_mask(mask[b_key].T).T
         return out
 
     def padded_rows_mask(self, A: torch.Tensor) -> torch.Tensor:
-        """An A factor's coverage (r_k, in) at r_max rows: a padded rank covers the columns the client kept."""
-        return torch.cat([A, A[:1].expand(self.r_max - A.shape[0], -1)])
+        """An A factor's coverage (r_k, in) at r_max rows: a padded rank covers the columns the
+        client kept under "zeros", nothing under "holders"."""
+        tail = A[:1].expand(self.r_max - A.shape[0], -1)
+        return torch.cat([A, tail if self.padding == "zeros" else torch.zeros_like(tail)])
 
     def aligned(self, clients: list[ClientAdapter], weights: list[float]) -> list[AdapterState]:
         """Each client's `padded` adapter, the coordinates it pruned away filled for a
@@ -159,6 +172,13 @@ class LoraStrategy(FedAvg):
         states = [self.padded(c) for c in clients]
         previous = {k: v for k, v in split_state(self.current)[0].items() if k in states[0]}
         return fill_uncovered(states, [self.padded_mask(c) for c in clients], weights, previous)
+
+    def update_stack(self, clients: list[ClientAdapter], a_key: str, b_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_s, A_s) with B_s A_s = one layer's ideal update ΔW* under `padding` (`lora_math.update_stack`;
+        "holders" measures each client's change from what it was sent, the current global adapter)."""
+        received = (self.current[a_key], self.current[b_key], self.scale(self.r_max)) if self.padding == "holders" else None
+        As, Bs = [c.state[a_key] for c in clients], [c.state[b_key] for c in clients]
+        return update_stack(As, Bs, [c.scale for c in clients], [c.weight for c in clients], received)
 
     # --- Flower hooks -----------------------------------------------------------------------
 

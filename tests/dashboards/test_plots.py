@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 import pytest
 from fake_runs import metrics
@@ -15,6 +16,8 @@ from dashboards.plots import (
     accuracy_png,
     available_plots,
     compare_accuracy_png,
+    compare_loss_png,
+    compare_sim_time_png,
     loss_png,
     sim_time_accuracy_png,
 )
@@ -81,3 +84,20 @@ def test_a_missing_column_is_named(plot: Callable[[pd.DataFrame], bytes], column
 def test_available_plots_follow_the_columns(table: pd.DataFrame) -> None:
     assert available_plots(table) == ["accuracy", "loss", "sim_time"]
     assert available_plots(table.drop(columns="sim_time_s")) == ["accuracy", "loss"]
+
+
+def _banded(table: pd.DataFrame, half: float) -> pd.DataFrame:
+    """`table` with the `<column>_lo` / `_hi` of a `fedsim compare` curve, ± `half` around it."""
+    return table.assign(**{f"{c}_{side}": table[c] + sign * half for c in ("central_accuracy", "central_loss") for side, sign in (("lo", -1), ("hi", 1))})
+
+
+@pytest.mark.parametrize("plot", [compare_accuracy_png, compare_sim_time_png, compare_loss_png])
+def test_compare_plots_shade_the_interval_where_the_table_has_one(plot: Callable[[dict[str, pd.DataFrame]], bytes], table: pd.DataFrame) -> None:
+    plain, banded = plot({"fedit": table}), plot({"fedit": _banded(table, 0.1)})
+    undefined = _banded(table, float("nan"))  # one seed: no interval
+
+    assert _drawn(_open(banded)) and banded != plain
+    assert plot({"fedit": undefined}) == plain
+    # the band is the line's colour, faded: more pixels differ from white than with the line alone
+    grey = [int((np.asarray(_open(png).convert("L")) < 250).sum()) for png in (plain, banded)]
+    assert grey[1] > grey[0] + 1000

@@ -9,7 +9,18 @@ from fedsim.adapter import attach_lora, get_state, set_state
 from fedsim.models import load_model
 from fedsim.scenario import LoraConfig
 from fedsim.tasks import generate
-from fedsim.training import IGNORE, PROMPT_TEMPLATE, collate, encode, evaluate, evaluate_loss, train_lora
+from fedsim.training import (
+    IGNORE,
+    PROMPT_TEMPLATE,
+    collate,
+    encode,
+    evaluate,
+    evaluate_examples,
+    evaluate_loss,
+    example_losses,
+    token_weighted,
+    train_lora,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +80,36 @@ def test_evaluate_loss_matches_evaluate(tiny) -> None:  # type: ignore[no-untype
     assert evaluate_loss(model, tok, rows, batch_size=5, max_len=64) == full.loss
     assert full.num_examples == 12 and 0.0 <= full.accuracy <= 1.0
     assert torch.isfinite(torch.tensor(full.loss))
+
+
+def test_per_example_losses_reduce_to_the_models_own_batch_loss(tiny) -> None:  # type: ignore[no-untyped-def]
+    model, tok = tiny
+    rows = generate("sentiment", 6, seed=4) + [{"prompt": "x" * 40, "response": "a longer answer"}]
+    batch = collate(tok, rows, 64)
+    with torch.no_grad():
+        reference = float(model(**batch).loss)  # transformers' mean over the batch's shifted labels
+
+    losses, tokens = example_losses(model, tok, rows, batch_size=len(rows), max_len=64)
+
+    assert tokens == (batch["labels"][:, 1:] != IGNORE).sum(dim=1).tolist()
+    assert len(set(tokens)) > 1  # unequal lengths: the token weighting matters
+    assert token_weighted(losses, tokens) == pytest.approx(reference, rel=1e-6)
+    alone = [example_losses(model, tok, [r], batch_size=1, max_len=64)[0][0] for r in rows]
+    assert losses == pytest.approx(alone, rel=1e-5)  # padding does not leak into an example's loss
+
+
+def test_evaluate_is_the_reduction_of_the_per_example_results(tiny) -> None:  # type: ignore[no-untyped-def]
+    model, tok = tiny
+    rows = generate("arithmetic", 9, seed=5)
+
+    each = evaluate_examples(model, tok, rows, max_new_tokens=4, batch_size=4, max_len=64)
+    full = evaluate(model, tok, rows, max_new_tokens=4, batch_size=4, max_len=64)
+
+    assert len(each.loss) == len(each.n_tokens) == len(each.correct) == 9
+    assert full.loss == token_weighted(each.loss, each.n_tokens) == sum(x * n for x, n in zip(each.loss, each.n_tokens)) / sum(each.n_tokens)
+    assert full.accuracy == sum(each.correct) / 9 and full.num_examples == 9
+
+
+def test_token_weighted_skips_examples_without_response_tokens() -> None:
+    assert token_weighted([2.0, float("nan"), 5.0], [1, 0, 2]) == 4.0
+    assert token_weighted([], []) != token_weighted([], [])  # NaN

@@ -29,7 +29,9 @@ from strategies.lora_math import (
     layer_pairs,
     lora_fair,
     merge_into_base,
+    product_svd,
     truncate,
+    update_stack,
     weighted_product,
     zero_pad,
 )
@@ -487,3 +489,33 @@ def test_bad_inputs_are_refused_with_the_field_named(call, message):
 
     with pytest.raises(ValueError, match=message):
         call(layer)
+
+
+# --- SVD of a product from its factors, and the "holders" ideal update ----------------------
+
+
+@pytest.mark.parametrize(("out", "in_", "R", "rank"), [(12, 10, 6, 4), (5, 7, 9, 5), (12, 10, 2, 6)])
+def test_product_svd_is_the_dense_svd_of_the_product(out: int, in_: int, R: int, rank: int) -> None:
+    g = torch.Generator().manual_seed(out * in_ + R)
+    B, A = torch.randn(out, R, generator=g, dtype=torch.float64), torch.randn(R, in_, generator=g, dtype=torch.float64)
+    U, S, Vh = product_svd(B, A, rank)
+    U_d, S_d, Vh_d = torch.linalg.svd(B @ A)
+    k = min(rank, R)  # B A has rank R: beyond it S is zero and Vh is completed
+    torch.testing.assert_close(S[:k], S_d[:k])
+    assert S.shape == (rank,) and not S[k:].any()
+    torch.testing.assert_close(U * S @ Vh, U_d[:, :k] * S_d[:k] @ Vh_d[:k])  # the best rank-`rank` approximation
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(rank, dtype=torch.float64))
+
+
+def test_update_stack_holders_is_the_global_moved_by_the_clients_mean_change() -> None:
+    layer = make_layer(seed=3, in_=9, out=7, ranks=[2, 4], weights=[1.0, 3.0])
+    g = torch.Generator().manual_seed(4)
+    A_g, B_g, s_g = torch.randn(6, 9, generator=g, dtype=torch.float64), torch.randn(7, 6, generator=g, dtype=torch.float64), 0.5
+    B_s, A_s = update_stack(layer.As, layer.Bs, layer.scales, layer.weights, (A_g, B_g, s_g))
+    p = [w / sum(layer.weights) for w in layer.weights]
+    expected = s_g * B_g @ A_g + sum(
+        p_k * (s_k * B_k @ A_k - s_g * B_g[:, : A_k.shape[0]] @ A_g[: A_k.shape[0]])
+        for p_k, s_k, A_k, B_k in zip(p, layer.scales, layer.As, layer.Bs)
+    )
+    torch.testing.assert_close(B_s @ A_s, expected)
+    torch.testing.assert_close(torch.matmul(*update_stack(layer.As, layer.Bs, layer.scales, layer.weights)), ideal(layer))

@@ -122,11 +122,17 @@ def _scattered(state: AdapterState, keep: Keep | None, rank: int, shapes: dict[s
 
 
 def _reference(
-    fulls: list[AdapterState], keeps: list[Keep | None], ranks: list[int], weights: list[float], previous: AdapterState
+    fulls: list[AdapterState],
+    keeps: list[Keep | None],
+    ranks: list[int],
+    weights: list[float],
+    previous: AdapterState,
+    padding: str = "zeros",
 ) -> AdapterState:
-    """Per coordinate of the zero-padded, scale-folded factors: Σ w m x / Σ w m over the clients
-    that hold it (a rank-r_k client holds zeros beyond r_k, in the rows and columns it kept), the
-    previous global value where nobody does. Float64, one coordinate block at a time."""
+    """Per coordinate of the padded, scale-folded factors: Σ w m x / Σ w m over the clients that
+    hold it (under "zeros" a rank-r_k client holds zeros beyond r_k, in the rows and columns it
+    kept; under "holders" nothing), the previous global value where nobody does. Float64, one
+    coordinate block at a time."""
     out = {}
     for key, prev in previous.items():
         num, den = torch.zeros(prev.shape, dtype=torch.float64), torch.zeros(prev.shape, dtype=torch.float64)
@@ -137,6 +143,8 @@ def _reference(
             else:
                 x[:, :rank] = full[key].double() * (R_MAX / rank)  # fold s_k / s_g
             m = _coverage(key, tuple(prev.shape), keep).double()
+            if padding == "holders":
+                m[(slice(rank, None),) if ".lora_A." in key else (slice(None), slice(rank, None))] = 0
             num += w * m * x
             den += w * m
         out[key] = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), prev.double()).float()
@@ -144,9 +152,13 @@ def _reference(
 
 
 def _aggregate(
-    cls: type[LoraStrategy], start: AdapterState, replies: dict[int, AdapterState], keeps: dict[int, Keep | None]
+    cls: type[LoraStrategy],
+    start: AdapterState,
+    replies: dict[int, AdapterState],
+    keeps: dict[int, Keep | None],
+    padding: str | None = None,
 ) -> AdapterState:
-    strategy = cls(R_MAX, ALPHA)
+    strategy = cls(R_MAX, ALPHA, padding=padding)
     strategy.current = dict(start)
     messages = [_reply(n, s, EXAMPLES[n], keeps[n]) for n, s in replies.items()]
     if cls is FedIT:
@@ -171,24 +183,25 @@ def _expected(
     keeps: dict[int, Keep | None],
     ranks: dict[int, int],
     shapes: dict[str, tuple[int, ...]],
+    padding: str = "zeros",
 ) -> AdapterState:
     nodes = list(replies)
     fulls = [_scattered(replies[n], keeps[n], ranks[n], shapes) for n in nodes]
     ks, rs, ns = [keeps[n] for n in nodes], [ranks[n] for n in nodes], [EXAMPLES[n] for n in nodes]
     if cls is FedIT:
-        return _reference(fulls, ks, rs, ns, start)
+        return _reference(fulls, ks, rs, ns, start, padding)
     out = {}
     for a_key, b_key in layer_pairs(start).values():
         if cls is HetLoRA:  # p_k ∝ ‖s_k B_k A_k‖_F of what each trained (zeros where it pruned)
             p = _hetlora_weights(fulls, rs, (a_key, b_key))
             out |= _reference(
-                [{k: f[k] for k in (a_key, b_key)} for f in fulls], ks, rs, p, {k: start[k] for k in (a_key, b_key)}
+                [{k: f[k] for k in (a_key, b_key)} for f in fulls], ks, rs, p, {k: start[k] for k in (a_key, b_key)}, padding
             )
         elif cls is FFALoRA:  # A frozen, B averaged
             out[a_key] = start[a_key]
-            out[b_key] = _reference([{b_key: f[b_key]} for f in fulls], ks, rs, ns, {b_key: start[b_key]})[b_key]
+            out[b_key] = _reference([{b_key: f[b_key]} for f in fulls], ks, rs, ns, {b_key: start[b_key]}, padding)[b_key]
         else:  # FedSA-LoRA: A averaged, B stays on the clients
-            out[a_key] = _reference([{a_key: f[a_key]} for f in fulls], ks, rs, ns, {a_key: start[a_key]})[a_key]
+            out[a_key] = _reference([{a_key: f[a_key]} for f in fulls], ks, rs, ns, {a_key: start[a_key]}, padding)[a_key]
             out[b_key] = start[b_key]
     return out
 
@@ -226,21 +239,24 @@ def test_a_coordinate_nobody_kept_keeps_its_previous_value(cls: type[LoraStrateg
         assert not torch.allclose(got[o_a][:, 32:], start[o_a][:, 32:])
 
 
+@pytest.mark.parametrize("padding", ["zeros", "holders"])
 @pytest.mark.parametrize("cls", ALLOWED, ids=lambda c: c.__name__)
-def test_mixed_ranks_a_client_holds_no_padding_where_it_pruned(cls: type[LoraStrategy], shapes: dict) -> None:
+def test_mixed_ranks_a_client_holds_no_padding_where_it_pruned(cls: type[LoraStrategy], padding: str, shapes: dict) -> None:
     # client 1 (rank 2) removed layer 0's KV group 0 and most channels: beyond rank 2 it holds zeros
-    # only in the rows (B) and columns (A) it kept; where it pruned it holds nothing at any rank
+    # ("zeros") only in the rows (B) and columns (A) it kept, or nothing ("holders"); where it
+    # pruned it holds nothing at any rank
     ranks = {1: 2, 2: R_MAX, 3: 1}
     start, replies = _global(shapes), _clients(shapes, ranks, KEEPS)
-    got = _aggregate(cls, start, replies, KEEPS)
-    _assert_states_close(got, _expected(cls, start, replies, KEEPS, ranks, shapes))
+    got = _aggregate(cls, start, replies, KEEPS, padding)
+    _assert_states_close(got, _expected(cls, start, replies, KEEPS, ranks, shapes, padding))
 
 
+@pytest.mark.parametrize("padding", ["zeros", "holders"])
 @pytest.mark.parametrize("cls", ALLOWED, ids=lambda c: c.__name__)
-def test_mixed_ranks_a_structure_all_clients_pruned_stays_as_it_was(cls: type[LoraStrategy], shapes: dict) -> None:
+def test_mixed_ranks_a_structure_all_clients_pruned_stays_as_it_was(cls: type[LoraStrategy], padding: str, shapes: dict) -> None:
     ranks, keeps = {1: 2, 2: R_MAX}, {1: KEEPS[1], 2: KEEPS[2]}  # both removed layer 0's KV group 0
     start, replies = _global(shapes), _clients(shapes, ranks, keeps)
-    got = _aggregate(cls, start, replies, keeps)
+    got = _aggregate(cls, start, replies, keeps, padding)
     q_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"  # group 0: query rows 0..31
     o_a = "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"  # group 0: input columns 0..31
     if cls is not FedSALoRA:  # B of rows nobody kept, every rank
@@ -257,13 +273,14 @@ def test_mixed_ranks_a_structure_all_clients_pruned_stays_as_it_was(cls: type[Lo
         )
 
 
+@pytest.mark.parametrize("padding", ["zeros", "holders"])
 @pytest.mark.parametrize("cls", ALLOWED, ids=lambda c: c.__name__)
-def test_keeps_that_remove_nothing_aggregate_as_unpruned_clients(cls: type[LoraStrategy], shapes: dict) -> None:
+def test_keeps_that_remove_nothing_aggregate_as_unpruned_clients(cls: type[LoraStrategy], padding: str, shapes: dict) -> None:
     ranks = {1: 2, 2: R_MAX, 3: 1}
     everything = Keep(((0, 1),) * 2, (tuple(range(176)),) * 2, (2, 2), (176, 176), 2, 16)
     start, replies = _global(shapes), _clients(shapes, ranks, {n: None for n in ranks})
-    plain = _aggregate(cls, start, replies, {n: None for n in ranks})
-    masked = _aggregate(cls, start, replies, {n: everything for n in ranks})
+    plain = _aggregate(cls, start, replies, {n: None for n in ranks}, padding)
+    masked = _aggregate(cls, start, replies, {n: everything for n in ranks}, padding)
     _assert_states_close(masked, plain)
 
 
@@ -276,9 +293,10 @@ def _padded_b(state: AdapterState, a_key: str, b_key: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("cls", ALLOWED, ids=lambda c: c.__name__)
 def test_without_masks_each_rule_is_its_lora_math_function(cls: type[LoraStrategy], shapes: dict) -> None:
+    # the lora_math functions zero-pad: the strategies' "zeros" padding
     ranks = {1: 2, 2: R_MAX, 3: 1}
     start, replies = _global(shapes), _clients(shapes, ranks, {n: None for n in ranks})
-    got = _aggregate(cls, start, replies, {n: None for n in ranks})
+    got = _aggregate(cls, start, replies, {n: None for n in ranks}, "zeros")
     states, weights = list(replies.values()), [EXAMPLES[n] for n in replies]
     scales, s_g = [ALPHA / ranks[n] for n in replies], ALPHA / R_MAX
     expected: AdapterState = {}

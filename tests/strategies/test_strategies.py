@@ -183,7 +183,7 @@ def mixed_clients() -> dict[int, AdapterState]:
 
 
 def test_fedit_is_the_weighted_mean_of_zero_padded_scale_folded_factors() -> None:
-    strategy, clients = FedIT(R_MAX, ALPHA), mixed_clients()
+    strategy, clients = FedIT(R_MAX, ALPHA, padding="zeros"), mixed_clients()
     configure(strategy, global_state())
     new = aggregate(strategy, clients)
     total = sum(EXAMPLES[n] for n in clients)
@@ -254,7 +254,7 @@ def test_flexlora_sends_each_client_the_best_rank_r_approximation() -> None:
 
 
 def test_ffa_lora_never_changes_a_and_averages_b_exactly() -> None:
-    strategy, start = FFALoRA(R_MAX, ALPHA), global_state()
+    strategy, start = FFALoRA(R_MAX, ALPHA, padding="zeros"), global_state()
     clients = {n: {**s, **{a_key(p): start[a_key(p)][: RANKS[n]] for p in LAYERS}} for n, s in mixed_clients().items()}
     configure(strategy, start)
     new = aggregate(strategy, clients)
@@ -264,7 +264,7 @@ def test_ffa_lora_never_changes_a_and_averages_b_exactly() -> None:
 
 
 def test_fedsa_lora_averages_a_and_never_touches_b() -> None:
-    strategy, start = FedSALoRA(R_MAX, ALPHA), global_state()
+    strategy, start = FedSALoRA(R_MAX, ALPHA, padding="zeros"), global_state()
     clients = {n: {a_key(p): s[a_key(p)] for p in LAYERS} for n, s in mixed_clients().items()}  # only A comes back
     configure(strategy, start)
     new = aggregate(strategy, clients)
@@ -276,7 +276,7 @@ def test_fedsa_lora_averages_a_and_never_touches_b() -> None:
 
 
 def test_fedex_lora_merged_base_plus_adapter_moves_by_the_weighted_mean_of_products() -> None:
-    strategy, clients = FedExLoRA(R_MAX, ALPHA), mixed_clients()
+    strategy, clients = FedExLoRA(R_MAX, ALPHA, padding="zeros"), mixed_clients()
     configure(strategy, global_state())
     new = aggregate(strategy, clients)
     for prefix in LAYERS:
@@ -285,7 +285,7 @@ def test_fedex_lora_merged_base_plus_adapter_moves_by_the_weighted_mean_of_produ
 
 
 def test_lora_fair_moves_the_product_toward_the_ideal_update() -> None:
-    fair, fedit, clients = LoRAFAIR(R_MAX, ALPHA), FedIT(R_MAX, ALPHA), mixed_clients()
+    fair, fedit, clients = LoRAFAIR(R_MAX, ALPHA, padding="zeros"), FedIT(R_MAX, ALPHA, padding="zeros"), mixed_clients()
     for s in (fair, fedit):
         configure(s, global_state())
     refined, averaged = aggregate(fair, clients), aggregate(fedit, clients)
@@ -303,3 +303,154 @@ def test_registry_builds_every_strategy_from_a_scenario() -> None:
         s = validate_scenario({"model": {"name": "tiny-llama"}, "strategy": {"name": name}, "lora": {"rank": 4, "alpha": 8}})
         strategy = STRATEGIES[name](s)
         assert isinstance(strategy, LoraStrategy) and (strategy.r_max, strategy.alpha) == (4, 8.0)
+
+
+# --- mixed ranks: "holders" and "zeros" ---------------------------------------------------------
+
+
+def effective(state: AdapterState, prefix: str) -> torch.Tensor:
+    """What the global state adds to a layer's weight: base_delta + s_g B A (float64)."""
+    adapter, deltas = split_state(state)
+    delta = deltas[prefix].double() if prefix in deltas else 0.0
+    return delta + product(adapter, prefix, R_MAX)
+
+
+def with_base_delta(state: AdapterState, seed: int = 7) -> AdapterState:
+    g = torch.Generator().manual_seed(seed)
+    return {**state, **{f"{p}.base_delta": torch.randn(o, i, generator=g) for p, (i, o) in LAYERS.items()}}
+
+
+UNCHANGED = {  # strategy as its paper reads mixed ranks, or with "holders" where the paper pads with zeros
+    "fedit": lambda: FedIT(R_MAX, ALPHA),
+    "fedprox": lambda: FedIT(R_MAX, ALPHA, optimizer=fedprox(0.1)),
+    "fedadam": lambda: FedIT(R_MAX, ALPHA, optimizer=FedAdam(eta=0.1, **SAMPLING)),
+    "hetlora holders": lambda: HetLoRA(R_MAX, ALPHA, padding="holders"),
+    "flexlora holders": lambda: FlexLoRA(R_MAX, ALPHA, padding="holders"),
+    "flora": lambda: FLoRA(R_MAX, ALPHA),
+    "ffa_lora": lambda: FFALoRA(R_MAX, ALPHA),
+    "fedsa_lora": lambda: FedSALoRA(R_MAX, ALPHA),
+    "fedex_lora": lambda: FedExLoRA(R_MAX, ALPHA),
+    "lora_fair": lambda: LoRAFAIR(R_MAX, ALPHA),
+}
+
+
+@pytest.mark.parametrize("name", list(UNCHANGED))
+def test_a_round_in_which_every_client_returns_what_it_was_sent_changes_nothing(name: str) -> None:
+    strategy = UNCHANGED[name]()
+    start = with_base_delta(global_state()) if isinstance(strategy, (FLoRA, FedExLoRA)) else global_state()
+    if isinstance(strategy, FLoRA):  # FLoRA's adapter restarts every round with B = 0
+        start = {**start, **{b_key(p): torch.zeros_like(start[b_key(p)]) for p in LAYERS}}
+    sent = {n: from_record(m.content["arrays"]) for n, m in configure(strategy, start).items()}
+    returned = {n: {k: v for k, v in state.items() if not k.endswith(".base_delta")} for n, state in sent.items()}
+    new = aggregate(strategy, returned)
+    for prefix in LAYERS:
+        if isinstance(strategy, FedSALoRA):  # the server holds the shared A alone
+            torch.testing.assert_close(new[a_key(prefix)], start[a_key(prefix)], rtol=1e-6, atol=1e-6)
+            continue
+        torch.testing.assert_close(effective(new, prefix), effective(start, prefix), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [FedIT, HetLoRA, FlexLoRA], ids=lambda c: c.__name__)
+def test_with_zeros_padding_unchanged_clients_shrink_the_ranks_they_do_not_hold(cls: type[LoraStrategy]) -> None:
+    strategy, start = cls(R_MAX, ALPHA, padding="zeros"), global_state()
+    sent = {n: from_record(m.content["arrays"]) for n, m in configure(strategy, start).items()}
+    new = aggregate(strategy, sent)
+    for prefix in LAYERS:
+        change = torch.linalg.matrix_norm(effective(new, prefix) - effective(start, prefix)).item()
+        assert change > 0.1 * torch.linalg.matrix_norm(effective(start, prefix)).item()
+    if cls is FedIT:  # rank j scaled by the example share of the clients that hold it, every factor
+        total = sum(EXAMPLES.values())
+        share = torch.tensor([sum(EXAMPLES[n] for n, r in RANKS.items() if r > j) / total for j in range(R_MAX)])
+        for prefix in LAYERS:
+            torch.testing.assert_close(new[a_key(prefix)], start[a_key(prefix)] * share[:, None])
+            torch.testing.assert_close(new[b_key(prefix)], start[b_key(prefix)] * share[None, :])
+
+
+def test_fedit_holders_averages_each_rank_over_the_clients_that_hold_it() -> None:
+    strategy, clients, start = FedIT(R_MAX, ALPHA), mixed_clients(), global_state()
+    configure(strategy, start, [101, 102])  # ranks 2 and 4: nobody holds ranks 4..7
+    clients = {n: clients[n] for n in (101, 102)}
+    new = aggregate(strategy, clients)
+    for prefix in LAYERS:
+        for j in range(R_MAX):
+            holders = [n for n in clients if RANKS[n] > j]
+            if not holders:  # a rank nobody held this round stays as it was
+                assert torch.equal(new[a_key(prefix)][j], start[a_key(prefix)][j])
+                assert torch.equal(new[b_key(prefix)][:, j], start[b_key(prefix)][:, j])
+                continue
+            total = sum(EXAMPLES[n] for n in holders)
+            A = sum(EXAMPLES[n] / total * clients[n][a_key(prefix)][j] for n in holders)
+            B = sum(EXAMPLES[n] / total * R_MAX / RANKS[n] * clients[n][b_key(prefix)][:, j] for n in holders)  # fold s_k / s_g
+            torch.testing.assert_close(new[a_key(prefix)][j], A)
+            torch.testing.assert_close(new[b_key(prefix)][:, j], B)
+
+
+def holders_target(start: AdapterState, clients: dict[int, AdapterState], prefix: str) -> torch.Tensor:
+    """s_g B_g A_g + Σ_k p_k (s_k B_k A_k − s_g B_g[:, :r_k] A_g[:r_k]) in float64, from the formula."""
+    total = sum(EXAMPLES[n] for n in clients)
+    out = product(start, prefix, R_MAX)
+    for n, state in clients.items():
+        r = RANKS[n]
+        sent = scale(R_MAX) * start[b_key(prefix)][:, :r].double() @ start[a_key(prefix)][:r].double()
+        out = out + EXAMPLES[n] / total * (product(state, prefix, r) - sent)
+    return out
+
+
+def test_fedex_lora_holders_moves_the_model_by_the_clients_mean_change() -> None:
+    strategy, clients, start = FedExLoRA(R_MAX, ALPHA), mixed_clients(), with_base_delta(global_state())
+    configure(strategy, start)
+    new = aggregate(strategy, clients)
+    for prefix in LAYERS:
+        moved = effective(new, prefix) - split_state(start)[1][prefix].double()
+        torch.testing.assert_close(moved, holders_target(start, clients, prefix), rtol=1e-5, atol=1e-4)
+
+
+def test_flexlora_holders_sends_the_best_rank_r_approximation_of_the_moved_product() -> None:
+    strategy, clients, start = FlexLoRA(R_MAX, ALPHA, padding="holders"), mixed_clients(), global_state()
+    configure(strategy, start)
+    new = aggregate(strategy, clients)
+    for node, msg in configure(strategy, new).items():
+        r, sent = RANKS[node], from_record(msg.content["arrays"])
+        for prefix in LAYERS:
+            U, S, Vh = torch.linalg.svd(holders_target(start, clients, prefix))
+            torch.testing.assert_close(product(sent, prefix, r), U[:, :r] @ torch.diag(S[:r]) @ Vh[:r], rtol=1e-4, atol=1e-4)
+
+
+def test_flexlora_keeps_a_orthonormal_so_every_rank_trains() -> None:
+    # two clients of rank 2: ΔW* has rank <= 4 < r_max, so ranks 4..7 carry no singular value
+    strategy = FlexLoRA(R_MAX, ALPHA)
+    RANKS[104], EXAMPLES[104] = 2, 5.0
+    try:
+        configure(strategy, global_state(), [101, 104])
+        new = aggregate(strategy, {101: client_state(2, seed=1), 104: client_state(2, seed=2)})
+    finally:
+        del RANKS[104], EXAMPLES[104]
+    for prefix in LAYERS:
+        A, B = new[a_key(prefix)].double(), new[b_key(prefix)]
+        torch.testing.assert_close(A @ A.T, torch.eye(R_MAX, dtype=torch.float64), rtol=0, atol=1e-5)  # each rank's A row: unit norm
+        assert B[:, 4:].abs().max() < 1e-5 and B[:, :4].abs().max() > 1e-2  # Σ in B: the empty ranks' B is zero
+        # a loss gradient G reaches those ranks' B through A: ∂L/∂B = s_g G Aᵀ is not small there
+        G = torch.randn(B.shape[0], A.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        assert (G @ A.T)[:, 4:].norm() > 0.1 * G.norm()
+
+
+def test_the_scenario_picks_the_padding_and_the_papers_by_default() -> None:
+    from fedsim.scenario import validate_scenario
+
+    def build(name: str, padding: str) -> LoraStrategy:
+        s = validate_scenario({"model": {"name": "tiny-llama"}, "strategy": {"name": name, "rank_padding": padding}})
+        return STRATEGIES[name](s)
+
+    assert [build(n, "paper").padding for n in ("fedit", "hetlora", "flexlora", "fedex_lora", "fedadam")] == ["holders", "zeros", "zeros", "holders", "holders"]
+    assert build("hetlora", "holders").padding == "holders" and build("fedprox", "zeros").padding == "zeros"
+
+
+def test_flora_refuses_a_rank_padding_and_a_bad_padding_is_named() -> None:
+    from fedsim.scenario import ScenarioError, validate_scenario
+
+    with pytest.raises(ScenarioError, match=r"`strategy.rank_padding` = 'zeros' does not apply to 'flora'"):
+        validate_scenario({"model": {"name": "tiny-llama"}, "strategy": {"name": "flora", "rank_padding": "zeros"}})
+    with pytest.raises(ValueError, match=r"FedIT: `padding` must be one of \('holders', 'zeros'\)"):
+        FedIT(R_MAX, ALPHA, padding="ones")
+    with pytest.raises(ValueError, match=r"FLoRA: `padding` must be None"):
+        FLoRA(R_MAX, ALPHA, padding="zeros")
