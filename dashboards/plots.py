@@ -146,8 +146,8 @@ RUN_PLOTS: dict[str, RunPlot] = {
 
 
 def available_plots(table: pd.DataFrame) -> list[str]:
-    """Names in `RUN_PLOTS` whose columns `table` has, with at least one value (runs recorded
-    before a column existed have it all-NaN)."""
+    """Names in `RUN_PLOTS` whose columns `table` has, with at least one value (a run that does
+    not record a column has it all-NaN)."""
     return [
         name
         for name, plot in RUN_PLOTS.items()

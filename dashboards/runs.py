@@ -8,8 +8,8 @@ loaded with its errors recorded (`Run.errors`) instead of raised: one bad run mu
 the pages of the others.
 
 Metrics are read through `fedsim.rundir.read_metrics` and tabulated by `fedsim.report.round_table`;
-columns added to the metrics later (`sim_time_s`, `bytes_up`, `device`, ...) are carried through
-where they exist, never required.
+optional columns (`sim_time_s`, `bytes_up`, `device`, ...) are carried through where they exist,
+never required.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The bandit controller in the round loop (issue #6): an arm per sampled client before a round,
-a reward per client after it.
+"""The bandit controller in the round loop: an arm per sampled client before a round, a reward per
+client after it.
 
 Before the round's feasibility check, `assign` asks the controller (`fedsim.controllers`) for each
 sampled client's arm (LoRA rank, pruning ratio) and makes it that client's rank (`RoundEnv.ranks`)
@@ -7,26 +7,24 @@ and target ratio (`PruneBook.targets`), so the memory check, the simulated clock
 all follow the arm (`PruneBook.retarget`): a new ratio restarts the client's pruning schedule from
 the model it holds, toward the new target; a ratio below what it holds cannot be reached by pruning
 more, so the client then starts over from the unpruned model, which it can, since every client
-builds its pruned model from the unpruned one each round. In the run's last `commit_rounds`
-rounds (0 by default: measured, it did not pay; `controllers.config`) the controller explores no
-more (`choose(exploit=True)`).
+builds its pruned model from the unpruned one each round. In the run's last `commit_rounds` rounds
+(0 by default, `controllers.config`) the controller explores no more (`choose(exploit=True)`).
 
-After the round, `observe` turns each sampled client's row into an observation — time (simulated
-or measured, `sim_compute_s + sim_comm_s`), local loss before/after, ratio reached, the update's
-norm, its contribution to the global model (scored by the server on held-out examples,
+After the round, `observe` turns each sampled client's row into an observation — time (simulated or
+measured, `sim_compute_s + sim_comm_s`), local loss before/after, ratio reached, the update's norm,
+its contribution to the global model (scored by the server on held-out examples,
 `rounds.contributions`, when the reward weighs it), and feasibility (`infeasible` rows; on real
-devices a failure that names memory) — computes
-the rewards (`fedsim.controllers.reward`) and updates the controller. Dropped clients and other
-failures teach nothing about the arm and are skipped. Each train row gains `arm_rank`,
-`arm_ratio` and `reward`.
+devices a failure that names memory) — computes the rewards (`fedsim.controllers.reward`) and
+updates the controller. Dropped clients and other failures teach nothing about the arm and are
+skipped. Each train row gains `arm_rank`, `arm_ratio` and `reward`.
 
-Pace screen (`controller.screen`, `fedsim.controllers.pace`): each observed round also teaches
-the device's pace (seconds per FLOP, per LoRA parameter sent), the server's `price` of every arm
-(FLOPs of a round, LoRA parameters) turns it into a predicted round time per arm, and `assign`
-asks the controller to avoid, this round, the arms predicted to hold the round far past the
-deadline, or past the fastest round seen or predicted for the round's devices, so they are not
-explored at the whole round's expense. Each train row gains
-`arm_predicted_s`, the predicted time of the arm it played (NaN before its profile was seen).
+Pace screen (`controller.screen`, `fedsim.controllers.pace`): each observed round also teaches the
+device's pace (seconds per FLOP, per LoRA parameter sent), the server's `price` of every arm (FLOPs
+of a round, LoRA parameters) turns it into a predicted round time per arm, and `assign` asks the
+controller to avoid, this round, the arms predicted to hold the round far past the deadline, or
+past the fastest round seen or predicted for the round's devices, so they are not explored at the
+whole round's expense. Each train row gains `arm_predicted_s`, the predicted time of the arm it
+played (NaN before its profile was seen).
 
 The controller knows the devices' profile names only (a device says what it is), no speeds,
 memories or bandwidths: those it learns. Its state (arrays) is saved with every round's
@@ -173,9 +171,9 @@ class ArmControl:
         """Restore what `save` wrote (the controller continues exactly where it was)."""
         with np.load(folder / STATE_FILE) as data:
             state = {k: data[k] for k in data.files}
-        saved = state.pop("reward_state") if "reward_state" in state else [*state.pop("baseline"), np.inf]  # runs saved before the fastest round was kept
+        saved = state.pop("reward_state") if "reward_state" in state else [*state.pop("baseline"), np.inf]  # a checkpoint without reward_state: (mean, weight) as "baseline", fastest round unknown
         mean, weight, fastest = saved
-        if "pace" in state:  # runs saved before the pace was kept start it over
+        if "pace" in state:  # a checkpoint without it starts the pace over
             self.pace.load(state.pop("pace"))
         self.controller.load_state_dict(state)
         self.reward_state = RewardState(float(mean), float(weight), float(fastest))

@@ -427,8 +427,8 @@ def _read_partitions(
 ) -> tuple[np.ndarray, ...]:
     """Row indices of every partition, without ``num_clients`` Dataset.select calls.
 
-    Each ``load_partition`` costs about a millisecond of Dataset bookkeeping, too slow for
-    10,000 clients, so the assignment the partitioner made is read directly (the fast
+    Each ``load_partition`` pays Dataset bookkeeping, too slow to repeat for 10,000
+    clients, so the assignment the partitioner made is read directly (the fast
     paths are pinned to ``load_partition`` in tests/fedsim/test_data.py):
     IidPartitioner.load_partition(i) is ``dataset.shard(num_clients, i, contiguous=True)``,
     the chunks np.array_split cuts; the others keep the map that ``load_partition``

@@ -10,14 +10,13 @@ Which models profile p deploys, with ratio ρ_p > 0: each device its own. A devi
 ρ_p (its target is ρ_p and its schedule has reached it) runs the keep it trained on, cut from
 importance on its own data; any other device runs the server's cut to ρ_p by the global adapter's
 importance (`pruning.deploy_importance` on the held-out calibration examples), as a user pruning
-the final model before shipping it would. That score is `first_order`, not the clients' `lora_grad`:
-a client averages lora_grad over its training steps, a one-shot cut reads one batch, and on the
-80-Jetson run two adapters 0.05 apart in unpruned loss were cut by it to deployed losses of 2.00 and
-3.66 (first_order: 1.50 and 1.54). L_p is the mean over
-a panel of p's devices: `pruning.deploy_panel` of them, a seeded sample fixed for the run (all of
-them when p has fewer), so the cost of a score does not grow with the fleet and every method of a
-comparison is scored on the same devices. A profile without a ratio deploys the unpruned model.
-The fleet's deployed loss is the device-weighted mean
+the final model before shipping it would. That score defaults to `first_order`, not the clients'
+`lora_grad`: a client averages lora_grad over its training steps, while a one-shot cut reads one
+batch, which makes lora_grad's cut unstable (bench/fedspine.py, docs/results/fedspine.md). L_p is
+the mean over a panel of p's devices: `pruning.deploy_panel` of them, a seeded sample fixed for the
+run (all of them when p has fewer), so the cost of a score does not grow with the fleet and every
+method of a comparison is scored on the same devices. A profile without a ratio deploys the
+unpruned model. The fleet's deployed loss is the device-weighted mean
 
     L_deployed = Σ_p (n_p / N) · L_p,      L_p = mean over p's panel of the global adapter's
                                             held-out loss on each device's model,
@@ -28,9 +27,9 @@ what a device's update does to the models the fleet will run, and ComPEFT's α g
 (`compression.alpha = "auto"`). They use the keeps planned after the previous round.
 
 Why each device its own keep and not one per profile: with non-IID data the devices' keeps
-differ, and one global adapter scored very differently on them (measured on the lean SmolLM2
-run's three TX2 keeps: 1.42 / 2.80 / 1.50); scoring one keep per profile (its most trained
-client's, as `fedsim export --device` ships) made a method's score hinge on which client that was.
+differ, and one global adapter can score very differently on them; scoring one keep per profile
+(its most trained client's, as `fedsim export --device` ships) would make a method's score hinge on
+which client that was.
 
 Each distinct keep is cut once per round (`plan`, `surgery.pruned_copy`: it shares the unpruned
 tensors it keeps whole); a score then loads the adapter's slice for that keep onto it.

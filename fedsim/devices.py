@@ -5,31 +5,19 @@ bytes · 8 / (mbps · 10^6) seconds for each transfer. `train_tflops` is the *ef
 training throughput (forward + backward, at the precision the device would train in), not the
 marketing peak: peak × a utilisation that small-batch fine-tuning really reaches on that device.
 
-The catalog below was written from public spec sheets without a browser at hand; figures marked
-≈ are from memory of those sheets and may be off by a few percent. Utilisations are our estimates:
-~25–30% of the fp16 CUDA-core peak for the Pascal/Maxwell Jetsons, ~20% of the tensor-core peak
-for Volta/Ampere Jetsons (small batches, shared memory bandwidth), ~20–25% of the CPU's fp32 FMA
-peak for PyTorch on a CPU, a few percent of the mobile GPU peak for phones (thermal throttling,
-immature training kernels), ~35% of the bf16 tensor peak for a desktop GPU. The FedSpine testbed
-(Jetson TX2, Xavier NX, AGX) is kept in order: AGX Orin ≫ Xavier NX > TX2 > Nano.
-
-| name             | peak (spec sheet)                                  | util. | train_tflops | memory: spec → usable GiB | up / down Mbps          |
-| ---------------- | -------------------------------------------------- | ----- | ------------ | ------------------------- | ----------------------- |
-| jetson-nano      | 0.47 TFLOPS fp16 (128 Maxwell cores @ 921 MHz)     | 25%   | 0.12         | 4 GB shared → 2.5         | 10 / 25 (USB/M.2 Wi-Fi) |
-| jetson-tx2       | 1.33 TFLOPS fp16 (256 Pascal cores @ 1.3 GHz)      | 30%   | 0.40         | 8 GB shared → 6.5         | 30 / 60 (802.11ac)      |
-| jetson-xavier-nx | ≈6 TFLOPS fp16 tensor (384 Volta cores, 48 TC)     | 20%   | 1.2          | 8 GB shared → 6.5         | 30 / 60 (802.11ac)      |
-| jetson-agx-orin  | ≈42.5 TFLOPS fp16 dense tensor (85 sparse), 64 GB  | 20%   | 8.5          | 64 GB shared → 56         | 60 / 120 (Wi-Fi 6)      |
-| phone-midrange   | ≈0.15 TFLOPS fp32 CPU (4×A78 + 4×A55, SD 7-series) | 20%   | 0.03         | 6 GB → 2 (app budget)     | 8 / 30 (4G LTE)         |
-| phone-highend    | ≈2.5–3.5 TFLOPS fp32 GPU (Adreno 740 class)        | ~4%   | 0.10         | 12 GB → 4 (app budget)    | 20 / 150 (5G)           |
-| laptop-cpu       | ≈0.64 TFLOPS fp32 (8 cores AVX2 FMA @ ~2.5 GHz)    | 25%   | 0.16         | 16 GB → 10                | 20 / 100 (home Wi-Fi)   |
-| workstation-gpu  | ≈165 TFLOPS bf16 dense tensor (RTX 4090), 24 GB    | 35%   | 58           | 24 GB VRAM → 22           | 500 / 900 (wired LAN)   |
+Each catalog profile names its sources in `source`: the spec-sheet peak (≈: approximate), the
+utilisation assumed and the link. The utilisations are estimates: ~25–30% of the fp16 CUDA-core
+peak for the Pascal/Maxwell Jetsons, ~20% of the tensor-core peak for Volta/Ampere Jetsons (small
+batches, shared memory bandwidth), ~20–25% of the CPU's fp32 FMA peak for PyTorch on a CPU, a few
+percent of the mobile GPU peak for phones (thermal throttling, immature training kernels), ~35% of
+the bf16 tensor peak for a desktop GPU. The FedSpine testbed (Jetson TX2, Xavier NX, AGX) is kept
+in order: AGX Orin ≫ Xavier NX > TX2 > Nano.
 
 Usable memory is what a training process can hold: shared CPU/GPU memory minus the OS and
 desktop on Jetsons, the per-app budget Android leaves before killing a background app on phones,
 RAM minus OS and browser on laptops, VRAM minus the CUDA context on the GPU. Bandwidths are
-typical sustained figures (approx.: medians of public speed-test reports for 4G/5G and home
-broadband, a shared access point for the Jetsons' Wi-Fi), uplink well below downlink except on
-wired links.
+typical sustained figures (medians of public speed-test reports for 4G/5G and home broadband, a
+shared access point for the Jetsons' Wi-Fi), uplink well below downlink except on wired links.
 
 Users add or override profiles with a TOML file of `[name]` tables (`load_profiles_file`).
 """

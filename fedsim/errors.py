@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Keys fedsim once read, and what replaced them: a scenario written for an earlier version is told
-# what to write now rather than only that the key is unknown.
+# Retired keys and what replaces them: a scenario that still uses one is told what to write
+# instead, not only that the key is unknown.
 RETIRED_KEYS = {
     "pool_weight": "replaced by `pool_pulls`, the most pulls' worth of evidence a device borrows from its peers (10; `fedsim.controllers.base`)",
 }

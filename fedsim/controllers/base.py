@@ -1,8 +1,8 @@
 """The controller interface, and the bookkeeping every bandit algorithm here shares.
 
 A controller gives each device, each round, an arm = (LoRA rank, pruning ratio), knowing nothing
-of the device beforehand, and learns from the rewards (`fedsim.controllers.reward`: progress per
-second) which arm serves that device best. The round loop's side of it:
+of the device beforehand, and learns from the rewards (`fedsim.controllers.reward`: progress, less
+for holding the round up) which arm serves that device best. The round loop's side of it:
 
     ranks, ratios = ctrl.choose(devices, round)                  # (n,) int64, (n,) float64
     ctrl.update(devices, ranks, ratios, rewards, feasible)       # what those devices reported
@@ -47,32 +47,28 @@ sucb) then score each device's points on effective statistics, its own plus what
 
 i.e. a prior at the peers' mean worth m pulls: the normal-normal shrinkage of a device's mean
 toward its profile's, where C is the ratio of the reward noise's variance to the spread of the
-devices' true means within a profile (σ²/τ²; C → ∞ pools the profile into one learner, C = 0
-learns alone). What the peers lend depends on how much they have played, not on how many they
-are: a profile of 40 rarely sampled devices lends as much as one of 3 that play every round. The
-former form (peers' per-device average × w devices' worth) lent w/(|p| − 1) of the peers' pulls,
-so a 40-device profile lent 8 % of them at w = 3 while a 3-device one lent 150 %: on the
-80-Jetson fleet a device's first round saw under one pull of its peers' evidence and explored as
-if alone. It is derived from `counts` and `sums` at each `choose` (`_statistics`), so it adds no
-state; a device alone in its profile is scored exactly as without pooling, and its own pulls
-outweigh the loan once it has played C times, so pooling fades for a device that differs from its
-peers. Learning (`counts`, `sums`) and infeasibility stay per device: a peer's out-of-memory report
-lowers the pooled mean of that point but never excludes it for another device (memory differs per
-device).
+devices' true means within a profile (σ²/τ²; C → ∞ pools the profile into one learner, C = 0 learns
+alone). What the peers lend depends on how much they have played, not on how many they are: a
+profile of 40 rarely sampled devices lends as much as one of 3 that play every round. It is derived
+from `counts` and `sums` at each `choose` (`_statistics`), so it adds no state; a device alone in
+its profile is scored exactly as without pooling, and its own pulls outweigh the loan once it has
+played C times, so pooling fades for a device that differs from its peers. Learning (`counts`,
+`sums`) and infeasibility stay per device: a peer's out-of-memory report lowers the pooled mean of
+that point but never excludes it for another device (memory differs per device).
 
 Spreading a profile's picks (`pool_spread`, on by default with pooling). Pooled devices of one
-profile score alike, so the ones chosen in the same round all took the same point ("herding"):
-with per-round normalised rewards such a round says nothing about the point (measured on the
-lean SmolLM2 run: a round in which all 8 Jetsons played the pruned arm scored it like the
-unpruned one). `choose` therefore picks in waves, the i-th chosen device of every profile in
-wave i (at most `SPREAD_WAVES` = 8 waves, so `choose` stays vectorised: more of a profile's
-devices in one round share waves). After each wave, each pick counts for the later peers as one
-more pull of that point (and, in S-UCB, of its ancestors: `_credit`) at the device's current
-mean, in full, beside the loan (the peers it stands for are about to play it): the "hallucinated"
-observations of batched bandits (Desautels, Krause & Burdick, "Parallelizing
-Exploration-Exploitation Tradeoffs in Gaussian Process Bandit Optimization", JMLR 15, 2014). The
-mean is unchanged and the confidence bonus shrinks, so a close second point gets the next device.
-Nothing of it is stored: `counts` and `sums` hold only real pulls.
+profile score alike, so the ones chosen in the same round would all take the same point
+("herding"): with per-round normalised rewards, a point that every device of a round played scores
+near the top whatever it is worth, and the round says nothing about it. `choose` therefore picks in
+waves, the i-th chosen device of every profile in wave i (at most `SPREAD_WAVES` = 8 waves, so
+`choose` stays vectorised: more of a profile's devices in one round share waves). After each wave,
+each pick counts for the later peers as one more pull of that point (and, in S-UCB, of its
+ancestors: `_credit`) at the device's current mean, in full, beside the loan (the peers it stands
+for are about to play it): the "hallucinated" observations of batched bandits (Desautels, Krause &
+Burdick, "Parallelizing Exploration-Exploitation Tradeoffs in Gaussian Process Bandit
+Optimization", JMLR 15, 2014). The mean is unchanged and the confidence bonus shrinks, so a close
+second point gets the next device. Nothing of it is stored: `counts` and `sums` hold only real
+pulls.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ keys, is frozen and strict, carries a help text per field, and whose own checks 
 the value received and what is allowed. `validate_controller` reports every problem at once as a
 `ControllerConfigError`, each line naming its dotted path.
 
-Every default is explained in its field's description; the reasoning behind the less obvious ones:
+The reasoning behind the less obvious defaults (the reward's are in `fedsim.controllers.reward`):
 
 - `ranks` = (4, 8, 16, 32), `ratios` = (0.0, 0.2, 0.4, 0.6): doublings of the LoRA rank around
-  the scenario's usual 8–16, and pruning from none to 60 % in steps of 20 % (beyond ~60 % a
-  135M-parameter model loses most of its accuracy), 16 arms: few enough to explore in a handful
-  of rounds per device.
+  the scenario's usual 8–16, and pruning from none to 60 % in steps of 20 %: 16 arms, few enough
+  to explore in a handful of rounds per device. Accuracy per ratio: bench/pruning.py
+  (docs/results/pruning.md).
 - `ucb_c` = 1: the width B of the reward range; the reward module normalises rewards into
   [floor, 1] by default (`reward.normalise = "round_max"`), which is UCB1's assumption.
 - `discount` = 0.99, `window` = 100: Garivier & Moulines' tunings γ = 1 − √(Υ/T)/(4B) and
@@ -23,36 +23,25 @@ Every default is explained in its field's description; the reasoning behind the 
 - `sucb_depth` = 4: the tree's 16 leaves are then the default grid, refined from the whole box
   down; a device takes part in tens of rounds of a run, about what 16 points need, and a deeper
   tree (finer ranks and ratios) is still exploring when such a run ends.
-- `pool` = "none", `pool_pulls` = 10: pooling a profile's statistics (`base`) assumes its devices
-  behave alike, and biases the ones that do not. Off by default, on (`pool = "profile"`) for
-  federated runs whose profiles are real hardware classes. Measured by `bench/pooling.py`
-  (cumulative regret, mean of 6 seeds, ucb1 / sucb: alone → the former loan of w = 3 devices'
-  worth of the peers' per-device average → C = 10; C = ∞ pools a profile into one learner):
-  alike profiles under sparse participation (60 devices in 3, 6 a round, 200 rounds, 16 arms)
-  496 / 499 → 273 / 208 → 70 / 78 (∞: 95 / 79); the 80 Jetsons' shape (30 / 40 / 10, 10 a
-  round, 12 rounds, the 2 × 2 grid) 45 / 52 → 16 / 17 → 6.9 / 9.0; every device its own best arm
-  483 / 462 → 356 / 344 → 361 / 365 (∞: 534 / 539), and with 24 devices all playing 300 rounds
-  710 / 658 → 502 / 548 → 545 / 545 (∞: 2641 / 2628). The former loan was a fixed share of the
-  peers' pulls, w/(|p| − 1), so it lent a 40-device profile's member 8 % of them and a 3-device
-  one's 150 %; C = 10 costs up to 9 % more regret than it where devices differ, and cuts it 2–4×
-  where they are alike. C = 5–50 are within ~20 % of each other where profiles are alike; from
-  20 on, a device that differs from its peers stays biased.
-- `pool_spread` = true: with rewards divided by the round's max (the default), a profile whose
-  devices all take the same point learns nothing that round. Spreading their picks (`base`) cuts
-  the synthetic regret (the tests' `sparse_regret`, seeds 0–2, c = 0.3, round-max rewards) of 8
-  devices of one profile, all playing 60 rounds, from 74 to 39 (ucb1) and 64 to 40 (sucb); 24
-  devices in 3 profiles, all playing 60 rounds, sucb 246 → 98; 80 devices in 3, 8 a round, 200
-  rounds, 163 → 90 (with the former loan: 104 → 63, 93 → 54, and 213 → 204 on the sparse fleet).
-  Without the round normalisation it still helps or ties.
-- `commit_rounds` = 0: a bandit that knows its horizon gains nothing from exploring in the last
-  round, and there the cost is the shipped model itself. Measured, committing the last round did
-  not pay: on three lean SmolLM2 seeds the final deployed loss moved +0.000 / +0.007 / +0.009
-  (where it mattered, a TX2's best mean reward was its unpruned arm anyway), and on the 80-Jetson
-  run (seed 0) it rose 1.360 → 1.561 against 1.370 exploring: pooled by profile, the exploit sent
-  all four Xavier NXs of the round to one point (16 / 0.067) that few pulls supported, with nothing
-  left to spread them. Kept as an option for fleets whose devices play often enough for their means.
 - `sucb_rho` = 2^(−1/2): the tree splits the two axes in turn, so a cell's diameter halves every
   two levels; with a Lipschitz reward, HOO's smoothness term ν·ρ^h then shrinks with the cell.
+- `pool` = "none": pooling a profile's statistics (`base`) assumes its devices behave alike, and
+  biases the ones that do not; turn it on (`pool = "profile"`) for federated runs whose profiles
+  are real hardware classes. `pool_pulls` = 10 is the C that bench/pooling.py's sweep favours:
+  near the best where a profile's devices are alike, little bias where they differ
+  (docs/results/pooling.md).
+- `pool_spread` = true: with rewards divided by the round's max (the default), a profile whose
+  devices all take the same point learns nothing that round; spreading their picks (`base`) lowers
+  the regret of the controller tests' synthetic fleets (`sparse_regret`, tests/fedsim/controllers).
+- `screen_slack` = 1.25: an arm predicted at 1.25·T scores the reward's straggler factor
+  (T/t)² = 0.64, so it would need 1.56 times the progress of an arm that keeps the pace, and it
+  holds every other device of the round too; a wrongly tried arm costs a whole round, a wrongly
+  screened one at most a quarter of one. Chosen on bench/fedspine.py's runs
+  (docs/results/fedspine.md).
+- `commit_rounds` = 0: a bandit that knows its horizon gains nothing from exploring in the last
+  round, but an exploit on few pulls can send a whole profile to one poorly supported point, with
+  nothing left to spread them; on bench/fedspine.py's runs committing did not pay
+  (docs/results/fedspine.md). An option for fleets whose devices play often enough for their means.
 """
 
 from __future__ import annotations
@@ -81,19 +70,19 @@ class _Section(BaseModel):
 class RewardConfig(_Section):
     """How one round's observations become rewards (`fedsim.controllers.reward`)."""
 
-    contribution_weight: float = Field(1.0, ge=0, description="Weight of the client's contribution to the global model: the relative held-out loss decrease of the global model moved by the client's share of an average toward its adapter (measured by the server).")
-    contribution_examples: int = Field(16, ge=1, description="Held-out examples the contribution is scored on (the first of the central set; one forward pass over them per client per round): more examples, less sampling noise in the reward, at the server's cost (32 instead of 16 did not help the lean SmolLM2 run, README).")
-    loss_weight: float = Field(0.5, ge=0, description="Weight of the relative local loss improvement (ℓ_before − ℓ_after)/ℓ_before: half the contribution's, as it cannot see what the update does to the global model.")
-    prune_weight: float = Field(0.5, ge=0, description="Weight of the pruning progress min(ratio_reached, ratio_target), a share of the model, not scaled: a 20 % cut adds 0.1, a tenth of an average client's contribution; what it saves is already in the time. Runs with `pruning.deploy_ratios` weigh their pruning term by deploy_weight instead.")
-    deploy_weight: float = Field(0.0, ge=0, description="With `pruning.deploy_ratios`: weight of how close the client's sparsity s is to its profile's deploy ratio ρ, max(0, 1 − |s − ρ|/ρ) (0 on a profile that deploys whole). Off: the contributions are scored on the deployed models already, and with the server's cut by first_order training a TX2 at ρ made its deployed model worse, not better (measured, `controllers.reward`).")
-    norm_weight: float = Field(0.0, ge=0, description="Weight of the update norm ‖ΔW‖: off, as a diverging client also sends a large update (the contribution measures importance instead).")
-    time: Literal["round", "per_second"] = Field("round", description="round: progress times the straggler factor (Oort), so a device faster than the threshold is not pushed to be faster still; per_second: also divided by the client's own time.")
-    straggler: Literal["auto", "deadline", "fastest", "median", "none"] = Field("auto", description="Threshold T of the straggler factor (T/t)^α: the round's deadline, the fastest round so far (its slowest client), the round's median client time, or none; auto: the deadline when the round has one, else the fastest round.")
-    straggler_alpha: float = Field(2.0, ge=0, description="Exponent α of the straggler factor; 2 as in open-source Oort implementations.")
-    normalise: Literal["round_max", "round_mean", "baseline", "none"] = Field("round_max", description="Divide by the round's max (rewards in [0, 1]), its mean, a discounted baseline of past rounds' means (FedEx-style), or not at all.")
-    baseline_discount: float = Field(0.9, ge=0, lt=1, description="normalise = baseline: discount β of the running mean of rounds' mean rewards (memory ≈ 1/(1 − β) = 10 rounds).")
-    floor: float = Field(0.01, ge=0, description="Least reward of a client that ran (no loss progress, or a reward below it): keeps every feasible arm above an infeasible one and never starves exploration.")
-    infeasible_penalty: float = Field(0.0, description="Reward of a client that could not run (out of memory): 0, the value of no progress, below any floor.")
+    contribution_weight: float = Field(1.0, ge=0, description="Weight of the client's contribution: the relative held-out loss decrease its share of an average gives the global model.")
+    contribution_examples: int = Field(16, ge=1, description="Held-out examples the contribution is scored on (the first of the central set; one forward pass per client).")
+    loss_weight: float = Field(0.5, ge=0, description="Weight of the relative local loss improvement (ℓ_before − ℓ_after)/ℓ_before.")
+    prune_weight: float = Field(0.5, ge=0, description="Weight of the pruning progress min(ratio_reached, ratio_target), unscaled; with `pruning.deploy_ratios`, deploy_weight instead.")
+    deploy_weight: float = Field(0.0, ge=0, description="With `pruning.deploy_ratios`: weight of the closeness max(0, 1 − |s − ρ|/ρ) of the client's sparsity s to its profile's deploy ratio ρ.")
+    norm_weight: float = Field(0.0, ge=0, description="Weight of the update norm ‖ΔW‖.")
+    time: Literal["round", "per_second"] = Field("round", description="round: progress times the straggler factor (Oort); per_second: also divided by the client's own time.")
+    straggler: Literal["auto", "deadline", "fastest", "median", "none"] = Field("auto", description="Threshold T of the straggler factor (T/t)^α: the deadline, the fastest round so far, the round's median client time, or none; auto: the deadline if any, else fastest.")
+    straggler_alpha: float = Field(2.0, ge=0, description="Exponent α of the straggler factor.")
+    normalise: Literal["round_max", "round_mean", "baseline", "none"] = Field("round_max", description="Divide rewards by the round's max, its mean, a discounted baseline of past rounds' means (FedEx), or nothing.")
+    baseline_discount: float = Field(0.9, ge=0, lt=1, description="normalise = baseline: discount β of the running mean of rounds' mean rewards.")
+    floor: float = Field(0.01, ge=0, description="Least reward of a client that ran.")
+    infeasible_penalty: float = Field(0.0, description="Reward of a client that could not run (out of memory); at most floor.")
 
     @model_validator(mode="after")
     def _some_weight(self) -> RewardConfig:
@@ -110,34 +99,34 @@ Arm = tuple[int, float]
 class ControllerConfig(_Section):
     """Which bandit algorithm assigns each device its (LoRA rank, pruning ratio), and its constants."""
 
-    name: str = Field("sucb", description="Algorithm (`fedsim.controllers.CONTROLLERS`); sucb is FedSpine's smooth UCB over the continuous (ratio, rank) box.")
-    ranks: tuple[int, ...] = Field((4, 8, 16, 32), min_length=1, description="LoRA ranks of the arm grid, each >= 1; sucb spans [min, max] (integer ranks in between when sucb_depth > 4).")
-    ratios: tuple[float, ...] = Field((0.0, 0.2, 0.4, 0.6), min_length=1, description="Pruning ratios of the arm grid, each in [0, 0.95]; sucb spans [min, max] (ratios in between when sucb_depth > 4).")
-    infer_infeasible: bool = Field(True, description="When (r, p) does not fit a device, also rule out every arm with rank >= r and ratio <= p (it needs at least as much memory).")
+    name: str = Field("sucb", description="Algorithm (`fedsim.controllers.CONTROLLERS`); sucb: FedSpine's smooth UCB over the (ratio, rank) box.")
+    ranks: tuple[int, ...] = Field((4, 8, 16, 32), min_length=1, description="LoRA ranks of the arm grid, each >= 1; sucb spans [min, max].")
+    ratios: tuple[float, ...] = Field((0.0, 0.2, 0.4, 0.6), min_length=1, description="Pruning ratios of the arm grid, each in [0, 0.95]; sucb spans [min, max].")
+    infer_infeasible: bool = Field(True, description="When (r, p) does not fit a device, also rule out every arm with rank >= r and ratio <= p.")
     ucb_c: float = Field(1.0, ge=0, description="ucb1, discounted_ucb, sliding_window_ucb, sucb: exploration scale c, the width of the reward range.")
-    discount: float = Field(0.99, gt=0, le=1, description="discounted_ucb: discount γ per pull of the device (memory ≈ 1/(1 − γ) = 100 pulls).")
+    discount: float = Field(0.99, gt=0, le=1, description="discounted_ucb: discount γ per pull of the device.")
     window: int = Field(100, ge=1, description="sliding_window_ucb: the device's last τ pulls are remembered.")
-    xi: float = Field(0.6, gt=0, description="discounted_ucb, sliding_window_ucb: ξ in the bonus √(ξ log n / N); > 1/2 as the paper's bounds require.")
-    exp3_gamma: float | Literal["auto"] = Field("auto", description="exp3: share γ of uniform exploration, in (0, 1]; auto: γ_t = min(1, √(K ln K / ((e − 1) t))) at the device's t-th pull.")
-    exp3_update: Literal["exp3", "fedex"] = Field("exp3", description="exp3: Auer et al.'s estimate r/p; fedex: FedEx's baseline-corrected estimate (r − λ)/p.")
-    fedex_discount: float = Field(0.9, ge=0, lt=1, description="exp3_update = fedex: discount of the device's baseline λ, a running mean of its past rewards.")
-    ts_prior_mean: float = Field(0.5, description="thompson: prior mean of every arm (the middle of the normalised reward range).")
-    ts_prior_std: float = Field(1.0, gt=0, description="thompson: prior standard deviation (wide: twice the normalised reward range).")
-    ts_noise_std: float = Field(0.5, gt=0, description="thompson: reward noise σ assumed by the Gaussian likelihood (a [0, 1] reward is 1/2-sub-Gaussian).")
-    pool: Literal["none", "profile"] = Field("none", description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own statistics, or on its own plus what its profile's peers lend (a prior at the peers' mean worth m = N·C/(N + C) pulls, N the peers' pulls of the point, C = pool_pulls); learning and infeasibility stay per device.")
-    pool_pulls: float = Field(10.0, ge=0, description="pool = profile: C, the most pulls' worth of evidence per point a device borrows from its peers however many have played (0: no pooling); 10 as measured (see the module docstring).")
-    pool_spread: bool = Field(True, description="pool = profile: devices of one profile chosen in the same round pick one after another, each counting its peers' picks of this round as pulls at their current mean (batched UCB's hallucinated pulls), so a profile tries several points in a round instead of all taking the same one.")
+    xi: float = Field(0.6, gt=0, description="discounted_ucb, sliding_window_ucb: ξ in the bonus √(ξ log n / N), > 1/2.")
+    exp3_gamma: float | Literal["auto"] = Field("auto", description="exp3: share γ of uniform exploration, in (0, 1]; auto: γ_t = min(1, √(K ln K / ((e − 1) t))).")
+    exp3_update: Literal["exp3", "fedex"] = Field("exp3", description="exp3: Auer et al.'s estimate r/p, or FedEx's baseline-corrected (r − λ)/p.")
+    fedex_discount: float = Field(0.9, ge=0, lt=1, description="exp3_update = fedex: discount of the device's baseline λ.")
+    ts_prior_mean: float = Field(0.5, description="thompson: prior mean of every arm.")
+    ts_prior_std: float = Field(1.0, gt=0, description="thompson: prior standard deviation.")
+    ts_noise_std: float = Field(0.5, gt=0, description="thompson: reward noise σ of the Gaussian likelihood.")
+    pool: Literal["none", "profile"] = Field("none", description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own statistics, or also on what its profile's peers lend (`controllers.base`).")
+    pool_pulls: float = Field(10.0, ge=0, description="pool = profile: C, the most pulls' worth per point a device borrows from its peers (0: no pooling).")
+    pool_spread: bool = Field(True, description="pool = profile: a profile's devices of one round pick in turn, each counting its peers' earlier picks as pulls.")
     linucb_alpha: float = Field(1.0, ge=0, description="linucb: width α of the confidence bonus α√(xᵀA⁻¹x).")
     linucb_ridge: float = Field(1.0, gt=0, description="linucb: ridge λ, A starts at λI.")
-    linucb_share: Literal["profile", "global"] = Field("profile", description="linucb: one model per (device profile, arm), or one per arm for every device (then the features alone tell devices apart).")
-    sucb_depth: int = Field(4, ge=1, le=10, description="sucb: depth D of the partition tree: 2^D leaf cells (at 4, the default 4 × 4 grid; 6: 8 × 8), 2^(D+1) − 1 nodes per device.")
+    linucb_share: Literal["profile", "global"] = Field("profile", description="linucb: one model per (device profile, arm), or one per arm for the whole fleet.")
+    sucb_depth: int = Field(4, ge=1, le=10, description="sucb: depth D of the partition tree (2^D leaf cells).")
     sucb_nu: float = Field(1.0, ge=0, description="sucb: smoothness ν: the reward varies by at most ν·ρ^h inside a depth-h cell.")
     sucb_rho: float = Field(2**-0.5, gt=0, lt=1, description="sucb: shrink factor ρ of the smoothness term per level.")
     sucb_snap: Literal["integer", "grid"] = Field("integer", description="sucb: a cell's rank is the nearest integer in [min(ranks), max(ranks)], or the nearest of `ranks`.")
-    screen: bool = Field(True, description="Price each arm for each device from its observed pace (seconds per FLOP, per LoRA parameter sent; `controllers.pace`) and do not try, that round, arms predicted to take more than screen_slack × the straggler threshold. Not for fixed.")
-    screen_slack: float = Field(1.25, ge=1, allow_inf_nan=False, description="screen: how much slower than the straggler threshold (the deadline, else the fastest round so far) an arm may be predicted to be and still be tried, and how much slower than its fastest arm a device of unknown pace may risk; at 1.25 the reward's straggler factor is 0.64 (1.5 let arms through that ran 1.8x the threshold: `controllers.pace`).")
-    commit_rounds: int = Field(0, ge=0, description="The run's last N rounds explore no more: each device plays the point with its best mean reward so far (pooled, with pool = profile; the best-mean node for sucb; the model's best estimate for linucb), since what they would teach is never used. 0 (the default, as measured): explore to the end. Not for fixed.")
-    fixed_arm: Arm | None = Field(None, description="fixed: (rank, ratio) for every device, on the grid; default (max rank, min ratio), i.e. the unpruned full adapter.")
+    screen: bool = Field(True, description="Skip, for a round, the arms a device's observed pace predicts to take over screen_slack × the straggler threshold (`controllers.pace`); not for fixed.")
+    screen_slack: float = Field(1.25, ge=1, allow_inf_nan=False, description="screen: how much slower than the threshold, or than its fastest arm, an arm may be predicted to be and still be tried.")
+    commit_rounds: int = Field(0, ge=0, description="The run's last N rounds explore no more: each device plays its best point so far; not for fixed.")
+    fixed_arm: Arm | None = Field(None, description="fixed: (rank, ratio) for every device, on the grid; default (max rank, min ratio).")
     profile_arms: dict[str, Arm] = Field({}, description="fixed: (rank, ratio) per device profile name, on the grid; overrides fixed_arm.")
     reward: RewardConfig = Field(RewardConfig(), description="How each round's reports become rewards (`fedsim.controllers.reward`).")
 

@@ -1,54 +1,35 @@
 """Each device's pace, learned from its own reports, to price the arms it has not tried.
 
-Exploring an arm costs what the arm costs: on the lean SmolLM2 Jetson run (README, "Status,
-measured") a TX2 or Xavier NX that tried rank 16 held the whole round for 4.2 s instead of 1.8 s,
-and that exploration was the bandit's whole gap to the best fixed arm. Yet after one round the
-server can price every arm for that device without trying it. A client's round time is compute
-plus communication, and the server's cost model gives each arm k its FLOPs per round F_k
-(`fedsim.costs` at the arm's rank, on the model cut to its ratio) and the LoRA parameters P_k that
-travel (both directions scale with them: ComPEFT keeps a fixed share of them, the downlink sends
-the client's rank). From a round in which device d played arm j and reported compute c and
-communication m seconds:
+A client's round time is compute plus communication. The server's cost model gives each arm k its
+FLOPs per round F_k (`fedsim.costs` at the arm's rank, on the model cut to its ratio) and the LoRA
+parameters P_k that travel (both directions scale with them: ComPEFT keeps a fixed share of them,
+the downlink sends the client's rank). From a round in which device d played arm j and reported
+compute c and communication m seconds (the first report sets the rate, each later one moves it
+halfway):
 
-    a_d = c / F_j   (seconds per FLOP)            b_d = m / P_j   (seconds per LoRA parameter)
+    a_d ← (a_d + c / F_j) / 2     seconds per FLOP
+    b_d ← (b_d + m / P_j) / 2     seconds per LoRA parameter
+    t̂_dk = a_d · F_k + b_d · P_k  the arm's predicted round time on device d
 
-averaged over its rounds (halving the old value's weight each time: speed and bandwidth are the
-device's own, jitter and contention move them a little), and then
-
-    t̂_dk = a_d · F_k + b_d · P_k                  the arm's predicted round time on device d.
-
-A device not yet seen takes its profile's median a and b (a device says what hardware it is,
-nothing more; `fedsim.control`); with no peer seen either its times are unknown (NaN).
+A device not yet seen takes its profile's median a and b over the devices seen (a device says what
+hardware it is, nothing more; `fedsim.control`); with no peer seen either its times are unknown
+(NaN).
 
 Screening (`hopeless`, on the times `Pace.predict` gives): an arm is not tried on device d this
 round when
 
     t̂_dk > s · max(T, min_k t̂_dk)
 
-with T the round's deadline if it has one, else the lesser of the fastest round so far (the
-reward's threshold) and the fastest round the pace predicts for this round's devices,
-max_d min_k t̂_dk (every device at its fastest arm: `fastest_round`), and s = `screen_slack` (1.25).
-The prediction matters where exploration starts with costly arms: UCB1 plays unplayed arms first,
-so on the lean SmolLM2 run its first round had NX devices at rank 16 (3.0 s), no round after was
-faster, and against T = 3.0 s rank 16 on a TX2 (4.2 s) was never hopeless. At 1.25 × T the
-reward's straggler factor (T/t)^2 is 0.64: the arm would need 1.56 times the progress of an arm
-that keeps the pace, which no rank or ratio of the grid has shown on SmolLM2, and it would hold
-every other device of the round too. s was 1.5 first; but a prediction from one or two rounds
-carries the fleet's jitter (±15 %), and on the lean run a Xavier NX's rank 16, predicted 2.74 s
-against a limit of 2.76 s, ran 3.29 s (1.8 × T), then 16/0.2 predicted 2.57 s ran 3.14 s: a
-wrongly tried arm costs the whole round, a wrongly screened one at most 25 % of a round. The max keeps a
-device that cannot reach T at all choosing among its own fastest arms. Screening is the
-controller's business only through `choose(avoid=...)`: nothing is marked infeasible, and an arm
-screened now is tried again when T or the device's pace changes (a longer deadline, a faster
-link).
+with s = `screen_slack` and T the caller's threshold: the round's deadline if it has one, else the
+lesser of the fastest round so far (the reward's threshold) and the fastest round the pace
+predicts for this round's devices, max_d min_k t̂_dk (`fastest_round`). The max keeps a device that
+cannot reach T at all choosing among its own fastest arms. Screening reaches the controller only
+through `choose(avoid=...)`: nothing is marked infeasible, and an arm screened now is tried again
+when T or the device's pace changes.
 
-Before a device's pace is known (its first round, and its profile's), its arms cannot be priced,
-but how much slower one can be than another can: t_k ≤ max(F_k / min F, P_k / min P) × the
-device's fastest arm (`worst_ratio`), so arms whose bound exceeds s wait until the device has
-reported once. On the lean run this was round 1's whole exploration cost: a Xavier NX that started
-at rank 16 (4× the LoRA parameters of rank 4) held the round 2.6–2.8 s instead of ~1.8 s. The
-grid's ratios at the smallest rank are still tried from the start (on SmolLM2, ratio 0 costs 1.20×
-the FLOPs of 0.2, rank 8 2.3× and rank 16 4.7× the LoRA parameters of 4/0.2).
+A device of unknown pace cannot be priced, but how much slower one of its arms can be than its
+fastest is bounded: t_k ≤ max(F_k / min F, P_k / min P) · min_j t_j (`worst_ratio`), so the arms
+whose bound exceeds s wait until the device, or a peer of its profile, has reported once.
 
 Vectorised over devices; the state is two (N,) arrays, saved with the controller's.
 """

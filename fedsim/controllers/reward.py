@@ -7,8 +7,8 @@ For client i of a round, with every term computed from what it reported (`Observ
                                                         (L(θ) − L(θ_i)) / L(θ) of the global model
                                                         moved by this client's share of an average
                                                         toward its adapter (`rounds.contributions`,
-                                                        measured by the server), 0 if not measured
-                                                        or not finite
+                                                        scored by the server), 0 if not scored or
+                                                        not finite
     ℓ_i = max(0, (ℓ_before − ℓ_after) / ℓ_before)      relative local loss improvement (0 if
                                                         ℓ_before ≤ 0 or either loss is not finite)
     π_i = max(0, min(ratio_reached, ratio_target))      pruning progress: the sparsity attained,
@@ -26,9 +26,9 @@ For client i of a round, with every term computed from what it reported (`Observ
                                                         feasible clients (a term whose mean is 0 is
                                                         left as is): the weights, not the units,
                                                         set each term's share. π is a share of the
-                                                        model already and is not scaled: divided
-                                                        by its round mean, a lone pruner's π/π̄
-                                                        was n (the round's size)
+                                                        model already and is not scaled (divided by
+                                                        its round mean, a round's lone pruner would
+                                                        score n, the round's size)
     s_i = (T / t_i)^α  if t_i > T, else 1               Oort's straggler factor (Lai et al., "Oort:
                                                         Efficient Federated Learning via Guided
                                                         Participant Selection", OSDI 2021); T: the
@@ -45,58 +45,46 @@ and then normalised across the round, floored, and the clients that could not ru
     round_mean:  x̃_i = x_i / mean_j x_j                ≈ 1 on average, unbounded above
     baseline:    x̃_i = x_i / λ_t,  λ_t = bias-corrected discounted mean of the rounds' mean x,
                  m_t = β·m_{t−1} + (1 − β)·mean_j x_j, λ_t = m_t / (1 − β^t)   (this round included;
-                 FedEx's running baseline, Khodak et al. 2021, arXiv:2106.04502, used to scale
-                 rather than subtract, so rewards stay positive and comparable across rounds)
+                 FedEx's running baseline, Khodak et al. 2021, arXiv:2106.04502, dividing rather
+                 than subtracting, so rewards stay positive and comparable across rounds)
     none:        x̃_i = x_i
     r_i = max(x̃_i, floor)    if the client ran         r_i = infeasible_penalty    otherwise
 
 Normalising per round removes what every client shares that round (loss improvements shrink as
 the model converges), so a device's reward measures how good its arm is, not how late the round.
-The maxima, means and medians are over feasible clients only.
+The maxima, means and medians are over feasible clients only. Time t_i is the simulated clock in
+simulation and the measured round trip in deployment: the reward does not care which.
 
-Why these terms and constants (`RewardConfig`), measured on SmolLM2 (README, "Status, measured"):
+Why the defaults (`RewardConfig`):
 
-- The contribution c (w_c = 1) leads. A client's own loss drop cannot see what its update does to
-  the global model, and a pruned client's update can harm it badly (LoRA trained to recover a
-  pruned model, applied to the unpruned one: fixed rank 16 / ratio 0.4 ends at accuracy 0 while
-  its clients' local losses fall). c sees that harm; it is FedSpine's "importance of the LoRA
-  update" measured where it matters, and the issue's "device's contribution to the global
-  improvement". It uses the held-out examples the central metric is computed on (the issue names
-  the round's central metric as an input), the first `contribution_examples` (16), one forward pass per client.
-- ℓ (w_ℓ = 0.5) stays as a cheaper, noisier second opinion, and the whole signal where the
-  server cannot score (c = 0 for everyone: the term drops out).
-- π (w_π = 0.5, unscaled): sparsity for its own sake counts a little: a client that removed 20 %
-  of the prunable weights gains 0.1, a tenth of an average client's contribution. Its value to
-  the run (less time, less memory) is already in t and in feasibility. It was first scaled by its
-  round mean like the other terms; then the one pruned client of a round of 8 scored π/π̄ = 8, and
-  on the lean SmolLM2 run S-UCB took the TX2s to ratio 0.2, which costs loss, for that bonus.
-  With deploy ratios (`pruning.deploy_ratios`), π measures progress toward the model the device
-  will run instead, weighed by w_π = `deploy_weight`, off (0) by default: c is then scored on the
-  deployed models, so it already says what training a device at its deploy ratio buys. The term
-  was weighed 1 while the server cut an untrained device's model by `lora_grad` from one batch: that
-  cut was unstable, training the TX2s at 0.2 every round ended 0.04–0.14 lower on the deployed
-  loss, and the bonus took the bandit there. With the cut by `first_order`
-  (`pruning.deploy_importance`) it is the reverse on the lean SmolLM2 run: every TX2 unpruned
-  (fixed 4/0) ends at a deployed loss of 1.148 (mean of three seeds) against 1.276 for the TX2s at
-  0.2, a TX2's unpruned update contributes 0.050 against 0.016 pruned, and with the bonus the
-  bandit kept its TX2s at 0.2 (27 of 30 client-rounds) and ended at 1.396 against 1.205 without it (seed 0; README, "At
-  the same sparsity"). The deploy ratio is the user's requirement for the device, not knowledge
-  of its speed, memory or link, which the controller still learns.
+- c leads (w_c = 1): a client's own loss drop cannot see what its update does to the global
+  model, and LoRA trained to recover a pruned model can harm the unpruned one; c scores the update
+  where it is applied (FedSpine's "importance of the LoRA update"), on the first
+  `contribution_examples` held-out examples, one forward pass per client.
+- ℓ (w_ℓ = 0.5): a cheaper, noisier second opinion, and the whole signal where the server cannot
+  score (c = 0 for everyone: the term drops out).
+- π (w_π = 0.5, unscaled): sparsity counts a little for its own sake (20 % removed adds 0.1, a
+  tenth of an average client's contribution); what it saves (time, memory) is already in t and in
+  feasibility. With deploy ratios c is scored on the deployed models, so it already says what
+  training a device at its deploy ratio buys, and `deploy_weight` is 0. The deploy ratio is the
+  user's requirement for the device, not knowledge of its speed, memory or link, which the
+  controller still learns.
 - ν (w_ν = 0): a diverging or over-compensating client also sends a large update; c measures the
   update's importance instead. Available for runs without a held-out set.
 - time = "round": in a synchronous round the slowest kept client sets the time everybody waits,
-  so a device faster than T costs nothing by being slower still: dividing by its own time (the
-  former default, "per_second") pushed fast devices to the smallest rank and held them back.
+  so a device faster than T costs nothing by being slower still; dividing by its own time
+  ("per_second") pushes fast devices to the smallest rank.
 - T = the round's deadline if it has one, else the fastest round seen so far, i.e. the least,
-  over past rounds and this one, of a round's slowest feasible client time (`straggler = "auto"`).
-  It is the round time the fleet has shown it can keep: an arm that makes its device finish
-  later holds everyone up. The median of the round (the former default) rises with the round's
-  own exploration: when half the round tries a costly arm, the costly arm looks free. T only
+  over past rounds and this one, of a round's slowest feasible client time (`straggler = "auto"`):
+  the round time the fleet has shown it can keep. The round's median would rise with the round's
+  own exploration (when half the round tries a costly arm, the costly arm looks free). T only
   falls, so a fleet that slows down penalises every device alike, which the per-round
-  normalisation removes. α = 2 (as in open-source Oort implementations; the paper leaves α to the developer);
-  round_max; floor = 0.01 (a feasible arm never scores 0, so it stays above an infeasible one and
-  is never starved); penalty = 0 (no progress). Time t_i is the simulated clock in simulation and
-  the measured round trip in deployment: the reward does not care which.
+  normalisation removes.
+- α = 2 (as in open-source Oort implementations; the paper leaves α to the developer); round_max;
+  floor = 0.01 (a feasible arm never scores 0, so it stays above an infeasible one and is never
+  starved); penalty = 0 (no progress).
+
+The weights were chosen on bench/fedspine.py's SmolLM2 runs (docs/results/fedspine.md).
 """
 
 from __future__ import annotations
@@ -121,7 +109,7 @@ class Observations:
     ratio_target: np.ndarray  # pruning ratio it was asked for
     update_norm: np.ndarray  # ‖ΔW‖ of its LoRA update
     deadline_s: float = 0.0  # the round's deadline (0 = none)
-    contribution: np.ndarray | None = None  # relative held-out loss decrease of the global model from its adapter (None: not measured)
+    contribution: np.ndarray | None = None  # relative held-out loss decrease of the global model from its adapter (None: not scored)
     ratio_deployed: np.ndarray | None = None  # pruning ratio of the model its profile deploys (None: the run has no deploy ratios)
 
     def __post_init__(self) -> None:

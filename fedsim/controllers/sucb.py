@@ -2,14 +2,13 @@
 
 FedSpine (Yao, Xu, Xu, Liao & Xie, "Efficient Deployment of Large Language Models on
 Resource-constrained Devices", arXiv:2501.02438, 2025) assigns each device its pruning ratio and
-LoRA rank with an online multi-armed bandit that needs no prior knowledge of the device. Only the
-paper's abstract was available to us: the rule below is our design for that setting, not a
-transcription of the paper's algorithm. Reward and arms are continuous and smooth (a slightly
-higher ratio or rank changes progress per second slightly), so instead of a fixed grid it
-refines a partition of the box where the rewards are high: HOO (Bubeck, Munos, Stoltz &
-Szepesvári, "X-Armed Bandits", JMLR 12, 2011, arXiv:1001.4475), in the spirit of the zooming
-algorithm (Kleinberg, Slivkins & Upfal, "Multi-Armed Bandits in Metric Spaces", STOC 2008,
-arXiv:0809.4882).
+LoRA rank with an online multi-armed bandit that needs no prior knowledge of the device. The rule
+below is fedsim's design for the setting the paper's abstract describes, not a transcription of the
+paper's algorithm. Reward and arms are continuous and smooth (a slightly higher ratio or rank
+changes the reward slightly), so instead of a fixed grid it refines a partition of the box where
+the rewards are high: HOO (Bubeck, Munos, Stoltz & Szepesvári, "X-Armed Bandits", JMLR 12, 2011,
+arXiv:1001.4475), in the spirit of the zooming algorithm (Kleinberg, Slivkins & Upfal, "Multi-Armed
+Bandits in Metric Spaces", STOC 2008, arXiv:0809.4882).
 
 The box is [p_min, p_max] × [r_min, r_max] of the configured ratios and ranks, in the unit
 coordinates of `arms` (rank on a log2 axis). A binary tree of depth D (`sucb_depth`) partitions it:

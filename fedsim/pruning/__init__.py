@@ -1,4 +1,4 @@
-"""Structured pruning of Llama-family models for heterogeneous clients (issue #5).
+"""Structured pruning of Llama-family models for heterogeneous clients.
 
 A client too small for the full model trains a physically smaller one: whole KV groups (a key/value
 head with its query heads) and MLP channels are removed from every decoder layer, ranked by an
