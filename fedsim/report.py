@@ -111,6 +111,17 @@ def _clock(run_dir: str | Path) -> str:
     return "measured" if clock == "measured" else "simulated"
 
 
+def _held_out(metrics: pd.DataFrame) -> str:
+    """How many held-out examples the central evaluation scored: "N each round", or the earlier
+    rounds' count and the last round's when the last one scored more."""
+    counts = metrics[metrics["kind"] == "eval_central"].groupby("round")["num_examples"].max()
+    last = int(counts.index[-1])
+    earlier = counts[counts.index < last]
+    if earlier.empty or (earlier == counts[last]).all():
+        return f"{int(counts[last])} each round"
+    return f"{int(earlier.max())} in rounds 0-{last - 1}, {int(counts[last])} in round {last} (its accuracy and loss are the figures to quote)"
+
+
 def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
     """The one-screen summary printed at the end of `fedsim run`."""
     table, ratios = round_table(metrics), ratio_table(metrics)
@@ -125,6 +136,7 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"central accuracy  {first['central_accuracy']:.3f} (round 0) -> {last['central_accuracy']:.3f} "
             f"(round {table.index[-1]}); best {table['central_accuracy'].max():.3f} at round {best_round}",
             f"central loss      {first['central_loss']:.4f} -> {last['central_loss']:.4f}",
+            f"held-out examples {_held_out(metrics)}",
             *(
                 [f"deployed models   loss {first['deployed_loss']:.4f} -> {last['deployed_loss']:.4f}, accuracy {last['deployed_accuracy']:.3f}  (each profile's model cut to pruning.deploy_ratios)"]
                 if "deployed_loss" in table else []

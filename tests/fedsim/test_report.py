@@ -28,3 +28,21 @@ def test_deployed_columns_appear_only_for_runs_that_deploy_cut_models(tmp_path: 
     assert "deployed models" not in summary_text(read_metrics(plain.path), plain.path)
     assert round_table(read_metrics(deploying.path))["deployed_loss"].tolist() == [3.0, 2.0]
     assert "deployed models   loss 3.0000 -> 2.0000, accuracy 0.050" in summary_text(read_metrics(deploying.path), deploying.path)
+
+
+def test_the_summary_says_how_many_held_out_examples_each_round_scored(tmp_path: Path) -> None:
+    from fedsim.report import summary_text
+    from fedsim.rundir import RunDir, read_metrics
+    from fedsim.scenario import validate_scenario
+
+    def rows(counts: list[int]) -> list[dict]:
+        return [
+            {"round": r, "client_id": -1, "kind": "eval_central", "num_examples": n, "loss": 1.0, "accuracy": 0.1, "wall_time_s": 1.0, "sim_time_s": 1.0}
+            for r, n in enumerate(counts)
+        ]
+
+    same, more = (RunDir.create(tmp_path, validate_scenario({"name": name})) for name in ("same", "more"))
+    same.add_rows(rows([32, 32, 32]))
+    more.add_rows(rows([48, 48, 256]))
+    assert "held-out examples 32 each round" in summary_text(read_metrics(same.path), same.path)
+    assert "held-out examples 48 in rounds 0-1, 256 in round 2" in summary_text(read_metrics(more.path), more.path)
