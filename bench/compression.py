@@ -103,12 +103,16 @@ def main() -> None:
     update = smollm2_lora_update()
     n = sum(t.numel() for t in update.values())
     raw = 4 * n
-    print(f"SmolLM2-135M LoRA r={RANK}: {len(update)} tensors, {n:,} entries, {raw / 1e6:.2f} MB float32; "
-          f"{torch.get_num_threads()} torch thread(s)")
+    print(
+        f"SmolLM2-135M LoRA r={RANK}: {len(update)} tensors, {n:,} entries, {raw / 1e6:.2f} MB float32; "
+        f"{torch.get_num_threads()} torch thread(s)"
+    )
 
     print(f"{'method':<22}{'bytes':>12}{'ratio':>9}{'rel. L2 error':>16}")
-    configs = {"none float16": CodecConfig(method="none", dtype="float16"),
-               "topk d=0.1 float32": CodecConfig(method="topk", density=0.1)}
+    configs = {
+        "none float16": CodecConfig(method="none", dtype="float16"),
+        "topk d=0.1 float32": CodecConfig(method="topk", density=0.1),
+    }
     configs |= {f"compeft d={d}": CodecConfig(density=d) for d in (0.2, 0.1, 0.05)}
     results = [(label, *sent(update, config)) for label, config in configs.items()]
     results.insert(1, ("int8 absmax/tensor", *absmax_int8(update)))
@@ -122,10 +126,14 @@ def main() -> None:
     t_save = median_seconds(lambda: torch_save(update), args.repeats)
     t_load = median_seconds(lambda: torch.load(io.BytesIO(saved), weights_only=True), args.repeats)
     mb = raw / 1e6
-    print(f"compeft d=0.1 encode {mb / t_encode:7.1f} MB/s   torch.save {mb / t_save:7.1f} MB/s   "
-          f"ratio {t_save / t_encode:.2f}")
-    print(f"compeft d=0.1 decode {mb / t_decode:7.1f} MB/s   torch.load {mb / t_load:7.1f} MB/s   "
-          f"ratio {t_load / t_decode:.2f}")
+    print(
+        f"compeft d=0.1 encode {mb / t_encode:7.1f} MB/s   torch.save {mb / t_save:7.1f} MB/s   "
+        f"ratio {t_save / t_encode:.2f}"
+    )
+    print(
+        f"compeft d=0.1 decode {mb / t_decode:7.1f} MB/s   torch.load {mb / t_load:7.1f} MB/s   "
+        f"ratio {t_load / t_decode:.2f}"
+    )
     if args.accuracy:
         import compression_accuracy  # bench/ is on sys.path when this script runs
 

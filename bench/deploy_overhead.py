@@ -9,6 +9,9 @@
 2. One SuperLink + one SuperNode on 127.0.0.1 with TLS and node authentication, a one-client
    scenario: per round, the server's send → reply time of the training message against the
    client's own training time (`wall-time-s`); the difference is the per-message overhead.
+
+What it prints and the command go to `--doc` (default docs/results/deploy-overhead.md), whose
+"## Reading" section is kept.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.printed import keep_printed, write_printed  # noqa: E402
 from fedsim.deploy import LocalFederation, make_node_keys  # noqa: E402
 from fedsim.rundir import read_metrics  # noqa: E402
 
@@ -78,9 +82,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=ROOT / "docs" / "results" / "deploy-overhead.md",
+        help="where the figures and the command are written",
+    )
     args = parser.parse_args()
-    process_costs()
-    deployed_rounds(args.rounds, args.model)
+    with keep_printed() as printed:
+        process_costs()
+        deployed_rounds(args.rounds, args.model)
+    write_printed(args.doc, "Per-message overhead on Flower's deployment engine", printed.getvalue())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
         --set controller.sucb_depth=2 --set 'controller.sucb_snap="grid"' \
         --set 'fleet.groups=[{profile="jetson-tx2", count=3}, {profile="jetson-xavier-nx", count=4}, \
         {profile="jetson-agx-orin", count=1}]' \
-        --bandit-set 'controller.pool="none"'       # the README's lean SmolLM2 run: 8 devices, ~1 h on 2 cores
+        --bandit-set 'controller.pool="none"' --doc docs/results/fedspine-lean.md   # the lean SmolLM2 run: 8 devices, ~1 h on 2 cores
 
 Every row is one federation of `scenarios/fedspine-jetson-80.toml` (30 TX2, 40 Xavier NX, 10 AGX
 Orin; 8 clients per round; LoRA on q, v, up_proj; global rank = the largest arm rank) in which
@@ -41,7 +41,7 @@ round, unless `--target` is given. "sim s to target" is the simulated fleet time
 that reaches it (mean over seeds; "—" if a seed never does), and the speedups are fedit's and the
 best fixed arm's time over the row's. Final figures are means over seeds. `--window K` scores
 each round by the mean of its last K evaluations, for the final figure and the time to target
-alike: on a small held-out set one round's loss moves by up to 0.1 (README, "At the same sparsity").
+alike: on a small held-out set one round's loss moves by up to 0.1 (docs/results/fedspine-lean-deployed.md).
 
 At the same sparsity (FedSpine's comparison): the scenario's `pruning.deploy_ratios` (the TX2s
 deploy at 0.2) make every row scored on the models the fleet would deploy, each device's pruned to
@@ -49,6 +49,9 @@ its profile's ratio (`fedsim.deployment`), and the bandit's contributions on the
 reward's `deploy_weight`, 0 by default, would also credit training at a device's deploy ratio); the metric is then
 `deployed_loss` unless `--metric` says otherwise. `--set 'pruning.deploy_ratios={jetson-tx2=0}'`
 compares the unpruned models instead.
+
+The table and the command go to `--doc` (default docs/results/fedspine.md; none with
+`--tiny` unless given), whose "## Reading" section is kept.
 """
 
 from __future__ import annotations
@@ -69,12 +72,14 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.printed import keep_printed, write_printed  # noqa: E402
 from fedsim.cli import quiet_libraries  # noqa: E402
 from fedsim.rundir import RunDir, read_metrics  # noqa: E402
 from fedsim.scenario import load_scenario  # noqa: E402
 from fedsim.simulation import run_simulations  # noqa: E402
 
 SCENARIO = ROOT / "scenarios" / "fedspine-jetson-80.toml"
+DOC = ROOT / "docs" / "results" / "fedspine.md"
 SLOW_TO_FAST = ("jetson-tx2", "jetson-xavier-nx", "jetson-agx-orin")
 
 
@@ -89,7 +94,14 @@ def per_profile(ranks: list[int], ratios: list[float]) -> str:
     return "{" + ", ".join(f'"{p}" = [{r}, {q}]' for p, (r, q) in arms.items()) + "}"
 
 
-def settings(arms: str, bandits: list[str], ranks: list[int], ratios: list[float], bandit_set: list[str] | None = None, profile_arms: str | None = None) -> dict[str, list[str]]:
+def settings(
+    arms: str,
+    bandits: list[str],
+    ranks: list[int],
+    ratios: list[float],
+    bandit_set: list[str] | None = None,
+    profile_arms: str | None = None,
+) -> dict[str, list[str]]:
     """Row label → scenario overrides (`bandit_set`: more, for the bandit rows only; `profile_arms`:
     the per-profile row's arms as a TOML table, instead of `per_profile`'s)."""
     grid = [(r, p) for r in ranks for p in ratios]
@@ -97,13 +109,26 @@ def settings(arms: str, bandits: list[str], ranks: list[int], ratios: list[float
         grid = [(ranks[0], ratios[0]), (ranks[0], ratios[-1]), (ranks[-1], ratios[0]), (ranks[-1], ratios[-1])]
     space = [f"controller.ranks={ranks}", f"controller.ratios={ratios}", f"lora.rank={max(ranks)}"]
     rows = {f"bandit ({b})": [*space, f'controller.name="{b}"', *(bandit_set or [])] for b in bandits}
-    rows |= {f"fixed {r}/{p:g}": [*space, 'controller.name="fixed"', f"controller.fixed_arm=[{r}, {p}]"] for r, p in grid}
-    rows["per-profile"] = [*space, 'controller.name="fixed"', f"controller.profile_arms={profile_arms or per_profile(ranks, ratios)}"]
-    rows["fedit"] = ["lora.rank=8", "controller.ranks=[8]", "controller.ratios=[0.0]", 'controller.name="fixed"']  # = no controller
+    rows |= {
+        f"fixed {r}/{p:g}": [*space, 'controller.name="fixed"', f"controller.fixed_arm=[{r}, {p}]"] for r, p in grid
+    }
+    rows["per-profile"] = [
+        *space,
+        'controller.name="fixed"',
+        f"controller.profile_arms={profile_arms or per_profile(ranks, ratios)}",
+    ]
+    rows["fedit"] = [
+        "lora.rank=8",
+        "controller.ranks=[8]",
+        "controller.ratios=[0.0]",
+        'controller.name="fixed"',
+    ]  # = no controller
     return rows
 
 
-def run_seed(seed: int, rows: dict[str, list[str]], extra: list[str], keep: Path | None = None, run: list[str] | None = None) -> dict[str, object]:
+def run_seed(
+    seed: int, rows: dict[str, list[str]], extra: list[str], keep: Path | None = None, run: list[str] | None = None
+) -> dict[str, object]:
     """Every row's metrics for one seed; the rows not already finished in `keep` (and, with `run`,
     matching one of its patterns) run in one Flower simulation. A row neither finished nor run is
     left out."""
@@ -189,38 +214,98 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, help="override the scenario's rounds")
     parser.add_argument("--arms", choices=("all", "corners"), default="all")
-    parser.add_argument("--bandits", nargs="*", default=["sucb"], help="controllers to compare (the first is the headline; none: the baselines only)")
-    parser.add_argument("--metric", choices=("loss", "accuracy", "deployed_loss", "deployed_accuracy"), help="deployed_*: of the fleet's deployed models (`pruning.deploy_ratios`); default: deployed_loss when the scenario has deploy ratios, else loss")
+    parser.add_argument(
+        "--bandits",
+        nargs="*",
+        default=["sucb"],
+        help="controllers to compare (the first is the headline; none: the baselines only)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=("loss", "accuracy", "deployed_loss", "deployed_accuracy"),
+        help="deployed_*: of the fleet's deployed models (`pruning.deploy_ratios`); default: deployed_loss when the scenario has deploy ratios, else loss",
+    )
     parser.add_argument("--target", type=float, help="default: fedit's final value")
-    parser.add_argument("--window", type=int, default=1, metavar="K", help="score each round by the mean of its last K central evaluations (final: the last K rounds' mean): one round's evaluation swings with a small held-out set")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        metavar="K",
+        help="score each round by the mean of its last K central evaluations (final: the last K rounds' mean): one round's evaluation swings with a small held-out set",
+    )
     parser.add_argument("--ranks", type=int, nargs="+", help="the arm grid's ranks (default: the scenario's)")
     parser.add_argument("--ratios", type=float, nargs="+", help="the arm grid's ratios (default: the scenario's)")
-    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the rows' runs in DIR and reuse the finished ones")
-    parser.add_argument("--rows", nargs="+", metavar="PATTERN", help="with --keep: run only these rows (shell patterns of labels)")
-    parser.add_argument("--bandit-set", action="append", default=[], metavar="KEY=VALUE", help="scenario overrides for the bandit rows only (repeatable): tune the bandit, keep the baselines")
-    parser.add_argument("--profile-arms", metavar="TOML", help='the per-profile row\'s arms, e.g. \'{"jetson-tx2" = [4, 0.2]}\' (default: slower profiles smaller and more pruned)')
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more scenario overrides (repeatable)")
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="keep the rows' runs in DIR and reuse the finished ones"
+    )
+    parser.add_argument(
+        "--rows", nargs="+", metavar="PATTERN", help="with --keep: run only these rows (shell patterns of labels)"
+    )
+    parser.add_argument(
+        "--bandit-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="scenario overrides for the bandit rows only (repeatable): tune the bandit, keep the baselines",
+    )
+    parser.add_argument(
+        "--profile-arms",
+        metavar="TOML",
+        help="the per-profile row's arms, e.g. '{\"jetson-tx2\" = [4, 0.2]}' (default: slower profiles smaller and more pruned)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="more scenario overrides (repeatable)"
+    )
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        metavar="PATH",
+        help=f"write the table and this command to PATH, keeping its '## Reading' (default {DOC.relative_to(ROOT)}; with --tiny, none)",
+    )
     args = parser.parse_args()
     quiet_libraries()
-    extra = (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else []) + args.set
+    extra = (
+        (["model.name=tiny-llama"] if args.tiny else []) + ([f"rounds={args.rounds}"] if args.rounds else []) + args.set
+    )
     base = load_scenario(SCENARIO, extra)
     grid = base.controller
     assert grid is not None  # the scenario has a [controller]
     args.metric = args.metric or ("deployed_loss" if any(base.pruning.deploy_ratios.values()) else "loss")
-    rows = settings(args.arms, args.bandits, args.ranks or list(grid.ranks), args.ratios or list(grid.ratios), args.bandit_set, args.profile_arms)
+    rows = settings(
+        args.arms,
+        args.bandits,
+        args.ranks or list(grid.ranks),
+        args.ratios or list(grid.ratios),
+        args.bandit_set,
+        args.profile_arms,
+    )
     if args.rows and not args.keep:
         parser.error("--rows needs --keep DIR: the other rows come from there")
     if args.window < 1:
         parser.error(f"--window must be >= 1, got {args.window}")
     lock = _lock(args.keep) if args.keep else None  # noqa: F841 (held until the process ends)
     per_seed = [run_seed(s, rows, extra, args.keep, args.rows) for s in args.seeds]
+    with keep_printed() as printed:
+        report(args, rows, per_seed)
+    doc = args.doc or (None if args.tiny else DOC)
+    if doc is not None:
+        write_printed(doc, "FedSpine's experiment: the bandit against fixed arms", printed.getvalue())
+
+
+def report(args: argparse.Namespace, rows: dict[str, list[str]], per_seed: list[dict[str, object]]) -> None:
+    """Print the table: every finished row's final figures and time to target, best and worst fixed arm marked."""
     if missing := [label for label in rows if any(label not in m for m in per_seed)]:
-        print(f"finished so far; not yet in {args.keep}: {', '.join(missing)} (best and worst below: of the finished rows)")
+        print(
+            f"finished so far; not yet in {args.keep}: {', '.join(missing)} (best and worst below: of the finished rows)"
+        )
         rows = {label: v for label, v in rows.items() if label not in missing}
         if "fedit" not in rows or not any(label.startswith("fixed") for label in rows):
             return
     deployed = args.metric.startswith("deployed")
-    final = {label: np.mean([[central(m[label], deployed, args.window)[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0) for label in rows}
+    final = {
+        label: np.mean([[central(m[label], deployed, args.window)[i][-1] for i in (0, 1, 2)] for m in per_seed], axis=0)
+        for label in rows
+    }
     column = 1 if args.metric.endswith("loss") else 2
     target = args.target if args.target is not None else float(final["fedit"][column])
     reach = {label: np.mean([time_to(m[label], args.metric, target, args.window) for m in per_seed]) for label in rows}
@@ -228,15 +313,23 @@ def main() -> None:
     sign = 1 if args.metric.endswith("loss") else -1
     better = (lambda a, b: a < b) if sign > 0 else (lambda a, b: a > b)
     best = min(fixed, key=lambda label: (math.isnan(reach[label]), reach[label], final[label][column] * sign))
-    worst = max(fixed, key=lambda label: (math.isnan(reach[label]), np.nan_to_num(reach[label]), final[label][column] * sign))
-    print(f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} {'<=' if sign > 0 else '>='} {target:.4f} (fedit's final unless --target){f'; each round the mean of its last {args.window}' if args.window > 1 else ''}")
+    worst = max(
+        fixed, key=lambda label: (math.isnan(reach[label]), np.nan_to_num(reach[label]), final[label][column] * sign)
+    )
+    print(
+        f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} {'<=' if sign > 0 else '>='} {target:.4f} (fedit's final unless --target){f'; each round the mean of its last {args.window}' if args.window > 1 else ''}"
+    )
     head = "deployed " if deployed else "final "
-    print(f"{'row':<22} {head + 'loss':>13} {head + 'acc':>12} {'sim s (run)':>11} {'sim s to target':>15} {'x fedit':>7} {'x best fixed':>12}")
+    print(
+        f"{'row':<22} {head + 'loss':>13} {head + 'acc':>12} {'sim s (run)':>11} {'sim s to target':>15} {'x fedit':>7} {'x best fixed':>12}"
+    )
     for label in rows:
         s, loss, acc = final[label]
         note = " (best fixed)" if label == best else " (worst fixed)" if label == worst else ""
         t = reach[label]
-        print(f"{label + note:<22} {loss:>13.4f} {acc:>12.3f} {s:>11.4g} {'—' if math.isnan(t) else f'{t:.4g}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}")
+        print(
+            f"{label + note:<22} {loss:>13.4f} {acc:>12.3f} {s:>11.4g} {'—' if math.isnan(t) else f'{t:.4g}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}"
+        )
     for label in fixed:
         if share := np.mean([off_arm(m[label], label) for m in per_seed]):
             print(f"  {label}: {share:.0%} of its client-rounds at a nearer arm that fits the device's memory")
@@ -244,7 +337,9 @@ def main() -> None:
     if headline not in rows:
         return
     verdict = better(final[headline][column], final[best][column])
-    print(f"\n{headline} vs best fixed arm{' finished' if missing else ''} ({best}): final {args.metric} {'better' if verdict else 'not better'}")
+    print(
+        f"\n{headline} vs best fixed arm{' finished' if missing else ''} ({best}): final {args.metric} {'better' if verdict else 'not better'}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,13 +55,25 @@ def plain_round_times(scenario: Scenario) -> list[float]:
     times = []
     for server_round in range(1, scenario.rounds + 1):
         start = time.perf_counter()
-        chosen = sample_clients(list(range(scenario.clients.num_clients)), scenario.clients.per_round, scenario.seed, server_round, "train")
+        chosen = sample_clients(
+            list(range(scenario.clients.num_clients)), scenario.clients.per_round, scenario.seed, server_round, "train"
+        )
         updates, weights = [], []
         for cid in chosen:
             set_state(model, state)
             data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
-            train_lora(model, tokenizer, list(data.train), steps=t.local_steps, batch_size=t.batch_size, max_len=t.max_seq_len,
-                       lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=derive_seed(scenario.seed, server_round, cid, "train"))
+            train_lora(
+                model,
+                tokenizer,
+                list(data.train),
+                steps=t.local_steps,
+                batch_size=t.batch_size,
+                max_len=t.max_seq_len,
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                grad_clip=t.grad_clip,
+                seed=derive_seed(scenario.seed, server_round, cid, "train"),
+            )
             updates.append(get_state(model))
             weights.append(len(data.train))
         total = sum(weights)
@@ -76,12 +88,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     quiet_libraries()
-    scenario = load_scenario(args.scenario, [f"rounds={args.rounds}", "clients.eval_per_round=0", "eval.central_examples=1", "name=overhead"])
+    scenario = load_scenario(
+        args.scenario, [f"rounds={args.rounds}", "clients.eval_per_round=0", "eval.central_examples=1", "name=overhead"]
+    )
     fed = fedsim_round_times(scenario)
     plain = plain_round_times(scenario)
     steady_fed, steady_plain = statistics.mean(fed[1:]), statistics.mean(plain[1:])
-    print(f"scenario {Path(args.scenario).name}: model {scenario.model.name}, {scenario.clients.per_round} clients/round, "
-          f"{scenario.train.local_steps} local steps, batch {scenario.train.batch_size}, {torch.get_num_threads()} cores")
+    print(
+        f"scenario {Path(args.scenario).name}: model {scenario.model.name}, {scenario.clients.per_round} clients/round, "
+        f"{scenario.train.local_steps} local steps, batch {scenario.train.batch_size}, {torch.get_num_threads()} cores"
+    )
     print(f"round 1 (incl. model load in actors): fedsim {fed[0]:.2f}s   plain {plain[0]:.2f}s")
     print(f"rounds 2..{args.rounds} mean:                fedsim {steady_fed:.2f}s   plain {steady_plain:.2f}s")
     print(f"overhead ratio (fedsim / plain loop): {steady_fed / steady_plain:.2f}")

@@ -1,7 +1,7 @@
 """Pooling a profile's evidence: cumulative regret of the pooled controllers on synthetic fleets.
 
     .venv/bin/python bench/pooling.py                          # ucb1 and sucb, ~3 min
-    .venv/bin/python bench/pooling.py --names thompson discounted_ucb sliding_window_ucb
+    .venv/bin/python bench/pooling.py --names thompson discounted_ucb sliding_window_ucb --doc /tmp/pooling.md
 
 No federation: each device has known means per arm (one best at 0.9, the others uniform in
 [0.1, 0.7], Gaussian rewards σ = 0.1, as the controller tests' problems), a round samples some
@@ -15,8 +15,10 @@ per profile (C = ∞, approximated by 1e9). Means over `--seeds`. The fleets:
 - own best: every device has its own means, so pooling can only bias it;
 - Jetson shapes: profiles of 30 / 40 / 10 like `scenarios/fedspine-jetson-80.toml` (the 2 × 2 grid,
   c = 0.2 and round-normalised rewards of that scenario in the short rows), and the lean
-  8-Jetson fleet (3 / 4 / 1) of the README, every device every round.
+  8-Jetson fleet (3 / 4 / 1) of docs/results/fedspine-lean.md, every device every round.
 The figures `fedsim/controllers/config.py` quotes for `pool_pulls` = 10 come from this script.
+The table and the command go to `--doc` (default docs/results/pooling.md), whose "## Reading"
+section is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.printed import keep_printed, write_printed  # noqa: E402
 from fedsim.controllers import ControllerConfig, build_controller  # noqa: E402
 
 NOISE, BEST = 0.1, 0.9
@@ -47,7 +50,17 @@ FLEETS = {
 }
 
 
-def regret(name: str, seed: int, sizes: tuple[int, ...], sampled: int, rounds: int, jitter: float = 0.03, own: bool = False, round_max: bool = False, **config) -> float:
+def regret(
+    name: str,
+    seed: int,
+    sizes: tuple[int, ...],
+    sampled: int,
+    rounds: int,
+    jitter: float = 0.03,
+    own: bool = False,
+    round_max: bool = False,
+    **config,
+) -> float:
     """Cumulative regret of one seeded run (devices of profile g: the g-th run of `sizes`)."""
     groups = np.repeat(np.arange(len(sizes)), sizes)
     devices = len(groups)
@@ -71,15 +84,30 @@ def regret(name: str, seed: int, sizes: tuple[int, ...], sampled: int, rounds: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--names", nargs="+", default=["ucb1", "sucb"], help="pooled controllers to measure")
-    parser.add_argument("--pulls", type=float, nargs="+", default=[5, 10, 20, 50, 1e9], help="pool_pulls values (columns)")
+    parser.add_argument(
+        "--pulls", type=float, nargs="+", default=[5, 10, 20, 50, 1e9], help="pool_pulls values (columns)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=ROOT / "docs" / "results" / "pooling.md",
+        help="where the table and the command are written",
+    )
     args = parser.parse_args()
-    columns = {"alone": dict(pool="none")} | {f"C={c:g}" if c < 1e9 else "C=inf": dict(pool="profile", pool_pulls=c) for c in args.pulls}
-    print(f"{'controller':<18} {'fleet':<31} " + " ".join(f"{c:>8}" for c in columns))
-    for name in args.names:
-        for label, fleet in FLEETS.items():
-            cells = [np.mean([regret(name, seed, **fleet, **pool) for seed in args.seeds]) for pool in columns.values()]
-            print(f"{name:<18} {label:<31} " + " ".join(f"{v:8.1f}" for v in cells), flush=True)
+    columns = {"alone": dict(pool="none")} | {
+        f"C={c:g}" if c < 1e9 else "C=inf": dict(pool="profile", pool_pulls=c) for c in args.pulls
+    }
+    with keep_printed() as printed:
+        print(f"cumulative regret, mean over seeds {args.seeds}")
+        print(f"{'controller':<18} {'fleet':<31} " + " ".join(f"{c:>8}" for c in columns))
+        for name in args.names:
+            for label, fleet in FLEETS.items():
+                cells = [
+                    np.mean([regret(name, seed, **fleet, **pool) for seed in args.seeds]) for pool in columns.values()
+                ]
+                print(f"{name:<18} {label:<31} " + " ".join(f"{v:8.1f}" for v in cells), flush=True)
+    write_printed(args.doc, "Pooling a profile's evidence: regret on synthetic fleets", printed.getvalue())
 
 
 if __name__ == "__main__":

@@ -93,8 +93,10 @@ def main() -> None:
     base = results[sizes[0]]
     print(f"{'clients':>8} {'startup s':>10} {'s/round':>8} {'peak GiB':>9} {'round ratio':>12} {'memory ratio':>13}")
     for n, r in results.items():
-        print(f"{n:>8} {r['startup_s']:>10.1f} {r['round_s']:>8.2f} {r['peak_gib']:>9.2f} "
-              f"{r['round_s'] / base['round_s']:>12.2f} {r['peak_gib'] / base['peak_gib']:>13.2f}")
+        print(
+            f"{n:>8} {r['startup_s']:>10.1f} {r['round_s']:>8.2f} {r['peak_gib']:>9.2f} "
+            f"{r['round_s'] / base['round_s']:>12.2f} {r['peak_gib'] / base['peak_gib']:>13.2f}"
+        )
 
 
 if __name__ == "__main__":
