@@ -28,6 +28,8 @@ across rounds: a Ray actor lives for the whole simulation, so only its first mes
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -36,6 +38,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from clients.prune_and_tune import PruneAndTune, PruneOrder
+from clients.records import scalar
 from fedsim.adapter import (
     AdapterState,
     active_pairs,
@@ -49,7 +52,7 @@ from fedsim.adapter import (
 )
 from fedsim.compression import compress, encode, residual
 from fedsim.costs import ModelShape, train_step_flops
-from fedsim.data import client_data
+from fedsim.data import ClientData, client_data
 from fedsim.downlink import apply_down
 from fedsim.models import load_model
 from fedsim.pruning.slicing import slice_adapter
@@ -82,7 +85,11 @@ def _model(model: ModelConfig, lora_json: str, device: str) -> tuple[PeftModel, 
     values never matter: every message loads the adapter it carries (or this node's own B)."""
     base, tokenizer = load_model(model.name, dtype=model.dtype)
     shape = ModelShape.from_model(base)
-    return attach_lora(base, LoraConfig.model_validate_json(lora_json), seed=0).to(resolve_device(device)), tokenizer, shape
+    return (
+        attach_lora(base, LoraConfig.model_validate_json(lora_json), seed=0).to(resolve_device(device)),
+        tokenizer,
+        shape,
+    )
 
 
 def _fresh_state_per_run(context: Context, scenario: Scenario) -> None:
@@ -117,21 +124,27 @@ def _layers(model: ModelConfig, lora_json: str, device: str) -> list[LayerGeomet
     return geometry(_model(model, lora_json, device)[0])
 
 
-def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
-    scenario = _scenario(str(msg.content["config"]["scenario"]))
-    config = msg.content["config"]
+def _setup(
+    msg: Message, context: Context
+) -> tuple[Scenario, int, PeftModel, PreTrainedTokenizerBase, ModelShape, ClientData, AdapterState, PruneOrder | None]:
+    config = msg.content.config_records["config"]
+    scenario = _scenario(str(config["scenario"]))
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario)
     _fresh_state_per_run(context, scenario)
     key = (scenario.model, scenario.lora.model_dump_json(), scenario.train.device)
     model, tokenizer, shape = _model(*key)
-    use_rank(model, scenario.lora, int(config.get("lora-rank", scenario.lora.rank)))
+    use_rank(model, scenario.lora, int(scalar(config, "lora-rank", scenario.lora.rank)))
     set_trainable(model, freeze=str(config.get("lora-freeze", "")))
     order = PruneOrder.from_config(config, _layers(*key)) if scenario.prunes else None
     if order is not None:  # this client's own model; the cached one stays whole for the next client
         model = pruned_copy(model, order.keep)
     received = _received_adapter(msg, context)
-    full = {**received, **_personal_b(model, context, order.keep if order else None)} if config.get("lora-personal-b", False) else received
+    full = (
+        {**received, **_personal_b(model, context, order.keep if order else None)}
+        if config.get("lora-personal-b", False)
+        else received
+    )
     set_state(model, full)
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
     return scenario, cid, model, tokenizer, shape, data, received, order
@@ -156,13 +169,13 @@ def _received_adapter(msg: Message, context: Context) -> AdapterState:
     """The adapter to start from: sent whole ('arrays'), or through the compressed downlink
     ('down'), applied to the copy this node keeps in its context."""
     if "down" not in msg.content.config_records:
-        return from_record(msg.content["arrays"])
-    down = msg.content["down"]
+        return from_record(msg.content.array_records["arrays"])
+    down = msg.content.config_records["down"]
     held = context.state.array_records.get(COPY_KEY)
-    version = int(context.state[COPY_KEY + "-version"]["version"]) if held is not None else -1
+    version = int(scalar(context.state.config_records[COPY_KEY + "-version"], "version")) if held is not None else -1
     state = apply_down(down, held.to_torch_state_dict() if held is not None else None, version)
     context.state[COPY_KEY] = ArrayRecord(state)
-    context.state[COPY_KEY + "-version"] = ConfigRecord({"version": int(down["version"])})
+    context.state[COPY_KEY + "-version"] = ConfigRecord({"version": int(scalar(down, "version"))})
     return state
 
 
@@ -176,15 +189,26 @@ def identify(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     scenario, cid, model, tokenizer, shape, data, received, order = _setup(msg, context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
+    config = msg.content.config_records["config"]
+    server_round = int(scalar(config, "server-round"))
     t, lora = scenario.train, scenario.lora
-    rank = int(config.get("lora-rank", lora.rank))
+    rank = int(scalar(config, "lora-rank", lora.rank))
     pruner = None
     if order is not None:
         layers = _layers(scenario.model, lora.model_dump_json(), t.device)
-        pruner = PruneAndTune.for_round(model, layers, order, scenario.pruning, t.local_steps, (t.batch_size, t.max_seq_len, rank, lora.target_modules))
-    step_flops = pruner.step_flops if pruner is not None else lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules)
+        pruner = PruneAndTune.for_round(
+            model,
+            layers,
+            order,
+            scenario.pruning,
+            t.local_steps,
+            (t.batch_size, t.max_seq_len, rank, lora.target_modules),
+        )
+    step_flops = (
+        pruner.step_flops
+        if pruner is not None
+        else lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules)
+    )
     result = train_lora(
         model,
         tokenizer,
@@ -197,7 +221,7 @@ def train(msg: Message, context: Context) -> Message:
         grad_clip=t.grad_clip,
         seed=derive_seed(scenario.seed, server_round, cid, "train"),
         step_flops=step_flops,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),  # set by Flower's FedProx
+        proximal_mu=float(scalar(config, "proximal-mu", 0.0)),  # set by Flower's FedProx
         regulariser=_rank_penalty(model, rank, config),
         hooks=pruner,
     )
@@ -210,20 +234,24 @@ def train(msg: Message, context: Context) -> Message:
             "loss-after": result.loss_after,
             "tokens": result.tokens,
             "flops": result.flops + (pruner.flops if pruner is not None else 0.0),
-            "prune-ratio": pruner.ratio() if pruner is not None else 0.0,  # every reply has the same keys (Flower's metric averaging needs them)
+            "prune-ratio": pruner.ratio()
+            if pruner is not None
+            else 0.0,  # every reply has the same keys (Flower's metric averaging needs them)
             "wall-time-s": result.wall_time_s,
         }
     )
     local = get_state(model)
     if config.get("lora-personal-b", False):
         context.state[PERSONAL_KEY] = ArrayRecord(factors(local, "B"))
-        context.state[PERSONAL_KEY + "-keep"] = ConfigRecord({"keep": pruner.keep.to_json() if pruner is not None else ""})
+        context.state[PERSONAL_KEY + "-keep"] = ConfigRecord(
+            {"keep": pruner.keep.to_json() if pruner is not None else ""}
+        )
     content = RecordDict({"metrics": metrics})
     if pruner is not None and order is not None:  # the update covers the keep the client ended with
         received = slice_adapter(received, pruner.keep.within(order.keep))
         content[PRUNE_RECORD] = ConfigRecord({"keep": pruner.keep.to_json()})
     if config.get(SELF_PRUNE, False):  # and the rank it kept
-        kept = _self_pruned_rank(local, received, rank, float(config[PENALTY_GAMMA]))
+        kept = _self_pruned_rank(local, received, rank, float(scalar(config, PENALTY_GAMMA)))
         local, received = (drop_tail(local, kept), drop_tail(received, kept)) if kept < rank else (local, received)
         content[RANK_RECORD] = ConfigRecord({KEPT: kept})
     shared = factors(local, str(config.get("lora-uploads", "AB")))
@@ -231,21 +259,33 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _rank_penalty(model: PeftModel, rank: int, config: ConfigRecord):  # type: ignore[no-untyped-def]
+def _rank_penalty(model: PeftModel, rank: int, config: ConfigRecord) -> Callable[[], torch.Tensor] | None:
     """HetLoRA's rank self-pruning penalty over every LoRA layer, if the strategy asks for it."""
-    lam = float(config.get(PENALTY_LAMBDA, 0.0))
+    lam = float(scalar(config, PENALTY_LAMBDA, 0.0))
     if lam <= 0:
         return None
-    gamma = float(config[PENALTY_GAMMA])
-    # the pairs are looked up at every step: a prune event replaces the factors' modules
-    return lambda: sum(hetlora_rank_penalty(B.weight, A.weight, rank, gamma, lam) for A, B in active_pairs(model))
+    gamma = float(scalar(config, PENALTY_GAMMA))
+
+    def penalty() -> torch.Tensor:
+        # the pairs are looked up at every step: a prune event replaces the factors' modules.
+        # Casts: nn.Module.__getattr__ is typed Tensor | Module (lora_A / lora_B are nn.Linear), and
+        # sum's start 0 is only returned for a model without LoRA layers
+        terms = (
+            hetlora_rank_penalty(cast(torch.Tensor, B.weight), cast(torch.Tensor, A.weight), rank, gamma, lam)
+            for A, B in active_pairs(model)
+        )
+        return cast(torch.Tensor, sum(terms))
+
+    return penalty
 
 
 def _self_pruned_rank(local: AdapterState, received: AdapterState, rank: int, gamma: float) -> int:
     """HetLoRA's self-pruning test over every LoRA layer (`strategies.hetlora.self_pruned_rank`):
     the rank this client keeps, `rank` when its tail norm did not fall below the received one's."""
     keys = layer_pairs(local).values()
-    return self_pruned_rank([(received[a], received[b]) for a, b in keys], [(local[a], local[b]) for a, b in keys], rank, gamma)
+    return self_pruned_rank(
+        [(received[a], received[b]) for a, b in keys], [(local[a], local[b]) for a, b in keys], rank, gamma
+    )
 
 
 def encode_update(local: AdapterState, received: AdapterState, c: CompressionConfig, context: Context) -> bytes:
@@ -272,7 +312,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not rows:
         raise ValueError(f"client {cid} has no test examples (data.test_fraction = {scenario.data.test_fraction})")
     result = evaluate_model(
-        model, tokenizer, rows, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=scenario.train.max_seq_len
+        model,
+        tokenizer,
+        rows,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        max_len=scenario.train.max_seq_len,
     )
     metrics = MetricRecord(
         {

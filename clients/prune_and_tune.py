@@ -32,7 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from flwr.app import ConfigRecord
 
+from clients.records import scalar
 from fedsim.costs import ModelShape, train_step_flops
 from fedsim.pruning.importance import ImportanceEMA, importance_scores, lora_grad_scores
 from fedsim.pruning.schedule import events_in
@@ -51,13 +53,13 @@ class PruneOrder:
     steps: int  # local steps this client trained in the run so far
 
     @classmethod
-    def from_config(cls, config, layers: list[LayerGeometry]) -> PruneOrder | None:  # type: ignore[no-untyped-def]
+    def from_config(cls, config: ConfigRecord, layers: list[LayerGeometry]) -> PruneOrder | None:
         """The order in a message's config; None when this client is not pruned."""
-        text, target = str(config.get("prune-keep", "")), float(config.get("prune-target", 0.0))
+        text, target = str(config.get("prune-keep", "")), float(scalar(config, "prune-target", 0.0))
         if not text and target == 0:
             return None
         keep = Keep.from_json(text) if text else Keep.everything(layers)
-        return cls(keep, target, int(config.get("prune-steps", 0)))
+        return cls(keep, target, int(scalar(config, "prune-steps", 0)))
 
 
 @dataclass
@@ -78,9 +80,21 @@ class PruneAndTune:
         self.shape = ModelShape.from_model(self.model)
 
     @classmethod
-    def for_round(cls, model: torch.nn.Module, layers: list[LayerGeometry], order: PruneOrder, config: PruningConfig, steps: int, step_cost: tuple[int, int, int, tuple[str, ...]]) -> PruneAndTune:
+    def for_round(
+        cls,
+        model: torch.nn.Module,
+        layers: list[LayerGeometry],
+        order: PruneOrder,
+        config: PruningConfig,
+        steps: int,
+        step_cost: tuple[int, int, int, tuple[str, ...]],
+    ) -> PruneAndTune:
         """This round's events (none when the server prunes: `pruning.where = "server"`)."""
-        planned = events_in(order.steps, steps, order.target, config.interval_steps, config.events) if config.where == "client" else []
+        planned = (
+            events_in(order.steps, steps, order.target, config.interval_steps, config.events)
+            if config.where == "client"
+            else []
+        )
         return cls(model, layers, order.keep, config, dict(planned), step_cost)
 
     def step_flops(self, batch: int, seq_len: int) -> float:
@@ -115,7 +129,9 @@ class PruneAndTune:
         if name != "magnitude":  # a forward and backward pass on the coming batch
             self.flops += self.step_flops(*batch["input_ids"].shape)
         device = next(self.model.parameters()).device
-        scores = importance_scores(self.model, name, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        scores = importance_scores(
+            self.model, name, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        )
         return scores.scatter(self.keep, fill=0.0)
 
     def ratio(self) -> float:

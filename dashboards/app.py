@@ -101,7 +101,12 @@ def run_response(root: Path, name: str, query: Query) -> Response:
     plots = available_plots(run.table) if run.table is not None else []
     seconds, toggle = _refresh(query)
     page = pages.run_page(
-        run, plots, last_round_clients(run), read_events(run), refresh_s=seconds, toggle_url=pages.run_url(name) + toggle
+        run,
+        plots,
+        last_round_clients(run),
+        read_events(run),
+        refresh_s=seconds,
+        toggle_url=pages.run_url(name) + toggle,
     )
     return _html(page)
 
@@ -233,9 +238,17 @@ def run_forever(server: DashboardServer) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsim dashboard", description="Web dashboard over fedsim run directories.")
-    parser.add_argument("runs_root", metavar="RUNS_ROOT", type=Path, nargs="?", default=Path("runs"),
-                        help="folder holding run directories (default: runs)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument(
+        "runs_root",
+        metavar="RUNS_ROOT",
+        type=Path,
+        nargs="?",
+        default=Path("runs"),
+        help="folder holding run directories (default: runs)",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8050, help="port to listen on; 0 picks a free one (default: 8050)")
     return parser
 
@@ -245,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = serve(args.runs_root, args.host, args.port)
     except OSError as exc:
-        print(f"fedsim dashboard: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
-              f"choose another with --port PORT (0: any free port)", file=sys.stderr)
+        print(
+            f"fedsim dashboard: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
+            f"choose another with --port PORT (0: any free port)",
+            file=sys.stderr,
+        )
         return 1
     print(f"fedsim dashboard: {server.url}  (runs under {args.runs_root.resolve()}; Ctrl-C stops it)", flush=True)
     if args.host not in {"127.0.0.1", "localhost", "::1"}:

@@ -89,7 +89,12 @@ def _index_row(run: Run) -> str:
         _e(s["strategy"]),
     ]
     numbers = [rounds, fmt(s["final_accuracy"]), fmt(s["best_accuracy"]), fmt(s["wall_time_s"]), updated]
-    return "<tr>" + "".join(f'<td class="text">{c}</td>' for c in cells) + "".join(f"<td>{n}</td>" for n in numbers) + "</tr>"
+    return (
+        "<tr>"
+        + "".join(f'<td class="text">{c}</td>' for c in cells)
+        + "".join(f"<td>{n}</td>" for n in numbers)
+        + "</tr>"
+    )
 
 
 def index_page(runs: Sequence[Run], root: Path, *, refresh_s: int = REFRESH_S, toggle_url: str | None = None) -> str:
@@ -186,7 +191,7 @@ def compare_page(
     )
     body = (
         f'<img src="{_e(plot_url)}" alt="central accuracy vs round, one line per run">\n'
-        f'<h2>Final metrics</h2>\n<table><tr><th></th>{header}</tr>\n{rows}</table>'
+        f"<h2>Final metrics</h2>\n<table><tr><th></th>{header}</tr>\n{rows}</table>"
     )
     return layout(f"compare {len(runs)} runs", body, refresh_s=refresh_s, toggle_url=toggle_url)
 

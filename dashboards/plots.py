@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from matplotlib.typing import ColorType
 
 SIZE_PX = (640, 360)  # (width, height) of every plot, at 100 dpi
 _DPI = 100
@@ -89,7 +90,7 @@ def sim_time_accuracy_png(table: pd.DataFrame, *, size_px: tuple[int, int] = SIZ
     return _png(fig, ax)
 
 
-def _band(ax: Axes, x: pd.Series, table: pd.DataFrame, column: str, color: str) -> None:
+def _band(ax: Axes, x: pd.Series, table: pd.DataFrame, column: str, color: ColorType) -> None:
     """Shade [`column`_lo, `column`_hi] around a line where the table has them (`fedsim compare`:
     the 95 % interval over seeds)."""
     lo, hi = f"{column}_lo", f"{column}_hi"

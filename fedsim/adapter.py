@@ -40,7 +40,7 @@ def split_state(state: AdapterState) -> tuple[AdapterState, AdapterState]:
 def peft_config(lora: LoraConfig) -> peft.LoraConfig:
     return peft.LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT types it int but only divides by it (scaling = alpha / r)
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
@@ -87,10 +87,11 @@ def factors(state: AdapterState, which: str) -> AdapterState:
 def active_pairs(model: peft.PeftModel) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
     """(lora_A, lora_B) modules of the active adapter, one pair per adapted layer."""
     name = model.active_adapter
+    dicts = [(getattr(m, "lora_A", None), getattr(m, "lora_B", None)) for m in model.modules()]
     return [
-        (m.lora_A[name], m.lora_B[name])
-        for m in model.modules()
-        if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and name in m.lora_A
+        (A[name], B[name])
+        for A, B in dicts
+        if isinstance(A, torch.nn.ModuleDict) and isinstance(B, torch.nn.ModuleDict) and name in A
     ]
 
 
@@ -137,11 +138,17 @@ def apply_base_delta(model: peft.PeftModel, deltas: AdapterState) -> None:
             layer = model.get_submodule(prefix).base_layer
         except AttributeError:
             raise ValueError(f"base delta for `{prefix}`, which is not a LoRA-adapted layer of this model") from None
+        if not isinstance(layer, torch.nn.Linear):
+            raise ValueError(
+                f"base delta for `{prefix}`, whose base layer is a {type(layer).__name__}, not an nn.Linear"
+            )
         if prefix not in originals:
             originals[prefix] = layer.weight.detach().clone()
         original, delta = originals[prefix], deltas.get(prefix)
         if delta is not None and tuple(delta.shape) != tuple(original.shape):
-            raise ValueError(f"base delta for `{prefix}` has shape {tuple(delta.shape)}, the weight {tuple(original.shape)}")
+            raise ValueError(
+                f"base delta for `{prefix}` has shape {tuple(delta.shape)}, the weight {tuple(original.shape)}"
+            )
         if delta is None:
             _set_weight(layer, original)
         else:
@@ -175,7 +182,10 @@ def _in_float32(layer: torch.nn.Linear, on: bool) -> None:
     def cast_out(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         return output.to(dtypes.pop())
 
-    layer.__dict__["_fedsim_float32_hooks"] = (layer.register_forward_pre_hook(cast_in), layer.register_forward_hook(cast_out))
+    layer.__dict__["_fedsim_float32_hooks"] = (
+        layer.register_forward_pre_hook(cast_in),
+        layer.register_forward_hook(cast_out),
+    )
 
 
 def to_record(state: AdapterState) -> ArrayRecord:
@@ -193,7 +203,7 @@ def save_adapter(model: peft.PeftModel, state: AdapterState, path: Path) -> None
 
     set_state(model, state)
     tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
+    model.save_pretrained(str(tmp))
     deltas = split_state(state)[1]
     if deltas:
         save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp / BASE_DELTA_FILE))

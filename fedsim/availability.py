@@ -55,17 +55,34 @@ class AlwaysOn(_Spec):
 
 class Bernoulli(_Spec):
     kind: Literal["bernoulli"] = Field("bernoulli", description="Online in a round with probability p.")
-    p: float = Field(..., gt=0, le=1, allow_inf_nan=False, description="Probability of being online in a round, independent per (client, round).")
+    p: float = Field(
+        ...,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Probability of being online in a round, independent per (client, round).",
+    )
 
 
 class Diurnal(_Spec):
-    kind: Literal["diurnal"] = Field("diurnal", description="On for a fraction of every period, from a per-client random phase.")
-    period_s: float = Field(86400.0, gt=0, allow_inf_nan=False, description="Length of one on/off cycle in simulated seconds (a day by default).")
-    on_fraction: float = Field(0.5, gt=0, le=1, allow_inf_nan=False, description="Share of each period the device is online.")
+    kind: Literal["diurnal"] = Field(
+        "diurnal", description="On for a fraction of every period, from a per-client random phase."
+    )
+    period_s: float = Field(
+        86400.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Length of one on/off cycle in simulated seconds (a day by default).",
+    )
+    on_fraction: float = Field(
+        0.5, gt=0, le=1, allow_inf_nan=False, description="Share of each period the device is online."
+    )
 
 
 class Trace(_Spec):
-    kind: Literal["trace"] = Field("trace", description="Online inside the client's windows from the fleet's trace file.")
+    kind: Literal["trace"] = Field(
+        "trace", description="Online inside the client's windows from the fleet's trace file."
+    )
 
 
 Availability = Annotated[AlwaysOn | Bernoulli | Diurnal | Trace, Field(discriminator="kind")]
@@ -302,7 +319,9 @@ def load_trace(path: str | Path, known_profiles: Collection[str] | None = None) 
     problems = _header_problems(header)
     if problems:
         raise TraceError(str(path), problems)
-    rows, windows, first_line = [], {}, {}
+    rows: list[dict[str, Any]] = []
+    windows: dict[int, list[tuple[float, float]]] = {}  # client id → its windows
+    first_line: dict[int, int] = {}  # client id → the line that gave it
     for line, fields in records[1:]:
         if not any(field.strip() for field in fields):
             continue
@@ -328,8 +347,12 @@ def load_trace(path: str | Path, known_profiles: Collection[str] | None = None) 
 
 def _header_problems(header: list[str]) -> list[str]:
     allowed = TRACE_COLUMNS + TRACE_FIGURES
-    problems = [f"line 1: unknown column {name!r}; allowed: {', '.join(allowed)}" for name in header if name not in allowed]
-    problems += [f"line 1: column {name!r} appears {header.count(name)} times" for name in allowed if header.count(name) > 1]
+    problems = [
+        f"line 1: unknown column {name!r}; allowed: {', '.join(allowed)}" for name in header if name not in allowed
+    ]
+    problems += [
+        f"line 1: column {name!r} appears {header.count(name)} times" for name in allowed if header.count(name) > 1
+    ]
     problems += [f"line 1: missing column {name!r}" for name in TRACE_COLUMNS if name not in header]
     return problems
 

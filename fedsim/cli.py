@@ -130,14 +130,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     root = Path(args.out) / f"{Path(args.scenario).stem}-compare"
     root.mkdir(parents=True, exist_ok=True)
     try:
-        failures = run_all(runs, root, args.scenario, lambda line: print(f"fedsim compare: {line}", flush=True), lambda jobs: run_simulations(jobs, progress=_progress))
+        failures = run_all(
+            runs,
+            root,
+            args.scenario,
+            lambda line: print(f"fedsim compare: {line}", flush=True),
+            lambda jobs: run_simulations(jobs, progress=_progress),
+        )
     except ScenarioError as exc:
         print(f"fedsim: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if failures:
-        for exc in failures:
-            print(f"fedsim compare: a run failed: {exc!r}", file=sys.stderr)
-        print(f"fedsim compare: failed runs are recorded in their run directories under {root}; run the command again to retry them", file=sys.stderr)
+        for failure in failures:
+            print(f"fedsim compare: a run failed: {failure!r}", file=sys.stderr)
+        print(
+            f"fedsim compare: failed runs are recorded in their run directories under {root}; run the command again to retry them",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     try:
         text = write_outputs(runs, root, args.target, args.baseline, ["fedsim", *args.argv])
@@ -175,10 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(ratios.to_string(float_format=lambda v: f"{v:.4f}"))
     for target in args.target or []:
         hit = time_to_accuracy(metrics, target)
-        print(
-            f"time to accuracy {target:g}: "
-            + (f"round {hit[0]}, {hit[1]:.1f}s simulated" if hit else "not reached")
-        )
+        print(f"time to accuracy {target:g}: " + (f"round {hit[0]}, {hit[1]:.1f}s simulated" if hit else "not reached"))
     return 0
 
 
@@ -296,7 +302,9 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     from fedsim.deploy import DeployError, check_supernode, flower_env, supernode_command
 
     try:
-        plan = check_supernode(args.scenario, args.set or [], args.partition, args.superlink, args.ca, args.key, args.insecure)
+        plan = check_supernode(
+            args.scenario, args.set or [], args.partition, args.superlink, args.ca, args.key, args.insecure
+        )
     except DeployError as exc:
         print(f"fedsim supernode: cannot start:\n{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -327,8 +335,16 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     n = scenario.clients.num_clients
     nodes = args.nodes or n
     run_path = Path(args.out).resolve() / scenario.name
-    problems = [f"--nodes must be in 1..{n} (`clients.num_clients`: one SuperNode per partition), got {nodes}"] if not 1 <= nodes <= n else []
-    problems += [f"run directory {run_path} already exists; choose another with --out DIR or --set name=NEW_NAME"] if run_path.exists() else []
+    problems = (
+        [f"--nodes must be in 1..{n} (`clients.num_clients`: one SuperNode per partition), got {nodes}"]
+        if not 1 <= nodes <= n
+        else []
+    )
+    problems += (
+        [f"run directory {run_path} already exists; choose another with --out DIR or --set name=NEW_NAME"]
+        if run_path.exists()
+        else []
+    )
     if problems:
         print("fedsim: " + "\n".join(problems), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -336,7 +352,10 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         _insecure_warning()
     workdir = Path(args.workdir or Path(args.out) / f"{scenario.name}-deploy")
     with LocalFederation(workdir, insecure=args.insecure) as fed:
-        print(f"fedsim deploy: SuperLink on {fed.address} ({'insecure' if args.insecure else 'TLS + SuperNode authentication'}); logs in {fed.workdir}", flush=True)
+        print(
+            f"fedsim deploy: SuperLink on {fed.address} ({'insecure' if args.insecure else 'TLS + SuperNode authentication'}); logs in {fed.workdir}",
+            flush=True,
+        )
         try:
             fed.start_superlink()
             keys = [None] * nodes if args.insecure else make_node_keys(fed.workdir / "keys", nodes)
@@ -350,7 +369,9 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         print(f"fedsim deploy: {nodes} SuperNodes started (partitions 0..{nodes - 1}); flwr run:", flush=True)
         done = subprocess.run(fed.run_command(args.scenario, args.set or [], args.out), env=fed.env())
     if done.returncode != 0 or not (run_path / "metrics.parquet").is_file():
-        print(f"fedsim deploy: the run failed (flwr run exit {done.returncode}); logs in {fed.workdir}", file=sys.stderr)
+        print(
+            f"fedsim deploy: the run failed (flwr run exit {done.returncode}); logs in {fed.workdir}", file=sys.stderr
+        )
         return EXIT_FAILED
     print(summary_text(read_metrics(run_path), run_path))
     return 0
@@ -364,43 +385,94 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a scenario and write a run directory", description="Run a scenario file on Flower's simulation engine.")
+    run = sub.add_parser(
+        "run",
+        help="run a scenario and write a run directory",
+        description="Run a scenario file on Flower's simulation engine.",
+    )
     run.add_argument("scenario", help="scenario TOML file, e.g. scenarios/quickstart.toml")
     run.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value, e.g. --set train.lr=1e-4 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a scenario value, e.g. --set train.lr=1e-4 (repeatable)",
+    )
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.set_defaults(func=cmd_run)
 
-    res = sub.add_parser("resume", help="go on with a stopped run from its last complete round", description="Go on with a run that was killed, failed, or finished, from its last complete round (its checkpoint: adapter, pruning record, controller state), with the same seeds. --rounds N extends it.")
+    res = sub.add_parser(
+        "resume",
+        help="go on with a stopped run from its last complete round",
+        description="Go on with a run that was killed, failed, or finished, from its last complete round (its checkpoint: adapter, pruning record, controller state), with the same seeds. --rounds N extends it.",
+    )
     res.add_argument("run_dir", help="a run directory")
     res.add_argument("--rounds", type=int, help="run up to N rounds in all (default: the scenario's)")
     res.set_defaults(func=cmd_resume)
 
-    compare = sub.add_parser("compare", help="run a scenario once per strategy and seed, and compare them", description="Run a scenario once per strategy and seed (resumable), then write a comparison table (mean and 95 % intervals over seeds and held-out examples, differences from --baseline) and plots.")
+    compare = sub.add_parser(
+        "compare",
+        help="run a scenario once per strategy and seed, and compare them",
+        description="Run a scenario once per strategy and seed (resumable), then write a comparison table (mean and 95 % intervals over seeds and held-out examples, differences from --baseline) and plots.",
+    )
     compare.add_argument("scenario", help="scenario TOML file")
-    compare.add_argument("--strategies", required=True, help="comma-separated strategy names, e.g. fedit,fedprox,fedadam")
-    compare.add_argument("--seeds", type=int, default=3, help="seeds per strategy, from the scenario's seed on (default: 3)")
-    compare.add_argument("--baseline", default="fedit", help="strategy the others are compared with, paired by seed; one of --strategies (default: fedit)")
-    compare.add_argument("--target", type=float, default=0.3, help="central accuracy for the time-to-accuracy column (default: 0.3)")
+    compare.add_argument(
+        "--strategies", required=True, help="comma-separated strategy names, e.g. fedit,fedprox,fedadam"
+    )
+    compare.add_argument(
+        "--seeds", type=int, default=3, help="seeds per strategy, from the scenario's seed on (default: 3)"
+    )
+    compare.add_argument(
+        "--baseline",
+        default="fedit",
+        help="strategy the others are compared with, paired by seed; one of --strategies (default: fedit)",
+    )
+    compare.add_argument(
+        "--target", type=float, default=0.3, help="central accuracy for the time-to-accuracy column (default: 0.3)"
+    )
     compare.add_argument("--out", default="runs", help="parent folder of the comparison folder (default: runs)")
-    compare.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value for every run (repeatable)")
+    compare.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a scenario value for every run (repeatable)"
+    )
     compare.set_defaults(func=cmd_compare)
 
-    report = sub.add_parser("report", help="print a run's per-round table", description="Print the per-round table of a run directory.")
+    report = sub.add_parser(
+        "report", help="print a run's per-round table", description="Print the per-round table of a run directory."
+    )
     report.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
-    report.add_argument("--target", type=float, action="append", metavar="ACC", help="also print the simulated time to reach this central accuracy (repeatable)")
-    report.add_argument("--arms", action="store_true", help="instead: per device profile, the (rank, ratio) arm the controller settled on")
+    report.add_argument(
+        "--target",
+        type=float,
+        action="append",
+        metavar="ACC",
+        help="also print the simulated time to reach this central accuracy (repeatable)",
+    )
+    report.add_argument(
+        "--arms",
+        action="store_true",
+        help="instead: per device profile, the (rank, ratio) arm the controller settled on",
+    )
     report.set_defaults(func=cmd_report)
 
-    exp = sub.add_parser("export", help="write a device's pruned model with the adapter merged", description="Write the final adapter merged into the pruned model one device deploys (with deploy ratios, the model the run scored it on), loadable with transformers' AutoModelForCausalLM.from_pretrained.")
+    exp = sub.add_parser(
+        "export",
+        help="write a device's pruned model with the adapter merged",
+        description="Write the final adapter merged into the pruned model one device deploys (with deploy ratios, the model the run scored it on), loadable with transformers' AutoModelForCausalLM.from_pretrained.",
+    )
     exp.add_argument("run_dir", help="a finished run directory")
     which = exp.add_mutually_exclusive_group(required=True)
-    which.add_argument("--device", metavar="PROFILE", help="device profile, e.g. jetson-tx2: the model of its most trained client")
+    which.add_argument(
+        "--device", metavar="PROFILE", help="device profile, e.g. jetson-tx2: the model of its most trained client"
+    )
     which.add_argument("--client", type=int, metavar="ID", help="one client id: the model that device deploys")
     exp.add_argument("--out", help="output folder (default: RUN_DIR/export/PROFILE or RUN_DIR/export/client-ID)")
     exp.set_defaults(func=cmd_export)
 
-    dash = sub.add_parser("dashboard", help="serve a web dashboard over run directories", description="Serve a web dashboard over the run directories under RUNS_ROOT.")
+    dash = sub.add_parser(
+        "dashboard",
+        help="serve a web dashboard over run directories",
+        description="Serve a web dashboard over the run directories under RUNS_ROOT.",
+    )
     dash.add_argument("runs_root", nargs="?", default="runs", help="folder holding run directories (default: runs)")
     dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     dash.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 = any free port)")
@@ -412,52 +484,111 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`fedsim deploy ...` (run where the SuperLink is) and `fedsim supernode` (run on each device)."""
-    flower_args = dict(nargs="*", metavar="FLOWER_ARG", help="after --: passed on to Flower's command unchanged")
-    deploy = sub.add_parser("deploy", help="deploy the ClientApp on real Flower SuperNodes (TLS + node auth)", description="Deploy fedsim on Flower's deployment engine: a SuperLink and SuperNodes, secured by default. See docs/deploy.md.")
+    deploy = sub.add_parser(
+        "deploy",
+        help="deploy the ClientApp on real Flower SuperNodes (TLS + node auth)",
+        description="Deploy fedsim on Flower's deployment engine: a SuperLink and SuperNodes, secured by default. See docs/deploy.md.",
+    )
     dsub = deploy.add_subparsers(dest="deploy_command", required=True, metavar="STEP")
 
-    certs = dsub.add_parser("certs", help="make a local CA and a SuperLink TLS certificate", description="Make a local CA (ca.crt, ca.key) and a SuperLink certificate it signs (server.pem, server.key), valid for 127.0.0.1, ::1, localhost and every --host.")
+    certs = dsub.add_parser(
+        "certs",
+        help="make a local CA and a SuperLink TLS certificate",
+        description="Make a local CA (ca.crt, ca.key) and a SuperLink certificate it signs (server.pem, server.key), valid for 127.0.0.1, ::1, localhost and every --host.",
+    )
     certs.add_argument("dir", help="folder to write the four files into")
-    certs.add_argument("--host", action="append", metavar="NAME_OR_IP", help="a host name or IP address SuperNodes use to reach the SuperLink (repeatable)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME_OR_IP",
+        help="a host name or IP address SuperNodes use to reach the SuperLink (repeatable)",
+    )
     certs.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
     certs.set_defaults(func=cmd_deploy_certs)
 
-    keys = dsub.add_parser("keys", help="make SuperNode key pairs for node authentication", description="Make ECDSA P-384 key pairs supernode-0 .. supernode-{N-1} (+ .pub) in OpenSSH format, for `flwr supernode register` and `fedsim supernode --key`.")
+    keys = dsub.add_parser(
+        "keys",
+        help="make SuperNode key pairs for node authentication",
+        description="Make ECDSA P-384 key pairs supernode-0 .. supernode-{N-1} (+ .pub) in OpenSSH format, for `flwr supernode register` and `fedsim supernode --key`.",
+    )
     keys.add_argument("dir", help="folder to write the keys into")
     keys.add_argument("--nodes", type=int, required=True, help="how many key pairs")
     keys.add_argument("--prefix", default="supernode", help="file name prefix (default: supernode)")
     keys.set_defaults(func=cmd_deploy_keys)
 
-    link = dsub.add_parser("superlink", help="start Flower's SuperLink with TLS and SuperNode authentication", description="Write the `fedsim` connection into $FLWR_HOME/config.toml (for `flwr supernode register` and `flwr run`), then run flower-superlink with TLS and --enable-supernode-auth.")
+    link = dsub.add_parser(
+        "superlink",
+        help="start Flower's SuperLink with TLS and SuperNode authentication",
+        description="Write the `fedsim` connection into $FLWR_HOME/config.toml (for `flwr supernode register` and `flwr run`), then run flower-superlink with TLS and --enable-supernode-auth.",
+    )
     link.add_argument("--certs", help="folder from `fedsim deploy certs` (ca.crt, server.pem, server.key)")
     link.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, every interface)")
-    link.add_argument("--port", type=int, default=9093, help="the one port for SuperNodes, `flwr` and the ServerApp (default: 9093)")
-    link.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (testing only; prints a warning)")
-    link.add_argument("flower_args", **flower_args)  # type: ignore[arg-type]
+    link.add_argument(
+        "--port", type=int, default=9093, help="the one port for SuperNodes, `flwr` and the ServerApp (default: 9093)"
+    )
+    link.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no SuperNode authentication (testing only; prints a warning)",
+    )
+    _add_flower_args(link)
     link.set_defaults(func=cmd_deploy_superlink)
 
-    local = dsub.add_parser("local", help="run a scenario on a SuperLink + SuperNodes on this machine", description="Make certificates and keys, start a SuperLink and one SuperNode per partition on this machine, register the keys, run the scenario with `flwr run`, stop everything. The run directory is the same as `fedsim run`'s.")
+    local = dsub.add_parser(
+        "local",
+        help="run a scenario on a SuperLink + SuperNodes on this machine",
+        description="Make certificates and keys, start a SuperLink and one SuperNode per partition on this machine, register the keys, run the scenario with `flwr run`, stop everything. The run directory is the same as `fedsim run`'s.",
+    )
     local.add_argument("scenario", help="scenario TOML file")
-    local.add_argument("--nodes", type=int, help="SuperNodes to start, partitions 0..N-1 (default: clients.num_clients)")
+    local.add_argument(
+        "--nodes", type=int, help="SuperNodes to start, partitions 0..N-1 (default: clients.num_clients)"
+    )
     local.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value (repeatable)")
     local.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
     local.add_argument("--workdir", help="certificates, keys, Flower homes and logs (default: OUT/NAME-deploy)")
-    local.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (prints a warning)")
+    local.add_argument(
+        "--insecure", action="store_true", help="no TLS and no SuperNode authentication (prints a warning)"
+    )
     local.set_defaults(func=cmd_deploy_local)
 
-    node = sub.add_parser("supernode", help="check a SuperNode's partition against the scenario, then start Flower's SuperNode", description="Check that PARTITION exists in the scenario and that the TLS and key files are usable, then exec flower-supernode with --node-config 'partition-id=N num-partitions=M device=\"PROFILE\"'.")
+    node = sub.add_parser(
+        "supernode",
+        help="check a SuperNode's partition against the scenario, then start Flower's SuperNode",
+        description="Check that PARTITION exists in the scenario and that the TLS and key files are usable, then exec flower-supernode with --node-config 'partition-id=N num-partitions=M device=\"PROFILE\"'.",
+    )
     node.add_argument("scenario", help="the scenario the federation runs (the same file and --set as `flwr run`)")
-    node.add_argument("--partition", type=int, required=True, help="this node's client id / data partition, 0..clients.num_clients-1")
-    node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address, e.g. 192.168.1.10:9093")
+    node.add_argument(
+        "--partition", type=int, required=True, help="this node's client id / data partition, 0..clients.num_clients-1"
+    )
+    node.add_argument(
+        "--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address, e.g. 192.168.1.10:9093"
+    )
     node.add_argument("--ca", type=Path, help="the SuperLink's CA certificate (ca.crt)")
-    node.add_argument("--key", type=Path, help="this SuperNode's private key (registered with `flwr supernode register KEY.pub`)")
-    node.add_argument("--set", action="append", metavar="KEY=VALUE", help="scenario override, as given to the run (repeatable)")
-    node.add_argument("--runtime-port", type=int, default=9094, help="this node's local Runtime API port; one per SuperNode on a machine (default: 9094)")
-    node.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (testing only; prints a warning)")
-    node.add_argument("flower_args", **flower_args)  # type: ignore[arg-type]
+    node.add_argument(
+        "--key", type=Path, help="this SuperNode's private key (registered with `flwr supernode register KEY.pub`)"
+    )
+    node.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="scenario override, as given to the run (repeatable)"
+    )
+    node.add_argument(
+        "--runtime-port",
+        type=int,
+        default=9094,
+        help="this node's local Runtime API port; one per SuperNode on a machine (default: 9094)",
+    )
+    node.add_argument(
+        "--insecure", action="store_true", help="no TLS and no node authentication (testing only; prints a warning)"
+    )
+    _add_flower_args(node)
     node.set_defaults(func=cmd_supernode)
+
+
+def _add_flower_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "flower_args", nargs="*", metavar="FLOWER_ARG", help="after --: passed on to Flower's command unchanged"
+    )
 
 
 def quiet_libraries() -> None:

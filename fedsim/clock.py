@@ -21,6 +21,7 @@ sum of the round durations; federated evaluation is not on the clock.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 from flwr.app import RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -31,8 +32,11 @@ def payload_bytes(content: RecordDict) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
-def comm_seconds(bytes_down: np.ndarray, bytes_up: np.ndarray, down_bps: np.ndarray, up_bps: np.ndarray) -> np.ndarray:
-    return 8.0 * np.asarray(bytes_down) / down_bps + 8.0 * np.asarray(bytes_up) / up_bps
+def comm_seconds(
+    bytes_down: npt.ArrayLike, bytes_up: npt.ArrayLike, down_bps: npt.ArrayLike, up_bps: npt.ArrayLike
+) -> np.ndarray:
+    """Seconds to move `bytes_down` at `down_bps` and `bytes_up` at `up_bps` (bits per second), elementwise."""
+    return 8.0 * np.asarray(bytes_down) / np.asarray(down_bps) + 8.0 * np.asarray(bytes_up) / np.asarray(up_bps)
 
 
 def keep_first_finishers(finish_s: np.ndarray, k: int, deadline_s: float) -> np.ndarray:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.controllers import Controller, Observations, RewardState, build_controller, rewards
+from fedsim.controllers import Controller, ControllerConfig, Observations, RewardState, build_controller, rewards
 from fedsim.controllers.pace import Pace, fastest_round, hopeless, worst_ratio
 from fedsim.fleet import Fleet
 from fedsim.keeps import PruneBook
@@ -71,8 +71,22 @@ class ArmControl:
         if scenario.controller is None:
             return None
         names, profiles = np.unique(fleet.device.astype(str), return_inverse=True)
-        ctrl = build_controller(scenario.controller, fleet.size, profiles.astype(np.int64), None, scenario.seed, profile_names=[str(n) for n in names])
+        ctrl = build_controller(
+            scenario.controller,
+            fleet.size,
+            profiles.astype(np.int64),
+            None,
+            scenario.seed,
+            profile_names=[str(n) for n in names],
+        )
         return cls(ctrl, scenario, price)
+
+    @property
+    def config(self) -> ControllerConfig:
+        """The scenario's `controller` table (`build` makes an ArmControl only for a scenario with one)."""
+        if self.scenario.controller is None:
+            raise ValueError("ArmControl needs a scenario with a `controller` table (see ArmControl.build)")
+        return self.scenario.controller
 
     @property
     def scores_contributions(self) -> bool:
@@ -96,8 +110,8 @@ class ArmControl:
         if self.screens:
             times = self.pace.predict(chosen, *self._point_costs)
             threshold = self.scenario.fleet.deadline_s or min(self.reward_state.fastest_s, fastest_round(times))
-            avoid = hopeless(times, threshold, self.scenario.controller.screen_slack, worst_ratio(*self._point_costs))  # type: ignore[union-attr]
-        last = self.scenario.rounds - self.scenario.controller.commit_rounds  # type: ignore[union-attr]
+            avoid = hopeless(times, threshold, self.config.screen_slack, worst_ratio(*self._point_costs))
+        last = self.scenario.rounds - self.config.commit_rounds
         arm_ranks, arm_ratios = self.controller.choose(chosen, server_round, avoid, exploit=server_round > last)
         ranks[chosen] = arm_ranks
         if book is not None:
@@ -132,7 +146,7 @@ class ArmControl:
             contribution=np.array([r.get("contribution", np.nan) for r in seen]),
             ratio_deployed=self._deployed(seen),
         )
-        reward, self.reward_state = rewards(obs, self.scenario.controller.reward, self.reward_state)  # type: ignore[union-attr]
+        reward, self.reward_state = rewards(obs, self.config.reward, self.reward_state)
         devices = np.array([r["client_id"] for r in seen], dtype=np.int64)
         arm = np.array([self.arms[int(c)] for c in devices])
         self.controller.update(devices, arm[:, 0].astype(np.int64), arm[:, 1], reward, feasible)
@@ -141,7 +155,13 @@ class ArmControl:
         if self.price is not None and feasible.any():
             flops, params = self._costs(arm[feasible, 0], arm[feasible, 1])
             ran = [r for r, f in zip(seen, feasible) if f]
-            self.pace.observe(devices[feasible], flops, params, np.array([r.get("sim_compute_s", np.nan) for r in ran]), np.array([r.get("sim_comm_s", np.nan) for r in ran]))
+            self.pace.observe(
+                devices[feasible],
+                flops,
+                params,
+                np.array([r.get("sim_compute_s", np.nan) for r in ran]),
+                np.array([r.get("sim_comm_s", np.nan) for r in ran]),
+            )
 
     def _deployed(self, rows: list[dict[str, Any]]) -> np.ndarray | None:
         """Each row's deploy ratio, its device profile's (0 for a profile without one); None if the run has none."""
@@ -162,16 +182,22 @@ class ArmControl:
     def save(self, folder: Path) -> None:
         """The controller's state and the reward's, as arrays, in `folder / STATE_FILE`."""
         r = self.reward_state
-        state = {**self.controller.state_dict(), "reward_state": np.array([r.mean, r.weight, r.fastest_s]), "pace": self.pace.state()}
+        state = {
+            **self.controller.state_dict(),
+            "reward_state": np.array([r.mean, r.weight, r.fastest_s]),
+            "pace": self.pace.state(),
+        }
         tmp = folder / (STATE_FILE + ".tmp.npz")
-        np.savez(tmp, **state)
+        np.savez(tmp, allow_pickle=True, **state)  # numpy's default, spelled out: else mypy matches **state to it
         tmp.rename(folder / STATE_FILE)
 
     def load(self, folder: Path) -> None:
         """Restore what `save` wrote (the controller continues exactly where it was)."""
         with np.load(folder / STATE_FILE) as data:
             state = {k: data[k] for k in data.files}
-        saved = state.pop("reward_state") if "reward_state" in state else [*state.pop("baseline"), np.inf]  # a checkpoint without reward_state: (mean, weight) as "baseline", fastest round unknown
+        saved = (
+            state.pop("reward_state") if "reward_state" in state else [*state.pop("baseline"), np.inf]
+        )  # a checkpoint without reward_state: (mean, weight) as "baseline", fastest round unknown
         mean, weight, fastest = saved
         if "pace" in state:  # a checkpoint without it starts the pace over
             self.pace.load(state.pop("pace"))
@@ -181,4 +207,6 @@ class ArmControl:
 
 def _informative(row: dict[str, Any]) -> bool:
     """Rows that say something about the arm: trained (kept or late), or did not fit."""
-    return row["status"] in ("ok", "straggler", "infeasible") or (row["status"] == "failed" and "memory" in row.get("reason", "").lower())
+    return row["status"] in ("ok", "straggler", "infeasible") or (
+        row["status"] == "failed" and "memory" in row.get("reason", "").lower()
+    )

@@ -112,10 +112,13 @@ class ModelShape:
 
         Raises ValueError, naming the model type, for anything else (biased linears too).
         """
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        unwrap = getattr(model, "get_base_model", None)  # PEFT-wrapped: the model inside
+        base: torch.nn.Module = unwrap() if callable(unwrap) else model
         try:
-            embed, layers = base.model.embed_tokens.weight, base.model.layers
-            head = _weight(base.lm_head)
+            embed, layers = base.get_parameter("model.embed_tokens.weight"), base.get_submodule("model.layers")
+            head = _weight(base.get_submodule("lm_head"))
+            if not isinstance(layers, torch.nn.ModuleList):
+                raise ValueError(f"model.layers is a {type(layers).__name__}, not an nn.ModuleList")
             shapes = tuple(_layer_shape(layer, embed.shape[1]) for layer in layers)
         except (AttributeError, ValueError) as err:
             kind = getattr(getattr(base, "config", None), "model_type", None)
@@ -133,9 +136,7 @@ class ModelShape:
     def num_params(self) -> int:
         """Parameters of the base model: embeddings, lm_head unless tied, linears, norms."""
         d = self.hidden
-        layers = sum(
-            sum(i * o for i, o in linear_shapes(layer, d).values()) + 2 * d for layer in self.layers
-        )
+        layers = sum(sum(i * o for i, o in linear_shapes(layer, d).values()) + 2 * d for layer in self.layers)
         return self.vocab * d * (1 if self.tied_embeddings else 2) + layers + d
 
 
@@ -148,14 +149,14 @@ def _weight(linear: torch.nn.Module) -> torch.Tensor:
 
 
 def _layer_shape(layer: torch.nn.Module, hidden: int) -> LayerShape:
-    attn, mlp = layer.self_attn, layer.mlp
-    q_out, kv_out = _weight(attn.q_proj).shape[0], _weight(attn.k_proj).shape[0]
-    shape = LayerShape(q_out, kv_out, attn.head_dim, _weight(mlp.gate_proj).shape[0])
+    attn, mlp = layer.get_submodule("self_attn"), layer.get_submodule("mlp")
+    q_out, kv_out = _weight(attn.get_submodule("q_proj")).shape[0], _weight(attn.get_submodule("k_proj")).shape[0]
+    head_dim = attn.head_dim
+    if not isinstance(head_dim, int):
+        raise ValueError(f"self_attn.head_dim must be an int, got {head_dim!r}")
+    shape = LayerShape(q_out, kv_out, head_dim, _weight(mlp.get_submodule("gate_proj")).shape[0])
     expected = {name: (o, i) for name, (i, o) in linear_shapes(shape, hidden).items()}
-    found = {
-        name: tuple(_weight(getattr(attn if name in _ATTENTION else mlp, name)).shape)
-        for name in TARGETS
-    }
+    found = {name: tuple(_weight(getattr(attn if name in _ATTENTION else mlp, name)).shape) for name in TARGETS}
     if found != expected:
         raise ValueError(f"inconsistent linear shapes {found}, expected {expected}")
     return shape
@@ -186,9 +187,7 @@ def lora_params(shape: ModelShape, rank: int, targets: Sequence[str]) -> int:
     )
 
 
-def _check(
-    *, rank: int, targets: Sequence[str], batch: int = 1, seq_len: int = 1, weight_bytes: int = 1
-) -> None:
+def _check(*, rank: int, targets: Sequence[str], batch: int = 1, seq_len: int = 1, weight_bytes: int = 1) -> None:
     sizes = {"batch": batch, "seq_len": seq_len, "weight_bytes": weight_bytes}
     problems = [f"`{k}` must be >= 1, got {v}" for k, v in sizes.items() if v < 1]
     if rank < 0:
@@ -245,17 +244,13 @@ def _flops(shape: ModelShape, b: int, t: int, r: int, targets: Sequence[str]) ->
     return fwd + head, bwd + head * live
 
 
-def forward_flops(
-    shape: ModelShape, *, batch: int, seq_len: int, rank: int = 0, targets: Sequence[str] = ()
-) -> float:
+def forward_flops(shape: ModelShape, *, batch: int, seq_len: int, rank: int = 0, targets: Sequence[str] = ()) -> float:
     """FLOPs of one forward pass over batch·seq_len tokens (module docstring)."""
     _check(batch=batch, seq_len=seq_len, rank=rank, targets=targets)
     return float(_flops(shape, batch, seq_len, rank, targets)[0])
 
 
-def train_step_flops(
-    shape: ModelShape, *, batch: int, seq_len: int, rank: int, targets: Sequence[str]
-) -> float:
+def train_step_flops(shape: ModelShape, *, batch: int, seq_len: int, rank: int, targets: Sequence[str]) -> float:
     """FLOPs of one forward + backward with frozen base weights and trainable LoRA."""
     _check(batch=batch, seq_len=seq_len, rank=rank, targets=targets)
     return float(sum(_flops(shape, batch, seq_len, rank, targets)))
@@ -276,9 +271,7 @@ class MemoryEstimate:
         return self.weights + self.adapter + self.optimizer + self.gradients + self.activations
 
 
-def _layer_activations(
-    layer: LayerShape, d: int, r: int, adapted: frozenset[str], g: dict[str, bool]
-) -> int:
+def _layer_activations(layer: LayerShape, d: int, r: int, adapted: frozenset[str], g: dict[str, bool]) -> int:
     """Elements per token that autograd saves in one decoder layer (SDPA attention)."""
     q, kv, m = layer.q_out, layer.kv_out, layer.mlp
     return (

@@ -78,9 +78,7 @@ def check_data_source(task: str) -> str | None:
         return "'hf:' needs a dataset name: hf:<dataset>[:<split>], e.g. hf:tatsu-lab/alpaca"
     suffix = Path(task).suffix.lower()
     if not suffix:
-        return unknown_task_message(
-            task, f"or a {'/'.join(FILE_LOADERS)} path, or hf:<dataset>"
-        )
+        return unknown_task_message(task, f"or a {'/'.join(FILE_LOADERS)} path, or hf:<dataset>")
     if suffix not in FILE_LOADERS:
         return f"unsupported file type {suffix!r} for {task!r}; use {', '.join(FILE_LOADERS)}"
     if not Path(task).is_file():
@@ -98,24 +96,15 @@ def load_examples(data: Any, seed: int) -> Dataset:
     if data.task in TASKS:
         if data.num_examples < 1:
             raise ValueError(
-                f"`data.num_examples` must be > 0 for the built-in task {data.task!r}, "
-                f"got {data.num_examples}"
+                f"`data.num_examples` must be > 0 for the built-in task {data.task!r}, got {data.num_examples}"
             )
-        return Dataset.from_list(
-            generate(data.task, data.num_examples, seed), features=FEATURES
-        )
+        return Dataset.from_list(generate(data.task, data.num_examples, seed), features=FEATURES)
     problem = check_data_source(data.task)
     if problem is not None:
         raise ValueError(problem)
     if data.num_examples < 0:
-        raise ValueError(
-            f"`data.num_examples` must be >= 0 (0 = all rows), got {data.num_examples}"
-        )
-    raw = (
-        _load_hub(data.task)
-        if data.task.startswith("hf:")
-        else _load_file(Path(data.task))
-    )
+        raise ValueError(f"`data.num_examples` must be >= 0 (0 = all rows), got {data.num_examples}")
+    raw = _load_hub(data.task) if data.task.startswith("hf:") else _load_file(Path(data.task))
     return _cap(_normalise(raw, data, data.task), data.num_examples, seed)
 
 
@@ -129,9 +118,7 @@ def _load_file(path: Path) -> Dataset:
             "na_filter": False,
         }
     try:
-        return datasets.load_dataset(
-            loader, data_files=str(path), split="train", **options
-        )
+        return datasets.load_dataset(loader, data_files=str(path), split="train", **options)
     except Exception as error:  # many types; each needs the file named
         raise ValueError(f"could not read {path} as {loader}: {error}") from error
 
@@ -175,9 +162,7 @@ def _resolve_fields(columns: Sequence[str], data: Any, origin: str) -> _Fields:
         found = next((c for c in candidates if c in columns), None)
         if found is None:
             looked = " or ".join(repr(c) for c in candidates)
-            problems.append(
-                f"no {field.removesuffix('_field')} field (looked for {looked}; set `data.{field}`)"
-            )
+            problems.append(f"no {field.removesuffix('_field')} field (looked for {looked}; set `data.{field}`)")
         return found or ""
 
     prompt = pick(data.prompt_field, ("prompt", "instruction"), "prompt_field")
@@ -186,12 +171,8 @@ def _resolve_fields(columns: Sequence[str], data: Any, origin: str) -> _Fields:
     if domain is not None and domain not in columns:
         problems.append(f"`data.domain_field`={domain!r} is not a column")
     if problems:
-        raise ValueError(
-            f"{origin}: {'; '.join(problems)}; columns found: {', '.join(columns)}"
-        )
-    auto_input = (
-        data.prompt_field is None and prompt == "instruction" and "input" in columns
-    )
+        raise ValueError(f"{origin}: {'; '.join(problems)}; columns found: {', '.join(columns)}")
+    auto_input = data.prompt_field is None and prompt == "instruction" and "input" in columns
     if domain is None and "domain" in columns:
         domain = "domain"
     return _Fields(prompt, "input" if auto_input else None, response, domain)
@@ -199,29 +180,19 @@ def _resolve_fields(columns: Sequence[str], data: Any, origin: str) -> _Fields:
 
 def _texts(values: Iterable[Any]) -> list[str]:
     """Cells as stripped text; None and NaN become ""."""
-    return [
-        "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip()
-        for v in values
-    ]
+    return ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip() for v in values]
 
 
 def _normalise(raw: Dataset, data: Any, origin: str) -> Dataset:
     fields = _resolve_fields(raw.column_names, data, origin)
     prompts = _texts(raw[fields.prompt])
     if fields.input is not None:
-        prompts = [
-            f"{p}\n{i}" if i else p
-            for p, i in zip(prompts, _texts(raw[fields.input]), strict=True)
-        ]
+        prompts = [f"{p}\n{i}" if i else p for p, i in zip(prompts, _texts(raw[fields.input]), strict=True)]
     responses = _texts(raw[fields.response])
     domains = _texts(raw[fields.domain]) if fields.domain else [""] * len(prompts)
-    keep = [
-        i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if p and r
-    ]
+    keep = [i for i, (p, r) in enumerate(zip(prompts, responses, strict=True)) if p and r]
     if not keep:
-        raise ValueError(
-            f"{origin}: no row has both a non-empty {fields.prompt!r} and {fields.response!r}"
-        )
+        raise ValueError(f"{origin}: no row has both a non-empty {fields.prompt!r} and {fields.response!r}")
     if len(keep) < len(prompts):
         logger.info(
             "%s: dropped %d rows with an empty prompt or response",
@@ -239,9 +210,7 @@ def _normalise(raw: Dataset, data: Any, origin: str) -> Dataset:
 def _cap(examples: Dataset, cap: int, seed: int) -> Dataset:
     if cap == 0 or len(examples) <= cap:
         return examples
-    return _rows(
-        examples, sorted(random.Random(seed).sample(range(len(examples)), cap))
-    )
+    return _rows(examples, sorted(random.Random(seed).sample(range(len(examples)), cap)))
 
 
 def _rows(examples: Dataset, rows: Sequence[int] | np.ndarray) -> Dataset:
@@ -345,25 +314,15 @@ def _check_request(data: Any, num_clients: int, client_id: int | None = None) ->
     if num_clients < 1:
         problems.append(f"num_clients must be >= 1, got {num_clients}")
     elif client_id is not None and not 0 <= client_id < num_clients:
-        problems.append(
-            f"client_id {client_id} is out of range for num_clients={num_clients} "
-            f"(0..{num_clients - 1})"
-        )
+        problems.append(f"client_id {client_id} is out of range for num_clients={num_clients} (0..{num_clients - 1})")
     if data.partitioner not in PARTITIONERS:
-        problems.append(
-            f"`data.partitioner` must be one of {', '.join(PARTITIONERS)}, "
-            f"got {data.partitioner!r}"
-        )
+        problems.append(f"`data.partitioner` must be one of {', '.join(PARTITIONERS)}, got {data.partitioner!r}")
     if data.partitioner == "dirichlet" and not data.alpha > 0:
         problems.append(f"`data.alpha` must be > 0, got {data.alpha}")
     if data.partitioner == "pathological" and data.classes_per_client < 1:
-        problems.append(
-            f"`data.classes_per_client` must be >= 1, got {data.classes_per_client}"
-        )
+        problems.append(f"`data.classes_per_client` must be >= 1, got {data.classes_per_client}")
     if not 0 <= data.test_fraction < 1:
-        problems.append(
-            f"`data.test_fraction` must be in [0, 1), got {data.test_fraction}"
-        )
+        problems.append(f"`data.test_fraction` must be in [0, 1), got {data.test_fraction}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -397,10 +356,7 @@ def _check_labels(scheme: _Scheme, labels: list[str], num_clients: int) -> None:
     """Clear errors for what flwr-datasets would reject (or do silently) on these labels."""
     distinct = sorted(set(labels))
     shown = ", ".join(distinct[:10]) + (", ..." if len(distinct) > 10 else "")
-    where = (
-        f"`data.partition_by`={scheme.partition_by!r} has {len(distinct)} distinct "
-        f"values ({shown})"
-    )
+    where = f"`data.partition_by`={scheme.partition_by!r} has {len(distinct)} distinct values ({shown})"
     if scheme.partitioner == "natural" and len(distinct) != num_clients:
         raise ValueError(
             f"natural partitioning gives one client per distinct value: {where}, "
@@ -408,13 +364,8 @@ def _check_labels(scheme: _Scheme, labels: list[str], num_clients: int) -> None:
         )
     too_many = scheme.classes_per_client > len(distinct)
     if scheme.partitioner == "pathological" and too_many:
-        raise ValueError(
-            f"`data.classes_per_client`={scheme.classes_per_client} is more than {where}"
-        )
-    if (
-        scheme.partitioner == "dirichlet"
-        and len(labels) < scheme.min_size * num_clients
-    ):
+        raise ValueError(f"`data.classes_per_client`={scheme.classes_per_client} is more than {where}")
+    if scheme.partitioner == "dirichlet" and len(labels) < scheme.min_size * num_clients:
         raise ValueError(
             f"dirichlet partitioning needs at least {scheme.min_size} examples per "
             f"client, but the pool has {len(labels)} for num_clients={num_clients}; "
@@ -422,9 +373,7 @@ def _check_labels(scheme: _Scheme, labels: list[str], num_clients: int) -> None:
         )
 
 
-def _read_partitions(
-    partitioner: Partitioner, num_clients: int
-) -> tuple[np.ndarray, ...]:
+def _read_partitions(partitioner: Partitioner, num_clients: int) -> tuple[np.ndarray, ...]:
     """Row indices of every partition, without ``num_clients`` Dataset.select calls.
 
     Each ``load_partition`` pays Dataset bookkeeping, too slow to repeat for 10,000
@@ -435,22 +384,16 @@ def _read_partitions(
     selects from in ``_partition_id_to_indices`` (flwr-datasets 0.6.1).
     """
     if isinstance(partitioner, IidPartitioner):
-        return tuple(
-            np.array_split(np.arange(partitioner.dataset.num_rows), num_clients)
-        )
+        return tuple(np.array_split(np.arange(partitioner.dataset.num_rows), num_clients))
     partitioner.load_partition(0)  # runs the partitioning
     mapping = getattr(partitioner, "_partition_id_to_indices", None)
     if isinstance(mapping, dict) and sorted(mapping) == list(range(num_clients)):
         return tuple(np.asarray(mapping[i], dtype=np.int64) for i in range(num_clients))
-    return tuple(
-        np.asarray(partitioner.load_partition(i)["_row"]) for i in range(num_clients)
-    )
+    return tuple(np.asarray(partitioner.load_partition(i)["_row"]) for i in range(num_clients))
 
 
 @lru_cache(maxsize=8)
-def _partition_rows(
-    source: _Source, scheme: _Scheme, num_clients: int, seed: int
-) -> tuple[np.ndarray, ...]:
+def _partition_rows(source: _Source, scheme: _Scheme, num_clients: int, seed: int) -> tuple[np.ndarray, ...]:
     """Pool row indices of each client's partition (read-only arrays)."""
     _, pool = _central_and_pool(source, seed)
     if len(pool) < num_clients:
@@ -462,10 +405,7 @@ def _partition_rows(
     columns: dict[str, list[Any]] = {"_row": list(range(len(pool)))}
     if scheme.partitioner != "iid":
         if scheme.partition_by not in pool.column_names:
-            raise ValueError(
-                f"`data.partition_by` must be one of {', '.join(COLUMNS)}, "
-                f"got {scheme.partition_by!r}"
-            )
+            raise ValueError(f"`data.partition_by` must be one of {', '.join(COLUMNS)}, got {scheme.partition_by!r}")
         columns[scheme.partition_by] = list(pool[scheme.partition_by])
         _check_labels(scheme, columns[scheme.partition_by], num_clients)
     partitioner = _make_partitioner(scheme, num_clients, seed)
@@ -475,9 +415,7 @@ def _partition_rows(
             warnings.simplefilter("ignore")  # dirichlet warns on each retry; we raise
             rows = _read_partitions(partitioner, num_clients)
     except ValueError as error:
-        raise ValueError(
-            _partition_failure(scheme, len(pool), num_clients, seed, error)
-        ) from error
+        raise ValueError(_partition_failure(scheme, len(pool), num_clients, seed, error)) from error
     unused = len(pool) - sum(len(r) for r in rows)
     if unused:
         logger.warning(
@@ -491,9 +429,7 @@ def _partition_rows(
     return rows
 
 
-def _partition_failure(
-    scheme: _Scheme, pool: int, num_clients: int, seed: int, error: Exception
-) -> str:
+def _partition_failure(scheme: _Scheme, pool: int, num_clients: int, seed: int, error: Exception) -> str:
     settings = f"`data.partition_by`={scheme.partition_by!r}, seed={seed}"
     if scheme.partitioner == "dirichlet":
         return (
@@ -505,14 +441,11 @@ def _partition_failure(
     if scheme.partitioner == "pathological":
         settings += f", `data.classes_per_client`={scheme.classes_per_client}"
     return (
-        f"{scheme.partitioner} partitioning of {pool} examples into {num_clients} "
-        f"clients failed ({settings}): {error}"
+        f"{scheme.partitioner} partitioning of {pool} examples into {num_clients} clients failed ({settings}): {error}"
     )
 
 
-def _split_rows(
-    rows: np.ndarray, test_fraction: float, seed: int, client_id: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _split_rows(rows: np.ndarray, test_fraction: float, seed: int, client_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) rows; with >= 2 rows both are non-empty unless test_fraction is 0."""
     n = len(rows)
     n_test = 0
@@ -535,7 +468,4 @@ def client_data(data: Any, num_clients: int, client_id: int, seed: int) -> Clien
 def partition_sizes(data: Any, num_clients: int, seed: int) -> list[int]:
     """Number of examples (train + test) of every client."""
     _check_request(data, num_clients)
-    return [
-        len(rows)
-        for rows in _partition_rows(_source(data), _scheme(data), num_clients, seed)
-    ]
+    return [len(rows) for rows in _partition_rows(_source(data), _scheme(data), num_clients, seed)]

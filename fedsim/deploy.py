@@ -96,7 +96,9 @@ class Certificates:
 
 def san_entries(hosts: Sequence[str]) -> list[x509.GeneralName]:
     """SubjectAlternativeName entries for the loopback names plus `hosts` (IP or DNS name)."""
-    problems, names, seen = [], [], set()
+    problems: list[str] = []
+    names: list[x509.GeneralName] = []
+    seen: set[str] = set()
     for host in [*LOOPBACK, *hosts]:
         h = host.strip()
         if h in seen:
@@ -456,9 +458,10 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            program = proc.args[0] if isinstance(proc.args, Sequence) else proc.args
             raise RuntimeError(
-                f"{Path(str(proc.args[0])).name} exited with code {proc.returncode} before opening port {port}"
-            )  # type: ignore[index]
+                f"{Path(str(program)).name} exited with code {proc.returncode} before opening port {port}"
+            )
         with socket.socket() as s:
             if s.connect_ex((host, port)) == 0:
                 return

@@ -87,7 +87,13 @@ class Deployment:
                 server[ratio] = select_keep(scores[0], self.layers, ratio, self.scenario.pruning.mode)
             self.keeps[profile] = [k if k is not None else server[ratio] for k in held]
         wanted = {k for keeps in self.keeps.values() for k in keeps if k is not None}
-        self._copies = {k: self._copies[k] if k in self._copies else pruned_copy(self.model, k) for k in wanted}
+        self._copies = {k: self._copies[k] if k in self._copies else self._cut(k) for k in wanted}
+
+    def _cut(self, keep: Keep) -> peft.PeftModel:
+        """The model pruned to `keep`, leaving `self.model` as it is."""
+        model = pruned_copy(self.model, keep)
+        assert isinstance(model, peft.PeftModel)  # pruned_copy deep-copies the PEFT model it is given
+        return model
 
     def loss(self, state: AdapterState, examples: int = 16) -> float:
         """L_deployed on the first `examples` held-out examples (no generation)."""
@@ -120,7 +126,10 @@ class Deployment:
         return self._mean(score, state, {} if unpruned is None else {None: unpruned})
 
     def _mean(
-        self, score: Callable[[peft.PeftModel], tuple[float, float]], state: AdapterState, known: dict[Keep | None, tuple[float, float]] | None = None
+        self,
+        score: Callable[[peft.PeftModel], tuple[float, float]],
+        state: AdapterState,
+        known: dict[Keep | None, tuple[float, float]] | None = None,
     ) -> tuple[float, float]:
         """The device-weighted mean of `score` over the profiles, each profile's the mean over its
         panel's keeps, each model scored once (`known`: scores already at hand, by keep)."""
@@ -150,5 +159,9 @@ class Deployment:
         ids = np.flatnonzero(self.device == profile)
         size = self.scenario.pruning.deploy_panel
         if len(ids) > size:
-            ids = np.sort(np.random.default_rng(derive_seed(self.scenario.seed, "deploy-panel", profile)).choice(ids, size, replace=False))
+            ids = np.sort(
+                np.random.default_rng(derive_seed(self.scenario.seed, "deploy-panel", profile)).choice(
+                    ids, size, replace=False
+                )
+            )
         return [int(c) for c in ids]

@@ -37,52 +37,83 @@ from fedsim.errors import InputError, describe, read_toml
 class DeviceProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    train_tflops: float = Field(..., gt=0, allow_inf_nan=False, description="Effective sustained training throughput in TFLOP/s (not the marketing peak).")
+    train_tflops: float = Field(
+        ...,
+        gt=0,
+        allow_inf_nan=False,
+        description="Effective sustained training throughput in TFLOP/s (not the marketing peak).",
+    )
     memory_gb: float = Field(..., gt=0, allow_inf_nan=False, description="Memory usable for training, GiB.")
     uplink_mbps: float = Field(..., gt=0, allow_inf_nan=False, description="Device → server bandwidth, Mbit/s.")
     downlink_mbps: float = Field(..., gt=0, allow_inf_nan=False, description="Server → device bandwidth, Mbit/s.")
-    availability: Availability = Field(AlwaysOn(), description="When the device is online (kind = always | bernoulli | diurnal | trace).")
+    availability: Availability = Field(
+        AlwaysOn(), description="When the device is online (kind = always | bernoulli | diurnal | trace)."
+    )
     source: str = Field("", description="Where the numbers come from.")
 
 
 CATALOG: dict[str, DeviceProfile] = {
     "jetson-nano": DeviceProfile(
-        train_tflops=0.12, memory_gb=2.5, uplink_mbps=10.0, downlink_mbps=25.0,
+        train_tflops=0.12,
+        memory_gb=2.5,
+        uplink_mbps=10.0,
+        downlink_mbps=25.0,
         source="NVIDIA Jetson Nano datasheet: 128-core Maxwell GPU, 472 GFLOPS fp16 peak, 4 GB LPDDR4 shared; "
         "effective ≈25% of peak; no onboard Wi-Fi (USB/M.2 802.11n-ac card, approx. 10/25 Mbps)",
     ),
     "jetson-tx2": DeviceProfile(
-        train_tflops=0.40, memory_gb=6.5, uplink_mbps=30.0, downlink_mbps=60.0,
+        train_tflops=0.40,
+        memory_gb=6.5,
+        uplink_mbps=30.0,
+        downlink_mbps=60.0,
         source="NVIDIA Jetson TX2 datasheet: 256-core Pascal GPU, 1.33 TFLOPS fp16 peak, 8 GB LPDDR4 shared; "
         "effective ≈30% of peak; onboard 802.11ac 2x2 on a shared AP, approx. 30/60 Mbps",
     ),
     "jetson-xavier-nx": DeviceProfile(
-        train_tflops=1.2, memory_gb=6.5, uplink_mbps=30.0, downlink_mbps=60.0,
+        train_tflops=1.2,
+        memory_gb=6.5,
+        uplink_mbps=30.0,
+        downlink_mbps=60.0,
         source="NVIDIA Jetson Xavier NX datasheet: 384-core Volta GPU with 48 Tensor Cores, 21 INT8 TOPS, "
         "approx. 6 TFLOPS fp16 tensor peak, 8 GB LPDDR4x shared; effective ≈20% of peak; 802.11ac M.2 card, approx. 30/60 Mbps",
     ),
     "jetson-agx-orin": DeviceProfile(
-        train_tflops=8.5, memory_gb=56.0, uplink_mbps=60.0, downlink_mbps=120.0,
+        train_tflops=8.5,
+        memory_gb=56.0,
+        uplink_mbps=60.0,
+        downlink_mbps=120.0,
         source="NVIDIA Jetson AGX Orin 64GB datasheet: 2048-core Ampere GPU with 64 Tensor Cores, 275 INT8 TOPS (sparse), "
         "approx. 42.5 TFLOPS fp16 dense tensor peak, 64 GB LPDDR5 shared; effective ≈20% of peak; Wi-Fi 6, approx. 60/120 Mbps",
     ),
     "phone-midrange": DeviceProfile(
-        train_tflops=0.03, memory_gb=2.0, uplink_mbps=8.0, downlink_mbps=30.0,
+        train_tflops=0.03,
+        memory_gb=2.0,
+        uplink_mbps=8.0,
+        downlink_mbps=30.0,
         source="Snapdragon 7-series class SoC (4x Cortex-A78 + 4x Cortex-A55): approx. 0.15 TFLOPS fp32 CPU peak, 6 GB RAM "
         "(≈2 GB app budget); CPU training ≈20% of peak; 4G LTE medians approx. 8/30 Mbps",
     ),
     "phone-highend": DeviceProfile(
-        train_tflops=0.10, memory_gb=4.0, uplink_mbps=20.0, downlink_mbps=150.0,
+        train_tflops=0.10,
+        memory_gb=4.0,
+        uplink_mbps=20.0,
+        downlink_mbps=150.0,
         source="Snapdragon 8 Gen 2 class SoC (Adreno 740): approx. 2.5-3.5 TFLOPS fp32 GPU peak, 12 GB RAM "
         "(≈4 GB app budget); on-device training ≈4% of GPU peak (throttling, immature kernels); 5G medians approx. 20/150 Mbps",
     ),
     "laptop-cpu": DeviceProfile(
-        train_tflops=0.16, memory_gb=10.0, uplink_mbps=20.0, downlink_mbps=100.0,
+        train_tflops=0.16,
+        memory_gb=10.0,
+        uplink_mbps=20.0,
+        downlink_mbps=100.0,
         source="8-core x86 laptop CPU (Ryzen 7 / Core i7 class), AVX2 2xFMA: approx. 0.64 TFLOPS fp32 at ~2.5 GHz all-core; "
         "PyTorch CPU training ≈25% of peak; 16 GB RAM (≈10 GB usable); home broadband over Wi-Fi approx. 20/100 Mbps",
     ),
     "workstation-gpu": DeviceProfile(
-        train_tflops=58.0, memory_gb=22.0, uplink_mbps=500.0, downlink_mbps=900.0,
+        train_tflops=58.0,
+        memory_gb=22.0,
+        uplink_mbps=500.0,
+        downlink_mbps=900.0,
         source="NVIDIA GeForce RTX 4090 (Ada whitepaper): approx. 165 TFLOPS bf16 dense tensor peak with fp32 accumulate, "
         "24 GB GDDR6X (≈22 GB after CUDA context); effective ≈35% of peak; wired gigabit LAN approx. 500/900 Mbps",
     ),
@@ -137,7 +168,11 @@ def trace_profiles(rows: Sequence[Mapping[str, Any]], custom: Mapping[str, Devic
             problems.append(f"line {row['line']}: {exc}")
             continue
         fields = {**base.model_dump(exclude={"availability", "source"}), **row["overrides"]}
-        note = f"; overridden by trace line {row['line']}: {', '.join(sorted(row['overrides']))}" if row["overrides"] else ""
+        note = (
+            f"; overridden by trace line {row['line']}: {', '.join(sorted(row['overrides']))}"
+            if row["overrides"]
+            else ""
+        )
         profiles.append(DeviceProfile(**fields, availability=Trace(), source=base.source + note))
     if problems:
         raise ValueError("trace names unknown device profiles:\n" + "\n".join(f"  - {p}" for p in problems))

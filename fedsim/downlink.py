@@ -66,12 +66,17 @@ class Downlink:
 
 def apply_down(record: ConfigRecord, held: AdapterState | None, held_version: int) -> AdapterState:
     """The client's side: the broadcast adapter from a 'down' record and the copy it holds."""
-    payload = decode(bytes(record["payload"]))  # type: ignore[arg-type]
+    raw, base = record["payload"], record["base"]
+    if not isinstance(raw, bytes) or not isinstance(base, int):
+        raise TypeError(
+            f"a 'down' record carries bytes 'payload' and int 'base', got {type(raw).__name__} and {type(base).__name__}"
+        )
+    payload = decode(raw)
     if record["kind"] == FULL:
         return {k: v.to(torch.float32) for k, v in payload.items()}
-    if held is None or held_version != int(record["base"]):  # type: ignore[arg-type]
+    if held is None or held_version != base:
         raise ValueError(
-            f"downlink delta is based on version {record['base']}, but this client holds {held_version}; "
+            f"downlink delta is based on version {base}, but this client holds {held_version}; "
             "the server sends the full adapter next time"
         )
     return {k: held[k] + payload[k].to(torch.float32) for k in held}

@@ -53,7 +53,9 @@ class Exported:
     padding: float  # share of the saved prunable parameters that are zero padding
 
 
-def export_clients(device: Sequence[str], profile: str | None = None, client: int | None = None) -> tuple[str, list[int]]:
+def export_clients(
+    device: Sequence[str], profile: str | None = None, client: int | None = None
+) -> tuple[str, list[int]]:
     """The profile and client ids an export stands for: every client of `profile`, or `client`
     alone (exactly one of them given). ValueError naming the known profiles or the id range."""
     if (profile is None) == (client is None):
@@ -64,11 +66,15 @@ def export_clients(device: Sequence[str], profile: str | None = None, client: in
         return str(device[client]), [client]
     ids = [c for c, d in enumerate(device) if d == profile]
     if not ids:
-        raise ValueError(f"no client of the run has device profile {profile!r}; profiles: {', '.join(sorted(set(device)))}")
+        raise ValueError(
+            f"no client of the run has device profile {profile!r}; profiles: {', '.join(sorted(set(device)))}"
+        )
     return str(profile), ids
 
 
-def shipped_keep(book: PruneBook, profile: str, ids: Sequence[int], deploy_ratios: Mapping[str, float], cut: Callable[[float], Keep]) -> Keep | None:
+def shipped_keep(
+    book: PruneBook, profile: str, ids: Sequence[int], deploy_ratios: Mapping[str, float], cut: Callable[[float], Keep]
+) -> Keep | None:
     """The keep clients `ids` of `profile` deploy (the most trained one's; None: the unpruned model).
 
     With deploy ratios (`pruning.deploy_ratios`) it is the model `fedsim.deployment` scored: at
@@ -131,7 +137,9 @@ def _padded(linear: torch.nn.Linear, axis: int, count: int) -> torch.nn.Linear:
     new.weight = torch.nn.Parameter(new_w, requires_grad=False)
     if bias:
         b = linear.bias.detach()
-        new.bias = torch.nn.Parameter(torch.cat([b, b.new_zeros(count)]) if axis == 0 else b.clone(), requires_grad=False)
+        new.bias = torch.nn.Parameter(
+            torch.cat([b, b.new_zeros(count)]) if axis == 0 else b.clone(), requires_grad=False
+        )
     return new
 
 
@@ -147,14 +155,23 @@ def per_ratio_keeps(book: PruneBook) -> dict[float, Keep | None]:
     return out
 
 
-def export_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, str]], book: PruneBook, scenario: Scenario, server_round: int) -> list[dict[str, object]]:
+def export_rows(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[dict[str, str]],
+    book: PruneBook,
+    scenario: Scenario,
+    server_round: int,
+) -> list[dict[str, object]]:
     """`eval_export` rows: `model` (the final global adapter loaded) cut to each target ratio's
     keep, scored on the central test set, as its devices would deploy it."""
     rows: list[dict[str, object]] = []
     e, t = scenario.eval, scenario.train
     for target, keep in per_ratio_keeps(book).items():
         pruned = pruned_copy(model, keep) if keep is not None else model
-        res = evaluate(pruned, tokenizer, examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=t.max_seq_len)
+        res = evaluate(
+            pruned, tokenizer, examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=t.max_seq_len
+        )
         rows.append({
             "round": server_round, "client_id": -1, "kind": "eval_export", "num_examples": res.num_examples, "loss": res.loss,
             "accuracy": res.accuracy, "wall_time_s": res.wall_time_s, "prune_target": target, "prune_ratio": book.ratio(keep),
@@ -183,11 +200,24 @@ def export(run_dir: Path, out: Path, profile: str | None = None, client: int | N
     if (run_dir / "keeps.json").is_file():
         book.load((run_dir / "keeps.json").read_text())
     mode = scenario.pruning.mode
-    keep = shipped_keep(book, profile, ids, scenario.pruning.deploy_ratios, lambda rho: select_keep(central.deploy_importance(adapter), layers, rho, mode))
+    keep = shipped_keep(
+        book,
+        profile,
+        ids,
+        scenario.pruning.deploy_ratios,
+        lambda rho: select_keep(central.deploy_importance(adapter), layers, rho, mode),
+    )
     exported = merged(central.model, central.tokenizer, keep)
     out.mkdir(parents=True, exist_ok=True)
     exported.model.save_pretrained(out)
     exported.tokenizer.save_pretrained(out)
-    manifest = {"run": str(run_dir), "device": profile, "client": client, "ratio": exported.ratio, "padding": exported.padding, "keep": keep.to_json() if keep else None}
+    manifest = {
+        "run": str(run_dir),
+        "device": profile,
+        "client": client,
+        "ratio": exported.ratio,
+        "padding": exported.padding,
+        "keep": keep.to_json() if keep else None,
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return exported

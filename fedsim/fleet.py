@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.availability import FleetAvailability, load_trace
+from fedsim.availability import FleetAvailability, Windows, load_trace
 from fedsim.devices import CATALOG, DeviceProfile, load_profiles_file, resolve_profile, trace_profiles
 from fedsim.scenario import FleetConfig, Scenario
 from fedsim.seeding import derive_seed
@@ -36,10 +36,12 @@ class Fleet:
         return len(self.device)
 
 
-def per_client(fleet: Fleet, default: float, by_profile: Mapping[str, float], by_client: Mapping[str, float], dtype: type) -> np.ndarray:
+def per_client(
+    fleet: Fleet, default: float, by_profile: Mapping[str, float], by_client: Mapping[str, float], dtype: type
+) -> np.ndarray:
     """(N,) a per-client setting: `by_client[str(id)]`, else `by_profile[profile]`, else `default`
     (the scenario's lora.*_ranks and pruning.*_ratios tables)."""
-    values = np.array([by_profile.get(str(d), default) for d in fleet.device], dtype=dtype)
+    values: np.ndarray = np.array([by_profile.get(str(d), default) for d in fleet.device], dtype=dtype)
     for cid, v in by_client.items():
         values[int(cid)] = v
     return values
@@ -50,7 +52,7 @@ def _custom_profiles(cfg: FleetConfig) -> dict[str, DeviceProfile]:
     return {**from_file, **cfg.profiles}
 
 
-def fleet_profiles(cfg: FleetConfig, num_clients: int) -> tuple[list[str], list[DeviceProfile], object]:
+def fleet_profiles(cfg: FleetConfig, num_clients: int) -> tuple[list[str], list[DeviceProfile], Windows | None]:
     """(profile name per client, profile per client, trace windows or None)."""
     custom = _custom_profiles(cfg)
     if cfg.trace:
@@ -85,7 +87,9 @@ def build_fleet(scenario: Scenario) -> Fleet:
         memory=column("memory_gb") * GIB,
         up_bps=column("uplink_mbps") * 1e6 * jitter[1],
         down_bps=column("downlink_mbps") * 1e6 * jitter[2],
-        availability=FleetAvailability([p.availability for p in profiles], derive_seed(scenario.seed, "availability"), windows),  # type: ignore[arg-type]
+        availability=FleetAvailability(
+            [p.availability for p in profiles], derive_seed(scenario.seed, "availability"), windows
+        ),
     )
 
 

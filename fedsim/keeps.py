@@ -34,7 +34,7 @@ def client_ratios(scenario: Scenario, fleet: Fleet) -> np.ndarray:
     return per_client(fleet, p.ratio, p.profile_ratios, p.client_ratios, float)
 
 
-def most_trained(ids: Iterable[int], steps: Sequence[int]) -> int:
+def most_trained(ids: Iterable[int], steps: np.ndarray | Sequence[int]) -> int:
     """The client among `ids` that trained most steps (ties: the lowest id): whose keep stands for
     its ratio or profile (`fedsim.export`)."""
     return max(ids, key=lambda c: (steps[c], -c))
@@ -45,7 +45,12 @@ def pruned_shape(shape: ModelShape, keep: Keep | None) -> ModelShape:
     if keep is None:
         return shape
     layers = tuple(
-        LayerShape(q_out=len(g) * keep.group_size * keep.head_dim, kv_out=len(g) * keep.head_dim, head_dim=keep.head_dim, mlp=len(c))
+        LayerShape(
+            q_out=len(g) * keep.group_size * keep.head_dim,
+            kv_out=len(g) * keep.head_dim,
+            head_dim=keep.head_dim,
+            mlp=len(c),
+        )
         for g, c in zip(keep.groups, keep.channels, strict=True)
     )
     return ModelShape(shape.hidden, shape.vocab, layers, shape.tied_embeddings)
@@ -91,7 +96,10 @@ class PruneBook:
         """Whether the client's last step trained at its target (the schedule's last event is behind it)."""
         p = self.scenario.pruning
         target = float(self.targets[cid])
-        return self.steps[cid] >= 1 and ratio_before_step(int(self.steps[cid]) - 1, target, p.interval_steps, p.events) >= target - 1e-9
+        return (
+            self.steps[cid] >= 1
+            and ratio_before_step(int(self.steps[cid]) - 1, target, p.interval_steps, p.events) >= target - 1e-9
+        )
 
     def trained_at(self, cid: int, ratio: float) -> Keep | None:
         """The keep client `cid` trained at `ratio`: held, cut for that ratio and reached (the
@@ -107,7 +115,11 @@ class PruneBook:
     def order(self, cid: int) -> dict[str, object]:
         """The train config entries that tell client `cid` what to hold and how to grow it."""
         keep = self.held(cid)
-        return {"prune-keep": keep.to_json() if keep is not None else "", "prune-target": float(self.targets[cid]), "prune-steps": int(self.steps[cid])}
+        return {
+            "prune-keep": keep.to_json() if keep is not None else "",
+            "prune-target": float(self.targets[cid]),
+            "prune-steps": int(self.steps[cid]),
+        }
 
     def retarget(self, cid: int, target: float) -> None:
         """A target ratio for client `cid` (the controller's arm). The same target as before changes

@@ -100,33 +100,22 @@ def check_model_name(name: str) -> str | None:
     if name in {info.name for info in _REGISTRY}:
         return None
     # strip(): Path("") is ".", which would silently load the working directory
-    if name.strip() and (
-        pathlib.Path(name).expanduser().is_dir() or _HF_ID.match(name)
-    ):
+    if name.strip() and (pathlib.Path(name).expanduser().is_dir() or _HF_ID.match(name)):
         return None
-    return (
-        f"unknown model {name!r}; known: {_known()}, "
-        "or a local path, or a Hugging Face id org/name"
-    )
+    return f"unknown model {name!r}; known: {_known()}, or a local path, or a Hugging Face id org/name"
 
 
 def cache_dir() -> pathlib.Path:
     """Where fedsim keeps converted models: $FEDSIM_CACHE, else ~/.cache/fedsim."""
-    return pathlib.Path(
-        os.environ.get("FEDSIM_CACHE") or "~/.cache/fedsim"
-    ).expanduser()
+    return pathlib.Path(os.environ.get("FEDSIM_CACHE") or "~/.cache/fedsim").expanduser()
 
 
-def load_model(
-    name: str, dtype: str = "float32"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(name: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A fresh model (eval mode, CPU, `dtype`) and its tokenizer; raises ModelError."""
     if (problem := check_model_name(name)) is not None:
         raise ModelError(problem)
     if dtype not in _DTYPES:
-        raise ModelError(
-            f"model {name!r}: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}"
-        )
+        raise ModelError(f"model {name!r}: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     if name == "tiny-llama":
@@ -146,9 +135,7 @@ def load_model(
 
 def _from_folder(name: str, folder: pathlib.Path, dtype: str) -> _ModelAndTokenizer:
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=_DTYPES[dtype], local_files_only=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelError(
@@ -221,10 +208,7 @@ def smollm2_gguf_path() -> pathlib.Path:
     try:
         files = importlib.metadata.files(_SMOLLM2_DIST) or []
     except importlib.metadata.PackageNotFoundError as err:
-        raise ModelError(
-            f"model 'smollm2-135m' needs the {_SMOLLM2_DIST} package; "
-            f"run `{_SMOLLM2_PIP}`"
-        ) from err
+        raise ModelError(f"model 'smollm2-135m' needs the {_SMOLLM2_DIST} package; run `{_SMOLLM2_PIP}`") from err
     gguf = next((f for f in files if f.name.endswith(".gguf")), None)
     path = pathlib.Path(str(gguf.locate())) if gguf is not None else None
     if path is None or not path.is_file():
@@ -260,9 +244,7 @@ def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path) -> None:
     """Dequantise the GGUF with transformers; save safetensors + tokenizer in `out`."""
     start = time.perf_counter()
     logger.info("converting %s into %s (once, about 20 s)", gguf.name, out.parent)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float32 now; without this save_pretrained refuses them.
     model.hf_quantizer = None  # type: ignore[assignment]

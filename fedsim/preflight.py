@@ -41,14 +41,21 @@ def model_layers(name: str, dtype: str) -> list[LayerGeometry] | str:
 def pruning_problems(scenario: Scenario, fleet: Fleet) -> list[str]:
     deploy = scenario.pruning.deploy_ratios
     present = set(fleet.device.astype(str))
-    problems = [f"`pruning.deploy_ratios.{name}`: no device of the fleet has this profile; profiles: {', '.join(sorted(present))}" for name in deploy if name not in present]
+    problems = [
+        f"`pruning.deploy_ratios.{name}`: no device of the fleet has this profile; profiles: {', '.join(sorted(present))}"
+        for name in deploy
+        if name not in present
+    ]
     if not scenario.prunes and not any(deploy.values()):
         return problems
     layers = model_layers(scenario.model.name, scenario.model.dtype)
     if isinstance(layers, str):
         return [*problems, f"`pruning`: {layers}"]
     arms = scenario.controller.ratios if scenario.controller is not None else ()
-    return problems + [f"`pruning`: {p}" for p in ratio_problems(layers, scenario, [*client_ratios(scenario, fleet), *arms, *deploy.values()])]
+    return problems + [
+        f"`pruning`: {p}"
+        for p in ratio_problems(layers, scenario, [*client_ratios(scenario, fleet), *arms, *deploy.values()])
+    ]
 
 
 def adapter_bytes(shape: ModelShape, scenario: Scenario) -> int:
@@ -85,7 +92,15 @@ def preflight(scenario: Scenario, source: str) -> None:
     except ValueError as exc:
         raise ScenarioError(source, [f"`fleet`: {exc}"]) from None
     known = set(fleet.device.astype(str)) | set(CATALOG) | set(scenario.fleet.profiles)
-    unknown = [f"`{field}.{n}`: no device of the fleet has that profile" for field, names in (("lora.profile_ranks", scenario.lora.profile_ranks), ("pruning.profile_ratios", scenario.pruning.profile_ratios), ("controller.profile_arms", scenario.controller.profile_arms if scenario.controller else {})) for n in sorted(set(names) - known)]
+    unknown = [
+        f"`{field}.{n}`: no device of the fleet has that profile"
+        for field, names in (
+            ("lora.profile_ranks", scenario.lora.profile_ranks),
+            ("pruning.profile_ratios", scenario.pruning.profile_ratios),
+            ("controller.profile_arms", scenario.controller.profile_arms if scenario.controller else {}),
+        )
+        for n in sorted(set(names) - known)
+    ]
     if unknown:  # profiles from a file or trace: known only now
         raise ScenarioError(source, unknown)
     shape = model_shape(scenario.model.name, scenario.model.dtype)

@@ -53,5 +53,10 @@ def kept_ranks(metrics: pd.DataFrame) -> dict[int, int]:
     none."""
     if "rank_kept" not in metrics.columns:
         return {}
-    rows = metrics[(metrics["kind"] == "train") & (metrics["status"] == "ok") & (metrics["rank_kept"] > 0) & (metrics["rank_kept"] < metrics["lora_rank"])]
+    rows = metrics[
+        (metrics["kind"] == "train")
+        & (metrics["status"] == "ok")
+        & (metrics["rank_kept"] > 0)
+        & (metrics["rank_kept"] < metrics["lora_rank"])
+    ]
     return {int(c): int(r) for c, r in rows.sort_values("round").groupby("client_id")["rank_kept"].last().items()}

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 
 from fedsim.adapter import AdapterState
 from fedsim.compression import CodecError, decode
@@ -33,7 +33,16 @@ class Checked:
 
 # The metrics a train reply carries (clients.app), each a finite number; the round loop reads them
 # all, and the strategy averages exactly these (Flower refuses replies whose metric keys differ).
-TRAIN_METRICS = ("num-examples", "train-loss", "loss-before", "loss-after", "tokens", "flops", "wall-time-s", "prune-ratio")
+TRAIN_METRICS = (
+    "num-examples",
+    "train-loss",
+    "loss-before",
+    "loss-after",
+    "tokens",
+    "flops",
+    "wall-time-s",
+    "prune-ratio",
+)
 
 
 def check_train_reply(msg: Message, expected: AdapterState) -> Checked:
@@ -53,10 +62,11 @@ def _decoded_update(msg: Message, expected: AdapterState) -> tuple[AdapterState 
     if problem:
         return None, problem
     metrics = content.metric_records["metrics"]
-    bad = [k for k in TRAIN_METRICS if not isinstance(metrics.get(k), (int, float)) or not math.isfinite(metrics[k])]
+    bad = [k for k in TRAIN_METRICS if not _finite_number(metrics.get(k))]
     if bad:
         return None, f"metrics {bad} must be finite numbers (a train reply carries {', '.join(TRAIN_METRICS)})"
     flops = metrics["flops"]
+    assert isinstance(flops, (int, float))  # checked just above
     if flops < 0:
         return None, f"'flops' must be a finite number >= 0, got {flops!r}"
     payload = content.config_records["update"].get("payload")
@@ -75,6 +85,22 @@ def _decoded_update(msg: Message, expected: AdapterState) -> tuple[AdapterState 
         if not bool(torch.isfinite(update[key]).all()):
             return None, f"{key}: not finite (NaN/Inf)"
     return {k: v.to(torch.float32) for k, v in update.items()}, ""
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def reply_metric(msg: Message, key: str, default: float | None = None) -> float:
+    """The number `key` of a reply's 'metrics' MetricRecord (`default`, if given, when it has
+    none); a checked reply's metrics are numbers, so anything else is a TypeError."""
+    metrics = msg.content["metrics"]
+    if not isinstance(metrics, MetricRecord):
+        raise TypeError(f"the reply's 'metrics' is a {type(metrics).__name__}, not a MetricRecord")
+    value = metrics[key] if default is None else metrics.get(key, default)
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"metric {key!r} of the reply must be a number, got {value!r}")
+    return value
 
 
 def _failed(msg: Message) -> Checked:

@@ -37,14 +37,24 @@ def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
                 "central_loss": float(central["loss"].iloc[0]) if len(central) else float("nan"),
                 "central_accuracy": float(central["accuracy"].iloc[0]) if len(central) else float("nan"),
                 "wall_time_s": float(central["wall_time_s"].iloc[0]) if len(central) else float("nan"),
-                "sim_time_s": float(central["sim_time_s"].iloc[0]) if len(central) and "sim_time_s" in central else float("nan"),
-                "aggregation_bias": float(central["aggregation_bias"].iloc[0]) if len(central) and "aggregation_bias" in central else float("nan"),
-                **{k: float(central[k].iloc[0]) for k in ("deployed_loss", "deployed_accuracy") if len(central) and k in central},
+                "sim_time_s": float(central["sim_time_s"].iloc[0])
+                if len(central) and "sim_time_s" in central
+                else float("nan"),
+                "aggregation_bias": float(central["aggregation_bias"].iloc[0])
+                if len(central) and "aggregation_bias" in central
+                else float("nan"),
+                **{
+                    k: float(central[k].iloc[0])
+                    for k in ("deployed_loss", "deployed_accuracy")
+                    if len(central) and k in central
+                },
             }
         )
     table = pd.DataFrame(rows).set_index("round")
     deployed = [k for k in ("deployed_loss", "deployed_accuracy") if k in table]
-    return table.drop(columns=deployed) if deployed and table[deployed].isna().all().all() else table  # only runs with deploy ratios have them
+    return (
+        table.drop(columns=deployed) if deployed and table[deployed].isna().all().all() else table
+    )  # only runs with deploy ratios have them
 
 
 def ratio_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -52,7 +62,11 @@ def ratio_table(metrics: pd.DataFrame) -> pd.DataFrame:
     one row per target ratio; empty for an unpruned run."""
     rows = metrics[metrics["kind"] == "eval_export"] if "kind" in metrics else metrics.iloc[:0]
     columns = ["prune_target", "prune_ratio", "accuracy", "loss", "num_examples"]
-    return rows[columns].set_index("prune_target").sort_index() if len(rows) else pd.DataFrame(columns=columns).set_index("prune_target")
+    return (
+        rows[columns].set_index("prune_target").sort_index()
+        if len(rows)
+        else pd.DataFrame(columns=columns).set_index("prune_target")
+    )
 
 
 def arms_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -62,8 +76,19 @@ def arms_table(metrics: pd.DataFrame) -> pd.DataFrame:
     median of the pace's predicted round time over the measured one (compute + comm) of its
     clients, i.e. how far to trust the screen on that profile (NaN without a prediction). Empty
     without a controller."""
-    train = metrics[(metrics["kind"] == "train") & (metrics["arm_rank"] > 0)] if "arm_rank" in metrics else metrics.iloc[:0]
-    columns = ["settled_rank", "settled_ratio", "settled_share", "settled_reward", "mean_reward", "arms_tried", "pulls", "predicted_share"]
+    train = (
+        metrics[(metrics["kind"] == "train") & (metrics["arm_rank"] > 0)] if "arm_rank" in metrics else metrics.iloc[:0]
+    )
+    columns = [
+        "settled_rank",
+        "settled_ratio",
+        "settled_share",
+        "settled_reward",
+        "mean_reward",
+        "arms_tried",
+        "pulls",
+        "predicted_share",
+    ]
     if train.empty:
         return pd.DataFrame(columns=["device", *columns]).set_index("device")
     late = train[train["round"] > train["round"].max() * 2 / 3]
@@ -107,7 +132,9 @@ def _clock(run_dir: str | Path) -> str:
     import tomllib
 
     path = Path(run_dir) / "scenario.toml"
-    clock = tomllib.loads(path.read_text()).get("fleet", {}).get("clock", "simulated") if path.is_file() else "simulated"
+    clock = (
+        tomllib.loads(path.read_text()).get("fleet", {}).get("clock", "simulated") if path.is_file() else "simulated"
+    )
     return "measured" if clock == "measured" else "simulated"
 
 
@@ -138,8 +165,11 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"central loss      {first['central_loss']:.4f} -> {last['central_loss']:.4f}",
             f"held-out examples {_held_out(metrics)}",
             *(
-                [f"deployed models   loss {first['deployed_loss']:.4f} -> {last['deployed_loss']:.4f}, accuracy {last['deployed_accuracy']:.3f}  (each profile's model cut to pruning.deploy_ratios)"]
-                if "deployed_loss" in table else []
+                [
+                    f"deployed models   loss {first['deployed_loss']:.4f} -> {last['deployed_loss']:.4f}, accuracy {last['deployed_accuracy']:.3f}  (each profile's model cut to pruning.deploy_ratios)"
+                ]
+                if "deployed_loss" in table
+                else []
             ),
             f"{_clock(run_dir) + ' time':<18}{last['sim_time_s']:.1f}s on the fleet (wall {last['wall_time_s']:.1f}s here)",
             f"client failures   {failed} failed or rejected, {lost} stragglers/dropped/infeasible",
@@ -147,8 +177,11 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"final adapter     {Path(run_dir) / 'adapter'}  (PeftModel.from_pretrained(base, path))",
             f"per-round table   fedsim report {run_dir}",
             *(
-                [f"pruned models     {', '.join(f'ratio {r.prune_ratio:.2f}: acc {r.accuracy:.3f}' for r in ratios.itertuples())}  (fedsim export {run_dir} --device PROFILE)"]
-                if len(ratios) else []
+                [
+                    f"pruned models     {', '.join(f'ratio {r.prune_ratio:.2f}: acc {r.accuracy:.3f}' for r in ratios.itertuples())}  (fedsim export {run_dir} --device PROFILE)"
+                ]
+                if len(ratios)
+                else []
             ),
         ]
     )

@@ -48,9 +48,15 @@ def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
     """The last complete round of `run_dir`, and trim its rows to it; ValueError if there is none."""
     metrics = read_metrics(run_dir.path)
     central = metrics[metrics["kind"] == "eval_central"].set_index("round")
-    complete = [int(k) for k in sorted(central.index, reverse=True) if k > 0 and _checkpoint_complete(run_dir.checkpoint_path(int(k)), scenario)]
+    complete = [
+        int(k)
+        for k in sorted(central.index, reverse=True)
+        if k > 0 and _checkpoint_complete(run_dir.checkpoint_path(int(k)), scenario)
+    ]
     if not complete:
-        raise ValueError(f"{run_dir.path} has no complete round to resume from (a round's metrics and its whole checkpoint)")
+        raise ValueError(
+            f"{run_dir.path} has no complete round to resume from (a round's metrics and its whole checkpoint)"
+        )
     k = complete[0]
     if k >= scenario.rounds:
         raise ValueError(f"{run_dir.path} already ran {k} of {scenario.rounds} rounds; ask for more with --rounds N")
@@ -69,7 +75,11 @@ def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
 
 
 def _checkpoint_complete(folder: Path, scenario: Scenario) -> bool:
-    needed = ["adapter_model.safetensors"] + ([KEEPS_FILE] if scenario.prunes else []) + ([STATE_FILE] if scenario.controller else [])
+    needed = (
+        ["adapter_model.safetensors"]
+        + ([KEEPS_FILE] if scenario.prunes else [])
+        + ([STATE_FILE] if scenario.controller else [])
+    )
     return all((folder / name).is_file() for name in needed)
 
 

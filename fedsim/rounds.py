@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedsim.adapter import AdapterState, factors, from_record, split_state, to_record
 from fedsim.availability import dropout_draws
@@ -46,7 +47,7 @@ from fedsim.fleet import GIB, Fleet
 from fedsim.keeps import PruneBook, plan_server_keeps
 from fedsim.pruning.slicing import slice_adapter
 from fedsim.pruning.structure import Keep, Scores
-from fedsim.replies import TRAIN_METRICS, Checked, check_eval_reply, check_train_reply
+from fedsim.replies import TRAIN_METRICS, Checked, check_eval_reply, check_train_reply, reply_metric
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from strategies import LoraStrategy
@@ -67,23 +68,25 @@ class Participants(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self._ids)
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]
+    def set_run(self, run: Run) -> None:
         return self._grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         return self._grid.run
 
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self._grid.create_message(*args, **kwargs)
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
 
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
@@ -106,7 +109,9 @@ class RoundEnv:
     clients: dict[int, int]  # client id → node id
     ranks: np.ndarray  # (N,) LoRA rank of each client id (assigned: the scenario's, or the controller's arm)
     estimate: Callable[[int, Keep | None], Estimates]  # (rank, keep of the model held) → cost
-    score: Callable[..., float] | None = None  # held-out loss of an adapter (α tuning, contributions): (state, examples=16)
+    score: Callable[..., float] | None = (
+        None  # held-out loss of an adapter (α tuning, contributions): (state, examples=16)
+    )
     downlink: Downlink | None = None  # compressed server → client direction, if enabled
     pruning: PruneBook | None = None  # each client's pruned model, when pruning is on
     control: ArmControl | None = None  # the bandit that picks each sampled client's arm, if any
@@ -162,7 +167,9 @@ def _config(scenario: Scenario) -> ConfigRecord:
     return ConfigRecord({"scenario": scenario.to_json()})
 
 
-def _exchange(env: RoundEnv, messages: Iterable[Message], check) -> tuple[list[Checked], list[int]]:  # type: ignore[no-untyped-def]
+def _exchange(
+    env: RoundEnv, messages: Iterable[Message], check: Callable[[Message], Checked]
+) -> tuple[list[Checked], list[int]]:
     """Send, wait, validate; replies sorted by client id (aggregation order never depends on
     arrival order). Also returns the nodes that never answered. Each reply's measured round
     trip is kept in `env.round_trips` (node id → seconds)."""
@@ -173,7 +180,9 @@ def _exchange(env: RoundEnv, messages: Iterable[Message], check) -> tuple[list[C
     return checked, [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
 
 
-def timed_send_and_receive(grid: Grid, messages: list[Message], timeout: float, poll_s: float = 0.1) -> tuple[list[Message], dict[int, float]]:
+def timed_send_and_receive(
+    grid: Grid, messages: list[Message], timeout: float, poll_s: float = 0.1
+) -> tuple[list[Message], dict[int, float]]:
     """Flower's `Grid.send_and_receive` (push, then pull until all replied or `timeout`), also
     returning each replying node's round trip in seconds (to within `poll_s`): the measured
     clock of a deployment."""
@@ -185,7 +194,9 @@ def timed_send_and_receive(grid: Grid, messages: list[Message], timeout: float, 
         for reply in grid.pull_messages(pending):
             # The SuperLink answers "node unavailable" for a node that went away under its own
             # id (1): credit the reply to the node the message went to. (Metadata has no setter.)
-            reply.metadata.__dict__["_src_node_id"] = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            reply.metadata.__dict__["_src_node_id"] = sent_to.get(
+                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
+            )
             replies.append(reply)
             seconds[reply.metadata.src_node_id] = time.monotonic() - start
             pending.discard(reply.metadata.reply_to_message_id)
@@ -202,22 +213,31 @@ def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: 
     return ids[f.availability.online_through(ids, t_now, t_now + est_s, server_round)]
 
 
-def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> tuple[AdapterState, list[Row], float]:
+def train_round(
+    env: RoundEnv, state: AdapterState, server_round: int, t_now: float
+) -> tuple[AdapterState, list[Row], float]:
     """One training round at simulated time `t_now`: (new state, rows, simulated duration)."""
     s = env.scenario
     chosen, rows = _choose(env, state, server_round, t_now)
     base = env.downlink.advance(state, server_round) if env.downlink else state  # what clients start from
     checked, silent, down, sent = _send_train(env, base, chosen, server_round)
-    rows += [_base_row(env, env.node_to_client[n], server_round, "train", "failed", "no reply before the round timeout") for n in silent]
-    rows += [_base_row(env, env.node_to_client[c.message.metadata.src_node_id], server_round, "train", c.status, c.reason) for c in checked if c.status != "ok"]
+    rows += [
+        _base_row(env, env.node_to_client[n], server_round, "train", "failed", "no reply before the round timeout")
+        for n in silent
+    ]
+    rows += [
+        _base_row(env, env.node_to_client[c.message.metadata.src_node_id], server_round, "train", c.status, c.reason)
+        for c in checked
+        if c.status != "ok"
+    ]
 
     ok = [c for c in checked if c.status == "ok"]
     cids = np.array([env.node_to_client[c.message.metadata.src_node_id] for c in ok], dtype=np.int64)
-    flops = np.array([float(c.message.content["metrics"]["flops"]) for c in ok])
+    flops = np.array([float(reply_metric(c.message, "flops")) for c in ok])
     up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
     down_ok = np.array([down[c.message.metadata.src_node_id] for c in ok], dtype=np.int64)
     if s.fleet.clock == "measured":  # deployment: the clients' reported training time, the rest of the round trip
-        compute = np.array([float(c.message.content["metrics"]["wall-time-s"]) for c in ok])
+        compute = np.array([float(reply_metric(c.message, "wall-time-s")) for c in ok])
         trips = np.array([env.round_trips.get(c.message.metadata.src_node_id, 0.0) for c in ok])
         comm = np.maximum(trips - compute, 0.0)
     else:
@@ -229,31 +249,59 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     factor = _best_alpha(env, sent, kept_replies, server_round) if s.compression.alpha_auto and kept_replies else 1.0
     scoring = env.control is not None and env.control.scores_contributions
     # Each reply's adapter as the strategy aggregates it: the kept ones for the bias, every one when scored.
-    adapters = {i: env.strategy.client_adapter(_as_adapter_reply(c, sent, factor)) for i, c in enumerate(ok) if kept[i] or scoring}
+    adapters = {
+        i: env.strategy.client_adapter(_as_adapter_reply(c, sent, factor))
+        for i, c in enumerate(ok)
+        if kept[i] or scoring
+    }
     gains = contributions(env, state, list(adapters.values())) if scoring else np.full(len(ok), np.nan)
     for i, c in enumerate(ok):
-        row = _base_row(env, int(cids[i]), server_round, "train", "ok" if kept[i] else "straggler", "" if kept[i] else _straggler_reason(compute[i] + comm[i], s))
-        row.update(_train_metrics(c.message), flops=float(flops[i]), sim_compute_s=float(compute[i]), sim_comm_s=float(comm[i]), bytes_up=int(up[i]), bytes_down=int(down_ok[i]))
+        row = _base_row(
+            env,
+            int(cids[i]),
+            server_round,
+            "train",
+            "ok" if kept[i] else "straggler",
+            "" if kept[i] else _straggler_reason(compute[i] + comm[i], s),
+        )
+        row.update(
+            _train_metrics(c.message),
+            flops=float(flops[i]),
+            sim_compute_s=float(compute[i]),
+            sim_comm_s=float(comm[i]),
+            bytes_up=int(up[i]),
+            bytes_down=int(down_ok[i]),
+        )
         row["rank_kept"] = _reply_rank(c.message, row["lora_rank"])
         if kept[i] and row["rank_kept"] < row["lora_rank"]:
             env.kept_ranks[int(cids[i])] = row["rank_kept"]
         row["contribution"] = float(gains[i])
-        row["update_norm"] = math.sqrt(sum(float(v.double().pow(2).sum()) for v in c.update.values())) if c.update else 0.0
+        row["update_norm"] = (
+            math.sqrt(sum(float(v.double().pow(2).sum()) for v in c.update.values())) if c.update else 0.0
+        )
         if kept[i] and s.compression.method == "compeft":
             row["alpha"] = factor if s.compression.alpha_auto else s.compression.alpha
         if env.pruning is not None:
-            row["prune_ratio"] = float(c.message.content["metrics"].get("prune-ratio", row["prune_ratio"]))
+            row["prune_ratio"] = float(reply_metric(c.message, "prune-ratio", row["prune_ratio"]))
             if kept[i]:
                 env.pruning.record(int(cids[i]), _reply_keep(c.message), s.train.local_steps)
         rows.append(row)
-    bias = round_bias([adapters[i].state for i in np.flatnonzero(kept)], [float(c.message.content["metrics"]["num-examples"]) for c in kept_replies], s)
+    bias = round_bias(
+        [adapters[int(i)].state for i in np.flatnonzero(kept)],
+        [float(reply_metric(c.message, "num-examples")) for c in kept_replies],
+        s,
+    )
     state = _aggregate(env, sent, kept_replies, server_round, factor) or state
     env.last_bias = bias
     if env.control is not None:
         env.control.observe(rows)
     duration = round_duration(compute + comm, kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
-    return state, sorted(rows, key=lambda r: r["client_id"]), duration if kept.any() else max(duration, s.fleet.idle_step_s)
+    return (
+        state,
+        sorted(rows, key=lambda r: r["client_id"]),
+        duration if kept.any() else max(duration, s.fleet.idle_step_s),
+    )
 
 
 def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> tuple[np.ndarray, list[Row]]:
@@ -272,12 +320,24 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
     need = env.estimated(chosen)[1]
     infeasible = f.memory[chosen] < need
     rows = [
-        _base_row(env, int(c), server_round, "train", "infeasible", f"needs {m / GIB:.2f} GiB at rank {env.rank(int(c))}{_pruned(env, int(c))}, device has {f.memory[c] / GIB:.2f} GiB")
+        _base_row(
+            env,
+            int(c),
+            server_round,
+            "train",
+            "infeasible",
+            f"needs {m / GIB:.2f} GiB at rank {env.rank(int(c))}{_pruned(env, int(c))}, device has {f.memory[c] / GIB:.2f} GiB",
+        )
         for c, m in zip(chosen[infeasible], need[infeasible])
     ]
     chosen = chosen[~infeasible]
     dropped = dropout_draws(chosen, server_round, derive_seed(s.seed, "dropout"), s.fleet.dropout)
-    rows += [_base_row(env, int(c), server_round, "train", "dropped", f"dropped out mid-round (fleet.dropout = {s.fleet.dropout})") for c in chosen[dropped]]
+    rows += [
+        _base_row(
+            env, int(c), server_round, "train", "dropped", f"dropped out mid-round (fleet.dropout = {s.fleet.dropout})"
+        )
+        for c in chosen[dropped]
+    ]
     return chosen[~dropped], rows
 
 
@@ -286,8 +346,9 @@ def _plan(env: RoundEnv, state: AdapterState, chosen: np.ndarray, server_round: 
     if env.control is not None:
         env.control.assign(chosen, server_round, env.ranks, env.pruning)
     if env.pruning is not None and env.scenario.pruning.where == "server":
-        assert env.server_scores is not None
-        plan_server_keeps(env.pruning, chosen, lambda: env.server_scores(state))  # type: ignore[misc]
+        server_scores = env.server_scores
+        assert server_scores is not None
+        plan_server_keeps(env.pruning, chosen, lambda: server_scores(state))
 
 
 def _pruned(env: RoundEnv, cid: int) -> str:
@@ -310,15 +371,29 @@ def _send_train(
     if not nodes:
         return [], [], {}, {}
     env.assign_ranks(chosen)
-    messages = list(env.strategy.configure_train(server_round, to_record(base), _config(env.scenario), Participants(env.grid, nodes)))
+    messages = list(
+        env.strategy.configure_train(
+            server_round, to_record(base), _config(env.scenario), Participants(env.grid, nodes)
+        )
+    )
     sent = _sent_states(messages)
     if env.downlink:  # one rank for all (checked at load): what each node holds is `base`
         for m in messages:  # each client gets the delta or the whole adapter, as it needs
-            m.content = RecordDict({"down": env.downlink.record_for(env.node_to_client[m.metadata.dst_node_id]), "config": m.content["config"]})
+            m.content = RecordDict(
+                {
+                    "down": env.downlink.record_for(env.node_to_client[m.metadata.dst_node_id]),
+                    "config": m.content["config"],
+                }
+            )
     down = _bytes_by_node(messages)
     checked, silent = _exchange(env, messages, lambda r: _check_train(env, r, sent))
     if env.downlink:
-        env.downlink.mark_received(np.array([env.node_to_client[c.message.metadata.src_node_id] for c in checked if c.status != "failed"], dtype=np.int64))
+        env.downlink.mark_received(
+            np.array(
+                [env.node_to_client[c.message.metadata.src_node_id] for c in checked if c.status != "failed"],
+                dtype=np.int64,
+            )
+        )
     return checked, silent, down, sent
 
 
@@ -363,12 +438,18 @@ def _sent_states(messages: list[Message]) -> dict[int, AdapterState]:
     decoded: dict[int, AdapterState] = {}
     for m in messages:
         record = m.content["arrays"]
+        if not isinstance(record, ArrayRecord):
+            raise TypeError(
+                f"'arrays' of the message to node {m.metadata.dst_node_id} is a {type(record).__name__}, not an ArrayRecord"
+            )
         if id(record) not in decoded:
             decoded[id(record)] = from_record(record)
     return {m.metadata.dst_node_id: decoded[id(m.content["arrays"])] for m in messages}
 
 
-def _aggregate(env: RoundEnv, sent: dict[int, AdapterState], replies: list[Checked], server_round: int, factor: float) -> AdapterState | None:
+def _aggregate(
+    env: RoundEnv, sent: dict[int, AdapterState], replies: list[Checked], server_round: int, factor: float
+) -> AdapterState | None:
     if not replies:
         return None
     arrays, _ = env.strategy.aggregate_train(server_round, [_as_adapter_reply(c, sent, factor) for c in replies])
@@ -380,7 +461,9 @@ def _best_alpha(env: RoundEnv, sent: dict[int, AdapterState], replies: list[Chec
     and a decoded update times α is exactly what they would have sent with α. Each α of the
     grid is aggregated and scored by the held-out loss (`RoundEnv.score`); the best is returned."""
     assert env.score is not None
-    losses = {a: env.score(_aggregate(env, sent, replies, server_round, a) or {}) for a in env.scenario.compression.alpha_grid}  # replies ≠ [], so never {}
+    losses = {
+        a: env.score(_aggregate(env, sent, replies, server_round, a) or {}) for a in env.scenario.compression.alpha_grid
+    }  # replies ≠ [], so never {}
     return min(losses, key=lambda a: (losses[a], a))
 
 
@@ -442,8 +525,10 @@ def _as_adapter_reply(checked: Checked, sent: dict[int, AdapterState], factor: f
     update) under 'arrays', its metrics under 'metrics' — whatever codec carried it."""
     local = _client_adapter(checked, sent, factor)
     msg = checked.message
-    metrics = msg.content["metrics"]  # exactly the checked keys: Flower averages them and refuses replies that differ
-    content = RecordDict({"arrays": to_record(local), "metrics": MetricRecord({k: metrics[k] for k in TRAIN_METRICS})})
+    # exactly the checked metrics: Flower averages them and refuses replies whose keys differ
+    content = RecordDict(
+        {"arrays": to_record(local), "metrics": MetricRecord({k: reply_metric(msg, k) for k in TRAIN_METRICS})}
+    )
     for record in (PRUNE_RECORD, RANK_RECORD):
         if record in msg.content.config_records:
             content[record] = msg.content[record]
@@ -454,12 +539,19 @@ def _as_adapter_reply(checked: Checked, sent: dict[int, AdapterState], factor: f
 def _reply_rank(msg: Message, trained: int) -> int:
     """The rank of the adapter a client sent back: the one it kept if it self-pruned (validated by
     `_check_train`), else the rank it trained at."""
-    return int(msg.content[RANK_RECORD][KEPT]) if RANK_RECORD in msg.content.config_records else trained
+    if RANK_RECORD not in msg.content.config_records:
+        return trained
+    kept = msg.content[RANK_RECORD][KEPT]
+    if not isinstance(kept, int):
+        raise TypeError(f"the reply's kept rank {RANK_RECORD}.{KEPT} must be an integer, got {kept!r}")
+    return int(kept)
 
 
 def _reply_keep(msg: Message) -> Keep | None:
     """The keep a pruned client ended its round with (validated by `_check_train`)."""
-    return Keep.from_json(str(msg.content[PRUNE_RECORD]["keep"])) if PRUNE_RECORD in msg.content.config_records else None
+    return (
+        Keep.from_json(str(msg.content[PRUNE_RECORD]["keep"])) if PRUNE_RECORD in msg.content.config_records else None
+    )
 
 
 def _bytes_by_node(messages: list[Message]) -> dict[int, int]:
@@ -478,14 +570,13 @@ def _straggler_reason(finish_s: float, s: Scenario) -> str:
 
 
 def _train_metrics(msg: Message) -> Row:
-    m = msg.content["metrics"]
     return {
-        "num_examples": int(m["num-examples"]),
-        "loss": float(m["train-loss"]),
-        "loss_before": float(m["loss-before"]),
-        "loss_after": float(m["loss-after"]),
-        "tokens": int(m["tokens"]),
-        "wall_time_s": float(m["wall-time-s"]),
+        "num_examples": int(reply_metric(msg, "num-examples")),
+        "loss": float(reply_metric(msg, "train-loss")),
+        "loss_before": float(reply_metric(msg, "loss-before")),
+        "loss_after": float(reply_metric(msg, "loss-after")),
+        "tokens": int(reply_metric(msg, "tokens")),
+        "wall_time_s": float(reply_metric(msg, "wall-time-s")),
     }
 
 
@@ -501,13 +592,27 @@ def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: flo
     if not nodes:
         return []
     env.assign_ranks(chosen)
-    messages = env.strategy.configure_evaluate(server_round, to_record(state), _config(s), Participants(env.grid, nodes))
+    messages = env.strategy.configure_evaluate(
+        server_round, to_record(state), _config(s), Participants(env.grid, nodes)
+    )
     checked, silent = _exchange(env, messages, check_eval_reply)
-    rows = [_base_row(env, env.node_to_client[n], server_round, "eval_client", "failed", "no reply before the round timeout") for n in silent]
+    rows = [
+        _base_row(
+            env, env.node_to_client[n], server_round, "eval_client", "failed", "no reply before the round timeout"
+        )
+        for n in silent
+    ]
     for c in checked:
-        row = _base_row(env, env.node_to_client[c.message.metadata.src_node_id], server_round, "eval_client", c.status, c.reason)
+        row = _base_row(
+            env, env.node_to_client[c.message.metadata.src_node_id], server_round, "eval_client", c.status, c.reason
+        )
         if c.status == "ok":
-            m = c.message.content["metrics"]
-            row.update(num_examples=int(m["num-examples"]), loss=float(m["loss"]), accuracy=float(m["accuracy"]), wall_time_s=float(m["wall-time-s"]))
+            m = c.message
+            row.update(
+                num_examples=int(reply_metric(m, "num-examples")),
+                loss=float(reply_metric(m, "loss")),
+                accuracy=float(reply_metric(m, "accuracy")),
+                wall_time_s=float(reply_metric(m, "wall-time-s")),
+            )
         rows.append(row)
     return sorted(rows, key=lambda r: r["client_id"])

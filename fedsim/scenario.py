@@ -56,17 +56,29 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    task: str = Field("mixed", description="Built-in task (`fedsim tasks`), a .jsonl/.json/.csv/.parquet path, or hf:<name>[:split].")
-    num_examples: int = Field(2000, ge=0, description="Built-in tasks: examples generated; user data: row cap (0 = all).")
+    task: str = Field(
+        "mixed", description="Built-in task (`fedsim tasks`), a .jsonl/.json/.csv/.parquet path, or hf:<name>[:split]."
+    )
+    num_examples: int = Field(
+        2000, ge=0, description="Built-in tasks: examples generated; user data: row cap (0 = all)."
+    )
     prompt_field: str | None = Field(None, description="Prompt column; default prompt or instruction(+input).")
     response_field: str | None = Field(None, description="Response column; default response or output.")
     domain_field: str | None = Field(None, description="Domain column; default domain, else 'default'.")
-    partitioner: Literal["iid", "dirichlet", "pathological", "natural"] = Field("iid", description="flwr-datasets partitioner.")
+    partitioner: Literal["iid", "dirichlet", "pathological", "natural"] = Field(
+        "iid", description="flwr-datasets partitioner."
+    )
     partition_by: str = Field("domain", description="Column the non-IID partitioners split on.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; small is more skewed.")
     classes_per_client: int = Field(2, ge=1, description="Pathological: distinct values of partition_by per client.")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's data kept for its own test split.")
-    central_test_size: int = Field(256, ge=1, description="Held-out examples the server evaluates on, taken before partitioning; all of them after the last round.")
+    test_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of each client's data kept for its own test split."
+    )
+    central_test_size: int = Field(
+        256,
+        ge=1,
+        description="Held-out examples the server evaluates on, taken before partitioning; all of them after the last round.",
+    )
 
     @field_validator("task")
     @classmethod
@@ -91,12 +103,17 @@ class ClientsConfig(_Section):
 class TrainConfig(_Section):
     local_steps: int = Field(10, ge=1, description="Optimizer steps per client per round.")
     batch_size: int = Field(8, ge=1, description="Examples per step.")
-    max_seq_len: int = Field(64, ge=8, description="Prompt+response tokens kept per example (prompt truncated from the left).")
+    max_seq_len: int = Field(
+        64, ge=8, description="Prompt+response tokens kept per example (prompt truncated from the left)."
+    )
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
     threads: int = Field(1, ge=1, description="torch threads per client process (fixed for reproducibility).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when this process sees a GPU (Ray shows one to a client only if simulation.num_gpus_per_client > 0).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="auto: CUDA when this process sees a GPU (Ray shows one to a client only if simulation.num_gpus_per_client > 0).",
+    )
 
 
 class LoraConfig(_Section):
@@ -104,8 +121,12 @@ class LoraConfig(_Section):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1, description="Module names LoRA wraps.")
-    profile_ranks: dict[str, int] = Field({}, description="Rank per device profile, e.g. {phone = 4}; the global adapter keeps `rank` (the maximum).")
-    client_ranks: dict[str, int] = Field({}, description="Rank per client id (a string key, e.g. {\"3\" = 2}); overrides profile_ranks.")
+    profile_ranks: dict[str, int] = Field(
+        {}, description="Rank per device profile, e.g. {phone = 4}; the global adapter keeps `rank` (the maximum)."
+    )
+    client_ranks: dict[str, int] = Field(
+        {}, description='Rank per client id (a string key, e.g. {"3" = 2}); overrides profile_ranks.'
+    )
 
     @model_validator(mode="after")
     def _ranks_within_global(self) -> LoraConfig:
@@ -113,7 +134,9 @@ class LoraConfig(_Section):
         for field in ("profile_ranks", "client_ranks"):
             for key, r in getattr(self, field).items():
                 if not 1 <= r <= self.rank:
-                    problems.append(f"`lora.{field}.{key}` = {r} must be in [1, lora.rank = {self.rank}] (the global adapter's rank serves every client)")
+                    problems.append(
+                        f"`lora.{field}.{key}` = {r} must be in [1, lora.rank = {self.rank}] (the global adapter's rank serves every client)"
+                    )
                 if field == "client_ranks" and not key.isdigit():
                     problems.append(f"`lora.client_ranks` keys are client ids, got {key!r}")
         if problems:
@@ -135,7 +158,12 @@ class StrategyConfig(_Section):
     beta_1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay.")
     beta_2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity τ.")
-    rank_gamma: float = Field(0.99, gt=0, le=1, description="hetlora: a client's tail is ranks ⌊γ·r_k⌋..r_k: the penalty acts on it, self-pruning drops it (r_k ← max(1, ⌊γ·r_k⌋)); 1 = neither.")
+    rank_gamma: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="hetlora: a client's tail is ranks ⌊γ·r_k⌋..r_k: the penalty acts on it, self-pruning drops it (r_k ← max(1, ⌊γ·r_k⌋)); 1 = neither.",
+    )
     rank_lambda: float = Field(0.01, ge=0, description="hetlora: weight λ of the tail penalty λ‖B_tail·A_tail‖_F.")
     fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight λ of ‖ΔB‖_F in the residual correction.")
     rank_padding: Literal["paper", "holders", "zeros"] = Field(
@@ -155,7 +183,11 @@ class StrategyConfig(_Section):
 
 
 class EvalConfig(_Section):
-    central_examples: int = Field(0, ge=0, description="Held-out examples evaluated each round but the last, which uses the whole set (0 = the whole set).")
+    central_examples: int = Field(
+        0,
+        ge=0,
+        description="Held-out examples evaluated each round but the last, which uses the whole set (0 = the whole set).",
+    )
     client_examples: int = Field(16, ge=1, description="Max test examples a client evaluates.")
     max_new_tokens: int = Field(10, ge=1, description="Greedy generation length for exact match.")
     batch_size: int = Field(16, ge=1, description="Evaluation batch size.")
@@ -172,14 +204,23 @@ class CompressionConfig(_Section):
     """How client updates (local − global adapter) travel: always through `fedsim.compression`.
     The default, `none` in float32, is lossless."""
 
-    method: Literal["none", "topk", "compeft"] = Field("none", description="none: plain tensors; topk: top-k values; compeft: top-k signs × α·σ.")
+    method: Literal["none", "topk", "compeft"] = Field(
+        "none", description="none: plain tensors; topk: top-k values; compeft: top-k signs × α·σ."
+    )
     density: float = Field(0.1, gt=0, le=1, description="Share d of entries kept by topk/compeft: ceil(d·n).")
-    alpha: float | Literal["auto"] = Field("auto", description="ComPEFT scale multiplier (kept entries become sign·α·σ), > 0; 'auto': the server picks it from alpha_grid each round.")
-    alpha_grid: tuple[float, ...] = Field((1.0, 2.0, 4.0, 8.0, 16.0), min_length=1, description="Candidates for alpha = 'auto', scored by held-out loss.")
+    alpha: float | Literal["auto"] = Field(
+        "auto",
+        description="ComPEFT scale multiplier (kept entries become sign·α·σ), > 0; 'auto': the server picks it from alpha_grid each round.",
+    )
+    alpha_grid: tuple[float, ...] = Field(
+        (1.0, 2.0, 4.0, 8.0, 16.0), min_length=1, description="Candidates for alpha = 'auto', scored by held-out loss."
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Value dtype of none/topk.")
     per_tensor: bool = Field(False, description="Select top-k and σ per tensor instead of over the whole update.")
     error_feedback: bool = Field(False, description="Client adds what it did not send last time to its next update.")
-    downlink: bool = Field(False, description="Also compress the server → client direction: send the global adapter's change.")
+    downlink: bool = Field(
+        False, description="Also compress the server → client direction: send the global adapter's change."
+    )
 
     @property
     def alpha_auto(self) -> bool:
@@ -191,7 +232,9 @@ class CompressionConfig(_Section):
         from fedsim.compression import CodecConfig  # torch: imported only when a run needs it
 
         alpha = 1.0 if self.alpha == "auto" else self.alpha
-        return CodecConfig(method=self.method, density=self.density, alpha=alpha, dtype=self.dtype, per_tensor=self.per_tensor)
+        return CodecConfig(
+            method=self.method, density=self.density, alpha=alpha, dtype=self.dtype, per_tensor=self.per_tensor
+        )
 
     @field_validator("alpha_grid", mode="before")
     @classmethod
@@ -208,7 +251,9 @@ class CompressionConfig(_Section):
         return self
 
 
-ImportanceScore = Literal["lora_grad", "magnitude", "activation", "first_order"]  # `fedsim.pruning.importance.SCORES` (not imported: it needs torch)
+ImportanceScore = Literal[
+    "lora_grad", "magnitude", "activation", "first_order"
+]  # `fedsim.pruning.importance.SCORES` (not imported: it needs torch)
 
 
 class PruningConfig(_Section):
@@ -216,20 +261,57 @@ class PruningConfig(_Section):
     channels go, so a weak device computes and holds less; LoRA trains on what is left, and the
     server aggregates each coordinate over the clients that kept it. Off while every ratio is 0."""
 
-    ratio: float = Field(0.0, ge=0, le=0.95, description="Target share of the prunable parameters (q,k,v,o,gate,up,down of every layer) each client removes.")
-    profile_ratios: dict[str, float] = Field({}, description="Target ratio per device profile, e.g. {jetson-tx2 = 0.5}; overrides `ratio`.")
-    client_ratios: dict[str, float] = Field({}, description="Target ratio per client id (string key); overrides profile_ratios.")
-    importance: ImportanceScore = Field("lora_grad", description="Importance score (`fedsim.pruning.importance`); lora_grad needs LoRA on an attention and an MLP projection.")
-    mode: Literal["per_layer", "global"] = Field("per_layer", description="Budget per decoder layer, or one budget over the model.")
-    where: Literal["client", "server"] = Field("client", description="client: each client scores its own data between its LoRA steps; server: the server cuts by the global adapter's importance between rounds.")
+    ratio: float = Field(
+        0.0,
+        ge=0,
+        le=0.95,
+        description="Target share of the prunable parameters (q,k,v,o,gate,up,down of every layer) each client removes.",
+    )
+    profile_ratios: dict[str, float] = Field(
+        {}, description="Target ratio per device profile, e.g. {jetson-tx2 = 0.5}; overrides `ratio`."
+    )
+    client_ratios: dict[str, float] = Field(
+        {}, description="Target ratio per client id (string key); overrides profile_ratios."
+    )
+    importance: ImportanceScore = Field(
+        "lora_grad",
+        description="Importance score (`fedsim.pruning.importance`); lora_grad needs LoRA on an attention and an MLP projection.",
+    )
+    mode: Literal["per_layer", "global"] = Field(
+        "per_layer", description="Budget per decoder layer, or one budget over the model."
+    )
+    where: Literal["client", "server"] = Field(
+        "client",
+        description="client: each client scores its own data between its LoRA steps; server: the server cuts by the global adapter's importance between rounds.",
+    )
     interval_steps: int = Field(20, ge=1, description="Local LoRA steps between prune events (FedSpine: about 20).")
-    events: int = Field(4, ge=1, description="Prune events to reach the target ratio (cubic schedule; 1 = prune once, before the first step).")
-    ema_beta: float = Field(0.9, ge=0, lt=1, description="Moving average of lora_grad scores over the steps before an event.")
-    score_steps: int = Field(5, ge=1, description="lora_grad: training steps before an event whose gradients are averaged.")
-    calibration_examples: int = Field(8, ge=1, description="Examples of the batch a score without training gradients reads.")
-    deploy_ratios: dict[str, float] = Field({}, description="Pruning ratio of the model each device profile deploys, e.g. {jetson-tx2 = 0.2}; scored as `deployed_loss` (`fedsim.deployment`).")
-    deploy_importance: ImportanceScore = Field("first_order", description="Importance score of the server's one-shot cut of the global adapter to a deploy ratio.")
-    deploy_panel: int = Field(4, ge=1, description="Devices per profile with a deploy ratio that the deployed scores average over (a seeded sample).")
+    events: int = Field(
+        4,
+        ge=1,
+        description="Prune events to reach the target ratio (cubic schedule; 1 = prune once, before the first step).",
+    )
+    ema_beta: float = Field(
+        0.9, ge=0, lt=1, description="Moving average of lora_grad scores over the steps before an event."
+    )
+    score_steps: int = Field(
+        5, ge=1, description="lora_grad: training steps before an event whose gradients are averaged."
+    )
+    calibration_examples: int = Field(
+        8, ge=1, description="Examples of the batch a score without training gradients reads."
+    )
+    deploy_ratios: dict[str, float] = Field(
+        {},
+        description="Pruning ratio of the model each device profile deploys, e.g. {jetson-tx2 = 0.2}; scored as `deployed_loss` (`fedsim.deployment`).",
+    )
+    deploy_importance: ImportanceScore = Field(
+        "first_order",
+        description="Importance score of the server's one-shot cut of the global adapter to a deploy ratio.",
+    )
+    deploy_panel: int = Field(
+        4,
+        ge=1,
+        description="Devices per profile with a deploy ratio that the deployed scores average over (a seeded sample).",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -243,7 +325,11 @@ class PruningConfig(_Section):
             for key, r in getattr(self, field).items()
             if not 0 <= r <= 0.95
         ]
-        problems += [f"`pruning.client_ratios` keys are client ids, got {key!r}" for key in self.client_ratios if not key.isdigit()]
+        problems += [
+            f"`pruning.client_ratios` keys are client ids, got {key!r}"
+            for key in self.client_ratios
+            if not key.isdigit()
+        ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -260,15 +346,30 @@ class FleetConfig(_Section):
 
     profiles: dict[str, DeviceProfile] = Field({}, description="Your own profiles, by name (override the catalog's).")
     profiles_file: str | None = Field(None, description="A TOML file of [name] profile tables.")
-    groups: tuple[FleetGroup, ...] = Field((), description="Mix of profiles with counts, e.g. [{profile='jetson-tx2', count=30}].")
-    trace: str | None = Field(None, description="FedScale-style CSV: client_id,profile,windows[,figures]; replaces groups.")
+    groups: tuple[FleetGroup, ...] = Field(
+        (), description="Mix of profiles with counts, e.g. [{profile='jetson-tx2', count=30}]."
+    )
+    trace: str | None = Field(
+        None, description="FedScale-style CSV: client_id,profile,windows[,figures]; replaces groups."
+    )
     default_profile: str = Field("laptop-cpu", description="Profile of every client when no groups or trace are given.")
     jitter: float = Field(0.1, ge=0, le=1, description="Per-client log-normal spread (sigma) of speed and bandwidths.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Probability that a sampled client drops out mid-round.")
-    overcommit: float = Field(0.0, ge=0, le=4, description="Sample per_round*(1+overcommit) and keep the first per_round to finish.")
-    deadline_s: float = Field(0.0, ge=0, description="Round deadline in simulated seconds; later clients are stragglers (0 = none).")
-    idle_step_s: float = Field(60.0, gt=0, description="Simulated seconds a round lasts when no update could be kept (nobody online, all lost).")
-    clock: Literal["simulated", "measured"] = Field("simulated", description="simulated: the fleet model's clock; measured (real devices): the server's measured round trips, without modelled availability, memory or dropout.")
+    overcommit: float = Field(
+        0.0, ge=0, le=4, description="Sample per_round*(1+overcommit) and keep the first per_round to finish."
+    )
+    deadline_s: float = Field(
+        0.0, ge=0, description="Round deadline in simulated seconds; later clients are stragglers (0 = none)."
+    )
+    idle_step_s: float = Field(
+        60.0,
+        gt=0,
+        description="Simulated seconds a round lasts when no update could be kept (nobody online, all lost).",
+    )
+    clock: Literal["simulated", "measured"] = Field(
+        "simulated",
+        description="simulated: the fleet model's clock; measured (real devices): the server's measured round trips, without modelled availability, memory or dropout.",
+    )
 
     @field_validator("groups", mode="before")
     @classmethod
@@ -286,7 +387,9 @@ class FleetConfig(_Section):
         names = [g.profile for g in value] if info.field_name == "groups" else [value]
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"unknown device profile(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown device profile(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -311,7 +414,10 @@ class Scenario(_Section):
     fleet: FleetConfig = FleetConfig()
     compression: CompressionConfig = CompressionConfig()
     pruning: PruningConfig = PruningConfig()
-    controller: ControllerConfig | None = Field(None, description="Bandit that picks each sampled client's (LoRA rank, pruning ratio) every round (`fedsim.controllers`); absent: static ranks and ratios.")
+    controller: ControllerConfig | None = Field(
+        None,
+        description="Bandit that picks each sampled client's (LoRA rank, pruning ratio) every round (`fedsim.controllers`); absent: static ranks and ratios.",
+    )
 
     @property
     def prunes(self) -> bool:
@@ -344,25 +450,51 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
         for field in ("per_round", "eval_per_round"):
             value = getattr(clients, field)
             if value > clients.num_clients:
-                problems.append(f"`clients.{field}` must be <= clients.num_clients ({clients.num_clients}), got {value}")
+                problems.append(
+                    f"`clients.{field}` must be <= clients.num_clients ({clients.num_clients}), got {value}"
+                )
     strategy, compression = getattr(s, "strategy", None), getattr(s, "compression", None)
-    if strategy is not None and compression is not None and compression.alpha_auto and strategy.name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+    if (
+        strategy is not None
+        and compression is not None
+        and compression.alpha_auto
+        and strategy.name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+    ):
         problems.append(
             f"`compression.alpha` = 'auto' cannot be used with the stateful server optimiser {strategy.name!r} "
             "(it aggregates several candidates per round): set a number"
         )
     if strategy is not None and strategy.name == "flora" and strategy.rank_padding != "paper":
-        problems.append(f"`strategy.rank_padding` = {strategy.rank_padding!r} does not apply to 'flora', which stacks every client's factors at their own rank: leave it 'paper'")
+        problems.append(
+            f"`strategy.rank_padding` = {strategy.rank_padding!r} does not apply to 'flora', which stacks every client's factors at their own rank: leave it 'paper'"
+        )
     problems += _rank_problems(getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression)
-    problems += _pruning_problems(getattr(s, "pruning", None), getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression, getattr(s, "controller", None))
-    problems += _controller_problems(getattr(s, "controller", None), getattr(s, "lora", None), getattr(s, "fleet", None))
+    problems += _pruning_problems(
+        getattr(s, "pruning", None),
+        getattr(s, "lora", None),
+        clients,
+        getattr(s, "fleet", None),
+        strategy,
+        compression,
+        getattr(s, "controller", None),
+    )
+    problems += _controller_problems(
+        getattr(s, "controller", None), getattr(s, "lora", None), getattr(s, "fleet", None)
+    )
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
-        problems.append(f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}")
+        problems.append(
+            f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}"
+        )
     return problems
 
 
 def _unknown_names(
-    client_field: str, by_client: dict[str, Any], profile_field: str, by_profile: dict[str, Any], clients: ClientsConfig | None, fleet: FleetConfig | None
+    client_field: str,
+    by_client: dict[str, Any],
+    profile_field: str,
+    by_profile: dict[str, Any],
+    clients: ClientsConfig | None,
+    fleet: FleetConfig | None,
 ) -> list[str]:
     """Keys of a per-client table that are not client ids, and of a per-profile table that are
     not profiles (profiles from a file or a trace are known only at preflight)."""
@@ -375,51 +507,89 @@ def _unknown_names(
         ]
     if fleet is not None and not fleet.profiles_file and not fleet.trace:
         known = {*CATALOG, *fleet.profiles}
-        problems += [f"`{profile_field}.{name}`: unknown device profile; known: {', '.join(sorted(known))}" for name in by_profile if name not in known]
+        problems += [
+            f"`{profile_field}.{name}`: unknown device profile; known: {', '.join(sorted(known))}"
+            for name in by_profile
+            if name not in known
+        ]
     return problems
 
 
-def _rank_problems(lora: LoraConfig | None, clients: ClientsConfig | None, fleet: FleetConfig | None, strategy: StrategyConfig | None, compression: CompressionConfig | None) -> list[str]:
+def _rank_problems(
+    lora: LoraConfig | None,
+    clients: ClientsConfig | None,
+    fleet: FleetConfig | None,
+    strategy: StrategyConfig | None,
+    compression: CompressionConfig | None,
+) -> list[str]:
     """Per-client ranks name real clients and profiles, and fit the strategy and the downlink."""
     if lora is None:
         return []
-    problems = _unknown_names("lora.client_ranks", lora.client_ranks, "lora.profile_ranks", lora.profile_ranks, clients, fleet)
-    mixed = bool(lora.client_ranks or lora.profile_ranks) and any(r != lora.rank for r in (*lora.client_ranks.values(), *lora.profile_ranks.values()))
+    problems = _unknown_names(
+        "lora.client_ranks", lora.client_ranks, "lora.profile_ranks", lora.profile_ranks, clients, fleet
+    )
+    mixed = bool(lora.client_ranks or lora.profile_ranks) and any(
+        r != lora.rank for r in (*lora.client_ranks.values(), *lora.profile_ranks.values())
+    )
     if compression is not None and compression.downlink and strategy is not None:
         if mixed:
-            problems.append("`compression.downlink` needs one rank for every client (lora.profile_ranks / client_ranks differ from lora.rank)")
+            problems.append(
+                "`compression.downlink` needs one rank for every client (lora.profile_ranks / client_ranks differ from lora.rank)"
+            )
         if strategy.name in ("flora", "fedex_lora", "fedsa_lora"):
-            problems.append(f"`compression.downlink` cannot carry {strategy.name!r}'s state (base-weight merges or personal factors)")
+            problems.append(
+                f"`compression.downlink` cannot carry {strategy.name!r}'s state (base-weight merges or personal factors)"
+            )
         if strategy.name == "hetlora" and strategy.rank_gamma < 1:
-            problems.append(f"`compression.downlink` needs one rank for every client, but hetlora's clients self-prune their ranks (`strategy.rank_gamma` = {strategy.rank_gamma} < 1): set rank_gamma = 1 or turn the downlink off")
+            problems.append(
+                f"`compression.downlink` needs one rank for every client, but hetlora's clients self-prune their ranks (`strategy.rank_gamma` = {strategy.rank_gamma} < 1): set rank_gamma = 1 or turn the downlink off"
+            )
     if strategy is not None and strategy.name == "fedsa_lora" and clients is not None and clients.eval_per_round == 0:
-        problems.append("`strategy.name` = 'fedsa_lora' keeps a personal B on each client: its accuracy is measured on the clients' own test splits, so `clients.eval_per_round` must be >= 1")
+        problems.append(
+            "`strategy.name` = 'fedsa_lora' keeps a personal B on each client: its accuracy is measured on the clients' own test splits, so `clients.eval_per_round` must be >= 1"
+        )
     return problems
 
 
 def _pruning_problems(
-    pruning: PruningConfig | None, lora: LoraConfig | None, clients: ClientsConfig | None, fleet: FleetConfig | None,
-    strategy: StrategyConfig | None, compression: CompressionConfig | None, controller: ControllerConfig | None = None,
+    pruning: PruningConfig | None,
+    lora: LoraConfig | None,
+    clients: ClientsConfig | None,
+    fleet: FleetConfig | None,
+    strategy: StrategyConfig | None,
+    compression: CompressionConfig | None,
+    controller: ControllerConfig | None = None,
 ) -> list[str]:
     """Pruning names real clients and profiles, and fits the strategy, the adapter and the downlink
     (clients prune when a ratio or a controller's arm is above 0; the server scores importance
     for that and for deploy ratios)."""
     if pruning is None:
         return []
-    problems = _unknown_names("pruning.client_ratios", pruning.client_ratios, "pruning.profile_ratios", pruning.profile_ratios, clients, fleet)
-    problems += _unknown_names("pruning.client_ratios", {}, "pruning.deploy_ratios", pruning.deploy_ratios, clients, fleet)
+    problems = _unknown_names(
+        "pruning.client_ratios", pruning.client_ratios, "pruning.profile_ratios", pruning.profile_ratios, clients, fleet
+    )
+    problems += _unknown_names(
+        "pruning.client_ratios", {}, "pruning.deploy_ratios", pruning.deploy_ratios, clients, fleet
+    )
     clients_prune = pruning.enabled or (controller is not None and max(controller.ratios) > 0)
     if not clients_prune and not any(pruning.deploy_ratios.values()):
         return problems
     from strategies import PRUNING_REFUSED  # the strategy registry imports torch
 
     if clients_prune and strategy is not None and strategy.name in PRUNING_REFUSED:
-        problems.append(f"`strategy.name` = {strategy.name!r} cannot aggregate pruned clients: {PRUNING_REFUSED[strategy.name]}; use fedit, hetlora, ffa_lora or fedsa_lora, or set the pruning ratios to 0")
-    scores = {"importance": clients_prune, "deploy_importance": any(pruning.deploy_ratios.values())}  # the scores in use
+        problems.append(
+            f"`strategy.name` = {strategy.name!r} cannot aggregate pruned clients: {PRUNING_REFUSED[strategy.name]}; use fedit, hetlora, ffa_lora or fedsa_lora, or set the pruning ratios to 0"
+        )
+    scores = {
+        "importance": clients_prune,
+        "deploy_importance": any(pruning.deploy_ratios.values()),
+    }  # the scores in use
     lora_grad = [field for field, used in scores.items() if used and getattr(pruning, field) == "lora_grad"]
     if lora is not None and lora_grad:
         attention, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
-        missing = [what for what, names in (("attention", attention), ("MLP", mlp)) if not names & set(lora.target_modules)]
+        missing = [
+            what for what, names in (("attention", attention), ("MLP", mlp)) if not names & set(lora.target_modules)
+        ]
         if missing:
             problems += [
                 f"`pruning.{field}` = 'lora_grad' scores heads and channels from the LoRA gradients, but `lora.target_modules` "
@@ -428,11 +598,15 @@ def _pruning_problems(
                 for field in lora_grad
             ]
     if clients_prune and compression is not None and compression.downlink:
-        problems.append("`compression.downlink` sends every client the same adapter; pruned clients each need their own slice: turn one off")
+        problems.append(
+            "`compression.downlink` sends every client the same adapter; pruned clients each need their own slice: turn one off"
+        )
     return problems
 
 
-def _controller_problems(controller: ControllerConfig | None, lora: LoraConfig | None, fleet: FleetConfig | None) -> list[str]:
+def _controller_problems(
+    controller: ControllerConfig | None, lora: LoraConfig | None, fleet: FleetConfig | None
+) -> list[str]:
     """Every arm's rank fits the global adapter; profile arms name real profiles."""
     if controller is None:
         return []
@@ -501,9 +675,7 @@ def validate_scenario(raw: dict[str, Any], source: str = "<dict>") -> Scenario:
         raise ScenarioError(source, problems) from None
 
 
-def load_scenario(
-    path: str | Path, overrides: Iterable[str] = (), seed: int | None = None
-) -> Scenario:
+def load_scenario(path: str | Path, overrides: Iterable[str] = (), seed: int | None = None) -> Scenario:
     """Read, override and validate a scenario file. The run name defaults to the file's stem."""
     path = Path(path)
     raw = read_toml(path, ScenarioError)

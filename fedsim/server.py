@@ -62,16 +62,26 @@ def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
     while len(node_ids := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
         time.sleep(1.0)
     if len(node_ids) < expected:
-        log.warning("only %d of %d SuperNodes connected after %g s (FEDSIM_NODE_WAIT_S); going on with them", len(node_ids), expected, wait_s)
+        log.warning(
+            "only %d of %d SuperNodes connected after %g s (FEDSIM_NODE_WAIT_S); going on with them",
+            len(node_ids),
+            expected,
+            wait_s,
+        )
     config = ConfigRecord({"scenario": scenario.to_json()})
-    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    messages = [
+        Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
+    ]
     clients: dict[int, int] = {}
     for reply in timed_send_and_receive(grid, messages, scenario.simulation.round_timeout_s)[0]:
         node = reply.metadata.src_node_id  # the node the query went to, even if the SuperLink answered for it
         if reply.has_error():
             log.warning("node %d did not identify itself: %s", node, reply.error.reason)
             continue
-        cid = int(reply.content["identity"]["client-id"])
+        claimed = reply.content["identity"]["client-id"]
+        if not isinstance(claimed, int):
+            raise TypeError(f"node {node} identified itself with client-id {claimed!r}, not an integer")
+        cid = int(claimed)
         if cid in clients:
             raise RuntimeError(f"two nodes claim client id {cid}: {clients[cid]} and {node}")
         clients[cid] = node
@@ -92,7 +102,12 @@ def cost_model(shape: ModelShape, scenario: Scenario) -> Callable[[int, Keep | N
     return estimate
 
 
-def arm_price(estimate: Callable[[int, Keep | None], Estimates], shape: ModelShape, layers: list[LayerGeometry], scenario: Scenario) -> Callable[[int, float], tuple[float, float]]:
+def arm_price(
+    estimate: Callable[[int, Keep | None], Estimates],
+    shape: ModelShape,
+    layers: list[LayerGeometry],
+    scenario: Scenario,
+) -> Callable[[int, float], tuple[float, float]]:
     """(FLOPs of a round by `estimate`, the run's `cost_model`; LoRA parameters sent) of an arm
     (rank, ratio), each computed once: the controller's pace screen (`fedsim.control`). The model
     is cut to the ratio with equal scores: how much a cut removes, not which structures, sets the cost."""
@@ -102,7 +117,10 @@ def arm_price(estimate: Callable[[int, Keep | None], Estimates], shape: ModelSha
     def price(rank: int, ratio: float) -> tuple[float, float]:
         if (rank, ratio) not in cache:
             keep = select_keep(equal, layers, ratio, scenario.pruning.mode) if ratio > 0 else None
-            cache[rank, ratio] = float(estimate(rank, keep).flops), float(lora_params(pruned_shape(shape, keep), rank, scenario.lora.target_modules))
+            cache[rank, ratio] = (
+                float(estimate(rank, keep).flops),
+                float(lora_params(pruned_shape(shape, keep), rank, scenario.lora.target_modules)),
+            )
         return cache[rank, ratio]
 
     return price
@@ -110,10 +128,13 @@ def arm_price(estimate: Callable[[int, Keep | None], Estimates], shape: ModelSha
 
 def estimates(shape: ModelShape, scenario: Scenario, rank: int) -> Estimates:
     """The server's prior for one client's round at LoRA rank `rank`: full batches at max_seq_len."""
-    t, lora = scenario.train, scenario.lora
-    step = dict(batch=t.batch_size, seq_len=t.max_seq_len, rank=rank, targets=lora.target_modules)
+    t, targets = scenario.train, scenario.lora.target_modules
     weight_bytes = 2 if scenario.model.dtype != "float32" else 4
-    return Estimates(flops=t.local_steps * train_step_flops(shape, **step), memory=train_memory(shape, **step, weight_bytes=weight_bytes).total)
+    flops = train_step_flops(shape, batch=t.batch_size, seq_len=t.max_seq_len, rank=rank, targets=targets)
+    memory = train_memory(
+        shape, batch=t.batch_size, seq_len=t.max_seq_len, rank=rank, targets=targets, weight_bytes=weight_bytes
+    )
+    return Estimates(flops=t.local_steps * flops, memory=memory.total)
 
 
 class CentralEvaluator:
@@ -126,7 +147,9 @@ class CentralEvaluator:
     def __init__(self, scenario: Scenario) -> None:
         base, self.tokenizer = load_model(scenario.model.name, dtype=scenario.model.dtype)
         self.shape = ModelShape.from_model(base)
-        self.model = attach_lora(base, scenario.lora, derive_seed(scenario.seed, "lora-init")).to(resolve_device(scenario.train.device))
+        self.model = attach_lora(base, scenario.lora, derive_seed(scenario.seed, "lora-init")).to(
+            resolve_device(scenario.train.device)
+        )
         self.held_out = list(central_test_set(scenario.data, scenario.seed))
         self.examples = self.held_out[: scenario.eval.central_examples or None]  # each round's subset
         self.scenario = scenario
@@ -145,7 +168,12 @@ class CentralEvaluator:
         p, t = self.scenario.pruning, self.scenario.train
         batch = collate(self.tokenizer, self.examples[: p.calibration_examples], t.max_seq_len)
         device = next(self.model.parameters()).device
-        return importance_scores(self.model, score, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        return importance_scores(
+            self.model,
+            score,
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        )
 
     def initial_state(self) -> AdapterState:
         return get_state(self.model)
@@ -155,7 +183,15 @@ class CentralEvaluator:
         score several candidate aggregates in a round)."""
         set_state(self.model, state)
         rows = self.examples[:examples]
-        return float(evaluate_loss(self.model, self.tokenizer, rows, batch_size=self.scenario.eval.batch_size, max_len=self.scenario.train.max_seq_len))
+        return float(
+            evaluate_loss(
+                self.model,
+                self.tokenizer,
+                rows,
+                batch_size=self.scenario.eval.batch_size,
+                max_len=self.scenario.train.max_seq_len,
+            )
+        )
 
     def __call__(
         self, state: AdapterState, server_round: int, elapsed: float, sim_time: float, *, final: bool = False
@@ -166,8 +202,12 @@ class CentralEvaluator:
         e, t = self.scenario.eval, self.scenario.train
         rows = self.held_out if final else self.examples
         per_example = evaluate_examples(
-            self.model, self.tokenizer, rows,
-            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=t.max_seq_len,
+            self.model,
+            self.tokenizer,
+            rows,
+            max_new_tokens=e.max_new_tokens,
+            batch_size=e.batch_size,
+            max_len=t.max_seq_len,
         )
         res = per_example.reduce()
         return {
@@ -176,7 +216,13 @@ class CentralEvaluator:
         }, per_example  # fmt: skip
 
 
-def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: ProgressFn | None = None, resume: ResumePoint | None = None) -> AdapterState:
+def run_federation(
+    grid: Grid,
+    scenario: Scenario,
+    run_dir: RunDir,
+    progress: ProgressFn | None = None,
+    resume: ResumePoint | None = None,
+) -> AdapterState:
     """Run every round of `scenario` on `grid`, recording into `run_dir` (after `resume`'s round,
     if given: `fedsim.resume`); returns the final adapter."""
     start = time.perf_counter() - (resume.wall_time if resume else 0.0)
@@ -191,7 +237,13 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
     book = PruneBook(scenario, layers, client_ratios(scenario, fleet)) if scenario.prunes else None
     estimate = cost_model(central.shape, scenario)
     control = ArmControl.build(scenario, fleet, arm_price(estimate, central.shape, layers, scenario))
-    deploy = Deployment(scenario, fleet.device, central.model, central.tokenizer, central.examples, central.deploy_importance) if any(scenario.pruning.deploy_ratios.values()) else None
+    deploy = (
+        Deployment(
+            scenario, fleet.device, central.model, central.tokenizer, central.examples, central.deploy_importance
+        )
+        if any(scenario.pruning.deploy_ratios.values())
+        else None
+    )
     env = RoundEnv(
         grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks, estimate,
         score=deploy.loss if deploy else central.loss, downlink=downlink, pruning=book, server_scores=central.importance, control=control,
@@ -241,7 +293,14 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
         run_dir.add_rows(rows)
         for r in rows:
             if r.get("status", "ok") not in ("ok", "straggler"):
-                run_dir.event("client_problem", round=server_round, client_id=r["client_id"], kind=r["kind"], status=r["status"], reason=r["reason"])
+                run_dir.event(
+                    "client_problem",
+                    round=server_round,
+                    client_id=r["client_id"],
+                    kind=r["kind"],
+                    status=r["status"],
+                    reason=r["reason"],
+                )
         _report(progress, run_dir, server_round, scenario.rounds, rows, train_time_s=train_time)
     if run_dir.adapter_path.exists():  # a resumed run that had finished before
         shutil.rmtree(run_dir.adapter_path)
@@ -250,13 +309,20 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: RunDir, progress: Pr
         control.save(run_dir.path)
     if book is not None:  # the final adapter on each ratio's pruned model, as its devices deploy it
         set_state(central.model, state)
-        run_dir.add_rows(export_rows(central.model, central.tokenizer, central.examples, book, scenario, scenario.rounds))
+        run_dir.add_rows(
+            export_rows(central.model, central.tokenizer, central.examples, book, scenario, scenario.rounds)
+        )
     run_dir.event("run_end", wall_time_s=time.perf_counter() - start, sim_time_s=sim_time)
     return state
 
 
 def _report(
-    progress: ProgressFn | None, run_dir: RunDir, server_round: int, rounds: int, rows: list[dict[str, Any]], train_time_s: float = 0.0
+    progress: ProgressFn | None,
+    run_dir: RunDir,
+    server_round: int,
+    rounds: int,
+    rows: list[dict[str, Any]],
+    train_time_s: float = 0.0,
 ) -> None:
     """Log the round's summary (`train_time_s`: wall time of sending, training and aggregating)."""
     central = next(r for r in rows if r["kind"] == "eval_central")

@@ -65,7 +65,9 @@ def run_simulations(
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     if client_app is None:
-        from clients.app import app as client_app
+        from clients.app import app
+
+        client_app = app
     first = jobs[0][0]
     for scenario, _ in jobs[1:]:
         if scenario.clients.num_clients != first.clients.num_clients or scenario.simulation != first.simulation:
@@ -92,6 +94,6 @@ def run_simulations(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=first.clients.num_clients,
-        backend_config=backend_config(first),  # type: ignore[arg-type]
+        backend_config=backend_config(first),
     )
     return failures

@@ -193,10 +193,7 @@ _MIXED_PARTS: dict[str, Callable[[int, int], list[Example]]] = {
 def _mixed(n: int, seed: int) -> list[Example]:
     """Example i comes from task i % 4, in turn; its domain is that task's name."""
     names = tuple(_MIXED_PARTS)
-    parts = [
-        _MIXED_PARTS[name](len(range(k, n, len(names))), seed)
-        for k, name in enumerate(names)
-    ]
+    parts = [_MIXED_PARTS[name](len(range(k, n, len(names))), seed) for k, name in enumerate(names)]
     out = []
     for i in range(n):
         k = i % len(names)

@@ -21,11 +21,11 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 PROMPT_TEMPLATE = "Question: {prompt}\nAnswer: "
 IGNORE = -100
@@ -85,9 +85,7 @@ class ExampleResults:
         )
 
 
-def encode(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_len: int
-) -> tuple[list[int], list[int]]:
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels; the prompt is masked and truncated from the left to fit."""
     p = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt), add_special_tokens=False).input_ids
     r = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -122,13 +120,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _batch_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     device = next(model.parameters()).device
     return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
 def train_lora(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[dict[str, str]],
     *,
@@ -175,7 +173,11 @@ def train_lora(
             start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         loss = _batch_loss(model, batch)
-        objective = loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_params)) if proximal_mu > 0 else loss
+        objective = (
+            loss + proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_params))
+            if proximal_mu > 0
+            else loss
+        )
         if regulariser is not None:
             objective = objective + regulariser()
         opt.zero_grad(set_to_none=True)
@@ -202,7 +204,7 @@ def train_lora(
 
 
 @torch.no_grad()
-def _probe_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> float:
+def _probe_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     model.eval()
     return float(_batch_loss(model, batch))
 
@@ -214,7 +216,7 @@ def normalise_answer(text: str) -> str:
 
 @torch.no_grad()
 def generate_answers(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
@@ -222,10 +224,7 @@ def generate_answers(
     max_len: int,
 ) -> list[str]:
     """Greedy answers for a batch of prompts (left-padded, so generation continues each row)."""
-    enc = [
-        tokenizer(PROMPT_TEMPLATE.format(prompt=p), add_special_tokens=False).input_ids[-max_len:]
-        for p in prompts
-    ]
+    enc = [tokenizer(PROMPT_TEMPLATE.format(prompt=p), add_special_tokens=False).input_ids[-max_len:] for p in prompts]
     width = max(len(e) for e in enc)
     ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -233,7 +232,10 @@ def generate_answers(
         ids[i, width - len(e) :] = torch.tensor(e)
         mask[i, width - len(e) :] = 1
     device = next(model.parameters()).device
-    out = model.generate(
+    # torch types a module's attributes as Tensor | Module; `generate` is the causal LM's (or its
+    # PEFT wrapper's) method, returning (B, width + new) token ids.
+    generate = cast(Callable[..., torch.Tensor], model.generate)
+    out = generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         max_new_tokens=max_new_tokens,
@@ -241,9 +243,9 @@ def generate_answers(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return [
-        normalise_answer(tokenizer.decode(row[width:].cpu(), skip_special_tokens=True)) for row in out
-    ]
+    # One 1-D row decodes to one str (transformers types `decode` for batches of rows too).
+    texts = [cast(str, tokenizer.decode(row[width:].cpu(), skip_special_tokens=True)) for row in out]
+    return [normalise_answer(text) for text in texts]
 
 
 def token_weighted(losses: Sequence[float], n_tokens: Sequence[int]) -> float:
@@ -255,7 +257,7 @@ def token_weighted(losses: Sequence[float], n_tokens: Sequence[int]) -> float:
 
 @torch.no_grad()
 def example_losses(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[dict[str, str]],
     *,
@@ -286,7 +288,7 @@ def example_losses(
 
 
 def evaluate_loss(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[dict[str, str]],
     *,
@@ -299,7 +301,7 @@ def evaluate_loss(
 
 @torch.no_grad()
 def exact_matches(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[dict[str, str]],
     *,
@@ -320,7 +322,7 @@ def exact_matches(
 
 
 def evaluate_examples(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[dict[str, str]],
     *,
@@ -340,7 +342,7 @@ def evaluate_examples(
 
 
 def evaluate(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[dict[str, str]],
     *,

@@ -45,24 +45,35 @@ def _optimizer(name: str) -> Callable[[Scenario], LoraStrategy]:
 
 STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
     "fedit": lambda scenario: FedIT(*_base(scenario), padding=_padding(scenario)),
-    "fedprox": lambda scenario: FedIT(*_base(scenario), optimizer=fedprox(scenario.strategy.proximal_mu), padding=_padding(scenario)),
+    "fedprox": lambda scenario: FedIT(
+        *_base(scenario), optimizer=fedprox(scenario.strategy.proximal_mu), padding=_padding(scenario)
+    ),
     **{name: _optimizer(name) for name in STATEFUL},
     "hetlora": lambda scenario: HetLoRA(
-        *_base(scenario), gamma=scenario.strategy.rank_gamma, lam=scenario.strategy.rank_lambda, padding=_padding(scenario)
+        *_base(scenario),
+        gamma=scenario.strategy.rank_gamma,
+        lam=scenario.strategy.rank_lambda,
+        padding=_padding(scenario),
     ),
     "flexlora": lambda scenario: FlexLoRA(*_base(scenario), padding=_padding(scenario)),
     "flora": lambda scenario: FLoRA(*_base(scenario)),
     "ffa_lora": lambda scenario: FFALoRA(*_base(scenario), padding=_padding(scenario)),
     "fedsa_lora": lambda scenario: FedSALoRA(*_base(scenario), padding=_padding(scenario)),
     "fedex_lora": lambda scenario: FedExLoRA(*_base(scenario), padding=_padding(scenario)),
-    "lora_fair": lambda scenario: LoRAFAIR(*_base(scenario), lam=scenario.strategy.fair_lambda, padding=_padding(scenario)),
+    "lora_fair": lambda scenario: LoRAFAIR(
+        *_base(scenario), lam=scenario.strategy.fair_lambda, padding=_padding(scenario)
+    ),
 }
 
 
 # Strategies that cannot aggregate pruned clients, and why (the scenario check names the reason).
-PRUNING_REFUSED: dict[str, str] = {
-    name: cls.pruning_refused for name, cls in {"flexlora": FlexLoRA, "flora": FLoRA, "fedex_lora": FedExLoRA, "lora_fair": LoRAFAIR}.items()
+_REFUSING: dict[str, type[LoraStrategy]] = {
+    "flexlora": FlexLoRA,
+    "flora": FLoRA,
+    "fedex_lora": FedExLoRA,
+    "lora_fair": LoRAFAIR,
 }
+PRUNING_REFUSED: dict[str, str] = {name: cls.pruning_refused for name, cls in _REFUSING.items()}
 
 
 def build_strategy(scenario: Scenario) -> LoraStrategy:

@@ -22,7 +22,9 @@ from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class FedExLoRA(LoraStrategy):
-    pruning_refused = "it merges the clients' dense residual into the frozen base weights, which a pruned client holds only in part"
+    pruning_refused = (
+        "it merges the clients' dense residual into the frozen base weights, which a pruned client holds only in part"
+    )
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, deltas = split_state(self.current)
@@ -30,7 +32,14 @@ class FedExLoRA(LoraStrategy):
         aligned = self.aligned(clients, weights)  # padded, B folded to s_g
         out: AdapterState = {}
         for prefix, (a_key, b_key) in layer_pairs(adapter).items():
-            A, B = fedit([s[a_key] for s in aligned], [s[b_key] for s in aligned], [s_g] * len(clients), weights, self.r_max, s_g=s_g)
+            A, B = fedit(
+                [s[a_key] for s in aligned],
+                [s[b_key] for s in aligned],
+                [s_g] * len(clients),
+                weights,
+                self.r_max,
+                s_g=s_g,
+            )
             residual = fedex_residual(A, B, s_g, *self.update_stack(clients, a_key, b_key))
             out[a_key], out[b_key] = A, B
             out[prefix + BASE_DELTA] = deltas[prefix] + residual if prefix in deltas else residual

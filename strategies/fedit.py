@@ -36,17 +36,23 @@ class FedIT(LoraStrategy):
     """Sample-weighted FedAvg of zero-padded, scale-folded LoRA factors, optionally through a
     Flower server optimiser."""
 
-    def __init__(self, rank: int, alpha: float, seed: int = 0, optimizer: FedAvg | None = None, padding: str | None = None) -> None:
+    def __init__(
+        self, rank: int, alpha: float, seed: int = 0, optimizer: FedAvg | None = None, padding: str | None = None
+    ) -> None:
         super().__init__(rank, alpha, seed, padding)
         self.optimizer = optimizer
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         if self.optimizer is None:
             return super().configure_train(server_round, arrays, config, grid)
         self.current = from_record(arrays)
         return self._per_node(self.optimizer.configure_train(server_round, arrays, config, grid))
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         clients = [self.client_adapter(r) for r in replies]
         states = self.aligned(clients, [c.weight for c in clients]) if clients else []

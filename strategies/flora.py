@@ -29,7 +29,9 @@ from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 class FLoRA(LoraStrategy):
     paper_padding = "stack"  # no padding: every client's factors enter the stack at their own rank
-    pruning_refused = "it merges the clients' dense updates into the frozen base weights, which a pruned client holds only in part"
+    pruning_refused = (
+        "it merges the clients' dense updates into the frozen base weights, which a pruned client holds only in part"
+    )
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, deltas = split_state(self.current)
@@ -37,7 +39,9 @@ class FLoRA(LoraStrategy):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "flora-init"))
         out: AdapterState = {}
         for prefix, (a_key, b_key) in sorted(layer_pairs(adapter).items()):
-            A_stack, B_stack = flora_stack([c.state[a_key] for c in clients], [c.state[b_key] for c in clients], scales, weights)
+            A_stack, B_stack = flora_stack(
+                [c.state[a_key] for c in clients], [c.state[b_key] for c in clients], scales, weights
+            )
             merged = B_stack @ A_stack
             out[prefix + BASE_DELTA] = merge_into_base(deltas[prefix], merged) if prefix in deltas else merged
             A = torch.empty_like(adapter[a_key])

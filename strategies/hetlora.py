@@ -59,11 +59,15 @@ def tail_norm(pairs: Sequence[tuple[Tensor, Tensor]], r_k: int, gamma: float) ->
     return math.sqrt(math.fsum(hetlora_rank_penalty(B, A, r_k, gamma).item() ** 2 for A, B in pairs))
 
 
-def self_pruned_rank(received: Sequence[tuple[Tensor, Tensor]], trained: Sequence[tuple[Tensor, Tensor]], r_k: int, gamma: float) -> int:
+def self_pruned_rank(
+    received: Sequence[tuple[Tensor, Tensor]], trained: Sequence[tuple[Tensor, Tensor]], r_k: int, gamma: float
+) -> int:
     """The rank a rank-r_k client keeps after local training: max(1, ⌊γ r_k⌋) when the tail norm of
     its trained (A, B) pairs is below that of the pairs it received, else r_k (module docstring)."""
     if len(received) != len(trained):
-        raise ValueError(f"`received` has {len(received)} layer pairs, `trained` {len(trained)}: they must be the same layers")
+        raise ValueError(
+            f"`received` has {len(received)} layer pairs, `trained` {len(trained)}: they must be the same layers"
+        )
     if tail_norm(trained, r_k, gamma) < tail_norm(received, r_k, gamma):
         return max(1, math.floor(gamma * r_k))
     return r_k
@@ -86,7 +90,9 @@ def drop_tail(state: Mapping[str, Tensor], rank: int) -> AdapterState:
 class HetLoRA(LoraStrategy):
     paper_padding = "zeros"
 
-    def __init__(self, rank: int, alpha: float, seed: int = 0, gamma: float = 0.99, lam: float = 0.01, padding: str | None = None) -> None:
+    def __init__(
+        self, rank: int, alpha: float, seed: int = 0, gamma: float = 0.99, lam: float = 0.01, padding: str | None = None
+    ) -> None:
         super().__init__(rank, alpha, seed, padding)
         self.gamma, self.lam = gamma, lam
 
@@ -102,6 +108,13 @@ class HetLoRA(LoraStrategy):
             keys = (a_key, b_key)
             As, Bs = [s[a_key] for s in states], [s[b_key] for s in states]
             p = hetlora_weights(As, Bs, [s_g] * len(clients), ones)
-            layer = fill_uncovered([{k: s[k] for k in keys} for s in states], [m and {k: m[k] for k in keys} for m in masks], p, {k: self.current[k] for k in keys})
-            out[a_key], out[b_key] = fedit([s[a_key] for s in layer], [s[b_key] for s in layer], [s_g] * len(clients), p, self.r_max, s_g=s_g)
+            layer = fill_uncovered(
+                [{k: s[k] for k in keys} for s in states],
+                [m and {k: m[k] for k in keys} for m in masks],
+                p,
+                {k: self.current[k] for k in keys},
+            )
+            out[a_key], out[b_key] = fedit(
+                [s[a_key] for s in layer], [s[b_key] for s in layer], [s_g] * len(clients), p, self.r_max, s_g=s_g
+            )
         return out

@@ -33,6 +33,13 @@ class LoRAFAIR(LoraStrategy):
         aligned = self.aligned(clients, weights)  # padded, B folded to s_g
         out: AdapterState = {}
         for a_key, b_key in layer_pairs(split_state(self.current)[0]).values():
-            A, B = fedit([s[a_key] for s in aligned], [s[b_key] for s in aligned], [s_g] * len(clients), weights, self.r_max, s_g=s_g)
+            A, B = fedit(
+                [s[a_key] for s in aligned],
+                [s[b_key] for s in aligned],
+                [s_g] * len(clients),
+                weights,
+                self.r_max,
+                s_g=s_g,
+            )
             out[a_key], out[b_key] = A, lora_fair_refine(A, B, *self.update_stack(clients, a_key, b_key), lam=self.lam)
         return out

@@ -301,7 +301,9 @@ def update_stack(
     A_g, B_g, s_g = received
     r_max, _, _ = _check_pair(A_g, B_g)
     p = _normalise(weights, len(As))
-    held = torch.tensor([math.fsum(p_k for p_k, A_k in zip(p, As) if A_k.shape[0] > j) for j in range(r_max)], dtype=B_g.dtype)
+    held = torch.tensor(
+        [math.fsum(p_k for p_k, A_k in zip(p, As) if A_k.shape[0] > j) for j in range(r_max)], dtype=B_g.dtype
+    )
     return torch.cat([B_s, s_g * B_g * (1 - held)[None, :]], dim=1), torch.cat([A_s, A_g], dim=0)
 
 
@@ -320,7 +322,9 @@ def product_svd(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor
     U, Vh = Q_B @ U_c, Vh_c @ Q_A.T  # (out, q), (q, in)
     missing = rank - S.shape[0]
     if missing > 0:
-        basis = torch.linalg.qr(torch.cat([Vh.T, torch.eye(Vh.shape[1], missing, dtype=Vh.dtype)], dim=1))[0]  # (in, q + missing)
+        basis = torch.linalg.qr(torch.cat([Vh.T, torch.eye(Vh.shape[1], missing, dtype=Vh.dtype)], dim=1))[
+            0
+        ]  # (in, q + missing)
         Vh = torch.cat([Vh, basis[:, S.shape[0] :].T])
         U = torch.cat([U, U.new_zeros(U.shape[0], missing)], dim=1)
         S = torch.cat([S, S.new_zeros(missing)])
@@ -346,7 +350,9 @@ def flexlora(
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"`s_g_per_client[{j}]` must be finite and > 0, got {s}")
     U, S, Vh = product_svd(B_s, A_s, max(ranks_out))
-    return [(Vh[:r].clone(), U[:, :r] * (S[:r] / s)[None, :]) for r, s in zip(ranks_out, s_g_per_client)]  # (r, in), (out, r)
+    return [
+        (Vh[:r].clone(), U[:, :r] * (S[:r] / s)[None, :]) for r, s in zip(ranks_out, s_g_per_client)
+    ]  # (r, in), (out, r)
 
 
 def flora_stack(
@@ -429,7 +435,9 @@ def lora_fair(
     return A, lora_fair_refine(A, B, *update_stack(As, Bs, scales, weights), lam=lam, steps=steps, lr=lr)
 
 
-def lora_fair_refine(A: Tensor, B: Tensor, B_s: Tensor, A_s: Tensor, lam: float = 0.01, steps: int = 50, lr: float = 0.1) -> Tensor:
+def lora_fair_refine(
+    A: Tensor, B: Tensor, B_s: Tensor, A_s: Tensor, lam: float = 0.01, steps: int = 50, lr: float = 0.1
+) -> Tensor:
     """B̄ + ΔB with ΔB ≈ argmin (1 − cos(ΔW*, (B̄ + ΔB) Ā)) + λ ‖ΔB‖_F, ΔW* = B_s A_s (`update_stack`).
 
     With X = B̄ + ΔB the cosine is ⟨X, ΔW* Āᵀ⟩ / (‖ΔW*‖_F √⟨X Ā Āᵀ, X⟩) (the adapter's scaling cancels),

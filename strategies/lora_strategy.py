@@ -90,7 +90,11 @@ class LoraStrategy(FedAvg):
     def __init__(self, rank: int, alpha: float, seed: int = 0, padding: str | None = None) -> None:
         super().__init__(**SAMPLING)
         if padding is not None and (padding not in RANK_PADDINGS or self.paper_padding not in RANK_PADDINGS):
-            allowed = f"one of {RANK_PADDINGS} or None (the paper's, {self.paper_padding!r})" if self.paper_padding in RANK_PADDINGS else "None"
+            allowed = (
+                f"one of {RANK_PADDINGS} or None (the paper's, {self.paper_padding!r})"
+                if self.paper_padding in RANK_PADDINGS
+                else "None"
+            )
             raise ValueError(f"{type(self).__name__}: `padding` must be {allowed}, got {padding!r}")
         self.r_max, self.alpha, self.seed = rank, alpha, seed
         self.padding = padding or self.paper_padding
@@ -104,7 +108,9 @@ class LoraStrategy(FedAvg):
         """node id → LoRA rank for the coming messages (unassigned nodes train at r_max)."""
         bad = {n: r for n, r in ranks.items() if not 1 <= r <= self.r_max}
         if bad:
-            raise ValueError(f"ranks {bad} outside [1, {self.r_max}]: the global adapter (rank {self.r_max}) cannot serve them")
+            raise ValueError(
+                f"ranks {bad} outside [1, {self.r_max}]: the global adapter (rank {self.r_max}) cannot serve them"
+            )
         self.ranks = dict(ranks)
 
     def assign_pruning(self, orders: Mapping[int, tuple[Keep | None, dict[str, Any]]]) -> None:
@@ -133,7 +139,12 @@ class LoraStrategy(FedAvg):
 
     def instructions(self, rank: int) -> dict[str, Any]:
         """Config entries telling the client how to train this strategy's adapter."""
-        return {"lora-rank": rank, "lora-uploads": self.uploads, "lora-freeze": self.freeze, "lora-personal-b": "B" not in self.downloads}
+        return {
+            "lora-rank": rank,
+            "lora-uploads": self.uploads,
+            "lora-freeze": self.freeze,
+            "lora-personal-b": "B" not in self.downloads,
+        }
 
     def uploaded(self, sent: AdapterState) -> AdapterState:
         """The tensors of a client's state that its reply's update must cover."""
@@ -153,7 +164,11 @@ class LoraStrategy(FedAvg):
         under "zeros" (a zero, in the rows and columns the client kept), not under "holders"."""
         if client.mask is None and (client.rank == self.r_max or self.padding == "zeros"):
             return None
-        mask = client.mask if client.mask is not None else {k: torch.ones(v.shape, dtype=torch.bool) for k, v in client.state.items()}
+        mask = (
+            client.mask
+            if client.mask is not None
+            else {k: torch.ones(v.shape, dtype=torch.bool) for k, v in client.state.items()}
+        )
         out = dict(mask)
         for a_key, b_key in layer_pairs(mask).values():
             out[a_key] = self.padded_rows_mask(mask[a_key])
@@ -176,17 +191,23 @@ class LoraStrategy(FedAvg):
     def update_stack(self, clients: list[ClientAdapter], a_key: str, b_key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_s, A_s) with B_s A_s = one layer's ideal update ΔW* under `padding` (`lora_math.update_stack`;
         "holders" measures each client's change from what it was sent, the current global adapter)."""
-        received = (self.current[a_key], self.current[b_key], self.scale(self.r_max)) if self.padding == "holders" else None
+        received = (
+            (self.current[a_key], self.current[b_key], self.scale(self.r_max)) if self.padding == "holders" else None
+        )
         As, Bs = [c.state[a_key] for c in clients], [c.state[b_key] for c in clients]
         return update_stack(As, Bs, [c.scale for c in clients], [c.weight for c in clients], received)
 
     # --- Flower hooks -----------------------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current = from_record(arrays)
         return self._per_node(super().configure_train(server_round, arrays, config, grid))
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self._per_node(super().configure_evaluate(server_round, arrays, config, grid), from_record(arrays))
 
     def _per_node(self, messages: Iterable[Message], state: AdapterState | None = None) -> list[Message]:
@@ -199,14 +220,20 @@ class LoraStrategy(FedAvg):
             rank, (keep, order) = self.ranks.get(node, self.r_max), self.pruning.get(node, (None, {}))
             part = (rank, keep.to_json() if keep is not None else "", *sorted(order.items()))
             if part not in by_part:
-                config = ConfigRecord({**m.content["config"], **self.instructions(rank), **order})
-                sliced = self.client_state(state, rank) if keep is None else slice_adapter(self.client_state(state, rank), keep)
+                config = ConfigRecord({**m.content.config_records["config"], **self.instructions(rank), **order})
+                sliced = (
+                    self.client_state(state, rank)
+                    if keep is None
+                    else slice_adapter(self.client_state(state, rank), keep)
+                )
                 by_part[part] = RecordDict({"arrays": ArrayRecord(sliced), "config": config})
             m.content = by_part[part]
             out.append(m)
         return out
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each reply's 'arrays' is the client's adapter (fedsim rebuilds it from the decoded
         update); the rule is `aggregate`, Flower's metric aggregation is kept."""
         replies = list(replies)
@@ -220,9 +247,12 @@ class LoraStrategy(FedAvg):
     def client_adapter(self, reply: Message) -> ClientAdapter:
         """A reply (client adapter under "arrays") as `aggregate` sees it: scattered to the
         unpruned shape with its coverage mask when the client pruned."""
-        state = from_record(reply.content["arrays"])
+        state = from_record(reply.content.array_records["arrays"])
         rank = int(next(iter(factors(state, "A").values())).shape[0])
-        weight = float(reply.content["metrics"][self.weighted_by_key])
+        value = reply.content.metric_records["metrics"][self.weighted_by_key]
+        if isinstance(value, list):
+            raise TypeError(f"reply metric `{self.weighted_by_key}` must be a single number, got a list: {value!r}")
+        weight = float(value)
         if PRUNE_RECORD not in reply.content.config_records:
             return ClientAdapter(state, rank, self.scale(rank), weight)
         keep = Keep.from_json(str(reply.content[PRUNE_RECORD]["keep"]))
@@ -241,4 +271,3 @@ class LoraStrategy(FedAvg):
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         """The new global state (adapter at r_max, plus base deltas if the rule merges)."""
         raise NotImplementedError
-

@@ -75,7 +75,7 @@ VERSION = 1
 BITMAP, RICE = 0, 1
 DTYPE_NAMES = tuple(DTYPES)  # wire id = index
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-_NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2")}
+_NUMPY: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2")}
 
 _HEADER = struct.Struct("<4sBBBBdfI")
 _NAME_LEN = struct.Struct("<H")

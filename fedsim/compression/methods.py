@@ -56,12 +56,12 @@ class CodecConfig:
 
     method: Literal["none", "topk", "compeft"] = field(
         default="compeft",
-        metadata={"help": "'compeft': signs of the top-k entries times one scale γ = α·σ; 'topk': the top-k "
-                  "entries' values; 'none': every entry, cast to `dtype`."},
+        metadata={
+            "help": "'compeft': signs of the top-k entries times one scale γ = α·σ; 'topk': the top-k "
+            "entries' values; 'none': every entry, cast to `dtype`."
+        },
     )
-    density: float = field(
-        default=0.1, metadata={"help": "d in (0, 1]: keep ⌈d·n⌉ entries of n (topk, compeft)."}
-    )
+    density: float = field(default=0.1, metadata={"help": "d in (0, 1]: keep ⌈d·n⌉ entries of n (topk, compeft)."})
     alpha: float = field(default=1.0, metadata={"help": "ComPEFT's scale multiplier α > 0: γ = α·σ."})
     dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32", metadata={"help": "Wire dtype of the values sent by 'none' and 'topk'."}

@@ -73,7 +73,9 @@ class ArmGrid:
         off = (grid_r[i] != ranks) | (np.abs(grid_p[j] - ratios) > RATIO_ATOL)
         if off.any():
             k = int(np.flatnonzero(off)[0])
-            raise ValueError(f"(rank, ratio) = ({ranks[k]}, {ratios[k]}) is not on the arm grid: ranks {list(self.ranks)}, ratios {list(self.ratios)}")
+            raise ValueError(
+                f"(rank, ratio) = ({ranks[k]}, {ratios[k]}) is not on the arm grid: ranks {list(self.ranks)}, ratios {list(self.ratios)}"
+            )
         return (i * len(grid_p) + j).astype(np.int64)
 
     def rank_coord(self, ranks: np.ndarray) -> np.ndarray:
@@ -101,12 +103,18 @@ class ArmGrid:
         return self.ratios[0] + np.asarray(u, dtype=np.float64) * (self.ratios[-1] - self.ratios[0])
 
 
-def dominated_by(point_ranks: np.ndarray, point_ratios: np.ndarray, ranks: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+def dominated_by(
+    point_ranks: np.ndarray, point_ratios: np.ndarray, ranks: np.ndarray, ratios: np.ndarray
+) -> np.ndarray:
     """(n, K) whether candidate point k needs at least the memory of (ranks[i], ratios[i]):
     rank_k ≥ rank_i and ratio_k ≤ ratio_i (the memory order of the module docstring)."""
-    return (point_ranks[None, :] >= np.asarray(ranks)[:, None]) & (point_ratios[None, :] <= np.asarray(ratios)[:, None] + RATIO_ATOL)
+    return (point_ranks[None, :] >= np.asarray(ranks)[:, None]) & (
+        point_ratios[None, :] <= np.asarray(ratios)[:, None] + RATIO_ATOL
+    )
 
 
 def same_point(point_ranks: np.ndarray, point_ratios: np.ndarray, ranks: np.ndarray, ratios: np.ndarray) -> np.ndarray:
     """(n, K) whether candidate point k is (ranks[i], ratios[i])."""
-    return (point_ranks[None, :] == np.asarray(ranks)[:, None]) & (np.abs(point_ratios[None, :] - np.asarray(ratios)[:, None]) <= RATIO_ATOL)
+    return (point_ranks[None, :] == np.asarray(ranks)[:, None]) & (
+        np.abs(point_ratios[None, :] - np.asarray(ratios)[:, None]) <= RATIO_ATOL
+    )

@@ -94,7 +94,9 @@ class Controller(ABC):
 
     name: ClassVar[str] = ""
     state_keys: ClassVar[tuple[str, ...]] = ("counts", "sums", "infeasible")
-    uses_rewards: ClassVar[bool] = True  # False: choices ignore rewards (only feasibility counts), so the loop need not score clients
+    uses_rewards: ClassVar[bool] = (
+        True  # False: choices ignore rewards (only feasibility counts), so the loop need not score clients
+    )
 
     def __init__(
         self,
@@ -111,9 +113,13 @@ class Controller(ABC):
         self.profiles = _check_profiles(profiles, self.num_devices)  # (N,) int64
         self.features = _check_features(features, self.num_devices)  # (N, d) float64
         num_profiles = int(self.profiles.max()) + 1 if self.num_devices else 0
-        self.profile_names = tuple(profile_names) if profile_names is not None else tuple(str(g) for g in range(num_profiles))
+        self.profile_names = (
+            tuple(profile_names) if profile_names is not None else tuple(str(g) for g in range(num_profiles))
+        )
         if len(self.profile_names) < num_profiles:
-            raise ValueError(f"`profile_names` must name every profile index 0..{num_profiles - 1}, got {len(self.profile_names)} names")
+            raise ValueError(
+                f"`profile_names` must name every profile index 0..{num_profiles - 1}, got {len(self.profile_names)} names"
+            )
         self.point_ranks, self.point_ratios = self._points()  # (K,), (K,)
         shape = (self.num_devices, len(self.point_ranks))
         self.counts = np.zeros(shape)
@@ -121,20 +127,28 @@ class Controller(ABC):
         self.infeasible = np.zeros(shape, dtype=bool)
         self.rng = np.random.default_rng(seed)
         self._avoid: np.ndarray | None = None  # (n, K) during `choose` only
-        self._totals: tuple[np.ndarray, np.ndarray] | None = None  # (P, K) the profiles' counts and sums, during `_spread` only (they do not change within a choose)
-        self._batch: tuple[np.ndarray, np.ndarray] | None = None  # (P, K) counts and sums of this round's earlier picks per profile, during `_spread` only
+        self._totals: tuple[np.ndarray, np.ndarray] | None = (
+            None  # (P, K) the profiles' counts and sums, during `_spread` only (they do not change within a choose)
+        )
+        self._batch: tuple[np.ndarray, np.ndarray] | None = (
+            None  # (P, K) counts and sums of this round's earlier picks per profile, during `_spread` only
+        )
         self._cheapest = int(np.lexsort((-self.point_ratios, self.point_ranks))[0])
         # Pooling: devices sorted by profile, the start of each present profile's run, and whether
         # any device has a peer to borrow from.
         self._pool_order = np.argsort(self.profiles, kind="stable")
-        ids, self._pool_starts, sizes = np.unique(self.profiles[self._pool_order], return_index=True, return_counts=True)
+        ids, self._pool_starts, sizes = np.unique(
+            self.profiles[self._pool_order], return_index=True, return_counts=True
+        )
         self._pool_row = np.zeros(num_profiles, dtype=np.int64)
         self._pool_row[ids] = np.arange(len(ids))  # profile index → row of the pooled totals
         self._pooled = config.pool == "profile" and config.pool_pulls > 0 and bool((sizes > 1).any())
 
     # --- the interface --------------------------------------------------------------------
 
-    def choose(self, devices: np.ndarray, round: int, avoid: np.ndarray | None = None, exploit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def choose(
+        self, devices: np.ndarray, round: int, avoid: np.ndarray | None = None, exploit: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ranks (n,) int64, ratios (n,) float64) for `devices` (n,) in round `round`; `avoid`
         (n, K) bool: points not to choose this round (predicted too slow, `pace`), ignored for a
         device where it would leave no feasible point. Nothing is learned from it. `exploit`:
@@ -154,10 +168,18 @@ class Controller(ABC):
         points = np.where(self.exhausted(devices), self._cheapest, points)
         return self.point_ranks[points].copy(), self.point_ratios[points].copy()
 
-    def update(self, devices: np.ndarray, ranks: np.ndarray, ratios: np.ndarray, rewards: np.ndarray, feasible: np.ndarray) -> None:
+    def update(
+        self, devices: np.ndarray, ranks: np.ndarray, ratios: np.ndarray, rewards: np.ndarray, feasible: np.ndarray
+    ) -> None:
         """Learn from one round's reports: each device's (rank, ratio), reward and feasibility."""
         devices = self._check_devices(devices, unique=True)
-        ranks, ratios, rewards, feasible = _aligned(len(devices), ranks=(ranks, np.int64), ratios=(ratios, np.float64), rewards=(rewards, np.float64), feasible=(feasible, bool))
+        ranks, ratios, rewards, feasible = _aligned(
+            len(devices),
+            ranks=(ranks, np.int64),
+            ratios=(ratios, np.float64),
+            rewards=(rewards, np.float64),
+            feasible=(feasible, bool),
+        )
         if not np.isfinite(rewards).all():
             raise ValueError(f"`rewards` must be finite, got {rewards[~np.isfinite(rewards)][:3]}")
         points = self._locate(devices, ranks, ratios)
@@ -209,7 +231,9 @@ class Controller(ABC):
         for rows in (known, ~known):  # each on its rows' share of `avoid`
             if rows.any():
                 self._avoid = None if avoid is None else avoid[rows]
-                points[rows] = self._pick(devices[rows], mean[rows]) if rows is known else self._select(devices[rows], round)
+                points[rows] = (
+                    self._pick(devices[rows], mean[rows]) if rows is known else self._select(devices[rows], round)
+                )
         self._avoid = avoid
         return points
 
@@ -274,7 +298,10 @@ class Controller(ABC):
         wave[order] = position * np.minimum(SPREAD_WAVES, size) // size  # more than SPREAD_WAVES: near-equal waves
         self._totals = self._profile_totals()  # once: every wave's `_statistics` reads them
         shape = (len(self._pool_starts), len(self.point_ranks))
-        batch_counts, batch_sums = self._batch = (np.zeros(shape), np.zeros(shape))  # each wave's picks are added to them
+        batch_counts, batch_sums = self._batch = (
+            np.zeros(shape),
+            np.zeros(shape),
+        )  # each wave's picks are added to them
         avoid, points = self._avoid, np.zeros(len(devices), dtype=np.int64)
         for w in range(int(wave.max(initial=-1)) + 1):  # at most SPREAD_WAVES, whatever the number of devices
             now = np.flatnonzero(wave == w)
@@ -283,7 +310,9 @@ class Controller(ABC):
             counts, sums = self._statistics(devices[now])
             pulls = counts.sum(axis=1, keepdims=True)
             overall = np.divide(sums.sum(axis=1, keepdims=True), pulls, out=np.zeros_like(pulls), where=pulls > 0)
-            mean = np.divide(sums, counts, out=np.broadcast_to(overall, sums.shape).copy(), where=counts > 0)  # never pulled: the device's overall mean
+            mean = np.divide(
+                sums, counts, out=np.broadcast_to(overall, sums.shape).copy(), where=counts > 0
+            )  # never pulled: the device's overall mean
             credit = self._credit(points[now])
             np.add.at(batch_counts, rows[now], credit)  # in place: the later waves' `_statistics` see them
             np.add.at(batch_sums, rows[now], credit * mean)
@@ -299,7 +328,9 @@ class Controller(ABC):
             return None
         avoid = np.asarray(avoid)
         if avoid.shape != (len(devices), len(self.point_ranks)) or avoid.dtype != bool:
-            raise ValueError(f"`avoid` must be a bool array of shape ({len(devices)}, {len(self.point_ranks)}), got {avoid.dtype} {avoid.shape}")
+            raise ValueError(
+                f"`avoid` must be a bool array of shape ({len(devices)}, {len(self.point_ranks)}), got {avoid.dtype} {avoid.shape}"
+            )
         infeasible = self.infeasible[devices]
         return avoid & ~(infeasible | avoid).all(axis=1, keepdims=True)
 
@@ -312,10 +343,14 @@ class Controller(ABC):
     def _check_devices(self, devices: np.ndarray, unique: bool = False) -> np.ndarray:
         devices = np.asarray(devices)
         if devices.ndim != 1 or (devices.size and devices.dtype.kind not in "iu"):
-            raise ValueError(f"`devices` must be a 1-D array of device indices, got shape {devices.shape}, dtype {devices.dtype}")
+            raise ValueError(
+                f"`devices` must be a 1-D array of device indices, got shape {devices.shape}, dtype {devices.dtype}"
+            )
         devices = devices.astype(np.int64)
         if devices.size and (devices.min() < 0 or devices.max() >= self.num_devices):
-            raise ValueError(f"`devices` must be in [0, {self.num_devices}), got values in [{devices.min()}, {devices.max()}]")
+            raise ValueError(
+                f"`devices` must be in [0, {self.num_devices}), got values in [{devices.min()}, {devices.max()}]"
+            )
         if unique and np.unique(devices).size != devices.size:
             raise ValueError("`devices` must not repeat a device in one update (one report per device per round)")
         return devices
@@ -330,7 +365,9 @@ class Controller(ABC):
             if key in state:
                 mine, theirs = getattr(self, key), np.asarray(state[key])
                 if theirs.shape != mine.shape or theirs.dtype.kind != mine.dtype.kind:
-                    problems.append(f"{key!r} must have shape {mine.shape} and dtype kind {mine.dtype.kind!r}, got {theirs.shape}, {theirs.dtype}")
+                    problems.append(
+                        f"{key!r} must have shape {mine.shape} and dtype kind {mine.dtype.kind!r}, got {theirs.shape}, {theirs.dtype}"
+                    )
         if "rng" in state and np.asarray(state["rng"]).shape != (6,):
             problems.append(f"'rng' must have shape (6,), got {np.asarray(state['rng']).shape}")
         return problems
@@ -339,7 +376,9 @@ class Controller(ABC):
 def _check_profiles(profiles: np.ndarray, num_devices: int) -> np.ndarray:
     profiles = np.asarray(profiles)
     if profiles.shape != (num_devices,) or (num_devices and (profiles.dtype.kind not in "iu" or profiles.min() < 0)):
-        raise ValueError(f"`profiles` must be ({num_devices},) non-negative profile indices, got shape {profiles.shape}, dtype {profiles.dtype}")
+        raise ValueError(
+            f"`profiles` must be ({num_devices},) non-negative profile indices, got shape {profiles.shape}, dtype {profiles.dtype}"
+        )
     return profiles.astype(np.int64)
 
 
@@ -347,14 +386,21 @@ def _check_features(features: np.ndarray | None, num_devices: int) -> np.ndarray
     if features is None:
         return np.ones((num_devices, 1))
     features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] != num_devices or features.shape[1] < 1 or not np.isfinite(features).all():
-        raise ValueError(f"`features` must be a finite ({num_devices}, d) array with d >= 1, got shape {features.shape}")
+    if (
+        features.ndim != 2
+        or features.shape[0] != num_devices
+        or features.shape[1] < 1
+        or not np.isfinite(features).all()
+    ):
+        raise ValueError(
+            f"`features` must be a finite ({num_devices}, d) array with d >= 1, got shape {features.shape}"
+        )
     return features
 
 
 def _aligned(n: int, **arrays: tuple[np.ndarray, type]) -> list[np.ndarray]:
     """Each array as its dtype, checked to be (n,) like `devices`."""
-    out = []
+    out: list[np.ndarray] = []
     for name, (value, dtype) in arrays.items():
         value = np.asarray(value)
         if value.shape != (n,):
@@ -375,5 +421,10 @@ def _rng_to_array(rng: np.random.Generator) -> np.ndarray:
 def _rng_from_array(a: np.ndarray) -> np.random.Generator:
     hi_s, lo_s, hi_i, lo_i, has, uint = (int(x) for x in a.astype(np.uint64))
     bit_gen = np.random.PCG64()
-    bit_gen.state = {"bit_generator": "PCG64", "state": {"state": (hi_s << 64) | lo_s, "inc": (hi_i << 64) | lo_i}, "has_uint32": has, "uinteger": uint}
+    bit_gen.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": (hi_s << 64) | lo_s, "inc": (hi_i << 64) | lo_i},
+        "has_uint32": has,
+        "uinteger": uint,
+    }
     return np.random.Generator(bit_gen)

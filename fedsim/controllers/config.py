@@ -70,26 +70,61 @@ class _Section(BaseModel):
 class RewardConfig(_Section):
     """How one round's observations become rewards (`fedsim.controllers.reward`)."""
 
-    contribution_weight: float = Field(1.0, ge=0, description="Weight of the client's contribution: the relative held-out loss decrease its share of an average gives the global model.")
-    contribution_examples: int = Field(16, ge=1, description="Held-out examples the contribution is scored on (the first of the central set; one forward pass per client).")
-    loss_weight: float = Field(0.5, ge=0, description="Weight of the relative local loss improvement (ℓ_before − ℓ_after)/ℓ_before.")
-    prune_weight: float = Field(0.5, ge=0, description="Weight of the pruning progress min(ratio_reached, ratio_target), unscaled; with `pruning.deploy_ratios`, deploy_weight instead.")
-    deploy_weight: float = Field(0.0, ge=0, description="With `pruning.deploy_ratios`: weight of the closeness max(0, 1 − |s − ρ|/ρ) of the client's sparsity s to its profile's deploy ratio ρ.")
+    contribution_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the client's contribution: the relative held-out loss decrease its share of an average gives the global model.",
+    )
+    contribution_examples: int = Field(
+        16,
+        ge=1,
+        description="Held-out examples the contribution is scored on (the first of the central set; one forward pass per client).",
+    )
+    loss_weight: float = Field(
+        0.5, ge=0, description="Weight of the relative local loss improvement (ℓ_before − ℓ_after)/ℓ_before."
+    )
+    prune_weight: float = Field(
+        0.5,
+        ge=0,
+        description="Weight of the pruning progress min(ratio_reached, ratio_target), unscaled; with `pruning.deploy_ratios`, deploy_weight instead.",
+    )
+    deploy_weight: float = Field(
+        0.0,
+        ge=0,
+        description="With `pruning.deploy_ratios`: weight of the closeness max(0, 1 − |s − ρ|/ρ) of the client's sparsity s to its profile's deploy ratio ρ.",
+    )
     norm_weight: float = Field(0.0, ge=0, description="Weight of the update norm ‖ΔW‖.")
-    time: Literal["round", "per_second"] = Field("round", description="round: progress times the straggler factor (Oort); per_second: also divided by the client's own time.")
-    straggler: Literal["auto", "deadline", "fastest", "median", "none"] = Field("auto", description="Threshold T of the straggler factor (T/t)^α: the deadline, the fastest round so far, the round's median client time, or none; auto: the deadline if any, else fastest.")
+    time: Literal["round", "per_second"] = Field(
+        "round",
+        description="round: progress times the straggler factor (Oort); per_second: also divided by the client's own time.",
+    )
+    straggler: Literal["auto", "deadline", "fastest", "median", "none"] = Field(
+        "auto",
+        description="Threshold T of the straggler factor (T/t)^α: the deadline, the fastest round so far, the round's median client time, or none; auto: the deadline if any, else fastest.",
+    )
     straggler_alpha: float = Field(2.0, ge=0, description="Exponent α of the straggler factor.")
-    normalise: Literal["round_max", "round_mean", "baseline", "none"] = Field("round_max", description="Divide rewards by the round's max, its mean, a discounted baseline of past rounds' means (FedEx), or nothing.")
-    baseline_discount: float = Field(0.9, ge=0, lt=1, description="normalise = baseline: discount β of the running mean of rounds' mean rewards.")
+    normalise: Literal["round_max", "round_mean", "baseline", "none"] = Field(
+        "round_max",
+        description="Divide rewards by the round's max, its mean, a discounted baseline of past rounds' means (FedEx), or nothing.",
+    )
+    baseline_discount: float = Field(
+        0.9, ge=0, lt=1, description="normalise = baseline: discount β of the running mean of rounds' mean rewards."
+    )
     floor: float = Field(0.01, ge=0, description="Least reward of a client that ran.")
-    infeasible_penalty: float = Field(0.0, description="Reward of a client that could not run (out of memory); at most floor.")
+    infeasible_penalty: float = Field(
+        0.0, description="Reward of a client that could not run (out of memory); at most floor."
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> RewardConfig:
         if self.contribution_weight + self.loss_weight + self.prune_weight + self.norm_weight <= 0:
-            raise ValueError("at least one of contribution_weight, loss_weight, prune_weight, norm_weight must be > 0, got all 0")
+            raise ValueError(
+                "at least one of contribution_weight, loss_weight, prune_weight, norm_weight must be > 0, got all 0"
+            )
         if self.infeasible_penalty > self.floor:
-            raise ValueError(f"infeasible_penalty must be <= floor ({self.floor}) so that a feasible arm always beats an infeasible one, got {self.infeasible_penalty}")
+            raise ValueError(
+                f"infeasible_penalty must be <= floor ({self.floor}) so that a feasible arm always beats an infeasible one, got {self.infeasible_penalty}"
+            )
         return self
 
 
@@ -99,36 +134,95 @@ Arm = tuple[int, float]
 class ControllerConfig(_Section):
     """Which bandit algorithm assigns each device its (LoRA rank, pruning ratio), and its constants."""
 
-    name: str = Field("sucb", description="Algorithm (`fedsim.controllers.CONTROLLERS`); sucb: FedSpine's smooth UCB over the (ratio, rank) box.")
-    ranks: tuple[int, ...] = Field((4, 8, 16, 32), min_length=1, description="LoRA ranks of the arm grid, each >= 1; sucb spans [min, max].")
-    ratios: tuple[float, ...] = Field((0.0, 0.2, 0.4, 0.6), min_length=1, description="Pruning ratios of the arm grid, each in [0, 0.95]; sucb spans [min, max].")
-    infer_infeasible: bool = Field(True, description="When (r, p) does not fit a device, also rule out every arm with rank >= r and ratio <= p.")
-    ucb_c: float = Field(1.0, ge=0, description="ucb1, discounted_ucb, sliding_window_ucb, sucb: exploration scale c, the width of the reward range.")
+    name: str = Field(
+        "sucb",
+        description="Algorithm (`fedsim.controllers.CONTROLLERS`); sucb: FedSpine's smooth UCB over the (ratio, rank) box.",
+    )
+    ranks: tuple[int, ...] = Field(
+        (4, 8, 16, 32), min_length=1, description="LoRA ranks of the arm grid, each >= 1; sucb spans [min, max]."
+    )
+    ratios: tuple[float, ...] = Field(
+        (0.0, 0.2, 0.4, 0.6),
+        min_length=1,
+        description="Pruning ratios of the arm grid, each in [0, 0.95]; sucb spans [min, max].",
+    )
+    infer_infeasible: bool = Field(
+        True, description="When (r, p) does not fit a device, also rule out every arm with rank >= r and ratio <= p."
+    )
+    ucb_c: float = Field(
+        1.0,
+        ge=0,
+        description="ucb1, discounted_ucb, sliding_window_ucb, sucb: exploration scale c, the width of the reward range.",
+    )
     discount: float = Field(0.99, gt=0, le=1, description="discounted_ucb: discount γ per pull of the device.")
     window: int = Field(100, ge=1, description="sliding_window_ucb: the device's last τ pulls are remembered.")
-    xi: float = Field(0.6, gt=0, description="discounted_ucb, sliding_window_ucb: ξ in the bonus √(ξ log n / N), > 1/2.")
-    exp3_gamma: float | Literal["auto"] = Field("auto", description="exp3: share γ of uniform exploration, in (0, 1]; auto: γ_t = min(1, √(K ln K / ((e − 1) t))).")
-    exp3_update: Literal["exp3", "fedex"] = Field("exp3", description="exp3: Auer et al.'s estimate r/p, or FedEx's baseline-corrected (r − λ)/p.")
-    fedex_discount: float = Field(0.9, ge=0, lt=1, description="exp3_update = fedex: discount of the device's baseline λ.")
+    xi: float = Field(
+        0.6, gt=0, description="discounted_ucb, sliding_window_ucb: ξ in the bonus √(ξ log n / N), > 1/2."
+    )
+    exp3_gamma: float | Literal["auto"] = Field(
+        "auto",
+        description="exp3: share γ of uniform exploration, in (0, 1]; auto: γ_t = min(1, √(K ln K / ((e − 1) t))).",
+    )
+    exp3_update: Literal["exp3", "fedex"] = Field(
+        "exp3", description="exp3: Auer et al.'s estimate r/p, or FedEx's baseline-corrected (r − λ)/p."
+    )
+    fedex_discount: float = Field(
+        0.9, ge=0, lt=1, description="exp3_update = fedex: discount of the device's baseline λ."
+    )
     ts_prior_mean: float = Field(0.5, description="thompson: prior mean of every arm.")
     ts_prior_std: float = Field(1.0, gt=0, description="thompson: prior standard deviation.")
     ts_noise_std: float = Field(0.5, gt=0, description="thompson: reward noise σ of the Gaussian likelihood.")
-    pool: Literal["none", "profile"] = Field("none", description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own statistics, or also on what its profile's peers lend (`controllers.base`).")
-    pool_pulls: float = Field(10.0, ge=0, description="pool = profile: C, the most pulls' worth per point a device borrows from its peers (0: no pooling).")
-    pool_spread: bool = Field(True, description="pool = profile: a profile's devices of one round pick in turn, each counting its peers' earlier picks as pulls.")
+    pool: Literal["none", "profile"] = Field(
+        "none",
+        description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own statistics, or also on what its profile's peers lend (`controllers.base`).",
+    )
+    pool_pulls: float = Field(
+        10.0,
+        ge=0,
+        description="pool = profile: C, the most pulls' worth per point a device borrows from its peers (0: no pooling).",
+    )
+    pool_spread: bool = Field(
+        True,
+        description="pool = profile: a profile's devices of one round pick in turn, each counting its peers' earlier picks as pulls.",
+    )
     linucb_alpha: float = Field(1.0, ge=0, description="linucb: width α of the confidence bonus α√(xᵀA⁻¹x).")
     linucb_ridge: float = Field(1.0, gt=0, description="linucb: ridge λ, A starts at λI.")
-    linucb_share: Literal["profile", "global"] = Field("profile", description="linucb: one model per (device profile, arm), or one per arm for the whole fleet.")
+    linucb_share: Literal["profile", "global"] = Field(
+        "profile", description="linucb: one model per (device profile, arm), or one per arm for the whole fleet."
+    )
     sucb_depth: int = Field(4, ge=1, le=10, description="sucb: depth D of the partition tree (2^D leaf cells).")
-    sucb_nu: float = Field(1.0, ge=0, description="sucb: smoothness ν: the reward varies by at most ν·ρ^h inside a depth-h cell.")
+    sucb_nu: float = Field(
+        1.0, ge=0, description="sucb: smoothness ν: the reward varies by at most ν·ρ^h inside a depth-h cell."
+    )
     sucb_rho: float = Field(2**-0.5, gt=0, lt=1, description="sucb: shrink factor ρ of the smoothness term per level.")
-    sucb_snap: Literal["integer", "grid"] = Field("integer", description="sucb: a cell's rank is the nearest integer in [min(ranks), max(ranks)], or the nearest of `ranks`.")
-    screen: bool = Field(True, description="Skip, for a round, the arms a device's observed pace predicts to take over screen_slack × the straggler threshold (`controllers.pace`); not for fixed.")
-    screen_slack: float = Field(1.25, ge=1, allow_inf_nan=False, description="screen: how much slower than the threshold, or than its fastest arm, an arm may be predicted to be and still be tried.")
-    commit_rounds: int = Field(0, ge=0, description="The run's last N rounds explore no more: each device plays its best point so far; not for fixed.")
-    fixed_arm: Arm | None = Field(None, description="fixed: (rank, ratio) for every device, on the grid; default (max rank, min ratio).")
-    profile_arms: dict[str, Arm] = Field({}, description="fixed: (rank, ratio) per device profile name, on the grid; overrides fixed_arm.")
-    reward: RewardConfig = Field(RewardConfig(), description="How each round's reports become rewards (`fedsim.controllers.reward`).")
+    sucb_snap: Literal["integer", "grid"] = Field(
+        "integer",
+        description="sucb: a cell's rank is the nearest integer in [min(ranks), max(ranks)], or the nearest of `ranks`.",
+    )
+    screen: bool = Field(
+        True,
+        description="Skip, for a round, the arms a device's observed pace predicts to take over screen_slack × the straggler threshold (`controllers.pace`); not for fixed.",
+    )
+    screen_slack: float = Field(
+        1.25,
+        ge=1,
+        allow_inf_nan=False,
+        description="screen: how much slower than the threshold, or than its fastest arm, an arm may be predicted to be and still be tried.",
+    )
+    commit_rounds: int = Field(
+        0,
+        ge=0,
+        description="The run's last N rounds explore no more: each device plays its best point so far; not for fixed.",
+    )
+    fixed_arm: Arm | None = Field(
+        None, description="fixed: (rank, ratio) for every device, on the grid; default (max rank, min ratio)."
+    )
+    profile_arms: dict[str, Arm] = Field(
+        {}, description="fixed: (rank, ratio) per device profile name, on the grid; overrides fixed_arm."
+    )
+    reward: RewardConfig = Field(
+        RewardConfig(), description="How each round's reports become rewards (`fedsim.controllers.reward`)."
+    )
 
     @field_validator("ranks", "ratios", "fixed_arm", mode="before")
     @classmethod
@@ -138,7 +232,9 @@ class ControllerConfig(_Section):
     @field_validator("profile_arms", mode="before")
     @classmethod
     def _arms_to_tuples(cls, value: Any) -> Any:
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()} if isinstance(value, dict) else value
+        return (
+            {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()} if isinstance(value, dict) else value
+        )
 
     @field_validator("name")
     @classmethod
@@ -161,7 +257,11 @@ class ControllerConfig(_Section):
     @field_validator("ratios")
     @classmethod
     def _valid_ratios(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        problems = [f"values must be in [0, {MAX_RATIO}], got {p}" for p in value if not (math.isfinite(p) and 0 <= p <= MAX_RATIO)]
+        problems = [
+            f"values must be in [0, {MAX_RATIO}], got {p}"
+            for p in value
+            if not (math.isfinite(p) and 0 <= p <= MAX_RATIO)
+        ]
         problems += _duplicates(value)
         if problems:
             raise ValueError("; ".join(problems))
@@ -169,7 +269,7 @@ class ControllerConfig(_Section):
 
     @field_validator("exp3_gamma")
     @classmethod
-    def _valid_gamma(cls, value: float | str) -> float | str:
+    def _valid_gamma(cls, value: float | Literal["auto"]) -> float | Literal["auto"]:
         if value != "auto" and not 0 < value <= 1:
             raise ValueError(f"must be in (0, 1] or 'auto', got {value}")
         return value
@@ -184,7 +284,11 @@ class ControllerConfig(_Section):
     @field_validator("profile_arms")
     @classmethod
     def _profile_arms_on_grid(cls, value: dict[str, Arm], info: ValidationInfo) -> dict[str, Arm]:
-        problems = [f"{name} = {arm} is off the grid: {msg}" for name, arm in value.items() if (msg := _off_grid(arm, info)) is not None]
+        problems = [
+            f"{name} = {arm} is off the grid: {msg}"
+            for name, arm in value.items()
+            if (msg := _off_grid(arm, info)) is not None
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return value

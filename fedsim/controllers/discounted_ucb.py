@@ -68,7 +68,9 @@ class SlidingWindowUCB(Controller):
 
     def _select(self, devices: np.ndarray, round: int) -> np.ndarray:
         counts, sums = self._statistics(devices)
-        horizon = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)  # min(t, τ): the pulls in the window (pooled ones too)
+        horizon = np.maximum(
+            counts.sum(axis=1, keepdims=True), 1.0
+        )  # min(t, τ): the pulls in the window (pooled ones too)
         with np.errstate(divide="ignore", invalid="ignore"):
             index = sums / counts + self.config.ucb_c * np.sqrt(self.config.xi * np.log(horizon) / counts)
         return self._pick(devices, np.where(counts > 0, index, np.inf))

@@ -42,7 +42,15 @@ class Exp3(Controller):
     """EXP3 (or its FedEx-corrected update) with per-device log-weights."""
 
     name = "exp3"
-    state_keys = (*Controller.state_keys, "log_weights", "pulls", "chosen", "chosen_prob", "baseline", "baseline_weight")
+    state_keys = (
+        *Controller.state_keys,
+        "log_weights",
+        "pulls",
+        "chosen",
+        "chosen_prob",
+        "baseline",
+        "baseline_weight",
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -27,10 +27,14 @@ class Fixed(Controller):
         super().__init__(*args, **kwargs)
         grid, cfg = self.grid, self.config
         rank, ratio = cfg.fixed_arm if cfg.fixed_arm is not None else (grid.ranks[-1], grid.ratios[0])
-        self.target = np.full(self.num_devices, grid.arm_of(np.array([rank]), np.array([ratio]))[0], dtype=np.int64)  # (N,)
+        self.target = np.full(
+            self.num_devices, grid.arm_of(np.array([rank]), np.array([ratio]))[0], dtype=np.int64
+        )  # (N,)
         for name, (r, p) in cfg.profile_arms.items():  # a loop over profiles
             if name not in self.profile_names:
-                raise ValueError(f"`profile_arms.{name}`: no such device profile; known: {', '.join(self.profile_names)}")
+                raise ValueError(
+                    f"`profile_arms.{name}`: no such device profile; known: {', '.join(self.profile_names)}"
+                )
             self.target[self.profiles == self.profile_names.index(name)] = grid.arm_of(np.array([r]), np.array([p]))[0]
         u_rank, u_ratio = grid.rank_coord(self.point_ranks), grid.ratio_coord(self.point_ratios)
         self._coords = np.stack([u_rank, u_ratio], axis=1)  # (K, 2)

@@ -54,7 +54,9 @@ class Pace:
         n = len(profiles)
         return cls(np.asarray(profiles, dtype=np.int64), np.full(n, np.nan), np.full(n, np.nan))
 
-    def observe(self, devices: np.ndarray, flops: np.ndarray, params: np.ndarray, compute_s: np.ndarray, comm_s: np.ndarray) -> None:
+    def observe(
+        self, devices: np.ndarray, flops: np.ndarray, params: np.ndarray, compute_s: np.ndarray, comm_s: np.ndarray
+    ) -> None:
         """Learn from devices (n,) that played arms of `flops` and `params` (n,) and took
         `compute_s` and `comm_s` (n,) seconds. Entries that are not finite and positive are skipped."""
         for rate, seconds, units in ((self.compute, compute_s, flops), (self.comm, comm_s, params)):
@@ -69,7 +71,9 @@ class Pace:
         peer of its profile has been seen."""
         devices = np.asarray(devices, dtype=np.int64)
         a, b = self._rates(self.compute, devices), self._rates(self.comm, devices)
-        return a[:, None] * np.atleast_2d(np.asarray(flops, dtype=float)) + b[:, None] * np.atleast_2d(np.asarray(params, dtype=float))
+        return a[:, None] * np.atleast_2d(np.asarray(flops, dtype=float)) + b[:, None] * np.atleast_2d(
+            np.asarray(params, dtype=float)
+        )
 
     def state(self) -> np.ndarray:
         """(2, N): compute and comm rates, for the controller's checkpoint."""

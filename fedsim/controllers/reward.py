@@ -109,17 +109,27 @@ class Observations:
     ratio_target: np.ndarray  # pruning ratio it was asked for
     update_norm: np.ndarray  # ‖ΔW‖ of its LoRA update
     deadline_s: float = 0.0  # the round's deadline (0 = none)
-    contribution: np.ndarray | None = None  # relative held-out loss decrease of the global model from its adapter (None: not scored)
-    ratio_deployed: np.ndarray | None = None  # pruning ratio of the model its profile deploys (None: the run has no deploy ratios)
+    contribution: np.ndarray | None = (
+        None  # relative held-out loss decrease of the global model from its adapter (None: not scored)
+    )
+    ratio_deployed: np.ndarray | None = (
+        None  # pruning ratio of the model its profile deploys (None: the run has no deploy ratios)
+    )
 
     def __post_init__(self) -> None:
         if self.contribution is None:
             object.__setattr__(self, "contribution", np.full(np.shape(self.loss_before), np.nan))
         arrays = [f.name for f in fields(self) if f.name != "deadline_s" and getattr(self, f.name) is not None]
         for name in arrays:
-            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=bool if name == "feasible" else np.float64))
+            object.__setattr__(
+                self, name, np.asarray(getattr(self, name), dtype=bool if name == "feasible" else np.float64)
+            )
         n = self.loss_before.shape
-        problems = [f"`{name}` must be 1-D and aligned with loss_before {n}, got {getattr(self, name).shape}" for name in arrays if getattr(self, name).shape != n or len(n) != 1]
+        problems = [
+            f"`{name}` must be 1-D and aligned with loss_before {n}, got {getattr(self, name).shape}"
+            for name in arrays
+            if getattr(self, name).shape != n or len(n) != 1
+        ]
         if not problems:
             bad = np.flatnonzero(self.feasible & ~(np.isfinite(self.time_s) & (self.time_s > 0)))
             problems += [f"`time_s[{i}]` must be > 0 for a feasible client, got {self.time_s[i]}" for i in bad[:3]]
@@ -140,7 +150,9 @@ class RewardState:
     fastest_s: float = math.inf
 
 
-def rewards(obs: Observations, config: RewardConfig, state: RewardState | None = None) -> tuple[np.ndarray, RewardState]:
+def rewards(
+    obs: Observations, config: RewardConfig, state: RewardState | None = None
+) -> tuple[np.ndarray, RewardState]:
     """(n,) reward of each client, and the state for the next round (the baseline moves with
     `config.normalise == "baseline"`, the fastest round with every round some client ran)."""
     state = state or RewardState()
@@ -166,9 +178,15 @@ def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndar
         deployed = obs.ratio_deployed
         with np.errstate(divide="ignore", invalid="ignore"):
             prune = np.where(deployed > 0, np.maximum(0.0, 1.0 - np.abs(prune - deployed) / deployed), 0.0)
-    norm = obs.update_norm
+    norm, contribution = obs.update_norm, obs.contribution
+    assert contribution is not None  # `Observations.__post_init__` fills an unscored round with NaN
     total = np.zeros(len(ok))
-    terms = ((config.contribution_weight, obs.contribution, True), (config.loss_weight, loss, True), (prune_weight, prune, False), (config.norm_weight, norm, True))
+    terms = (
+        (config.contribution_weight, contribution, True),
+        (config.loss_weight, loss, True),
+        (prune_weight, prune, False),
+        (config.norm_weight, norm, True),
+    )
     for weight, term, scaled in terms:
         term = np.where(ok & np.isfinite(term), np.maximum(term, 0.0), 0.0)
         scale = term[ok].mean() if scaled and ok.any() else 0.0
@@ -176,7 +194,9 @@ def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndar
     return total
 
 
-def straggler_factor(time: np.ndarray, ok: np.ndarray, deadline_s: float, config: RewardConfig, fastest_s: float = math.inf) -> np.ndarray:
+def straggler_factor(
+    time: np.ndarray, ok: np.ndarray, deadline_s: float, config: RewardConfig, fastest_s: float = math.inf
+) -> np.ndarray:
     """(n,) (T / t)^α where t > T, else 1; T per `config.straggler` (1 everywhere with none)."""
     mode = config.straggler
     if mode == "auto":
@@ -187,13 +207,19 @@ def straggler_factor(time: np.ndarray, ok: np.ndarray, deadline_s: float, config
     return np.where(time > threshold, (threshold / time) ** config.straggler_alpha, 1.0)
 
 
-def normalise(x: np.ndarray, ok: np.ndarray, config: RewardConfig, state: RewardState) -> tuple[np.ndarray, RewardState]:
+def normalise(
+    x: np.ndarray, ok: np.ndarray, config: RewardConfig, state: RewardState
+) -> tuple[np.ndarray, RewardState]:
     """(n,) x̃ per `config.normalise`, and the state with the baseline updated."""
     if config.normalise == "none" or not ok.any():
         return x, state
     if config.normalise == "baseline":
         beta = config.baseline_discount
-        state = replace(state, mean=beta * state.mean + (1.0 - beta) * float(x[ok].mean()), weight=beta * state.weight + (1.0 - beta))
+        state = replace(
+            state,
+            mean=beta * state.mean + (1.0 - beta) * float(x[ok].mean()),
+            weight=beta * state.weight + (1.0 - beta),
+        )
         scale = state.mean / state.weight
     else:
         scale = float(x[ok].max() if config.normalise == "round_max" else x[ok].mean())

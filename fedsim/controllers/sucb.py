@@ -65,7 +65,7 @@ class SmoothUCB(Controller):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pending = np.full(self.num_devices, -1, dtype=np.int64)  # (N,) node chosen last, -1 = none
-        self._smooth = self.config.sucb_nu * self.config.sucb_rho ** self._depth  # (M,) ν·ρ^h
+        self._smooth = self.config.sucb_nu * self.config.sucb_rho**self._depth  # (M,) ν·ρ^h
 
     def _points(self) -> tuple[np.ndarray, np.ndarray]:
         depth = self.config.sucb_depth
@@ -83,7 +83,9 @@ class SmoothUCB(Controller):
         first, last = np.rint(lo * m), np.rint(hi * m) - 1  # (M, 2) leaf indices a node's cell spans
         middle = (first + last) // 2
         u = np.where(m > 1, middle / np.maximum(m - 1, 1), 0.5)  # (M, 2) the middle leaf's point
-        return self.grid.rank_at(u[:, 1], self.config.sucb_snap), np.round(self.grid.ratio_at(u[:, 0]), 9)  # 0.6/3 → 0.2
+        return self.grid.rank_at(u[:, 1], self.config.sucb_snap), np.round(
+            self.grid.ratio_at(u[:, 0]), 9
+        )  # 0.6/3 → 0.2
 
     def _b_values(self, counts: np.ndarray, sums: np.ndarray, feasible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """B (n, M) of every node and `below` (n, M) = max B of its children (−∞ at the leaves)."""
@@ -145,7 +147,9 @@ class SmoothUCB(Controller):
         return credit
 
     def _leaf_of(self, ranks: np.ndarray, ratios: np.ndarray) -> np.ndarray:
-        coords = np.clip(np.stack([self.grid.ratio_coord(ratios), self.grid.rank_coord(ranks)], axis=1), 0.0, 1.0)  # (n, 2)
+        coords = np.clip(
+            np.stack([self.grid.ratio_coord(ratios), self.grid.rank_coord(ranks)], axis=1), 0.0, 1.0
+        )  # (n, 2)
         rows, node = np.arange(len(ranks)), np.zeros(len(ranks), dtype=np.int64)
         for h in range(self.config.sucb_depth):
             axis = h % 2

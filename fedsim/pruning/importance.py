@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -123,7 +124,7 @@ def first_order_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask
     frozen = [weight(m) for m in modules.values()]
     with _scoring(model, grads_for=frozen):
         lm_loss(model, input_ids, attention_mask).backward()
-        grads = {key: weight(m).grad.detach().clone() for key, m in modules.items()}  # type: ignore[union-attr]
+        grads = {key: _grad(weight(m), key) for key, m in modules.items()}
     return _collect(model, lambda i, name, module: (effective_weight(module) * grads[i, name]).abs())
 
 
@@ -136,7 +137,7 @@ def lora_grad_scores(model: torch.nn.Module) -> Scores:
             return None
         g_hat = torch.zeros_like(weight(module), dtype=torch.float32)
         for a in _active(module):
-            A, B, s = module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a]
+            (A, B), s = _factors(module, a), module.scaling[a]
             if A.grad is None and B.grad is None:
                 raise ValueError(
                     f"layer {i} {name}: lora_A/lora_B have no gradient; call loss.backward() "
@@ -196,10 +197,22 @@ def effective_weight(module: torch.nn.Module) -> Tensor:
     w = weight(module).detach().float()
     if isinstance(module, LoraLayer):
         for a in _active(module):
-            w = w + module.scaling[a] * (
-                module.lora_B[a].weight.detach().float() @ module.lora_A[a].weight.detach().float()
-            )
+            A, B = _factors(module, a)
+            w = w + module.scaling[a] * (B.detach().float() @ A.detach().float())
     return w
+
+
+def _factors(module: LoraLayer, adapter: str) -> tuple[Tensor, Tensor]:
+    """(A, B): the (r, in) and (out, r) weights of one LoRA adapter."""
+    # nn.Module.__getattr__ is typed Tensor | Module; lora_A / lora_B hold nn.Linear layers
+    return cast(Tensor, module.lora_A[adapter].weight), cast(Tensor, module.lora_B[adapter].weight)
+
+
+def _grad(w: Tensor, key: tuple[int, str]) -> Tensor:
+    """A copy of the gradient the calibration loss left on `w`."""
+    if w.grad is None:
+        raise ValueError(f"layer {key[0]} {key[1]}: the calibration loss left no gradient on its weight")
+    return w.grad.detach().clone()
 
 
 def _active(module: LoraLayer) -> list[str]:
@@ -217,7 +230,8 @@ def _projections(model: torch.nn.Module) -> dict[tuple[int, str], torch.nn.Modul
 
 def _collect(model: torch.nn.Module, per_weight: PerWeight) -> Scores:
     """Sum each projection's per-weight importance (out, in) into its KV groups and channels."""
-    groups, channels = [], []
+    groups: list[Tensor] = []
+    channels: list[Tensor] = []
     for i, (layer, shape) in enumerate(zip(decoder_layers(model), geometry(model))):
         for sub, names, n, out in (
             (layer.self_attn, ATTENTION, shape.groups, groups),

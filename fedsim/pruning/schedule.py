@@ -39,7 +39,10 @@ def events_in(start: int, steps: int, target: float, interval: int, events: int)
     cumulative step `start` and takes `steps` steps."""
     out = []
     for t in range(steps):
-        before, now = events_by(start + t - 1, interval, events) if start + t > 0 else 0, events_by(start + t, interval, events)
+        before, now = (
+            events_by(start + t - 1, interval, events) if start + t > 0 else 0,
+            events_by(start + t, interval, events),
+        )
         if now > before:
             out.append((t, ratio_at_event(now, target, events)))
     return out

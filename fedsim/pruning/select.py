@@ -39,7 +39,9 @@ def select_keep(
     with `within`, a subset of it (progressive pruning)."""
     _check(scores, geometry, ratio, mode)
     gone = _removed_by(within, geometry)
-    held = within.removed_per_layer(geometry) if within is not None else [0] * len(geometry)  # what `within` already removed
+    held = (
+        within.removed_per_layer(geometry) if within is not None else [0] * len(geometry)
+    )  # what `within` already removed
     per_layer = [_candidates(scores, geometry, i, gone) for i in range(len(geometry))]
     if mode == "per_layer":
         dropped: set[tuple[int, int, int]] = set()
@@ -75,7 +77,11 @@ def check_request(ratio: float, mode: str) -> list[str]:
 def budget_problems(ratio: float, geometry: Sequence[LayerGeometry], mode: str) -> list[str]:
     """Why `ratio` cannot be reached on a model of this geometry (empty if it can), naming the
     first layer (per_layer) or the model (global) and the largest ratio it allows."""
-    scopes = [([g], f"layer {i}") for i, g in enumerate(geometry)] if mode == "per_layer" else [(list(geometry), "the model")]
+    scopes = (
+        [([g], f"layer {i}") for i, g in enumerate(geometry)]
+        if mode == "per_layer"
+        else [(list(geometry), "the model")]
+    )
     for layers, where in scopes:
         try:
             _budget(ratio, layers, where, mode)
@@ -103,10 +109,14 @@ def _check(scores: Scores, geometry: Sequence[LayerGeometry], ratio: float, mode
         raise ValueError("; ".join(problems))
 
 
-Candidate = tuple[bool, float, int, int, int, int]  # (kept before, S / n, n, layer, kind: 0 KV group / 1 channel, index)
+Candidate = tuple[
+    bool, float, int, int, int, int
+]  # (kept before, S / n, n, layer, kind: 0 KV group / 1 channel, index)
 
 
-def _candidates(scores: Scores, geometry: Sequence[LayerGeometry], i: int, gone: set[tuple[int, int, int]]) -> list[Candidate]:
+def _candidates(
+    scores: Scores, geometry: Sequence[LayerGeometry], i: int, gone: set[tuple[int, int, int]]
+) -> list[Candidate]:
     """Layer i's structures, those already removed (`gone`) first, then in ascending score per
     parameter (ties: smaller first, then by index)."""
     layer, out = geometry[i], []
@@ -119,7 +129,9 @@ def _removed_by(within: Keep | None, geometry: Sequence[LayerGeometry]) -> set[t
     """(layer, kind, index) of each structure `within` removed; it must be a keep of this model."""
     if within is None:
         return set()
-    if within.num_groups != tuple(g.groups for g in geometry) or within.num_channels != tuple(g.channels for g in geometry):
+    if within.num_groups != tuple(g.groups for g in geometry) or within.num_channels != tuple(
+        g.channels for g in geometry
+    ):
         raise ValueError("`within` is a keep of another model (its layers' KV groups or channels differ)")
     return {
         (i, kind, j)

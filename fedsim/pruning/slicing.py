@@ -125,10 +125,13 @@ def fill_uncovered(
     """
     if all(m is None for m in masks):
         return [dict(s) for s in states]
-    full_masks = [m if m is not None else {k: torch.ones(v.shape, dtype=torch.bool) for k, v in previous.items()} for m in masks]
+    full_masks = [
+        m if m is not None else {k: torch.ones(v.shape, dtype=torch.bool) for k, v in previous.items()} for m in masks
+    ]
     mean = masked_mean(states, full_masks, weights, previous)
     return [
-        {k: torch.where(m[k].bool(), s[k], mean[k]) if k in mean else v for k, v in s.items()} for s, m in zip(states, full_masks)
+        {k: torch.where(m[k].bool(), s[k], mean[k]) if k in mean else v for k, v in s.items()}
+        for s, m in zip(states, full_masks)
     ]
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -72,8 +73,11 @@ class Scores:
     def scatter(self, keep: Keep, fill: float) -> Scores:
         """Scores of a model pruned with `keep`, placed at the unpruned model's indices; `fill`
         for the structures `keep` removed."""
+
         def place(values: Tensor, kept: tuple[int, ...], total: int) -> Tensor:
-            return torch.full((total,), fill, dtype=values.dtype).index_copy(0, torch.tensor(kept, dtype=torch.long), values)
+            return torch.full((total,), fill, dtype=values.dtype).index_copy(
+                0, torch.tensor(kept, dtype=torch.long), values
+            )
 
         return Scores(
             tuple(place(s, k, n) for s, k, n in zip(self.groups, keep.groups, keep.num_groups, strict=True)),
@@ -144,7 +148,10 @@ class Keep:
         """The keep `to_json` wrote; ValueError naming what is wrong with any other document."""
         try:
             raw = json.loads(text)
-            num_groups, num_channels = tuple(int(n) for n in raw["num_groups"]), tuple(int(n) for n in raw["num_channels"])
+            num_groups, num_channels = (
+                tuple(int(n) for n in raw["num_groups"]),
+                tuple(int(n) for n in raw["num_channels"]),
+            )
             return cls(
                 groups=tuple(_indices(b, n) for b, n in zip(raw["groups"], num_groups, strict=True)),
                 channels=tuple(_indices(b, n) for b, n in zip(raw["channels"], num_channels, strict=True)),
@@ -173,7 +180,10 @@ class Keep:
 
     def geometry(self, hidden: int) -> list[LayerGeometry]:
         """The unpruned model's geometry, as far as the keep records it (plus the hidden size)."""
-        return [LayerGeometry(hidden, self.head_dim, self.group_size, g, c) for g, c in zip(self.num_groups, self.num_channels)]
+        return [
+            LayerGeometry(hidden, self.head_dim, self.group_size, g, c)
+            for g, c in zip(self.num_groups, self.num_channels)
+        ]
 
     def then(self, inner: Keep) -> Keep:
         """The keep of pruning with `self`, then pruning the result with `inner` (made for it)."""
@@ -188,6 +198,7 @@ class Keep:
     def within(self, outer: Keep) -> Keep:
         """This keep (a subset of `outer`, both of the unpruned model) as a keep of the model
         `outer` leaves: `outer.then(self.within(outer)) == self`."""
+
         def positions(kept: tuple[int, ...], held: tuple[int, ...], what: str) -> tuple[int, ...]:
             where = {v: i for i, v in enumerate(held)}
             if any(v not in where for v in kept):
@@ -195,8 +206,12 @@ class Keep:
             return tuple(where[v] for v in kept)
 
         return Keep(
-            groups=tuple(positions(k, o, f"layer {i} KV groups") for i, (k, o) in enumerate(zip(self.groups, outer.groups))),
-            channels=tuple(positions(k, o, f"layer {i} channels") for i, (k, o) in enumerate(zip(self.channels, outer.channels))),
+            groups=tuple(
+                positions(k, o, f"layer {i} KV groups") for i, (k, o) in enumerate(zip(self.groups, outer.groups))
+            ),
+            channels=tuple(
+                positions(k, o, f"layer {i} channels") for i, (k, o) in enumerate(zip(self.channels, outer.channels))
+            ),
             num_groups=tuple(map(len, outer.groups)),
             num_channels=tuple(map(len, outer.channels)),
             group_size=self.group_size,
@@ -241,9 +256,17 @@ def _short(values: Sequence[int]) -> str:
     return str(list(values)) if len(values) <= 8 else f"[{', '.join(map(str, values[:8]))}, ...]"
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a PEFT wrapper wraps (`get_base_model()`), else `model` itself."""
+    if hasattr(model, "get_base_model"):
+        # nn.Module.__getattr__ is typed Tensor | Module; PEFT's get_base_model is a method returning nn.Module
+        return cast(Callable[[], torch.nn.Module], model.get_base_model)()
+    return model
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """`model.model.layers` of a (PEFT-wrapped) Llama-family causal LM; ValueError for others."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     kind = getattr(getattr(base, "config", None), "model_type", None)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if kind not in FAMILIES or layers is None:
@@ -257,16 +280,20 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def weight(module: torch.nn.Module) -> Tensor:
     """The frozen (out, in) weight of an nn.Linear, or of the one a PEFT layer wraps."""
-    return getattr(module, "base_layer", module).weight
+    # nn.Module.__getattr__ is typed Tensor | Module; an nn.Linear's weight is a Parameter (a Tensor)
+    return cast(Tensor, getattr(module, "base_layer", module).weight)
 
 
 def geometry(model: torch.nn.Module) -> list[LayerGeometry]:
     """Per decoder layer, its prunable structures as the weights are now."""
     out = []
     for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        h, g = attn.head_dim, attn.num_key_value_groups
-        d, kv, m = weight(attn.k_proj).shape[1], weight(attn.k_proj).shape[0], weight(mlp.gate_proj).shape[0]
+        # nn.Module.__getattr__ is typed Tensor | Module: these are HF's attention and MLP modules, their
+        # int fields and their projection layers
+        attn, mlp = cast(torch.nn.Module, layer.self_attn), cast(torch.nn.Module, layer.mlp)
+        h, g = cast(int, attn.head_dim), cast(int, attn.num_key_value_groups)
+        k_proj, gate_proj = cast(torch.nn.Module, attn.k_proj), cast(torch.nn.Module, mlp.gate_proj)
+        d, kv, m = weight(k_proj).shape[1], weight(k_proj).shape[0], weight(gate_proj).shape[0]
         expected = {"q_proj": (g * kv, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, g * kv)}
         expected |= {"gate_proj": (m, d), "up_proj": (m, d), "down_proj": (d, m)}
         found = {n: tuple(weight(getattr(attn if n in ATTENTION else mlp, n)).shape) for n in expected}

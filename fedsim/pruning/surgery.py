@@ -23,13 +23,29 @@ Forward hooks registered on replaced linears are dropped with them.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 from peft.tuners.lora import LoraLayer
 
 from fedsim.pruning.importance import importance_scores
 from fedsim.pruning.select import check_request, select_keep
-from fedsim.pruning.structure import ATTENTION, AXIS, MLP, Keep, LayerGeometry, decoder_layers, geometry
+from fedsim.pruning.structure import (
+    ATTENTION,
+    AXIS,
+    MLP,
+    Keep,
+    LayerGeometry,
+    base_model,
+    decoder_layers,
+    geometry,
+    weight,
+)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 def prune(
@@ -54,7 +70,7 @@ def prune(
     return keep
 
 
-def pruned_copy(model: torch.nn.Module, keep: Keep) -> torch.nn.Module:
+def pruned_copy(model: ModuleT, keep: Keep) -> ModuleT:
     """`model` (bare or PEFT-wrapped) pruned with `keep`, leaving `model` as it is.
 
     Every tensor but the LoRA factors is shared with `model` until `apply_keep` replaces it by its
@@ -84,7 +100,7 @@ def apply_keep(model: torch.nn.Module, keep: Keep) -> None:
 
 
 def _size(module: torch.nn.Module, axis: int) -> int:
-    return getattr(module, "base_layer", module).weight.shape[axis]
+    return weight(module).shape[axis]
 
 
 def _check_fits(keep: Keep, layers: list[LayerGeometry]) -> None:
@@ -138,7 +154,8 @@ def _update_config(model: torch.nn.Module, keep: Keep) -> None:
     groups, channels = {len(g) for g in keep.groups}, {len(c) for c in keep.channels}
     if len(groups) != 1 or len(channels) != 1:
         return
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    # nn.Module.__getattr__ is typed Tensor | Module; a transformers model's config is a PretrainedConfig
+    config = cast("PretrainedConfig", base_model(model).config)
     config.head_dim = keep.head_dim  # explicit, so it no longer follows hidden / heads
     config.num_key_value_heads = groups.pop()
     config.num_attention_heads = config.num_key_value_heads * keep.group_size

@@ -22,7 +22,12 @@ ROWS = ["bandit (sucb)", "fixed 2/0", "fixed 2/0.5", "fixed 8/0", "fixed 8/0.5",
 
 
 def bench(*extra: str) -> str:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "fedspine.py"), *ARGS, *extra], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fedspine.py"), *ARGS, *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -30,11 +35,13 @@ def bench(*extra: str) -> str:
 def test_the_experiment_runs_every_row_and_reuses_kept_ones(tmp_path: Path) -> None:
     part = bench("--keep", str(tmp_path), "--rows", "bandit*", "fixed 2/0", "fedit")
     assert "not yet in" in part and "fixed 8/0.5, per-profile" in part  # the missing rows are named
-    assert "\nfixed 8/0 " not in part[part.index("row "):] and "vs best fixed arm finished (fixed 2/0)" in part  # its best is of the finished rows
+    assert (
+        "\nfixed 8/0 " not in part[part.index("row ") :] and "vs best fixed arm finished (fixed 2/0)" in part
+    )  # its best is of the finished rows
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
     first = bench("--keep", str(tmp_path))  # runs the four rows left, reuses the three
     assert "not yet in" not in first and "vs best fixed arm (" in first
-    table = first[first.index("row "):]
+    table = first[first.index("row ") :]
     for label in ROWS:
         assert f"\n{label}" in table
     assert "(best fixed)" in table and "(worst fixed)" in table and "vs best fixed arm" in table
@@ -42,7 +49,7 @@ def test_the_experiment_runs_every_row_and_reuses_kept_ones(tmp_path: Path) -> N
     assert len(runs) == len(ROWS)
     stamps = {p: (tmp_path / p / "metrics.parquet").stat().st_mtime_ns for p in runs}
     again = bench("--keep", str(tmp_path), "--rows", "bandit*")  # everything finished: nothing runs
-    assert again[again.index("row "):] == table
+    assert again[again.index("row ") :] == table
     assert {p: (tmp_path / p / "metrics.parquet").stat().st_mtime_ns for p in runs} == stamps
 
 
@@ -51,10 +58,15 @@ def test_the_per_profile_row_takes_the_arms_given() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import fedspine
 
-    given = fedspine.settings("corners", ["sucb"], [2, 8], [0.0, 0.5], profile_arms='{"jetson-xavier-nx" = [2, 0.5]}')["per-profile"]
+    given = fedspine.settings("corners", ["sucb"], [2, 8], [0.0, 0.5], profile_arms='{"jetson-xavier-nx" = [2, 0.5]}')[
+        "per-profile"
+    ]
     default = fedspine.settings("corners", ["sucb"], [2, 8], [0.0, 0.5])["per-profile"]
     assert 'controller.profile_arms={"jetson-xavier-nx" = [2, 0.5]}' in given
-    assert 'controller.profile_arms={"jetson-tx2" = [2, 0.5], "jetson-xavier-nx" = [2, 0.0], "jetson-agx-orin" = [8, 0.0]}' in default
+    assert (
+        'controller.profile_arms={"jetson-tx2" = [2, 0.5], "jetson-xavier-nx" = [2, 0.0], "jetson-agx-orin" = [8, 0.0]}'
+        in default
+    )
 
 
 def test_a_fixed_row_that_fell_back_is_measured() -> None:
@@ -95,5 +107,10 @@ def test_a_window_scores_each_round_by_its_last_evaluations() -> None:
 
 
 def test_a_window_below_one_is_refused_before_anything_runs() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "fedspine.py"), *ARGS, "--window", "0"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fedspine.py"), *ARGS, "--window", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "--window must be >= 1, got 0" in done.stderr

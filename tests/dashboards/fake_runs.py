@@ -37,11 +37,24 @@ def metrics(accuracies: Sequence[float], sim_time: bool = False) -> pd.DataFrame
         if k > 0:
             mean = 3.25 - 0.5 * k
             for client, loss in ((0, mean - 0.125), (1, mean + 0.125)):
-                rows.append({"round": k, "client_id": client, "kind": "train", "num_examples": 16, "loss": loss, "tokens": 100})
-            rows.append({"round": k, "client_id": 2, "kind": "eval_client", "num_examples": 8, "loss": 1.0, "accuracy": 0.5})
+                rows.append(
+                    {"round": k, "client_id": client, "kind": "train", "num_examples": 16, "loss": loss, "tokens": 100}
+                )
+            rows.append(
+                {"round": k, "client_id": 2, "kind": "eval_client", "num_examples": 8, "loss": 1.0, "accuracy": 0.5}
+            )
         loss = max(2.5 - 0.5 * k, 1.25)
-        rows.append({"round": k, "client_id": -1, "kind": "eval_central", "num_examples": 32, "loss": loss,
-                     "accuracy": accuracy, "wall_time_s": 10.0 * k + 1.5})
+        rows.append(
+            {
+                "round": k,
+                "client_id": -1,
+                "kind": "eval_central",
+                "num_examples": 32,
+                "loss": loss,
+                "accuracy": accuracy,
+                "wall_time_s": 10.0 * k + 1.5,
+            }
+        )
     frame = metrics_frame(rows)
     if sim_time:  # runs without a fleet clock (older runs) have the column all-NaN
         frame["sim_time_s"] = frame["round"] * 60.0
@@ -61,7 +74,9 @@ def write_run(
     """A run directory `root/name` as `fedsim run` leaves it (without checkpoints)."""
     path = root / name
     (path / "checkpoints").mkdir(parents=True)
-    text = scenario if scenario is not None else SCENARIO.format(name=name, rounds=len(accuracies) - 1, strategy=strategy)
+    text = (
+        scenario if scenario is not None else SCENARIO.format(name=name, rounds=len(accuracies) - 1, strategy=strategy)
+    )
     (path / "scenario.toml").write_text(text)
     metrics(accuracies, sim_time).to_parquet(path / "metrics.parquet", index=False)
     lines = [{"time": 1_700_000_000.0 + i, **event} for i, event in enumerate(events)]

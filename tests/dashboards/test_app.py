@@ -54,7 +54,9 @@ class Dashboard:
 def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     root = tmp_path_factory.mktemp("runs")
     outside = tmp_path_factory.mktemp("outside")
-    write_run(root, "alpha", [0.25, 0.5, 0.75, 0.625], events=[{"event": "run_start"}, {"event": "round_end", "round": 3}])
+    write_run(
+        root, "alpha", [0.25, 0.5, 0.75, 0.625], events=[{"event": "run_start"}, {"event": "round_end", "round": 3}]
+    )
     write_run(root, "beta", [0.125, 0.375, 0.5], strategy="flexlora")
     write_run(root, "gamma", [0.0, 0.5], sim_time=True)
     write_run(root, "broken", [0.5]).joinpath("metrics.parquet").write_bytes(b"this is not parquet")
@@ -129,7 +131,7 @@ def test_run_page_shows_round_table_clients_events_and_scenario(dashboard: Dashb
         assert f"<td>{value}</td>" in page
     assert "Clients in round 3" in page and "eval_client" in page
     assert "run_start" in page and "round_end" in page
-    assert '<pre>name = &quot;alpha&quot;' in page and "[strategy]" in page
+    assert "<pre>name = &quot;alpha&quot;" in page and "[strategy]" in page
 
 
 def test_run_page_images_are_pngs(dashboard: Dashboard) -> None:
@@ -258,7 +260,9 @@ def test_main_reports_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_a_failing_page_is_a_500_and_the_server_keeps_serving(dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_page_is_a_500_and_the_server_keeps_serving(
+    dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(root: Path) -> list[object]:
         raise RuntimeError("boom <b>")
 

@@ -88,11 +88,19 @@ def test_available_plots_follow_the_columns(table: pd.DataFrame) -> None:
 
 def _banded(table: pd.DataFrame, half: float) -> pd.DataFrame:
     """`table` with the `<column>_lo` / `_hi` of a `fedsim compare` curve, ± `half` around it."""
-    return table.assign(**{f"{c}_{side}": table[c] + sign * half for c in ("central_accuracy", "central_loss") for side, sign in (("lo", -1), ("hi", 1))})
+    return table.assign(
+        **{
+            f"{c}_{side}": table[c] + sign * half
+            for c in ("central_accuracy", "central_loss")
+            for side, sign in (("lo", -1), ("hi", 1))
+        }
+    )
 
 
 @pytest.mark.parametrize("plot", [compare_accuracy_png, compare_sim_time_png, compare_loss_png])
-def test_compare_plots_shade_the_interval_where_the_table_has_one(plot: Callable[[dict[str, pd.DataFrame]], bytes], table: pd.DataFrame) -> None:
+def test_compare_plots_shade_the_interval_where_the_table_has_one(
+    plot: Callable[[dict[str, pd.DataFrame]], bytes], table: pd.DataFrame
+) -> None:
     plain, banded = plot({"fedit": table}), plot({"fedit": _banded(table, 0.1)})
     undefined = _banded(table, float("nan"))  # one seed: no interval
 

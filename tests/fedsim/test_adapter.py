@@ -13,7 +13,9 @@ PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 def lora_model(dtype: str) -> torch.nn.Module:
-    return attach_lora(load_model("tiny-llama", dtype)[0], LoraConfig(rank=4, alpha=8, target_modules=["q_proj"]), seed=0)
+    return attach_lora(
+        load_model("tiny-llama", dtype)[0], LoraConfig(rank=4, alpha=8, target_modules=["q_proj"]), seed=0
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -21,7 +23,10 @@ def test_a_small_base_delta_is_applied_with_float32_error_in_a_half_precision_mo
     model = lora_model(dtype)
     layer = model.get_submodule(PREFIX).base_layer
     original = layer.weight.detach().float().clone()
-    delta = torch.full(original.shape, 1e-5) * torch.randn(original.shape, generator=torch.Generator().manual_seed(0)).sign()
+    delta = (
+        torch.full(original.shape, 1e-5)
+        * torch.randn(original.shape, generator=torch.Generator().manual_seed(0)).sign()
+    )
     set_state(model, {**split_state(get_state(model))[0], f"{PREFIX}.base_delta": delta})
     applied = layer.weight.detach().float() - original
     # added in the model's own dtype, much of a 1e-5 step is rounded away (mean relative error > 10 %)

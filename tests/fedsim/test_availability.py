@@ -119,9 +119,21 @@ BAD_TRACES = [
     ("duplicate id", HEADER + "0,a,\n1,a,\n0,a,\n", "line 4: client_id 0 already given on line 2"),
     ("missing id", HEADER + "0,a,\n2,a,\n", "client ids must be 0..2, each once; missing: 1"),
     ("bad id", HEADER + "x,a,\n", "line 2: client_id must be a non-negative integer, got 'x'"),
-    ("non-numeric figure", "client_id,profile,windows,train_tflops\n0,a,,fast\n", "line 2: train_tflops 'fast' is not a number"),
-    ("zero bandwidth", "client_id,profile,windows,uplink_mbps\n0,a,,0\n", "line 2: uplink_mbps must be a finite number > 0, got 0"),
-    ("negative bandwidth", "client_id,profile,windows,downlink_mbps\n0,a,,-3\n", "line 2: downlink_mbps must be a finite number > 0, got -3"),
+    (
+        "non-numeric figure",
+        "client_id,profile,windows,train_tflops\n0,a,,fast\n",
+        "line 2: train_tflops 'fast' is not a number",
+    ),
+    (
+        "zero bandwidth",
+        "client_id,profile,windows,uplink_mbps\n0,a,,0\n",
+        "line 2: uplink_mbps must be a finite number > 0, got 0",
+    ),
+    (
+        "negative bandwidth",
+        "client_id,profile,windows,downlink_mbps\n0,a,,-3\n",
+        "line 2: downlink_mbps must be a finite number > 0, got -3",
+    ),
     ("wrong field count", HEADER + "0,a,,9\n", "line 2: expected 3 fields (as in the header), got 4"),
     ("empty profile", HEADER + "0,,\n", "line 2: profile is empty"),
     ("no rows", HEADER, "no clients"),
@@ -142,7 +154,13 @@ def test_trace_reports_every_problem_at_once(tmp_path: Path) -> None:
     with pytest.raises(TraceError) as info:
         load_trace(write_trace(tmp_path, text), known_profiles={"a"})
     problems = "\n".join(info.value.problems)
-    for expected in ("line 2: window '30-10'", "line 4: profile is empty", "line 4: windows '0-1' and '0-2' overlap", "line 3: client_id 0 already given on line 2", "missing: 1, 2"):
+    for expected in (
+        "line 2: window '30-10'",
+        "line 4: profile is empty",
+        "line 4: windows '0-1' and '0-2' overlap",
+        "line 3: client_id 0 already given on line 2",
+        "missing: 1, 2",
+    ):
         assert expected in problems, problems
 
 

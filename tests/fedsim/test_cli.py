@@ -15,7 +15,9 @@ TINY = ROOT / "scenarios" / "tiny.toml"
 
 
 def test_help_lists_the_commands() -> None:
-    out = subprocess.run([sys.executable, "-m", "fedsim.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("run", "report", "dashboard", "models", "tasks"):
         assert command in out
     assert "fedsim run scenarios/quickstart.toml" in out
@@ -55,7 +57,10 @@ def test_bad_scenario_exits_2_and_writes_nothing(
 
 def test_bad_override_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "runs"
-    assert main(["run", str(TINY), "--out", str(out), "--set", "train.lr=-1", "--set", "clients.per_round=9"]) == EXIT_BAD_INPUT
+    assert (
+        main(["run", str(TINY), "--out", str(out), "--set", "train.lr=-1", "--set", "clients.per_round=9"])
+        == EXIT_BAD_INPUT
+    )
     err = capsys.readouterr().err
     assert "`train.lr` must be greater than 0, got -1" in err
     assert "`clients.per_round` must be <= clients.num_clients (4), got 9" in err

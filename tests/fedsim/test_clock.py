@@ -15,7 +15,9 @@ def test_payload_bytes_counts_the_tensors_that_travel() -> None:
     big = RecordDict({"arrays": ArrayRecord({"a": torch.randn(8, 8), "b": torch.randn(64, 64)})})
     # the float32 bytes plus a few % of object headers and ids
     assert payload_bytes(big) - payload_bytes(small) == pytest.approx(64 * 64 * 4, rel=0.05)
-    with_config = RecordDict({"arrays": ArrayRecord({"a": torch.randn(8, 8)}), "config": ConfigRecord({"s": "x" * 1000})})
+    with_config = RecordDict(
+        {"arrays": ArrayRecord({"a": torch.randn(8, 8)}), "config": ConfigRecord({"s": "x" * 1000})}
+    )
     assert payload_bytes(with_config) - payload_bytes(small) >= 1000
 
 

@@ -23,7 +23,13 @@ def run_tiny(tmp_path: Path, overrides: list[str]) -> tuple[pd.DataFrame, Scenar
 
 
 def test_compeft_uplink_is_small_and_training_still_works(tmp_path: Path) -> None:
-    overrides = ["rounds=3", "compression.method='compeft'", "compression.density=0.1", "compression.error_feedback=true", "compression.alpha=1.0"]
+    overrides = [
+        "rounds=3",
+        "compression.method='compeft'",
+        "compression.density=0.1",
+        "compression.error_feedback=true",
+        "compression.alpha=1.0",
+    ]
     metrics, scenario = run_tiny(tmp_path, overrides)
     train = metrics[metrics["kind"] == "train"]
     assert (train["status"] == "ok").all()

@@ -23,7 +23,8 @@ LAYERS = [LayerGeometry(hidden=64, head_dim=16, group_size=2, groups=2, channels
 def _scenario(**controller: object) -> Scenario:
     return validate_scenario(
         {
-            "model": {"name": "tiny-llama"}, "rounds": 100,  # the tests drive fewer: no round is committed
+            "model": {"name": "tiny-llama"},
+            "rounds": 100,  # the tests drive fewer: no round is committed
             "clients": {"num_clients": 4, "per_round": 2},
             "lora": {"rank": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
             "fleet": {"groups": [{"profile": "laptop-cpu", "count": 2}, {"profile": "phone-highend", "count": 2}]},
@@ -38,7 +39,9 @@ def _control(scenario: Scenario, price: PriceFn | None = None) -> tuple[ArmContr
     return control, PruneBook(scenario, LAYERS, np.zeros(4))
 
 
-def _row(cid: int, status: str = "ok", before: float = 2.0, after: float = 1.0, seconds: float = 10.0) -> dict[str, object]:
+def _row(
+    cid: int, status: str = "ok", before: float = 2.0, after: float = 1.0, seconds: float = 10.0
+) -> dict[str, object]:
     return {
         "kind": "train", "client_id": cid, "status": status, "loss_before": before, "loss_after": after,
         "sim_compute_s": seconds, "sim_comm_s": 0.0, "prune_ratio": 0.0, "update_norm": 1.0, "reason": "",
@@ -95,13 +98,17 @@ def test_observe_rewards_contribution_penalises_holding_the_round_up_and_fills_t
     control.assign(np.array([0, 1]), 2, np.full(4, 8), book)
     rows = [_row(0, seconds=10.0), _row(1, seconds=40.0), {"kind": "eval_client", "client_id": 0, "status": "ok"}]
     control.observe(rows)
-    assert rows[0]["reward"] == pytest.approx(1.0) and rows[1]["reward"] == pytest.approx((10 / 40) ** 2)  # same progress, 4x the round
+    assert rows[0]["reward"] == pytest.approx(1.0) and rows[1]["reward"] == pytest.approx(
+        (10 / 40) ** 2
+    )  # same progress, 4x the round
     assert (rows[0]["arm_rank"], rows[0]["arm_ratio"]) == control.arms[0]
     assert "reward" not in rows[2]
     control.assign(np.array([0, 1]), 3, np.full(4, 8), book)
     rows = [{**_row(0), "contribution": 0.05}, {**_row(1), "contribution": -0.02}]  # 1's adapter harms the global model
     control.observe(rows)
-    assert rows[0]["reward"] == pytest.approx(1.0) and rows[1]["reward"] == pytest.approx(0.5 / 2.5)  # contribution 0.05/0.025 = 2, loss 0.5 each
+    assert rows[0]["reward"] == pytest.approx(1.0) and rows[1]["reward"] == pytest.approx(
+        0.5 / 2.5
+    )  # contribution 0.05/0.025 = 2, loss 0.5 each
     assert control.controller.counts[[0, 1]].sum() == 6
 
 
@@ -134,7 +141,9 @@ def test_saved_state_continues_identically(tmp_path: Path) -> None:
     assert (tmp_path / STATE_FILE).is_file()
     fresh, _ = _control(scenario)
     fresh.load(tmp_path)
-    assert fresh.reward_state == control.reward_state and control.reward_state.fastest_s == 11.0  # round 1's slowest, 5 + 3·2
+    assert (
+        fresh.reward_state == control.reward_state and control.reward_state.fastest_s == 11.0
+    )  # round 1's slowest, 5 + 3·2
     for server_round in (4, 5, 6):
         control.assign(np.array([0, 1, 3]), server_round, np.full(4, 8), book)
         fresh.assign(np.array([0, 1, 3]), server_round, np.full(4, 8), book)
@@ -146,9 +155,15 @@ def test_saved_state_continues_identically(tmp_path: Path) -> None:
 
 def test_state_saved_before_the_fastest_round_was_kept_still_loads(tmp_path: Path) -> None:
     control, _ = _control(_scenario())
-    np.savez(tmp_path / STATE_FILE, **control.controller.state_dict(), baseline=np.array([0.5, 0.2]))  # the earlier format
+    np.savez(
+        tmp_path / STATE_FILE, **control.controller.state_dict(), baseline=np.array([0.5, 0.2])
+    )  # the earlier format
     control.load(tmp_path)
-    assert (control.reward_state.mean, control.reward_state.weight, control.reward_state.fastest_s) == (0.5, 0.2, math.inf)
+    assert (control.reward_state.mean, control.reward_state.weight, control.reward_state.fastest_s) == (
+        0.5,
+        0.2,
+        math.inf,
+    )
 
 
 def test_arms_table_reports_the_arm_each_profile_settled_on() -> None:
@@ -162,7 +177,9 @@ def test_arms_table_reports_the_arm_each_profile_settled_on() -> None:
                 "arm_predicted_s": predicted, "sim_compute_s": 0.5 * r if device == "phone" else 0.5, "sim_comm_s": 0.5 * r if device == "phone" else 0.5,
             })  # fmt: skip
     table = arms_table(pd.DataFrame(rows))
-    assert table.loc["phone", "predicted_share"] == pytest.approx(2.0) and table.loc["laptop", "predicted_share"] == pytest.approx(0.9)
+    assert table.loc["phone", "predicted_share"] == pytest.approx(2.0) and table.loc[
+        "laptop", "predicted_share"
+    ] == pytest.approx(0.9)
     assert table.loc["phone", ["settled_rank", "settled_ratio", "settled_share"]].tolist() == [2, 0.5, 1.0]
     assert table.loc["phone", "arms_tried"] == 2 and table.loc["laptop", "arms_tried"] == 1
     assert table.loc["phone", "settled_reward"] == pytest.approx(0.6)
@@ -180,7 +197,9 @@ def _price(rank: int, ratio: float) -> tuple[float, float]:
     return 1e12 * (1.0 - ratio), 1e5 * rank
 
 
-def _paced_run(screen: bool, rounds: int = 12, first: tuple[int, float] | None = None) -> tuple[ArmControl, list[dict[str, object]]]:
+def _paced_run(
+    screen: bool, rounds: int = 12, first: tuple[int, float] | None = None
+) -> tuple[ArmControl, list[dict[str, object]]]:
     """Clients 0 (1 s of compute, a slow link: rank 8 sends for 8 s) and 1 (fast link), every
     round, their times following `_price` exactly; `first`: both play this arm in round 1."""
     control, book = _control(_scenario(screen=screen, ucb_c=0.3), _price)
@@ -193,7 +212,9 @@ def _paced_run(screen: bool, rounds: int = 12, first: tuple[int, float] | None =
         rows = []
         for c in (0, 1):
             flops, params = _price(*control.arms[c])
-            rows.append({**_row(c), "sim_compute_s": flops * seconds_per[c][0], "sim_comm_s": params * seconds_per[c][1]})
+            rows.append(
+                {**_row(c), "sim_compute_s": flops * seconds_per[c][0], "sim_comm_s": params * seconds_per[c][1]}
+            )
         control.observe(rows)
         played += rows
     return control, played
@@ -214,7 +235,9 @@ def test_the_screen_keeps_a_slow_link_from_trying_the_large_rank() -> None:
     assert slow_large(free) >= 2  # UCB1 tries every arm: both rank-8 arms cost the round 8+ s
     assert slow_large(screened) == 0  # not even before its pace was known (round 1: `worst_ratio`)
     assert control.reward_state.fastest_s <= 3.0  # the fastest round: client 0 at rank 2
-    assert sum(1 for r in screened if r["client_id"] == 1 and r["arm_rank"] == 8) >= 2  # the fast link still explores it
+    assert (
+        sum(1 for r in screened if r["client_id"] == 1 and r["arm_rank"] == 8) >= 2
+    )  # the fast link still explores it
 
 
 def test_before_a_device_reports_it_plays_only_arms_that_cannot_take_much_over_its_cheapest() -> None:
@@ -234,7 +257,9 @@ def test_a_costly_first_round_does_not_set_the_bar_for_the_screen() -> None:
     assert rows[0]["arm_rank"] == 8 and control.reward_state.fastest_s == pytest.approx(9.0)
     asked = []
     choose = control.controller.choose
-    control.controller.choose = lambda devices, server_round, avoid=None, exploit=False: asked.append(avoid) or choose(devices, server_round, avoid, exploit)  # type: ignore[method-assign]
+    control.controller.choose = lambda devices, server_round, avoid=None, exploit=False: (
+        asked.append(avoid) or choose(devices, server_round, avoid, exploit)
+    )  # type: ignore[method-assign]
     control.assign(np.array([0, 1]), 2, np.full(4, 8), _control(_scenario())[1])
     large = control.controller.point_ranks == 8
     assert asked[0][0, large].all() and not asked[0][0, ~large].any()  # client 0: rank 8 screened, rank 2 not
@@ -270,17 +295,34 @@ def test_the_servers_price_of_an_arm_falls_with_pruning_and_its_payload_grows_wi
     (f_small, p_small), (f_big, p_big), (f_cut, p_cut) = price(2, 0.0), price(8, 0.0), price(2, 0.5)
     assert p_small == lora_params(shape, 2, scenario.lora.target_modules) and p_big == 4 * p_small
     assert f_big > f_small  # a larger adapter costs a little more compute
-    assert 0.4 * f_small < f_cut < 0.8 * f_small and p_cut < p_small  # half the structures gone: about half the work, a smaller up_proj adapter
+    assert (
+        0.4 * f_small < f_cut < 0.8 * f_small and p_cut < p_small
+    )  # half the structures gone: about half the work, a smaller up_proj adapter
     assert price(2, 0.5) is price(2, 0.5)  # priced once
 
 
 def test_with_deploy_ratios_the_reward_credits_training_at_the_ratio_the_profile_deploys() -> None:
-    scenario = _scenario(reward={"contribution_weight": 0.0, "loss_weight": 0.0, "prune_weight": 1.0, "deploy_weight": 1.0, "straggler": "none", "normalise": "none", "floor": 0.0})
-    deploying = scenario.model_copy(update={"pruning": scenario.pruning.model_copy(update={"deploy_ratios": {"phone-highend": 0.5}})})
+    scenario = _scenario(
+        reward={
+            "contribution_weight": 0.0,
+            "loss_weight": 0.0,
+            "prune_weight": 1.0,
+            "deploy_weight": 1.0,
+            "straggler": "none",
+            "normalise": "none",
+            "floor": 0.0,
+        }
+    )
+    deploying = scenario.model_copy(
+        update={"pruning": scenario.pruning.model_copy(update={"deploy_ratios": {"phone-highend": 0.5}})}
+    )
     for s, expected in ((scenario, [0.5, 0.5]), (deploying, [0.0, 1.0])):
         control, book = _control(s)
         control.assign(np.array([0, 2]), 1, np.full(4, 8), book)
-        control.arms = {0: (8, 0.5), 2: (8, 0.5)}  # both pruned to 0.5: a laptop (deploys whole) and a phone (deploys at 0.5)
+        control.arms = {
+            0: (8, 0.5),
+            2: (8, 0.5),
+        }  # both pruned to 0.5: a laptop (deploys whole) and a phone (deploys at 0.5)
         rows = [{**_row(c), "device": str(build_fleet(s).device[c]), "prune_ratio": 0.5} for c in (0, 2)]
         control.observe(rows)
         assert [r["reward"] for r in rows] == pytest.approx(expected)
@@ -292,7 +334,9 @@ def test_the_runs_last_rounds_exploit_and_the_others_explore(commit: int) -> Non
     control, book = _control(scenario)
     asked = []
     choose = control.controller.choose
-    control.controller.choose = lambda devices, server_round, avoid=None, exploit=False: asked.append(exploit) or choose(devices, server_round, avoid, exploit)  # type: ignore[method-assign]
+    control.controller.choose = lambda devices, server_round, avoid=None, exploit=False: (
+        asked.append(exploit) or choose(devices, server_round, avoid, exploit)
+    )  # type: ignore[method-assign]
     for server_round in range(1, 6):
         control.assign(np.array([0, 1]), server_round, np.full(4, 8), book)
         control.observe([_row(0), _row(1, after=1.5)])

@@ -46,9 +46,7 @@ def _bigger() -> torch.nn.Module:
         return LlamaForCausalLM(config)
 
 
-def _shrink(
-    linear: torch.nn.Linear, out: int | None = None, in_: int | None = None
-) -> torch.nn.Linear:
+def _shrink(linear: torch.nn.Linear, out: int | None = None, in_: int | None = None) -> torch.nn.Linear:
     weight = linear.weight.data[:out, :in_]  # keep the first rows (out) and columns (in)
     smaller = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     smaller.weight.data.copy_(weight)
@@ -80,9 +78,7 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 
 
 def _lora(model: torch.nn.Module, targets: Sequence[str], rank: int = 8) -> peft.PeftModel:
-    config = peft.LoraConfig(
-        r=rank, lora_alpha=16, target_modules=list(targets), task_type="CAUSAL_LM"
-    )
+    config = peft.LoraConfig(r=rank, lora_alpha=16, target_modules=list(targets), task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return peft.get_peft_model(model, config).train()
@@ -150,9 +146,7 @@ def test_num_params_matches_the_model(name: str) -> None:
 
 @pytest.mark.parametrize("targets", [QV, TARGETS])
 @pytest.mark.parametrize("name", MODELS)
-def test_from_model_unwraps_peft_and_counts_lora_params(
-    name: str, targets: tuple[str, ...]
-) -> None:
+def test_from_model_unwraps_peft_and_counts_lora_params(name: str, targets: tuple[str, ...]) -> None:
     model = MODELS[name]()
     shape = ModelShape.from_model(model)
 
@@ -173,9 +167,7 @@ def test_from_model_names_a_model_that_is_not_llama_like() -> None:
 # --- FLOPs -------------------------------------------------------------------------
 
 
-def _flops(
-    shape: ModelShape, b: int, t: int, r: int, targets: Sequence[str]
-) -> tuple[float, float]:
+def _flops(shape: ModelShape, b: int, t: int, r: int, targets: Sequence[str]) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs as fedsim.costs estimates them."""
     return (
         forward_flops(shape, batch=b, seq_len=t, rank=r, targets=targets),
@@ -187,9 +179,7 @@ def _flops(
 @pytest.mark.parametrize("rank", [4, 16])
 @pytest.mark.parametrize("targets", [QV, TARGETS])
 @pytest.mark.parametrize("name", MODELS)
-def test_flops_match_flop_counter(
-    name: str, targets: tuple[str, ...], rank: int, impl: str
-) -> None:
+def test_flops_match_flop_counter(name: str, targets: tuple[str, ...], rank: int, impl: str) -> None:
     model = _lora(MODELS[name](), targets, rank)
     shape = ModelShape.from_model(model)
     b, t = 2, 24
@@ -209,9 +199,7 @@ def test_flops_match_when_the_gradient_starts_mid_layer(targets: tuple[str, ...]
     assert _flops(shape, 3, 16, 8, targets) == pytest.approx(counted, rel=1e-3)
 
 
-def _linear_flops(
-    layer: LayerShape, d: int, n: int, r: int, targets: Sequence[str]
-) -> tuple[int, int]:
+def _linear_flops(layer: LayerShape, d: int, n: int, r: int, targets: Sequence[str]) -> tuple[int, int]:
     """Σ 2·N·in·out and Σ_targets 2·N·r·(in + out), written out by hand."""
     q, kv, m = layer.q_out, layer.kv_out, layer.mlp
     io = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
@@ -255,9 +243,7 @@ def test_nothing_trainable_means_forward_only() -> None:
 @pytest.mark.parametrize("b, t", [(2, 32), (1, 64), (4, 16)])
 @pytest.mark.parametrize("targets", [QV, TARGETS, ("down_proj",)])
 @pytest.mark.parametrize("name", MODELS)
-def test_activations_match_saved_tensors(
-    name: str, targets: tuple[str, ...], b: int, t: int
-) -> None:
+def test_activations_match_saved_tensors(name: str, targets: tuple[str, ...], b: int, t: int) -> None:
     model = _lora(MODELS[name](), targets)
     shape = ModelShape.from_model(model)
 
@@ -284,12 +270,13 @@ def test_memory_parts(weight_bytes: int) -> None:
     shape = ModelShape.from_model(_bigger())
     lora = lora_params(shape, 8, TARGETS)
 
-    mem = train_memory(
-        shape, batch=2, seq_len=32, rank=8, targets=TARGETS, weight_bytes=weight_bytes
-    )
+    mem = train_memory(shape, batch=2, seq_len=32, rank=8, targets=TARGETS, weight_bytes=weight_bytes)
 
     assert (mem.weights, mem.adapter, mem.gradients, mem.optimizer) == (
-        shape.num_params * weight_bytes, 4 * lora, 4 * lora, 8 * lora
+        shape.num_params * weight_bytes,
+        4 * lora,
+        4 * lora,
+        8 * lora,
     )
     assert mem.total == mem.weights + mem.adapter + mem.gradients + mem.optimizer + mem.activations
 

@@ -53,9 +53,7 @@ class Data:
 @pytest.fixture(autouse=True)
 def _hf_cache_in_tmp(tmp_path, monkeypatch):
     """File loaders write Arrow caches: keep them out of the user's ~/.cache."""
-    monkeypatch.setattr(
-        datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache")
-    )
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 
 
 def rows(ds):
@@ -72,10 +70,7 @@ def write_jsonl(path, records):
 
 
 def unique_records(n, domains=("a", "b", "c")):
-    return [
-        {"prompt": f"q{i}", "response": f"r{i}", "domain": domains[i % len(domains)]}
-        for i in range(n)
-    ]
+    return [{"prompt": f"q{i}", "response": f"r{i}", "domain": domains[i % len(domains)]} for i in range(n)]
 
 
 def domain_shares(ds, domains):
@@ -145,9 +140,7 @@ def test_same_seed_same_partitions_other_seed_different():
     again = client_data(data, 5, 2, seed=4)
     other = client_data(data, 5, 2, seed=5)
 
-    assert rows(first.train) == rows(again.train) and rows(first.test) == rows(
-        again.test
-    )
+    assert rows(first.train) == rows(again.train) and rows(first.test) == rows(again.test)
     assert rows(first.train) != rows(other.train)
     assert rows(central_test_set(data, 4)) != rows(central_test_set(data, 5))
 
@@ -202,14 +195,9 @@ def test_iid_sizes_balanced():
 def mean_distance_from_global(data, num_clients, seed):
     """Mean total-variation distance between each client's and the pool's domain mix."""
     domains = ("arithmetic", "strings", "units", "sentiment")
-    clients = [
-        datasets.concatenate_datasets([c.train, c.test])
-        for c in all_client_rows(data, num_clients, seed)
-    ]
+    clients = [datasets.concatenate_datasets([c.train, c.test]) for c in all_client_rows(data, num_clients, seed)]
     overall = domain_shares(datasets.concatenate_datasets(clients), domains)
-    distances = [
-        0.5 * np.abs(domain_shares(c, domains) - overall).sum() for c in clients
-    ]
+    distances = [0.5 * np.abs(domain_shares(c, domains) - overall).sum() for c in clients]
     return float(np.mean(distances))
 
 
@@ -217,12 +205,8 @@ def test_dirichlet_small_alpha_skews_domains():
     base = Data(num_examples=1100, test_fraction=0.2)
 
     iid = mean_distance_from_global(base, 10, seed=0)
-    skewed = mean_distance_from_global(
-        replace(base, partitioner="dirichlet", alpha=0.1), 10, seed=0
-    )
-    mild = mean_distance_from_global(
-        replace(base, partitioner="dirichlet", alpha=100.0), 10, seed=0
-    )
+    skewed = mean_distance_from_global(replace(base, partitioner="dirichlet", alpha=0.1), 10, seed=0)
+    mild = mean_distance_from_global(replace(base, partitioner="dirichlet", alpha=100.0), 10, seed=0)
 
     assert iid < 0.1
     assert mild < 0.1
@@ -232,9 +216,7 @@ def test_dirichlet_small_alpha_skews_domains():
 def test_dirichlet_that_cannot_be_satisfied_names_the_settings():
     data = Data(num_examples=260, partitioner="dirichlet", alpha=0.01)
 
-    with pytest.raises(
-        ValueError, match=r"dirichlet.*num_clients=60.*`data.alpha`=0.01"
-    ):
+    with pytest.raises(ValueError, match=r"dirichlet.*num_clients=60.*`data.alpha`=0.01"):
         partition_sizes(data, 60, seed=0)
     with pytest.raises(ValueError, match=r"at least 2 examples per client"):
         partition_sizes(data, 100, seed=0)
@@ -242,9 +224,7 @@ def test_dirichlet_that_cannot_be_satisfied_names_the_settings():
 
 @pytest.mark.parametrize("classes", [1, 2, 3])
 def test_pathological_clients_have_at_most_classes_per_client_domains(classes):
-    data = Data(
-        num_examples=700, partitioner="pathological", classes_per_client=classes
-    )
+    data = Data(num_examples=700, partitioner="pathological", classes_per_client=classes)
 
     for c in all_client_rows(data, 8, seed=3):
         domains = set(c.train["domain"]) | set(c.test["domain"])
@@ -264,19 +244,14 @@ def test_pathological_more_classes_than_domains_is_an_error():
 def test_natural_gives_one_domain_per_client():
     data = Data(num_examples=400, partitioner="natural")
 
-    domains = [
-        set(c.train["domain"]) | set(c.test["domain"])
-        for c in all_client_rows(data, 4, seed=0)
-    ]
+    domains = [set(c.train["domain"]) | set(c.test["domain"]) for c in all_client_rows(data, 4, seed=0)]
 
     assert all(len(d) == 1 for d in domains)
     assert set().union(*domains) == {"arithmetic", "strings", "units", "sentiment"}
 
 
 def test_natural_needs_one_client_per_id():
-    with pytest.raises(
-        ValueError, match=r"4 distinct values .*num_clients=3; set num_clients to 4"
-    ):
+    with pytest.raises(ValueError, match=r"4 distinct values .*num_clients=3; set num_clients to 4"):
         partition_sizes(Data(num_examples=400, partitioner="natural"), 3, seed=0)
 
 
@@ -297,8 +272,7 @@ def labelled(n=90):
     return datasets.Dataset.from_dict(
         {
             "_row": list(range(n)),
-            "domain": [f"d{i % 3}" for i in range(n * 7 // 9)]
-            + ["d0"] * (n - n * 7 // 9),
+            "domain": [f"d{i % 3}" for i in range(n * 7 // 9)] + ["d0"] * (n - n * 7 // 9),
         }
     )
 
@@ -314,9 +288,7 @@ def labelled(n=90):
             min_partition_size=1,
             seed=2,
         ),
-        lambda: PathologicalPartitioner(
-            num_partitions=5, partition_by="domain", num_classes_per_partition=2, seed=2
-        ),
+        lambda: PathologicalPartitioner(num_partitions=5, partition_by="domain", num_classes_per_partition=2, seed=2),
         lambda: NaturalIdPartitioner(partition_by="domain"),
     ],
     ids=["iid", "dirichlet", "pathological", "natural"],
@@ -330,19 +302,14 @@ def test_fast_partition_read_matches_load_partition(make):
 
     got = fd._read_partitions(fast, k)
 
-    assert [list(r) for r in got] == [
-        reference.load_partition(i)["_row"] for i in range(k)
-    ]
+    assert [list(r) for r in got] == [reference.load_partition(i)["_row"] for i in range(k)]
 
 
 # --- per-client train/test split -----------------------------------------------------
 
 
 def test_train_test_split_rules(tmp_path):
-    records = [
-        {"prompt": f"q{i}", "response": "r", "domain": d}
-        for i, d in enumerate("abbcccccdddddddddd")
-    ]
+    records = [{"prompt": f"q{i}", "response": "r", "domain": d} for i, d in enumerate("abbcccccdddddddddd")]
     path = write_jsonl(tmp_path / "sizes.jsonl", records)
     data = Data(
         task=path,
@@ -412,9 +379,7 @@ def test_ten_thousand_clients_with_default_data_fail_fast():
 
 
 def test_many_clients_partition_once():
-    data = Data(
-        num_examples=5100, partitioner="dirichlet", alpha=1000.0, test_fraction=0.0
-    )
+    data = Data(num_examples=5100, partitioner="dirichlet", alpha=1000.0, test_fraction=0.0)
     partition_sizes(data, 1000, seed=0)
 
     start = time.perf_counter()
@@ -481,20 +446,13 @@ def test_parquet_with_named_fields_and_cap(tmp_path):
     assert examples.to_list() == load_examples(data, seed=1).to_list()
     indices = [int(p[1:]) for p in examples["prompt"]]
     assert indices == sorted(indices)  # a sample, kept in file order
-    assert all(
-        r == str(i) and d == "xy"[i % 2]
-        for i, r, d in zip(indices, examples["response"], examples["domain"])
-    )
+    assert all(r == str(i) and d == "xy"[i % 2] for i, r, d in zip(indices, examples["response"], examples["domain"]))
     assert examples["prompt"] != load_examples(data, seed=2)["prompt"]
 
 
 def test_json_array_file(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text(
-        json.dumps(
-            [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
-        )
-    )
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]))
 
     examples = load_examples(Data(task=str(path), num_examples=0), seed=0)
 
@@ -546,9 +504,7 @@ def test_hub_source_loads_the_named_split(monkeypatch):
 
     def fake_load_dataset(name, split):
         calls.append((name, split))
-        return datasets.Dataset.from_dict(
-            {"instruction": ["i"], "input": ["x"], "output": ["o"]}
-        )
+        return datasets.Dataset.from_dict({"instruction": ["i"], "input": ["x"], "output": ["o"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
 
@@ -565,9 +521,7 @@ def test_hub_source_offline_says_it_needs_network(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
 
-    with pytest.raises(
-        ValueError, match=r"'org/set'.*no route to host.*network access or a local copy"
-    ):
+    with pytest.raises(ValueError, match=r"'org/set'.*no route to host.*network access or a local copy"):
         load_examples(Data(task="hf:org/set"), seed=0)
 
 

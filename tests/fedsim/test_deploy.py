@@ -258,7 +258,11 @@ class ArrivingGrid:
         return [f"msg-{m.metadata.dst_node_id}" for m in messages]
 
     def pull_messages(self, message_ids: set[str]) -> list[Message]:
-        return [self._reply(m.metadata.dst_node_id, f"msg-{m.metadata.dst_node_id}") for m in self.pushed if f"msg-{m.metadata.dst_node_id}" in message_ids]
+        return [
+            self._reply(m.metadata.dst_node_id, f"msg-{m.metadata.dst_node_id}")
+            for m in self.pushed
+            if f"msg-{m.metadata.dst_node_id}" in message_ids
+        ]
 
     def _reply(self, node: int, reply_to: str) -> Message:
         src = SUPERLINK_NODE_ID if node in self.lost else node

@@ -67,7 +67,10 @@ def test_the_fleet_loss_is_the_device_weighted_mean_of_each_profiles_deployed_mo
     deploy.plan(state, None)
     set_state(deploy.model, state)
     cut = select_keep(magnitude_scores(deploy.model), geometry(deploy.model), 0.5, scenario.pruning.mode)
-    assert deploy.keeps == {"laptop-cpu": [None], "phone-highend": [cut] * 3}  # no client trained at 0.5: the server cuts
+    assert deploy.keeps == {
+        "laptop-cpu": [None],
+        "phone-highend": [cut] * 3,
+    }  # no client trained at 0.5: the server cuts
     whole, pruned = _reference_loss(deploy, state, None, 16), _reference_loss(deploy, state, cut, 16)
     assert abs(pruned - whole) > 5e-4  # the cut matters (little, on a random model), so the mean below tells them apart
     assert deploy.loss(state, 16) == pytest.approx(0.25 * whole + 0.75 * pruned, abs=2e-5)
@@ -89,7 +92,10 @@ def test_each_device_deploys_the_keep_it_trained_at_and_the_others_the_servers_c
         tuple(torch.rand(t.shape, generator=g) for t in magnitude.groups),
         tuple(torch.rand(t.shape, generator=g) for t in magnitude.channels),
     )
-    own, other = select_keep(scores, layers, 0.5, scenario.pruning.mode), select_keep(scores, layers, 0.25, scenario.pruning.mode)
+    own, other = (
+        select_keep(scores, layers, 0.5, scenario.pruning.mode),
+        select_keep(scores, layers, 0.25, scenario.pruning.mode),
+    )
     set_state(deploy.model, state)
     server = select_keep(magnitude_scores(deploy.model), layers, 0.5, scenario.pruning.mode)
     assert len({own, server}) == 2
@@ -111,7 +117,14 @@ def test_a_profile_is_scored_on_a_seeded_panel_of_its_devices() -> None:
     panels = [Deployment(scenario, DEVICES, model, None, [], lambda s: {}).panel for _ in range(2)]  # type: ignore[arg-type]
     assert panels[0] == panels[1] and set(panels[0]) == {"phone-highend"}  # the laptop deploys whole: no panel
     assert len(panels[0]["phone-highend"]) == 2 and set(panels[0]["phone-highend"]) < {1, 2, 3}
-    others = {tuple(Deployment(scenario.model_copy(update={"seed": s}), DEVICES, model, None, [], lambda s: {}).panel["phone-highend"]) for s in range(8)}  # type: ignore[arg-type]
+    others = {
+        tuple(
+            Deployment(scenario.model_copy(update={"seed": s}), DEVICES, model, None, [], lambda s: {}).panel[
+                "phone-highend"
+            ]
+        )
+        for s in range(8)
+    }  # type: ignore[arg-type]
     assert len(others) > 1  # drawn from the seed
     with pytest.raises(ScenarioError, match="deploy_panel"):
         _scenario(deploy_panel=0)

@@ -11,7 +11,16 @@ from fedsim.availability import TRACE_FIGURES, AlwaysOn, Bernoulli, Diurnal, Tra
 from fedsim.devices import CATALOG, DeviceProfile, ProfilesError, load_profiles_file, resolve_profile, trace_profiles
 
 ROOT = Path(__file__).resolve().parents[2]
-REQUIRED = ["jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-agx-orin", "phone-midrange", "phone-highend", "laptop-cpu", "workstation-gpu"]
+REQUIRED = [
+    "jetson-nano",
+    "jetson-tx2",
+    "jetson-xavier-nx",
+    "jetson-agx-orin",
+    "phone-midrange",
+    "phone-highend",
+    "laptop-cpu",
+    "workstation-gpu",
+]
 GOOD = {"train_tflops": 0.5, "memory_gb": 4.0, "uplink_mbps": 10.0, "downlink_mbps": 50.0}
 
 
@@ -29,7 +38,9 @@ def test_catalog_speeds_are_ordered() -> None:
     assert tflops["jetson-xavier-nx"] > tflops["jetson-tx2"] > tflops["jetson-nano"]
     assert tflops["phone-midrange"] < tflops["phone-highend"] < tflops["laptop-cpu"] < tflops["jetson-tx2"]
     assert max(tflops, key=tflops.__getitem__) == "workstation-gpu"
-    assert CATALOG["jetson-agx-orin"].memory_gb > CATALOG["jetson-xavier-nx"].memory_gb >= CATALOG["jetson-nano"].memory_gb
+    assert (
+        CATALOG["jetson-agx-orin"].memory_gb > CATALOG["jetson-xavier-nx"].memory_gb >= CATALOG["jetson-nano"].memory_gb
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,11 +98,27 @@ availability = { kind = "bernoulli", p = 0.8 }
 
 
 BAD_FILES = [
-    ("zero bandwidth", "[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 0\ndownlink_mbps = 1\n", "`b.uplink_mbps` must be greater than 0, got 0"),
-    ("unknown key", '[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 1\ndownlink_mbps = 1\ngpu = "yes"\n', "`b.gpu` is not a known key"),
+    (
+        "zero bandwidth",
+        "[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 0\ndownlink_mbps = 1\n",
+        "`b.uplink_mbps` must be greater than 0, got 0",
+    ),
+    (
+        "unknown key",
+        '[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 1\ndownlink_mbps = 1\ngpu = "yes"\n',
+        "`b.gpu` is not a known key",
+    ),
     ("missing field", "[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 1\n", "`b.downlink_mbps` is required"),
-    ("wrong type", '[b]\ntrain_tflops = "fast"\nmemory_gb = 1\nuplink_mbps = 1\ndownlink_mbps = 1\n', "`b.train_tflops` must be a valid number, got 'fast'"),
-    ("bad availability", "[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 1\ndownlink_mbps = 1\n[b.availability]\nkind = \"bernoulli\"\np = 1.5\n", "`b.availability.p` must be less than or equal to 1, got 1.5"),
+    (
+        "wrong type",
+        '[b]\ntrain_tflops = "fast"\nmemory_gb = 1\nuplink_mbps = 1\ndownlink_mbps = 1\n',
+        "`b.train_tflops` must be a valid number, got 'fast'",
+    ),
+    (
+        "bad availability",
+        '[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 1\ndownlink_mbps = 1\n[b.availability]\nkind = "bernoulli"\np = 1.5\n',
+        "`b.availability.p` must be less than or equal to 1, got 1.5",
+    ),
     ("not a table", "b = 3\n", "`b` must be a table of profile fields, got 3"),
     ("invalid toml", "[b\n", "not valid TOML"),
 ]

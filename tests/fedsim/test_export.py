@@ -151,7 +151,9 @@ def test_saved_and_reloaded_with_transformers_alone_gives_the_same_outputs(
 # --- which keep a device ships ------------------------------------------------------------------
 
 
-def _book(scenario: Scenario, steps: list[int], keeps: dict[int, Keep], targets: list[float] | None = None) -> PruneBook:
+def _book(
+    scenario: Scenario, steps: list[int], keeps: dict[int, Keep], targets: list[float] | None = None
+) -> PruneBook:
     book = PruneBook(scenario, geometry(load_model("tiny-llama")[0]), np.array(targets or [0.5] * len(steps)))
     for cid, n in enumerate(steps):
         book.record(cid, keeps.get(cid), n)
@@ -188,13 +190,24 @@ def test_without_deploy_ratios_a_profile_ships_its_most_trained_clients_keep(sce
 @pytest.fixture(scope="module")
 def deploying() -> Scenario:
     """Reached after one step (one prune event), so `steps` alone says who trained at its target."""
-    return validate_scenario({"model": {"name": "tiny-llama"}, "lora": {"rank": 4, "target_modules": ALL}, "pruning": {"ratio": 0.25, "events": 1}})
+    return validate_scenario(
+        {
+            "model": {"name": "tiny-llama"},
+            "lora": {"rank": 4, "target_modules": ALL},
+            "pruning": {"ratio": 0.25, "events": 1},
+        }
+    )
 
 
 def test_with_deploy_ratios_a_device_ships_the_keep_it_trained_at_its_profiles_ratio(deploying: Scenario) -> None:
     ratios = {"phone": 0.25}
     # client 2 trained most but toward 0.5; client 3 at 0.25; client 0 at 0.25 but has not trained since
-    book = _book(deploying, [0, 4, 40, 8, 0], {0: UNIFORM, 2: NON_UNIFORM, 3: UNIFORM, 4: NON_UNIFORM}, [0.25, 0.0, 0.5, 0.25, 0.25])
+    book = _book(
+        deploying,
+        [0, 4, 40, 8, 0],
+        {0: UNIFORM, 2: NON_UNIFORM, 3: UNIFORM, 4: NON_UNIFORM},
+        [0.25, 0.0, 0.5, 0.25, 0.25],
+    )
     assert _shipped(book, "phone", PHONES, ratios) == UNIFORM  # client 3's: the only keep trained at 0.25
     assert _shipped(book, "phone", [3], ratios) == UNIFORM
     assert _shipped(book, "phone", [2], ratios) is CUT  # trained at another ratio: the server's cut to 0.25

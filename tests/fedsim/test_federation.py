@@ -93,7 +93,14 @@ def test_final_adapter_loads_with_peft_and_reproduces_logged_metrics(cli_run: tu
     model = PeftModel.from_pretrained(base, run / "adapter")
     examples = list(central_test_set(scenario.data, scenario.seed))
     e = scenario.eval
-    res = evaluate(model, tokenizer, examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=scenario.train.max_seq_len)
+    res = evaluate(
+        model,
+        tokenizer,
+        examples,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        max_len=scenario.train.max_seq_len,
+    )
     metrics = read_metrics(run)
     logged = metrics[(metrics["kind"] == "eval_central") & (metrics["round"] == 3)].iloc[0]
     assert res.loss == pytest.approx(logged["loss"], abs=1e-5)

@@ -43,7 +43,10 @@ def test_trace_fleet() -> None:
     [
         (["fleet.groups=[{profile='jetson-tx2', count=3}]"], "must equal the fleet's size (3 devices)"),
         (["fleet.groups=[{profile='jetson-tx9', count=4}]"], "unknown device profile(s) 'jetson-tx9'"),
-        (["fleet.profiles={x={train_tflops=1.0, memory_gb=1.0, uplink_mbps=0.0, downlink_mbps=1.0}}"], "`fleet.profiles.x.uplink_mbps` must be greater than 0"),
+        (
+            ["fleet.profiles={x={train_tflops=1.0, memory_gb=1.0, uplink_mbps=0.0, downlink_mbps=1.0}}"],
+            "`fleet.profiles.x.uplink_mbps` must be greater than 0",
+        ),
         (["fleet.deadline_s=0.000001"], "shorter than any device's estimated round time"),
     ],
 )
@@ -57,6 +60,9 @@ def test_bad_fleets_are_refused_before_running(overrides: list[str], message: st
 def test_malformed_trace_row_names_its_line(tmp_path: Path) -> None:
     trace = tmp_path / "t.csv"
     trace.write_text("client_id,profile,windows\n0,laptop-cpu,0-100\n1,laptop-cpu,50-10\n")
-    scenario = load_scenario(ROOT / "scenarios" / "tiny.toml", [f"fleet.trace='{trace}'", "clients.num_clients=2", "clients.per_round=2", "clients.eval_per_round=2"])
+    scenario = load_scenario(
+        ROOT / "scenarios" / "tiny.toml",
+        [f"fleet.trace='{trace}'", "clients.num_clients=2", "clients.per_round=2", "clients.eval_per_round=2"],
+    )
     with pytest.raises(ScenarioError, match="line 3"):
         preflight(scenario, "tiny.toml")

@@ -31,7 +31,14 @@ def superlink(tmp_path: Path) -> Iterator[tuple[dict[str, str], str]]:
     )
     env = venv_env(FLWR_HOME=str(home))  # the SuperLink starts `flower-superexec` by name
     proc = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation", "--port", str(port)],
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--disable-runtime-dependency-installation",
+            "--port",
+            str(port),
+        ],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -57,9 +64,22 @@ def test_flwr_run_dot_runs_the_tiny_scenario(superlink: tuple[dict[str, str], st
     out = tmp_path / "runs"
     run_config = f'scenario="scenarios/tiny.toml" overrides="rounds=2;name=via-flwr" out="{out}"'
     result = subprocess.run(
-        [str(BIN / "flwr"), "run", ".", federation, "--run-config", run_config,
-         "--federation-config", "num-supernodes=4 client-resources-num-cpus=1", "--stream"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(BIN / "flwr"),
+            "run",
+            ".",
+            federation,
+            "--run-config",
+            run_config,
+            "--federation-config",
+            "num-supernodes=4 client-resources-num-cpus=1",
+            "--stream",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = read_metrics(out / "via-flwr")

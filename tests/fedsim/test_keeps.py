@@ -131,7 +131,11 @@ def test_a_book_round_trips_through_json(layers: list) -> None:
     other = PruneBook(scenario, layers, np.zeros(2))
     other.load(book.to_json())
     assert other.held(0) == TINY_KEEP and other.held(1) is None
-    assert other.steps.tolist() == [8, 0] and other.targets.tolist() == [0.5, 0.25] and other.cut_for.tolist() == [0.0, 0.2]
+    assert (
+        other.steps.tolist() == [8, 0]
+        and other.targets.tolist() == [0.5, 0.25]
+        and other.cut_for.tolist() == [0.0, 0.2]
+    )
 
 
 def test_record_moves_the_client_along_its_schedule(layers: list) -> None:

@@ -26,9 +26,7 @@ ROUND_TRIP_TEXTS = [
 
 
 @pytest.fixture
-def cache(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[pathlib.Path]:
+def cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pathlib.Path]:
     """A private FEDSIM_CACHE, deleted afterwards (a converted SmolLM2 is 540 MB)."""
     root = tmp_path / "fedsim-cache"
     monkeypatch.setenv("FEDSIM_CACHE", str(root))
@@ -43,9 +41,7 @@ def test_list_models_names_the_registry() -> None:
     assert all(info.description and "\n" not in info.description for info in infos)
 
 
-def test_cache_dir_follows_env(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
-) -> None:
+def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path))
     assert models.cache_dir() == tmp_path
 
@@ -85,9 +81,7 @@ def test_tiny_tokenizer_special_tokens() -> None:
         )
         == "ok"
     )
-    assert (
-        model.config.vocab_size == len(tokenizer) == 4 + 95 + 1
-    )  # specials, printable ASCII, "\n"
+    assert model.config.vocab_size == len(tokenizer) == 4 + 95 + 1  # specials, printable ASCII, "\n"
     assert model.config.pad_token_id == tokenizer.pad_token_id
 
 
@@ -112,9 +106,7 @@ def test_tiny_llama_forward_shape_and_mode() -> None:
     assert logits.shape == (2, 5, len(tokenizer))
     assert not model.training
     assert next(model.parameters()).device.type == "cpu"
-    assert (
-        model.config.num_key_value_heads < model.config.num_attention_heads
-    )  # grouped-query
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query
 
 
 def test_loading_leaves_global_rng_alone() -> None:
@@ -127,9 +119,7 @@ def test_loading_leaves_global_rng_alone() -> None:
     torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "expected"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)]
-)
+@pytest.mark.parametrize(("dtype", "expected"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
 def test_dtype_is_applied(dtype: str, expected: torch.dtype) -> None:
     model, _ = load_model("tiny-llama", dtype=dtype)
 
@@ -137,9 +127,7 @@ def test_dtype_is_applied(dtype: str, expected: torch.dtype) -> None:
 
 
 def test_bad_dtype_names_the_allowed_ones() -> None:
-    with pytest.raises(
-        ModelError, match=r"'tiny-llama'.*float32, bfloat16, float16, got 'int8'"
-    ):
+    with pytest.raises(ModelError, match=r"'tiny-llama'.*float32, bfloat16, float16, got 'int8'"):
         load_model("tiny-llama", dtype="int8")
 
 
@@ -155,9 +143,7 @@ def test_check_model_name_accepts_existing_dir(tmp_path: pathlib.Path) -> None:
     assert check_model_name(str(tmp_path)) is None
 
 
-@pytest.mark.parametrize(
-    "name", ["foo", "smollm2", "", " ", "a/b/c", "/no/such/dir/at/all/x/y"]
-)
+@pytest.mark.parametrize("name", ["foo", "smollm2", "", " ", "a/b/c", "/no/such/dir/at/all/x/y"])
 def test_check_model_name_rejects_with_known_names(name: str) -> None:
     message = check_model_name(name)
 
@@ -167,9 +153,7 @@ def test_check_model_name_rejects_with_known_names(name: str) -> None:
 
 
 def test_load_model_rejects_unknown_name() -> None:
-    with pytest.raises(
-        ModelError, match=r"unknown model 'foo'; known: smollm2-135m, tiny-llama"
-    ):
+    with pytest.raises(ModelError, match=r"unknown model 'foo'; known: smollm2-135m, tiny-llama"):
         load_model("foo")
 
 
@@ -191,13 +175,9 @@ def test_local_directory_without_model_is_a_model_error(tmp_path: pathlib.Path) 
 
 
 def test_hub_id_offline_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        huggingface_hub.constants, "HF_HUB_OFFLINE", True
-    )  # fail fast, no retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no retries
 
-    with pytest.raises(
-        ModelError, match=r"'fedsim-test/no-such-model'.*offline.*local path"
-    ):
+    with pytest.raises(ModelError, match=r"'fedsim-test/no-such-model'.*offline.*local path"):
         load_model("fedsim-test/no-such-model")
 
 
@@ -213,9 +193,7 @@ def test_missing_smollm2_package_says_how_to_install(
         models.smollm2_gguf_path()
 
 
-def test_gguf_hash_is_remembered(
-    cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_gguf_hash_is_remembered(cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blob = cache.parent / "blob.gguf"
     blob.write_bytes(b"not really a gguf")
     expected = hashlib.sha256(b"not really a gguf").hexdigest()
@@ -227,12 +205,8 @@ def test_gguf_hash_is_remembered(
     assert (cache / "gguf-sha256.json").is_file()
 
 
-def test_losing_the_cache_rename_race_keeps_the_winner(
-    cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def convert_while_another_process_finishes(
-        gguf: pathlib.Path, out: pathlib.Path
-    ) -> None:
+def test_losing_the_cache_rename_race_keeps_the_winner(cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def convert_while_another_process_finishes(gguf: pathlib.Path, out: pathlib.Path) -> None:
         (out / "mine").write_text("loser")
         winner = next(out.parent.glob(".smollm2-135m-*")).name.split(".")[1]
         (out.parent / winner).mkdir()
@@ -243,15 +217,11 @@ def test_losing_the_cache_rename_race_keeps_the_winner(
     folder = models._smollm2_cached_folder()
 
     assert [p.name for p in folder.iterdir()] == ["theirs"]
-    assert [p.name for p in folder.parent.iterdir()] == [
-        folder.name
-    ]  # the loser's temp dir is gone
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # the loser's temp dir is gone
 
 
 @pytest.mark.slow
-def test_smollm2_converts_once_then_loads_from_cache(
-    cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_smollm2_converts_once_then_loads_from_cache(cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     start = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m")
     first_s = time.perf_counter() - start
@@ -266,10 +236,7 @@ def test_smollm2_converts_once_then_loads_from_cache(
     assert c.vocab_size == 49152
     assert tokenizer.pad_token is not None and c.pad_token_id == tokenizer.pad_token_id
     [folder] = (cache / "models").iterdir()
-    assert (
-        folder.name.startswith("smollm2-135m-")
-        and (folder / "model.safetensors").is_file()
-    )
+    assert folder.name.startswith("smollm2-135m-") and (folder / "model.safetensors").is_file()
 
     def no_conversion(*_: object) -> None:
         pytest.fail("converted again instead of loading the cache")
@@ -282,14 +249,9 @@ def test_smollm2_converts_once_then_loads_from_cache(
 
     assert second_s < first_s / 4, (first_s, second_s)
     ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
-    assert (
-        cached_tokenizer("The quick brown fox", return_tensors="pt").input_ids.tolist()
-        == ids.tolist()
-    )
+    assert cached_tokenizer("The quick brown fox", return_tensors="pt").input_ids.tolist() == ids.tolist()
     with torch.no_grad():
-        torch.testing.assert_close(
-            cached(ids).logits, model(ids).logits, rtol=0, atol=0
-        )
+        torch.testing.assert_close(cached(ids).logits, model(ids).logits, rtol=0, atol=0)
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = cached_tokenizer.apply_chat_template(
@@ -297,7 +259,5 @@ def test_smollm2_converts_once_then_loads_from_cache(
     )
     assert isinstance(prompt, BatchEncoding)
     out = cached.generate(**prompt, max_new_tokens=12, do_sample=False)  # type: ignore[operator]
-    answer = cached_tokenizer.decode(
-        out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True
-    )
+    answer = cached_tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

@@ -87,7 +87,9 @@ def test_pruned_clients_receive_and_compute_less(pruned_run: tuple[Path, str]) -
     # under one unpruned step's share.
     scenario = load_scenario(pruned_run[0] / "scenario.toml")
     full = ModelShape.from_model(load_model("tiny-llama")[0])
-    step = dict(batch=8, seq_len=scenario.train.max_seq_len, rank=scenario.lora.rank, targets=scenario.lora.target_modules)
+    step = dict(
+        batch=8, seq_len=scenario.train.max_seq_len, rank=scenario.lora.rank, targets=scenario.lora.target_modules
+    )
     keeps = _keeps(pruned_run[0])
     back = train.assign(first=first)[lambda t: ~t["first"]]
     assert len(back)
@@ -96,7 +98,9 @@ def test_pruned_clients_receive_and_compute_less(pruned_run: tuple[Path, str]) -
         assert row.flops <= 8 * pruned < 8 * train_step_flops(full, **step)
 
 
-def test_report_and_export_score_each_ratios_pruned_model(pruned_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_and_export_score_each_ratios_pruned_model(
+    pruned_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run, stdout = pruned_run
     assert "pruned models" in stdout
     rows = read_metrics(run).query("kind == 'eval_export'").set_index("prune_target")
@@ -111,12 +115,21 @@ def test_report_and_export_score_each_ratios_pruned_model(pruned_run: tuple[Path
     examples = list(central_test_set(scenario.data, scenario.seed))
     tokenizer = load_model("tiny-llama")[1]
     e = scenario.eval
-    res = evaluate(model, tokenizer, examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=scenario.train.max_seq_len)
+    res = evaluate(
+        model,
+        tokenizer,
+        examples,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        max_len=scenario.train.max_seq_len,
+    )
     assert res.loss == pytest.approx(rows.loc[0.5, "loss"], abs=1e-4)  # the exported model is the one the server scored
     assert res.accuracy == pytest.approx(rows.loc[0.5, "accuracy"])
 
 
-def test_export_refuses_an_unknown_profile(pruned_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_refuses_an_unknown_profile(
+    pruned_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["export", str(pruned_run[0]), "--device", "jetson-tx2", "--out", str(tmp_path / "x")]) == 2
     assert "no client of the run has device profile 'jetson-tx2'" in capsys.readouterr().err
 
@@ -139,7 +152,14 @@ def test_export_ships_each_device_the_model_its_deployed_score_used(tmp_path: Pa
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
         examples = list(central_test_set(scenario.data, scenario.seed))
         e = scenario.eval
-        losses[name] = evaluate(model, load_model("tiny-llama")[1], examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=scenario.train.max_seq_len).loss
+        losses[name] = evaluate(
+            model,
+            load_model("tiny-llama")[1],
+            examples,
+            max_new_tokens=e.max_new_tokens,
+            batch_size=e.batch_size,
+            max_len=scenario.train.max_seq_len,
+        ).loss
         manifest = json.loads((tmp_path / name / "fedsim-export.json").read_text())
         assert (manifest["ratio"] > 0.4) == (name == "phone"), manifest["ratio"]
     assert losses["phone"] == pytest.approx(cut_loss, abs=1e-4)

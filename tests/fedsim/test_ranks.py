@@ -16,7 +16,11 @@ from fedsim.ranks import client_ranks
 from fedsim.scenario import LoraConfig, ScenarioError, validate_scenario
 from strategies.lora_math import hetlora_rank_penalty
 
-GROUPS = [{"profile": "phone-midrange", "count": 2}, {"profile": "jetson-tx2", "count": 1}, {"profile": "laptop-cpu", "count": 1}]
+GROUPS = [
+    {"profile": "phone-midrange", "count": 2},
+    {"profile": "jetson-tx2", "count": 1},
+    {"profile": "laptop-cpu", "count": 1},
+]
 
 
 def scenario(**sections: Any) -> Any:
@@ -32,7 +36,10 @@ def test_rank_per_client_then_per_profile_then_global() -> None:
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"lora": {"rank": 4, "profile_ranks": {"phone-midrange": 8}}}, "`lora.profile_ranks.phone-midrange` = 8 must be in [1, lora.rank = 4]"),
+        (
+            {"lora": {"rank": 4, "profile_ranks": {"phone-midrange": 8}}},
+            "`lora.profile_ranks.phone-midrange` = 8 must be in [1, lora.rank = 4]",
+        ),
         ({"lora": {"client_ranks": {"7": 2}}}, "`lora.client_ranks.7`: client 7 does not exist (clients 0..3)"),
         ({"lora": {"client_ranks": {"first": 2}}}, "`lora.client_ranks` keys are client ids, got 'first'"),
         ({"lora": {"profile_ranks": {"toaster": 2}}}, "`lora.profile_ranks.toaster`: unknown device profile; known:"),
@@ -40,8 +47,14 @@ def test_rank_per_client_then_per_profile_then_global() -> None:
             {"lora": {"rank": 8, "profile_ranks": {"phone-midrange": 2}}, "compression": {"downlink": True}},
             "`compression.downlink` needs one rank for every client",
         ),
-        ({"strategy": {"name": "flora"}, "compression": {"downlink": True}}, "`compression.downlink` cannot carry 'flora'"),
-        ({"strategy": {"name": "fedsa_lora"}, "clients": {"num_clients": 4, "eval_per_round": 0}}, "`clients.eval_per_round` must be >= 1"),
+        (
+            {"strategy": {"name": "flora"}, "compression": {"downlink": True}},
+            "`compression.downlink` cannot carry 'flora'",
+        ),
+        (
+            {"strategy": {"name": "fedsa_lora"}, "clients": {"num_clients": 4, "eval_per_round": 0}},
+            "`clients.eval_per_round` must be >= 1",
+        ),
     ],
 )
 def test_bad_ranks_are_refused_with_what_is_wrong(sections: dict[str, Any], expected: str) -> None:

@@ -47,7 +47,17 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
 
 def test_runs_on_an_existing_ray_cluster(ray_cluster: tuple[str, Path], tmp_path: Path) -> None:
     address, temp = ray_cluster
-    command = [str(BIN / "fedsim"), "run", str(ROOT / "scenarios" / "tiny.toml"), "--out", str(tmp_path), "--set", "rounds=1", "--set", f"simulation.ray_address='{address}'"]
+    command = [
+        str(BIN / "fedsim"),
+        "run",
+        str(ROOT / "scenarios" / "tiny.toml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "rounds=1",
+        "--set",
+        f"simulation.ray_address='{address}'",
+    ]
     done = subprocess.run(command, env=venv_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (run_path,) = [p for p in tmp_path.iterdir() if p.is_dir()]

@@ -17,13 +17,34 @@ from fedsim.replies import TRAIN_METRICS, check_train_reply
 from fedsim.rounds import _as_adapter_reply
 
 EXPECTED = {"layers.0.q_proj.lora_A.weight": torch.zeros(2, 4), "layers.0.q_proj.lora_B.weight": torch.zeros(4, 2)}
-GOOD = {"num-examples": 10, "train-loss": 1.5, "loss-before": 2.0, "loss-after": 1.0, "tokens": 100, "flops": 1e9, "wall-time-s": 0.5, "prune-ratio": 0.0}
+GOOD = {
+    "num-examples": 10,
+    "train-loss": 1.5,
+    "loss-before": 2.0,
+    "loss-after": 1.0,
+    "tokens": 100,
+    "flops": 1e9,
+    "wall-time-s": 0.5,
+    "prune-ratio": 0.0,
+}
 
 
 def _reply(metrics: dict[str, float]) -> object:
-    meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    meta = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=7,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     payload = encode({k: torch.ones_like(v) for k, v in EXPECTED.items()}, CodecConfig(method="none"))
-    return make_message(meta, RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)}))
+    return make_message(
+        meta, RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)})
+    )
 
 
 def test_a_complete_reply_is_ok() -> None:

@@ -20,14 +20,29 @@ def test_deployed_columns_appear_only_for_runs_that_deploy_cut_models(tmp_path: 
     from fedsim.rundir import RunDir, read_metrics
     from fedsim.scenario import validate_scenario
 
-    rows = [{"round": r, "client_id": -1, "kind": "eval_central", "loss": 2.0 - r, "accuracy": 0.1 * r, "wall_time_s": 1.0, "sim_time_s": float(r)} for r in (0, 1)]
+    rows = [
+        {
+            "round": r,
+            "client_id": -1,
+            "kind": "eval_central",
+            "loss": 2.0 - r,
+            "accuracy": 0.1 * r,
+            "wall_time_s": 1.0,
+            "sim_time_s": float(r),
+        }
+        for r in (0, 1)
+    ]
     plain, deploying = (RunDir.create(tmp_path, validate_scenario({"name": name})) for name in ("plain", "deploying"))
     plain.add_rows(rows)
-    deploying.add_rows([{**row, "deployed_loss": 3.0 - row["round"], "deployed_accuracy": 0.05 * row["round"]} for row in rows])
+    deploying.add_rows(
+        [{**row, "deployed_loss": 3.0 - row["round"], "deployed_accuracy": 0.05 * row["round"]} for row in rows]
+    )
     assert "deployed_loss" not in round_table(read_metrics(plain.path))
     assert "deployed models" not in summary_text(read_metrics(plain.path), plain.path)
     assert round_table(read_metrics(deploying.path))["deployed_loss"].tolist() == [3.0, 2.0]
-    assert "deployed models   loss 3.0000 -> 2.0000, accuracy 0.050" in summary_text(read_metrics(deploying.path), deploying.path)
+    assert "deployed models   loss 3.0000 -> 2.0000, accuracy 0.050" in summary_text(
+        read_metrics(deploying.path), deploying.path
+    )
 
 
 def test_the_summary_says_how_many_held_out_examples_each_round_scored(tmp_path: Path) -> None:
@@ -37,7 +52,16 @@ def test_the_summary_says_how_many_held_out_examples_each_round_scored(tmp_path:
 
     def rows(counts: list[int]) -> list[dict]:
         return [
-            {"round": r, "client_id": -1, "kind": "eval_central", "num_examples": n, "loss": 1.0, "accuracy": 0.1, "wall_time_s": 1.0, "sim_time_s": 1.0}
+            {
+                "round": r,
+                "client_id": -1,
+                "kind": "eval_central",
+                "num_examples": n,
+                "loss": 1.0,
+                "accuracy": 0.1,
+                "wall_time_s": 1.0,
+                "sim_time_s": 1.0,
+            }
             for r, n in enumerate(counts)
         ]
 

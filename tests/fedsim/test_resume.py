@@ -40,7 +40,9 @@ def _run(out: Path, name: str, rounds: int) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("runs")
-    stopped = _run(out, "run-a", rounds=1)  # names of one length: the scenario travels in every message, and its bytes are on the clock
+    stopped = _run(
+        out, "run-a", rounds=1
+    )  # names of one length: the scenario travels in every message, and its bytes are on the clock
     assert _cli("resume", str(stopped), "--rounds", "2") == 0
     return stopped, _run(out, "run-b", rounds=2)
 
@@ -72,18 +74,24 @@ def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "is not a fedsim run directory" in capsys.readouterr().err
 
 
-def test_the_controllers_arms_drive_rank_pruning_and_rewards(runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_controllers_arms_drive_rank_pruning_and_rewards(
+    runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     run = runs[1]
     train = read_metrics(run).query("kind == 'train' and status == 'ok'")
     assert (train["lora_rank"] == train["arm_rank"]).all() and set(train["arm_rank"]) <= {2, 8}
     assert ((train["prune_ratio"] - train["arm_ratio"]).abs() < 0.05).all()  # one event, at the first step
     assert train["reward"].between(0, 1).all() and (train.groupby("round")["reward"].max() == 1.0).all()
-    assert train["contribution"].between(-1, 1).all() and train["contribution"].nunique() > 1  # scored by the server, one per client
+    assert (
+        train["contribution"].between(-1, 1).all() and train["contribution"].nunique() > 1
+    )  # scored by the server, one per client
     seen = set(train.query("round == 1")["device"])
     later = train.query("round == 2")
     known = later[later["device"].isin(seen)]
     assert len(known) > 0 and train.query("round == 1")["arm_predicted_s"].isna().all()
-    ratio = known["arm_predicted_s"] / (known["sim_compute_s"] + known["sim_comm_s"])  # the pace's price of the arm played
+    ratio = known["arm_predicted_s"] / (
+        known["sim_compute_s"] + known["sim_comm_s"]
+    )  # the pace's price of the arm played
     assert ratio.between(0.5, 2.0).all(), ratio.tolist()
     for k in (1, 2):
         assert (run / "checkpoints" / f"round_{k}" / STATE_FILE).is_file()

@@ -28,7 +28,10 @@ def test_sampling_is_a_function_of_seed_round_and_purpose() -> None:
 
 def adapter(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"m.q_proj.lora_A.weight": torch.randn(8, 16, generator=g), "m.q_proj.lora_B.weight": torch.randn(16, 8, generator=g)}
+    return {
+        "m.q_proj.lora_A.weight": torch.randn(8, 16, generator=g),
+        "m.q_proj.lora_B.weight": torch.randn(16, 8, generator=g),
+    }
 
 
 def test_round_bias_matches_the_formula() -> None:
@@ -91,12 +94,31 @@ def test_a_pruned_reply_whose_keep_is_bad_is_rejected_not_fatal(keep: str, probl
 
     layers = [LayerGeometry(hidden=8, head_dim=2, group_size=2, groups=2, channels=4)]
     held = Keep(((1,),), ((0, 2),), (2,), (4,), 2, 2)
-    state = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 8), "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(8, 2)}
+    state = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 8),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(8, 2),
+    }
     sent = {7: slice_adapter(state, held)}
     env = SimpleNamespace(pruning=SimpleNamespace(held=lambda cid: held), node_to_client={7: 0}, strategy=FedIT(2, 4.0))
     text = Keep.everything(layers).to_json() if keep == "everything" else keep
-    meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
-    content = RecordDict({"prune": ConfigRecord({"keep": text}), "update": ConfigRecord({"payload": b""}), "metrics": MetricRecord({"num-examples": 1})})
+    meta = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=7,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    content = RecordDict(
+        {
+            "prune": ConfigRecord({"keep": text}),
+            "update": ConfigRecord({"payload": b""}),
+            "metrics": MetricRecord({"num-examples": 1}),
+        }
+    )
     checked = _check_train(env, make_message(meta, content), sent)  # type: ignore[arg-type]
     assert checked.status == "rejected" and problem in checked.reason
 
@@ -115,30 +137,54 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
     from fedsim.rounds import _as_adapter_reply, contributions
     from strategies import FedIT
 
-    a_key, b_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    a_key, b_key = (
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+    )
     state = {a_key: torch.ones(2, 8), b_key: torch.zeros(8, 2)}
     target = torch.full((8, 2), 0.5)
 
     asked: list[int] = []
 
-    def score(s: dict[str, torch.Tensor], examples: int = 16) -> float:  # a held-out "loss": distance of B to its optimum, plus 1
+    def score(
+        s: dict[str, torch.Tensor], examples: int = 16
+    ) -> float:  # a held-out "loss": distance of B to its optimum, plus 1
         asked.append(examples)
         return 1.0 + float((s[b_key] - target).pow(2).sum())
 
     strategy = FedIT(2, 4.0)
     strategy.current = state
-    env = SimpleNamespace(score=score, strategy=strategy, scenario=SimpleNamespace(controller=SimpleNamespace(reward=SimpleNamespace(contribution_examples=24))))
+    env = SimpleNamespace(
+        score=score,
+        strategy=strategy,
+        scenario=SimpleNamespace(controller=SimpleNamespace(reward=SimpleNamespace(contribution_examples=24))),
+    )
 
     def reply(node: int, step: float, examples: float) -> Checked:
-        meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+        meta = Metadata(
+            run_id=1,
+            message_id="",
+            src_node_id=node,
+            dst_node_id=0,
+            reply_to_message_id="m",
+            group_id="1",
+            created_at=time.time(),
+            ttl=60.0,
+            message_type="train",
+        )
         content = RecordDict({"metrics": MetricRecord({**{k: 1.0 for k in TRAIN_METRICS}, "num-examples": examples})})
-        return Checked(make_message(meta, content), "ok", "", {a_key: torch.zeros(2, 8), b_key: torch.full((8, 2), step)})
+        return Checked(
+            make_message(meta, content), "ok", "", {a_key: torch.zeros(2, 8), b_key: torch.full((8, 2), step)}
+        )
 
     sent = {1: state, 2: state}
     clients = [strategy.client_adapter(_as_adapter_reply(r, sent)) for r in (reply(1, 0.5, 3.0), reply(2, -0.5, 1.0))]
     got = contributions(env, state, clients)  # type: ignore[arg-type]
     before = score(state)  # 1 + 16·0.25 = 5
-    moved = [1.0 + 16 * (0.5 - 0.75 * 0.5) ** 2, 1.0 + 16 * (0.5 + 0.25 * 0.5) ** 2]  # B moved by 3/4 of +0.5, 1/4 of −0.5
+    moved = [
+        1.0 + 16 * (0.5 - 0.75 * 0.5) ** 2,
+        1.0 + 16 * (0.5 + 0.25 * 0.5) ** 2,
+    ]  # B moved by 3/4 of +0.5, 1/4 of −0.5
     assert got == pytest.approx([(before - moved[0]) / before, (before - moved[1]) / before])
     assert got[0] > 0 > got[1]
     assert asked[:3] == [24, 24, 24]  # scored on `controller.reward.contribution_examples`

@@ -29,17 +29,37 @@ BAD_CASES = [
     ("unknown section", "[trian]\nlr = 0.1\n", "`trian` is not a known key"),
     ("wrong type", '[train]\nlocal_steps = "ten"\n', "`train.local_steps` must be a valid integer, got 'ten'"),
     ("out of range", "[train]\nlr = -5\n", "`train.lr` must be greater than 0, got -5"),
-    ("bad choice", '[data]\npartitioner = "random"\n', "`data.partitioner` must be 'iid', 'dirichlet', 'pathological' or 'natural', got 'random'"),
+    (
+        "bad choice",
+        '[data]\npartitioner = "random"\n',
+        "`data.partitioner` must be 'iid', 'dirichlet', 'pathological' or 'natural', got 'random'",
+    ),
     ("missing file", '[data]\ntask = "no/such/file.jsonl"\n', "`data.task`: file not found"),
     ("unknown task", '[data]\ntask = "poetry"\n', "`data.task`: unknown task 'poetry'"),
     ("unknown model", '[model]\nname = "gpt-17"\n', "`model.name`: unknown model 'gpt-17'"),
-    ("unknown strategy", "[strategy]\nname = \"fedmagic\"\n", "`strategy.name`: unknown strategy 'fedmagic'; known: fedadagrad, fedadam, fedavgm, fedex_lora, fedit, fedprox, fedsa_lora, fedyogi, ffa_lora, flexlora, flora, hetlora, lora_fair"),
+    (
+        "unknown strategy",
+        '[strategy]\nname = "fedmagic"\n',
+        "`strategy.name`: unknown strategy 'fedmagic'; known: fedadagrad, fedadam, fedavgm, fedex_lora, fedit, fedprox, fedsa_lora, fedyogi, ffa_lora, flexlora, flora, hetlora, lora_fair",
+    ),
     ("density 0", "[compression]\ndensity = 0.0\n", "`compression.density` must be greater than 0, got 0.0"),
     ("density > 1", "[compression]\ndensity = 1.5\n", "`compression.density` must be less than or equal to 1, got 1.5"),
     ("alpha <= 0", "[compression]\nalpha = -1.0\n", "`compression.alpha` must be > 0 or 'auto', got -1.0"),
-    ("auto alpha with fedadam", "[compression]\nmethod = 'compeft'\n[strategy]\nname = 'fedadam'\n", "`compression.alpha` = 'auto' cannot be used with the stateful server optimiser 'fedadam'"),
-    ("bad alpha grid", "[compression]\nalpha_grid = [1.0, -2.0]\n", "`compression.alpha_grid` values must be > 0, got -2.0"),
-    ("per_round > clients", "[clients]\nnum_clients = 2\nper_round = 3\n", "`clients.per_round` must be <= clients.num_clients (2), got 3"),
+    (
+        "auto alpha with fedadam",
+        "[compression]\nmethod = 'compeft'\n[strategy]\nname = 'fedadam'\n",
+        "`compression.alpha` = 'auto' cannot be used with the stateful server optimiser 'fedadam'",
+    ),
+    (
+        "bad alpha grid",
+        "[compression]\nalpha_grid = [1.0, -2.0]\n",
+        "`compression.alpha_grid` values must be > 0, got -2.0",
+    ),
+    (
+        "per_round > clients",
+        "[clients]\nnum_clients = 2\nper_round = 3\n",
+        "`clients.per_round` must be <= clients.num_clients (2), got 3",
+    ),
 ]
 
 

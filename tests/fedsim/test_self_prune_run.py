@@ -74,7 +74,9 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, InProce
     return run_dir.path, grid
 
 
-def test_the_client_whose_tail_fell_prunes_and_the_other_keeps_its_rank(stopped_run: tuple[Path, InProcessGrid]) -> None:
+def test_the_client_whose_tail_fell_prunes_and_the_other_keeps_its_rank(
+    stopped_run: tuple[Path, InProcessGrid],
+) -> None:
     train = read_metrics(stopped_run[0]).query("kind == 'train'").set_index("client_id")
     assert (train["status"] == "ok").all(), train["reason"].to_dict()
     assert train.loc[0, ["lora_rank", "rank_kept"]].tolist() == [8, 6]
@@ -86,14 +88,18 @@ def test_a_pruned_reply_carries_the_update_of_the_kept_ranks(stopped_run: tuple[
     assert pruned.reply.content[RANK_RECORD][KEPT] == 6
     update = decode(pruned.reply.content["update"]["payload"])
     received = from_record(pruned.message.content["arrays"])
-    expected = {k: v - drop_tail(received, 6)[k] for k, v in drop_tail(pruned.local, 6).items()}  # local − received, both cut to rank 6
+    expected = {
+        k: v - drop_tail(received, 6)[k] for k, v in drop_tail(pruned.local, 6).items()
+    }  # local − received, both cut to rank 6
     assert update.keys() == expected.keys()
     for key, value in expected.items():
         assert update[key].shape[0 if ".lora_A." in key else 1] == 6, key
         torch.testing.assert_close(update[key], value)
     (kept,) = [e for e in stopped_run[1].train if e.message.metadata.dst_node_id == 101]
     assert kept.reply.content[RANK_RECORD][KEPT] == 4
-    assert all(v.shape[0 if ".lora_A." in k else 1] == 4 for k, v in decode(kept.reply.content["update"]["payload"]).items())
+    assert all(
+        v.shape[0 if ".lora_A." in k else 1] == 4 for k, v in decode(kept.reply.content["update"]["payload"]).items()
+    )
 
 
 def test_the_server_serves_the_kept_rank_from_then_on_across_a_resume(stopped_run: tuple[Path, InProcessGrid]) -> None:
@@ -111,13 +117,25 @@ def test_the_server_serves_the_kept_rank_from_then_on_across_a_resume(stopped_ru
     assert second.loc[0, "lora_rank"] == 6 and second.loc[0, "rank_kept"] <= 6
 
 
-
-A_KEY, B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+A_KEY, B_KEY = (
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+)
 
 
 def _reply(kept: object, update_rank: int) -> Message:
     """A train reply from node 7 naming `kept` as its kept rank, with a zero update at `update_rank`."""
-    meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    meta = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=7,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     update = {A_KEY: torch.zeros(update_rank, 8), B_KEY: torch.zeros(8, update_rank)}
     content = RecordDict({
         RANK_RECORD: ConfigRecord({KEPT: kept}), "metrics": MetricRecord({k: 1.0 for k in TRAIN_METRICS}),
@@ -136,10 +154,17 @@ def _reply(kept: object, update_rank: int) -> Message:
         (HetLoRA(8, 16.0), 9, 8, "rank.kept must be an integer in [1, 8] (the rank the client was sent), got 9"),
         (HetLoRA(8, 16.0), "6", 6, "must be an integer in [1, 8] (the rank the client was sent), got '6'"),
         (HetLoRA(8, 16.0), True, 8, "must be an integer in [1, 8] (the rank the client was sent), got True"),
-        (FedIT(8, 16.0), 6, 6, "the reply names a kept rank (its 'rank' record), but FedIT asks for no rank self-pruning"),
+        (
+            FedIT(8, 16.0),
+            6,
+            6,
+            "the reply names a kept rank (its 'rank' record), but FedIT asks for no rank self-pruning",
+        ),
     ],
 )
-def test_the_server_checks_a_replys_kept_rank_and_cuts_what_it_sent_to_it(strategy: LoraStrategy, kept: object, update_rank: int, problem: str) -> None:
+def test_the_server_checks_a_replys_kept_rank_and_cuts_what_it_sent_to_it(
+    strategy: LoraStrategy, kept: object, update_rank: int, problem: str
+) -> None:
     g = torch.Generator().manual_seed(0)
     start = {A_KEY: torch.randn(8, 8, generator=g), B_KEY: torch.randn(8, 8, generator=g)}
     sent = {7: dict(start)}

@@ -135,9 +135,7 @@ DIMENSION |= {u: "time" for u in ("weeks", "days", "hours", "minutes", "seconds"
 
 def test_units_answers_recomputed():
     for e in generate("units", 600, seed=5):
-        value, src, dst = re.fullmatch(
-            r"Convert (\d+) (\w+) to (\w+)\.", e["prompt"]
-        ).groups()
+        value, src, dst = re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", e["prompt"]).groups()
         assert DIMENSION[src] == DIMENSION[dst] == e["domain"]
         expected = int(value) * BASE[src] // BASE[dst]
         assert int(value) * BASE[src] % BASE[dst] == 0
@@ -149,9 +147,7 @@ def test_sentiment_labels_follow_the_adjective():
     label_of = {}
 
     for e in examples:
-        match = re.fullmatch(
-            r"Review: The (\w+) (?:was|is) (?:\w+ )?(\w+)\. Sentiment\?", e["prompt"]
-        )
+        match = re.fullmatch(r"Review: The (\w+) (?:was|is) (?:\w+ )?(\w+)\. Sentiment\?", e["prompt"])
         assert match, e["prompt"]
         adjective = match.group(2)
         assert label_of.setdefault(adjective, e["response"]) == e["response"]
@@ -169,10 +165,7 @@ def test_sentiment_labels_follow_the_adjective():
 
 def test_mixed_interleaves_the_four_tasks():
     mixed = generate("mixed", 203, seed=9)
-    parts = {
-        name: generate(name, 51, seed=9)
-        for name in ("arithmetic", "strings", "units", "sentiment")
-    }
+    parts = {name: generate(name, 51, seed=9) for name in ("arithmetic", "strings", "units", "sentiment")}
 
     for i, e in enumerate(mixed):
         name = list(parts)[i % 4]

@@ -106,7 +106,11 @@ def test_evaluate_is_the_reduction_of_the_per_example_results(tiny) -> None:  # 
     full = evaluate(model, tok, rows, max_new_tokens=4, batch_size=4, max_len=64)
 
     assert len(each.loss) == len(each.n_tokens) == len(each.correct) == 9
-    assert full.loss == token_weighted(each.loss, each.n_tokens) == sum(x * n for x, n in zip(each.loss, each.n_tokens)) / sum(each.n_tokens)
+    assert (
+        full.loss
+        == token_weighted(each.loss, each.n_tokens)
+        == sum(x * n for x, n in zip(each.loss, each.n_tokens)) / sum(each.n_tokens)
+    )
     assert full.accuracy == sum(each.correct) / 9 and full.num_examples == 9
 
 

@@ -23,10 +23,15 @@ LAYERS = [(12, 10), (9, 12)]  # (in, out) of each adapted layer
 
 def pairs(r: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(r, i, generator=g, dtype=torch.float64), torch.randn(o, r, generator=g, dtype=torch.float64)) for i, o in LAYERS]
+    return [
+        (torch.randn(r, i, generator=g, dtype=torch.float64), torch.randn(o, r, generator=g, dtype=torch.float64))
+        for i, o in LAYERS
+    ]
 
 
-def scaled_tail(layers: list[tuple[torch.Tensor, torch.Tensor]], t: int, factors: list[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def scaled_tail(
+    layers: list[tuple[torch.Tensor, torch.Tensor]], t: int, factors: list[float]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer with its tail columns of B (ranks t..) times its factor: its tail product scales by it."""
     out = []
     for (A, B), f in zip(layers, factors):
@@ -36,9 +41,13 @@ def scaled_tail(layers: list[tuple[torch.Tensor, torch.Tensor]], t: int, factors
     return out
 
 
-def with_tail_norms(layers: list[tuple[torch.Tensor, torch.Tensor]], t: int, norms: list[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def with_tail_norms(
+    layers: list[tuple[torch.Tensor, torch.Tensor]], t: int, norms: list[float]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer rescaled so that ‖B[:, t:] A[t:, :]‖_F is its entry of `norms`."""
-    return scaled_tail(layers, t, [n / torch.linalg.matrix_norm(B[:, t:] @ A[t:, :]).item() for (A, B), n in zip(layers, norms)])
+    return scaled_tail(
+        layers, t, [n / torch.linalg.matrix_norm(B[:, t:] @ A[t:, :]).item() for (A, B), n in zip(layers, norms)]
+    )
 
 
 def test_tail_norm_is_the_norm_of_every_layers_tail_product_together() -> None:
@@ -62,7 +71,9 @@ def test_tail_norm_is_the_norm_of_every_layers_tail_product_together() -> None:
         (1, 0.99, [1.0, 1.0], [0.5, 0.5], 1),  # rank 1 cannot shrink
     ],
 )
-def test_a_client_drops_its_tail_only_when_its_tail_norm_fell(r: int, gamma: float, received: list[float], factors: list[float], expected: int) -> None:
+def test_a_client_drops_its_tail_only_when_its_tail_norm_fell(
+    r: int, gamma: float, received: list[float], factors: list[float], expected: int
+) -> None:
     t = math.floor(gamma * r)
     start = with_tail_norms(pairs(r, 1), t, received)
     assert self_pruned_rank(start, scaled_tail(start, t, factors), r, gamma) == expected
@@ -87,13 +98,19 @@ def test_the_test_needs_the_same_layers_before_and_after() -> None:
 
 def test_drop_tail_keeps_the_kept_ranks_update_under_the_new_scaling() -> None:
     alpha, r, kept = 16.0, 8, 5
-    state = {"m.q_proj.lora_A.weight": torch.randn(r, 12, dtype=torch.float64), "m.q_proj.lora_B.weight": torch.randn(10, r, dtype=torch.float64), "m.q_proj.base_delta": torch.ones(10, 12)}
+    state = {
+        "m.q_proj.lora_A.weight": torch.randn(r, 12, dtype=torch.float64),
+        "m.q_proj.lora_B.weight": torch.randn(10, r, dtype=torch.float64),
+        "m.q_proj.base_delta": torch.ones(10, 12),
+    }
     before = {k: v.clone() for k, v in state.items()}
     cut = drop_tail(state, kept)
     A, B = cut["m.q_proj.lora_A.weight"], cut["m.q_proj.lora_B.weight"]
     assert A.shape == (kept, 12) and B.shape == (10, kept)
     A0, B0 = state["m.q_proj.lora_A.weight"], state["m.q_proj.lora_B.weight"]
-    torch.testing.assert_close(alpha / kept * B @ A, alpha / r * B0[:, :kept] @ A0[:kept])  # PEFT's s = α / r on both sides
+    torch.testing.assert_close(
+        alpha / kept * B @ A, alpha / r * B0[:, :kept] @ A0[:kept]
+    )  # PEFT's s = α / r on both sides
     assert torch.equal(cut["m.q_proj.base_delta"], state["m.q_proj.base_delta"])
     assert all(torch.equal(state[k], v) for k, v in before.items())  # inputs untouched
     with pytest.raises(ValueError, match="exceeds the factors' rank 8"):
@@ -102,4 +119,9 @@ def test_drop_tail_keeps_the_kept_ranks_update_under_the_new_scaling() -> None:
 
 def test_hetlora_asks_its_clients_for_the_penalty_and_the_self_pruning_test() -> None:
     config = HetLoRA(8, 16.0, gamma=0.9, lam=0.05).instructions(4)
-    assert (config["lora-rank"], config[PENALTY_GAMMA], config[PENALTY_LAMBDA], config[SELF_PRUNE]) == (4, 0.9, 0.05, True)
+    assert (config["lora-rank"], config[PENALTY_GAMMA], config[PENALTY_LAMBDA], config[SELF_PRUNE]) == (
+        4,
+        0.9,
+        0.05,
+        True,
+    )

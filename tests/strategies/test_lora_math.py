@@ -510,7 +510,11 @@ def test_product_svd_is_the_dense_svd_of_the_product(out: int, in_: int, R: int,
 def test_update_stack_holders_is_the_global_moved_by_the_clients_mean_change() -> None:
     layer = make_layer(seed=3, in_=9, out=7, ranks=[2, 4], weights=[1.0, 3.0])
     g = torch.Generator().manual_seed(4)
-    A_g, B_g, s_g = torch.randn(6, 9, generator=g, dtype=torch.float64), torch.randn(7, 6, generator=g, dtype=torch.float64), 0.5
+    A_g, B_g, s_g = (
+        torch.randn(6, 9, generator=g, dtype=torch.float64),
+        torch.randn(7, 6, generator=g, dtype=torch.float64),
+        0.5,
+    )
     B_s, A_s = update_stack(layer.As, layer.Bs, layer.scales, layer.weights, (A_g, B_g, s_g))
     p = [w / sum(layer.weights) for w in layer.weights]
     expected = s_g * B_g @ A_g + sum(
@@ -518,4 +522,6 @@ def test_update_stack_holders_is_the_global_moved_by_the_clients_mean_change() -
         for p_k, s_k, A_k, B_k in zip(p, layer.scales, layer.As, layer.Bs)
     )
     torch.testing.assert_close(B_s @ A_s, expected)
-    torch.testing.assert_close(torch.matmul(*update_stack(layer.As, layer.Bs, layer.scales, layer.weights)), ideal(layer))
+    torch.testing.assert_close(
+        torch.matmul(*update_stack(layer.As, layer.Bs, layer.scales, layer.weights)), ideal(layer)
+    )

@@ -195,13 +195,22 @@ def _expected(
         if cls is HetLoRA:  # p_k ∝ ‖s_k B_k A_k‖_F of what each trained (zeros where it pruned)
             p = _hetlora_weights(fulls, rs, (a_key, b_key))
             out |= _reference(
-                [{k: f[k] for k in (a_key, b_key)} for f in fulls], ks, rs, p, {k: start[k] for k in (a_key, b_key)}, padding
+                [{k: f[k] for k in (a_key, b_key)} for f in fulls],
+                ks,
+                rs,
+                p,
+                {k: start[k] for k in (a_key, b_key)},
+                padding,
             )
         elif cls is FFALoRA:  # A frozen, B averaged
             out[a_key] = start[a_key]
-            out[b_key] = _reference([{b_key: f[b_key]} for f in fulls], ks, rs, ns, {b_key: start[b_key]}, padding)[b_key]
+            out[b_key] = _reference([{b_key: f[b_key]} for f in fulls], ks, rs, ns, {b_key: start[b_key]}, padding)[
+                b_key
+            ]
         else:  # FedSA-LoRA: A averaged, B stays on the clients
-            out[a_key] = _reference([{a_key: f[a_key]} for f in fulls], ks, rs, ns, {a_key: start[a_key]}, padding)[a_key]
+            out[a_key] = _reference([{a_key: f[a_key]} for f in fulls], ks, rs, ns, {a_key: start[a_key]}, padding)[
+                a_key
+            ]
             out[b_key] = start[b_key]
     return out
 
@@ -241,7 +250,9 @@ def test_a_coordinate_nobody_kept_keeps_its_previous_value(cls: type[LoraStrateg
 
 @pytest.mark.parametrize("padding", ["zeros", "holders"])
 @pytest.mark.parametrize("cls", ALLOWED, ids=lambda c: c.__name__)
-def test_mixed_ranks_a_client_holds_no_padding_where_it_pruned(cls: type[LoraStrategy], padding: str, shapes: dict) -> None:
+def test_mixed_ranks_a_client_holds_no_padding_where_it_pruned(
+    cls: type[LoraStrategy], padding: str, shapes: dict
+) -> None:
     # client 1 (rank 2) removed layer 0's KV group 0 and most channels: beyond rank 2 it holds zeros
     # ("zeros") only in the rows (B) and columns (A) it kept, or nothing ("holders"); where it
     # pruned it holds nothing at any rank
@@ -253,7 +264,9 @@ def test_mixed_ranks_a_client_holds_no_padding_where_it_pruned(cls: type[LoraStr
 
 @pytest.mark.parametrize("padding", ["zeros", "holders"])
 @pytest.mark.parametrize("cls", ALLOWED, ids=lambda c: c.__name__)
-def test_mixed_ranks_a_structure_all_clients_pruned_stays_as_it_was(cls: type[LoraStrategy], padding: str, shapes: dict) -> None:
+def test_mixed_ranks_a_structure_all_clients_pruned_stays_as_it_was(
+    cls: type[LoraStrategy], padding: str, shapes: dict
+) -> None:
     ranks, keeps = {1: 2, 2: R_MAX}, {1: KEEPS[1], 2: KEEPS[2]}  # both removed layer 0's KV group 0
     start, replies = _global(shapes), _clients(shapes, ranks, keeps)
     got = _aggregate(cls, start, replies, keeps, padding)
@@ -275,7 +288,9 @@ def test_mixed_ranks_a_structure_all_clients_pruned_stays_as_it_was(cls: type[Lo
 
 @pytest.mark.parametrize("padding", ["zeros", "holders"])
 @pytest.mark.parametrize("cls", ALLOWED, ids=lambda c: c.__name__)
-def test_keeps_that_remove_nothing_aggregate_as_unpruned_clients(cls: type[LoraStrategy], padding: str, shapes: dict) -> None:
+def test_keeps_that_remove_nothing_aggregate_as_unpruned_clients(
+    cls: type[LoraStrategy], padding: str, shapes: dict
+) -> None:
     ranks = {1: 2, 2: R_MAX, 3: 1}
     everything = Keep(((0, 1),) * 2, (tuple(range(176)),) * 2, (2, 2), (176, 176), 2, 16)
     start, replies = _global(shapes), _clients(shapes, ranks, {n: None for n in ranks})

@@ -27,7 +27,10 @@ from strategies.hetlora import HetLoRA
 from strategies.lora_fair import LoRAFAIR
 
 R_MAX, ALPHA = 8, 16.0
-LAYERS = {"base_model.model.model.layers.0.self_attn.q_proj": (12, 10), "base_model.model.model.layers.1.mlp.down_proj": (9, 12)}  # (in, out)
+LAYERS = {
+    "base_model.model.model.layers.0.self_attn.q_proj": (12, 10),
+    "base_model.model.model.layers.1.mlp.down_proj": (9, 12),
+}  # (in, out)
 RANKS = {101: 2, 102: 4, 103: 8}  # node id → rank
 EXAMPLES = {101: 10.0, 102: 30.0, 103: 20.0}
 ALL = [FedIT, HetLoRA, FlexLoRA, FLoRA, FFALoRA, FedSALoRA, FedExLoRA, LoRAFAIR]
@@ -80,7 +83,9 @@ def reply(node: int, state: AdapterState, examples: float) -> Message:
         run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m", group_id="1",
         created_at=time.time(), ttl=60.0, message_type="train",
     )  # fmt: skip
-    return make_message(meta, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": examples})}))
+    return make_message(
+        meta, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": examples})})
+    )
 
 
 def configure(strategy: LoraStrategy, state: AdapterState, nodes: list[int] | None = None) -> dict[int, Message]:
@@ -188,8 +193,18 @@ def test_fedit_is_the_weighted_mean_of_zero_padded_scale_folded_factors() -> Non
     new = aggregate(strategy, clients)
     total = sum(EXAMPLES[n] for n in clients)
     for prefix, (i, o) in LAYERS.items():
-        A = sum(EXAMPLES[n] / total * torch.cat([s[a_key(prefix)], torch.zeros(R_MAX - RANKS[n], i)]) for n, s in clients.items())
-        B = sum(EXAMPLES[n] / total * RANKS[n] ** -1 * R_MAX * torch.cat([s[b_key(prefix)], torch.zeros(o, R_MAX - RANKS[n])], 1) for n, s in clients.items())
+        A = sum(
+            EXAMPLES[n] / total * torch.cat([s[a_key(prefix)], torch.zeros(R_MAX - RANKS[n], i)])
+            for n, s in clients.items()
+        )
+        B = sum(
+            EXAMPLES[n]
+            / total
+            * RANKS[n] ** -1
+            * R_MAX
+            * torch.cat([s[b_key(prefix)], torch.zeros(o, R_MAX - RANKS[n])], 1)
+            for n, s in clients.items()
+        )
         torch.testing.assert_close(new[a_key(prefix)], A)
         torch.testing.assert_close(new[b_key(prefix)], B)
 
@@ -204,7 +219,9 @@ def test_fedit_composes_with_flower_fedadam_on_mixed_ranks() -> None:
     mean = aggregate(plain, mixed_clients())
     # β₁ = β₂ = 0, τ → 0: each coordinate moves by η·sign(mean − start)
     for key in start:
-        torch.testing.assert_close(new[key] - start[key], 0.1 * torch.sign(mean[key] - start[key]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            new[key] - start[key], 0.1 * torch.sign(mean[key] - start[key]), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_hetlora_zero_pads_with_sparsity_weights_and_truncates_consistently() -> None:
@@ -221,7 +238,9 @@ def test_hetlora_zero_pads_with_sparsity_weights_and_truncates_consistently() ->
         r, sent = RANKS[node], from_record(msg.content["arrays"])
         for prefix in LAYERS:
             torch.testing.assert_close(sent[a_key(prefix)], new[a_key(prefix)][:r])
-            torch.testing.assert_close(sent[b_key(prefix)], new[b_key(prefix)][:, :r] * r / R_MAX)  # B_k = (s_g / s_k) B[:, :r]
+            torch.testing.assert_close(
+                sent[b_key(prefix)], new[b_key(prefix)][:, :r] * r / R_MAX
+            )  # B_k = (s_g / s_k) B[:, :r]
 
 
 def test_flora_merges_exactly_the_weighted_mean_of_products_with_mixed_ranks() -> None:
@@ -235,7 +254,9 @@ def test_flora_merges_exactly_the_weighted_mean_of_products_with_mixed_ranks() -
         torch.testing.assert_close(split_state(first)[1][prefix].double(), target, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(split_state(second)[1][prefix].double(), 2 * target, rtol=1e-5, atol=1e-5)
         assert not first[b_key(prefix)].any() and first[a_key(prefix)].shape == (R_MAX, LAYERS[prefix][0])
-    assert all(configure(strategy, first)[n].content["arrays"][f"{p}.base_delta"] is not None for n in RANKS for p in LAYERS)
+    assert all(
+        configure(strategy, first)[n].content["arrays"][f"{p}.base_delta"] is not None for n in RANKS for p in LAYERS
+    )
 
 
 def test_flexlora_sends_each_client_the_best_rank_r_approximation() -> None:
@@ -250,7 +271,12 @@ def test_flexlora_sends_each_client_the_best_rank_r_approximation() -> None:
             best = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
             torch.testing.assert_close(product(sent, prefix, r), best, rtol=1e-4, atol=1e-4)
             # Eckart–Young: the error is the norm of the dropped singular values
-            assert math.isclose(torch.linalg.matrix_norm(product(sent, prefix, r) - target).item(), S[r:].norm().item(), rel_tol=1e-3, abs_tol=1e-4)
+            assert math.isclose(
+                torch.linalg.matrix_norm(product(sent, prefix, r) - target).item(),
+                S[r:].norm().item(),
+                rel_tol=1e-3,
+                abs_tol=1e-4,
+            )
 
 
 def test_ffa_lora_never_changes_a_and_averages_b_exactly() -> None:
@@ -270,7 +296,10 @@ def test_fedsa_lora_averages_a_and_never_touches_b() -> None:
     new = aggregate(strategy, clients)
     total = sum(EXAMPLES.values())
     for prefix, (i, _) in LAYERS.items():
-        A = sum(EXAMPLES[n] / total * torch.cat([s[a_key(prefix)], torch.zeros(R_MAX - RANKS[n], i)]) for n, s in clients.items())
+        A = sum(
+            EXAMPLES[n] / total * torch.cat([s[a_key(prefix)], torch.zeros(R_MAX - RANKS[n], i)])
+            for n, s in clients.items()
+        )
         torch.testing.assert_close(new[a_key(prefix)], A)
         assert torch.equal(new[b_key(prefix)], start[b_key(prefix)])
 
@@ -285,7 +314,11 @@ def test_fedex_lora_merged_base_plus_adapter_moves_by_the_weighted_mean_of_produ
 
 
 def test_lora_fair_moves_the_product_toward_the_ideal_update() -> None:
-    fair, fedit, clients = LoRAFAIR(R_MAX, ALPHA, padding="zeros"), FedIT(R_MAX, ALPHA, padding="zeros"), mixed_clients()
+    fair, fedit, clients = (
+        LoRAFAIR(R_MAX, ALPHA, padding="zeros"),
+        FedIT(R_MAX, ALPHA, padding="zeros"),
+        mixed_clients(),
+    )
     for s in (fair, fedit):
         configure(s, global_state())
     refined, averaged = aggregate(fair, clients), aggregate(fedit, clients)
@@ -293,14 +326,18 @@ def test_lora_fair_moves_the_product_toward_the_ideal_update() -> None:
     for prefix in LAYERS:
         target = ideal(clients, prefix, EXAMPLES).flatten()
         assert torch.equal(refined[a_key(prefix)], averaged[a_key(prefix)])  # A is FedIT's
-        assert cos(product(refined, prefix, R_MAX).flatten(), target, dim=0) > cos(product(averaged, prefix, R_MAX).flatten(), target, dim=0)
+        assert cos(product(refined, prefix, R_MAX).flatten(), target, dim=0) > cos(
+            product(averaged, prefix, R_MAX).flatten(), target, dim=0
+        )
 
 
 def test_registry_builds_every_strategy_from_a_scenario() -> None:
     from fedsim.scenario import validate_scenario
 
     for name in STRATEGIES:
-        s = validate_scenario({"model": {"name": "tiny-llama"}, "strategy": {"name": name}, "lora": {"rank": 4, "alpha": 8}})
+        s = validate_scenario(
+            {"model": {"name": "tiny-llama"}, "strategy": {"name": name}, "lora": {"rank": 4, "alpha": 8}}
+        )
         strategy = STRATEGIES[name](s)
         assert isinstance(strategy, LoraStrategy) and (strategy.r_max, strategy.alpha) == (4, 8.0)
 
@@ -380,7 +417,9 @@ def test_fedit_holders_averages_each_rank_over_the_clients_that_hold_it() -> Non
                 continue
             total = sum(EXAMPLES[n] for n in holders)
             A = sum(EXAMPLES[n] / total * clients[n][a_key(prefix)][j] for n in holders)
-            B = sum(EXAMPLES[n] / total * R_MAX / RANKS[n] * clients[n][b_key(prefix)][:, j] for n in holders)  # fold s_k / s_g
+            B = sum(
+                EXAMPLES[n] / total * R_MAX / RANKS[n] * clients[n][b_key(prefix)][:, j] for n in holders
+            )  # fold s_k / s_g
             torch.testing.assert_close(new[a_key(prefix)][j], A)
             torch.testing.assert_close(new[b_key(prefix)][:, j], B)
 
@@ -413,7 +452,9 @@ def test_flexlora_holders_sends_the_best_rank_r_approximation_of_the_moved_produ
         r, sent = RANKS[node], from_record(msg.content["arrays"])
         for prefix in LAYERS:
             U, S, Vh = torch.linalg.svd(holders_target(start, clients, prefix))
-            torch.testing.assert_close(product(sent, prefix, r), U[:, :r] @ torch.diag(S[:r]) @ Vh[:r], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                product(sent, prefix, r), U[:, :r] @ torch.diag(S[:r]) @ Vh[:r], rtol=1e-4, atol=1e-4
+            )
 
 
 def test_flexlora_keeps_a_orthonormal_so_every_rank_trains() -> None:
@@ -427,7 +468,9 @@ def test_flexlora_keeps_a_orthonormal_so_every_rank_trains() -> None:
         del RANKS[104], EXAMPLES[104]
     for prefix in LAYERS:
         A, B = new[a_key(prefix)].double(), new[b_key(prefix)]
-        torch.testing.assert_close(A @ A.T, torch.eye(R_MAX, dtype=torch.float64), rtol=0, atol=1e-5)  # each rank's A row: unit norm
+        torch.testing.assert_close(
+            A @ A.T, torch.eye(R_MAX, dtype=torch.float64), rtol=0, atol=1e-5
+        )  # each rank's A row: unit norm
         assert B[:, 4:].abs().max() < 1e-5 and B[:, :4].abs().max() > 1e-2  # Σ in B: the empty ranks' B is zero
         # a loss gradient G reaches those ranks' B through A: ∂L/∂B = s_g G Aᵀ is not small there
         G = torch.randn(B.shape[0], A.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -441,7 +484,13 @@ def test_the_scenario_picks_the_padding_and_the_papers_by_default() -> None:
         s = validate_scenario({"model": {"name": "tiny-llama"}, "strategy": {"name": name, "rank_padding": padding}})
         return STRATEGIES[name](s)
 
-    assert [build(n, "paper").padding for n in ("fedit", "hetlora", "flexlora", "fedex_lora", "fedadam")] == ["holders", "zeros", "zeros", "holders", "holders"]
+    assert [build(n, "paper").padding for n in ("fedit", "hetlora", "flexlora", "fedex_lora", "fedadam")] == [
+        "holders",
+        "zeros",
+        "zeros",
+        "holders",
+        "holders",
+    ]
     assert build("hetlora", "holders").padding == "holders" and build("fedprox", "zeros").padding == "zeros"
 
 

@@ -33,7 +33,9 @@ class InProcessGrid:
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self.contexts = {
-            100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k}, state=RecordDict(), run_config={})
+            100 + k: Context(
+                run_id=1, node_id=100 + k, node_config={"partition-id": k}, state=RecordDict(), run_config={}
+            )
             for k in range(scenario.clients.num_clients)
         }
         self.pending: dict[str, Message] = {}

@@ -234,8 +234,12 @@ def test_update_problems_are_named():
 
 @pytest.mark.parametrize(
     "config",
-    [CodecConfig(), CodecConfig(per_tensor=True, alpha=3.0), CodecConfig(method="topk", dtype="bfloat16"),
-     CodecConfig(method="none", dtype="float16")],
+    [
+        CodecConfig(),
+        CodecConfig(per_tensor=True, alpha=3.0),
+        CodecConfig(method="topk", dtype="bfloat16"),
+        CodecConfig(method="none", dtype="float16"),
+    ],
     ids=["compeft", "compeft-per-tensor", "topk-bf16", "none-fp16"],
 )
 def test_sent_plus_residual_is_the_update_exactly(lora_update, config):

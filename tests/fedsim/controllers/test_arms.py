@@ -11,7 +11,14 @@ from fedsim.controllers.arms import ArmGrid, dominated_by, same_point
 def test_grid_is_sorted_unique_and_indexed_rank_major():
     grid = ArmGrid((16, 4, 8, 4), (0.4, 0.0))
     assert grid.ranks == (4, 8, 16) and grid.ratios == (0.0, 0.4) and grid.num_arms == 6
-    assert list(zip(grid.arm_ranks().tolist(), grid.arm_ratios().tolist())) == [(4, 0.0), (4, 0.4), (8, 0.0), (8, 0.4), (16, 0.0), (16, 0.4)]
+    assert list(zip(grid.arm_ranks().tolist(), grid.arm_ratios().tolist())) == [
+        (4, 0.0),
+        (4, 0.4),
+        (8, 0.0),
+        (8, 0.4),
+        (16, 0.0),
+        (16, 0.4),
+    ]
 
 
 def test_arm_of_inverts_rank_of_and_ratio_of():
@@ -27,7 +34,9 @@ def test_arm_of_refuses_points_off_the_grid(rank, ratio):
         ArmGrid((4, 8, 16, 32), (0.0, 0.2, 0.4, 0.6)).arm_of(np.array([rank]), np.array([ratio]))
 
 
-@pytest.mark.parametrize(("ranks", "ratios", "message"), [((0, 4), (0.0,), "`ranks`"), ((4,), (1.0,), "`ratios`"), ((), (0.0,), "`ranks`")])
+@pytest.mark.parametrize(
+    ("ranks", "ratios", "message"), [((0, 4), (0.0,), "`ranks`"), ((4,), (1.0,), "`ratios`"), ((), (0.0,), "`ranks`")]
+)
 def test_invalid_grids_are_refused(ranks, ratios, message):
     with pytest.raises(ValueError, match=message):
         ArmGrid(ranks, ratios)
@@ -44,5 +53,9 @@ def test_coordinates_are_log2_for_ranks_and_linear_for_ratios():
 
 def test_memory_order_and_same_point():
     ranks, ratios = np.array([4, 8, 8, 16]), np.array([0.4, 0.0, 0.4, 0.2])
-    np.testing.assert_array_equal(dominated_by(ranks, ratios, np.array([8]), np.array([0.2])), [[False, True, False, True]])
-    np.testing.assert_array_equal(same_point(ranks, ratios, np.array([8]), np.array([0.4])), [[False, False, True, False]])
+    np.testing.assert_array_equal(
+        dominated_by(ranks, ratios, np.array([8]), np.array([0.2])), [[False, True, False, True]]
+    )
+    np.testing.assert_array_equal(
+        same_point(ranks, ratios, np.array([8]), np.array([0.4])), [[False, False, True, False]]
+    )

@@ -26,7 +26,16 @@ def build(name: str, n: int, seed: int = 0, groups: int = 1, **overrides):
 
 def test_registry_names_match_and_exports_are_sorted():
     assert all(cls.name == name for name, cls in CONTROLLERS.items())
-    assert set(CONTROLLERS) == {"discounted_ucb", "exp3", "fixed", "linucb", "sliding_window_ucb", "sucb", "thompson", "ucb1"}
+    assert set(CONTROLLERS) == {
+        "discounted_ucb",
+        "exp3",
+        "fixed",
+        "linucb",
+        "sliding_window_ucb",
+        "sucb",
+        "thompson",
+        "ucb1",
+    }
     kind = lambda name: (0 if name.isupper() else 1 if name[0].isupper() else 2, name)  # constants, classes, functions
     assert controllers.__all__ == sorted(controllers.__all__, key=kind)
 
@@ -40,7 +49,9 @@ def test_infeasible_arms_are_never_chosen_again(name, infer):
     ctrl = build(name, n, infer_infeasible=infer)
     grid, rng, devices = ctrl.grid, np.random.default_rng(1), np.arange(n)
     ranks_k, ratios_k = grid.arm_ranks(), grid.arm_ratios()
-    fits = (ranks_k[None, :] < rng.choice([8, 16, 32], n)[:, None]) | (ratios_k[None, :] > rng.choice([0.0, 0.2, 0.4], n)[:, None] + 1e-9)
+    fits = (ranks_k[None, :] < rng.choice([8, 16, 32], n)[:, None]) | (
+        ratios_k[None, :] > rng.choice([0.0, 0.2, 0.4], n)[:, None] + 1e-9
+    )
     if not infer:
         fits &= rng.random(fits.shape) > 0.2
         fits[:, grid.arm_of([4], [0.6])[0]] = True
@@ -93,7 +104,9 @@ def test_state_dict_round_trip_continues_identically(name):
     restored = build(name, 12, seed=3, groups=3)
     restored.rng = np.random.default_rng(12345)  # overwritten by the loaded state
     restored.load_state_dict(dict(np.load(buffer)))
-    assert drive(restored, 15, np.random.default_rng(1), start=15) == drive(original, 15, np.random.default_rng(1), start=15)
+    assert drive(restored, 15, np.random.default_rng(1), start=15) == drive(
+        original, 15, np.random.default_rng(1), start=15
+    )
 
 
 POOLED = ["discounted_ucb", "sliding_window_ucb", "sucb", "thompson", "ucb1"]
@@ -107,19 +120,25 @@ def test_pooled_state_dict_round_trip_continues_identically(name):
     drive(original, 15, np.random.default_rng(0))
     restored = build(name, 12, seed=3, groups=3, pool="profile")
     restored.load_state_dict(original.state_dict())
-    assert drive(restored, 15, np.random.default_rng(1), start=15) == drive(original, 15, np.random.default_rng(1), start=15)
+    assert drive(restored, 15, np.random.default_rng(1), start=15) == drive(
+        original, 15, np.random.default_rng(1), start=15
+    )
 
 
 @pytest.mark.parametrize("name", POOLED)
 def test_pooling_changes_nothing_for_a_device_alone_in_its_profile(name):
     alone = build(name, 8, seed=2, groups=8, pool="profile")
-    assert drive(alone, 20, np.random.default_rng(0)) == drive(build(name, 8, seed=2, groups=8), 20, np.random.default_rng(0))
+    assert drive(alone, 20, np.random.default_rng(0)) == drive(
+        build(name, 8, seed=2, groups=8), 20, np.random.default_rng(0)
+    )
 
 
 @pytest.mark.parametrize("name", POOLED)
 def test_pooling_changes_the_choices_of_devices_that_have_peers(name):
     pooled = build(name, 8, seed=2, groups=2, pool="profile")
-    assert drive(pooled, 20, np.random.default_rng(0)) != drive(build(name, 8, seed=2, groups=2), 20, np.random.default_rng(0))
+    assert drive(pooled, 20, np.random.default_rng(0)) != drive(
+        build(name, 8, seed=2, groups=2), 20, np.random.default_rng(0)
+    )
 
 
 def test_peers_lend_their_mean_worth_at_most_pool_pulls():
@@ -144,6 +163,7 @@ def test_what_peers_lend_depends_on_their_pulls_not_on_their_number():
         ctrl.counts[1:, 0] = pulls / (size - 1)
         ctrl.sums[1:, 0] = 0.7 * pulls / (size - 1)
         return ctrl._statistics(np.array([0]))
+
     (small, small_sums), (big, big_sums) = fresh(4, 30.0), fresh(40, 30.0)
     assert np.allclose(small, big) and np.allclose(small_sums, big_sums) and np.isclose(small[0, 0], 7.5)
     capped, _ = fresh(40, 3000.0)
@@ -215,13 +235,19 @@ def test_loading_a_mismatched_state_names_every_problem():
     state["controller"] = np.array("exp3")
     with pytest.raises(ValueError) as err:
         ctrl.load_state_dict(state)
-    for fragment in ("missing key 'sums'", "'counts' must have shape (4, 16)", "controller 'exp3' cannot load into 'ucb1'"):
+    for fragment in (
+        "missing key 'sums'",
+        "'counts' must have shape (4, 16)",
+        "controller 'exp3' cannot load into 'ucb1'",
+    ):
         assert fragment in str(err.value)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_same_seed_same_choices(name):
-    assert drive(build(name, 10, seed=5), 10, np.random.default_rng(0)) == drive(build(name, 10, seed=5), 10, np.random.default_rng(0))
+    assert drive(build(name, 10, seed=5), 10, np.random.default_rng(0)) == drive(
+        build(name, 10, seed=5), 10, np.random.default_rng(0)
+    )
 
 
 @pytest.mark.parametrize(
@@ -229,8 +255,14 @@ def test_same_seed_same_choices(name):
     [
         (lambda c: c.choose(np.array([0, 4]), 0), r"`devices` must be in \[0, 4\)"),
         (lambda c: c.choose(np.array([[0]]), 0), r"`devices` must be a 1-D array"),
-        (lambda c: c.update(np.array([0, 0]), [4, 4], [0.0, 0.0], [1.0, 1.0], [True, True]), r"must not repeat a device"),
-        (lambda c: c.update(np.array([0, 1]), [4, 4], [0.0, 0.0], [1.0], [True, True]), r"`rewards` must be aligned with devices"),
+        (
+            lambda c: c.update(np.array([0, 0]), [4, 4], [0.0, 0.0], [1.0, 1.0], [True, True]),
+            r"must not repeat a device",
+        ),
+        (
+            lambda c: c.update(np.array([0, 1]), [4, 4], [0.0, 0.0], [1.0], [True, True]),
+            r"`rewards` must be aligned with devices",
+        ),
         (lambda c: c.update(np.array([0]), [4], [0.0], [np.nan], [True]), r"`rewards` must be finite"),
         (lambda c: c.update(np.array([0]), [5], [0.0], [1.0], [True]), r"\(5, 0.0\) is not on the arm grid"),
     ],
@@ -264,7 +296,9 @@ def python_lines(fn) -> int:
     return count
 
 
-@pytest.mark.parametrize(("name", "pool"), [(name, "none") for name in ALL] + [("sucb", "profile"), ("ucb1", "profile")])
+@pytest.mark.parametrize(
+    ("name", "pool"), [(name, "none") for name in ALL] + [("sucb", "profile"), ("ucb1", "profile")]
+)
 def test_10000_devices_run_vectorised(name, pool):
     # No Python loop over devices: the Python lines executed do not grow with the fleet
     # (a loop over 10,000 devices would multiply them by 100), and a round takes well under
@@ -333,14 +367,18 @@ def test_exploit_plays_each_devices_best_mean_point_and_learns_nothing(name, ban
     ranks, ratios = ctrl.choose(devices, 80, exploit=True)
     mean = np.where(ctrl.counts > 0, ctrl.means(devices), -np.inf)
     best = mean == mean.max(axis=1, keepdims=True)
-    at = (ctrl.point_ranks == ranks[:, None]) & np.isclose(ctrl.point_ratios, ratios[:, None])  # (n, K) the points played
+    at = (ctrl.point_ranks == ranks[:, None]) & np.isclose(
+        ctrl.point_ratios, ratios[:, None]
+    )  # (n, K) the points played
     if name != "linucb":  # linucb: the best estimate of its shared model
         assert (best & at).any(axis=1).all()  # a point with the device's best mean
     truth = ctrl.grid.arm_of(ranks, ratios) == means.argmax(axis=1)
     assert truth.mean() >= 0.9, truth.mean()  # gaps of 0.2+: the best mean is the best arm
     np.testing.assert_array_equal(ctrl.counts, counts)  # choosing teaches nothing
     fresh, twin = build(name, n, seed=1, groups=n), build(name, n, seed=1, groups=n)
-    np.testing.assert_array_equal(fresh.choose(devices, 0, exploit=True)[0], twin.choose(devices, 0)[0])  # nothing played: it explores
+    np.testing.assert_array_equal(
+        fresh.choose(devices, 0, exploit=True)[0], twin.choose(devices, 0)[0]
+    )  # nothing played: it explores
 
 
 def test_exploit_skips_infeasible_points_and_fixed_ignores_it():

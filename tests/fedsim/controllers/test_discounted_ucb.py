@@ -15,7 +15,9 @@ def one_device(name: str, **overrides):
 
 def feed(ctrl, arms: np.ndarray, rewards: np.ndarray) -> None:
     for arm, reward in zip(arms, rewards):
-        ctrl.update(np.array([0]), ctrl.grid.rank_of([arm]), ctrl.grid.ratio_of([arm]), np.array([reward]), np.array([True]))
+        ctrl.update(
+            np.array([0]), ctrl.grid.rank_of([arm]), ctrl.grid.ratio_of([arm]), np.array([reward]), np.array([True])
+        )
 
 
 def test_discounted_statistics_match_the_formula():
@@ -40,7 +42,10 @@ def test_window_statistics_equal_a_recount_of_the_last_pulls():
     np.testing.assert_allclose(ctrl.sums[0], np.bincount(last_arms, weights=last_rewards, minlength=16), atol=1e-12)
 
 
-@pytest.mark.parametrize(("name", "memory"), [("discounted_ucb", {"discount": 0.9999, "ucb_c": 0.15}), ("sliding_window_ucb", {"window": 5000, "ucb_c": 0.3})])
+@pytest.mark.parametrize(
+    ("name", "memory"),
+    [("discounted_ucb", {"discount": 0.9999, "ucb_c": 0.15}), ("sliding_window_ucb", {"window": 5000, "ucb_c": 0.3})],
+)
 def test_with_a_long_memory_regret_is_sublinear(bandit, name, memory):
     # Forgetting keeps exploring, so on a stationary problem regret is sublinear only over a
     # horizon within the memory. D-UCB's bonus is 2c·√(…): c = 0.15 is UCB1's width at 0.3.
@@ -48,11 +53,15 @@ def test_with_a_long_memory_regret_is_sublinear(bandit, name, memory):
     bandit.assert_sublinear(cumulative, uniform, 300)
 
 
-def recovery_rounds(play, name: str, seed: int, before: int = 600, after: int = 300, devices: int = 50, **overrides) -> int:
+def recovery_rounds(
+    play, name: str, seed: int, before: int = 600, after: int = 300, devices: int = 50, **overrides
+) -> int:
     """Rounds after the switch until the 10-round mean regret is back within 0.05 of the
     controller's own level before it (`after` if never). Arm a (0.9) drops to 0.5 and arm b
     (0.6) rises to 0.8; the others stay in [0.1, 0.4]."""
-    ctrl = build_controller(ControllerConfig(name=name, **overrides), devices, np.zeros(devices, dtype=np.int64), None, seed)
+    ctrl = build_controller(
+        ControllerConfig(name=name, **overrides), devices, np.zeros(devices, dtype=np.int64), None, seed
+    )
     rng, rows, k = np.random.default_rng(seed), np.arange(devices), ctrl.grid.num_arms
     first = rng.uniform(0.1, 0.4, (devices, k))
     a = rng.integers(0, k, devices)

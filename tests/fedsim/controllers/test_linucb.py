@@ -49,7 +49,9 @@ def test_a_new_device_picks_its_peers_best_arm_at_once(bandit, share, exploring)
     for t in range(60, 66):
         ranks, ratios = ctrl.choose(new, t)
         chosen.append(ctrl.grid.arm_of(ranks, ratios))
-        ctrl.update(new, ranks, ratios, means[new, chosen[-1]] + bandit.NOISE * rng.standard_normal(2), np.ones(2, dtype=bool))
+        ctrl.update(
+            new, ranks, ratios, means[new, chosen[-1]] + bandit.NOISE * rng.standard_normal(2), np.ones(2, dtype=bool)
+        )
     np.testing.assert_array_equal(np.stack(chosen[exploring:]), np.tile(best, (6 - exploring, 1)))
 
 

@@ -10,7 +10,16 @@ import pytest
 
 from fedsim.controllers import Observations, RewardConfig, RewardState, rewards
 
-ONLY_LOSS = {"contribution_weight": 0.0, "loss_weight": 1.0, "time": "per_second", "prune_weight": 0.0, "norm_weight": 0.0, "straggler": "none", "normalise": "none", "floor": 0.0}
+ONLY_LOSS = {
+    "contribution_weight": 0.0,
+    "loss_weight": 1.0,
+    "time": "per_second",
+    "prune_weight": 0.0,
+    "norm_weight": 0.0,
+    "straggler": "none",
+    "normalise": "none",
+    "floor": 0.0,
+}
 
 
 def obs(n: int = 2, **arrays) -> Observations:
@@ -26,16 +35,26 @@ def obs(n: int = 2, **arrays) -> Observations:
     return Observations(**{**base, **arrays})
 
 
-def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float, float]) -> tuple[list[float], tuple[float, float, float]]:
+def reference(
+    o: Observations, c: RewardConfig, baseline: tuple[float, float, float]
+) -> tuple[list[float], tuple[float, float, float]]:
     """The module docstring's formula, client by client in plain Python."""
     ok = [bool(f) for f in o.feasible]
     idx = [i for i in range(len(ok)) if ok[i]]
-    loss = [max(0.0, (b - a) / b) if b > 0 and math.isfinite(a) and math.isfinite(b) else 0.0 for b, a in zip(o.loss_before, o.loss_after)]
+    loss = [
+        max(0.0, (b - a) / b) if b > 0 and math.isfinite(a) and math.isfinite(b) else 0.0
+        for b, a in zip(o.loss_before, o.loss_after)
+    ]
     prune = [max(0.0, min(r, t)) for r, t in zip(o.ratio_reached, o.ratio_target)]
     norm = [max(0.0, v) if math.isfinite(v) else 0.0 for v in o.update_norm]
     gain = [max(0.0, v) if math.isfinite(v) else 0.0 for v in o.contribution]
     g = [0.0] * len(ok)
-    for w, term in ((c.contribution_weight, gain), (c.loss_weight, loss), (c.prune_weight, prune), (c.norm_weight, norm)):
+    for w, term in (
+        (c.contribution_weight, gain),
+        (c.loss_weight, loss),
+        (c.prune_weight, prune),
+        (c.norm_weight, norm),
+    ):
         mean = sum(term[i] for i in idx) / len(idx) if term is not prune else 0.0  # a share of the model: not scaled
         for i in idx:
             g[i] += w * (term[i] / mean if mean > 0 else term[i])
@@ -45,7 +64,11 @@ def reference(o: Observations, c: RewardConfig, baseline: tuple[float, float, fl
     x = [0.0] * len(ok)
     for i in idx:
         t = o.time_s[i]
-        x[i] = g[i] / (t if c.time == "per_second" else 1.0) * ((threshold / t) ** c.straggler_alpha if t > threshold else 1.0)
+        x[i] = (
+            g[i]
+            / (t if c.time == "per_second" else 1.0)
+            * ((threshold / t) ** c.straggler_alpha if t > threshold else 1.0)
+        )
     if c.normalise == "round_max":
         scale = max(x[i] for i in idx)
     elif c.normalise == "round_mean":
@@ -86,7 +109,12 @@ def test_matches_the_reference_over_rounds(normalise, deadline, time):
 
 
 def test_reward_is_relative_improvement_per_second():
-    o = obs(3, loss_before=np.array([2.0, 2.0, 1.0]), loss_after=np.array([1.5, 1.5, 0.9]), time_s=np.array([10.0, 20.0, 10.0]))
+    o = obs(
+        3,
+        loss_before=np.array([2.0, 2.0, 1.0]),
+        loss_after=np.array([1.5, 1.5, 0.9]),
+        time_s=np.array([10.0, 20.0, 10.0]),
+    )
     r, _ = rewards(o, RewardConfig(**ONLY_LOSS))
     scale = np.mean([0.25, 0.25, 0.1])  # the loss term is divided by its round mean
     np.testing.assert_allclose(r, np.array([0.25 / 10, 0.25 / 20, 0.1 / 10]) / scale)
@@ -103,7 +131,14 @@ def test_contribution_ranks_clients_by_what_their_update_does_to_the_global_mode
 def test_default_reward_prefers_a_harmless_update_over_a_harmful_one_with_more_local_progress():
     # The pruned client's local loss falls further (it recovers from its own cut), but its adapter
     # harms the global model: the default weights put it below the unpruned one.
-    o = obs(2, loss_after=np.array([1.5, 1.0]), contribution=np.array([0.02, -0.05]), ratio_reached=np.array([0.0, 0.2]), ratio_target=np.array([0.0, 0.2]), time_s=np.array([10.0, 9.0]))
+    o = obs(
+        2,
+        loss_after=np.array([1.5, 1.0]),
+        contribution=np.array([0.02, -0.05]),
+        ratio_reached=np.array([0.0, 0.2]),
+        ratio_target=np.array([0.0, 0.2]),
+        time_s=np.array([10.0, 9.0]),
+    )
     r, _ = rewards(o, RewardConfig())
     assert r[0] == 1.0 and r[1] < 0.6
 
@@ -119,7 +154,18 @@ def test_round_time_does_not_push_a_client_below_the_threshold_but_per_second_do
 
 def test_pruning_progress_is_credited_up_to_the_target():
     o = obs(3, ratio_reached=np.array([0.3, 0.5, 0.2]), ratio_target=np.array([0.4, 0.4, 0.0]), time_s=np.ones(3))
-    r, _ = rewards(o, RewardConfig(contribution_weight=0.0, loss_weight=0.0, norm_weight=0.0, prune_weight=1.0, straggler="none", normalise="none", floor=0.0))
+    r, _ = rewards(
+        o,
+        RewardConfig(
+            contribution_weight=0.0,
+            loss_weight=0.0,
+            norm_weight=0.0,
+            prune_weight=1.0,
+            straggler="none",
+            normalise="none",
+            floor=0.0,
+        ),
+    )
     np.testing.assert_allclose(r, [0.3, 0.4, 0.0])
 
 
@@ -127,7 +173,9 @@ def test_a_lone_pruner_gets_the_same_pruning_credit_as_one_of_many():
     # Scaled by its round mean, the one pruned client of 8 scored π/π̄ = 8: a bonus for being rare.
     alone = obs(8, ratio_reached=np.r_[0.2, np.zeros(7)], ratio_target=np.r_[0.2, np.zeros(7)], time_s=np.ones(8))
     many = obs(8, ratio_reached=np.full(8, 0.2), ratio_target=np.full(8, 0.2), time_s=np.ones(8))
-    config = RewardConfig(contribution_weight=0.0, loss_weight=1.0, prune_weight=0.5, straggler="none", normalise="none")
+    config = RewardConfig(
+        contribution_weight=0.0, loss_weight=1.0, prune_weight=0.5, straggler="none", normalise="none"
+    )
     r_alone, r_many = rewards(alone, config)[0], rewards(many, config)[0]
     assert r_alone[0] == pytest.approx(1.0 + 0.1) and r_alone[1] == pytest.approx(1.0)
     assert r_many[0] == pytest.approx(r_alone[0])
@@ -164,7 +212,12 @@ def test_the_fastest_round_so_far_is_the_threshold_and_a_round_of_costly_arms_do
 
 
 def test_round_max_puts_the_best_feasible_client_at_1_and_ignores_infeasible_ones():
-    o = obs(3, time_s=np.array([10.0, 5.0, np.nan]), loss_after=np.array([1.0, 1.0, np.nan]), feasible=np.array([True, True, False]))
+    o = obs(
+        3,
+        time_s=np.array([10.0, 5.0, np.nan]),
+        loss_after=np.array([1.0, 1.0, np.nan]),
+        feasible=np.array([True, True, False]),
+    )
     r, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "normalise": "round_max"}))
     np.testing.assert_allclose(r, [0.5, 1.0, 0.0])
 
@@ -189,8 +242,15 @@ def test_baseline_is_the_bias_corrected_discounted_mean_of_rounds():
 
 
 def test_floor_for_no_progress_and_penalty_for_infeasible():
-    o = obs(3, loss_after=np.array([1.0, 2.5, np.nan]), time_s=np.array([10.0, 10.0, np.nan]), feasible=np.array([True, True, False]))
-    r, _ = rewards(o, RewardConfig(**{**ONLY_LOSS, "normalise": "round_max", "floor": 0.02, "infeasible_penalty": -1.0}))
+    o = obs(
+        3,
+        loss_after=np.array([1.0, 2.5, np.nan]),
+        time_s=np.array([10.0, 10.0, np.nan]),
+        feasible=np.array([True, True, False]),
+    )
+    r, _ = rewards(
+        o, RewardConfig(**{**ONLY_LOSS, "normalise": "round_max", "floor": 0.02, "infeasible_penalty": -1.0})
+    )
     np.testing.assert_allclose(r, [1.0, 0.02, -1.0])
 
 
@@ -222,11 +282,22 @@ def test_with_deploy_ratios_pruning_progress_is_the_share_of_the_ratio_the_devic
         5, ratio_reached=np.array([0.2, 0.1, 0.3, 0.4, 0.2]), ratio_target=np.array([0.2, 0.2, 0.3, 0.4, 0.2]),
         ratio_deployed=np.array([0.2, 0.2, 0.2, 0.2, 0.0]), time_s=np.ones(5),
     )  # fmt: skip
-    config = RewardConfig(contribution_weight=0.0, loss_weight=0.0, norm_weight=0.0, prune_weight=0.5, deploy_weight=2.0, straggler="none", normalise="none", floor=0.0)
+    config = RewardConfig(
+        contribution_weight=0.0,
+        loss_weight=0.0,
+        norm_weight=0.0,
+        prune_weight=0.5,
+        deploy_weight=2.0,
+        straggler="none",
+        normalise="none",
+        floor=0.0,
+    )
     r, _ = rewards(o, config)
     np.testing.assert_allclose(r, [2.0, 1.0, 1.0, 0.0, 0.0])  # weighed by deploy_weight
     without, _ = rewards(obs(5, ratio_reached=o.ratio_reached, ratio_target=o.ratio_target, time_s=np.ones(5)), config)
-    np.testing.assert_allclose(without, [0.1, 0.05, 0.15, 0.2, 0.1])  # no deploy ratios: the sparsity itself, by prune_weight
+    np.testing.assert_allclose(
+        without, [0.1, 0.05, 0.15, 0.2, 0.1]
+    )  # no deploy ratios: the sparsity itself, by prune_weight
 
 
 def test_by_default_training_at_the_deploy_ratio_earns_nothing_by_itself():
@@ -240,5 +311,7 @@ def test_by_default_training_at_the_deploy_ratio_earns_nothing_by_itself():
 
 
 def test_deploy_ratios_must_align_with_the_other_arrays():
-    with pytest.raises(ValueError, match=r"`ratio_deployed` must be 1-D and aligned with loss_before \(2,\), got \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"`ratio_deployed` must be 1-D and aligned with loss_before \(2,\), got \(3,\)"
+    ):
         obs(2, ratio_deployed=np.zeros(3))

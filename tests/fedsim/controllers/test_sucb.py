@@ -22,13 +22,19 @@ def test_at_depth_4_the_leaves_are_the_default_grid():
 
 def test_every_node_plays_a_point_of_its_own_cell_and_a_leaf_point():
     ctrl = make(sucb_depth=6)
-    u = np.stack([ctrl.grid.ratio_coord(ctrl.point_ratios), ctrl.grid.rank_coord(2.0 ** np.log2(ctrl.point_ranks))], axis=1)
+    u = np.stack(
+        [ctrl.grid.ratio_coord(ctrl.point_ratios), ctrl.grid.rank_coord(2.0 ** np.log2(ctrl.point_ranks))], axis=1
+    )
     first_leaf = 2**6 - 1
     leaf_points = set(zip(ctrl.point_ranks[first_leaf:].tolist(), ctrl.point_ratios[first_leaf:].tolist()))
     assert set(zip(ctrl.point_ranks.tolist(), ctrl.point_ratios.tolist())) <= leaf_points
     inside = (u[:, 0] >= ctrl._lo[:, 0] - 1e-9) & (u[:, 0] <= ctrl._hi[:, 0] + 1e-9)  # ratio is not snapped
     assert inside.all()
-    assert ctrl.point_ranks.min() == 4 and ctrl.point_ranks.max() == 32 and 0 < len(set(ctrl.point_ranks.tolist()) - {4, 8, 16, 32})
+    assert (
+        ctrl.point_ranks.min() == 4
+        and ctrl.point_ranks.max() == 32
+        and 0 < len(set(ctrl.point_ranks.tolist()) - {4, 8, 16, 32})
+    )
 
 
 def test_a_reward_is_credited_to_every_node_on_the_path():

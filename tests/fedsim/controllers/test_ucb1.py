@@ -18,7 +18,11 @@ def test_index_matches_the_formula():
     for d in range(3):
         t = max(counts[d].sum(), 1.0)
         for k in range(5):
-            expected = math.inf if counts[d, k] == 0 else sums[d, k] / counts[d, k] + 0.7 * math.sqrt(2 * math.log(t) / counts[d, k])
+            expected = (
+                math.inf
+                if counts[d, k] == 0
+                else sums[d, k] / counts[d, k] + 0.7 * math.sqrt(2 * math.log(t) / counts[d, k])
+            )
             assert scores[d, k] == expected or math.isclose(scores[d, k], expected, rel_tol=1e-12)
 
 
@@ -52,6 +56,15 @@ def test_pooling_pays_on_the_80_jetsons_in_a_dozen_rounds(bandit):
     # grid, round-normalised rewards, 12 rounds: most client-rounds are a device's first, so only
     # the peers' evidence can keep it off a poor arm. Measured, seeds 0–5: 45 alone, 7 pooled
     # (16 with the former loan, whose share of 39 peers' pulls was 3/39).
-    kw = dict(devices=80, profiles=(30, 40, 10), sampled=10, rounds=12, round_max=True, ucb_c=0.2, ranks=[4, 16], ratios=[0.0, 0.2])
+    kw = dict(
+        devices=80,
+        profiles=(30, 40, 10),
+        sampled=10,
+        rounds=12,
+        round_max=True,
+        ucb_c=0.2,
+        ranks=[4, 16],
+        ratios=[0.0, 0.2],
+    )
     alone, pooled = bandit.sparse_regret("ucb1", **kw), bandit.sparse_regret("ucb1", pool="profile", **kw)
     assert pooled < 0.25 * alone, (pooled, alone)
