@@ -1,6 +1,6 @@
 """Accuracy under uplink compression, with intervals: writes docs/results/compression.md.
 
-    .venv/bin/python bench/compression_accuracy.py                  # SmolLM2 quickstart, 5 codecs x 3 seeds, ~45 min
+    .venv/bin/python bench/compression_accuracy.py                  # SmolLM2 quickstart, 4 codecs x 3 seeds, ~20 min
     .venv/bin/python bench/compression_accuracy.py --scenario scenarios/tiny.toml --seeds 1 --set rounds=1 --doc /tmp/c.md
 
 Every run is the quickstart federation (4 rounds) with one `[compression]` setting and one seed;
@@ -38,7 +38,6 @@ from fedsim.simulation import run_simulations  # noqa: E402
 BASELINE = "float32 (lossless)"
 SETTINGS = {  # label: (run-name slug, compression overrides)
     BASELINE: ("f32", []),
-    "float16": ("f16", ["compression.dtype='float16'"]),
     **{
         f"compeft d={d} +EF": (
             f"compeft{d}",

@@ -30,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from bench.results_doc import write_result  # noqa: E402
 from fedsim.adapter import AdapterState, from_record, split_state  # noqa: E402
+from fedsim.protocol import ARRAYS_RECORD, METRICS_RECORD, NUM_EXAMPLES  # noqa: E402
 from fedsim.scenario import validate_scenario  # noqa: E402
 from strategies import STRATEGIES, FLoRA, LoraStrategy  # noqa: E402
 
@@ -78,10 +79,12 @@ def identity_round(strategy: LoraStrategy, seed: int) -> float:
     replies = []
     for m in messages:
         node = m.metadata.dst_node_id
-        sent = {k: v for k, v in from_record(m.content["arrays"]).items() if not k.endswith(".base_delta")}
+        sent = {k: v for k, v in from_record(m.content[ARRAYS_RECORD]).items() if not k.endswith(".base_delta")}
         meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m", group_id="1",
                         created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
-        content = RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord({"num-examples": CLIENTS[node][1]})})
+        content = RecordDict(
+            {ARRAYS_RECORD: ArrayRecord(sent), METRICS_RECORD: MetricRecord({NUM_EXAMPLES: CLIENTS[node][1]})}
+        )
         replies.append(make_message(meta, content))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None

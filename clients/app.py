@@ -1,7 +1,7 @@
 """The fedsim ClientApp: the same code on a Flower virtual client (Ray) and on a real SuperNode.
 
 Everything a client needs arrives in the Message (the resolved scenario as JSON, the global
-adapter, the round) or comes from its node config (`partition-id`): nothing is shared with the
+adapter, the round) or comes from its node config (its partition id): nothing is shared with the
 server through Python objects. Handlers:
 
 - query: tells the server which client (partition) this node is, so the server can sample by
@@ -13,13 +13,12 @@ server through Python objects. Handlers:
   the scenario says, and metrics.
 - evaluate: loss and exact match of the received adapter on this client's test split.
 
-How to train comes in the message's config, set by the strategy (`strategies.lora_strategy`):
-`lora-rank`, `lora-uploads` (factors to send back), `lora-freeze` (factors not to train: FFA-LoRA's
-A), `lora-personal-b` (keep B on this node across rounds: FedSA-LoRA), `rank-penalty-*` (HetLoRA's
-tail penalty) and `rank-self-prune` (HetLoRA's rank self-pruning: after training, the client may
-drop its tail ranks; its reply then covers the kept rank, named in its `rank` record),
-`proximal-mu` (FedProx), `prune-keep` / `prune-target` / `prune-steps` (structured pruning: the
-model this client holds and how it grows, `clients.prune_and_tune`).
+Every record name and key is `fedsim.protocol`'s, which describes each message. How to train
+comes in the message's config, set by the strategy (`strategies.lora_strategy`): the LoRA rank,
+the factors to send back and those not to train (FFA-LoRA's A), whether to keep B on this node
+across rounds (FedSA-LoRA), HetLoRA's tail penalty and rank self-pruning (after training, the
+client may drop its tail ranks; its reply then covers the kept rank, named in its rank record),
+FedProx's μ, and the pruned model this client holds and how it grows (`clients.prune_and_tune`).
 
 The base model with its LoRA wrapper is built once per worker process (`_model`) and reused
 across rounds: a Ray actor lives for the whole simulation, so only its first message pays the load.
@@ -55,6 +54,42 @@ from fedsim.costs import ModelShape, train_step_flops
 from fedsim.data import ClientData, client_data
 from fedsim.downlink import apply_down
 from fedsim.models import load_model
+from fedsim.protocol import (
+    ACCURACY,
+    ARRAYS_RECORD,
+    CLIENT_ID,
+    CONFIG_RECORD,
+    DOWN_RECORD,
+    DOWN_VERSION,
+    FINAL_KEEP,
+    FLOPS,
+    IDENTITY_RECORD,
+    KEPT_RANK,
+    LORA_FREEZE,
+    LORA_PERSONAL_B,
+    LORA_RANK,
+    LORA_UPLOADS,
+    LOSS,
+    LOSS_AFTER,
+    LOSS_BEFORE,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PAYLOAD,
+    PENALTY_GAMMA,
+    PENALTY_LAMBDA,
+    PROXIMAL_MU,
+    PRUNE_RATIO,
+    PRUNE_RECORD,
+    RANK_RECORD,
+    SCENARIO,
+    SELF_PRUNE,
+    SERVER_ROUND,
+    TOKENS,
+    TRAIN_LOSS,
+    UPDATE_RECORD,
+    WALL_TIME_S,
+)
 from fedsim.pruning.slicing import slice_adapter
 from fedsim.pruning.structure import Keep, LayerGeometry, geometry
 from fedsim.pruning.surgery import pruned_copy
@@ -62,9 +97,8 @@ from fedsim.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.seeding import derive_seed
 from fedsim.training import evaluate as evaluate_model
 from fedsim.training import resolve_device, train_lora
-from strategies.hetlora import KEPT, PENALTY_GAMMA, PENALTY_LAMBDA, RANK_RECORD, SELF_PRUNE, drop_tail, self_pruned_rank
+from strategies.hetlora import drop_tail, self_pruned_rank
 from strategies.lora_math import hetlora_rank_penalty, layer_pairs
-from strategies.lora_strategy import PRUNE_RECORD
 
 app = ClientApp()
 EF_KEY = "error-feedback"  # context.state key of the residual not yet sent
@@ -107,13 +141,15 @@ def _fresh_state_per_run(context: Context, scenario: Scenario) -> None:
 
 def client_id(context: Context, scenario: Scenario) -> int:
     """This node's client id (its data partition), checked against the scenario."""
-    raw = context.node_config.get("partition-id")
+    raw = context.node_config.get(PARTITION_ID)
     if raw is None:
-        raise ValueError("node config lacks 'partition-id'; start the SuperNode with --node-config 'partition-id=N'")
+        raise ValueError(
+            f"node config lacks {PARTITION_ID!r}; start the SuperNode with --node-config '{PARTITION_ID}=N'"
+        )
     cid = int(raw)
     if not 0 <= cid < scenario.clients.num_clients:
         raise ValueError(
-            f"partition-id {cid} does not exist: the scenario has clients 0..{scenario.clients.num_clients - 1}"
+            f"{PARTITION_ID} {cid} does not exist: the scenario has clients 0..{scenario.clients.num_clients - 1}"
         )
     return cid
 
@@ -127,22 +163,22 @@ def _layers(model: ModelConfig, lora_json: str, device: str) -> list[LayerGeomet
 def _setup(
     msg: Message, context: Context
 ) -> tuple[Scenario, int, PeftModel, PreTrainedTokenizerBase, ModelShape, ClientData, AdapterState, PruneOrder | None]:
-    config = msg.content.config_records["config"]
-    scenario = _scenario(str(config["scenario"]))
+    config = msg.content.config_records[CONFIG_RECORD]
+    scenario = _scenario(str(config[SCENARIO]))
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario)
     _fresh_state_per_run(context, scenario)
     key = (scenario.model, scenario.lora.model_dump_json(), scenario.train.device)
     model, tokenizer, shape = _model(*key)
-    use_rank(model, scenario.lora, int(scalar(config, "lora-rank", scenario.lora.rank)))
-    set_trainable(model, freeze=str(config.get("lora-freeze", "")))
+    use_rank(model, scenario.lora, int(scalar(config, LORA_RANK, scenario.lora.rank)))
+    set_trainable(model, freeze=str(config.get(LORA_FREEZE, "")))
     order = PruneOrder.from_config(config, _layers(*key)) if scenario.prunes else None
     if order is not None:  # this client's own model; the cached one stays whole for the next client
         model = pruned_copy(model, order.keep)
     received = _received_adapter(msg, context)
     full = (
         {**received, **_personal_b(model, context, order.keep if order else None)}
-        if config.get("lora-personal-b", False)
+        if config.get(LORA_PERSONAL_B, False)
         else received
     )
     set_state(model, full)
@@ -157,8 +193,8 @@ def _personal_b(model: PeftModel, context: Context, keep: Keep | None) -> Adapte
     held = context.state.array_records.get(PERSONAL_KEY)
     kept = held.to_torch_state_dict() if held is not None else {}
     held_keep = context.state.config_records.get(PERSONAL_KEY + "-keep")
-    if kept and keep is not None and held_keep is not None and held_keep["keep"]:
-        old = Keep.from_json(str(held_keep["keep"]))
+    if kept and keep is not None and held_keep is not None and held_keep[FINAL_KEEP]:
+        old = Keep.from_json(str(held_keep[FINAL_KEEP]))
         if old != keep and old.num_groups == keep.num_groups:
             kept = slice_adapter(kept, keep.within(old))
     same = set(kept) == set(fresh) and all(kept[k].shape == v.shape for k, v in fresh.items())
@@ -166,33 +202,33 @@ def _personal_b(model: PeftModel, context: Context, keep: Keep | None) -> Adapte
 
 
 def _received_adapter(msg: Message, context: Context) -> AdapterState:
-    """The adapter to start from: sent whole ('arrays'), or through the compressed downlink
-    ('down'), applied to the copy this node keeps in its context."""
-    if "down" not in msg.content.config_records:
-        return from_record(msg.content.array_records["arrays"])
-    down = msg.content.config_records["down"]
+    """The adapter to start from: sent whole (its arrays), or through the compressed downlink,
+    applied to the copy this node keeps in its context."""
+    if DOWN_RECORD not in msg.content.config_records:
+        return from_record(msg.content.array_records[ARRAYS_RECORD])
+    down = msg.content.config_records[DOWN_RECORD]
     held = context.state.array_records.get(COPY_KEY)
-    version = int(scalar(context.state.config_records[COPY_KEY + "-version"], "version")) if held is not None else -1
+    version = int(scalar(context.state.config_records[COPY_KEY + "-version"], DOWN_VERSION)) if held is not None else -1
     state = apply_down(down, held.to_torch_state_dict() if held is not None else None, version)
     context.state[COPY_KEY] = ArrayRecord(state)
-    context.state[COPY_KEY + "-version"] = ConfigRecord({"version": int(scalar(down, "version"))})
+    context.state[COPY_KEY + "-version"] = ConfigRecord({DOWN_VERSION: int(scalar(down, DOWN_VERSION))})
     return state
 
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    scenario = _scenario(str(msg.content["config"]["scenario"]))
+    scenario = _scenario(str(msg.content[CONFIG_RECORD][SCENARIO]))
     cid = client_id(context, scenario)
-    return Message(RecordDict({"identity": ConfigRecord({"client-id": cid})}), reply_to=msg)
+    return Message(RecordDict({IDENTITY_RECORD: ConfigRecord({CLIENT_ID: cid})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     scenario, cid, model, tokenizer, shape, data, received, order = _setup(msg, context)
-    config = msg.content.config_records["config"]
-    server_round = int(scalar(config, "server-round"))
+    config = msg.content.config_records[CONFIG_RECORD]
+    server_round = int(scalar(config, SERVER_ROUND))
     t, lora = scenario.train, scenario.lora
-    rank = int(scalar(config, "lora-rank", lora.rank))
+    rank = int(scalar(config, LORA_RANK, lora.rank))
     pruner = None
     if order is not None:
         layers = _layers(scenario.model, lora.model_dump_json(), t.device)
@@ -221,42 +257,42 @@ def train(msg: Message, context: Context) -> Message:
         grad_clip=t.grad_clip,
         seed=derive_seed(scenario.seed, server_round, cid, "train"),
         step_flops=step_flops,
-        proximal_mu=float(scalar(config, "proximal-mu", 0.0)),  # set by Flower's FedProx
+        proximal_mu=float(scalar(config, PROXIMAL_MU, 0.0)),  # set by Flower's FedProx
         regulariser=_rank_penalty(model, rank, config),
         hooks=pruner,
     )
     metrics = MetricRecord(
         {
-            "num-examples": len(data.train),
-            "client-id": cid,
-            "train-loss": result.train_loss,
-            "loss-before": result.loss_before,
-            "loss-after": result.loss_after,
-            "tokens": result.tokens,
-            "flops": result.flops + (pruner.flops if pruner is not None else 0.0),
-            "prune-ratio": pruner.ratio()
+            NUM_EXAMPLES: len(data.train),
+            CLIENT_ID: cid,
+            TRAIN_LOSS: result.train_loss,
+            LOSS_BEFORE: result.loss_before,
+            LOSS_AFTER: result.loss_after,
+            TOKENS: result.tokens,
+            FLOPS: result.flops + (pruner.flops if pruner is not None else 0.0),
+            PRUNE_RATIO: pruner.ratio()
             if pruner is not None
             else 0.0,  # every reply has the same keys (Flower's metric averaging needs them)
-            "wall-time-s": result.wall_time_s,
+            WALL_TIME_S: result.wall_time_s,
         }
     )
     local = get_state(model)
-    if config.get("lora-personal-b", False):
+    if config.get(LORA_PERSONAL_B, False):
         context.state[PERSONAL_KEY] = ArrayRecord(factors(local, "B"))
         context.state[PERSONAL_KEY + "-keep"] = ConfigRecord(
-            {"keep": pruner.keep.to_json() if pruner is not None else ""}
+            {FINAL_KEEP: pruner.keep.to_json() if pruner is not None else ""}
         )
-    content = RecordDict({"metrics": metrics})
+    records: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {METRICS_RECORD: metrics}
     if pruner is not None and order is not None:  # the update covers the keep the client ended with
         received = slice_adapter(received, pruner.keep.within(order.keep))
-        content[PRUNE_RECORD] = ConfigRecord({"keep": pruner.keep.to_json()})
+        records[PRUNE_RECORD] = ConfigRecord({FINAL_KEEP: pruner.keep.to_json()})
     if config.get(SELF_PRUNE, False):  # and the rank it kept
         kept = _self_pruned_rank(local, received, rank, float(scalar(config, PENALTY_GAMMA)))
         local, received = (drop_tail(local, kept), drop_tail(received, kept)) if kept < rank else (local, received)
-        content[RANK_RECORD] = ConfigRecord({KEPT: kept})
-    shared = factors(local, str(config.get("lora-uploads", "AB")))
-    content["update"] = ConfigRecord({"payload": encode_update(shared, received, scenario.compression, context)})
-    return Message(content, reply_to=msg)
+        records[RANK_RECORD] = ConfigRecord({KEPT_RANK: kept})
+    shared = factors(local, str(config.get(LORA_UPLOADS, "AB")))
+    records[UPDATE_RECORD] = ConfigRecord({PAYLOAD: encode_update(shared, received, scenario.compression, context)})
+    return Message(RecordDict(records), reply_to=msg)
 
 
 def _rank_penalty(model: PeftModel, rank: int, config: ConfigRecord) -> Callable[[], torch.Tensor] | None:
@@ -321,11 +357,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     metrics = MetricRecord(
         {
-            "num-examples": result.num_examples,
-            "client-id": cid,
-            "loss": result.loss,
-            "accuracy": result.accuracy,
-            "wall-time-s": result.wall_time_s,
+            NUM_EXAMPLES: result.num_examples,
+            CLIENT_ID: cid,
+            LOSS: result.loss,
+            ACCURACY: result.accuracy,
+            WALL_TIME_S: result.wall_time_s,
         }
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=msg)

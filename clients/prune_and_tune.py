@@ -1,9 +1,9 @@
 """FedSpine's prune-and-tune on a client: prune events between LoRA recovery steps.
 
-The server sends a pruned client three things in the train config: the keep of the model it
-holds (`prune-keep`, the unpruned model's heads and channels it kept so far; "" = none removed),
-its target ratio (`prune-target`) and how many local steps it has trained in the run
-(`prune-steps`). The client builds that model from its process's cached unpruned one
+The server sends a pruned client three things in the train config (`fedsim.protocol`): the keep
+of the model it holds (`PRUNE_KEEP`, the unpruned model's heads and channels it kept so far; "" =
+none removed), its target ratio (`PRUNE_TARGET`) and how many local steps it has trained in the
+run (`PRUNE_STEPS`). The client builds that model from its process's cached unpruned one
 (`surgery.pruned_copy`: the cache stays whole, for the next client of the process), loads the
 adapter slice it was sent, and trains.
 
@@ -23,7 +23,7 @@ gone; the kept ones restart, as in LoRAPrune's iterative pruning). Scores:
 The scoring passes are counted in the FLOPs the client reports (one training step each); the
 lora_grad average itself (a few matrix products per adapted linear) is not.
 
-The reply names the keep the client ended with (`strategies.lora_strategy.PRUNE_RECORD`), and its
+The reply names the keep the client ended with (`fedsim.protocol.PRUNE_RECORD`), and its
 update covers that keep's slice: local − (what it was sent, cut to the final keep).
 """
 
@@ -36,6 +36,7 @@ from flwr.app import ConfigRecord
 
 from clients.records import scalar
 from fedsim.costs import ModelShape, train_step_flops
+from fedsim.protocol import PRUNE_KEEP, PRUNE_STEPS, PRUNE_TARGET
 from fedsim.pruning.importance import ImportanceEMA, importance_scores, lora_grad_scores
 from fedsim.pruning.schedule import events_in
 from fedsim.pruning.select import select_keep
@@ -55,11 +56,11 @@ class PruneOrder:
     @classmethod
     def from_config(cls, config: ConfigRecord, layers: list[LayerGeometry]) -> PruneOrder | None:
         """The order in a message's config; None when this client is not pruned."""
-        text, target = str(config.get("prune-keep", "")), float(scalar(config, "prune-target", 0.0))
+        text, target = str(config.get(PRUNE_KEEP, "")), float(scalar(config, PRUNE_TARGET, 0.0))
         if not text and target == 0:
             return None
         keep = Keep.from_json(text) if text else Keep.everything(layers)
-        return cls(keep, target, int(scalar(config, "prune-steps", 0)))
+        return cls(keep, target, int(scalar(config, PRUNE_STEPS, 0)))
 
 
 @dataclass

@@ -3,8 +3,9 @@
 The engine: scenarios (`scenario`), models (`models`), tasks and partitions (`tasks`, `data`),
 local training (`training`), adapters (`adapter`), the fleet and its clock (`devices`,
 `availability`, `fleet`, `costs`, `clock`), compression (`compression`), the server loop
-(`server`, `rounds`), run directories (`rundir`, `report`), comparisons of runs (`compare`,
-`comparison`, `stats`) and the CLI (`cli`).
+(`server`, `rounds`) and the messages it exchanges with the ClientApp (`protocol`), run
+directories (`rundir`, `report`), comparisons of runs (`compare`, `comparison`, `stats`) and the
+CLI (`cli`).
 """
 
 from fedsim.scenario import Scenario, ScenarioError, load_scenario

@@ -49,6 +49,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsim.protocol import PARTITION_ID
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9093  # the SuperLink's one HTTP(S) port: Fleet, Control and Runtime APIs
@@ -247,7 +249,7 @@ class NodePlan:
 
     def node_config(self) -> str:
         """Flower's `--node-config` value (space-separated TOML key=value pairs)."""
-        return f'partition-id={self.partition} num-partitions={self.num_partitions} device="{self.device}"'
+        return f'{PARTITION_ID}={self.partition} num-partitions={self.num_partitions} device="{self.device}"'
 
 
 def check_supernode(

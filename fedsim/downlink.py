@@ -22,8 +22,8 @@ from flwr.app import ConfigRecord
 
 from fedsim.adapter import AdapterState
 from fedsim.compression import CodecConfig, compress, decode, encode
+from fedsim.protocol import DOWN_BASE, DOWN_DELTA, DOWN_FULL, DOWN_KIND, DOWN_VERSION, PAYLOAD
 
-FULL, DELTA = "full", "delta"
 LOSSLESS = CodecConfig(method="none")
 
 
@@ -55,24 +55,27 @@ class Downlink:
         return self.broadcast
 
     def record_for(self, client_id: int) -> ConfigRecord:
-        """The 'down' record for one client: the delta if it holds the previous broadcast."""
+        """The downlink record for one client (`fedsim.protocol.DOWN_RECORD`): the delta if it
+        holds the previous broadcast."""
         if self._delta and self.held[client_id] == self._base:
-            return ConfigRecord({"kind": DELTA, "payload": self._delta, "base": self._base, "version": self.version})
-        return ConfigRecord({"kind": FULL, "payload": self._full, "base": -1, "version": self.version})
+            return ConfigRecord(
+                {DOWN_KIND: DOWN_DELTA, PAYLOAD: self._delta, DOWN_BASE: self._base, DOWN_VERSION: self.version}
+            )
+        return ConfigRecord({DOWN_KIND: DOWN_FULL, PAYLOAD: self._full, DOWN_BASE: -1, DOWN_VERSION: self.version})
 
     def mark_received(self, client_ids: np.ndarray) -> None:
         self.held[np.asarray(client_ids, dtype=np.int64)] = self.version
 
 
 def apply_down(record: ConfigRecord, held: AdapterState | None, held_version: int) -> AdapterState:
-    """The client's side: the broadcast adapter from a 'down' record and the copy it holds."""
-    raw, base = record["payload"], record["base"]
+    """The client's side: the broadcast adapter from a downlink record and the copy it holds."""
+    raw, base = record[PAYLOAD], record[DOWN_BASE]
     if not isinstance(raw, bytes) or not isinstance(base, int):
         raise TypeError(
-            f"a 'down' record carries bytes 'payload' and int 'base', got {type(raw).__name__} and {type(base).__name__}"
+            f"a downlink record carries bytes {PAYLOAD!r} and int {DOWN_BASE!r}, got {type(raw).__name__} and {type(base).__name__}"
         )
     payload = decode(raw)
-    if record["kind"] == FULL:
+    if record[DOWN_KIND] == DOWN_FULL:
         return {k: v.to(torch.float32) for k, v in payload.items()}
     if held is None or held_version != base:
         raise ValueError(

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedsim.costs import LayerShape, ModelShape
 from fedsim.fleet import Fleet, per_client
+from fedsim.protocol import PRUNE_KEEP, PRUNE_STEPS, PRUNE_TARGET
 from fedsim.pruning.schedule import ratio_before_step
 from fedsim.pruning.select import budget_problems, select_keep
 from fedsim.pruning.structure import Keep, LayerGeometry, Scores
@@ -116,9 +117,9 @@ class PruneBook:
         """The train config entries that tell client `cid` what to hold and how to grow it."""
         keep = self.held(cid)
         return {
-            "prune-keep": keep.to_json() if keep is not None else "",
-            "prune-target": float(self.targets[cid]),
-            "prune-steps": int(self.steps[cid]),
+            PRUNE_KEEP: keep.to_json() if keep is not None else "",
+            PRUNE_TARGET: float(self.targets[cid]),
+            PRUNE_STEPS: int(self.steps[cid]),
         }
 
     def retarget(self, cid: int, target: float) -> None:

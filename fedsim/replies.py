@@ -16,6 +16,7 @@ from flwr.app import Message, MetricRecord
 
 from fedsim.adapter import AdapterState
 from fedsim.compression import CodecError, decode
+from fedsim.protocol import FLOPS, METRICS_RECORD, NUM_EXAMPLES, PAYLOAD, TRAIN_METRICS, UPDATE_RECORD
 
 ERROR_NAMES = {2: "ClientApp raised", 4: "TTL expired", 5: "node unavailable", 8: "ClientApp process crashed"}
 
@@ -31,23 +32,10 @@ class Checked:
     update: AdapterState | None = None
 
 
-# The metrics a train reply carries (clients.app), each a finite number; the round loop reads them
-# all, and the strategy averages exactly these (Flower refuses replies whose metric keys differ).
-TRAIN_METRICS = (
-    "num-examples",
-    "train-loss",
-    "loss-before",
-    "loss-after",
-    "tokens",
-    "flops",
-    "wall-time-s",
-    "prune-ratio",
-)
-
-
 def check_train_reply(msg: Message, expected: AdapterState) -> Checked:
     """A train reply must carry a payload that decodes (`fedsim.compression`) to finite tensors
-    with exactly the global adapter's keys and shapes, a positive `num-examples` and FLOPs."""
+    with exactly the global adapter's keys and shapes, a positive example count and FLOPs
+    (`fedsim.protocol`: the train reply)."""
     if msg.has_error():
         return _failed(msg)
     update, reason = _decoded_update(msg, expected)
@@ -56,22 +44,22 @@ def check_train_reply(msg: Message, expected: AdapterState) -> Checked:
 
 def _decoded_update(msg: Message, expected: AdapterState) -> tuple[AdapterState | None, str]:
     content = msg.content
-    if "update" not in content.config_records or "metrics" not in content.metric_records:
-        return None, "reply lacks the 'update' ConfigRecord or the 'metrics' MetricRecord"
+    if UPDATE_RECORD not in content.config_records or METRICS_RECORD not in content.metric_records:
+        return None, f"reply lacks the {UPDATE_RECORD!r} ConfigRecord or the {METRICS_RECORD!r} MetricRecord"
     problem = _metrics_problem(msg)
     if problem:
         return None, problem
-    metrics = content.metric_records["metrics"]
+    metrics = content.metric_records[METRICS_RECORD]
     bad = [k for k in TRAIN_METRICS if not _finite_number(metrics.get(k))]
     if bad:
         return None, f"metrics {bad} must be finite numbers (a train reply carries {', '.join(TRAIN_METRICS)})"
-    flops = metrics["flops"]
+    flops = metrics[FLOPS]
     assert isinstance(flops, (int, float))  # checked just above
     if flops < 0:
-        return None, f"'flops' must be a finite number >= 0, got {flops!r}"
-    payload = content.config_records["update"].get("payload")
+        return None, f"{FLOPS!r} must be a finite number >= 0, got {flops!r}"
+    payload = content.config_records[UPDATE_RECORD].get(PAYLOAD)
     if not isinstance(payload, bytes):
-        return None, f"'payload' must be bytes, got {type(payload).__name__}"
+        return None, f"{PAYLOAD!r} must be bytes, got {type(payload).__name__}"
     try:  # never decode more entries than the global adapter has: a tiny payload can claim 2**31
         update = decode(payload, max_numel=sum(t.numel() for t in expected.values()))
     except CodecError as exc:
@@ -92,11 +80,11 @@ def _finite_number(value: object) -> bool:
 
 
 def reply_metric(msg: Message, key: str, default: float | None = None) -> float:
-    """The number `key` of a reply's 'metrics' MetricRecord (`default`, if given, when it has
-    none); a checked reply's metrics are numbers, so anything else is a TypeError."""
-    metrics = msg.content["metrics"]
+    """The number `key` of a reply's metrics (`default`, if given, when it has none); a checked
+    reply's metrics are numbers, so anything else is a TypeError."""
+    metrics = msg.content[METRICS_RECORD]
     if not isinstance(metrics, MetricRecord):
-        raise TypeError(f"the reply's 'metrics' is a {type(metrics).__name__}, not a MetricRecord")
+        raise TypeError(f"the reply's {METRICS_RECORD!r} is a {type(metrics).__name__}, not a MetricRecord")
     value = metrics[key] if default is None else metrics.get(key, default)
     if not isinstance(value, (int, float)):
         raise TypeError(f"metric {key!r} of the reply must be a number, got {value!r}")
@@ -109,17 +97,17 @@ def _failed(msg: Message) -> Checked:
 
 
 def _metrics_problem(msg: Message) -> str:
-    metrics = msg.content.metric_records["metrics"]
-    n = metrics.get("num-examples")
+    metrics = msg.content.metric_records[METRICS_RECORD]
+    n = metrics.get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or not n > 0 or not math.isfinite(n):
-        return f"'num-examples' must be a positive number, got {n!r}"
+        return f"{NUM_EXAMPLES!r} must be a positive number, got {n!r}"
     return ""
 
 
 def check_eval_reply(msg: Message) -> Checked:
     if msg.has_error():
         return _failed(msg)
-    if "metrics" not in msg.content.metric_records:
-        return Checked(msg, "rejected", "reply lacks the 'metrics' MetricRecord")
+    if METRICS_RECORD not in msg.content.metric_records:
+        return Checked(msg, "rejected", f"reply lacks the {METRICS_RECORD!r} MetricRecord")
     reason = _metrics_problem(msg)
     return Checked(msg, "rejected" if reason else "ok", reason)

@@ -45,15 +45,38 @@ from fedsim.control import ArmControl
 from fedsim.downlink import Downlink
 from fedsim.fleet import GIB, Fleet
 from fedsim.keeps import PruneBook, plan_server_keeps
+from fedsim.protocol import (
+    ACCURACY,
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    DOWN_RECORD,
+    FINAL_KEEP,
+    FLOPS,
+    KEPT_RANK,
+    LOSS,
+    LOSS_AFTER,
+    LOSS_BEFORE,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    PRUNE_RATIO,
+    PRUNE_RECORD,
+    RANK_RECORD,
+    SCENARIO,
+    SELF_PRUNE,
+    TOKENS,
+    TRAIN_LOSS,
+    TRAIN_METRICS,
+    WALL_TIME_S,
+)
 from fedsim.pruning.slicing import slice_adapter
 from fedsim.pruning.structure import Keep, Scores
-from fedsim.replies import TRAIN_METRICS, Checked, check_eval_reply, check_train_reply, reply_metric
+from fedsim.replies import Checked, check_eval_reply, check_train_reply, reply_metric
 from fedsim.scenario import Scenario
 from fedsim.seeding import derive_seed
 from strategies import LoraStrategy
-from strategies.hetlora import KEPT, RANK_RECORD, SELF_PRUNE, drop_tail
+from strategies.hetlora import drop_tail
 from strategies.lora_math import aggregation_bias, layer_pairs
-from strategies.lora_strategy import PRUNE_RECORD, ClientAdapter
+from strategies.lora_strategy import ClientAdapter, with_content
 
 Row = dict[str, Any]
 
@@ -164,7 +187,7 @@ def _base_row(env: RoundEnv, cid: int, server_round: int, kind: str, status: str
 
 
 def _config(scenario: Scenario) -> ConfigRecord:
-    return ConfigRecord({"scenario": scenario.to_json()})
+    return ConfigRecord({SCENARIO: scenario.to_json()})
 
 
 def _exchange(
@@ -187,22 +210,31 @@ def timed_send_and_receive(
     returning each replying node's round trip in seconds (to within `poll_s`): the measured
     clock of a deployment."""
     start = time.monotonic()
-    sent_to = {i: m.metadata.dst_node_id for i, m in zip(grid.push_messages(messages), messages) if i}
-    pending = set(sent_to)
+    sent = {i: m for i, m in zip(grid.push_messages(messages), messages) if i}
+    pending = set(sent)
     replies, seconds = [], {}
     while pending and time.monotonic() - start < timeout:
-        for reply in grid.pull_messages(pending):
-            # The SuperLink answers "node unavailable" for a node that went away under its own
-            # id (1): credit the reply to the node the message went to. (Metadata has no setter.)
-            reply.metadata.__dict__["_src_node_id"] = sent_to.get(
-                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
-            )
+        for pulled in grid.pull_messages(pending):
+            asked = sent.get(pulled.metadata.reply_to_message_id)
+            reply = pulled if asked is None else _from_addressee(pulled, asked)
             replies.append(reply)
             seconds[reply.metadata.src_node_id] = time.monotonic() - start
-            pending.discard(reply.metadata.reply_to_message_id)
+            pending.discard(pulled.metadata.reply_to_message_id)
         if pending:
             time.sleep(poll_s)
     return replies, seconds
+
+
+def _from_addressee(reply: Message, sent: Message) -> Message:
+    """`reply` as from the node `sent` went to. The SuperLink answers for a node that went away
+    ("node unavailable") under its own id (1); such a reply is rebuilt, with the same error or
+    content, as that node's reply to `sent` (Flower's reply constructor), so every reply names
+    the node it is about. Any other reply is returned as it is."""
+    if reply.metadata.src_node_id == sent.metadata.dst_node_id:
+        return reply
+    if reply.has_error():
+        return Message(reply.error, reply_to=sent)
+    return Message(reply.content, reply_to=sent)
 
 
 def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: int) -> np.ndarray:
@@ -233,11 +265,11 @@ def train_round(
 
     ok = [c for c in checked if c.status == "ok"]
     cids = np.array([env.node_to_client[c.message.metadata.src_node_id] for c in ok], dtype=np.int64)
-    flops = np.array([float(reply_metric(c.message, "flops")) for c in ok])
+    flops = np.array([float(reply_metric(c.message, FLOPS)) for c in ok])
     up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
     down_ok = np.array([down[c.message.metadata.src_node_id] for c in ok], dtype=np.int64)
     if s.fleet.clock == "measured":  # deployment: the clients' reported training time, the rest of the round trip
-        compute = np.array([float(reply_metric(c.message, "wall-time-s")) for c in ok])
+        compute = np.array([float(reply_metric(c.message, WALL_TIME_S)) for c in ok])
         trips = np.array([env.round_trips.get(c.message.metadata.src_node_id, 0.0) for c in ok])
         comm = np.maximum(trips - compute, 0.0)
     else:
@@ -282,13 +314,13 @@ def train_round(
         if kept[i] and s.compression.method == "compeft":
             row["alpha"] = factor if s.compression.alpha_auto else s.compression.alpha
         if env.pruning is not None:
-            row["prune_ratio"] = float(reply_metric(c.message, "prune-ratio", row["prune_ratio"]))
+            row["prune_ratio"] = float(reply_metric(c.message, PRUNE_RATIO, row["prune_ratio"]))
             if kept[i]:
                 env.pruning.record(int(cids[i]), _reply_keep(c.message), s.train.local_steps)
         rows.append(row)
     bias = round_bias(
         [adapters[int(i)].state for i in np.flatnonzero(kept)],
-        [float(reply_metric(c.message, "num-examples")) for c in kept_replies],
+        [float(reply_metric(c.message, NUM_EXAMPLES)) for c in kept_replies],
         s,
     )
     state = _aggregate(env, sent, kept_replies, server_round, factor) or state
@@ -313,7 +345,7 @@ def _choose(env: RoundEnv, state: AdapterState, server_round: int, t_now: float)
         chosen = np.array(sample_clients(env.clients, k, s.seed, server_round, "train"), dtype=np.int64)
         _plan(env, state, chosen, server_round)
         return chosen, []
-    est_bytes = payload_bytes(RecordDict({"arrays": to_record(state), "config": _config(s)}))
+    est_bytes = payload_bytes(RecordDict({ARRAYS_RECORD: to_record(state), CONFIG_RECORD: _config(s)}))
     eligible = eligible_clients(env, t_now, server_round, est_bytes)
     chosen = np.array(sample_clients(eligible, k, s.seed, server_round, "train"), dtype=np.int64)
     _plan(env, state, chosen, server_round)
@@ -378,13 +410,7 @@ def _send_train(
     )
     sent = _sent_states(messages)
     if env.downlink:  # one rank for all (checked at load): what each node holds is `base`
-        for m in messages:  # each client gets the delta or the whole adapter, as it needs
-            m.content = RecordDict(
-                {
-                    "down": env.downlink.record_for(env.node_to_client[m.metadata.dst_node_id]),
-                    "config": m.content["config"],
-                }
-            )
+        messages = [_down_message(env.downlink, env.node_to_client[m.metadata.dst_node_id], m) for m in messages]
     down = _bytes_by_node(messages)
     checked, silent = _exchange(env, messages, lambda r: _check_train(env, r, sent))
     if env.downlink:
@@ -397,6 +423,13 @@ def _send_train(
     return checked, silent, down, sent
 
 
+def _down_message(downlink: Downlink, cid: int, message: Message) -> Message:
+    """`message` with the adapter replaced by the downlink record client `cid` needs (the delta
+    or the whole adapter)."""
+    content = RecordDict({DOWN_RECORD: downlink.record_for(cid), CONFIG_RECORD: message.content[CONFIG_RECORD]})
+    return with_content(message, content)
+
+
 def _check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -> Checked:
     """Validate a train reply. A pruned client may end its round holding less than it was sent:
     its update then covers the slice of its final keep, which must lie within the one it was
@@ -406,7 +439,7 @@ def _check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -
     if not reply.has_error() and env.pruning is not None and PRUNE_RECORD in reply.content.config_records:
         held = env.pruning.held(env.node_to_client[node])
         try:
-            keep = Keep.from_json(str(reply.content[PRUNE_RECORD]["keep"]))
+            keep = Keep.from_json(str(reply.content[PRUNE_RECORD][FINAL_KEEP]))
             sent[node] = slice_adapter(sent[node], keep.within(held) if held is not None else keep)
         except (KeyError, ValueError) as err:
             return Checked(reply, "rejected", f"bad pruning keep in the reply: {err}")
@@ -425,9 +458,9 @@ def _kept_rank_problem(env: RoundEnv, reply: Message, sent: dict[int, AdapterSta
     if not env.strategy.instructions(env.rank(env.node_to_client[node])).get(SELF_PRUNE, False):
         return f"the reply names a kept rank (its {RANK_RECORD!r} record), but {type(env.strategy).__name__} asks for no rank self-pruning"
     sent_rank = next(iter(factors(sent[node], "A").values())).shape[0]
-    kept = reply.content[RANK_RECORD].get(KEPT)
+    kept = reply.content[RANK_RECORD].get(KEPT_RANK)
     if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= sent_rank:
-        return f"bad kept rank in the reply: {RANK_RECORD}.{KEPT} must be an integer in [1, {sent_rank}] (the rank the client was sent), got {kept!r}"
+        return f"bad kept rank in the reply: {RANK_RECORD}.{KEPT_RANK} must be an integer in [1, {sent_rank}] (the rank the client was sent), got {kept!r}"
     if kept < sent_rank:
         sent[node] = drop_tail(sent[node], kept)
     return ""
@@ -437,14 +470,14 @@ def _sent_states(messages: list[Message]) -> dict[int, AdapterState]:
     """node id → the state its message carries (decoded once per distinct record)."""
     decoded: dict[int, AdapterState] = {}
     for m in messages:
-        record = m.content["arrays"]
+        record = m.content[ARRAYS_RECORD]
         if not isinstance(record, ArrayRecord):
             raise TypeError(
-                f"'arrays' of the message to node {m.metadata.dst_node_id} is a {type(record).__name__}, not an ArrayRecord"
+                f"{ARRAYS_RECORD!r} of the message to node {m.metadata.dst_node_id} is a {type(record).__name__}, not an ArrayRecord"
             )
         if id(record) not in decoded:
             decoded[id(record)] = from_record(record)
-    return {m.metadata.dst_node_id: decoded[id(m.content["arrays"])] for m in messages}
+    return {m.metadata.dst_node_id: decoded[id(m.content[ARRAYS_RECORD])] for m in messages}
 
 
 def _aggregate(
@@ -521,19 +554,18 @@ def _client_adapter(checked: Checked, sent: dict[int, AdapterState], factor: flo
 
 
 def _as_adapter_reply(checked: Checked, sent: dict[int, AdapterState], factor: float = 1.0) -> Message:
-    """The reply as strategies see it: the client's adapter (what it was sent + factor·decoded
-    update) under 'arrays', its metrics under 'metrics' — whatever codec carried it."""
+    """The reply as strategies see it, a new message (the received one is left as it is): the
+    client's adapter (what it was sent + factor·decoded update) as its arrays, its checked metrics
+    as its metrics — whatever codec carried it — and its pruning and kept-rank records, if any.
+    Strategies read a reply's content only. It is built with Flower's reply constructor
+    (`reply_to` the received reply), so its metadata is not the client's: the client's node is
+    `checked.message.metadata.src_node_id`."""
     local = _client_adapter(checked, sent, factor)
     msg = checked.message
     # exactly the checked metrics: Flower averages them and refuses replies whose keys differ
-    content = RecordDict(
-        {"arrays": to_record(local), "metrics": MetricRecord({k: reply_metric(msg, k) for k in TRAIN_METRICS})}
-    )
-    for record in (PRUNE_RECORD, RANK_RECORD):
-        if record in msg.content.config_records:
-            content[record] = msg.content[record]
-    msg.content = content
-    return msg
+    metrics = MetricRecord({k: reply_metric(msg, k) for k in TRAIN_METRICS})
+    records = {r: msg.content[r] for r in (PRUNE_RECORD, RANK_RECORD) if r in msg.content.config_records}
+    return Message(RecordDict({ARRAYS_RECORD: to_record(local), METRICS_RECORD: metrics, **records}), reply_to=msg)
 
 
 def _reply_rank(msg: Message, trained: int) -> int:
@@ -541,16 +573,18 @@ def _reply_rank(msg: Message, trained: int) -> int:
     `_check_train`), else the rank it trained at."""
     if RANK_RECORD not in msg.content.config_records:
         return trained
-    kept = msg.content[RANK_RECORD][KEPT]
+    kept = msg.content[RANK_RECORD][KEPT_RANK]
     if not isinstance(kept, int):
-        raise TypeError(f"the reply's kept rank {RANK_RECORD}.{KEPT} must be an integer, got {kept!r}")
+        raise TypeError(f"the reply's kept rank {RANK_RECORD}.{KEPT_RANK} must be an integer, got {kept!r}")
     return int(kept)
 
 
 def _reply_keep(msg: Message) -> Keep | None:
     """The keep a pruned client ended its round with (validated by `_check_train`)."""
     return (
-        Keep.from_json(str(msg.content[PRUNE_RECORD]["keep"])) if PRUNE_RECORD in msg.content.config_records else None
+        Keep.from_json(str(msg.content[PRUNE_RECORD][FINAL_KEEP]))
+        if PRUNE_RECORD in msg.content.config_records
+        else None
     )
 
 
@@ -571,12 +605,12 @@ def _straggler_reason(finish_s: float, s: Scenario) -> str:
 
 def _train_metrics(msg: Message) -> Row:
     return {
-        "num_examples": int(reply_metric(msg, "num-examples")),
-        "loss": float(reply_metric(msg, "train-loss")),
-        "loss_before": float(reply_metric(msg, "loss-before")),
-        "loss_after": float(reply_metric(msg, "loss-after")),
-        "tokens": int(reply_metric(msg, "tokens")),
-        "wall_time_s": float(reply_metric(msg, "wall-time-s")),
+        "num_examples": int(reply_metric(msg, NUM_EXAMPLES)),
+        "loss": float(reply_metric(msg, TRAIN_LOSS)),
+        "loss_before": float(reply_metric(msg, LOSS_BEFORE)),
+        "loss_after": float(reply_metric(msg, LOSS_AFTER)),
+        "tokens": int(reply_metric(msg, TOKENS)),
+        "wall_time_s": float(reply_metric(msg, WALL_TIME_S)),
     }
 
 
@@ -609,10 +643,10 @@ def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: flo
         if c.status == "ok":
             m = c.message
             row.update(
-                num_examples=int(reply_metric(m, "num-examples")),
-                loss=float(reply_metric(m, "loss")),
-                accuracy=float(reply_metric(m, "accuracy")),
-                wall_time_s=float(reply_metric(m, "wall-time-s")),
+                num_examples=int(reply_metric(m, NUM_EXAMPLES)),
+                loss=float(reply_metric(m, LOSS)),
+                accuracy=float(reply_metric(m, ACCURACY)),
+                wall_time_s=float(reply_metric(m, WALL_TIME_S)),
             )
         rows.append(row)
     return sorted(rows, key=lambda r: r["client_id"])

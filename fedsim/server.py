@@ -35,6 +35,7 @@ from fedsim.export import export_rows
 from fedsim.fleet import build_fleet
 from fedsim.keeps import PruneBook, client_ratios, pruned_shape
 from fedsim.models import load_model
+from fedsim.protocol import CLIENT_ID, CONFIG_RECORD, IDENTITY_RECORD, SCENARIO
 from fedsim.pruning.importance import importance_scores
 from fedsim.pruning.select import select_keep
 from fedsim.pruning.structure import Keep, LayerGeometry, Scores, geometry
@@ -68,9 +69,9 @@ def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
             expected,
             wait_s,
         )
-    config = ConfigRecord({"scenario": scenario.to_json()})
+    config = ConfigRecord({SCENARIO: scenario.to_json()})
     messages = [
-        Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
+        Message(RecordDict({CONFIG_RECORD: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
     ]
     clients: dict[int, int] = {}
     for reply in timed_send_and_receive(grid, messages, scenario.simulation.round_timeout_s)[0]:
@@ -78,9 +79,9 @@ def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
         if reply.has_error():
             log.warning("node %d did not identify itself: %s", node, reply.error.reason)
             continue
-        claimed = reply.content["identity"]["client-id"]
+        claimed = reply.content[IDENTITY_RECORD][CLIENT_ID]
         if not isinstance(claimed, int):
-            raise TypeError(f"node {node} identified itself with client-id {claimed!r}, not an integer")
+            raise TypeError(f"node {node} identified itself with {CLIENT_ID} {claimed!r}, not an integer")
         cid = int(claimed)
         if cid in clients:
             raise RuntimeError(f"two nodes claim client id {cid}: {clients[cid]} and {node}")

@@ -14,8 +14,8 @@ which every client returns what it was sent changes nothing; "zeros" is plain ze
 
 Flower's server optimisers and client-drift methods compose with it: pass `optimizer` (a Flower
 FedProx, FedAdam, FedYogi, FedAdagrad or FedAvgM) and FedIT hands it the global adapter to
-configure the round (FedProx adds "proximal-mu" to the config, FedOpt records the current
-arrays) and the aligned factors to aggregate, so Flower's own update rule runs unchanged.
+configure the round (FedProx adds μ to the config, `fedsim.protocol.PROXIMAL_MU`; FedOpt records
+the current arrays) and the aligned factors to aggregate, so Flower's own update rule runs unchanged.
 Pruned clients: each one's pruned-away coordinates are filled with the example-weighted mean of
 the clients that kept them (`LoraStrategy.aligned`), so FedAvg's mean is the mask-aware one.
 """
@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.adapter import from_record
+from fedsim.protocol import ARRAYS_RECORD, METRICS_RECORD
 from strategies.lora_strategy import LoraStrategy
 
 
@@ -56,10 +57,14 @@ class FedIT(LoraStrategy):
         replies = list(replies)
         clients = [self.client_adapter(r) for r in replies]
         states = self.aligned(clients, [c.weight for c in clients]) if clients else []
-        aligned = []
-        for reply, state in zip(replies, states):
-            reply.content = RecordDict({"arrays": ArrayRecord(state), "metrics": reply.content["metrics"]})
-            aligned.append(reply)
+        # New messages for Flower's rule (which reads only their content), the replies left as received.
+        aligned = [
+            Message(
+                RecordDict({ARRAYS_RECORD: ArrayRecord(state), METRICS_RECORD: reply.content[METRICS_RECORD]}),
+                reply_to=reply,
+            )
+            for reply, state in zip(replies, states)
+        ]
         if self.optimizer is not None:
             return self.optimizer.aggregate_train(server_round, aligned)
         return FedAvg.aggregate_train(self, server_round, aligned)

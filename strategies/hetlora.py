@@ -17,8 +17,9 @@ at least one rank). The paper writes the test for client k's module as one produ
 fedsim client adapts several layers at one rank, so both norms are taken over every layer
 together, the root of the sum of the per-layer squares (`tail_norm`). A client that pruned sends
 its adapter, and its update, at the kept rank (`drop_tail`) and names that rank in its reply
-(`RANK_RECORD`); the server gives that client at most the kept rank from then on, so its rank
-never grows back (`fedsim.rounds.RoundEnv.rank`).
+(`fedsim.protocol.RANK_RECORD`); the server gives that client at most the kept rank from then on,
+so its rank never grows back (`fedsim.rounds.RoundEnv.rank`). `HetLoRA.instructions` tells the
+client γ, λ and to self-prune (`fedsim.protocol`: PENALTY_GAMMA, PENALTY_LAMBDA, SELF_PRUNE).
 
 The server zero-pads every client to r_max and averages with sparsity weights, per layer:
 
@@ -40,17 +41,10 @@ from typing import Any
 from torch import Tensor
 
 from fedsim.adapter import AdapterState
+from fedsim.protocol import PENALTY_GAMMA, PENALTY_LAMBDA, SELF_PRUNE
 from fedsim.pruning.slicing import fill_uncovered
 from strategies.lora_math import fedit, hetlora_rank_penalty, hetlora_weights, layer_pairs, truncate
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
-
-# HetLoRA's message keys: `HetLoRA.instructions` sets the config ones, `clients.app` reads them and
-# writes the reply record, `fedsim.rounds` reads it.
-PENALTY_GAMMA = "rank-penalty-gamma"  # config: γ; the tail is ranks ⌊γ r_k⌋..r_k
-PENALTY_LAMBDA = "rank-penalty-lambda"  # config: λ, the tail penalty's weight
-SELF_PRUNE = "rank-self-prune"  # config: run the self-pruning test after local training
-RANK_RECORD = "rank"  # reply ConfigRecord of a client that ran the test
-KEPT = "kept"  # its entry: the rank the client kept, that of the adapter its update covers
 
 
 def tail_norm(pairs: Sequence[tuple[Tensor, Tensor]], r_k: int, gamma: float) -> float:

@@ -50,11 +50,21 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.adapter import AdapterState, factors, from_record, split_state
+from fedsim.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    FINAL_KEEP,
+    LORA_FREEZE,
+    LORA_PERSONAL_B,
+    LORA_RANK,
+    LORA_UPLOADS,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    PRUNE_RECORD,
+)
 from fedsim.pruning.slicing import fill_uncovered, scatter_adapter, slice_adapter
 from fedsim.pruning.structure import Keep
 from strategies.lora_math import RANK_PADDINGS, layer_pairs, truncate, update_stack, zero_pad
-
-PRUNE_RECORD = "prune"  # reply config record naming the keep a pruned client ended its round with
 
 # fedsim picks the participants itself (seeded, by client id) and hands a strategy a grid that
 # holds only them, so a strategy must take every node it sees and never wait for more.
@@ -65,6 +75,20 @@ SAMPLING: dict[str, Any] = {
     "min_evaluate_nodes": 0,
     "min_available_nodes": 0,
 }
+# The record names and weight key Flower's FedAvg reads and writes, spelled as fedsim's protocol
+# spells them (they are FedAvg's defaults; naming them keeps both sides on `fedsim.protocol`).
+RECORD_KEYS: dict[str, Any] = {
+    "weighted_by_key": NUM_EXAMPLES,
+    "arrayrecord_key": ARRAYS_RECORD,
+    "configrecord_key": CONFIG_RECORD,
+}
+
+
+def with_content(message: Message, content: RecordDict) -> Message:
+    """A new message to `message`'s node (same type, group and TTL) carrying `content`, built as
+    Flower's `Grid.create_message` builds one; `message` is left as it is."""
+    meta = message.metadata
+    return Message(content, meta.dst_node_id, meta.message_type, ttl=meta.ttl, group_id=meta.group_id)
 
 
 @dataclass(frozen=True)
@@ -88,7 +112,7 @@ class LoraStrategy(FedAvg):
     paper_padding: ClassVar[str] = "holders"  # how the paper reads a reply's missing ranks (RANK_PADDINGS)
 
     def __init__(self, rank: int, alpha: float, seed: int = 0, padding: str | None = None) -> None:
-        super().__init__(**SAMPLING)
+        super().__init__(**SAMPLING, **RECORD_KEYS)
         if padding is not None and (padding not in RANK_PADDINGS or self.paper_padding not in RANK_PADDINGS):
             allowed = (
                 f"one of {RANK_PADDINGS} or None (the paper's, {self.paper_padding!r})"
@@ -140,10 +164,10 @@ class LoraStrategy(FedAvg):
     def instructions(self, rank: int) -> dict[str, Any]:
         """Config entries telling the client how to train this strategy's adapter."""
         return {
-            "lora-rank": rank,
-            "lora-uploads": self.uploads,
-            "lora-freeze": self.freeze,
-            "lora-personal-b": "B" not in self.downloads,
+            LORA_RANK: rank,
+            LORA_UPLOADS: self.uploads,
+            LORA_FREEZE: self.freeze,
+            LORA_PERSONAL_B: "B" not in self.downloads,
         }
 
     def uploaded(self, sent: AdapterState) -> AdapterState:
@@ -211,8 +235,9 @@ class LoraStrategy(FedAvg):
         return self._per_node(super().configure_evaluate(server_round, arrays, config, grid), from_record(arrays))
 
     def _per_node(self, messages: Iterable[Message], state: AdapterState | None = None) -> list[Message]:
-        """Give each message its node's slice and instructions. FedAvg builds one content for all;
-        here nodes of one rank share one, so it is built, and its bytes measured, once per rank."""
+        """Each of Flower's messages rebuilt with its node's slice and instructions. FedAvg builds
+        one content for all; here nodes of one rank share one, so it is built, and its bytes
+        measured, once per rank."""
         state = self.current if state is None else state
         out, by_part = [], {}
         for m in messages:
@@ -220,15 +245,14 @@ class LoraStrategy(FedAvg):
             rank, (keep, order) = self.ranks.get(node, self.r_max), self.pruning.get(node, (None, {}))
             part = (rank, keep.to_json() if keep is not None else "", *sorted(order.items()))
             if part not in by_part:
-                config = ConfigRecord({**m.content.config_records["config"], **self.instructions(rank), **order})
+                config = ConfigRecord({**m.content.config_records[CONFIG_RECORD], **self.instructions(rank), **order})
                 sliced = (
                     self.client_state(state, rank)
                     if keep is None
                     else slice_adapter(self.client_state(state, rank), keep)
                 )
-                by_part[part] = RecordDict({"arrays": ArrayRecord(sliced), "config": config})
-            m.content = by_part[part]
-            out.append(m)
+                by_part[part] = RecordDict({ARRAYS_RECORD: ArrayRecord(sliced), CONFIG_RECORD: config})
+            out.append(with_content(m, by_part[part]))
         return out
 
     def aggregate_train(
@@ -247,15 +271,15 @@ class LoraStrategy(FedAvg):
     def client_adapter(self, reply: Message) -> ClientAdapter:
         """A reply (client adapter under "arrays") as `aggregate` sees it: scattered to the
         unpruned shape with its coverage mask when the client pruned."""
-        state = from_record(reply.content.array_records["arrays"])
+        state = from_record(reply.content.array_records[ARRAYS_RECORD])
         rank = int(next(iter(factors(state, "A").values())).shape[0])
-        value = reply.content.metric_records["metrics"][self.weighted_by_key]
+        value = reply.content.metric_records[METRICS_RECORD][self.weighted_by_key]
         if isinstance(value, list):
             raise TypeError(f"reply metric `{self.weighted_by_key}` must be a single number, got a list: {value!r}")
         weight = float(value)
         if PRUNE_RECORD not in reply.content.config_records:
             return ClientAdapter(state, rank, self.scale(rank), weight)
-        keep = Keep.from_json(str(reply.content[PRUNE_RECORD]["keep"]))
+        keep = Keep.from_json(str(reply.content[PRUNE_RECORD][FINAL_KEEP]))
         full, mask = scatter_adapter(state, keep, {k: self._full_shape(k, rank) for k in state})
         return ClientAdapter(full, rank, self.scale(rank), weight, mask)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedsim.compression import CodecConfig
-from fedsim.downlink import DELTA, FULL, Downlink, apply_down
+from fedsim.downlink import Downlink, apply_down
+from fedsim.protocol import DOWN_DELTA, DOWN_FULL
 
 
 def adapter(seed: int) -> dict[str, torch.Tensor]:
@@ -20,7 +21,7 @@ def test_clients_in_sync_get_a_delta_and_hold_the_broadcast_exactly() -> None:
     down = Downlink(CodecConfig(method="compeft", density=0.1), num_clients=3)
     b1 = down.advance(adapter(0), server_round=1)
     first = down.record_for(0)
-    assert first["kind"] == FULL
+    assert first["kind"] == DOWN_FULL
     held = apply_down(first, None, -1)
     assert all(torch.equal(held[k], b1[k]) for k in b1)
     down.mark_received(np.array([0]))
@@ -28,7 +29,7 @@ def test_clients_in_sync_get_a_delta_and_hold_the_broadcast_exactly() -> None:
     global2 = {k: v + 0.1 * adapter(1)[k] for k, v in adapter(0).items()}
     b2 = down.advance(global2, server_round=2)
     delta, stale = down.record_for(0), down.record_for(1)
-    assert delta["kind"] == DELTA and stale["kind"] == FULL
+    assert delta["kind"] == DOWN_DELTA and stale["kind"] == DOWN_FULL
     assert len(delta["payload"]) * 8 < len(stale["payload"])  # d = 0.1: far fewer bytes
     got = apply_down(delta, held, 1)
     assert all(torch.equal(got[k], b2[k]) for k in b2)

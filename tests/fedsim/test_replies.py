@@ -13,7 +13,8 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 from fedsim.compression import CodecConfig, encode
-from fedsim.replies import TRAIN_METRICS, check_train_reply
+from fedsim.protocol import TRAIN_METRICS
+from fedsim.replies import check_train_reply
 from fedsim.rounds import _as_adapter_reply
 
 EXPECTED = {"layers.0.q_proj.lora_A.weight": torch.zeros(2, 4), "layers.0.q_proj.lora_B.weight": torch.zeros(4, 2)}

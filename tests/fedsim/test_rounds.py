@@ -49,31 +49,44 @@ def test_round_bias_matches_the_formula() -> None:
 
 
 def test_timed_send_and_receive_measures_each_round_trip() -> None:
-    from types import SimpleNamespace
-
+    from flwr.app import Error, Message, RecordDict
+    from flwr.app.message.message import make_message
     from flwr.app.metadata import Metadata
 
     from fedsim.rounds import timed_send_and_receive
 
+    def message(src: int, dst: int, message_id: str, reply_to: str, error: Error | None = None) -> Message:
+        meta = Metadata(1, message_id, src, dst, reply_to, "", time.time(), 60.0, "train")
+        return make_message(meta, error=error) if error else make_message(meta, RecordDict())
+
     class SlowGrid:
         """Node n answers n·0.1 s after the push; node 9 never does, node 5 went away (the
-        SuperLink answers for it, as node 1)."""
+        SuperLink answers for it, as node 1, with "node unavailable")."""
 
-        def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        def __init__(self) -> None:
+            self.pulled: list[Message] = []
+
+        def push_messages(self, messages: list[Message]) -> list[str]:
             self.t0 = time.monotonic()
-            return [f"m{m.metadata.dst_node_id}" for m in messages]
+            return [m.metadata.message_id for m in messages]
 
-        def pull_messages(self, ids):  # type: ignore[no-untyped-def]
+        def pull_messages(self, ids: set[str]) -> list[Message]:
             elapsed = time.monotonic() - self.t0
-            return [
-                SimpleNamespace(metadata=Metadata(1, "", 1 if i == "m5" else int(i[1:]), 0, i, "", 0.0, 60.0, "train"))
+            replies = [
+                message(1, 0, "", i, Error(5, "node unavailable")) if i == "m5" else message(int(i[1:]), 0, "", i)
                 for i in sorted(ids) if int(i[1:]) != 9 and elapsed >= int(i[1:]) * 0.1
             ]  # fmt: skip
+            self.pulled += replies
+            return replies
 
-    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (2, 3, 5, 9)]
-    replies, seconds = timed_send_and_receive(SlowGrid(), sent, timeout=1.0, poll_s=0.01)  # type: ignore[arg-type]
+    sent = [message(0, n, f"m{n}", "") for n in (2, 3, 5, 9)]
+    grid = SlowGrid()
+    replies, seconds = timed_send_and_receive(grid, sent, timeout=1.0, poll_s=0.01)  # type: ignore[arg-type]
     assert sorted(r.metadata.src_node_id for r in replies) == [2, 3, 5]
     assert 0.2 <= seconds[2] < 0.3 and 0.3 <= seconds[3] < 0.4 and 9 not in seconds and 1 not in seconds
+    lost = next(r for r in replies if r.metadata.src_node_id == 5)
+    assert lost.has_error() and lost.error.code == 5 and lost.metadata.reply_to_message_id == "m5"
+    assert [r.metadata.src_node_id for r in grid.pulled if r.metadata.reply_to_message_id == "m5"] == [1]  # untouched
 
 
 @pytest.mark.parametrize(
@@ -133,7 +146,8 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
     from flwr.app.message.message import make_message
     from flwr.app.metadata import Metadata
 
-    from fedsim.replies import TRAIN_METRICS, Checked
+    from fedsim.protocol import TRAIN_METRICS
+    from fedsim.replies import Checked
     from fedsim.rounds import _as_adapter_reply, contributions
     from strategies import FedIT
 

@@ -25,14 +25,14 @@ from tests_support.inprocess import InProcessGrid
 
 from fedsim.adapter import AdapterState, from_record
 from fedsim.compression import decode, encode
-from fedsim.replies import TRAIN_METRICS
+from fedsim.protocol import KEPT_RANK, RANK_RECORD, TRAIN_METRICS
 from fedsim.resume import resume_point
 from fedsim.rounds import _check_train
 from fedsim.rundir import RunDir, read_metrics
 from fedsim.scenario import CompressionConfig, ScenarioError, load_scenario, validate_scenario
 from fedsim.server import CentralEvaluator, run_federation
 from strategies import FedIT, HetLoRA, LoraStrategy
-from strategies.hetlora import KEPT, RANK_RECORD, drop_tail
+from strategies.hetlora import drop_tail
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "scenarios" / "tiny.toml"
@@ -85,7 +85,7 @@ def test_the_client_whose_tail_fell_prunes_and_the_other_keeps_its_rank(
 
 def test_a_pruned_reply_carries_the_update_of_the_kept_ranks(stopped_run: tuple[Path, InProcessGrid]) -> None:
     (pruned,) = [e for e in stopped_run[1].train if e.message.metadata.dst_node_id == 100]
-    assert pruned.reply.content[RANK_RECORD][KEPT] == 6
+    assert pruned.reply.content[RANK_RECORD][KEPT_RANK] == 6
     update = decode(pruned.reply.content["update"]["payload"])
     received = from_record(pruned.message.content["arrays"])
     expected = {
@@ -96,7 +96,7 @@ def test_a_pruned_reply_carries_the_update_of_the_kept_ranks(stopped_run: tuple[
         assert update[key].shape[0 if ".lora_A." in key else 1] == 6, key
         torch.testing.assert_close(update[key], value)
     (kept,) = [e for e in stopped_run[1].train if e.message.metadata.dst_node_id == 101]
-    assert kept.reply.content[RANK_RECORD][KEPT] == 4
+    assert kept.reply.content[RANK_RECORD][KEPT_RANK] == 4
     assert all(
         v.shape[0 if ".lora_A." in k else 1] == 4 for k, v in decode(kept.reply.content["update"]["payload"]).items()
     )
@@ -138,7 +138,7 @@ def _reply(kept: object, update_rank: int) -> Message:
     )
     update = {A_KEY: torch.zeros(update_rank, 8), B_KEY: torch.zeros(8, update_rank)}
     content = RecordDict({
-        RANK_RECORD: ConfigRecord({KEPT: kept}), "metrics": MetricRecord({k: 1.0 for k in TRAIN_METRICS}),
+        RANK_RECORD: ConfigRecord({KEPT_RANK: kept}), "metrics": MetricRecord({k: 1.0 for k in TRAIN_METRICS}),
         "update": ConfigRecord({"payload": encode(update, CompressionConfig().codec())}),
     })  # fmt: skip
     return make_message(meta, content)

@@ -8,15 +8,8 @@ import math
 import pytest
 import torch
 
-from strategies.hetlora import (
-    PENALTY_GAMMA,
-    PENALTY_LAMBDA,
-    SELF_PRUNE,
-    HetLoRA,
-    drop_tail,
-    self_pruned_rank,
-    tail_norm,
-)
+from fedsim.protocol import PENALTY_GAMMA, PENALTY_LAMBDA, SELF_PRUNE
+from strategies.hetlora import HetLoRA, drop_tail, self_pruned_rank, tail_norm
 
 LAYERS = [(12, 10), (9, 12)]  # (in, out) of each adapted layer
 

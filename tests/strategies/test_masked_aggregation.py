@@ -17,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.adapter import AdapterState, attach_lora, from_record, get_state
 from fedsim.models import load_model
+from fedsim.protocol import PRUNE_RECORD
 from fedsim.pruning import Keep, slice_adapter
 from fedsim.pruning.structure import AXIS
 from fedsim.scenario import LoraConfig, ScenarioError, validate_scenario
@@ -29,7 +30,7 @@ from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
 from strategies.lora_fair import LoRAFAIR
 from strategies.lora_math import fedit, fedsa_lora, ffa_lora, hetlora, layer_pairs, zero_pad
-from strategies.lora_strategy import PRUNE_RECORD, ClientAdapter
+from strategies.lora_strategy import ClientAdapter
 
 R_MAX, ALPHA = 4, 8.0
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
