@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.printed import command as bench_command  # noqa: E402
 from bench.results_doc import write_result  # noqa: E402
 from fedsim.cli import main as fedsim  # noqa: E402
 
@@ -33,7 +34,11 @@ def write_doc(compare_dir: Path, doc: Path) -> None:
     for plot in PLOTS:
         shutil.copyfile(compare_dir / plot, doc.with_name(f"{doc.stem}-{plot}"))
     images = "\n".join(f"![{plot[:-4]}]({doc.stem}-{plot})" for plot in PLOTS)
-    table = (compare_dir / "comparison.md").read_text().replace("# fedsim compare", f"# {doc.stem}: fedsim compare", 1)
+    table = (
+        (compare_dir / "comparison.md")
+        .read_text()
+        .replace("# fedsim compare", f"# {doc.stem}: fedsim compare\n\nWritten by `{bench_command()}`, which ran:", 1)
+    )
     write_result(doc, f"{table}\n{images}")
 
 
