@@ -17,7 +17,7 @@ clients with the adapter, dense (out × in per adapted layer), and its bytes are
 from __future__ import annotations
 
 from fedsim.adapter import BASE_DELTA, AdapterState, split_state
-from strategies.lora_math import fedex_residual, fedit, layer_pairs
+from strategies.lora_math import fedex_residual, layer_pairs
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
@@ -28,18 +28,10 @@ class FedExLoRA(LoraStrategy):
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, deltas = split_state(self.current)
-        weights, s_g = [c.weight for c in clients], self.scale(self.r_max)
-        aligned = self.aligned(clients, weights)  # padded, B folded to s_g
+        means, s_g = self.mean_factors(clients), self.scale(self.r_max)
         out: AdapterState = {}
         for prefix, (a_key, b_key) in layer_pairs(adapter).items():
-            A, B = fedit(
-                [s[a_key] for s in aligned],
-                [s[b_key] for s in aligned],
-                [s_g] * len(clients),
-                weights,
-                self.r_max,
-                s_g=s_g,
-            )
+            A, B = means[prefix]
             residual = fedex_residual(A, B, s_g, *self.update_stack(clients, a_key, b_key))
             out[a_key], out[b_key] = A, B
             out[prefix + BASE_DELTA] = deltas[prefix] + residual if prefix in deltas else residual

@@ -17,7 +17,7 @@ zero-pads and takes ΔW* = Σ_k p_k s_k B_k A_k.
 from __future__ import annotations
 
 from fedsim.adapter import AdapterState, split_state
-from strategies.lora_math import fedit, layer_pairs, lora_fair_refine
+from strategies.lora_math import layer_pairs, lora_fair_refine
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
@@ -29,17 +29,9 @@ class LoRAFAIR(LoraStrategy):
         self.lam = lam
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
-        weights, s_g = [c.weight for c in clients], self.scale(self.r_max)
-        aligned = self.aligned(clients, weights)  # padded, B folded to s_g
+        means = self.mean_factors(clients)
         out: AdapterState = {}
-        for a_key, b_key in layer_pairs(split_state(self.current)[0]).values():
-            A, B = fedit(
-                [s[a_key] for s in aligned],
-                [s[b_key] for s in aligned],
-                [s_g] * len(clients),
-                weights,
-                self.r_max,
-                s_g=s_g,
-            )
+        for prefix, (a_key, b_key) in layer_pairs(split_state(self.current)[0]).items():
+            A, B = means[prefix]
             out[a_key], out[b_key] = A, lora_fair_refine(A, B, *self.update_stack(clients, a_key, b_key), lam=self.lam)
         return out

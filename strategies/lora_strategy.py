@@ -64,7 +64,7 @@ from fedsim.protocol import (
 )
 from fedsim.pruning.slicing import fill_uncovered, scatter_adapter, slice_adapter
 from fedsim.pruning.structure import Keep
-from strategies.lora_math import RANK_PADDINGS, layer_pairs, truncate, update_stack, zero_pad
+from strategies.lora_math import RANK_PADDINGS, fedit, layer_pairs, truncate, update_stack, zero_pad
 
 # fedsim picks the participants itself (seeded, by client id) and hands a strategy a grid that
 # holds only them, so a strategy must take every node it sees and never wait for more.
@@ -211,6 +211,17 @@ class LoraStrategy(FedAvg):
         states = [self.padded(c) for c in clients]
         previous = {k: v for k, v in split_state(self.current)[0].items() if k in states[0]}
         return fill_uncovered(states, [self.padded_mask(c) for c in clients], weights, previous)
+
+    def mean_factors(self, clients: list[ClientAdapter]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer prefix → FedIT's (A, B): the example-weighted means of the clients' `aligned`
+        factors (padded per `padding`, B folded to the global scaling s_g)."""
+        weights, s_g = [c.weight for c in clients], self.scale(self.r_max)
+        aligned = self.aligned(clients, weights)
+        folded = [s_g] * len(clients)  # `aligned` already carries each s_k / s_g in B
+        return {
+            prefix: fedit([s[a] for s in aligned], [s[b] for s in aligned], folded, weights, self.r_max, s_g=s_g)
+            for prefix, (a, b) in layer_pairs(split_state(self.current)[0]).items()
+        }
 
     def update_stack(self, clients: list[ClientAdapter], a_key: str, b_key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_s, A_s) with B_s A_s = one layer's ideal update ΔW* under `padding` (`lora_math.update_stack`;
