@@ -4,13 +4,11 @@ strategy need, each a finite number; extra metrics never reach Flower's averagin
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
+from tests_support.messages import train_reply
 
 from fedsim.compression import CodecConfig, encode
 from fedsim.protocol import TRAIN_METRICS
@@ -31,21 +29,8 @@ GOOD = {
 
 
 def _reply(metrics: dict[str, float]) -> object:
-    meta = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=7,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
     payload = encode({k: torch.ones_like(v) for k, v in EXPECTED.items()}, CodecConfig(method="none"))
-    return make_message(
-        meta, RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)})
-    )
+    return train_reply(7, RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)}))
 
 
 def test_a_complete_reply_is_ok() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests_support.messages import train_reply
 
 from fedsim.rounds import round_bias, sample_clients
 from fedsim.scenario import load_scenario
@@ -97,8 +98,6 @@ def test_a_pruned_reply_whose_keep_is_bad_is_rejected_not_fatal(keep: str, probl
     from types import SimpleNamespace
 
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
-    from flwr.app.message.message import make_message
-    from flwr.app.metadata import Metadata
 
     from fedsim.pruning.slicing import slice_adapter
     from fedsim.pruning.structure import Keep, LayerGeometry
@@ -114,17 +113,6 @@ def test_a_pruned_reply_whose_keep_is_bad_is_rejected_not_fatal(keep: str, probl
     sent = {7: slice_adapter(state, held)}
     env = SimpleNamespace(pruning=SimpleNamespace(held=lambda cid: held), node_to_client={7: 0}, strategy=FedIT(2, 4.0))
     text = Keep.everything(layers).to_json() if keep == "everything" else keep
-    meta = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=7,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
     content = RecordDict(
         {
             "prune": ConfigRecord({"keep": text}),
@@ -132,7 +120,7 @@ def test_a_pruned_reply_whose_keep_is_bad_is_rejected_not_fatal(keep: str, probl
             "metrics": MetricRecord({"num-examples": 1}),
         }
     )
-    checked = _check_train(env, make_message(meta, content), sent)  # type: ignore[arg-type]
+    checked = _check_train(env, train_reply(7, content), sent)  # type: ignore[arg-type]
     assert checked.status == "rejected" and problem in checked.reason
 
 
@@ -143,8 +131,6 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
     from types import SimpleNamespace
 
     from flwr.app import MetricRecord, RecordDict
-    from flwr.app.message.message import make_message
-    from flwr.app.metadata import Metadata
 
     from fedsim.protocol import TRAIN_METRICS
     from fedsim.replies import Checked
@@ -175,20 +161,9 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
     )
 
     def reply(node: int, step: float, examples: float) -> Checked:
-        meta = Metadata(
-            run_id=1,
-            message_id="",
-            src_node_id=node,
-            dst_node_id=0,
-            reply_to_message_id="m",
-            group_id="1",
-            created_at=time.time(),
-            ttl=60.0,
-            message_type="train",
-        )
         content = RecordDict({"metrics": MetricRecord({**{k: 1.0 for k in TRAIN_METRICS}, "num-examples": examples})})
         return Checked(
-            make_message(meta, content), "ok", "", {a_key: torch.zeros(2, 8), b_key: torch.full((8, 2), step)}
+            train_reply(node, content), "ok", "", {a_key: torch.zeros(2, 8), b_key: torch.full((8, 2), step)}
         )
 
     sent = {1: state, 2: state}

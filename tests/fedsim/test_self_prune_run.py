@@ -10,7 +10,6 @@ keep rank 4."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,10 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 from flwr.supercore.task_identity import TaskIdentity
 from tests_support.inprocess import InProcessGrid
+from tests_support.messages import train_reply
 
 from fedsim.adapter import AdapterState, from_record
 from fedsim.compression import decode, encode
@@ -125,23 +123,12 @@ A_KEY, B_KEY = (
 
 def _reply(kept: object, update_rank: int) -> Message:
     """A train reply from node 7 naming `kept` as its kept rank, with a zero update at `update_rank`."""
-    meta = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=7,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
     update = {A_KEY: torch.zeros(update_rank, 8), B_KEY: torch.zeros(8, update_rank)}
     content = RecordDict({
         RANK_RECORD: ConfigRecord({KEPT_RANK: kept}), "metrics": MetricRecord({k: 1.0 for k in TRAIN_METRICS}),
         "update": ConfigRecord({"payload": encode(update, CompressionConfig().codec())}),
     })  # fmt: skip
-    return make_message(meta, content)
+    return train_reply(7, content)
 
 
 @pytest.mark.parametrize(

@@ -5,15 +5,13 @@ computation of Σ_k w_k m_k x_k / Σ_k w_k m_k; the strategies that cannot do it
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 from flwr.supercore.task_identity import TaskIdentity
+from tests_support.messages import train_reply
 
 from fedsim.adapter import AdapterState, attach_lora, from_record, get_state
 from fedsim.models import load_model
@@ -76,14 +74,10 @@ def _global(shapes: dict[str, tuple[int, ...]]) -> AdapterState:
 
 
 def _reply(node: int, state: AdapterState, examples: float, keep: Keep | None) -> Message:
-    meta = Metadata(
-        run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m", group_id="1",
-        created_at=time.time(), ttl=60.0, message_type="train",
-    )  # fmt: skip
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": examples})})
     if keep is not None:
         content[PRUNE_RECORD] = ConfigRecord({"keep": keep.to_json()})
-    return make_message(meta, content)
+    return train_reply(node, content)
 
 
 def _coverage(key: str, shape: tuple[int, ...], keep: Keep | None) -> torch.Tensor:

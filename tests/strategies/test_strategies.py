@@ -4,16 +4,14 @@ of mixed-rank replies, checked against direct torch computations of each paper's
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import FedAdam
 from flwr.supercore.task_identity import TaskIdentity
+from tests_support.messages import train_reply
 
 from fedsim.adapter import AdapterState, from_record, split_state
 from strategies import STRATEGIES, FedIT, LoraStrategy
@@ -79,12 +77,8 @@ def client_state(rank: int, seed: int) -> AdapterState:
 
 
 def reply(node: int, state: AdapterState, examples: float) -> Message:
-    meta = Metadata(
-        run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m", group_id="1",
-        created_at=time.time(), ttl=60.0, message_type="train",
-    )  # fmt: skip
-    return make_message(
-        meta, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": examples})})
+    return train_reply(
+        node, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": examples})})
     )
 
 
