@@ -34,16 +34,9 @@ class FedSALoRA(LoraStrategy):
         weights = [c.weight for c in clients]
         a_keys = [a_key for a_key, _ in layer_pairs(adapter).values()]
         states = [{k: self._pad_rows(c.state[k]) for k in a_keys} for c in clients]
-        masks = [self._rows_mask(c, a_keys) for c in clients]
+        masks = [m and {k: m[k] for k in a_keys} for m in map(self.padded_mask, clients)]
         filled = fill_uncovered(states, masks, weights, {k: adapter[k] for k in a_keys})
         return {**adapter, **{k: fedsa_lora([s[k] for s in filled], weights) for k in a_keys}}
-
-    def _rows_mask(self, client: ClientAdapter, a_keys: list[str]) -> AdapterState | None:
-        """`padded_mask` for A alone (B never comes back)."""
-        if client.mask is None and (client.rank == self.r_max or self.padding == "zeros"):
-            return None
-        held = client.mask or {k: torch.ones(client.state[k].shape, dtype=torch.bool) for k in a_keys}
-        return {k: self.padded_rows_mask(held[k]) for k in a_keys}
 
     def _pad_rows(self, A: torch.Tensor) -> torch.Tensor:
         return torch.cat([A, A.new_zeros(self.r_max - A.shape[0], A.shape[1])])

@@ -193,11 +193,10 @@ class LoraStrategy(FedAvg):
             if client.mask is not None
             else {k: torch.ones(v.shape, dtype=torch.bool) for k, v in client.state.items()}
         )
-        out = dict(mask)
-        for a_key, b_key in layer_pairs(mask).values():
-            out[a_key] = self.padded_rows_mask(mask[a_key])
-            out[b_key] = self.padded_rows_mask(mask[b_key].T).T
-        return out
+        return {  # A (r_k, in): pad rows; B (out, r_k): pad columns; other tensors as they are
+            k: self.padded_rows_mask(m) if ".lora_A." in k else self.padded_rows_mask(m.T).T if ".lora_B." in k else m
+            for k, m in mask.items()
+        }
 
     def padded_rows_mask(self, A: torch.Tensor) -> torch.Tensor:
         """An A factor's coverage (r_k, in) at r_max rows: a padded rank covers the columns the
