@@ -6,7 +6,7 @@
 Every run is the quickstart federation (4 rounds) with one `[compression]` setting and one seed;
 the final round is scored on 256 held-out examples (per-round curves on the first 48). Per
 setting: final central accuracy and loss, mean over seeds with the Student-t 95 % interval and the
-pooled bootstrap over the (seed, example) pairs (`fedsim.comparison`), the paired difference from
+pooled bootstrap over the (seed, example) pairs (`fedsim.results.comparison`), the paired difference from
 the lossless float32 row, the mean uplink bytes per client update and the ratio to float32's. The
 "≤ 1 point" column reads the accuracy difference's pooled interval: yes when all of it lies above
 −1 point, no when all of it lies below, "?" otherwise. The runs are kept under --out (resumable);
@@ -29,11 +29,11 @@ import pandas as pd  # noqa: E402
 
 from bench.results_doc import write_result  # noqa: E402
 from fedsim.cli import quiet_libraries  # noqa: E402
-from fedsim.compare import run_all  # noqa: E402
-from fedsim.comparison import RunResult, comparison, read_results  # noqa: E402
-from fedsim.rundir import read_metrics  # noqa: E402
-from fedsim.scenario import Scenario, load_scenario  # noqa: E402
-from fedsim.simulation import run_simulations  # noqa: E402
+from fedsim.config.scenario import Scenario, load_scenario  # noqa: E402
+from fedsim.results.comparison import RunResult, comparison, read_results  # noqa: E402
+from fedsim.results.rundir import read_metrics  # noqa: E402
+from fedsim.runtime.compare import run_all  # noqa: E402
+from fedsim.runtime.simulation import run_simulations  # noqa: E402
 
 BASELINE = "float32 (lossless)"
 SETTINGS = {  # label: (run-name slug, compression overrides)
@@ -107,7 +107,7 @@ def write_doc(doc: Path, command: str, seeds: list[int], lines: list[str]) -> No
         "# Accuracy under uplink compression", "", "```", command, "```", "",
         f"Seeds {', '.join(map(str, seeds))}; final round scored on 256 held-out examples. Intervals: 95 %;"
         " seeds: Student t over the per-seed values; pooled: percentile bootstrap over the (seed, example) pairs,"
-        f" a difference paired with `{BASELINE}` on the same example (`fedsim/stats.py`).", "",
+        f" a difference paired with `{BASELINE}` on the same example (`fedsim/results/stats.py`).", "",
         *lines,
     ]))  # fmt: skip
 

@@ -45,7 +45,7 @@ alike: on a small held-out set one round's loss moves by up to 0.1 (docs/results
 
 At the same sparsity (FedSpine's comparison): the scenario's `pruning.deploy_ratios` (the TX2s
 deploy at 0.2) make every row scored on the models the fleet would deploy, each device's pruned to
-its profile's ratio (`fedsim.deployment`), and the bandit's contributions on them too (the
+its profile's ratio (`fedsim.server.deployed`), and the bandit's contributions on them too (the
 reward's `deploy_weight`, 0 by default, would also credit training at a device's deploy ratio); the metric is then
 `deployed_loss` unless `--metric` says otherwise. `--set 'pruning.deploy_ratios={jetson-tx2=0}'`
 compares the unpruned models instead.
@@ -74,9 +74,9 @@ import numpy as np  # noqa: E402
 
 from bench.printed import keep_printed, write_printed  # noqa: E402
 from fedsim.cli import quiet_libraries  # noqa: E402
-from fedsim.rundir import RunDir, read_metrics  # noqa: E402
-from fedsim.scenario import load_scenario  # noqa: E402
-from fedsim.simulation import run_simulations  # noqa: E402
+from fedsim.config.scenario import load_scenario  # noqa: E402
+from fedsim.results.rundir import RunDir, read_metrics  # noqa: E402
+from fedsim.runtime.simulation import run_simulations  # noqa: E402
 
 SCENARIO = ROOT / "scenarios" / "fedspine-jetson-80.toml"
 DOC = ROOT / "docs" / "results" / "fedspine.md"

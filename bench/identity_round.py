@@ -29,9 +29,9 @@ from flwr.app.metadata import Metadata  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from bench.results_doc import write_result  # noqa: E402
-from fedsim.adapter import AdapterState, from_record, split_state  # noqa: E402
+from fedsim.config.scenario import validate_scenario  # noqa: E402
+from fedsim.model.adapter import AdapterState, from_record, split_state  # noqa: E402
 from fedsim.protocol import ARRAYS_RECORD, METRICS_RECORD, NUM_EXAMPLES  # noqa: E402
-from fedsim.scenario import validate_scenario  # noqa: E402
 from strategies import STRATEGIES, FLoRA, LoraStrategy  # noqa: E402
 
 R_MAX, ALPHA = 8, 16.0

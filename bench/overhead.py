@@ -25,16 +25,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsim.adapter import attach_lora, get_state, set_state  # noqa: E402
 from fedsim.cli import quiet_libraries  # noqa: E402
-from fedsim.data import client_data  # noqa: E402
-from fedsim.models import load_model  # noqa: E402
-from fedsim.rounds import sample_clients  # noqa: E402
-from fedsim.rundir import RunDir  # noqa: E402
-from fedsim.scenario import Scenario, load_scenario  # noqa: E402
+from fedsim.config.scenario import Scenario, load_scenario  # noqa: E402
+from fedsim.data.partitions import client_data  # noqa: E402
+from fedsim.model.adapter import attach_lora, get_state, set_state  # noqa: E402
+from fedsim.model.loader import load_model  # noqa: E402
+from fedsim.model.training import train_lora  # noqa: E402
+from fedsim.results.rundir import RunDir  # noqa: E402
+from fedsim.runtime.simulation import run_simulation  # noqa: E402
 from fedsim.seeding import derive_seed  # noqa: E402
-from fedsim.simulation import run_simulation  # noqa: E402
-from fedsim.training import train_lora  # noqa: E402
+from fedsim.server.rounds import sample_clients  # noqa: E402
 
 
 def fedsim_round_times(scenario: Scenario) -> list[float]:

@@ -16,7 +16,7 @@ per profile (C = ∞, approximated by 1e9). Means over `--seeds`. The fleets:
 - Jetson shapes: profiles of 30 / 40 / 10 like `scenarios/fedspine-jetson-80.toml` (the 2 × 2 grid,
   c = 0.2 and round-normalised rewards of that scenario in the short rows), and the lean
   8-Jetson fleet (3 / 4 / 1) of docs/results/fedspine-lean.md, every device every round.
-The figures `fedsim/controllers/config.py` quotes for `pool_pulls` = 10 come from this script.
+The figures `fedsim/config/controller.py` quotes for `pool_pulls` = 10 come from this script.
 The table and the command go to `--doc` (default docs/results/pooling.md), whose "## Reading"
 section is kept.
 """

@@ -7,7 +7,7 @@
 
 Part 1, one training step (`bench/pruning_step.py`, whose docstring explains the method): time and
 peak memory at ratios 0, 0.25, 0.5 relative to ratio 0, same batch, same process, with the FLOP
-ratio from `fedsim.costs` beside them.
+ratio from `fedsim.fleet.costs` beside them.
 
 Part 2, a short federation per ratio: the quickstart scenario (SmolLM2, 4 clients, 2 per round, 4
 rounds, seed 0) with every client pruned to the same target ratio, all runs in one Flower
@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.printed import keep_printed, write_printed  # noqa: E402
 from fedsim.cli import quiet_libraries  # noqa: E402
-from fedsim.rundir import RunDir, read_metrics  # noqa: E402
-from fedsim.scenario import load_scenario  # noqa: E402
-from fedsim.simulation import run_simulations  # noqa: E402
+from fedsim.config.scenario import load_scenario  # noqa: E402
+from fedsim.results.rundir import RunDir, read_metrics  # noqa: E402
+from fedsim.runtime.simulation import run_simulations  # noqa: E402
 
 SHORT_SCHEDULE = ["pruning.events=2", "pruning.interval_steps=8", 'lora.target_modules=["q_proj", "v_proj", "up_proj"]']
 

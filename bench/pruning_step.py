@@ -1,11 +1,11 @@
-"""Training step of SmolLM2 structurally pruned at ratios 0, 0.25, 0.5: time and peak memory vs fedsim.costs.
+"""Training step of SmolLM2 structurally pruned at ratios 0, 0.25, 0.5: time and peak memory vs fedsim.fleet.costs.
 
     .venv/bin/python bench/pruning_step.py                       # about 3 minutes on 2 idle cores
     .venv/bin/python bench/pruning_step.py --ratios 0 0.5 --steps 4
     .venv/bin/python bench/pruning_step.py --profile 0.5         # where the time goes
 
 Setup: SmolLM2-135M, float32, `torch.set_num_threads(2)`; pruned with the magnitude score, per_layer
-(`fedsim.pruning.prune`); then LoRA r=8 on q_proj,v_proj (`fedsim.adapter.attach_lora`), AdamW,
+(`fedsim.pruning.prune`); then LoRA r=8 on q_proj,v_proj (`fedsim.model.adapter.attach_lora`), AdamW,
 batch 8 x 64 random tokens, one step = forward + backward + optimizer step.
 
 Time: all ratios' models live in one process and take their steps in turn (0, 0.25, 0.5, 0, …), so
@@ -19,13 +19,13 @@ resident), loads, prunes and attaches LoRA, then frees garbage, returns free hea
 VmHWM after two steps is then the peak resident memory of training. "net x" subtracts the ~380 MB
 that the interpreter, torch and transformers hold before any model is loaded. tracemalloc cannot
 see torch's allocations and torch keeps no CPU allocator statistics, hence RSS. "est x" is
-`fedsim.costs.train_memory`.
+`fedsim.fleet.costs.train_memory`.
 
 Finding (this 2-core CPU, two runs): step time x0.78-0.83 at ratio 0.25 and x0.62 at 0.5, against
 FLOPs x0.80 and x0.60 (2.7-3.1 s per unpruned step), so at 0.5 the time ratio is close to the FLOP
 ratio. `--profile 0.5` (self CPU seconds per step, 2 threads, ratio 0 -> 0.5) shows the residual:
 decoder matmuls 1.54 -> 0.80 (x0.52; their FLOPs x0.50), lm_head matmuls 0.43 -> 0.45 (FLOPs
-x1.00), log-softmax + NLL over the 512 x 49,152 logits 0.10 -> 0.09 (no FLOPs in `fedsim.costs`),
+x1.00), log-softmax + NLL over the 512 x 49,152 logits 0.10 -> 0.09 (no FLOPs in `fedsim.fleet.costs`),
 everything else (RMSNorm, rotary, SDPA, SiLU·up, residual adds, AdamW, autograd) 0.55 -> 0.35;
 total x0.65 against FLOPs x0.60. Pruning shrinks the matmuls it removes in proportion to their
 FLOPs; the time the cost model does not count (the vocabulary-sized loss, ~4% of an unpruned step,
@@ -56,11 +56,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsim.adapter import attach_lora  # noqa: E402
-from fedsim.costs import ModelShape, train_memory, train_step_flops  # noqa: E402
-from fedsim.models import load_model  # noqa: E402
+from fedsim.config.scenario import LoraConfig  # noqa: E402
+from fedsim.fleet.costs import ModelShape, train_memory, train_step_flops  # noqa: E402
+from fedsim.model.adapter import attach_lora  # noqa: E402
+from fedsim.model.loader import load_model  # noqa: E402
 from fedsim.pruning import prunable_params, prune  # noqa: E402
-from fedsim.scenario import LoraConfig  # noqa: E402
 
 BATCH, SEQ_LEN, RANK, TARGETS = 8, 64, 8, ("q_proj", "v_proj")
 Setup = tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor], float]
@@ -111,7 +111,7 @@ def _step(
 
 
 def memory(ratio: float, threads: int) -> dict[str, float]:
-    """Run in a fresh process: peak RSS of two training steps at `ratio`, and fedsim.costs' numbers."""
+    """Run in a fresh process: peak RSS of two training steps at `ratio`, and fedsim.fleet.costs' numbers."""
     imports = _proc_status("VmRSS")  # interpreter + torch + transformers, before any model
     model, optimizer, batch, removed = _setup(ratio, threads)
     _release_and_reset_peak()
@@ -171,7 +171,7 @@ def profile(ratio: float, threads: int, steps: int) -> None:
     flops = {}
     for r, (model, *_) in setups.items():
         shape = ModelShape.from_model(model)
-        head = 4 * BATCH * SEQ_LEN * shape.hidden * shape.vocab  # forward + dX, as in fedsim.costs
+        head = 4 * BATCH * SEQ_LEN * shape.hidden * shape.vocab  # forward + dX, as in fedsim.fleet.costs
         total = train_step_flops(shape, batch=BATCH, seq_len=SEQ_LEN, rank=RANK, targets=TARGETS)
         flops[r] = {PARTS[0]: head, PARTS[1]: total - head}
     print(f"self CPU s per step, mean of {steps}, {threads} thread(s): ratio 0 | ratio {ratio} | time x | FLOPs x")

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedsim.cli import quiet_libraries  # noqa: E402
-from fedsim.rundir import RunDir  # noqa: E402
-from fedsim.scenario import load_scenario  # noqa: E402
-from fedsim.simulation import run_simulation  # noqa: E402
+from fedsim.config.scenario import load_scenario  # noqa: E402
+from fedsim.results.rundir import RunDir  # noqa: E402
+from fedsim.runtime.simulation import run_simulation  # noqa: E402
 
 
 class PeakMemory:

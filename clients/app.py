@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -38,7 +39,12 @@ from transformers import PreTrainedTokenizerBase
 
 from clients.prune_and_tune import PruneAndTune, PruneOrder
 from clients.records import scalar
-from fedsim.adapter import (
+from fedsim.compression import codec_config, compress, encode, residual
+from fedsim.compression.downlink import apply_down
+from fedsim.config.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
+from fedsim.data.partitions import ClientData, client_data
+from fedsim.fleet.costs import ModelShape, train_step_flops
+from fedsim.model.adapter import (
     AdapterState,
     active_pairs,
     attach_lora,
@@ -49,11 +55,9 @@ from fedsim.adapter import (
     set_trainable,
     use_rank,
 )
-from fedsim.compression import compress, encode, residual
-from fedsim.costs import ModelShape, train_step_flops
-from fedsim.data import ClientData, client_data
-from fedsim.downlink import apply_down
-from fedsim.models import load_model
+from fedsim.model.loader import load_model
+from fedsim.model.training import evaluate as evaluate_model
+from fedsim.model.training import resolve_device, train_lora
 from fedsim.protocol import (
     ACCURACY,
     ARRAYS_RECORD,
@@ -93,10 +97,7 @@ from fedsim.protocol import (
 from fedsim.pruning.slicing import slice_adapter
 from fedsim.pruning.structure import Keep, LayerGeometry, geometry
 from fedsim.pruning.surgery import pruned_copy
-from fedsim.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.seeding import derive_seed
-from fedsim.training import evaluate as evaluate_model
-from fedsim.training import resolve_device, train_lora
 from strategies.hetlora import drop_tail, self_pruned_rank
 from strategies.lora_math import hetlora_rank_penalty, layer_pairs
 
@@ -128,7 +129,7 @@ def _model(model: ModelConfig, lora_json: str, device: str) -> tuple[PeftModel, 
 
 def _fresh_state_per_run(context: Context, scenario: Scenario) -> None:
     """Forget what this node kept for another run (one simulation can hold several runs:
-    `fedsim.simulation.run_simulations`): residuals, downlink copy, personal B."""
+    `fedsim.runtime.simulation.run_simulations`): residuals, downlink copy, personal B."""
     run = f"{scenario.name}/{scenario.seed}"
     held = context.state.config_records.get(RUN_KEY)
     if held is None or held["run"] != run:
@@ -160,9 +161,23 @@ def _layers(model: ModelConfig, lora_json: str, device: str) -> list[LayerGeomet
     return geometry(_model(model, lora_json, device)[0])
 
 
-def _setup(
-    msg: Message, context: Context
-) -> tuple[Scenario, int, PeftModel, PreTrainedTokenizerBase, ModelShape, ClientData, AdapterState, PruneOrder | None]:
+@dataclass(frozen=True)
+class Job:
+    """What one message asks of this node, ready to run: `model` holds the adapter to start from."""
+
+    scenario: Scenario
+    config: ConfigRecord  # the message's config record (rank, freeze, pruning order, the strategy's flags)
+    cid: int  # this node's client id (its data partition)
+    rank: int  # the LoRA rank to train or evaluate at
+    model: PeftModel  # this client's model: a pruned copy when it prunes
+    tokenizer: PreTrainedTokenizerBase
+    shape: ModelShape  # the unpruned model's shape
+    data: ClientData
+    received: AdapterState  # the adapter the message carried (what an update is measured from)
+    order: PruneOrder | None  # this round's pruning order, if the client prunes
+
+
+def _setup(msg: Message, context: Context) -> Job:
     config = msg.content.config_records[CONFIG_RECORD]
     scenario = _scenario(str(config[SCENARIO]))
     torch.set_num_threads(scenario.train.threads)
@@ -170,7 +185,8 @@ def _setup(
     _fresh_state_per_run(context, scenario)
     key = (scenario.model, scenario.lora.model_dump_json(), scenario.train.device)
     model, tokenizer, shape = _model(*key)
-    use_rank(model, scenario.lora, int(scalar(config, LORA_RANK, scenario.lora.rank)))
+    rank = int(scalar(config, LORA_RANK, scenario.lora.rank))
+    use_rank(model, scenario.lora, rank)
     set_trainable(model, freeze=str(config.get(LORA_FREEZE, "")))
     order = PruneOrder.from_config(config, _layers(*key)) if scenario.prunes else None
     if order is not None:  # this client's own model; the cached one stays whole for the next client
@@ -183,7 +199,7 @@ def _setup(
     )
     set_state(model, full)
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
-    return scenario, cid, model, tokenizer, shape, data, received, order
+    return Job(scenario, config, cid, rank, model, tokenizer, shape, data, received, order)
 
 
 def _personal_b(model: PeftModel, context: Context, keep: Keep | None) -> AdapterState:
@@ -224,18 +240,17 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, shape, data, received, order = _setup(msg, context)
-    config = msg.content.config_records[CONFIG_RECORD]
+    job = _setup(msg, context)
+    scenario, config, model, rank = job.scenario, job.config, job.model, job.rank
     server_round = int(scalar(config, SERVER_ROUND))
     t, lora = scenario.train, scenario.lora
-    rank = int(scalar(config, LORA_RANK, lora.rank))
     pruner = None
-    if order is not None:
+    if job.order is not None:
         layers = _layers(scenario.model, lora.model_dump_json(), t.device)
         pruner = PruneAndTune.for_round(
             model,
             layers,
-            order,
+            job.order,
             scenario.pruning,
             t.local_steps,
             (t.batch_size, t.max_seq_len, rank, lora.target_modules),
@@ -243,19 +258,19 @@ def train(msg: Message, context: Context) -> Message:
     step_flops = (
         pruner.step_flops
         if pruner is not None
-        else lambda b, n: train_step_flops(shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules)
+        else lambda b, n: train_step_flops(job.shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules)
     )
     result = train_lora(
         model,
-        tokenizer,
-        list(data.train),
+        job.tokenizer,
+        list(job.data.train),
         steps=t.local_steps,
         batch_size=t.batch_size,
         max_len=t.max_seq_len,
         lr=t.lr,
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
-        seed=derive_seed(scenario.seed, server_round, cid, "train"),
+        seed=derive_seed(scenario.seed, server_round, job.cid, "train"),
         step_flops=step_flops,
         proximal_mu=float(scalar(config, PROXIMAL_MU, 0.0)),  # set by Flower's FedProx
         regulariser=_rank_penalty(model, rank, config),
@@ -263,8 +278,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     metrics = MetricRecord(
         {
-            NUM_EXAMPLES: len(data.train),
-            CLIENT_ID: cid,
+            NUM_EXAMPLES: len(job.data.train),
+            CLIENT_ID: job.cid,
             TRAIN_LOSS: result.train_loss,
             LOSS_BEFORE: result.loss_before,
             LOSS_AFTER: result.loss_after,
@@ -283,8 +298,9 @@ def train(msg: Message, context: Context) -> Message:
             {FINAL_KEEP: pruner.keep.to_json() if pruner is not None else ""}
         )
     records: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {METRICS_RECORD: metrics}
-    if pruner is not None and order is not None:  # the update covers the keep the client ended with
-        received = slice_adapter(received, pruner.keep.within(order.keep))
+    received = job.received  # what the update is measured from
+    if pruner is not None and job.order is not None:  # the update covers the keep the client ended with
+        received = slice_adapter(received, pruner.keep.within(job.order.keep))
         records[PRUNE_RECORD] = ConfigRecord({FINAL_KEEP: pruner.keep.to_json()})
     if config.get(SELF_PRUNE, False):  # and the rank it kept
         kept = _self_pruned_rank(local, received, rank, float(scalar(config, PENALTY_GAMMA)))
@@ -334,7 +350,7 @@ def encode_update(local: AdapterState, received: AdapterState, c: CompressionCon
         carried = context.state.array_records[EF_KEY].to_torch_state_dict()
         if set(carried) == set(update) and all(carried[k].shape == v.shape for k, v in update.items()):
             update = {k: (v.double() + carried[k]).float() for k, v in update.items()}
-    config = c.codec()
+    config = codec_config(c)
     if c.error_feedback:
         context.state[EF_KEY] = ArrayRecord(residual(update, compress(update, config)))
     return encode(update, config)
@@ -342,23 +358,25 @@ def encode_update(local: AdapterState, received: AdapterState, c: CompressionCon
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    scenario, cid, model, tokenizer, _, data, _, _ = _setup(msg, context)
-    e = scenario.eval
-    rows = list(data.test)[: e.client_examples]
+    job = _setup(msg, context)
+    e = job.scenario.eval
+    rows = list(job.data.test)[: e.client_examples]
     if not rows:
-        raise ValueError(f"client {cid} has no test examples (data.test_fraction = {scenario.data.test_fraction})")
+        raise ValueError(
+            f"client {job.cid} has no test examples (data.test_fraction = {job.scenario.data.test_fraction})"
+        )
     result = evaluate_model(
-        model,
-        tokenizer,
+        job.model,
+        job.tokenizer,
         rows,
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
-        max_len=scenario.train.max_seq_len,
+        max_len=job.scenario.train.max_seq_len,
     )
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: result.num_examples,
-            CLIENT_ID: cid,
+            CLIENT_ID: job.cid,
             LOSS: result.loss,
             ACCURACY: result.accuracy,
             WALL_TIME_S: result.wall_time_s,

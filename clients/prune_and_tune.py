@@ -35,14 +35,14 @@ import torch
 from flwr.app import ConfigRecord
 
 from clients.records import scalar
-from fedsim.costs import ModelShape, train_step_flops
+from fedsim.config.scenario import PruningConfig
+from fedsim.fleet.costs import ModelShape, train_step_flops
 from fedsim.protocol import PRUNE_KEEP, PRUNE_STEPS, PRUNE_TARGET
 from fedsim.pruning.importance import ImportanceEMA, importance_scores, lora_grad_scores
 from fedsim.pruning.schedule import events_in
 from fedsim.pruning.select import select_keep
 from fedsim.pruning.structure import Keep, LayerGeometry, Scores
 from fedsim.pruning.surgery import apply_keep
-from fedsim.scenario import PruningConfig
 
 
 @dataclass(frozen=True)

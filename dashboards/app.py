@@ -33,8 +33,8 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 import pandas as pd
 
 from dashboards import pages
-from dashboards.plots import RUN_PLOTS, available_plots, compare_accuracy_png
 from dashboards.runs import RunNotFoundError, last_round_clients, list_runs, load_run, read_events, summary
+from fedsim.results.plots import RUN_PLOTS, available_plots, compare_accuracy_png
 
 logger = logging.getLogger(__name__)
 

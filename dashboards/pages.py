@@ -20,8 +20,8 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from dashboards.plots import RUN_PLOTS
 from dashboards.runs import Run, summary
+from fedsim.results.plots import RUN_PLOTS
 
 REFRESH_S = 10
 

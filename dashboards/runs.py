@@ -7,7 +7,7 @@ read inside a run directory must stay inside it too. A run whose metrics are mis
 loaded with its errors recorded (`Run.errors`) instead of raised: one bad run must not take down
 the pages of the others.
 
-Metrics are read through `fedsim.rundir.read_metrics` and tabulated by `fedsim.report.round_table`;
+Metrics are read through `fedsim.results.rundir.read_metrics` and tabulated by `fedsim.results.report.round_table`;
 optional columns (`sim_time_s`, `bytes_up`, `device`, ...) are carried through where they exist,
 never required.
 """
@@ -25,8 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from fedsim.report import round_table
-from fedsim.rundir import read_metrics
+from fedsim.results.report import round_table
+from fedsim.results.rundir import read_metrics
 
 RUN_FILES = ("metrics.parquet", "scenario.toml")  # a folder holding either is a run directory
 

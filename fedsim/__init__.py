@@ -8,6 +8,6 @@ directories (`rundir`, `report`), comparisons of runs (`compare`, `comparison`, 
 CLI (`cli`).
 """
 
-from fedsim.scenario import Scenario, ScenarioError, load_scenario
+from fedsim.config.scenario import Scenario, ScenarioError, load_scenario
 
 __all__ = ["Scenario", "ScenarioError", "load_scenario"]

@@ -6,16 +6,16 @@ so the whole wire is in one place: FedAvg's record names and weight key (`arrays
 Flower's constructors, `strategies.lora_strategy.RECORD_KEYS`), the round FedAvg writes into
 every config (`server-round`) and FedProx's `proximal-mu`.
 
-Query: server → every node, once per run (`fedsim.server.discover_clients`)
+Query: server → every node, once per run (`fedsim.server.federation.discover_clients`)
     CONFIG_RECORD    ConfigRecord  SCENARIO (str): the resolved scenario, as JSON
   reply
     IDENTITY_RECORD  ConfigRecord  CLIENT_ID (int): the client (data partition) this node is,
                                    its node config's PARTITION_ID
 
-Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.rounds`)
+Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.server.rounds`)
     ARRAYS_RECORD    ArrayRecord   the global adapter at the node's rank, cut to the slice its
                                    pruned model kept, plus any `<layer>.base_delta` tensors; or,
-                                   with the compressed downlink (`fedsim.downlink`), instead:
+                                   with the compressed downlink (`fedsim.compression.downlink`), instead:
     DOWN_RECORD      ConfigRecord  DOWN_KIND (str): DOWN_FULL (the whole broadcast adapter) or
                                    DOWN_DELTA (its change since DOWN_BASE); PAYLOAD (bytes): it,
                                    encoded by `fedsim.compression`; DOWN_BASE (int): the broadcast
@@ -32,7 +32,7 @@ Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.rou
                                    (float): λ, the tail penalty's weight; SELF_PRUNE (bool): run the
                                    rank self-pruning test after training (HetLoRA, `strategies.hetlora`);
                                    PROXIMAL_MU (float): μ of the proximal term (set by Flower's FedProx);
-                                   the pruned model (`fedsim.keeps`): PRUNE_KEEP (str): the keep it
+                                   the pruned model (`fedsim.fleet.keeps`): PRUNE_KEEP (str): the keep it
                                    holds, as JSON ("": unpruned); PRUNE_TARGET (float): the ratio it
                                    grows toward; PRUNE_STEPS (int): local steps trained in the run
   reply

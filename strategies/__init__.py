@@ -10,19 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fedsim.config.names import SERVER_OPTIMIZERS
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
-from strategies.flower_optimizers import STATEFUL, fedprox, server_optimizer
+from strategies.flower_optimizers import fedprox, server_optimizer
 from strategies.hetlora import HetLoRA
 from strategies.lora_fair import LoRAFAIR
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 if TYPE_CHECKING:
-    from fedsim.scenario import Scenario
+    from fedsim.config.scenario import Scenario
 
 
 def _base(scenario: Scenario) -> tuple[int, float, int]:
@@ -48,7 +49,7 @@ STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
     "fedprox": lambda scenario: FedIT(
         *_base(scenario), optimizer=fedprox(scenario.strategy.proximal_mu), padding=_padding(scenario)
     ),
-    **{name: _optimizer(name) for name in STATEFUL},
+    **{name: _optimizer(name) for name in SERVER_OPTIMIZERS},
     "hetlora": lambda scenario: HetLoRA(
         *_base(scenario),
         gamma=scenario.strategy.rank_gamma,
@@ -66,22 +67,12 @@ STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
 }
 
 
-# Strategies that cannot aggregate pruned clients, and why (the scenario check names the reason).
-_REFUSING: dict[str, type[LoraStrategy]] = {
-    "flexlora": FlexLoRA,
-    "flora": FLoRA,
-    "fedex_lora": FedExLoRA,
-    "lora_fair": LoRAFAIR,
-}
-PRUNING_REFUSED: dict[str, str] = {name: cls.pruning_refused for name, cls in _REFUSING.items()}
-
-
 def build_strategy(scenario: Scenario) -> LoraStrategy:
     """The strategy the scenario names (validated at load, so the name is known)."""
     return STRATEGIES[scenario.strategy.name](scenario)
 
 
 __all__ = [
-    "PRUNING_REFUSED", "STRATEGIES", "ClientAdapter", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSALoRA", "FlexLoRA", "HetLoRA",
+    "STRATEGIES", "ClientAdapter", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSALoRA", "FlexLoRA", "HetLoRA",
     "LoRAFAIR", "LoraStrategy", "build_strategy",
 ]  # fmt: skip

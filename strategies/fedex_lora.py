@@ -16,15 +16,14 @@ clients with the adapter, dense (out × in per adapted layer), and its bytes are
 
 from __future__ import annotations
 
-from fedsim.adapter import BASE_DELTA, AdapterState, split_state
+from fedsim.config.names import PRUNING_REFUSED
+from fedsim.model.adapter import BASE_DELTA, AdapterState, split_state
 from strategies.lora_math import fedex_residual, layer_pairs
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class FedExLoRA(LoraStrategy):
-    pruning_refused = (
-        "it merges the clients' dense residual into the frozen base weights, which a pruned client holds only in part"
-    )
+    pruning_refused = PRUNING_REFUSED["fedex_lora"]
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, deltas = split_state(self.current)

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.adapter import from_record
+from fedsim.model.adapter import from_record
 from fedsim.protocol import ARRAYS_RECORD, METRICS_RECORD
 from strategies.lora_strategy import LoraStrategy
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.adapter import AdapterState, split_state
+from fedsim.model.adapter import AdapterState, split_state
 from fedsim.pruning.slicing import fill_uncovered
 from strategies.lora_math import fedsa_lora, layer_pairs
 from strategies.lora_strategy import ClientAdapter, LoraStrategy

@@ -15,7 +15,7 @@ travels down (fedsim's clients hold no state they could derive it from), which t
 
 from __future__ import annotations
 
-from fedsim.adapter import AdapterState, split_state
+from fedsim.model.adapter import AdapterState, split_state
 from strategies.lora_math import ffa_lora, layer_pairs
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 

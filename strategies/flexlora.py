@@ -22,13 +22,14 @@ in which every client returns what it was sent changes nothing.
 
 from __future__ import annotations
 
-from fedsim.adapter import AdapterState, split_state
+from fedsim.config.names import PRUNING_REFUSED
+from fedsim.model.adapter import AdapterState, split_state
 from strategies.lora_math import flexlora, layer_pairs
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class FlexLoRA(LoraStrategy):
-    pruning_refused = "it takes the SVD of the mean of the clients' full products s_k B_k A_k, and a masked mean of products is not implemented"
+    pruning_refused = PRUNING_REFUSED["flexlora"]
 
     paper_padding = "zeros"
 

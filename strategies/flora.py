@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from fedsim.adapter import BASE_DELTA, AdapterState, split_state
+from fedsim.config.names import PRUNING_REFUSED
+from fedsim.model.adapter import BASE_DELTA, AdapterState, split_state
 from fedsim.seeding import derive_seed
 from strategies.lora_math import flora_stack, layer_pairs, merge_into_base
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
@@ -29,9 +30,7 @@ from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 class FLoRA(LoraStrategy):
     paper_padding = "stack"  # no padding: every client's factors enter the stack at their own rank
-    pruning_refused = (
-        "it merges the clients' dense updates into the frozen base weights, which a pruned client holds only in part"
-    )
+    pruning_refused = PRUNING_REFUSED["flora"]
 
     def aggregate(self, server_round: int, clients: list[ClientAdapter]) -> AdapterState:
         adapter, deltas = split_state(self.current)

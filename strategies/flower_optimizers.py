@@ -23,8 +23,6 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedPro
 
 from strategies.lora_strategy import RECORD_KEYS, SAMPLING
 
-STATEFUL = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
-
 
 def fedprox(mu: float) -> FedAvg:
     return FedProx(proximal_mu=mu, **SAMPLING, **RECORD_KEYS)

@@ -18,7 +18,7 @@ fedsim client adapts several layers at one rank, so both norms are taken over ev
 together, the root of the sum of the per-layer squares (`tail_norm`). A client that pruned sends
 its adapter, and its update, at the kept rank (`drop_tail`) and names that rank in its reply
 (`fedsim.protocol.RANK_RECORD`); the server gives that client at most the kept rank from then on,
-so its rank never grows back (`fedsim.rounds.RoundEnv.rank`). `HetLoRA.instructions` tells the
+so its rank never grows back (`fedsim.server.rounds.RoundEnv.rank`). `HetLoRA.instructions` tells the
 client γ, λ and to self-prune (`fedsim.protocol`: PENALTY_GAMMA, PENALTY_LAMBDA, SELF_PRUNE).
 
 The server zero-pads every client to r_max and averages with sparsity weights, per layer:
@@ -40,7 +40,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedsim.adapter import AdapterState
+from fedsim.model.adapter import AdapterState
 from fedsim.protocol import PENALTY_GAMMA, PENALTY_LAMBDA, SELF_PRUNE
 from fedsim.pruning.slicing import fill_uncovered
 from strategies.lora_math import fedit, hetlora_rank_penalty, hetlora_weights, layer_pairs, truncate

@@ -16,13 +16,14 @@ zero-pads and takes ΔW* = Σ_k p_k s_k B_k A_k.
 
 from __future__ import annotations
 
-from fedsim.adapter import AdapterState, split_state
+from fedsim.config.names import PRUNING_REFUSED
+from fedsim.model.adapter import AdapterState, split_state
 from strategies.lora_math import layer_pairs, lora_fair_refine
 from strategies.lora_strategy import ClientAdapter, LoraStrategy
 
 
 class LoRAFAIR(LoraStrategy):
-    pruning_refused = "its residual correction needs every client's full product s_k B_k A_k"
+    pruning_refused = PRUNING_REFUSED["lora_fair"]
 
     def __init__(self, rank: int, alpha: float, seed: int = 0, lam: float = 0.01, padding: str | None = None) -> None:
         super().__init__(rank, alpha, seed, padding)

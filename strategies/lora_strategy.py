@@ -26,11 +26,11 @@ strategy's `paper_padding` is what its paper does or, where the paper assumes on
 Which factors travel is per strategy (`downloads`, `uploads`); what the client must do differently
 (freeze A, keep a personal B, add a penalty) travels in the message's config (`instructions`).
 Strategies that merge into the frozen base add `<layer>.base_delta` tensors to the global state
-(see `fedsim.adapter`); they travel to clients with the adapter, dense, and their bytes count.
+(see `fedsim.model.adapter`); they travel to clients with the adapter, dense, and their bytes count.
 
 Pruned clients (`fedsim.pruning`). The global adapter keeps the unpruned shape. A pruned node
 (`assign_pruning`) receives the slice of its rank's state that matches the heads and channels it
-kept (`slicing.slice_adapter`) and its pruning order in the config (`fedsim.keeps`); its reply
+kept (`slicing.slice_adapter`) and its pruning order in the config (`fedsim.fleet.keeps`); its reply
 names the keep it ended the round with, and the client's adapter is scattered back to the unpruned shape with a coverage mask
 (`ClientAdapter.mask`). Strategies that average factors coordinate by coordinate (FedIT, HetLoRA,
 FFA-LoRA, FedSA-LoRA) fill each client's uncovered coordinates with the weighted mean of those
@@ -49,7 +49,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.adapter import AdapterState, factors, from_record, split_state
+from fedsim.model.adapter import AdapterState, factors, from_record, split_state
 from fedsim.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,

@@ -6,7 +6,16 @@
 
 from fedsim.compression.codec import Header, decode, encode, encoded_size, read_header
 from fedsim.compression.errors import CodecError
-from fedsim.compression.methods import MAX_NUMEL, CodecConfig, Sparse, Update, compress, residual, sparsify
+from fedsim.compression.methods import (
+    MAX_NUMEL,
+    CodecConfig,
+    Sparse,
+    Update,
+    codec_config,
+    compress,
+    residual,
+    sparsify,
+)
 
 __all__ = [
     "MAX_NUMEL",
@@ -15,6 +24,7 @@ __all__ = [
     "Header",
     "Sparse",
     "Update",
+    "codec_config",
     "compress",
     "decode",
     "encode",

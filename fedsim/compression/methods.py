@@ -41,6 +41,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from fedsim.config.scenario import CompressionConfig
+
 Update = dict[str, torch.Tensor]
 
 METHODS = ("none", "topk", "compeft")
@@ -88,6 +90,19 @@ class CodecConfig:
         if not isinstance(self.per_tensor, bool):
             problems.append(f"`per_tensor` must be True or False, got {self.per_tensor!r}")
         return problems
+
+
+def codec_config(compression: CompressionConfig) -> CodecConfig:
+    """The codec a scenario's `compression` section asks for (the downlink uses the same one);
+    with `alpha = "auto"` clients encode with α = 1 and the server scales."""
+    alpha = 1.0 if compression.alpha == "auto" else compression.alpha
+    return CodecConfig(
+        method=compression.method,
+        density=compression.density,
+        alpha=alpha,
+        dtype=compression.dtype,
+        per_tensor=compression.per_tensor,
+    )
 
 
 def _is_real(value: object) -> bool:

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedsim.config.controller import ControllerConfig, ControllerConfigError, RewardConfig, validate_controller
 from fedsim.controllers.arms import ArmGrid
 from fedsim.controllers.base import Controller
-from fedsim.controllers.config import ControllerConfig, ControllerConfigError, RewardConfig, validate_controller
 from fedsim.controllers.discounted_ucb import DiscountedUCB, SlidingWindowUCB
 from fedsim.controllers.exp3 import Exp3
 from fedsim.controllers.fixed import Fixed

@@ -82,7 +82,7 @@ import numpy as np
 from fedsim.controllers.arms import ArmGrid, dominated_by, same_point
 
 if TYPE_CHECKING:
-    from fedsim.controllers.config import ControllerConfig
+    from fedsim.config.controller import ControllerConfig
 
 _U64 = (1 << 64) - 1
 SPREAD_WAVES = 8  # `_spread`: a profile's devices in one round pick in at most 8 waves (a round's sample of a profile is rarely more)

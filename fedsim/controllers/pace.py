@@ -1,7 +1,7 @@
 """Each device's pace, learned from its own reports, to price the arms it has not tried.
 
 A client's round time is compute plus communication. The server's cost model gives each arm k its
-FLOPs per round F_k (`fedsim.costs` at the arm's rank, on the model cut to its ratio) and the LoRA
+FLOPs per round F_k (`fedsim.fleet.costs` at the arm's rank, on the model cut to its ratio) and the LoRA
 parameters P_k that travel (both directions scale with them: ComPEFT keeps a fixed share of them,
 the downlink sends the client's rank). From a round in which device d played arm j and reported
 compute c and communication m seconds (the first report sets the rate, each later one moves it
@@ -12,7 +12,7 @@ halfway):
     t̂_dk = a_d · F_k + b_d · P_k  the arm's predicted round time on device d
 
 A device not yet seen takes its profile's median a and b over the devices seen (a device says what
-hardware it is, nothing more; `fedsim.control`); with no peer seen either its times are unknown
+hardware it is, nothing more; `fedsim.server.control`); with no peer seen either its times are unknown
 (NaN).
 
 Screening (`hopeless`, on the times `Pace.predict` gives): an arm is not tried on device d this

@@ -94,7 +94,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from fedsim.controllers.config import RewardConfig
+from fedsim.config.controller import RewardConfig
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
+from fedsim.config.names import IMPORTANCE_SCORES as SCORES
 from fedsim.pruning.structure import ATTENTION, AXIS, MLP, Keep, Scores, decoder_layers, geometry, weight
 
-SCORES = ("magnitude", "activation", "first_order", "lora_grad")
 PerWeight = Callable[[int, str, torch.nn.Module], Tensor | None]  # (layer, projection, module) -> I or None
 
 

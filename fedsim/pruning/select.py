@@ -26,10 +26,10 @@ from collections.abc import Sequence
 
 import torch
 
+from fedsim.config.names import MAX_RATIO
 from fedsim.pruning.structure import Keep, LayerGeometry, Scores
 
 MODES = ("per_layer", "global")
-MAX_RATIO = 0.95
 
 
 def select_keep(

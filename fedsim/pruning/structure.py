@@ -28,9 +28,9 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from fedsim.config.names import ATTENTION, MLP
+
 FAMILIES = ("llama", "mistral", "qwen2")  # same layout, tested with tiny random configs
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 # the axis of each weight (out, in) that pruning shrinks: 0 = output rows, 1 = input columns
 AXIS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 0, "up_proj": 0, "down_proj": 1}
 

@@ -1,6 +1,6 @@
 """Physical structured pruning: replace a model's linears with smaller ones that hold only what a `Keep` kept.
 
-No masks: the pruned model is the smaller model it looks like, so `fedsim.costs.ModelShape` costs
+No masks: the pruned model is the smaller model it looks like, so `fedsim.fleet.costs.ModelShape` costs
 it as such and a training step really does less work. Per decoder layer i and projection p, the
 weight W_p (out, in) becomes W_p[idx, :] (q,k,v,gate,up: output rows) or W_p[:, idx] (o,down: input
 columns) with idx = `keep.indices(i, p)`; a bias follows its output rows.

@@ -7,7 +7,7 @@ from flwr.app import Context, RecordDict
 
 from clients.app import EF_KEY, encode_update
 from fedsim.compression import CodecConfig, compress, decode
-from fedsim.scenario import CompressionConfig
+from fedsim.config.scenario import CompressionConfig
 
 
 def context() -> Context:

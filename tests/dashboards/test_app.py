@@ -16,11 +16,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from fake_runs import write_run
 from PIL import Image
+from tests_support.fake_runs import write_run
 
 from dashboards.app import main, route, serve
-from dashboards.plots import SIZE_PX
+from fedsim.results.plots import SIZE_PX
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert(1)"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fake_runs import metrics, write_run
+from tests_support.fake_runs import metrics, write_run
 
 from dashboards.runs import RunNotFoundError, list_runs, load_run, per_round, read_events, resolve_run, summary
-from fedsim.report import round_table
+from fedsim.results.report import round_table
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/etc", "a\\b", "a\0b", "x" * 300, "missing"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import protocol
-from fedsim.rundir import METRIC_COLUMNS
+from fedsim.results.rundir import METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("fedsim", "clients", "strategies")
@@ -18,18 +18,18 @@ NAMES = {name: value for name, value in vars(protocol).items() if name.isupper()
 KEYS = {value: name for name, value in NAMES.items() if isinstance(value, str)}
 
 # Protocol strings that are also ordinary words with another meaning in a module (module → words).
-# Words that name a metrics-table column (`fedsim.rundir.METRIC_COLUMNS`: "kind", "loss", ...) may
+# Words that name a metrics-table column (`fedsim.results.rundir.METRIC_COLUMNS`: "kind", "loss", ...) may
 # appear anywhere: rows are built and read by column name.
 OTHER_MEANINGS: dict[str, set[str]] = {
-    "fedsim/adapter.py": {"rank"},  # a LoraConfig field
+    "fedsim/model/adapter.py": {"rank"},  # a LoraConfig field
     "fedsim/cli.py": {"scenario"},  # a CLI argument
-    "fedsim/costs.py": {"config"},  # transformers' `model.config`
-    "fedsim/deploy.py": {"scenario"},  # a run-config key of the ServerApp
-    "fedsim/export.py": {"keep"},  # a field of the export manifest
+    "fedsim/fleet/costs.py": {"config"},  # transformers' `model.config`
+    "fedsim/runtime/deploy.py": {"scenario"},  # a run-config key of the ServerApp
+    "fedsim/server/export.py": {"keep"},  # a field of the export manifest
     "fedsim/pruning/__init__.py": {"prune"},  # a function in `__all__`
     "fedsim/pruning/structure.py": {"config"},  # transformers' `model.config`
-    "fedsim/scenario.py": {"scenario"},  # how a config error names its input
-    "fedsim/server_app.py": {"scenario"},  # a run-config key of the ServerApp
+    "fedsim/config/scenario.py": {"scenario"},  # how a config error names its input
+    "fedsim/runtime/server_app.py": {"scenario"},  # a run-config key of the ServerApp
 }
 
 

@@ -13,13 +13,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 from tests_support.messages import train_reply
 
-from fedsim.adapter import AdapterState, attach_lora, from_record, get_state
-from fedsim.models import load_model
+from fedsim.config.names import PRUNING_REFUSED
+from fedsim.config.scenario import LoraConfig, ScenarioError, validate_scenario
+from fedsim.model.adapter import AdapterState, attach_lora, from_record, get_state
+from fedsim.model.loader import load_model
 from fedsim.protocol import PRUNE_RECORD
 from fedsim.pruning import Keep, slice_adapter
 from fedsim.pruning.structure import AXIS
-from fedsim.scenario import LoraConfig, ScenarioError, validate_scenario
-from strategies import PRUNING_REFUSED, FedIT, LoraStrategy
+from strategies import FedIT, LoraStrategy
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA

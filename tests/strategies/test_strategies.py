@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAdam
 from flwr.supercore.task_identity import TaskIdentity
 from tests_support.messages import train_reply
 
-from fedsim.adapter import AdapterState, from_record, split_state
+from fedsim.model.adapter import AdapterState, from_record, split_state
 from strategies import STRATEGIES, FedIT, LoraStrategy
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedsa_lora import FedSALoRA
@@ -326,7 +326,7 @@ def test_lora_fair_moves_the_product_toward_the_ideal_update() -> None:
 
 
 def test_registry_builds_every_strategy_from_a_scenario() -> None:
-    from fedsim.scenario import validate_scenario
+    from fedsim.config.scenario import validate_scenario
 
     for name in STRATEGIES:
         s = validate_scenario(
@@ -472,7 +472,7 @@ def test_flexlora_keeps_a_orthonormal_so_every_rank_trains() -> None:
 
 
 def test_the_scenario_picks_the_padding_and_the_papers_by_default() -> None:
-    from fedsim.scenario import validate_scenario
+    from fedsim.config.scenario import validate_scenario
 
     def build(name: str, padding: str) -> LoraStrategy:
         s = validate_scenario({"model": {"name": "tiny-llama"}, "strategy": {"name": name, "rank_padding": padding}})
@@ -489,7 +489,7 @@ def test_the_scenario_picks_the_padding_and_the_papers_by_default() -> None:
 
 
 def test_flora_refuses_a_rank_padding_and_a_bad_padding_is_named() -> None:
-    from fedsim.scenario import ScenarioError, validate_scenario
+    from fedsim.config.scenario import ScenarioError, validate_scenario
 
     with pytest.raises(ScenarioError, match=r"`strategy.rank_padding` = 'zeros' does not apply to 'flora'"):
         validate_scenario({"model": {"name": "tiny-llama"}, "strategy": {"name": "flora", "rank_padding": "zeros"}})

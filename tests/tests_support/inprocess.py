@@ -12,8 +12,8 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 from clients import app
-from fedsim.adapter import AdapterState, get_state
-from fedsim.scenario import Scenario
+from fedsim.config.scenario import Scenario
+from fedsim.model.adapter import AdapterState, get_state
 
 HANDLERS = {"query": app.identify, "train": app.train, "evaluate": app.evaluate}
 

@@ -1,5 +1,5 @@
 """Processes a test starts: the venv's tools, a free loopback port, waiting, and stopping a
-whole process group (the last two are fedsim.deploy's own, which `fedsim deploy local` uses)."""
+whole process group (the last two are fedsim.runtime.deploy's own, which `fedsim deploy local` uses)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedsim.deploy import free_port, stop_group
+from fedsim.runtime.deploy import free_port, stop_group
 
 BIN = Path(sys.executable).parent  # the venv's bin: flwr, flower-superlink, ray
 

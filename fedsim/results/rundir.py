@@ -1,0 +1,278 @@
+"""The run directory: everything a run leaves on disk, written so a killed run loses at most
+the round in flight.
+
+Layout of ``<out>/<name>/``::
+
+    scenario.toml            the resolved scenario (defaults filled in, overrides applied)
+    metrics.parquet          one row per client per round and one per round (schema below)
+    events.jsonl             one JSON object per line: run start/end, rounds, rejected replies
+    checkpoints/round_<k>/   the global adapter after round k, in PEFT's format
+    keeps.json               pruning: each client's keep and steps trained, after the last round
+                             (`fedsim.fleet.keeps`; also in each checkpoint, for `fedsim resume`)
+    controller.npz           with a controller: its state after the last round (also in each checkpoint)
+    adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
+    final_eval.parquet       the last round's central evaluation, one row per held-out example
+                             (the whole held-out set; schema `FINAL_EVAL_COLUMNS` below)
+
+metrics.parquet schema (`METRIC_COLUMNS`):
+
+    round        int    0 = before training; k = after round k
+    client_id    int    the client's partition id; -1 for server rows
+    kind         str    train | eval_client | eval_central | eval_export (the final adapter on the
+                        pruned model of each target ratio, central test set: `fedsim.server.export`)
+    status       str    ok | failed (ClientApp error or no reply) | rejected (reply failed
+                        validation) | straggler (finished too late: deadline or over-commitment;
+                        update discarded) | dropped (dropped out mid-round) | infeasible (the
+                        training step does not fit the device's memory; not trained)
+    device       str    the client's device profile ("" for server rows)
+    lora_rank    int    train/eval_client: the LoRA rank the client trained or evaluated at (0 for server rows)
+    rank_kept    int    train, with a reply: the rank of the adapter the client sent back, below lora_rank
+                        when it self-pruned (hetlora; the server then caps its rank there); 0 otherwise
+    num_examples int    examples trained on / evaluated (eval_central: `eval.central_examples` of the
+                        held-out set each round, the whole set at the run's last round)
+    loss         float  train: mean loss over local steps; eval: response-token loss
+    loss_before  float  train: loss on a fixed probe batch before local training (else NaN)
+    loss_after   float  train: the same batch after local training (else NaN)
+    accuracy     float  eval: greedy exact match (train: NaN)
+    deployed_loss float eval_central, with `pruning.deploy_ratios`: the fleet's deployed models'
+                        loss, each device's model cut to its profile's ratio, device-weighted (`fedsim.server.deployed`)
+    deployed_accuracy float  eval_central: their accuracy, likewise (both NaN without deploy ratios)
+    tokens       int    train: tokens processed, padding excluded (else 0)
+    wall_time_s  float  train/eval_client: the client's own time for its work;
+                        eval_central: wall time of the run so far, at the end of that round
+    flops        float  train: training FLOPs the client counted for its batches (fedsim.fleet.costs)
+    sim_compute_s float train: simulated compute time, flops / device throughput (fedsim.fleet.clock);
+                        with fleet.clock = measured, the training time the client reported
+    sim_comm_s   float  train: simulated transfer time of bytes_down and bytes_up; measured:
+                        the rest of the round trip the server timed (transfer, process start, load)
+    bytes_up     int    train: reply payload as sent (Flower's deflated record tree)
+    bytes_down   int    train: the message the client received, likewise
+    sim_time_s   float  eval_central: simulated fleet time at the end of that round (cumulative)
+    alpha        float  train, ComPEFT: the α the server applied to this update (NaN otherwise)
+    aggregation_bias float eval_central: ‖mean(sB)·mean(A) − mean(sB·A)‖_F / ‖mean(sB·A)‖_F over
+                        the round's kept clients, mean over layers (fedsim.server.rounds.round_bias)
+    prune_target float  train/eval_client: the client's target pruning ratio (0 = unpruned; fedsim.fleet.keeps);
+                        eval_export: the target ratio of the exported model
+    prune_ratio  float  train: share of the prunable parameters the client had removed at the end of
+                        its round (others: what it held); eval_export: the exported model's
+    contribution float  train, with a learning controller: relative held-out loss decrease of the global
+                        model moved by the client's share of an average (`rounds.contributions`; NaN if not scored)
+    update_norm  float  train: ‖local − received‖ of the client's decoded update (NaN if none)
+    arm_rank     int    train, with a controller: the LoRA rank the bandit chose for the client (0 otherwise)
+    arm_ratio    float  train, with a controller: the pruning ratio it chose (NaN otherwise)
+    arm_predicted_s float  train, with a controller: the arm's round time predicted from the device's
+                        pace before it played (`controllers.pace`; NaN before its profile was seen)
+    reward       float  train, with a controller: the reward the bandit learned from (NaN if none)
+    reason       str    why a row is not ok ("" when ok)
+
+final_eval.parquet schema (`FINAL_EVAL_COLUMNS`), rows in held-out order; its token-weighted loss
+and mean `correct` are the final eval_central row's loss and accuracy (`fedsim.model.training`):
+
+    round        int    the round evaluated (a run's last; compare with metrics.parquet's)
+    example      int    index in the held-out set (`fedsim.data.partitions.central_test_set`, seeded by the run's seed)
+    loss         float  the example's mean response-token loss l_i (NaN without a response token)
+    n_tokens     int    response tokens n_i that l_i is the mean of
+    correct      bool   greedy exact match
+
+Every file is replaced atomically (write to a temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedsim.config.scenario import Scenario, scenario_toml
+
+METRIC_COLUMNS: dict[str, str] = {
+    "round": "int64",
+    "client_id": "int64",
+    "kind": "string",
+    "status": "string",
+    "num_examples": "int64",
+    "loss": "float64",
+    "loss_before": "float64",
+    "loss_after": "float64",
+    "accuracy": "float64",
+    "deployed_loss": "float64",
+    "deployed_accuracy": "float64",
+    "tokens": "int64",
+    "wall_time_s": "float64",
+    "device": "string",
+    "lora_rank": "int64",
+    "rank_kept": "int64",
+    "flops": "float64",
+    "sim_compute_s": "float64",
+    "sim_comm_s": "float64",
+    "bytes_up": "int64",
+    "bytes_down": "int64",
+    "sim_time_s": "float64",
+    "alpha": "float64",
+    "aggregation_bias": "float64",
+    "prune_target": "float64",
+    "prune_ratio": "float64",
+    "contribution": "float64",
+    "update_norm": "float64",
+    "arm_rank": "int64",
+    "arm_ratio": "float64",
+    "arm_predicted_s": "float64",
+    "reward": "float64",
+    "reason": "string",
+}
+_DEFAULTS: dict[str, Any] = {
+    "status": "ok",
+    "num_examples": 0,
+    "loss": math.nan,
+    "loss_before": math.nan,
+    "loss_after": math.nan,
+    "accuracy": math.nan,
+    "deployed_loss": math.nan,
+    "deployed_accuracy": math.nan,
+    "tokens": 0,
+    "wall_time_s": math.nan,
+    "device": "",
+    "lora_rank": 0,
+    "rank_kept": 0,
+    "flops": math.nan,
+    "sim_compute_s": math.nan,
+    "sim_comm_s": math.nan,
+    "bytes_up": 0,
+    "bytes_down": 0,
+    "sim_time_s": math.nan,
+    "alpha": math.nan,
+    "aggregation_bias": math.nan,
+    "prune_target": 0.0,
+    "prune_ratio": 0.0,
+    "contribution": math.nan,
+    "update_norm": math.nan,
+    "arm_rank": 0,
+    "arm_ratio": math.nan,
+    "arm_predicted_s": math.nan,
+    "reward": math.nan,
+    "reason": "",
+}
+
+FINAL_EVAL_COLUMNS: dict[str, str] = {
+    "round": "int64",
+    "example": "int64",
+    "loss": "float64",
+    "n_tokens": "int64",
+    "correct": "bool",
+}
+FINAL_EVAL_FILE = "final_eval.parquet"
+KEEPS_FILE = "keeps.json"
+
+
+class RunExistsError(FileExistsError):
+    """The run directory is already there; fedsim never overwrites a run silently."""
+
+
+def metrics_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows → a DataFrame with exactly the documented columns and dtypes."""
+    unknown = {k for r in rows for k in r} - set(METRIC_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown metric columns {sorted(unknown)}")
+    full = [{**_DEFAULTS, **r} for r in rows]
+    frame = pd.DataFrame(full, columns=list(METRIC_COLUMNS))
+    return frame.astype(METRIC_COLUMNS)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Owns one run's directory: creates it, appends events and metric rows, stores checkpoints."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def create(cls, out: Path, scenario: Scenario) -> RunDir:
+        path = Path(out) / scenario.name
+        if path.exists():
+            raise RunExistsError(
+                f"run directory {path} already exists; choose another with --out DIR or "
+                f"--set name=NEW_NAME, or remove it"
+            )
+        path.mkdir(parents=True)
+        (path / "checkpoints").mkdir()
+        run = cls(path)
+        run.save_scenario(scenario)
+        return run
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.parquet"
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round_{server_round}"
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / "adapter"
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """An existing run directory (to resume it: `fedsim.server.resume`)."""
+        if not (Path(path) / "metrics.parquet").is_file() or not (Path(path) / "scenario.toml").is_file():
+            raise FileNotFoundError(f"{path} is not a fedsim run directory (no metrics.parquet or scenario.toml)")
+        return cls(Path(path))
+
+    def save_scenario(self, scenario: Scenario) -> None:
+        _atomic_write(self.path / "scenario.toml", scenario_toml(scenario).encode())
+
+    @property
+    def keeps_path(self) -> Path:
+        return self.path / KEEPS_FILE
+
+    def save_keeps(self, text: str, server_round: int) -> None:
+        """Each client's pruning record after `server_round`: in its checkpoint, and the latest at the top."""
+        _atomic_write(self.checkpoint_path(server_round) / KEEPS_FILE, text.encode())
+        _atomic_write(self.keeps_path, text.encode())
+
+    def save_final_eval(
+        self, server_round: int, loss: Sequence[float], n_tokens: Sequence[int], correct: Sequence[bool]
+    ) -> None:
+        """The per-example central evaluation of `server_round`, example k of the held-out set in row k."""
+        frame = pd.DataFrame({"round": server_round, "example": range(len(correct))})
+        frame = frame.assign(loss=list(loss), n_tokens=list(n_tokens), correct=list(correct))
+        _atomic_write(self.path / FINAL_EVAL_FILE, frame.astype(FINAL_EVAL_COLUMNS).to_parquet(index=False))
+
+    def event(self, kind: str, /, **fields: Any) -> None:
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
+        line = json.dumps({"time": time.time(), "event": kind, **clean}, default=str, allow_nan=False)
+        with open(self.path / "events.jsonl", "a") as fh:
+            fh.write(line + "\n")
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows and rewrite metrics.parquet (small: one row per client-round)."""
+        self.rows.extend(rows)
+        frame = metrics_frame(self.rows)
+        _atomic_write(self.metrics_path, frame.to_parquet(index=False))
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    path = Path(run_dir) / "metrics.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fedsim run directory (no metrics.parquet)")
+    return pd.read_parquet(path)
+
+
+def read_final_eval(run_dir: str | Path) -> pd.DataFrame:
+    """The run's final_eval.parquet; FileNotFoundError if it has none (a run still going, or one
+    recorded without it)."""
+    path = Path(run_dir) / FINAL_EVAL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {FINAL_EVAL_FILE} (per-example results of its final round)")
+    return pd.read_parquet(path)

@@ -1,0 +1,96 @@
+"""Run a scenario on Flower's Simulation Runtime with the Ray backend, in this process.
+
+Every client is a Flower virtual SuperNode (`num_supernodes = clients.num_clients`); Ray runs
+them on a pool of actors, `simulation.num_cpus_per_client` CPUs each, so the pool size (and the
+parallelism) is the CPU count divided by that. Every virtual client gets the same Ray resources:
+device heterogeneity is modelled by fedsim itself, not by Ray.
+
+To use an existing Ray cluster, set `simulation.ray_address` (passed to `ray.init(address=...)`
+through Flower's `backend_config["init_args"]`); GPUs: `simulation.num_gpus_per_client`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation as flwr_run_simulation
+
+from clients.app import app
+from fedsim.config.scenario import Scenario
+from fedsim.results.rundir import RunDir
+from fedsim.server.federation import ProgressFn, run_federation
+from fedsim.server.resume import ResumePoint
+
+
+def backend_config(scenario: Scenario) -> dict[str, Any]:
+    sim = scenario.simulation
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    return {
+        "client_resources": {"num_cpus": sim.num_cpus_per_client, "num_gpus": sim.num_gpus_per_client},
+        "init_args": init_args,
+    }
+
+
+def run_simulation(
+    scenario: Scenario,
+    run_dir: RunDir,
+    progress: ProgressFn | None = None,
+    client_app: ClientApp | None = None,
+    resume: ResumePoint | None = None,
+) -> None:
+    """Run `scenario` to the end (from `resume`'s round, if given); exceptions from the server
+    loop propagate to the caller. `client_app` replaces fedsim's own ClientApp (tests inject
+    misbehaving clients this way)."""
+    run_simulations([(scenario, run_dir)], progress, client_app, keep_going=False, resume=resume)
+
+
+def run_simulations(
+    jobs: Sequence[tuple[Scenario, RunDir]],
+    progress: ProgressFn | None = None,
+    client_app: ClientApp | None = None,
+    keep_going: bool = True,
+    resume: ResumePoint | None = None,
+) -> list[Exception]:
+    """Run several scenarios one after the other in ONE Flower simulation, so Ray, the client
+    actors and their model load are paid once (`fedsim compare`: a run per strategy and seed).
+    They must share the fleet size and the simulation settings. Clients keep nothing from one
+    run to the next (`clients.app` resets a node's state when the run changes). With
+    `keep_going`, a run that raises is recorded in its run directory (`run_failed`) and the next
+    one starts; the exceptions are returned."""
+    client_app = client_app or app
+    first = jobs[0][0]
+    for scenario, _ in jobs[1:]:
+        if scenario.clients.num_clients != first.clients.num_clients or scenario.simulation != first.simulation:
+            raise ValueError(f"{scenario.name}: runs of one simulation must share clients.num_clients and [simulation]")
+
+    failures: list[Exception] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for scenario, run_dir in jobs:
+            try:
+                run_federation(grid, scenario, run_dir, progress, resume if len(jobs) == 1 else None)
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                run_dir.event("run_failed", error=repr(exc))
+                failures.append(exc)
+
+    # Ray's worker processes inherit the environment: keep their logs and thread pools quiet.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    flwr_run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=first.clients.num_clients,
+        backend_config=backend_config(first),
+    )
+    return failures

@@ -1,0 +1,248 @@
+"""The server side of a fedsim run: discover clients, then rounds of train (`fedsim.server.rounds`)
+→ evaluate → record, on the fleet's simulated clock.
+
+`run_federation` is fedsim's round loop. It follows Flower's `Strategy.start` step for step and
+calls the strategy's own Flower hooks (`configure_train`, `aggregate_train`, `configure_evaluate`,
+`aggregate_evaluate`), but owns what `start` has no place for: the fleet (who is online, who
+fits, how long each client takes: `fedsim.server.rounds`), sampling by client id with a seeded
+generator (Flower's node ids are random, and `sample_nodes` uses the global `random`),
+validating each reply on its own before aggregation (Flower raises on one bad reply), and
+writing metrics and a PEFT checkpoint after every round. The last round is scored on the whole
+held-out set and kept per example (`final_eval.parquet`, `fedsim.results.rundir`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedsim.compression import codec_config
+from fedsim.compression.downlink import Downlink
+from fedsim.config.scenario import Scenario
+from fedsim.fleet.fleet import build_fleet
+from fedsim.fleet.keeps import PruneBook, client_ratios
+from fedsim.fleet.ranks import ClientRanks, client_ranks
+from fedsim.model.adapter import AdapterState, save_adapter, set_state
+from fedsim.protocol import CLIENT_ID, CONFIG_RECORD, IDENTITY_RECORD, SCENARIO
+from fedsim.pruning.structure import geometry
+from fedsim.results.rundir import RunDir
+from fedsim.server.central import CentralEvaluator
+from fedsim.server.control import ArmControl
+from fedsim.server.deployed import Deployment
+from fedsim.server.estimates import arm_price, cost_model
+from fedsim.server.export import export_rows
+from fedsim.server.resume import ResumePoint
+from fedsim.server.rounds import RoundEnv, eval_round, timed_send_and_receive, train_round
+from strategies import build_strategy
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
+    """client id → node id, by asking every node which partition it holds (a `query` message).
+
+    In deployment SuperNodes connect over time: first wait until `clients.num_clients` nodes
+    are connected, or at most $FEDSIM_NODE_WAIT_S seconds (default 120), then go on with those
+    there, with a warning. In simulation every node is there at once."""
+    expected, wait_s = scenario.clients.num_clients, float(os.environ.get("FEDSIM_NODE_WAIT_S", "120"))
+    deadline = time.monotonic() + wait_s
+    while len(node_ids := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if len(node_ids) < expected:
+        log.warning(
+            "only %d of %d SuperNodes connected after %g s (FEDSIM_NODE_WAIT_S); going on with them",
+            len(node_ids),
+            expected,
+            wait_s,
+        )
+    config = ConfigRecord({SCENARIO: scenario.to_json()})
+    messages = [
+        Message(RecordDict({CONFIG_RECORD: config}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
+    ]
+    clients: dict[int, int] = {}
+    for reply in timed_send_and_receive(grid, messages, scenario.simulation.round_timeout_s)[0]:
+        node = reply.metadata.src_node_id  # the node the query went to, even if the SuperLink answered for it
+        if reply.has_error():
+            log.warning("node %d did not identify itself: %s", node, reply.error.reason)
+            continue
+        claimed = reply.content[IDENTITY_RECORD][CLIENT_ID]
+        if not isinstance(claimed, int):
+            raise TypeError(f"node {node} identified itself with {CLIENT_ID} {claimed!r}, not an integer")
+        cid = int(claimed)
+        if cid in clients:
+            raise RuntimeError(f"two nodes claim client id {cid}: {clients[cid]} and {node}")
+        clients[cid] = node
+    if not clients:
+        raise RuntimeError("no client identified itself; see the client errors above")
+    return clients
+
+
+@dataclass
+class Federation:
+    """One run's server: the round environment, its own model (`central`), the deployed models
+    it scores (`deploy`, with deploy ratios) and the run directory it records into."""
+
+    env: RoundEnv
+    central: CentralEvaluator
+    deploy: Deployment | None
+    run_dir: RunDir
+    start: float  # time.perf_counter() at the run's start (less the wall time before a resume)
+
+    @classmethod
+    def build(cls, grid: Grid, scenario: Scenario, run_dir: RunDir, start: float) -> Federation:
+        """Load the model, build the fleet and its books, and discover the clients."""
+        central = CentralEvaluator(scenario)
+        fleet = build_fleet(scenario)
+        c = scenario.compression
+        downlink = Downlink(codec_config(c), fleet.size) if c.downlink else None
+        ranks = ClientRanks(client_ranks(scenario, fleet))
+        layers = geometry(central.model)
+        book = PruneBook(scenario, layers, client_ratios(scenario, fleet)) if scenario.prunes else None
+        estimate = cost_model(central.shape, scenario)
+        control = ArmControl.build(scenario, fleet, arm_price(estimate, central.shape, layers, scenario))
+        deploy = (
+            Deployment(
+                scenario, fleet.device, central.model, central.tokenizer, central.examples, central.deploy_importance
+            )
+            if any(scenario.pruning.deploy_ratios.values())
+            else None
+        )
+        env = RoundEnv(
+            grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks, estimate,
+            score=deploy.loss if deploy else central.loss, downlink=downlink, pruning=book,
+            control=control, server_scores=central.importance,
+        )  # fmt: skip
+        return cls(env, central, deploy, run_dir, start)
+
+    def restore(self, resume: ResumePoint, state: AdapterState) -> None:
+        """Take up the books of an interrupted run (`fedsim.server.resume`) after its last round."""
+        env = self.env
+        if env.pruning is not None:
+            env.pruning.load(resume.keeps)
+        if env.control is not None:
+            env.control.load(resume.checkpoint)
+        env.ranks.kept.update(resume.kept_ranks)
+        if self.deploy is not None:
+            self.deploy.plan(state, env.pruning)
+        self.run_dir.event("run_resumed", after_round=resume.server_round, not_restored=list(resume.lost))
+
+    def evaluate(self, state: AdapterState, server_round: int, sim_time: float) -> dict[str, Any]:
+        """The round's central row, with the fleet's deployed models scored (and planned for the
+        next round's contributions); the last round's per-example results go to final_eval.parquet."""
+        final = server_round == self.env.scenario.rounds
+        row, per_example = self.central(state, server_round, time.perf_counter() - self.start, sim_time, final=final)
+        if final:
+            self.run_dir.save_final_eval(server_round, per_example.loss, per_example.n_tokens, per_example.correct)
+        if self.deploy is not None:
+            self.deploy.plan(state, self.env.pruning)
+            # the unpruned model is not scored twice, unless the last round's row is on more examples than deploy's
+            unpruned = (row["loss"], row["accuracy"]) if row["num_examples"] == len(self.deploy.examples) else None
+            row["deployed_loss"], row["deployed_accuracy"] = self.deploy.evaluate(state, unpruned=unpruned)
+        return row
+
+    def record(self, state: AdapterState, server_round: int, rows: list[dict[str, Any]]) -> None:
+        """The round's checkpoint (adapter, keeps, controller), metric rows and client problems."""
+        env, run_dir = self.env, self.run_dir
+        save_adapter(self.central.model, state, run_dir.checkpoint_path(server_round))
+        if env.pruning is not None:
+            run_dir.save_keeps(env.pruning.to_json(), server_round)
+        if env.control is not None:
+            env.control.save(run_dir.checkpoint_path(server_round))
+        run_dir.add_rows(rows)
+        for r in rows:
+            if r.get("status", "ok") not in ("ok", "straggler"):
+                run_dir.event(
+                    "client_problem", round=server_round, client_id=r["client_id"], kind=r["kind"],
+                    status=r["status"], reason=r["reason"],
+                )  # fmt: skip
+
+    def finish(self, state: AdapterState, sim_time: float) -> None:
+        """The final adapter and controller; with pruning, the final adapter scored on each ratio's
+        pruned model, as its devices deploy it."""
+        env, run_dir, central = self.env, self.run_dir, self.central
+        if run_dir.adapter_path.exists():  # a resumed run that had finished before
+            shutil.rmtree(run_dir.adapter_path)
+        save_adapter(central.model, state, run_dir.adapter_path)
+        if env.control is not None:
+            env.control.save(run_dir.path)
+        if env.pruning is not None:
+            set_state(central.model, state)
+            s = env.scenario
+            run_dir.add_rows(export_rows(central.model, central.tokenizer, central.examples, env.pruning, s, s.rounds))
+        run_dir.event("run_end", wall_time_s=time.perf_counter() - self.start, sim_time_s=sim_time)
+
+
+def run_federation(
+    grid: Grid,
+    scenario: Scenario,
+    run_dir: RunDir,
+    progress: ProgressFn | None = None,
+    resume: ResumePoint | None = None,
+) -> AdapterState:
+    """Run every round of `scenario` on `grid`, recording into `run_dir` (after `resume`'s round,
+    if given: `fedsim.server.resume`); returns the final adapter. Each round: train
+    (`fedsim.server.rounds.train_round`), federated evaluation, central evaluation, record."""
+    start = time.perf_counter() - (resume.wall_time if resume else 0.0)
+    run_dir.event("run_start", scenario=scenario.name, seed=scenario.seed)
+    fed = Federation.build(grid, scenario, run_dir, start)
+    state = resume.state if resume else fed.central.initial_state()
+    run_dir.event("clients", count=len(fed.env.clients))
+    if resume is not None:
+        fed.restore(resume, state)
+        sim_time, first = resume.sim_time, resume.server_round + 1
+    else:
+        sim_time, first = 0.0, 1
+        row0 = fed.evaluate(state, 0, sim_time)
+        run_dir.add_rows([row0])
+        _report(progress, run_dir, 0, scenario.rounds, [row0])
+    for server_round in range(first, scenario.rounds + 1):
+        t_round = time.perf_counter()
+        trained = train_round(fed.env, state, server_round, sim_time)
+        train_time = time.perf_counter() - t_round
+        state, sim_time = trained.state, sim_time + trained.duration
+        rows = trained.rows + eval_round(fed.env, state, server_round, sim_time)
+        rows.append({**fed.evaluate(state, server_round, sim_time), "aggregation_bias": trained.bias})
+        fed.record(state, server_round, rows)
+        _report(progress, run_dir, server_round, scenario.rounds, rows, train_time_s=train_time)
+    fed.finish(state, sim_time)
+    return state
+
+
+def _report(
+    progress: ProgressFn | None,
+    run_dir: RunDir,
+    server_round: int,
+    rounds: int,
+    rows: list[dict[str, Any]],
+    train_time_s: float = 0.0,
+) -> None:
+    """Log the round's summary (`train_time_s`: wall time of sending, training and aggregating)."""
+    central = next(r for r in rows if r["kind"] == "eval_central")
+    train = [r for r in rows if r["kind"] == "train"]
+    ok = [r for r in train if r["status"] == "ok"]
+    summary = {
+        "round": server_round,
+        "rounds": rounds,
+        "train_loss": float(np.mean([r["loss"] for r in ok])) if ok else float("nan"),
+        "clients_ok": len(ok),
+        "clients_failed": sum(1 for r in train if r["status"] in ("failed", "rejected")),
+        "clients_lost": sum(1 for r in train if r["status"] in ("straggler", "dropped", "infeasible")),
+        "central_loss": central["loss"],
+        "central_accuracy": central["accuracy"],
+        "elapsed_s": central["wall_time_s"],
+        "sim_time_s": central["sim_time_s"],
+        "train_time_s": train_time_s,
+    }
+    run_dir.event("round_end", **summary)
+    if progress is not None:
+        progress(summary)

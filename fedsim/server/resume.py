@@ -1,0 +1,101 @@
+"""Going on with a run that stopped — killed, failed, or finished and asked for more rounds —
+from its last complete round (`fedsim resume RUN_DIR [--rounds N]`).
+
+A round k is complete when its metric rows are written and its checkpoint holds everything the
+next round starts from: the global state (adapter and base deltas), and, when the run has them,
+each client's pruning record (`keeps.json`) and the controller's state (`controller.npz`). The
+ranks HetLoRA clients kept when they self-pruned are rebuilt from the metric rows (`rank_kept`,
+`fedsim.fleet.ranks.kept_ranks`). The run goes on from there with the same seeds, so sampling, training
+batches and availability are those of an uninterrupted run.
+
+What lived only in processes is not in a checkpoint and starts afresh: a stateful server
+optimiser's moments (fedadam, fedyogi, fedadagrad, fedavgm), the clients' error-feedback
+residuals and personal B factors (fedsa_lora), and the downlink's copies (every client receives
+the whole adapter once). A resumed run with any of these differs from an uninterrupted one; the
+`run_resumed` event lists which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedsim.config.scenario import Scenario
+from fedsim.fleet.ranks import kept_ranks
+from fedsim.model.adapter import AdapterState, load_adapter_state
+from fedsim.results.rundir import KEEPS_FILE, RunDir, read_metrics
+from fedsim.server.control import STATE_FILE
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run goes on from: after round `server_round`."""
+
+    server_round: int
+    state: AdapterState
+    sim_time: float
+    wall_time: float  # the run's wall time at the end of that round
+    keeps: str  # PruneBook JSON at that round ("" when the run does not prune)
+    checkpoint: Path  # the round's checkpoint folder (controller state)
+    lost: tuple[str, ...]  # what a process held that this resume cannot restore
+    kept_ranks: dict[int, int] = field(default_factory=dict)  # client id → rank kept when it last self-pruned (HetLoRA)
+
+
+def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
+    """The last complete round of `run_dir`, and trim its rows to it; ValueError if there is none."""
+    metrics = read_metrics(run_dir.path)
+    central = metrics[metrics["kind"] == "eval_central"].set_index("round")
+    complete = [
+        int(k)
+        for k in sorted(central.index, reverse=True)
+        if k > 0 and _checkpoint_complete(run_dir.checkpoint_path(int(k)), scenario)
+    ]
+    if not complete:
+        raise ValueError(
+            f"{run_dir.path} has no complete round to resume from (a round's metrics and its whole checkpoint)"
+        )
+    k = complete[0]
+    if k >= scenario.rounds:
+        raise ValueError(f"{run_dir.path} already ran {k} of {scenario.rounds} rounds; ask for more with --rounds N")
+    folder = run_dir.checkpoint_path(k)
+    run_dir.rows = _rows(metrics[(metrics["round"] <= k) & (metrics["kind"] != "eval_export")])
+    return ResumePoint(
+        server_round=k,
+        state=load_adapter_state(folder),
+        sim_time=float(central.loc[k, "sim_time_s"]),
+        wall_time=float(central.loc[k, "wall_time_s"]),
+        keeps=(folder / KEEPS_FILE).read_text() if scenario.prunes else "",
+        checkpoint=folder,
+        lost=_lost(scenario),
+        kept_ranks=kept_ranks(metrics[metrics["round"] <= k]),
+    )
+
+
+def _checkpoint_complete(folder: Path, scenario: Scenario) -> bool:
+    needed = (
+        ["adapter_model.safetensors"]
+        + ([KEEPS_FILE] if scenario.prunes else [])
+        + ([STATE_FILE] if scenario.controller else [])
+    )
+    return all((folder / name).is_file() for name in needed)
+
+
+def _rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Metric rows as dicts of plain Python values (as the round loop writes them)."""
+    return [{k: (None if v is pd.NA else v) for k, v in row.items()} for row in frame.astype(object).to_dict("records")]
+
+
+def _lost(scenario: Scenario) -> tuple[str, ...]:
+    lost = []
+    if scenario.strategy.name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+        lost.append(f"{scenario.strategy.name}'s server moments")
+    if scenario.compression.error_feedback:
+        lost.append("the clients' error-feedback residuals")
+    if scenario.strategy.name == "fedsa_lora":
+        lost.append("the clients' personal B factors")
+    if scenario.compression.downlink:
+        lost.append("the downlink's copies (clients get the whole adapter once)")
+    return tuple(lost)

@@ -1,0 +1,719 @@
+"""One round on the fleet, in named stages that follow Flower's `Strategy.start`:
+
+    sample      clients online now and until they would finish (`Estimates` of their device),
+                per_round·(1 + overcommit) of them, seeded by (seed, round) so any scheduling
+                order gives the same choice
+    plan        the controller's arm per sampled client and the server's cuts (`fedsim.server.control`,
+                `fedsim.fleet.keeps`)
+    screen      a client whose memory cannot hold the step is `infeasible`, one whose dropout
+                draw fires is `dropped`: each gets a row and no message
+    configure   the strategy's `configure_train`: each node gets what its rank (and keep) calls for
+    send        push, wait, pull; every reply checked on its own (`fedsim.server.replies`)
+    time        each reply on the simulated clock (`fedsim.fleet.clock`); the first per_round
+                finishers within the deadline are kept, later ones are `straggler`s
+    aggregate   the strategy's `aggregate_train` over the kept replies
+    record      one metrics row per client, the controller's rewards
+
+then `eval_round`, the federated evaluation. With `fleet.clock = "measured"` (real devices)
+sample and screen skip the fleet model — the devices that are there answer — and each client is
+timed by its measured round trip (compute: the training time it reports).
+
+Rank self-pruning (HetLoRA, `strategies.hetlora`): a reply may name a kept rank below the one the
+client was sent; its update then covers that rank, and a kept reply caps the client's rank from
+then on (`fedsim.fleet.ranks.ClientRanks`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedsim.compression.downlink import Downlink
+from fedsim.config.scenario import Scenario
+from fedsim.fleet.availability import dropout_draws
+from fedsim.fleet.clock import comm_seconds, keep_first_finishers, payload_bytes, round_duration
+from fedsim.fleet.fleet import GIB, Fleet
+from fedsim.fleet.keeps import PruneBook, plan_server_keeps
+from fedsim.fleet.ranks import ClientRanks
+from fedsim.model.adapter import AdapterState, factors, from_record, split_state, to_record
+from fedsim.protocol import (
+    ACCURACY,
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    DOWN_RECORD,
+    FINAL_KEEP,
+    FLOPS,
+    KEPT_RANK,
+    LOSS,
+    LOSS_AFTER,
+    LOSS_BEFORE,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    PRUNE_RATIO,
+    PRUNE_RECORD,
+    RANK_RECORD,
+    SCENARIO,
+    SELF_PRUNE,
+    TOKENS,
+    TRAIN_LOSS,
+    TRAIN_METRICS,
+    WALL_TIME_S,
+)
+from fedsim.pruning.slicing import slice_adapter
+from fedsim.pruning.structure import Keep, Scores
+from fedsim.seeding import derive_seed
+from fedsim.server.control import ArmControl
+from fedsim.server.estimates import Estimates
+from fedsim.server.replies import Checked, check_eval_reply, check_train_reply, reply_metric
+from strategies import LoraStrategy
+from strategies.hetlora import drop_tail
+from strategies.lora_math import aggregation_bias, layer_pairs
+from strategies.lora_strategy import ClientAdapter, with_content
+
+Row = dict[str, Any]
+
+
+class Participants(Grid):
+    """A view of `grid` that shows only the nodes fedsim sampled, so a Flower strategy's own
+    `configure_*` (which samples from `grid.get_node_ids()`) addresses exactly them."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._ids)
+
+    def set_run(self, run: Run) -> None:
+        return self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class RoundEnv:
+    """What every round works with. Its fields are never rebound; the books it holds (`ranks`,
+    `pruning`, `downlink`, `control`) carry each client's state from one round to the next."""
+
+    grid: Grid
+    scenario: Scenario
+    strategy: LoraStrategy
+    fleet: Fleet
+    clients: dict[int, int]  # client id → node id
+    ranks: ClientRanks  # each client's LoRA rank (the scenario's or the controller's arm, capped by self-pruning)
+    estimate: Callable[[int, Keep | None], Estimates]  # (rank, keep of the model held) → cost
+    score: Callable[..., float] | None = (
+        None  # held-out loss of an adapter (α tuning, contributions): (state, examples=16)
+    )
+    downlink: Downlink | None = None  # compressed server → client direction, if enabled
+    pruning: PruneBook | None = None  # each client's pruned model, when pruning is on
+    control: ArmControl | None = None  # the bandit that picks each sampled client's arm, if any
+    server_scores: Callable[[AdapterState], Scores] | None = None  # pruning.where = "server": global importance
+
+    @cached_property
+    def node_to_client(self) -> dict[int, int]:
+        return {n: c for c, n in self.clients.items()}
+
+    @property
+    def measured(self) -> bool:
+        """A deployment on real devices: no fleet model, the measured clock."""
+        return self.scenario.fleet.clock == "measured"
+
+    def rank(self, cid: int) -> int:
+        """The rank client `cid` trains and evaluates at (`ClientRanks.of`)."""
+        return self.ranks.of(cid)
+
+    def estimated(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(FLOPs, memory bytes) the server expects of each client in `ids`, at its rank, on the
+        model it holds."""
+        book = self.pruning
+        each = [self.estimate(self.rank(int(c)), book.held(int(c)) if book else None) for c in ids]
+        return np.array([e.flops for e in each], dtype=float), np.array([e.memory for e in each], dtype=np.int64)
+
+    def assign_ranks(self, ids: Iterable[int]) -> None:
+        """Tell the strategy the rank (and, pruning, the order) of each client it will address."""
+        ids = [int(c) for c in ids]
+        self.strategy.assign_ranks({self.clients[c]: self.rank(c) for c in ids})
+        book = self.pruning
+        self.strategy.assign_pruning({self.clients[c]: (book.held(c), book.order(c)) for c in ids} if book else {})
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """The round's train messages, as the strategy configured them."""
+
+    messages: list[Message]
+    sent: dict[int, AdapterState]  # node id → the adapter its message carries (what its update adds to)
+    bytes_down: dict[int, int]  # node id → payload bytes of its message
+
+
+@dataclass(frozen=True)
+class Replies:
+    """What came back: each reply checked on its own, sorted by client id (aggregation never
+    depends on arrival order)."""
+
+    checked: list[Checked]
+    silent: list[int]  # nodes that never answered
+    round_trips: dict[int, float]  # node id → measured seconds of its exchange
+
+    @property
+    def ok(self) -> list[Checked]:
+        return [c for c in self.checked if c.status == "ok"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The ok replies on the clock, in order: compute and link seconds, and which are kept."""
+
+    compute: np.ndarray
+    comm: np.ndarray
+    kept: np.ndarray  # bool
+
+    @property
+    def finish(self) -> np.ndarray:
+        return self.compute + self.comm
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """A training round's outcome."""
+
+    state: AdapterState  # the new global adapter (the old one if nothing was kept)
+    rows: list[Row]  # one per client the round concerned, by client id
+    duration: float  # simulated seconds
+    bias: float  # aggregation bias of the kept clients (`round_bias`)
+
+
+def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> RoundResult:
+    """One training round at simulated time `t_now` (the stages of the module docstring)."""
+    s = env.scenario
+    chosen = sample(env, state, server_round, t_now)
+    plan(env, state, chosen, server_round)
+    chosen, rows = screen(env, chosen, server_round)
+    base = env.downlink.advance(state, server_round) if env.downlink else state  # what clients start from
+    out = configure(env, base, chosen, server_round)
+    replies = send(env, out.messages, lambda r: check_train(env, r, out.sent))
+    if env.downlink:
+        received = [env.node_to_client[_node(c)] for c in replies.checked if c.status != "failed"]
+        env.downlink.mark_received(np.array(received, dtype=np.int64))
+    rows += problem_rows(env, replies, server_round, "train")
+    ok = replies.ok
+    timing = time_replies(env, ok, out.bytes_down, replies.round_trips)
+    kept = [c for c, k in zip(ok, timing.kept) if k]
+    factor = best_alpha(env, out.sent, kept, server_round) if s.compression.alpha_auto and kept else 1.0
+    scoring = env.control is not None and env.control.scores_contributions
+    # Each reply's adapter as the strategy aggregates it: the kept ones for the bias, every one when scored.
+    adapters = {
+        i: env.strategy.client_adapter(_as_adapter_reply(c, out.sent, factor))
+        for i, c in enumerate(ok)
+        if timing.kept[i] or scoring
+    }
+    gains = contributions(env, state, list(adapters.values())) if scoring else np.full(len(ok), np.nan)
+    rows += record(env, ok, timing, out.bytes_down, gains, factor, server_round)
+    bias = round_bias(
+        [adapters[int(i)].state for i in np.flatnonzero(timing.kept)],
+        [float(reply_metric(c.message, NUM_EXAMPLES)) for c in kept],
+        s,
+    )
+    state = aggregate(env, out.sent, kept, server_round, factor) or state
+    if env.control is not None:
+        env.control.observe(rows)
+    duration = round_duration(timing.finish, timing.kept, s.fleet.deadline_s)
+    # A round that kept nothing still costs time: the server waits before it samples again.
+    duration = duration if timing.kept.any() else max(duration, s.fleet.idle_step_s)
+    return RoundResult(state, sorted(rows, key=lambda r: r["client_id"]), duration, bias)
+
+
+# --- sample, plan, screen ----------------------------------------------------------------------
+
+
+def sample_clients(available: Iterable[int], k: int, seed: int, server_round: int, purpose: str) -> list[int]:
+    """k client ids drawn without replacement, a pure function of (seed, round, purpose)."""
+    pool = sorted(int(c) for c in available)
+    rng = np.random.default_rng(derive_seed(seed, server_round, purpose))
+    k = min(k, len(pool))
+    return sorted(int(c) for c in rng.choice(pool, size=k, replace=False)) if k else []
+
+
+def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: int) -> np.ndarray:
+    """Clients online now and, by their device's estimated round time, until they finish."""
+    ids = np.array(sorted(env.clients), dtype=np.int64)
+    f = env.fleet
+    est_s = env.estimated(ids)[0] / f.flops[ids] + comm_seconds(est_bytes, est_bytes, f.down_bps[ids], f.up_bps[ids])
+    return ids[f.availability.online_through(ids, t_now, t_now + est_s, server_round)]
+
+
+def sample(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> np.ndarray:
+    """The round's per_round·(1 + overcommit) clients, among the eligible (all of them when measured)."""
+    s = env.scenario
+    k = math.ceil(s.clients.per_round * (1 + s.fleet.overcommit))
+    if env.measured:
+        pool = np.array(sorted(env.clients), dtype=np.int64)
+    else:
+        est_bytes = payload_bytes(RecordDict({ARRAYS_RECORD: to_record(state), CONFIG_RECORD: _config(s)}))
+        pool = eligible_clients(env, t_now, server_round, est_bytes)
+    return np.array(sample_clients(pool, k, s.seed, server_round, "train"), dtype=np.int64)
+
+
+def plan(env: RoundEnv, state: AdapterState, chosen: np.ndarray, server_round: int) -> None:
+    """What the chosen clients will train: the controller's arms, then the server's cuts."""
+    if env.control is not None:
+        env.control.assign(chosen, server_round, env.ranks.assigned, env.pruning)
+    if env.pruning is not None and env.scenario.pruning.where == "server":
+        server_scores = env.server_scores
+        assert server_scores is not None
+        plan_server_keeps(env.pruning, chosen, lambda: server_scores(state))
+
+
+def screen(env: RoundEnv, chosen: np.ndarray, server_round: int) -> tuple[np.ndarray, list[Row]]:
+    """The chosen clients less the infeasible and the dropped, and a row for each of those
+    (nothing is screened when measured: a real device that cannot train fails for real)."""
+    if env.measured:
+        return chosen, []
+    s, f = env.scenario, env.fleet
+    need = env.estimated(chosen)[1]
+    infeasible = f.memory[chosen] < need
+    rows = [
+        _base_row(
+            env,
+            int(c),
+            server_round,
+            "train",
+            "infeasible",
+            f"needs {m / GIB:.2f} GiB at rank {env.rank(int(c))}{_pruned(env, int(c))}, device has {f.memory[c] / GIB:.2f} GiB",
+        )
+        for c, m in zip(chosen[infeasible], need[infeasible])
+    ]
+    chosen = chosen[~infeasible]
+    dropped = dropout_draws(chosen, server_round, derive_seed(s.seed, "dropout"), s.fleet.dropout)
+    rows += [
+        _base_row(
+            env, int(c), server_round, "train", "dropped", f"dropped out mid-round (fleet.dropout = {s.fleet.dropout})"
+        )
+        for c in chosen[dropped]
+    ]
+    return chosen[~dropped], rows
+
+
+def _pruned(env: RoundEnv, cid: int) -> str:
+    book = env.pruning
+    if book is None:
+        return ""
+    note = f", pruned {book.ratio(book.held(cid)):.2f}"
+    if env.scenario.pruning.where == "client" and book.targets[cid] > book.ratio(book.held(cid)):
+        note += f" (it would prune toward {book.targets[cid]:g} on the device; pruning.where = 'server' cuts before sending)"
+    return note
+
+
+# --- configure, send, check ---------------------------------------------------------------
+
+
+def configure(env: RoundEnv, base: AdapterState, chosen: np.ndarray, server_round: int) -> Outgoing:
+    """The train messages of the chosen clients, through the strategy's `configure_train` (each
+    node gets what its rank calls for; with the downlink, the record it needs)."""
+    nodes = [env.clients[int(c)] for c in chosen]
+    if not nodes:
+        return Outgoing([], {}, {})
+    env.assign_ranks(chosen)
+    messages = list(
+        env.strategy.configure_train(
+            server_round, to_record(base), _config(env.scenario), Participants(env.grid, nodes)
+        )
+    )
+    sent = _sent_states(messages)
+    if env.downlink:  # one rank for all (checked at load): what each node holds is `base`
+        messages = [_down_message(env.downlink, env.node_to_client[m.metadata.dst_node_id], m) for m in messages]
+    return Outgoing(messages, sent, _bytes_by_node(messages))
+
+
+def send(env: RoundEnv, messages: Iterable[Message], check: Callable[[Message], Checked]) -> Replies:
+    """Send, wait for the replies or the round timeout, check each."""
+    sent = list(messages)
+    if not sent:
+        return Replies([], [], {})
+    replies, round_trips = timed_send_and_receive(env.grid, sent, env.scenario.simulation.round_timeout_s)
+    checked = sorted((check(r) for r in replies), key=lambda c: env.node_to_client[_node(c)])
+    answered = {_node(c) for c in checked}
+    silent = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
+    return Replies(checked, silent, round_trips)
+
+
+def timed_send_and_receive(
+    grid: Grid, messages: list[Message], timeout: float, poll_s: float = 0.1
+) -> tuple[list[Message], dict[int, float]]:
+    """Flower's `Grid.send_and_receive` (push, then pull until all replied or `timeout`), also
+    returning each replying node's round trip in seconds (to within `poll_s`): the measured
+    clock of a deployment."""
+    start = time.monotonic()
+    sent = {i: m for i, m in zip(grid.push_messages(messages), messages) if i}
+    pending = set(sent)
+    replies, seconds = [], {}
+    while pending and time.monotonic() - start < timeout:
+        for pulled in grid.pull_messages(pending):
+            asked = sent.get(pulled.metadata.reply_to_message_id)
+            reply = pulled if asked is None else _from_addressee(pulled, asked)
+            replies.append(reply)
+            seconds[reply.metadata.src_node_id] = time.monotonic() - start
+            pending.discard(pulled.metadata.reply_to_message_id)
+        if pending:
+            time.sleep(poll_s)
+    return replies, seconds
+
+
+def _from_addressee(reply: Message, sent: Message) -> Message:
+    """`reply` as from the node `sent` went to. The SuperLink answers for a node that went away
+    ("node unavailable") under its own id (1); such a reply is rebuilt, with the same error or
+    content, as that node's reply to `sent` (Flower's reply constructor), so every reply names
+    the node it is about. Any other reply is returned as it is."""
+    if reply.metadata.src_node_id == sent.metadata.dst_node_id:
+        return reply
+    if reply.has_error():
+        return Message(reply.error, reply_to=sent)
+    return Message(reply.content, reply_to=sent)
+
+
+def _down_message(downlink: Downlink, cid: int, message: Message) -> Message:
+    """`message` with the adapter replaced by the downlink record client `cid` needs (the delta
+    or the whole adapter)."""
+    content = RecordDict({DOWN_RECORD: downlink.record_for(cid), CONFIG_RECORD: message.content[CONFIG_RECORD]})
+    return with_content(message, content)
+
+
+def check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -> Checked:
+    """Validate a train reply. A pruned client may end its round holding less than it was sent:
+    its update then covers the slice of its final keep, which must lie within the one it was
+    sent, and the rank it kept if it self-pruned (`sent` is updated to that slice and rank, what
+    the update adds to)."""
+    node = reply.metadata.src_node_id
+    if not reply.has_error() and env.pruning is not None and PRUNE_RECORD in reply.content.config_records:
+        held = env.pruning.held(env.node_to_client[node])
+        try:
+            keep = Keep.from_json(str(reply.content[PRUNE_RECORD][FINAL_KEEP]))
+            sent[node] = slice_adapter(sent[node], keep.within(held) if held is not None else keep)
+        except (KeyError, ValueError) as err:
+            return Checked(reply, "rejected", f"bad pruning keep in the reply: {err}")
+    if not reply.has_error() and RANK_RECORD in reply.content.config_records:
+        problem = _kept_rank_problem(env, reply, sent)
+        if problem:
+            return Checked(reply, "rejected", problem)
+    return check_train_reply(reply, env.strategy.uploaded(sent[node]))
+
+
+def _kept_rank_problem(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -> str:
+    """What is wrong with a reply's kept rank ("" if nothing): it must be an integer in [1, the rank
+    the client was sent], from a client the strategy asked to self-prune. A smaller one cuts
+    `sent[node]` to it (`strategies.hetlora.drop_tail`), as the client cut what it received."""
+    node = reply.metadata.src_node_id
+    if not env.strategy.instructions(env.rank(env.node_to_client[node])).get(SELF_PRUNE, False):
+        return f"the reply names a kept rank (its {RANK_RECORD!r} record), but {type(env.strategy).__name__} asks for no rank self-pruning"
+    sent_rank = next(iter(factors(sent[node], "A").values())).shape[0]
+    kept = reply.content[RANK_RECORD].get(KEPT_RANK)
+    if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= sent_rank:
+        return f"bad kept rank in the reply: {RANK_RECORD}.{KEPT_RANK} must be an integer in [1, {sent_rank}] (the rank the client was sent), got {kept!r}"
+    if kept < sent_rank:
+        sent[node] = drop_tail(sent[node], kept)
+    return ""
+
+
+def _sent_states(messages: list[Message]) -> dict[int, AdapterState]:
+    """node id → the state its message carries (decoded once per distinct record)."""
+    decoded: dict[int, AdapterState] = {}
+    for m in messages:
+        record = m.content[ARRAYS_RECORD]
+        if not isinstance(record, ArrayRecord):
+            raise TypeError(
+                f"{ARRAYS_RECORD!r} of the message to node {m.metadata.dst_node_id} is a {type(record).__name__}, not an ArrayRecord"
+            )
+        if id(record) not in decoded:
+            decoded[id(record)] = from_record(record)
+    return {m.metadata.dst_node_id: decoded[id(m.content[ARRAYS_RECORD])] for m in messages}
+
+
+def problem_rows(env: RoundEnv, replies: Replies, server_round: int, kind: str) -> list[Row]:
+    """A row for each node that never answered and each reply that is not ok."""
+    rows = [
+        _base_row(env, env.node_to_client[n], server_round, kind, "failed", "no reply before the round timeout")
+        for n in replies.silent
+    ]
+    return rows + [
+        _base_row(env, env.node_to_client[_node(c)], server_round, kind, c.status, c.reason)
+        for c in replies.checked
+        if c.status != "ok"
+    ]
+
+
+# --- time, aggregate, record ---------------------------------------------------------------
+
+
+def time_replies(env: RoundEnv, ok: list[Checked], bytes_down: dict[int, int], round_trips: dict[int, float]) -> Timing:
+    """Each ok reply's compute and link seconds — from its device (simulated) or its measured
+    round trip (measured) — and the first per_round finishers within the deadline, kept."""
+    s = env.scenario
+    if env.measured:  # the client's reported training time, the rest of the round trip
+        compute = np.array([float(reply_metric(c.message, WALL_TIME_S)) for c in ok])
+        trips = np.array([round_trips.get(_node(c), 0.0) for c in ok])
+        comm = np.maximum(trips - compute, 0.0)
+    else:
+        cids = np.array([env.node_to_client[_node(c)] for c in ok], dtype=np.int64)
+        up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
+        down = np.array([bytes_down[_node(c)] for c in ok], dtype=np.int64)
+        compute = np.array([float(reply_metric(c.message, FLOPS)) for c in ok]) / env.fleet.flops[cids]
+        comm = comm_seconds(down, up, env.fleet.down_bps[cids], env.fleet.up_bps[cids])
+    return Timing(compute, comm, keep_first_finishers(compute + comm, s.clients.per_round, s.fleet.deadline_s))
+
+
+def aggregate(
+    env: RoundEnv, sent: dict[int, AdapterState], replies: list[Checked], server_round: int, factor: float
+) -> AdapterState | None:
+    """The strategy's `aggregate_train` over `replies` (updates scaled by `factor`); None without any."""
+    if not replies:
+        return None
+    arrays, _ = env.strategy.aggregate_train(server_round, [_as_adapter_reply(c, sent, factor) for c in replies])
+    return from_record(arrays) if arrays is not None else None
+
+
+def best_alpha(env: RoundEnv, sent: dict[int, AdapterState], replies: list[Checked], server_round: int) -> float:
+    """ComPEFT's α tuned by the server: clients encode with α = 1, so their kept entries are ±σ
+    and a decoded update times α is exactly what they would have sent with α. Each α of the
+    grid is aggregated and scored by the held-out loss (`RoundEnv.score`); the best is returned."""
+    assert env.score is not None
+    losses = {
+        a: env.score(aggregate(env, sent, replies, server_round, a) or {}) for a in env.scenario.compression.alpha_grid
+    }  # replies ≠ [], so never {}
+    return min(losses, key=lambda a: (losses[a], a))
+
+
+def record(
+    env: RoundEnv,
+    ok: list[Checked],
+    timing: Timing,
+    bytes_down: dict[int, int],
+    gains: np.ndarray,
+    factor: float,
+    server_round: int,
+) -> list[Row]:
+    """A row per ok reply, kept or straggler; a kept reply's kept rank and final keep become the
+    client's (`ClientRanks.keep`, `PruneBook.record`)."""
+    s = env.scenario
+    rows = []
+    for i, c in enumerate(ok):
+        cid, kept = env.node_to_client[_node(c)], bool(timing.kept[i])
+        row = _base_row(
+            env,
+            cid,
+            server_round,
+            "train",
+            "ok" if kept else "straggler",
+            "" if kept else _straggler_reason(float(timing.finish[i]), s),
+        )
+        row.update(
+            _train_metrics(c.message),
+            flops=float(reply_metric(c.message, FLOPS)),
+            sim_compute_s=float(timing.compute[i]),
+            sim_comm_s=float(timing.comm[i]),
+            bytes_up=payload_bytes(c.message.content),
+            bytes_down=int(bytes_down[_node(c)]),
+            rank_kept=_reply_rank(c.message, row["lora_rank"]),
+            contribution=float(gains[i]),
+            update_norm=math.sqrt(sum(float(v.double().pow(2).sum()) for v in c.update.values())) if c.update else 0.0,
+        )
+        if kept and row["rank_kept"] < row["lora_rank"]:
+            env.ranks.keep(cid, row["rank_kept"])
+        if kept and s.compression.method == "compeft":
+            row["alpha"] = factor if s.compression.alpha_auto else s.compression.alpha
+        if env.pruning is not None:
+            row["prune_ratio"] = float(reply_metric(c.message, PRUNE_RATIO, row["prune_ratio"]))
+            if kept:
+                env.pruning.record(cid, _reply_keep(c.message), s.train.local_steps)
+        rows.append(row)
+    return rows
+
+
+def contributions(env: RoundEnv, state: AdapterState, clients: list[ClientAdapter]) -> np.ndarray:
+    """(n,) each client's contribution to the global model, for the controller's reward: the
+    relative held-out loss decrease (L(θ) − L(θ_i)) / L(θ) of the global state moved by this
+    client's share of an average, θ_i = θ + w_i·(a_i − θ) on the adapter, with a_i its adapter as
+    the strategy aligns it for aggregation (padded to r_max, pruned-away coordinates at the
+    global value; `LoraStrategy.aligned`) and w_i its example weight over the clients'.
+
+    It sees what an update does to the global model, which the client's own loss cannot: LoRA
+    trained on a pruned model can harm the unpruned one. The share w_i, not the whole a_i, is
+    scored because with non-IID clients any one client's adapter alone soon scores worse on the
+    mixed held-out set than the average does, whatever its arm, while the direction it pulls the
+    average in stays informative. One held-out forward pass per client, over the first
+    `controller.reward.contribution_examples` of the central set."""
+    assert env.score is not None and env.scenario.controller is not None  # only a controller's reward asks for them
+    if not clients:
+        return np.zeros(0)
+    total = sum(c.weight for c in clients)
+    examples = env.scenario.controller.reward.contribution_examples
+    before = env.score(state, examples)
+    out = np.full(len(clients), np.nan)
+    for i, client in enumerate(clients):
+        mine = env.strategy.aligned([client], [1.0])[0]  # adapter keys, all of them in the global state
+        share = client.weight / total if total > 0 else 1.0 / len(clients)
+        after = env.score({**state, **{k: state[k] + share * (v - state[k]) for k, v in mine.items()}}, examples)
+        if math.isfinite(before) and math.isfinite(after) and before > 0:
+            out[i] = (before - after) / before
+    return out
+
+
+def round_bias(adapters: list[AdapterState], weights: list[float], s: Scenario) -> float:
+    """The aggregation bias of this round's kept clients, ‖mean(s_k B_k)·mean(A_k) −
+    mean(s_k B_k·A_k)‖_F / ‖mean(s_k B_k·A_k)‖_F (example-weighted means, ranks zero-padded,
+    s_k = α / r_k), averaged over the adapted layers; NaN with fewer than two clients or when
+    the server never sees B (fedsa_lora). It is what averaging LoRA factors (FedIT) gets wrong."""
+    if len(adapters) < 2 or not factors(adapters[0], "B"):
+        return float("nan")
+    first_a = next(iter(factors(adapters[0], "A")))
+    scales = [s.lora.alpha / a[first_a].shape[0] for a in adapters]
+    per_layer = [
+        aggregation_bias([a[ka] for a in adapters], [a[kb] for a in adapters], scales, weights)
+        for ka, kb in layer_pairs(adapters[0]).values()
+    ]
+    return float(np.mean(per_layer))
+
+
+def _client_adapter(checked: Checked, sent: dict[int, AdapterState], factor: float = 1.0) -> AdapterState:
+    """The client's adapter: the LoRA tensors it was sent plus its (rescaled) decoded update on
+    the factors it uploads."""
+    assert checked.update is not None  # ok replies carry their decoded update
+    start = split_state(sent[checked.message.metadata.src_node_id])[0]
+    return {k: v + factor * checked.update[k] if k in checked.update else v for k, v in start.items()}
+
+
+def _as_adapter_reply(checked: Checked, sent: dict[int, AdapterState], factor: float = 1.0) -> Message:
+    """The reply as strategies see it, a new message (the received one is left as it is): the
+    client's adapter (what it was sent + factor·decoded update) as its arrays, its checked metrics
+    as its metrics — whatever codec carried it — and its pruning and kept-rank records, if any.
+    Strategies read a reply's content only. It is built with Flower's reply constructor
+    (`reply_to` the received reply), so its metadata is not the client's: the client's node is
+    `checked.message.metadata.src_node_id`."""
+    local = _client_adapter(checked, sent, factor)
+    msg = checked.message
+    # exactly the checked metrics: Flower averages them and refuses replies whose keys differ
+    metrics = MetricRecord({k: reply_metric(msg, k) for k in TRAIN_METRICS})
+    records = {r: msg.content[r] for r in (PRUNE_RECORD, RANK_RECORD) if r in msg.content.config_records}
+    return Message(RecordDict({ARRAYS_RECORD: to_record(local), METRICS_RECORD: metrics, **records}), reply_to=msg)
+
+
+def _reply_rank(msg: Message, trained: int) -> int:
+    """The rank of the adapter a client sent back: the one it kept if it self-pruned (validated by
+    `check_train`), else the rank it trained at."""
+    if RANK_RECORD not in msg.content.config_records:
+        return trained
+    kept = msg.content[RANK_RECORD][KEPT_RANK]
+    if not isinstance(kept, int):
+        raise TypeError(f"the reply's kept rank {RANK_RECORD}.{KEPT_RANK} must be an integer, got {kept!r}")
+    return int(kept)
+
+
+def _reply_keep(msg: Message) -> Keep | None:
+    """The keep a pruned client ended its round with (validated by `check_train`)."""
+    return (
+        Keep.from_json(str(msg.content[PRUNE_RECORD][FINAL_KEEP]))
+        if PRUNE_RECORD in msg.content.config_records
+        else None
+    )
+
+
+def _bytes_by_node(messages: list[Message]) -> dict[int, int]:
+    """Payload bytes of each message; messages sharing one content are measured once."""
+    sizes: dict[int, int] = {}
+    for m in messages:
+        if id(m.content) not in sizes:
+            sizes[id(m.content)] = payload_bytes(m.content)
+    return {m.metadata.dst_node_id: sizes[id(m.content)] for m in messages}
+
+
+def _straggler_reason(finish_s: float, s: Scenario) -> str:
+    if s.fleet.deadline_s > 0 and finish_s > s.fleet.deadline_s:
+        return f"finished at {finish_s:.1f}s, after the {s.fleet.deadline_s:g}s deadline"
+    return f"not among the first {s.clients.per_round} to finish (over-commitment)"
+
+
+def _train_metrics(msg: Message) -> Row:
+    return {
+        "num_examples": int(reply_metric(msg, NUM_EXAMPLES)),
+        "loss": float(reply_metric(msg, TRAIN_LOSS)),
+        "loss_before": float(reply_metric(msg, LOSS_BEFORE)),
+        "loss_after": float(reply_metric(msg, LOSS_AFTER)),
+        "tokens": int(reply_metric(msg, TOKENS)),
+        "wall_time_s": float(reply_metric(msg, WALL_TIME_S)),
+    }
+
+
+def _node(checked: Checked) -> int:
+    """The node a checked reply is from."""
+    return checked.message.metadata.src_node_id
+
+
+def _base_row(env: RoundEnv, cid: int, server_round: int, kind: str, status: str, reason: str = "") -> Row:
+    row = {
+        "round": server_round, "client_id": cid, "kind": kind, "status": status, "reason": reason,
+        "device": str(env.fleet.device[cid]), "lora_rank": env.rank(cid),
+    }  # fmt: skip
+    if env.pruning is not None:
+        row.update(prune_target=float(env.pruning.targets[cid]), prune_ratio=env.pruning.ratio(env.pruning.held(cid)))
+    return row
+
+
+def _config(scenario: Scenario) -> ConfigRecord:
+    return ConfigRecord({SCENARIO: scenario.to_json()})
+
+
+# --- federated evaluation ------------------------------------------------------------------
+
+
+def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> list[Row]:
+    """Federated evaluation on clients online at `t_now` (not on the simulated clock)."""
+    s = env.scenario
+    if s.clients.eval_per_round == 0:
+        return []
+    ids = np.array(sorted(env.clients), dtype=np.int64)
+    online = ids if env.measured else ids[env.fleet.availability.online(ids, t_now, server_round)]
+    chosen = sample_clients(online, s.clients.eval_per_round, s.seed, server_round, "eval")
+    nodes = [env.clients[c] for c in chosen]
+    if not nodes:
+        return []
+    env.assign_ranks(chosen)
+    messages = env.strategy.configure_evaluate(
+        server_round, to_record(state), _config(s), Participants(env.grid, nodes)
+    )
+    replies = send(env, messages, check_eval_reply)
+    rows = problem_rows(env, replies, server_round, "eval_client")
+    for c in replies.ok:
+        m = c.message
+        row = _base_row(env, env.node_to_client[_node(c)], server_round, "eval_client", "ok")
+        row.update(
+            num_examples=int(reply_metric(m, NUM_EXAMPLES)),
+            loss=float(reply_metric(m, LOSS)),
+            accuracy=float(reply_metric(m, ACCURACY)),
+            wall_time_s=float(reply_metric(m, WALL_TIME_S)),
+        )
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["client_id"])

@@ -1,0 +1,72 @@
+"""The run summary names the clock the run used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedsim.results.report import _clock
+
+
+def test_the_summary_says_measured_time_for_a_deployment(tmp_path: Path) -> None:
+    assert _clock(tmp_path) == "simulated"  # no resolved scenario: the default
+    (tmp_path / "scenario.toml").write_text('[fleet]\nclock = "measured"\n')
+    assert _clock(tmp_path) == "measured"
+    (tmp_path / "scenario.toml").write_text('[fleet]\nclock = "simulated"\n')
+    assert _clock(tmp_path) == "simulated"
+
+
+def test_deployed_columns_appear_only_for_runs_that_deploy_cut_models(tmp_path: Path) -> None:
+    from fedsim.config.scenario import validate_scenario
+    from fedsim.results.report import round_table, summary_text
+    from fedsim.results.rundir import RunDir, read_metrics
+
+    rows = [
+        {
+            "round": r,
+            "client_id": -1,
+            "kind": "eval_central",
+            "loss": 2.0 - r,
+            "accuracy": 0.1 * r,
+            "wall_time_s": 1.0,
+            "sim_time_s": float(r),
+        }
+        for r in (0, 1)
+    ]
+    plain, deploying = (RunDir.create(tmp_path, validate_scenario({"name": name})) for name in ("plain", "deploying"))
+    plain.add_rows(rows)
+    deploying.add_rows(
+        [{**row, "deployed_loss": 3.0 - row["round"], "deployed_accuracy": 0.05 * row["round"]} for row in rows]
+    )
+    assert "deployed_loss" not in round_table(read_metrics(plain.path))
+    assert "deployed models" not in summary_text(read_metrics(plain.path), plain.path)
+    assert round_table(read_metrics(deploying.path))["deployed_loss"].tolist() == [3.0, 2.0]
+    assert "deployed models   loss 3.0000 -> 2.0000, accuracy 0.050" in summary_text(
+        read_metrics(deploying.path), deploying.path
+    )
+
+
+def test_the_summary_says_how_many_held_out_examples_each_round_scored(tmp_path: Path) -> None:
+    from fedsim.config.scenario import validate_scenario
+    from fedsim.results.report import summary_text
+    from fedsim.results.rundir import RunDir, read_metrics
+
+    def rows(counts: list[int]) -> list[dict]:
+        return [
+            {
+                "round": r,
+                "client_id": -1,
+                "kind": "eval_central",
+                "num_examples": n,
+                "loss": 1.0,
+                "accuracy": 0.1,
+                "wall_time_s": 1.0,
+                "sim_time_s": 1.0,
+            }
+            for r, n in enumerate(counts)
+        ]
+
+    same, more = (RunDir.create(tmp_path, validate_scenario({"name": name})) for name in ("same", "more"))
+    same.add_rows(rows([32, 32, 32]))
+    more.add_rows(rows([48, 48, 256]))
+    assert "held-out examples 32 each round" in summary_text(read_metrics(same.path), same.path)
+    assert "held-out examples 48 in rounds 0-1, 256 in round 2" in summary_text(read_metrics(more.path), more.path)

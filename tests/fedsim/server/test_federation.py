@@ -1,0 +1,151 @@
+"""End to end on Flower's real simulation engine (Ray backend) with the tiny model.
+
+Three federations run in this module (each starts and stops its own Ray): the CLI run whose
+outputs most tests inspect, a second run with the same seed (determinism), and a run whose
+clients misbehave (a NaN update, a crash).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from peft import PeftModel
+
+from fedsim.cli import main
+from fedsim.config.scenario import load_scenario
+from fedsim.data.partitions import central_test_set
+from fedsim.model.loader import load_model
+from fedsim.model.training import evaluate
+from fedsim.results.rundir import METRIC_COLUMNS, RunDir, read_metrics
+
+ROOT = Path(__file__).resolve().parents[3]
+TINY = ROOT / "scenarios" / "tiny.toml"
+OVERRIDES = ["rounds=3"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("runs")
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["run", str(TINY), "--out", str(out), *[a for o in OVERRIDES for a in ("--set", o)]])
+    assert code == 0, buffer.getvalue()
+    return out / "tiny", buffer.getvalue()
+
+
+def test_cli_shows_progress_and_summary(cli_run: tuple[Path, str]) -> None:
+    _, stdout = cli_run
+    assert "round   0/3" in stdout and "round   3/3" in stdout
+    assert "central accuracy" in stdout and "final adapter" in stdout
+
+
+def test_run_directory_layout(cli_run: tuple[Path, str]) -> None:
+    run, _ = cli_run
+    assert (run / "scenario.toml").is_file()
+    assert load_scenario(run / "scenario.toml").rounds == 3
+    for k in (1, 2, 3):
+        assert (run / "checkpoints" / f"round_{k}" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    events = [json.loads(line)["event"] for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "run_start" and events[-1] == "run_end"
+    assert events.count("round_end") == 4  # round 0 (initial evaluation) + 3 rounds
+
+
+def test_metrics_schema(cli_run: tuple[Path, str]) -> None:
+    metrics = read_metrics(cli_run[0])
+    assert list(metrics.columns) == list(METRIC_COLUMNS)
+    assert {str(t) for t in metrics.dtypes} >= {"int64", "float64", "string"}
+    assert set(metrics["kind"]) == {"train", "eval_client", "eval_central"}
+    per_round = metrics.groupby(["round", "kind"]).size().unstack(fill_value=0)
+    assert per_round.loc[0].to_dict() == {"eval_central": 1, "eval_client": 0, "train": 0}
+    for k in (1, 2, 3):
+        assert per_round.loc[k].to_dict() == {"eval_central": 1, "eval_client": 2, "train": 2}
+    assert (metrics["status"] == "ok").all()
+    train = metrics[metrics["kind"] == "train"]
+    assert (train["num_examples"] > 0).all() and (train["tokens"] > 0).all()
+
+
+def test_aggregation_bias_is_logged_per_round(cli_run: tuple[Path, str]) -> None:
+    central = read_metrics(cli_run[0]).query("kind == 'eval_central'").set_index("round")["aggregation_bias"]
+    assert math.isnan(central[0])  # nothing aggregated before round 1
+    assert all(0 < central[r] < 1 for r in (1, 2, 3)), central.to_dict()  # two different clients: FedIT is biased
+
+
+def test_loss_falls(cli_run: tuple[Path, str]) -> None:
+    metrics = read_metrics(cli_run[0])
+    central = metrics[metrics["kind"] == "eval_central"].set_index("round")["loss"]
+    assert central[3] < central[0] - 0.1, central.to_dict()
+    train = metrics[metrics["kind"] == "train"]
+    assert (train["loss_after"] < train["loss_before"]).all()
+
+
+def test_final_adapter_loads_with_peft_and_reproduces_logged_metrics(cli_run: tuple[Path, str]) -> None:
+    run, _ = cli_run
+    scenario = load_scenario(run / "scenario.toml")
+    base, tokenizer = load_model(scenario.model.name)
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    examples = list(central_test_set(scenario.data, scenario.seed))
+    e = scenario.eval
+    res = evaluate(
+        model,
+        tokenizer,
+        examples,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        max_len=scenario.train.max_seq_len,
+    )
+    metrics = read_metrics(run)
+    logged = metrics[(metrics["kind"] == "eval_central") & (metrics["round"] == 3)].iloc[0]
+    assert res.loss == pytest.approx(logged["loss"], abs=1e-5)
+    assert res.accuracy == logged["accuracy"]
+
+
+def test_report_prints_round_table(cli_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(cli_run[0])]) == 0
+    out = capsys.readouterr().out
+    assert "central_accuracy" in out and "train_loss" in out
+    assert len([ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]) == 4
+
+
+def test_same_seed_same_metrics(cli_run: tuple[Path, str], tmp_path: Path) -> None:
+    from fedsim.runtime.simulation import run_simulation
+
+    scenario = load_scenario(TINY, OVERRIDES)
+    run_dir = RunDir.create(tmp_path, scenario)
+    run_simulation(scenario, run_dir)
+    volatile = ["wall_time_s"]
+    a = read_metrics(cli_run[0]).drop(columns=volatile)
+    b = read_metrics(run_dir.path).drop(columns=volatile)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_run_survives_bad_replies(tmp_path: Path) -> None:
+    """Client 1 sends NaNs, client 2 crashes and client 3 sends a truncated payload in every
+    round: all are recorded, none reaches the global model, and the run finishes."""
+    from tests_support.faulty_client import app as faulty_app  # importable by Ray workers
+
+    from fedsim.runtime.simulation import run_simulation
+
+    scenario = load_scenario(TINY, ["rounds=2", "clients.per_round=4", "clients.eval_per_round=0"])
+    run_dir = RunDir.create(tmp_path, scenario)
+    run_simulation(scenario, run_dir, client_app=faulty_app)
+    metrics = read_metrics(run_dir.path)
+    train = metrics[metrics["kind"] == "train"].set_index(["round", "client_id"])
+    for r in (1, 2):
+        assert train.loc[(r, 0), "status"] == "ok"
+        assert train.loc[(r, 1), "status"] == "rejected"
+        assert "NaN" in train.loc[(r, 1), "reason"]
+        assert train.loc[(r, 2), "status"] == "failed"
+        assert "deliberate crash" in train.loc[(r, 2), "reason"]
+        assert train.loc[(r, 3), "status"] == "rejected"
+        assert "update payload rejected" in train.loc[(r, 3), "reason"]
+    central = metrics[metrics["kind"] == "eval_central"].set_index("round")["loss"]
+    assert all(math.isfinite(v) for v in central)
+    assert central[2] < central[0]  # client 0's updates alone still trained the model
