@@ -1,7 +1,8 @@
 """Accuracy under uplink compression, with intervals: writes docs/results/compression.md.
 
     .venv/bin/python bench/compression_accuracy.py                  # SmolLM2 quickstart, 4 codecs x 3 seeds, ~20 min
-    .venv/bin/python bench/compression_accuracy.py --scenario scenarios/tiny.toml --seeds 1 --set rounds=1 --doc /tmp/c.md
+    .venv/bin/python bench/compression_accuracy.py --scenario scenarios/tiny.toml --seeds 1 --set rounds=1 \
+        --doc /tmp/c.md
 
 Every run is the quickstart federation (4 rounds) with one `[compression]` setting and one seed;
 the final round is scored on 256 held-out examples (per-round curves on the first 48). Per
@@ -95,7 +96,8 @@ def table(results: list[RunResult], sizes: dict[str, float]) -> list[str]:
             within_one_point(acc["diff_pooled_lo"], acc["diff_pooled_hi"]),
         )  # fmt: skip
         lines.append("| " + " | ".join([
-            label, cell(acc["mean"], acc["seed_lo"], acc["seed_hi"]), cell(acc["pooled"], acc["pooled_lo"], acc["pooled_hi"]),
+            label, cell(acc["mean"], acc["seed_lo"], acc["seed_hi"]),
+            cell(acc["pooled"], acc["pooled_lo"], acc["pooled_hi"]),
             *diff, cell(loss["pooled"], loss["pooled_lo"], loss["pooled_hi"]),
             f"{sizes[label]:,.0f}", f"{sizes[BASELINE] / sizes[label]:.1f}",
         ]) + " |")  # fmt: skip

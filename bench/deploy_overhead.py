@@ -45,7 +45,10 @@ def process_costs() -> None:
     print(f"python + import torch, transformers           {base:6.2f} s")
     print(f"python + import clients.app (ClientApp)       {fresh_process(imports):6.2f} s")
     for model in ("tiny-llama", "smollm2-135m"):
-        code = f"{imports}\nimport time\nt=time.perf_counter()\nfrom fedsim.model.loader import load_model\nload_model({model!r})\nprint(time.perf_counter()-t)"
+        code = (
+            f"{imports}\nimport time\nt=time.perf_counter()\n"
+            f"from fedsim.model.loader import load_model\nload_model({model!r})\nprint(time.perf_counter()-t)"
+        )
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True).stdout
         print(f"load_model({model!r}) in a fresh process  {float(out.split()[-1]):6.2f} s")
 

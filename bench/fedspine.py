@@ -3,13 +3,14 @@
     .venv/bin/python bench/fedspine.py --tiny                 # CI-sized: the tiny model, ~10 min on 2 cores
     .venv/bin/python bench/fedspine.py                        # SmolLM2 on the 80 Jetsons (hours on a CPU)
     .venv/bin/python bench/fedspine.py --tiny --arms corners --seeds 0 1
+    # the lean SmolLM2 run: 8 devices, ~1 h on 2 cores
     .venv/bin/python bench/fedspine.py --ranks 4 16 --ratios 0 0.2 --rounds 10 --bandits sucb ucb1 \
         --keep runs/fedspine-lean --set clients.num_clients=8 --set clients.per_round=8 \
         --set clients.eval_per_round=0 --set train.local_steps=4 --set data.central_test_size=32 \
         --set controller.sucb_depth=2 --set 'controller.sucb_snap="grid"' \
         --set 'fleet.groups=[{profile="jetson-tx2", count=3}, {profile="jetson-xavier-nx", count=4}, \
         {profile="jetson-agx-orin", count=1}]' \
-        --bandit-set 'controller.pool="none"' --doc docs/results/fedspine-lean.md   # the lean SmolLM2 run: 8 devices, ~1 h on 2 cores
+        --bandit-set 'controller.pool="none"' --doc docs/results/fedspine-lean.md
 
 Every row is one federation of `scenarios/fedspine-jetson-80.toml` (30 TX2, 40 Xavier NX, 10 AGX
 Orin; 8 clients per round; LoRA on q, v, up_proj; global rank = the largest arm rank) in which
@@ -137,7 +138,10 @@ def run_seed(
         jobs, metrics = [], {}
         for label, overrides in rows.items():
             row_overrides = [*extra, *overrides]
-            name = f"{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-')}-s{seed}-{hashlib.sha256(repr(row_overrides).encode()).hexdigest()[:8]}"
+            name = (
+                f"{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-')}-s{seed}-"
+                f"{hashlib.sha256(repr(row_overrides).encode()).hexdigest()[:8]}"
+            )
             scenario = load_scenario(SCENARIO, [*row_overrides, f'name="{name}"'], seed=seed)
             if keep is not None and (done := _finished(keep / name, scenario.rounds)) is not None:
                 metrics[label] = done
@@ -223,7 +227,8 @@ def main() -> None:
     parser.add_argument(
         "--metric",
         choices=("loss", "accuracy", "deployed_loss", "deployed_accuracy"),
-        help="deployed_*: of the fleet's deployed models (`pruning.deploy_ratios`); default: deployed_loss when the scenario has deploy ratios, else loss",
+        help="deployed_*: of the fleet's deployed models (`pruning.deploy_ratios`); default: deployed_loss when the "
+        "scenario has deploy ratios, else loss",
     )
     parser.add_argument("--target", type=float, help="default: fedit's final value")
     parser.add_argument(
@@ -231,7 +236,8 @@ def main() -> None:
         type=int,
         default=1,
         metavar="K",
-        help="score each round by the mean of its last K central evaluations (final: the last K rounds' mean): one round's evaluation swings with a small held-out set",
+        help="score each round by the mean of its last K central evaluations (final: the last K rounds' mean): one "
+        "round's evaluation swings with a small held-out set",
     )
     parser.add_argument("--ranks", type=int, nargs="+", help="the arm grid's ranks (default: the scenario's)")
     parser.add_argument("--ratios", type=float, nargs="+", help="the arm grid's ratios (default: the scenario's)")
@@ -251,7 +257,8 @@ def main() -> None:
     parser.add_argument(
         "--profile-arms",
         metavar="TOML",
-        help="the per-profile row's arms, e.g. '{\"jetson-tx2\" = [4, 0.2]}' (default: slower profiles smaller and more pruned)",
+        help="the per-profile row's arms, e.g. '{\"jetson-tx2\" = [4, "
+        "0.2]}' (default: slower profiles smaller and more pruned)",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="more scenario overrides (repeatable)"
@@ -260,7 +267,8 @@ def main() -> None:
         "--doc",
         type=Path,
         metavar="PATH",
-        help=f"write the table and this command to PATH, keeping its '## Reading' (default {DOC.relative_to(ROOT)}; with --tiny, none)",
+        help="write the table and this command to PATH, keeping its '## "
+        f"Reading' (default {DOC.relative_to(ROOT)}; with --tiny, none)",
     )
     args = parser.parse_args()
     quiet_libraries()
@@ -296,7 +304,8 @@ def report(args: argparse.Namespace, rows: dict[str, list[str]], per_seed: list[
     """Print the table: every finished row's final figures and time to target, best and worst fixed arm marked."""
     if missing := [label for label in rows if any(label not in m for m in per_seed)]:
         print(
-            f"finished so far; not yet in {args.keep}: {', '.join(missing)} (best and worst below: of the finished rows)"
+            f"finished so far; not yet in {args.keep}: {', '.join(missing)} "
+            "(best and worst below: of the finished rows)"
         )
         rows = {label: v for label, v in rows.items() if label not in missing}
         if "fedit" not in rows or not any(label.startswith("fixed") for label in rows):
@@ -317,18 +326,22 @@ def report(args: argparse.Namespace, rows: dict[str, list[str]], per_seed: list[
         fixed, key=lambda label: (math.isnan(reach[label]), np.nan_to_num(reach[label]), final[label][column] * sign)
     )
     print(
-        f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} {'<=' if sign > 0 else '>='} {target:.4f} (fedit's final unless --target){f'; each round the mean of its last {args.window}' if args.window > 1 else ''}"
+        f"\nfedspine-jetson-80{' (tiny)' if args.tiny else ''}, seeds {args.seeds}; target {args.metric} "
+        f"{'<=' if sign > 0 else '>='} {target:.4f} (fedit's final unless --target)"
+        f"{f'; each round the mean of its last {args.window}' if args.window > 1 else ''}"
     )
     head = "deployed " if deployed else "final "
     print(
-        f"{'row':<22} {head + 'loss':>13} {head + 'acc':>12} {'sim s (run)':>11} {'sim s to target':>15} {'x fedit':>7} {'x best fixed':>12}"
+        f"{'row':<22} {head + 'loss':>13} {head + 'acc':>12} {'sim s (run)':>11} {'sim s to target':>15} "
+        f"{'x fedit':>7} {'x best fixed':>12}"
     )
     for label in rows:
         s, loss, acc = final[label]
         note = " (best fixed)" if label == best else " (worst fixed)" if label == worst else ""
         t = reach[label]
         print(
-            f"{label + note:<22} {loss:>13.4f} {acc:>12.3f} {s:>11.4g} {'—' if math.isnan(t) else f'{t:.4g}':>15} {_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}"
+            f"{label + note:<22} {loss:>13.4f} {acc:>12.3f} {s:>11.4g} {'—' if math.isnan(t) else f'{t:.4g}':>15} "
+            f"{_speedup(reach['fedit'], t):>7} {_speedup(reach[best], t):>12}"
         )
     for label in fixed:
         if share := np.mean([off_arm(m[label], label) for m in per_seed]):
@@ -338,7 +351,8 @@ def report(args: argparse.Namespace, rows: dict[str, list[str]], per_seed: list[
         return
     verdict = better(final[headline][column], final[best][column])
     print(
-        f"\n{headline} vs best fixed arm{' finished' if missing else ''} ({best}): final {args.metric} {'better' if verdict else 'not better'}"
+        f"\n{headline} vs best fixed arm{' finished' if missing else ''} ({best}): final {args.metric} "
+        f"{'better' if verdict else 'not better'}"
     )
 
 

@@ -125,9 +125,11 @@ def main() -> int:
     write_result(
         ROOT / "docs" / "results" / "identity-round.md",
         "\n".join([
-            "# A round in which every client returns what it was sent", "", "```", ".venv/bin/python bench/identity_round.py", "```", "",
-            f"Ranks {', '.join(str(r) for r, _ in CLIENTS.values())} under r_max = {R_MAX}; relative change of base_delta + s_g B A"
-            f" (FedSA-LoRA: of the shared A), mean [min, max] over {len(SEEDS)} random global adapters.", "",
+            "# A round in which every client returns what it was sent", "",
+            "```", ".venv/bin/python bench/identity_round.py", "```", "",
+            f"Ranks {', '.join(str(r) for r, _ in CLIENTS.values())} under r_max = {R_MAX}; relative change of "
+            f"base_delta + s_g B A (FedSA-LoRA: of the shared A), mean [min, max] over {len(SEEDS)} random global "
+            "adapters.", "",
             *lines,
         ]),
     )  # fmt: skip

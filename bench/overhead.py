@@ -95,7 +95,8 @@ def main() -> None:
     plain = plain_round_times(scenario)
     steady_fed, steady_plain = statistics.mean(fed[1:]), statistics.mean(plain[1:])
     print(
-        f"scenario {Path(args.scenario).name}: model {scenario.model.name}, {scenario.clients.per_round} clients/round, "
+        f"scenario {Path(args.scenario).name}: model {scenario.model.name}, "
+        f"{scenario.clients.per_round} clients/round, "
         f"{scenario.train.local_steps} local steps, batch {scenario.train.batch_size}, {torch.get_num_threads()} cores"
     )
     print(f"round 1 (incl. model load in actors): fedsim {fed[0]:.2f}s   plain {plain[0]:.2f}s")

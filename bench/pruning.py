@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pruning.py                                   # both parts, ~15 min on 2 idle cores
     .venv/bin/python bench/pruning.py --skip-step                       # the federated part alone
-    .venv/bin/python bench/pruning.py --scenario scenarios/tiny.toml --skip-step --doc /tmp/p.md   # a smoke run in ~1 min
+    .venv/bin/python bench/pruning.py --scenario scenarios/tiny.toml --skip-step --doc /tmp/p.md  # a smoke run, ~1 min
     .venv/bin/python bench/pruning.py --skip-step --ratios 0 0.25 --set pruning.importance=activation --doc /tmp/a.md
 
 Part 1, one training step (`bench/pruning_step.py`, whose docstring explains the method): time and
@@ -69,7 +69,8 @@ def federated(
             exported = m[m["kind"] == "eval_export"]
             train = m[(m["kind"] == "train") & (m["status"] == "ok")]
             results[r] = {
-                "central_acc": float(central["accuracy"]), "central_loss": float(central["loss"]), "sim_s": float(central["sim_time_s"]),
+                "central_acc": float(central["accuracy"]), "central_loss": float(central["loss"]),
+                "sim_s": float(central["sim_time_s"]),
                 "pruned_acc": float(exported["accuracy"].iloc[0]) if len(exported) else float(central["accuracy"]),
                 "pruned_loss": float(exported["loss"].iloc[0]) if len(exported) else float(central["loss"]),
                 "ratio": float(exported["prune_ratio"].iloc[0]) if len(exported) else 0.0,
@@ -105,7 +106,8 @@ def main() -> None:
     quiet_libraries()
     with keep_printed(printed):
         print(
-            f"\n## Part 2: a federation per ratio ({Path(args.scenario).name}, {' '.join([*SHORT_SCHEDULE, *args.set])})",
+            f"\n## Part 2: a federation per ratio ({Path(args.scenario).name}, "
+            f"{' '.join([*SHORT_SCHEDULE, *args.set])})",
             flush=True,
         )
     res = federated(args.scenario, args.ratios, args.rounds, tuple(args.set))
@@ -118,11 +120,13 @@ def table(res: dict[float, dict[str, float]]) -> None:
     """Part 2's table: each ratio's final figures, costs relative to ratio 0."""
     ref = res[0.0]
     print(
-        f"{'target':>6} {'ratio':>6} {'central acc':>11} {'central loss':>12} {'pruned acc':>10} {'pruned loss':>11} {'sim s':>7} {'FLOPs x':>7} {'down x':>6}"
+        f"{'target':>6} {'ratio':>6} {'central acc':>11} {'central loss':>12} {'pruned acc':>10} {'pruned loss':>11} "
+        f"{'sim s':>7} {'FLOPs x':>7} {'down x':>6}"
     )
     for r, x in res.items():
         print(
-            f"{r:>6.2f} {x['ratio']:>6.3f} {x['central_acc']:>11.3f} {x['central_loss']:>12.4f} {x['pruned_acc']:>10.3f} {x['pruned_loss']:>11.4f} "
+            f"{r:>6.2f} {x['ratio']:>6.3f} {x['central_acc']:>11.3f} {x['central_loss']:>12.4f} "
+            f"{x['pruned_acc']:>10.3f} {x['pruned_loss']:>11.4f} "
             f"{x['sim_s']:>7.1f} {x['flops'] / ref['flops']:>7.2f} {x['down'] / ref['down']:>6.2f}"
         )
 

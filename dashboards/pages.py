@@ -134,7 +134,10 @@ def events_html(events: Sequence[Mapping[str, Any]]) -> str:
         f'<td class="text"><code>{_e(_details(ev))}</code></td></tr>\n'
         for ev in events
     )
-    return f'<table><tr><th class="text">time</th><th class="text">event</th><th class="text">details</th></tr>\n{rows}</table>'
+    return (
+        '<table><tr><th class="text">time</th><th class="text">event</th><th class="text">details</th></tr>\n'
+        f"{rows}</table>"
+    )
 
 
 def _plots_html(run: Run, plots: Sequence[str]) -> str:

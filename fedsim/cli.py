@@ -91,8 +91,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
     print(
-        f"fedsim: {scenario.name}: {scenario.model.name} on {scenario.data.task}, {scenario.clients.num_clients} clients "
-        f"({scenario.clients.per_round}/round), {scenario.rounds} rounds, strategy {scenario.strategy.name}, seed {scenario.seed}",
+        f"fedsim: {scenario.name}: {scenario.model.name} on {scenario.data.task}, {scenario.clients.num_clients} "
+        f"clients ({scenario.clients.per_round}/round), {scenario.rounds} rounds, strategy {scenario.strategy.name}, "
+        f"seed {scenario.seed}",
         flush=True,
     )
     return _simulate(scenario, run_dir)
@@ -148,7 +149,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for failure in failures:
             print(f"fedsim compare: a run failed: {failure!r}", file=sys.stderr)
         print(
-            f"fedsim compare: failed runs are recorded in their run directories under {root}; run the command again to retry them",
+            "fedsim compare: failed runs are recorded in their run "
+            f"directories under {root}; run the command again to retry them",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -208,7 +210,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"fedsim export: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     params = sum(p.numel() for p in exported.model.parameters())
-    print(f"{out}: {name}'s model, {exported.ratio:.1%} of the prunable parameters removed, {params / 1e6:.2f} M parameters"
+    print(f"{out}: {name}'s model, {exported.ratio:.1%} of the prunable parameters removed, "
+          f"{params / 1e6:.2f} M parameters"
           + (f" ({exported.padding:.1%} zero padding to uniform layers)" if exported.padding else "")
           + "; AutoModelForCausalLM.from_pretrained(path) loads it")  # fmt: skip
     return 0
@@ -323,8 +326,8 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         _insecure_warning()
     cmd = supernode_command(args.superlink, plan, args.ca, args.key, args.runtime_port, _flower_args(args))
     print(
-        f"fedsim supernode: partition {plan.partition} of {plan.num_partitions} (device {plan.device}) -> SuperLink {args.superlink}"
-        + (" without TLS" if args.insecure else f", TLS (CA {args.ca}), key {args.key}"),
+        f"fedsim supernode: partition {plan.partition} of {plan.num_partitions} (device {plan.device}) -> SuperLink "
+        f"{args.superlink}" + (" without TLS" if args.insecure else f", TLS (CA {args.ca}), key {args.key}"),
         flush=True,
     )
     os.execve(cmd[0], cmd, flower_env())
@@ -364,7 +367,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or Path(args.out) / f"{scenario.name}-deploy")
     with LocalFederation(workdir, insecure=args.insecure) as fed:
         print(
-            f"fedsim deploy: SuperLink on {fed.address} ({'insecure' if args.insecure else 'TLS + SuperNode authentication'}); logs in {fed.workdir}",
+            f"fedsim deploy: SuperLink on {fed.address} "
+            f"({'insecure' if args.insecure else 'TLS + SuperNode authentication'}); logs in {fed.workdir}",
             flush=True,
         )
         try:
@@ -415,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser(
         "resume",
         help="go on with a stopped run from its last complete round",
-        description="Go on with a run that was killed, failed, or finished, from its last complete round (its checkpoint: adapter, pruning record, controller state), with the same seeds. --rounds N extends it.",
+        description="Go on with a run that was killed, failed, or finished, from its last complete round (its "
+        "checkpoint: adapter, pruning record, controller state), with the same seeds. --rounds N extends it.",
     )
     res.add_argument("run_dir", help="a run directory")
     res.add_argument("--rounds", type=int, help="run up to N rounds in all (default: the scenario's)")
@@ -424,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare",
         help="run a scenario once per strategy and seed, and compare them",
-        description="Run a scenario once per strategy and seed (resumable), then write a comparison table (mean and 95 % intervals over seeds and held-out examples, differences from --baseline) and plots.",
+        description="Run a scenario once per strategy and seed (resumable), then write a comparison table (mean and "
+        "95 % intervals over seeds and held-out examples, differences from --baseline) and plots.",
     )
     compare.add_argument("scenario", help="scenario TOML file")
     compare.add_argument(
@@ -468,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser(
         "export",
         help="write a device's pruned model with the adapter merged",
-        description="Write the final adapter merged into the pruned model one device deploys (with deploy ratios, the model the run scored it on), loadable with transformers' AutoModelForCausalLM.from_pretrained.",
+        description="Write the final adapter merged into the pruned model one device deploys (with deploy ratios, "
+        "the model the run scored it on), loadable with transformers' AutoModelForCausalLM.from_pretrained.",
     )
     exp.add_argument("run_dir", help="a finished run directory")
     which = exp.add_mutually_exclusive_group(required=True)
@@ -500,14 +507,16 @@ def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     deploy = sub.add_parser(
         "deploy",
         help="deploy the ClientApp on real Flower SuperNodes (TLS + node auth)",
-        description="Deploy fedsim on Flower's deployment engine: a SuperLink and SuperNodes, secured by default. See docs/deploy.md.",
+        description="Deploy fedsim on Flower's deployment engine: a "
+        "SuperLink and SuperNodes, secured by default. See docs/deploy.md.",
     )
     dsub = deploy.add_subparsers(dest="deploy_command", required=True, metavar="STEP")
 
     certs = dsub.add_parser(
         "certs",
         help="make a local CA and a SuperLink TLS certificate",
-        description="Make a local CA (ca.crt, ca.key) and a SuperLink certificate it signs (server.pem, server.key), valid for 127.0.0.1, ::1, localhost and every --host.",
+        description="Make a local CA (ca.crt, ca.key) and a SuperLink certificate it signs (server.pem, server.key), "
+        "valid for 127.0.0.1, ::1, localhost and every --host.",
     )
     certs.add_argument("dir", help="folder to write the four files into")
     certs.add_argument(
@@ -522,7 +531,8 @@ def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     keys = dsub.add_parser(
         "keys",
         help="make SuperNode key pairs for node authentication",
-        description="Make ECDSA P-384 key pairs supernode-0 .. supernode-{N-1} (+ .pub) in OpenSSH format, for `flwr supernode register` and `fedsim supernode --key`.",
+        description="Make ECDSA P-384 key pairs supernode-0 .. supernode-{N-1} (+ .pub) in OpenSSH format, for `flwr "
+        "supernode register` and `fedsim supernode --key`.",
     )
     keys.add_argument("dir", help="folder to write the keys into")
     keys.add_argument("--nodes", type=int, required=True, help="how many key pairs")
@@ -532,7 +542,8 @@ def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     link = dsub.add_parser(
         "superlink",
         help="start Flower's SuperLink with TLS and SuperNode authentication",
-        description="Write the `fedsim` connection into $FLWR_HOME/config.toml (for `flwr supernode register` and `flwr run`), then run flower-superlink with TLS and --enable-supernode-auth.",
+        description="Write the `fedsim` connection into $FLWR_HOME/config.toml (for `flwr supernode register` and "
+        "`flwr run`), then run flower-superlink with TLS and --enable-supernode-auth.",
     )
     link.add_argument("--certs", help="folder from `fedsim deploy certs` (ca.crt, server.pem, server.key)")
     link.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, every interface)")
@@ -550,7 +561,9 @@ def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     local = dsub.add_parser(
         "local",
         help="run a scenario on a SuperLink + SuperNodes on this machine",
-        description="Make certificates and keys, start a SuperLink and one SuperNode per partition on this machine, register the keys, run the scenario with `flwr run`, stop everything. The run directory is the same as `fedsim run`'s.",
+        description="Make certificates and keys, start a SuperLink and one SuperNode "
+        "per partition on this machine, register the keys, run the scenario with "
+        "`flwr run`, stop everything. The run directory is the same as `fedsim run`'s.",
     )
     local.add_argument("scenario", help="scenario TOML file")
     local.add_argument(
@@ -567,7 +580,8 @@ def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     node = sub.add_parser(
         "supernode",
         help="check a SuperNode's partition against the scenario, then start Flower's SuperNode",
-        description="Check that PARTITION exists in the scenario and that the TLS and key files are usable, then exec flower-supernode with --node-config 'partition-id=N num-partitions=M device=\"PROFILE\"'.",
+        description="Check that PARTITION exists in the scenario and that the TLS and key files are usable, then exec "
+        "flower-supernode with --node-config 'partition-id=N num-partitions=M device=\"PROFILE\"'.",
     )
     node.add_argument("scenario", help="the scenario the federation runs (the same file and --set as `flwr run`)")
     node.add_argument(

@@ -31,11 +31,12 @@ Strategies that merge into the frozen base add `<layer>.base_delta` tensors to t
 Pruned clients (`fedsim.pruning`). The global adapter keeps the unpruned shape. A pruned node
 (`assign_pruning`) receives the slice of its rank's state that matches the heads and channels it
 kept (`slicing.slice_adapter`) and its pruning order in the config (`fedsim.fleet.keeps`); its reply
-names the keep it ended the round with, and the client's adapter is scattered back to the unpruned shape with a coverage mask
-(`ClientAdapter.mask`). Strategies that average factors coordinate by coordinate (FedIT, HetLoRA,
-FFA-LoRA, FedSA-LoRA) fill each client's uncovered coordinates with the weighted mean of those
-that covered them (`slicing.fill_uncovered`), so their own rule yields the mask-aware mean, and a
-coordinate nobody kept stays as it was. The others set `pruning_refused` to the reason.
+names the keep it ended the round with, and the client's adapter is scattered back to the unpruned
+shape with a coverage mask (`ClientAdapter.mask`). Strategies that average factors coordinate by
+coordinate (FedIT, HetLoRA, FFA-LoRA, FedSA-LoRA) fill each client's uncovered coordinates with the
+weighted mean of those that covered them (`slicing.fill_uncovered`), so their own rule yields the
+mask-aware mean, and a coordinate nobody kept stays as it was. The others set `pruning_refused` to
+the reason.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def apply_down(record: ConfigRecord, held: AdapterState | None, held_version: in
     raw, base = record[PAYLOAD], record[DOWN_BASE]
     if not isinstance(raw, bytes) or not isinstance(base, int):
         raise TypeError(
-            f"a downlink record carries bytes {PAYLOAD!r} and int {DOWN_BASE!r}, got {type(raw).__name__} and {type(base).__name__}"
+            f"a downlink record carries bytes {PAYLOAD!r} and int {DOWN_BASE!r}, got {type(raw).__name__} and "
+            f"{type(base).__name__}"
         )
     payload = decode(raw)
     if record[DOWN_KIND] == DOWN_FULL:

@@ -72,12 +72,14 @@ class RewardConfig(_Section):
     contribution_weight: float = Field(
         1.0,
         ge=0,
-        description="Weight of the client's contribution: the relative held-out loss decrease its share of an average gives the global model.",
+        description="Weight of the client's contribution: the relative held-out loss decrease its share of an "
+        "average gives the global model.",
     )
     contribution_examples: int = Field(
         16,
         ge=1,
-        description="Held-out examples the contribution is scored on (the first of the central set; one forward pass per client).",
+        description="Held-out examples the contribution is scored on "
+        "(the first of the central set; one forward pass per client).",
     )
     loss_weight: float = Field(
         0.5, ge=0, description="Weight of the relative local loss improvement (ℓ_before − ℓ_after)/ℓ_before."
@@ -85,26 +87,31 @@ class RewardConfig(_Section):
     prune_weight: float = Field(
         0.5,
         ge=0,
-        description="Weight of the pruning progress min(ratio_reached, ratio_target), unscaled; with `pruning.deploy_ratios`, deploy_weight instead.",
+        description="Weight of the pruning progress min(ratio_reached, ratio_target), unscaled; with "
+        "`pruning.deploy_ratios`, deploy_weight instead.",
     )
     deploy_weight: float = Field(
         0.0,
         ge=0,
-        description="With `pruning.deploy_ratios`: weight of the closeness max(0, 1 − |s − ρ|/ρ) of the client's sparsity s to its profile's deploy ratio ρ.",
+        description="With `pruning.deploy_ratios`: weight of the closeness max(0, 1 − |s − ρ|/ρ) of the client's "
+        "sparsity s to its profile's deploy ratio ρ.",
     )
     norm_weight: float = Field(0.0, ge=0, description="Weight of the update norm ‖ΔW‖.")
     time: Literal["round", "per_second"] = Field(
         "round",
-        description="round: progress times the straggler factor (Oort); per_second: also divided by the client's own time.",
+        description="round: progress times the straggler factor "
+        "(Oort); per_second: also divided by the client's own time.",
     )
     straggler: Literal["auto", "deadline", "fastest", "median", "none"] = Field(
         "auto",
-        description="Threshold T of the straggler factor (T/t)^α: the deadline, the fastest round so far, the round's median client time, or none; auto: the deadline if any, else fastest.",
+        description="Threshold T of the straggler factor (T/t)^α: the deadline, the fastest round so far, the "
+        "round's median client time, or none; auto: the deadline if any, else fastest.",
     )
     straggler_alpha: float = Field(2.0, ge=0, description="Exponent α of the straggler factor.")
     normalise: Literal["round_max", "round_mean", "baseline", "none"] = Field(
         "round_max",
-        description="Divide rewards by the round's max, its mean, a discounted baseline of past rounds' means (FedEx), or nothing.",
+        description="Divide rewards by the round's max, its mean, a discounted baseline of past rounds' means "
+        "(FedEx), or nothing.",
     )
     baseline_discount: float = Field(
         0.9, ge=0, lt=1, description="normalise = baseline: discount β of the running mean of rounds' mean rewards."
@@ -122,7 +129,8 @@ class RewardConfig(_Section):
             )
         if self.infeasible_penalty > self.floor:
             raise ValueError(
-                f"infeasible_penalty must be <= floor ({self.floor}) so that a feasible arm always beats an infeasible one, got {self.infeasible_penalty}"
+                f"infeasible_penalty must be <= floor ({self.floor}) so that a feasible arm always beats an "
+                f"infeasible one, got {self.infeasible_penalty}"
             )
         return self
 
@@ -135,7 +143,8 @@ class ControllerConfig(_Section):
 
     name: str = Field(
         "sucb",
-        description="Algorithm (`fedsim.controllers.CONTROLLERS`); sucb: FedSpine's smooth UCB over the (ratio, rank) box.",
+        description="Algorithm (`fedsim.controllers.CONTROLLERS`); "
+        "sucb: FedSpine's smooth UCB over the (ratio, rank) box.",
     )
     ranks: tuple[int, ...] = Field(
         (4, 8, 16, 32), min_length=1, description="LoRA ranks of the arm grid, each >= 1; sucb spans [min, max]."
@@ -151,7 +160,8 @@ class ControllerConfig(_Section):
     ucb_c: float = Field(
         1.0,
         ge=0,
-        description="ucb1, discounted_ucb, sliding_window_ucb, sucb: exploration scale c, the width of the reward range.",
+        description="ucb1, discounted_ucb, sliding_window_ucb, "
+        "sucb: exploration scale c, the width of the reward range.",
     )
     discount: float = Field(0.99, gt=0, le=1, description="discounted_ucb: discount γ per pull of the device.")
     window: int = Field(100, ge=1, description="sliding_window_ucb: the device's last τ pulls are remembered.")
@@ -173,16 +183,19 @@ class ControllerConfig(_Section):
     ts_noise_std: float = Field(0.5, gt=0, description="thompson: reward noise σ of the Gaussian likelihood.")
     pool: Literal["none", "profile"] = Field(
         "none",
-        description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own statistics, or also on what its profile's peers lend (`controllers.base`).",
+        description="ucb1, discounted_ucb, sliding_window_ucb, thompson, sucb: score each device on its own "
+        "statistics, or also on what its profile's peers lend (`controllers.base`).",
     )
     pool_pulls: float = Field(
         10.0,
         ge=0,
-        description="pool = profile: C, the most pulls' worth per point a device borrows from its peers (0: no pooling).",
+        description="pool = profile: C, the most pulls' worth per "
+        "point a device borrows from its peers (0: no pooling).",
     )
     pool_spread: bool = Field(
         True,
-        description="pool = profile: a profile's devices of one round pick in turn, each counting its peers' earlier picks as pulls.",
+        description="pool = profile: a profile's devices of one round "
+        "pick in turn, each counting its peers' earlier picks as pulls.",
     )
     linucb_alpha: float = Field(1.0, ge=0, description="linucb: width α of the confidence bonus α√(xᵀA⁻¹x).")
     linucb_ridge: float = Field(1.0, gt=0, description="linucb: ridge λ, A starts at λI.")
@@ -196,17 +209,20 @@ class ControllerConfig(_Section):
     sucb_rho: float = Field(2**-0.5, gt=0, lt=1, description="sucb: shrink factor ρ of the smoothness term per level.")
     sucb_snap: Literal["integer", "grid"] = Field(
         "integer",
-        description="sucb: a cell's rank is the nearest integer in [min(ranks), max(ranks)], or the nearest of `ranks`.",
+        description="sucb: a cell's rank is the nearest integer "
+        "in [min(ranks), max(ranks)], or the nearest of `ranks`.",
     )
     screen: bool = Field(
         True,
-        description="Skip, for a round, the arms a device's observed pace predicts to take over screen_slack × the straggler threshold (`controllers.pace`); not for fixed.",
+        description="Skip, for a round, the arms a device's observed pace predicts to take over screen_slack × the "
+        "straggler threshold (`controllers.pace`); not for fixed.",
     )
     screen_slack: float = Field(
         1.25,
         ge=1,
         allow_inf_nan=False,
-        description="screen: how much slower than the threshold, or than its fastest arm, an arm may be predicted to be and still be tried.",
+        description="screen: how much slower than the threshold, or than its fastest arm, an arm may be predicted to "
+        "be and still be tried.",
     )
     commit_rounds: int = Field(
         0,

@@ -74,48 +74,52 @@ CATALOG: dict[str, DeviceProfile] = {
         memory_gb=6.5,
         uplink_mbps=30.0,
         downlink_mbps=60.0,
-        source="NVIDIA Jetson Xavier NX datasheet: 384-core Volta GPU with 48 Tensor Cores, 21 INT8 TOPS, "
-        "approx. 6 TFLOPS fp16 tensor peak, 8 GB LPDDR4x shared; effective ≈20% of peak; 802.11ac M.2 card, approx. 30/60 Mbps",
+        source="NVIDIA Jetson Xavier NX datasheet: 384-core Volta GPU with 48 Tensor Cores, 21 INT8 TOPS, approx. 6 "
+        "TFLOPS fp16 tensor peak, 8 GB LPDDR4x shared; effective ≈20% of peak; 802.11ac M.2 card, approx. 30/60 Mbps",
     ),
     "jetson-agx-orin": DeviceProfile(
         train_tflops=8.5,
         memory_gb=56.0,
         uplink_mbps=60.0,
         downlink_mbps=120.0,
-        source="NVIDIA Jetson AGX Orin 64GB datasheet: 2048-core Ampere GPU with 64 Tensor Cores, 275 INT8 TOPS (sparse), "
-        "approx. 42.5 TFLOPS fp16 dense tensor peak, 64 GB LPDDR5 shared; effective ≈20% of peak; Wi-Fi 6, approx. 60/120 Mbps",
+        source="NVIDIA Jetson AGX Orin 64GB datasheet: 2048-core Ampere GPU with 64 Tensor Cores, 275 INT8 TOPS "
+        "(sparse), approx. 42.5 TFLOPS fp16 dense tensor peak, 64 GB LPDDR5 shared; effective ≈20% of peak; Wi-Fi 6, "
+        "approx. 60/120 Mbps",
     ),
     "phone-midrange": DeviceProfile(
         train_tflops=0.03,
         memory_gb=2.0,
         uplink_mbps=8.0,
         downlink_mbps=30.0,
-        source="Snapdragon 7-series class SoC (4x Cortex-A78 + 4x Cortex-A55): approx. 0.15 TFLOPS fp32 CPU peak, 6 GB RAM "
-        "(≈2 GB app budget); CPU training ≈20% of peak; 4G LTE medians approx. 8/30 Mbps",
+        source="Snapdragon 7-series class SoC (4x Cortex-A78 + 4x Cortex-A55): approx. 0.15 TFLOPS fp32 CPU peak, 6 "
+        "GB RAM (≈2 GB app budget); CPU training ≈20% of peak; 4G LTE medians approx. 8/30 Mbps",
     ),
     "phone-highend": DeviceProfile(
         train_tflops=0.10,
         memory_gb=4.0,
         uplink_mbps=20.0,
         downlink_mbps=150.0,
-        source="Snapdragon 8 Gen 2 class SoC (Adreno 740): approx. 2.5-3.5 TFLOPS fp32 GPU peak, 12 GB RAM "
-        "(≈4 GB app budget); on-device training ≈4% of GPU peak (throttling, immature kernels); 5G medians approx. 20/150 Mbps",
+        source="Snapdragon 8 Gen 2 class SoC (Adreno 740): approx. 2.5-3.5 TFLOPS "
+        "fp32 GPU peak, 12 GB RAM (≈4 GB app budget); on-device training ≈4% of "
+        "GPU peak (throttling, immature kernels); 5G medians approx. 20/150 Mbps",
     ),
     "laptop-cpu": DeviceProfile(
         train_tflops=0.16,
         memory_gb=10.0,
         uplink_mbps=20.0,
         downlink_mbps=100.0,
-        source="8-core x86 laptop CPU (Ryzen 7 / Core i7 class), AVX2 2xFMA: approx. 0.64 TFLOPS fp32 at ~2.5 GHz all-core; "
-        "PyTorch CPU training ≈25% of peak; 16 GB RAM (≈10 GB usable); home broadband over Wi-Fi approx. 20/100 Mbps",
+        source="8-core x86 laptop CPU (Ryzen 7 / Core i7 class), AVX2 2xFMA: approx. "
+        "0.64 TFLOPS fp32 at ~2.5 GHz all-core; PyTorch CPU training ≈25% of peak; "
+        "16 GB RAM (≈10 GB usable); home broadband over Wi-Fi approx. 20/100 Mbps",
     ),
     "workstation-gpu": DeviceProfile(
         train_tflops=58.0,
         memory_gb=22.0,
         uplink_mbps=500.0,
         downlink_mbps=900.0,
-        source="NVIDIA GeForce RTX 4090 (Ada whitepaper): approx. 165 TFLOPS bf16 dense tensor peak with fp32 accumulate, "
-        "24 GB GDDR6X (≈22 GB after CUDA context); effective ≈35% of peak; wired gigabit LAN approx. 500/900 Mbps",
+        source="NVIDIA GeForce RTX 4090 (Ada whitepaper): approx. 165 TFLOPS bf16 "
+        "dense tensor peak with fp32 accumulate, 24 GB GDDR6X (≈22 GB after CUDA "
+        "context); effective ≈35% of peak; wired gigabit LAN approx. 500/900 Mbps",
     ),
 }
 

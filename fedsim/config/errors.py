@@ -12,7 +12,8 @@ from fedsim.config.availability import KINDS
 # Retired keys and what replaces them: a scenario that still uses one is told what to write
 # instead, not only that the key is unknown.
 RETIRED_KEYS = {
-    "pool_weight": "replaced by `pool_pulls`, the most pulls' worth of evidence a device borrows from its peers (10; `fedsim.controllers.base`)",
+    "pool_weight": "replaced by `pool_pulls`, the most pulls' worth of evidence a device borrows from its peers (10; "
+    "`fedsim.controllers.base`)",
 }
 
 

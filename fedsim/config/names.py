@@ -23,9 +23,12 @@ STRATEGIES = (
 
 # Strategies that cannot aggregate pruned clients, and why (the scenario check quotes the reason).
 PRUNING_REFUSED = {
-    "flexlora": "it takes the SVD of the mean of the clients' full products s_k B_k A_k, and a masked mean of products is not implemented",
-    "flora": "it merges the clients' dense updates into the frozen base weights, which a pruned client holds only in part",
-    "fedex_lora": "it merges the clients' dense residual into the frozen base weights, which a pruned client holds only in part",
+    "flexlora": "it takes the SVD of the mean of the clients' full products s_k B_k A_k, and a masked mean of "
+    "products is not implemented",
+    "flora": "it merges the clients' dense updates into the "
+    "frozen base weights, which a pruned client holds only in part",
+    "fedex_lora": "it merges the clients' dense residual into the "
+    "frozen base weights, which a pruned client holds only in part",
     "lora_fair": "its residual correction needs every client's full product s_k B_k A_k",
 }
 

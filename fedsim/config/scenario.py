@@ -74,7 +74,8 @@ class DataConfig(_Section):
     central_test_size: int = Field(
         256,
         ge=1,
-        description="Held-out examples the server evaluates on, taken before partitioning; all of them after the last round.",
+        description="Held-out examples the server evaluates on, "
+        "taken before partitioning; all of them after the last round.",
     )
 
     @field_validator("task")
@@ -107,7 +108,8 @@ class TrainConfig(_Section):
     threads: int = Field(1, ge=1, description="torch threads per client process (fixed for reproducibility).")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
-        description="auto: CUDA when this process sees a GPU (Ray shows one to a client only if simulation.num_gpus_per_client > 0).",
+        description="auto: CUDA when this process sees a GPU (Ray shows one to a client only if "
+        "simulation.num_gpus_per_client > 0).",
     )
 
 
@@ -130,7 +132,8 @@ class LoraConfig(_Section):
             for key, r in getattr(self, field).items():
                 if not 1 <= r <= self.rank:
                     problems.append(
-                        f"`lora.{field}.{key}` = {r} must be in [1, lora.rank = {self.rank}] (the global adapter's rank serves every client)"
+                        f"`lora.{field}.{key}` = {r} must be in [1, lora.rank = {self.rank}] (the global adapter's "
+                        "rank serves every client)"
                     )
                 if field == "client_ranks" and not key.isdigit():
                     problems.append(f"`lora.client_ranks` keys are client ids, got {key!r}")
@@ -157,7 +160,8 @@ class StrategyConfig(_Section):
         0.99,
         gt=0,
         le=1,
-        description="hetlora: a client's tail is ranks ⌊γ·r_k⌋..r_k: the penalty acts on it, self-pruning drops it (r_k ← max(1, ⌊γ·r_k⌋)); 1 = neither.",
+        description="hetlora: a client's tail is ranks ⌊γ·r_k⌋..r_k: the penalty acts on it, self-pruning drops it "
+        "(r_k ← max(1, ⌊γ·r_k⌋)); 1 = neither.",
     )
     rank_lambda: float = Field(0.01, ge=0, description="hetlora: weight λ of the tail penalty λ‖B_tail·A_tail‖_F.")
     fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight λ of ‖ΔB‖_F in the residual correction.")
@@ -179,7 +183,8 @@ class EvalConfig(_Section):
     central_examples: int = Field(
         0,
         ge=0,
-        description="Held-out examples evaluated each round but the last, which uses the whole set (0 = the whole set).",
+        description="Held-out examples evaluated each round but "
+        "the last, which uses the whole set (0 = the whole set).",
     )
     client_examples: int = Field(16, ge=1, description="Max test examples a client evaluates.")
     max_new_tokens: int = Field(10, ge=1, description="Greedy generation length for exact match.")
@@ -203,7 +208,8 @@ class CompressionConfig(_Section):
     density: float = Field(0.1, gt=0, le=1, description="Share d of entries kept by topk/compeft: ceil(d·n).")
     alpha: float | Literal["auto"] = Field(
         "auto",
-        description="ComPEFT scale multiplier (kept entries become sign·α·σ), > 0; 'auto': the server picks it from alpha_grid each round.",
+        description="ComPEFT scale multiplier (kept entries become sign·α·σ), > 0; 'auto': the server picks it from "
+        "alpha_grid each round.",
     )
     alpha_grid: tuple[float, ...] = Field(
         (1.0, 2.0, 4.0, 8.0, 16.0), min_length=1, description="Candidates for alpha = 'auto', scored by held-out loss."
@@ -244,7 +250,8 @@ class PruningConfig(_Section):
         0.0,
         ge=0,
         le=0.95,
-        description="Target share of the prunable parameters (q,k,v,o,gate,up,down of every layer) each client removes.",
+        description="Target share of the prunable parameters "
+        "(q,k,v,o,gate,up,down of every layer) each client removes.",
     )
     profile_ratios: dict[str, float] = Field(
         {}, description="Target ratio per device profile, e.g. {jetson-tx2 = 0.5}; overrides `ratio`."
@@ -254,14 +261,16 @@ class PruningConfig(_Section):
     )
     importance: ImportanceScore = Field(
         "lora_grad",
-        description="Importance score (`fedsim.pruning.importance`); lora_grad needs LoRA on an attention and an MLP projection.",
+        description="Importance score (`fedsim.pruning.importance`); "
+        "lora_grad needs LoRA on an attention and an MLP projection.",
     )
     mode: Literal["per_layer", "global"] = Field(
         "per_layer", description="Budget per decoder layer, or one budget over the model."
     )
     where: Literal["client", "server"] = Field(
         "client",
-        description="client: each client scores its own data between its LoRA steps; server: the server cuts by the global adapter's importance between rounds.",
+        description="client: each client scores its own data between its LoRA steps; server: the server cuts by the "
+        "global adapter's importance between rounds.",
     )
     interval_steps: int = Field(20, ge=1, description="Local LoRA steps between prune events (FedSpine: about 20).")
     events: int = Field(
@@ -280,7 +289,8 @@ class PruningConfig(_Section):
     )
     deploy_ratios: dict[str, float] = Field(
         {},
-        description="Pruning ratio of the model each device profile deploys, e.g. {jetson-tx2 = 0.2}; scored as `deployed_loss` (`fedsim.server.deployed`).",
+        description="Pruning ratio of the model each device profile deploys, e.g. {jetson-tx2 = 0.2}; scored as "
+        "`deployed_loss` (`fedsim.server.deployed`).",
     )
     deploy_importance: ImportanceScore = Field(
         "first_order",
@@ -347,7 +357,8 @@ class FleetConfig(_Section):
     )
     clock: Literal["simulated", "measured"] = Field(
         "simulated",
-        description="simulated: the fleet model's clock; measured (real devices): the server's measured round trips, without modelled availability, memory or dropout.",
+        description="simulated: the fleet model's clock; measured (real devices): the server's measured round trips, "
+        "without modelled availability, memory or dropout.",
     )
 
     @field_validator("groups", mode="before")
@@ -395,7 +406,8 @@ class Scenario(_Section):
     pruning: PruningConfig = PruningConfig()
     controller: ControllerConfig | None = Field(
         None,
-        description="Bandit that picks each sampled client's (LoRA rank, pruning ratio) every round (`fedsim.controllers`); absent: static ranks and ratios.",
+        description="Bandit that picks each sampled client's (LoRA rank, pruning ratio) every round "
+        "(`fedsim.controllers`); absent: static ranks and ratios.",
     )
 
     @property
@@ -445,7 +457,8 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
         )
     if strategy is not None and strategy.name == "flora" and strategy.rank_padding != "paper":
         problems.append(
-            f"`strategy.rank_padding` = {strategy.rank_padding!r} does not apply to 'flora', which stacks every client's factors at their own rank: leave it 'paper'"
+            f"`strategy.rank_padding` = {strategy.rank_padding!r} does not apply to 'flora', which stacks every "
+            "client's factors at their own rank: leave it 'paper'"
         )
     problems += _rank_problems(getattr(s, "lora", None), clients, getattr(s, "fleet", None), strategy, compression)
     problems += _pruning_problems(
@@ -462,7 +475,8 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
     )
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
         problems.append(
-            f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got {eval_.central_examples}"
+            f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got "
+            f"{eval_.central_examples}"
         )
     return problems
 
@@ -513,19 +527,23 @@ def _rank_problems(
     if compression is not None and compression.downlink and strategy is not None:
         if mixed:
             problems.append(
-                "`compression.downlink` needs one rank for every client (lora.profile_ranks / client_ranks differ from lora.rank)"
+                "`compression.downlink` needs one rank for every client "
+                "(lora.profile_ranks / client_ranks differ from lora.rank)"
             )
         if strategy.name in ("flora", "fedex_lora", "fedsa_lora"):
             problems.append(
-                f"`compression.downlink` cannot carry {strategy.name!r}'s state (base-weight merges or personal factors)"
+                f"`compression.downlink` cannot carry {strategy.name!r}'s "
+                "state (base-weight merges or personal factors)"
             )
         if strategy.name == "hetlora" and strategy.rank_gamma < 1:
             problems.append(
-                f"`compression.downlink` needs one rank for every client, but hetlora's clients self-prune their ranks (`strategy.rank_gamma` = {strategy.rank_gamma} < 1): set rank_gamma = 1 or turn the downlink off"
+                "`compression.downlink` needs one rank for every client, but hetlora's clients self-prune their ranks "
+                f"(`strategy.rank_gamma` = {strategy.rank_gamma} < 1): set rank_gamma = 1 or turn the downlink off"
             )
     if strategy is not None and strategy.name == "fedsa_lora" and clients is not None and clients.eval_per_round == 0:
         problems.append(
-            "`strategy.name` = 'fedsa_lora' keeps a personal B on each client: its accuracy is measured on the clients' own test splits, so `clients.eval_per_round` must be >= 1"
+            "`strategy.name` = 'fedsa_lora' keeps a personal B on each client: its accuracy is measured on the "
+            "clients' own test splits, so `clients.eval_per_round` must be >= 1"
         )
     return problems
 
@@ -555,7 +573,8 @@ def _pruning_problems(
         return problems
     if clients_prune and strategy is not None and strategy.name in PRUNING_REFUSED:
         problems.append(
-            f"`strategy.name` = {strategy.name!r} cannot aggregate pruned clients: {PRUNING_REFUSED[strategy.name]}; use fedit, hetlora, ffa_lora or fedsa_lora, or set the pruning ratios to 0"
+            f"`strategy.name` = {strategy.name!r} cannot aggregate pruned clients: {PRUNING_REFUSED[strategy.name]}; "
+            "use fedit, hetlora, ffa_lora or fedsa_lora, or set the pruning ratios to 0"
         )
     scores = {
         "importance": clients_prune,
@@ -569,14 +588,15 @@ def _pruning_problems(
         ]
         if missing:
             problems += [
-                f"`pruning.{field}` = 'lora_grad' scores heads and channels from the LoRA gradients, but `lora.target_modules` "
-                f"{list(lora.target_modules)} has no {' and no '.join(missing)} projection: add one (e.g. gate_proj) or choose "
-                "magnitude, activation or first_order"
+                f"`pruning.{field}` = 'lora_grad' scores heads and channels from the LoRA gradients, but "
+                f"`lora.target_modules` {list(lora.target_modules)} has no {' and no '.join(missing)} projection: add "
+                "one (e.g. gate_proj) or choose magnitude, activation or first_order"
                 for field in lora_grad
             ]
     if clients_prune and compression is not None and compression.downlink:
         problems.append(
-            "`compression.downlink` sends every client the same adapter; pruned clients each need their own slice: turn one off"
+            "`compression.downlink` sends every client the same adapter; "
+            "pruned clients each need their own slice: turn one off"
         )
     return problems
 
@@ -590,8 +610,8 @@ def _controller_problems(
     problems = []
     if lora is not None and max(controller.ranks) > lora.rank:
         problems.append(
-            f"`controller.ranks` go up to {max(controller.ranks)} but `lora.rank` = {lora.rank}: the global adapter (rank "
-            f"lora.rank) serves every arm, so set lora.rank >= {max(controller.ranks)}"
+            f"`controller.ranks` go up to {max(controller.ranks)} but `lora.rank` = {lora.rank}: the global adapter "
+            f"(rank lora.rank) serves every arm, so set lora.rank >= {max(controller.ranks)}"
         )
     return problems + _unknown_names("", {}, "controller.profile_arms", controller.profile_arms, None, fleet)
 

@@ -74,7 +74,8 @@ class ArmGrid:
         if off.any():
             k = int(np.flatnonzero(off)[0])
             raise ValueError(
-                f"(rank, ratio) = ({ranks[k]}, {ratios[k]}) is not on the arm grid: ranks {list(self.ranks)}, ratios {list(self.ratios)}"
+                f"(rank, ratio) = ({ranks[k]}, {ratios[k]}) is not on the arm grid: ranks {list(self.ranks)}, ratios "
+                f"{list(self.ratios)}"
             )
         return (i * len(grid_p) + j).astype(np.int64)
 

@@ -85,7 +85,8 @@ if TYPE_CHECKING:
     from fedsim.config.controller import ControllerConfig
 
 _U64 = (1 << 64) - 1
-SPREAD_WAVES = 8  # `_spread`: a profile's devices in one round pick in at most 8 waves (a round's sample of a profile is rarely more)
+# `_spread`: a profile's devices in one round pick in at most 8 waves (a round's sample of a profile is rarely more)
+SPREAD_WAVES = 8
 
 
 class Controller(ABC):
@@ -118,7 +119,8 @@ class Controller(ABC):
         )
         if len(self.profile_names) < num_profiles:
             raise ValueError(
-                f"`profile_names` must name every profile index 0..{num_profiles - 1}, got {len(self.profile_names)} names"
+                "`profile_names` must name every profile index "
+                f"0..{num_profiles - 1}, got {len(self.profile_names)} names"
             )
         self.point_ranks, self.point_ratios = self._points()  # (K,), (K,)
         shape = (self.num_devices, len(self.point_ranks))
@@ -329,7 +331,8 @@ class Controller(ABC):
         avoid = np.asarray(avoid)
         if avoid.shape != (len(devices), len(self.point_ranks)) or avoid.dtype != bool:
             raise ValueError(
-                f"`avoid` must be a bool array of shape ({len(devices)}, {len(self.point_ranks)}), got {avoid.dtype} {avoid.shape}"
+                f"`avoid` must be a bool array of shape ({len(devices)}, "
+                f"{len(self.point_ranks)}), got {avoid.dtype} {avoid.shape}"
             )
         infeasible = self.infeasible[devices]
         return avoid & ~(infeasible | avoid).all(axis=1, keepdims=True)
@@ -366,7 +369,8 @@ class Controller(ABC):
                 mine, theirs = getattr(self, key), np.asarray(state[key])
                 if theirs.shape != mine.shape or theirs.dtype.kind != mine.dtype.kind:
                     problems.append(
-                        f"{key!r} must have shape {mine.shape} and dtype kind {mine.dtype.kind!r}, got {theirs.shape}, {theirs.dtype}"
+                        f"{key!r} must have shape {mine.shape} and dtype kind {mine.dtype.kind!r}, got "
+                        f"{theirs.shape}, {theirs.dtype}"
                     )
         if "rng" in state and np.asarray(state["rng"]).shape != (6,):
             problems.append(f"'rng' must have shape (6,), got {np.asarray(state['rng']).shape}")
@@ -377,7 +381,8 @@ def _check_profiles(profiles: np.ndarray, num_devices: int) -> np.ndarray:
     profiles = np.asarray(profiles)
     if profiles.shape != (num_devices,) or (num_devices and (profiles.dtype.kind not in "iu" or profiles.min() < 0)):
         raise ValueError(
-            f"`profiles` must be ({num_devices},) non-negative profile indices, got shape {profiles.shape}, dtype {profiles.dtype}"
+            f"`profiles` must be ({num_devices},) non-negative profile "
+            f"indices, got shape {profiles.shape}, dtype {profiles.dtype}"
         )
     return profiles.astype(np.int64)
 

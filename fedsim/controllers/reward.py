@@ -168,7 +168,8 @@ def rewards(
 
 
 def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndarray:
-    """(n,) g_i: the weighted sum of contribution, loss and update-norm progress (each scaled by its round mean) and pruning progress."""
+    """(n,) g_i: the weighted sum of contribution, loss and update-norm progress (each scaled by its round mean)
+    and pruning progress."""
     before, after = obs.loss_before, obs.loss_after
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = np.where(np.isfinite(before) & np.isfinite(after) & (before > 0), (before - after) / before, 0.0)

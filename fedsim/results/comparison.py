@@ -59,7 +59,8 @@ PER_EXAMPLE: dict[str, tuple[str, str | None]] = {  # metric → final_eval.parq
 }
 COLUMNS = [
     "strategy", "metric", "n", "mean", "seed_lo", "seed_hi", "pooled", "pooled_lo", "pooled_hi",
-    "diff_n", "diff", "diff_seed_lo", "diff_seed_hi", "diff_pooled", "diff_pooled_lo", "diff_pooled_hi", "distinguishable",
+    "diff_n", "diff", "diff_seed_lo", "diff_seed_hi", "diff_pooled", "diff_pooled_lo", "diff_pooled_hi",
+    "distinguishable",
 ]  # fmt: skip
 BOOTSTRAP_SEED = 0  # the bootstrap's generator seed: the same runs give the same table
 
@@ -134,7 +135,8 @@ def _check_held_out(root: Path, results: Sequence[RunResult]) -> None:
     for r in results[1:]:
         if data[r.name] != data[first.name]:
             raise ValueError(
-                f"{r.name} and {first.name} (seed {r.seed}) differ in [data]: their held-out sets differ; remove one and run again"
+                f"{r.name} and {first.name} (seed {r.seed}) differ in [data]: "
+                "their held-out sets differ; remove one and run again"
             )
         if (
             r.examples is not None
@@ -240,9 +242,14 @@ def markdown(table: pd.DataFrame, results: Sequence[RunResult], baseline: str, t
     missing = [r.name for r in results if r.examples is None]
     lines = [
         "# fedsim compare", "", "```", command, "```", "",
-        f"Seeds {', '.join(map(str, seeds))} ({per_strategy} run(s) per strategy); baseline `{baseline}`; target accuracy {target:g}.",
+        f"Seeds {', '.join(map(str, seeds))} ({per_strategy} run(s) per strategy); baseline `{baseline}`; target "
+        f"accuracy {target:g}.",
         f"Held-out examples: curves {_join(curve)} per round; final: {_join(final)}"
-        + (" (the per-round curves are scored on fewer examples than the final round)." if max(curve) < min(final) else "."),
+        + (
+            " (the per-round curves are scored on fewer examples than the final round)."
+            if max(curve) < min(final)
+            else "."
+        ),
         "", "## Final round, mean [95 % interval]", "",
         *_final_table(table, target), "",
         f"## Difference from `{baseline}`, paired by seed", "",
@@ -252,7 +259,8 @@ def markdown(table: pd.DataFrame, results: Sequence[RunResult], baseline: str, t
     if missing:
         lines += [
             "",
-            f"No per-example results (final_eval.parquet) for {', '.join(missing)}: their strategies have no pooled intervals.",
+            "No per-example results (final_eval.parquet) for "
+            f"{', '.join(missing)}: their strategies have no pooled intervals.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -317,13 +325,16 @@ def _cell(row: pd.Series, prefix: str = "") -> str:
 
 def _legend(seeds: int, baseline: str) -> list[str]:
     one = (
-        " With one seed the t interval is undefined: central accuracy and loss are judged by the bootstrap alone, the other metrics cannot be told apart."
+        " With one seed the t interval is undefined: central accuracy and loss are judged by the bootstrap alone, "
+        "the other metrics cannot be told apart."
         if seeds < 2 else ""
     )  # fmt: skip
     return [
         "[lo, hi]: Student-t 95 % interval over seeds (of the per-seed differences, for a difference)."
-        " pooled [lo, hi]: percentile bootstrap 95 % interval over the (seed, held-out example) pairs of the final round,"
+        " pooled [lo, hi]: percentile bootstrap 95 % interval over the (seed, held-out example) pairs of the"
+        " final round,"
         f" {RESAMPLES} resamples, generator seed {BOOTSTRAP_SEED}; accuracy the share correct, loss token-weighted;"
         f" a difference resamples each pair with `{baseline}`'s result on the same example."
-        f" Sim time to target: over the runs that reached it. ~: cannot be told apart from `{baseline}` (an interval contains 0).{one}",
+        f" Sim time to target: over the runs that reached it. ~: cannot be told apart from `{baseline}` (an interval "
+        f"contains 0).{one}",
     ]

@@ -100,7 +100,8 @@ def arms_table(metrics: pd.DataFrame) -> pd.DataFrame:
         rank, ratio = counts.index[0]
         chosen = tail[(tail["arm_rank"] == rank) & (tail["arm_ratio"] == ratio)]
         rows.append({
-            "device": device, "settled_rank": int(rank), "settled_ratio": float(ratio), "settled_share": counts.iloc[0] / len(tail),
+            "device": device, "settled_rank": int(rank), "settled_ratio": float(ratio),
+            "settled_share": counts.iloc[0] / len(tail),
             "settled_reward": float(chosen["reward"].mean()), "mean_reward": float(group["reward"].mean()),
             "arms_tried": int(group.groupby(["arm_rank", "arm_ratio"]).ngroups), "pulls": len(group),
             "predicted_share": _predicted_share(group),
@@ -146,7 +147,10 @@ def _held_out(metrics: pd.DataFrame) -> str:
     earlier = counts[counts.index < last]
     if earlier.empty or (earlier == counts[last]).all():
         return f"{int(counts[last])} each round"
-    return f"{int(earlier.max())} in rounds 0-{last - 1}, {int(counts[last])} in round {last} (its accuracy and loss are the figures to quote)"
+    return (
+        f"{int(earlier.max())} in rounds 0-{last - 1}, {int(counts[last])} in round {last} "
+        "(its accuracy and loss are the figures to quote)"
+    )
 
 
 def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
@@ -166,19 +170,23 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"held-out examples {_held_out(metrics)}",
             *(
                 [
-                    f"deployed models   loss {first['deployed_loss']:.4f} -> {last['deployed_loss']:.4f}, accuracy {last['deployed_accuracy']:.3f}  (each profile's model cut to pruning.deploy_ratios)"
+                    f"deployed models   loss {first['deployed_loss']:.4f} -> {last['deployed_loss']:.4f}, accuracy "
+                    f"{last['deployed_accuracy']:.3f}  (each profile's model cut to pruning.deploy_ratios)"
                 ]
                 if "deployed_loss" in table
                 else []
             ),
-            f"{_clock(run_dir) + ' time':<18}{last['sim_time_s']:.1f}s on the fleet (wall {last['wall_time_s']:.1f}s here)",
+            f"{_clock(run_dir) + ' time':<18}{last['sim_time_s']:.1f}s "
+            f"on the fleet (wall {last['wall_time_s']:.1f}s here)",
             f"client failures   {failed} failed or rejected, {lost} stragglers/dropped/infeasible",
             f"run directory     {run_dir}",
             f"final adapter     {Path(run_dir) / 'adapter'}  (PeftModel.from_pretrained(base, path))",
             f"per-round table   fedsim report {run_dir}",
             *(
                 [
-                    f"pruned models     {', '.join(f'ratio {r.prune_ratio:.2f}: acc {r.accuracy:.3f}' for r in ratios.itertuples())}  (fedsim export {run_dir} --device PROFILE)"
+                    "pruned models     "
+                    f"{', '.join(f'ratio {r.prune_ratio:.2f}: acc {r.accuracy:.3f}' for r in ratios.itertuples())}  "
+                    f"(fedsim export {run_dir} --device PROFILE)"
                 ]
                 if len(ratios)
                 else []

@@ -289,7 +289,8 @@ def check_supernode(
                 problems.append(f"scenario {scenario_path}: `fleet`: {exc}")
     if parse_address(superlink) is None:
         problems.append(
-            f"--superlink must be HOST:PORT (the SuperLink's address, e.g. 192.168.1.10:{DEFAULT_PORT}), got {superlink!r}"
+            "--superlink must be HOST:PORT (the SuperLink's address, "
+            f"e.g. 192.168.1.10:{DEFAULT_PORT}), got {superlink!r}"
         )
     problems += tls_problems(ca, key, insecure)
     if problems:

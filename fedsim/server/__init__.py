@@ -1,8 +1,8 @@
 """The server: the round loop and what it needs.
 
 - `federation`: `run_federation`, the loop over rounds (discover clients, round, evaluate, record).
-- `rounds`: one round in named stages (sample → configure → send → check → time → aggregate →
-  record) and the federated evaluation after it.
+- `rounds`: one round in named stages (sample → plan → screen → configure → send → time →
+  aggregate → record) and the federated evaluation after it.
 - `replies`: each reply validated on its own before aggregation.
 - `estimates`: what a client's round is expected to cost; `central`: the server's model and
   held-out evaluation; `control`: the bandit controller hooked into the round.

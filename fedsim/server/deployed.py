@@ -55,7 +55,8 @@ from fedsim.seeding import derive_seed
 
 
 class Deployment:
-    """Each profile's panel of devices and the keeps they deploy this round, and the fleet's loss and accuracy on them."""
+    """Each profile's panel of devices and the keeps they deploy this round, and the fleet's loss and accuracy on
+    them."""
 
     def __init__(
         self, scenario: Scenario, device: np.ndarray, model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase,

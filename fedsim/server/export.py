@@ -117,7 +117,8 @@ def _widen(model: PreTrainedModel, keep: Keep) -> float:
         extra_g, extra_c = groups - len(kept_g), channels - len(kept_c)
         for parent, name, axis, count in (
             (attn, "q_proj", 0, extra_g * G * h), (attn, "k_proj", 0, extra_g * h), (attn, "v_proj", 0, extra_g * h),
-            (attn, "o_proj", 1, extra_g * G * h), (mlp, "gate_proj", 0, extra_c), (mlp, "up_proj", 0, extra_c), (mlp, "down_proj", 1, extra_c),
+            (attn, "o_proj", 1, extra_g * G * h), (mlp, "gate_proj", 0, extra_c), (mlp, "up_proj", 0, extra_c),
+            (mlp, "down_proj", 1, extra_c),
         ):  # fmt: skip
             if count:
                 setattr(parent, name, _padded(getattr(parent, name), axis, count))
@@ -175,8 +176,9 @@ def export_rows(
             pruned, tokenizer, examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_len=t.max_seq_len
         )
         rows.append({
-            "round": server_round, "client_id": -1, "kind": "eval_export", "num_examples": res.num_examples, "loss": res.loss,
-            "accuracy": res.accuracy, "wall_time_s": res.wall_time_s, "prune_target": target, "prune_ratio": book.ratio(keep),
+            "round": server_round, "client_id": -1, "kind": "eval_export", "num_examples": res.num_examples,
+            "loss": res.loss, "accuracy": res.accuracy, "wall_time_s": res.wall_time_s, "prune_target": target,
+            "prune_ratio": book.ratio(keep),
         })  # fmt: skip
     return rows
 

@@ -43,7 +43,8 @@ def pruning_problems(scenario: Scenario, fleet: Fleet) -> list[str]:
     deploy = scenario.pruning.deploy_ratios
     present = set(fleet.device.astype(str))
     problems = [
-        f"`pruning.deploy_ratios.{name}`: no device of the fleet has this profile; profiles: {', '.join(sorted(present))}"
+        f"`pruning.deploy_ratios.{name}`: no device of the fleet has this profile; profiles: "
+        f"{', '.join(sorted(present))}"
         for name in deploy
         if name not in present
     ]

@@ -304,7 +304,8 @@ def screen(env: RoundEnv, chosen: np.ndarray, server_round: int) -> tuple[np.nda
             server_round,
             "train",
             "infeasible",
-            f"needs {m / GIB:.2f} GiB at rank {env.rank(int(c))}{_pruned(env, int(c))}, device has {f.memory[c] / GIB:.2f} GiB",
+            f"needs {m / GIB:.2f} GiB at rank {env.rank(int(c))}{_pruned(env, int(c))}, device has "
+            f"{f.memory[c] / GIB:.2f} GiB",
         )
         for c, m in zip(chosen[infeasible], need[infeasible])
     ]
@@ -325,7 +326,10 @@ def _pruned(env: RoundEnv, cid: int) -> str:
         return ""
     note = f", pruned {book.ratio(book.held(cid)):.2f}"
     if env.scenario.pruning.where == "client" and book.targets[cid] > book.ratio(book.held(cid)):
-        note += f" (it would prune toward {book.targets[cid]:g} on the device; pruning.where = 'server' cuts before sending)"
+        note += (
+            f" (it would prune toward {book.targets[cid]:g} on the device; "
+            "pruning.where = 'server' cuts before sending)"
+        )
     return note
 
 
@@ -429,11 +433,17 @@ def _kept_rank_problem(env: RoundEnv, reply: Message, sent: dict[int, AdapterSta
     `sent[node]` to it (`strategies.hetlora.drop_tail`), as the client cut what it received."""
     node = reply.metadata.src_node_id
     if not env.strategy.instructions(env.rank(env.node_to_client[node])).get(SELF_PRUNE, False):
-        return f"the reply names a kept rank (its {RANK_RECORD!r} record), but {type(env.strategy).__name__} asks for no rank self-pruning"
+        return (
+            f"the reply names a kept rank (its {RANK_RECORD!r} record), but "
+            f"{type(env.strategy).__name__} asks for no rank self-pruning"
+        )
     sent_rank = next(iter(factors(sent[node], "A").values())).shape[0]
     kept = reply.content[RANK_RECORD].get(KEPT_RANK)
     if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= sent_rank:
-        return f"bad kept rank in the reply: {RANK_RECORD}.{KEPT_RANK} must be an integer in [1, {sent_rank}] (the rank the client was sent), got {kept!r}"
+        return (
+            f"bad kept rank in the reply: {RANK_RECORD}.{KEPT_RANK} must be an integer in [1, {sent_rank}] "
+            f"(the rank the client was sent), got {kept!r}"
+        )
     if kept < sent_rank:
         sent[node] = drop_tail(sent[node], kept)
     return ""
@@ -446,7 +456,8 @@ def _sent_states(messages: list[Message]) -> dict[int, AdapterState]:
         record = m.content[ARRAYS_RECORD]
         if not isinstance(record, ArrayRecord):
             raise TypeError(
-                f"{ARRAYS_RECORD!r} of the message to node {m.metadata.dst_node_id} is a {type(record).__name__}, not an ArrayRecord"
+                f"{ARRAYS_RECORD!r} of the message to node {m.metadata.dst_node_id} "
+                f"is a {type(record).__name__}, not an ArrayRecord"
             )
         if id(record) not in decoded:
             decoded[id(record)] = from_record(record)

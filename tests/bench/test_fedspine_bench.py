@@ -16,7 +16,9 @@ ARGS = [
     "--tiny", "--rounds", "1", "--arms", "corners", "--ranks", "2", "8", "--ratios", "0", "0.5",
     "--set", "clients.num_clients=6", "--set", "clients.per_round=6", "--set", "clients.eval_per_round=0",
     "--set", "train.local_steps=2", "--set", "data.central_test_size=8",
-    "--set", 'fleet.groups=[{profile="jetson-tx2", count=2}, {profile="jetson-xavier-nx", count=3}, {profile="jetson-agx-orin", count=1}]',
+    "--set",
+    'fleet.groups=[{profile="jetson-tx2", count=2}, {profile="jetson-xavier-nx", count=3}, '
+    '{profile="jetson-agx-orin", count=1}]',
 ]  # fmt: skip
 ROWS = ["bandit (sucb)", "fixed 2/0", "fixed 2/0.5", "fixed 8/0", "fixed 8/0.5", "per-profile", "fedit"]
 
@@ -87,7 +89,8 @@ def test_a_fixed_row_that_fell_back_is_measured() -> None:
 
 
 def test_a_window_scores_each_round_by_its_last_evaluations() -> None:
-    """`--window K`: the final figure is the last K rounds' mean and the time to target is when that mean first reaches it."""
+    """`--window K`: the final figure is the last K rounds' mean and the time to target is when that mean first
+    reaches it."""
     import pandas as pd
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -95,7 +98,8 @@ def test_a_window_scores_each_round_by_its_last_evaluations() -> None:
 
     rows = pd.DataFrame({
         "kind": ["eval_central"] * 5 + ["train"], "round": [0, 1, 2, 3, 4, 1],
-        "sim_time_s": [0.0, 1.0, 2.0, 3.0, 4.0, 9.9], "loss": [4.0, 1.4, 2.0, 1.4, 1.6, 0.1], "accuracy": [0.0, 0.2, 0.1, 0.3, 0.2, 1.0],
+        "sim_time_s": [0.0, 1.0, 2.0, 3.0, 4.0, 9.9], "loss": [4.0, 1.4, 2.0, 1.4, 1.6, 0.1],
+        "accuracy": [0.0, 0.2, 0.1, 0.3, 0.2, 1.0],
     })  # fmt: skip
     _, loss, acc = fedspine.central(rows, window=2)
     np.testing.assert_allclose(loss, [4.0, 2.7, 1.7, 1.7, 1.5])

@@ -67,16 +67,19 @@ KNOWN = ", ".join(sorted(CONTROLLERS))
         ),
         (
             {"reward": {"contribution_weight": 0, "loss_weight": 0, "prune_weight": 0, "norm_weight": 0}},
-            "`reward`: at least one of contribution_weight, loss_weight, prune_weight, norm_weight must be > 0, got all 0",
+            "`reward`: at least one of contribution_weight, loss_weight, "
+            "prune_weight, norm_weight must be > 0, got all 0",
         ),
         (
             {"reward": {"infeasible_penalty": 0.5}},
-            "`reward`: infeasible_penalty must be <= floor (0.01) so that a feasible arm always beats an infeasible one, got 0.5",
+            "`reward`: infeasible_penalty must be <= floor (0.01) so "
+            "that a feasible arm always beats an infeasible one, got 0.5",
         ),
         ({"ucb": 1}, "`ucb` is not a known key"),
         (
             {"pool_weight": 3.0},
-            "`pool_weight` is not a known key: replaced by `pool_pulls`, the most pulls' worth of evidence a device borrows from its peers (10; `fedsim.controllers.base`)",
+            "`pool_weight` is not a known key: replaced by `pool_pulls`, the most pulls' worth of evidence a device "
+            "borrows from its peers (10; `fedsim.controllers.base`)",
         ),
     ],
 )

@@ -124,7 +124,8 @@ BAD_FILES = [
     ),
     (
         "bad availability",
-        '[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 1\ndownlink_mbps = 1\n[b.availability]\nkind = "bernoulli"\np = 1.5\n',
+        "[b]\ntrain_tflops = 1\nmemory_gb = 1\nuplink_mbps = 1\ndownlink_mbps = 1\n[b.availability]\nkind = "
+        '"bernoulli"\np = 1.5\n',
         "`b.availability.p` must be less than or equal to 1, got 1.5",
     ),
     ("not a table", "b = 3\n", "`b` must be a table of profile fields, got 3"),

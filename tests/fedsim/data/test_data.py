@@ -535,7 +535,8 @@ def test_hub_source_offline_says_it_needs_network(monkeypatch):
         ("hf:", "'hf:' needs a dataset name"),
         (
             "arithmatic",
-            "unknown task 'arithmatic'; known: arithmetic, strings, units, sentiment, mixed; or a .jsonl/.json/.csv/.parquet path, or hf:<dataset> (did you mean 'arithmetic'?)",
+            "unknown task 'arithmatic'; known: arithmetic, strings, units, sentiment, mixed; or a "
+            ".jsonl/.json/.csv/.parquet path, or hf:<dataset> (did you mean 'arithmetic'?)",
         ),
         ("poetry", "unknown task 'poetry'"),
         ("{tmp}/here.jsonl", None),

@@ -12,8 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from fedsim.config.names import PROJECTIONS
 from fedsim.fleet.costs import (
-    TARGETS,
     LayerShape,
     ModelShape,
     forward_flops,
@@ -144,7 +144,7 @@ def test_num_params_matches_the_model(name: str) -> None:
     assert shape.num_params == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("targets", [QV, TARGETS])
+@pytest.mark.parametrize("targets", [QV, PROJECTIONS])
 @pytest.mark.parametrize("name", MODELS)
 def test_from_model_unwraps_peft_and_counts_lora_params(name: str, targets: tuple[str, ...]) -> None:
     model = MODELS[name]()
@@ -177,7 +177,7 @@ def _flops(shape: ModelShape, b: int, t: int, r: int, targets: Sequence[str]) ->
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa-math"])
 @pytest.mark.parametrize("rank", [4, 16])
-@pytest.mark.parametrize("targets", [QV, TARGETS])
+@pytest.mark.parametrize("targets", [QV, PROJECTIONS])
 @pytest.mark.parametrize("name", MODELS)
 def test_flops_match_flop_counter(name: str, targets: tuple[str, ...], rank: int, impl: str) -> None:
     model = _lora(MODELS[name](), targets, rank)
@@ -209,7 +209,7 @@ def _linear_flops(layer: LayerShape, d: int, n: int, r: int, targets: Sequence[s
     return base, lora
 
 
-@pytest.mark.parametrize("targets", [QV, TARGETS, ("gate_proj",)])
+@pytest.mark.parametrize("targets", [QV, PROJECTIONS, ("gate_proj",)])
 def test_every_layer_after_the_first_trains_at_2_3_3(targets: tuple[str, ...]) -> None:
     first = LayerShape(q_out=128, kv_out=32, head_dim=16, mlp=344)
     uneven = (LayerShape(64, 32, 16, 200), LayerShape(32, 32, 16, 96), LayerShape(96, 16, 16, 500))
@@ -241,7 +241,7 @@ def test_nothing_trainable_means_forward_only() -> None:
 
 
 @pytest.mark.parametrize("b, t", [(2, 32), (1, 64), (4, 16)])
-@pytest.mark.parametrize("targets", [QV, TARGETS, ("down_proj",)])
+@pytest.mark.parametrize("targets", [QV, PROJECTIONS, ("down_proj",)])
 @pytest.mark.parametrize("name", MODELS)
 def test_activations_match_saved_tensors(name: str, targets: tuple[str, ...], b: int, t: int) -> None:
     model = _lora(MODELS[name](), targets)
@@ -268,9 +268,9 @@ def test_activations_scale_linearly_with_batch(name: str) -> None:
 @pytest.mark.parametrize("weight_bytes", [2, 4])
 def test_memory_parts(weight_bytes: int) -> None:
     shape = ModelShape.from_model(_bigger())
-    lora = lora_params(shape, 8, TARGETS)
+    lora = lora_params(shape, 8, PROJECTIONS)
 
-    mem = train_memory(shape, batch=2, seq_len=32, rank=8, targets=TARGETS, weight_bytes=weight_bytes)
+    mem = train_memory(shape, batch=2, seq_len=32, rank=8, targets=PROJECTIONS, weight_bytes=weight_bytes)
 
     assert (mem.weights, mem.adapter, mem.gradients, mem.optimizer) == (
         shape.num_params * weight_bytes,

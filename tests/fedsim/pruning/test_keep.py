@@ -111,27 +111,33 @@ def test_json_of_a_smollm2_sized_keep_is_small() -> None:
         ("null", "TypeError"),
         ('{"groups": ["0{"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1}', "head_dim"),
         (
-            '{"groups": ["0{"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, "head_dim": "x"}',
+            '{"groups": ["0{"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, '
+            '"head_dim": "x"}',
             "x",
         ),
         (
-            '{"groups": ["~~~~~"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, "head_dim": 2}',
+            '{"groups": ["~~~~~"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, '
+            '"head_dim": 2}',
             "overflow",
         ),
         (
-            '{"groups": ["4*"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, "head_dim": 2}',
+            '{"groups": ["4*"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, '
+            '"head_dim": 2}',
             "beyond 2",
         ),
         (
-            '{"groups": ["0"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, "head_dim": 2}',
+            '{"groups": ["0"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, '
+            '"head_dim": 2}',
             "keeps none",
         ),
         (
-            '{"groups": ["1", "1"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, "head_dim": 2}',
+            '{"groups": ["1", "1"], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, '
+            '"head_dim": 2}',
             "zip",
         ),
         (
-            '{"groups": [3], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, "head_dim": 2}',
+            '{"groups": [3], "channels": ["0R"], "num_groups": [2], "num_channels": [4], "group_size": 1, '
+            '"head_dim": 2}',
             "int",
         ),
     ],

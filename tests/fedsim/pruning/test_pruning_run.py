@@ -139,8 +139,10 @@ def test_export_ships_each_device_the_model_its_deployed_score_used(tmp_path: Pa
     model), scored as the run scored it; a laptop, whose profile deploys whole, the unpruned one.
     Both cut by `deploy_importance`, not by the clients' `importance` (which would cut another keep)."""
     run, _ = _run(tmp_path / "runs", [
-        "rounds=2", "clients.eval_per_round=0", 'fleet.groups=[{profile="laptop-cpu", count=2}, {profile="phone-highend", count=2}]',
-        "pruning.deploy_ratios={phone-highend=0.5}", 'pruning.deploy_importance="magnitude"', 'pruning.importance="activation"',
+        "rounds=2", "clients.eval_per_round=0",
+        'fleet.groups=[{profile="laptop-cpu", count=2}, {profile="phone-highend", count=2}]',
+        "pruning.deploy_ratios={phone-highend=0.5}", 'pruning.deploy_importance="magnitude"',
+        'pruning.importance="activation"',
     ])  # fmt: skip
     final = read_metrics(run).query("kind == 'eval_central'").sort_values("round").iloc[-1]
     cut_loss = 2 * final["deployed_loss"] - final["loss"]  # half the fleet deploys whole, half the cut

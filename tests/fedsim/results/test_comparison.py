@@ -73,8 +73,9 @@ def fake_run(
         final = k == 2
         accuracy = float(correct.mean()) if final else EARLY[k] + 0.01 * seed
         central_loss = float((loss * tokens).sum() / tokens.sum()) if final else 3.0 - 0.1 * k
-        rows.append({"round": k, "client_id": -1, "kind": "eval_central", "num_examples": len(correct) if final else CURVE_EXAMPLES,
-                     "loss": central_loss, "accuracy": accuracy, "wall_time_s": 10.0 * k, "sim_time_s": 60.0 * k + seed})  # fmt: skip
+        rows.append({"round": k, "client_id": -1, "kind": "eval_central",
+                     "num_examples": len(correct) if final else CURVE_EXAMPLES, "loss": central_loss,
+                     "accuracy": accuracy, "wall_time_s": 10.0 * k, "sim_time_s": 60.0 * k + seed})  # fmt: skip
     metrics_frame(rows).to_parquet(path / "metrics.parquet", index=False)
     if final_eval:
         RunDir(path).save_final_eval(2, loss.tolist(), tokens.tolist(), correct.tolist())
@@ -165,7 +166,8 @@ def test_outputs_open_with_the_command_and_mark_what_cannot_be_told_apart(
 
     assert text == (root / "comparison.md").read_text()
     assert text.startswith(
-        "# fedsim compare\n\n```\nfedsim compare scenarios/tiny.toml --strategies fedit,hetlora,flexlora --set 'train.lr=1e-3 x'\n```\n"
+        "# fedsim compare\n\n```\nfedsim compare scenarios/tiny.toml --strategies fedit,hetlora,flexlora --set "
+        "'train.lr=1e-3 x'\n```\n"
     )
     assert "Seeds 0, 1, 2 (3 run(s) per strategy); baseline `fedit`" in text
     assert (

@@ -173,8 +173,10 @@ def test_arms_table_reports_the_arm_each_profile_settled_on() -> None:
             arm = (2, 0.5) if device == "phone" and r > 2 else (8, 0.0) if device == "laptop" else (4, 0.0)
             predicted = float("nan") if r == 1 else 2.0 * r if device == "phone" else 0.9
             rows.append({
-                "round": r, "kind": "train", "device": device, "arm_rank": arm[0], "arm_ratio": arm[1], "reward": 0.5 + 0.1 * (arm == (2, 0.5)),
-                "arm_predicted_s": predicted, "sim_compute_s": 0.5 * r if device == "phone" else 0.5, "sim_comm_s": 0.5 * r if device == "phone" else 0.5,
+                "round": r, "kind": "train", "device": device, "arm_rank": arm[0], "arm_ratio": arm[1],
+                "reward": 0.5 + 0.1 * (arm == (2, 0.5)), "arm_predicted_s": predicted,
+                "sim_compute_s": 0.5 * r if device == "phone" else 0.5,
+                "sim_comm_s": 0.5 * r if device == "phone" else 0.5,
             })  # fmt: skip
     table = arms_table(pd.DataFrame(rows))
     assert table.loc["phone", "predicted_share"] == pytest.approx(2.0) and table.loc[

@@ -21,7 +21,8 @@ from fedsim.server.resume import resume_point
 
 ROOT = Path(__file__).resolve().parents[3]
 OVERRIDES = [
-    'controller={name="ucb1", ranks=[2, 8], ratios=[0.0, 0.5]}', "pruning.events=1", "clients.eval_per_round=0", "pruning.deploy_ratios={phone-highend=0.5}",
+    'controller={name="ucb1", ranks=[2, 8], ratios=[0.0, 0.5]}', "pruning.events=1", "clients.eval_per_round=0",
+    "pruning.deploy_ratios={phone-highend=0.5}",
     'fleet.groups=[{profile="laptop-cpu", count=2}, {profile="phone-highend", count=2}]',
 ]  # fmt: skip
 

@@ -36,8 +36,9 @@ from strategies.hetlora import drop_tail
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "scenarios" / "tiny.toml"
 OVERRIDES = [
-    "name=self-prune", "strategy.name=hetlora", "strategy.rank_gamma=0.75", "strategy.rank_lambda=10.0", 'lora.client_ranks={"1" = 4}',
-    "clients.num_clients=2", "clients.per_round=2", "clients.eval_per_round=0", "data.central_test_size=8", "eval.max_new_tokens=2",
+    "name=self-prune", "strategy.name=hetlora", "strategy.rank_gamma=0.75", "strategy.rank_lambda=10.0",
+    'lora.client_ranks={"1" = 4}', "clients.num_clients=2", "clients.per_round=2", "clients.eval_per_round=0",
+    "data.central_test_size=8", "eval.max_new_tokens=2",
 ]  # fmt: skip
 
 
