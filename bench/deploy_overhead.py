@@ -1,14 +1,17 @@
-"""Per-message client overhead on Flower's deployment engine (a SuperNode starts a new
-`flwr-clientapp` process for every message), and what a fresh process pays to load a model.
+"""Per-message client overhead on Flower's deployment engine: a new `flwr-clientapp` process per
+message (Flower's default, `fedsim supernode --clientapp fresh`, the baseline) against fedsim's
+warm ClientApp runner (`--clientapp warm`, the default), in the same command.
 
-    .venv/bin/python bench/deploy_overhead.py [--rounds 3] [--model tiny-llama]
+    .venv/bin/python bench/deploy_overhead.py [--rounds 5] [--model tiny-llama]
 
 1. Fresh-process costs: importing the ClientApp (torch, transformers, PEFT, datasets) and
    loading the base model (`smollm2-135m` from the memory-mapped safetensors cache, and
-   `tiny-llama`), each in a new Python process as a SuperNode would.
-2. One SuperLink + one SuperNode on 127.0.0.1 with TLS and node authentication, a one-client
-   scenario: per round, the server's send → reply time of the training message against the
-   client's own training time (`wall-time-s`); the difference is the per-message overhead.
+   `tiny-llama`), each in a new Python process.
+2. A SuperLink behind its proxy and one SuperNode on 127.0.0.1 with TLS and node authentication,
+   a one-client scenario, once per ClientApp mode: per round, the server's send → reply time of
+   the training message against the client's own training time (`wall-time-s`); the difference
+   is the per-message overhead, Flower's polling included (an idle SuperNode asks for work every
+   3 s).
 
 What it prints and the command go to `--doc` (default docs/results/deploy-overhead.md), whose
 "## Reading" section is kept.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.printed import keep_printed, write_printed  # noqa: E402
 from fedsim.results.rundir import read_metrics  # noqa: E402
-from fedsim.runtime.deploy import LocalFederation, make_node_keys  # noqa: E402
+from fedsim.runtime.deploy.certs import make_node_keys  # noqa: E402
+from fedsim.runtime.deploy.local import LocalFederation  # noqa: E402
 
 
 def fresh_process(code: str) -> float:
@@ -53,7 +59,9 @@ def process_costs() -> None:
         print(f"load_model({model!r}) in a fresh process  {float(out.split()[-1]):6.2f} s")
 
 
-def deployed_rounds(rounds: int, model: str) -> None:
+def deployed_rounds(rounds: int, model: str, clientapp: str) -> list[float]:
+    """One SuperNode (its ClientApp `warm` or `fresh`) on a TLS federation with its proxy; prints each
+    round's send → reply time, the client's training time and the difference; returns the differences."""
     overrides = [
         f"rounds={rounds}", "name=overhead", f"model.name={model}", "clients.num_clients=1", "clients.per_round=1",
         "clients.eval_per_round=0", "train.local_steps=2",
@@ -63,7 +71,7 @@ def deployed_rounds(rounds: int, model: str) -> None:
         fed.start_superlink()
         key = make_node_keys(Path(tmp) / "keys", 1)[0]
         fed.register(key)
-        fed.start_supernode(scenario, 0, key, overrides)
+        fed.start_supernode(scenario, 0, key, overrides, clientapp=clientapp)
         t0 = time.perf_counter()
         subprocess.run(
             fed.run_command(scenario, overrides, Path(tmp) / "runs"), env=fed.env(), check=True, capture_output=True
@@ -72,18 +80,27 @@ def deployed_rounds(rounds: int, model: str) -> None:
         run = Path(tmp) / "runs" / "overhead"
         events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
         metrics = read_metrics(run)
+        # the warm runner logs each ClientApp process's life: the query at discovery, then one per round
+        process_s = [
+            float(s) for s in re.findall(r"done in ([0-9.]+) s", (fed.workdir / "supernode-0.log").read_text())
+        ]
     train = metrics[metrics["kind"] == "train"].set_index("round")
-    print(f"\none SuperNode, TLS + node auth, {model}: `flwr run` took {total:.1f} s for {rounds} rounds")
-    print("round  send->reply  client training  overhead")
+    print(f"\nClientApp {clientapp}: one SuperNode behind the proxy, TLS + node auth, {model}, {total:.1f} s in all")
+    print("| round | send → reply (s) | client training (s) | overhead (s) | ClientApp process (s) |")
+    print("| --- | --- | --- | --- | --- |")
+    overheads = []
     for e in events:
         if e["event"] == "round_end" and e["round"] > 0:
             rt, wall = e["train_time_s"], float(train.loc[e["round"], "wall_time_s"])
-            print(f"{e['round']:>5}  {rt:9.2f} s  {wall:13.2f} s  {rt - wall:6.2f} s")
+            overheads.append(rt - wall)
+            life = f"{process_s[e['round']]:.2f}" if len(process_s) > e["round"] else "-"
+            print(f"| {e['round']} | {rt:.2f} | {wall:.2f} | {rt - wall:.2f} | {life} |")
+    return overheads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument(
         "--doc",
@@ -94,7 +111,13 @@ def main() -> None:
     args = parser.parse_args()
     with keep_printed() as printed:
         process_costs()
-        deployed_rounds(args.rounds, args.model)
+        fresh = deployed_rounds(args.rounds, args.model, "fresh")  # Flower's default: the baseline
+        warm = deployed_rounds(args.rounds, args.model, "warm")
+        print(
+            f"\nper-message overhead, mean over {args.rounds} rounds: fresh {statistics.mean(fresh):.2f} s, warm "
+            f"{statistics.mean(warm):.2f} s (warm / fresh = {statistics.mean(warm) / statistics.mean(fresh):.2f}); "
+            f"warm min {min(warm):.2f} s, max {max(warm):.2f} s"
+        )
     write_printed(args.doc, "Per-message overhead on Flower's deployment engine", printed.getvalue())
 
 

@@ -8,11 +8,8 @@
     fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
     fedsim models
     fedsim tasks
-    fedsim deploy certs DIR [--host H ...]          # local CA + SuperLink certificate (TLS)
-    fedsim deploy keys DIR --nodes N                # SuperNode key pairs (node authentication)
-    fedsim deploy superlink --certs DIR [--host H] [--port P] [-- FLOWER_ARGS]
-    fedsim supernode SCENARIO --partition N --superlink HOST:PORT --ca CA --key KEY [-- FLOWER_ARGS]
-    fedsim deploy local SCENARIO [--nodes N] [--set k=v ...] [--out DIR]   # all of it on this machine
+    fedsim deploy certs|keys|superlink|register|run|local ...   # real SuperNodes (runtime/deploy/commands.py)
+    fedsim supernode SCENARIO --partition N --superlink HOST:PORT --ca CA --key KEY
 
 Exit codes: 0 success, 1 the run failed while running, 2 bad input (scenario, arguments, an
 existing run directory) — in which case nothing was written.
@@ -32,12 +29,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedsim.config.errors import EXIT_BAD_INPUT, EXIT_FAILED
+from fedsim.runtime.deploy.commands import add_parsers as add_deploy_parsers
+
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only in the command that needs them
     from fedsim.config.scenario import Scenario
     from fedsim.results.rundir import RunDir
     from fedsim.server.resume import ResumePoint
-
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 def _progress(summary: dict[str, Any]) -> None:
@@ -241,157 +239,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return dashboard_main([args.runs_root, "--host", args.host, "--port", str(args.port)])
 
 
-def _insecure_warning() -> None:
-    from fedsim.runtime.deploy import INSECURE_WARNING
-
-    print(f"fedsim: WARNING: {INSECURE_WARNING}", file=sys.stderr)
-
-
-def _flower_args(args: argparse.Namespace) -> list[str]:
-    extra = list(args.flower_args or [])
-    return extra[1:] if extra[:1] == ["--"] else extra
-
-
-def cmd_deploy_certs(args: argparse.Namespace) -> int:
-    from fedsim.runtime.deploy import DeployError, make_certificates
-
-    try:
-        certs = make_certificates(args.dir, args.host or [], days=args.days)
-    except DeployError as exc:
-        print(f"fedsim: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    hosts = ", ".join(["127.0.0.1", "::1", "localhost", *(args.host or [])])
-    print(f"CA certificate   {certs.ca}   (copy it to every SuperNode and to where you run `flwr`)")
-    print(f"CA key           {certs.ca.with_name('ca.key')}   (keep it private; only signs certificates)")
-    print(f"SuperLink cert   {certs.cert}  valid for {hosts}, {args.days} days")
-    print(f"SuperLink key    {certs.key}")
-    print(f"next: fedsim deploy superlink --certs {args.dir}")
-    return 0
-
-
-def cmd_deploy_keys(args: argparse.Namespace) -> int:
-    from fedsim.runtime.deploy import CONNECTION, DeployError, make_node_keys
-
-    try:
-        keys = make_node_keys(args.dir, args.nodes, prefix=args.prefix)
-    except DeployError as exc:
-        print(f"fedsim: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    for k in keys:
-        print(f"{k.private}  (copy to its SuperNode)   register: flwr supernode register {k.public} {CONNECTION}")
-    return 0
-
-
-def cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    from fedsim.runtime.deploy import (
-        CONNECTION,
-        Certificates,
-        DeployError,
-        flower_env,
-        superlink_command,
-        write_connection,
-    )
-
-    if args.insecure == bool(args.certs):
-        print("fedsim: give either --certs DIR (TLS + SuperNode authentication) or --insecure", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    certs = None if args.insecure else Certificates.in_dir(args.certs)
-    if certs is not None and (missing := certs.missing()):
-        print(f"fedsim: {DeployError(missing)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.insecure:
-        _insecure_warning()
-    local = args.host in ("0.0.0.0", "::", "127.0.0.1", "localhost")
-    address = f"127.0.0.1:{args.port}" if local else f"{args.host}:{args.port}"
-    home = Path(os.environ.get("FLWR_HOME") or "~/.flwr").expanduser()
-    config = write_connection(home, address, certs.ca if certs else None)
-    cmd = superlink_command(certs, args.host, args.port, _flower_args(args))
-    print(f"fedsim: connection {CONNECTION!r} ({address}) written to {config}", flush=True)
-    print(f"fedsim: register each SuperNode's key: flwr supernode register KEY.pub {CONNECTION}", flush=True)
-    print(f"fedsim: starting {' '.join(cmd)}", flush=True)
-    os.execve(cmd[0], cmd, flower_env())
-
-
-def cmd_supernode(args: argparse.Namespace) -> int:
-    from fedsim.runtime.deploy import DeployError, check_supernode, flower_env, supernode_command
-
-    try:
-        plan = check_supernode(
-            args.scenario, args.set or [], args.partition, args.superlink, args.ca, args.key, args.insecure
-        )
-    except DeployError as exc:
-        print(f"fedsim supernode: cannot start:\n{exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.insecure:
-        _insecure_warning()
-    cmd = supernode_command(args.superlink, plan, args.ca, args.key, args.runtime_port, _flower_args(args))
-    print(
-        f"fedsim supernode: partition {plan.partition} of {plan.num_partitions} (device {plan.device}) -> SuperLink "
-        f"{args.superlink}" + (" without TLS" if args.insecure else f", TLS (CA {args.ca}), key {args.key}"),
-        flush=True,
-    )
-    os.execve(cmd[0], cmd, flower_env())
-
-
-def cmd_deploy_local(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from fedsim.config.scenario import ScenarioError, load_scenario
-    from fedsim.results.report import summary_text
-    from fedsim.results.rundir import read_metrics
-    from fedsim.runtime.deploy import LocalFederation, make_node_keys
-
-    try:
-        scenario = load_scenario(args.scenario, args.set or [])
-    except ScenarioError as exc:
-        print(f"fedsim: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    n = scenario.clients.num_clients
-    nodes = args.nodes or n
-    run_path = Path(args.out).resolve() / scenario.name
-    problems = (
-        [f"--nodes must be in 1..{n} (`clients.num_clients`: one SuperNode per partition), got {nodes}"]
-        if not 1 <= nodes <= n
-        else []
-    )
-    problems += (
-        [f"run directory {run_path} already exists; choose another with --out DIR or --set name=NEW_NAME"]
-        if run_path.exists()
-        else []
-    )
-    if problems:
-        print("fedsim: " + "\n".join(problems), file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.insecure:
-        _insecure_warning()
-    workdir = Path(args.workdir or Path(args.out) / f"{scenario.name}-deploy")
-    with LocalFederation(workdir, insecure=args.insecure) as fed:
-        print(
-            f"fedsim deploy: SuperLink on {fed.address} "
-            f"({'insecure' if args.insecure else 'TLS + SuperNode authentication'}); logs in {fed.workdir}",
-            flush=True,
-        )
-        try:
-            fed.start_superlink()
-            keys = [None] * nodes if args.insecure else make_node_keys(fed.workdir / "keys", nodes)
-            for i, key in enumerate(keys):
-                if key is not None:
-                    fed.register(key)
-                fed.start_supernode(Path(args.scenario).resolve(), i, key, args.set or [])
-        except RuntimeError as exc:  # the SuperLink did not start, or a registration failed
-            print(f"fedsim deploy: {exc}; logs in {fed.workdir}", file=sys.stderr)
-            return EXIT_FAILED
-        print(f"fedsim deploy: {nodes} SuperNodes started (partitions 0..{nodes - 1}); flwr run:", flush=True)
-        done = subprocess.run(fed.run_command(args.scenario, args.set or [], args.out), env=fed.env())
-    if done.returncode != 0 or not (run_path / "metrics.parquet").is_file():
-        print(
-            f"fedsim deploy: the run failed (flwr run exit {done.returncode}); logs in {fed.workdir}", file=sys.stderr
-        )
-        return EXIT_FAILED
-    print(summary_text(read_metrics(run_path), run_path))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsim",
@@ -496,124 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 = any free port)")
     dash.set_defaults(func=cmd_dashboard)
 
-    _add_deploy(sub)
+    add_deploy_parsers(sub)
     sub.add_parser("models", help="list the built-in models").set_defaults(func=cmd_models)
     sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)
     return parser
-
-
-def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`fedsim deploy ...` (run where the SuperLink is) and `fedsim supernode` (run on each device)."""
-    deploy = sub.add_parser(
-        "deploy",
-        help="deploy the ClientApp on real Flower SuperNodes (TLS + node auth)",
-        description="Deploy fedsim on Flower's deployment engine: a "
-        "SuperLink and SuperNodes, secured by default. See docs/deploy.md.",
-    )
-    dsub = deploy.add_subparsers(dest="deploy_command", required=True, metavar="STEP")
-
-    certs = dsub.add_parser(
-        "certs",
-        help="make a local CA and a SuperLink TLS certificate",
-        description="Make a local CA (ca.crt, ca.key) and a SuperLink certificate it signs (server.pem, server.key), "
-        "valid for 127.0.0.1, ::1, localhost and every --host.",
-    )
-    certs.add_argument("dir", help="folder to write the four files into")
-    certs.add_argument(
-        "--host",
-        action="append",
-        metavar="NAME_OR_IP",
-        help="a host name or IP address SuperNodes use to reach the SuperLink (repeatable)",
-    )
-    certs.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
-    certs.set_defaults(func=cmd_deploy_certs)
-
-    keys = dsub.add_parser(
-        "keys",
-        help="make SuperNode key pairs for node authentication",
-        description="Make ECDSA P-384 key pairs supernode-0 .. supernode-{N-1} (+ .pub) in OpenSSH format, for `flwr "
-        "supernode register` and `fedsim supernode --key`.",
-    )
-    keys.add_argument("dir", help="folder to write the keys into")
-    keys.add_argument("--nodes", type=int, required=True, help="how many key pairs")
-    keys.add_argument("--prefix", default="supernode", help="file name prefix (default: supernode)")
-    keys.set_defaults(func=cmd_deploy_keys)
-
-    link = dsub.add_parser(
-        "superlink",
-        help="start Flower's SuperLink with TLS and SuperNode authentication",
-        description="Write the `fedsim` connection into $FLWR_HOME/config.toml (for `flwr supernode register` and "
-        "`flwr run`), then run flower-superlink with TLS and --enable-supernode-auth.",
-    )
-    link.add_argument("--certs", help="folder from `fedsim deploy certs` (ca.crt, server.pem, server.key)")
-    link.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, every interface)")
-    link.add_argument(
-        "--port", type=int, default=9093, help="the one port for SuperNodes, `flwr` and the ServerApp (default: 9093)"
-    )
-    link.add_argument(
-        "--insecure",
-        action="store_true",
-        help="no TLS and no SuperNode authentication (testing only; prints a warning)",
-    )
-    _add_flower_args(link)
-    link.set_defaults(func=cmd_deploy_superlink)
-
-    local = dsub.add_parser(
-        "local",
-        help="run a scenario on a SuperLink + SuperNodes on this machine",
-        description="Make certificates and keys, start a SuperLink and one SuperNode "
-        "per partition on this machine, register the keys, run the scenario with "
-        "`flwr run`, stop everything. The run directory is the same as `fedsim run`'s.",
-    )
-    local.add_argument("scenario", help="scenario TOML file")
-    local.add_argument(
-        "--nodes", type=int, help="SuperNodes to start, partitions 0..N-1 (default: clients.num_clients)"
-    )
-    local.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario value (repeatable)")
-    local.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
-    local.add_argument("--workdir", help="certificates, keys, Flower homes and logs (default: OUT/NAME-deploy)")
-    local.add_argument(
-        "--insecure", action="store_true", help="no TLS and no SuperNode authentication (prints a warning)"
-    )
-    local.set_defaults(func=cmd_deploy_local)
-
-    node = sub.add_parser(
-        "supernode",
-        help="check a SuperNode's partition against the scenario, then start Flower's SuperNode",
-        description="Check that PARTITION exists in the scenario and that the TLS and key files are usable, then exec "
-        "flower-supernode with --node-config 'partition-id=N num-partitions=M device=\"PROFILE\"'.",
-    )
-    node.add_argument("scenario", help="the scenario the federation runs (the same file and --set as `flwr run`)")
-    node.add_argument(
-        "--partition", type=int, required=True, help="this node's client id / data partition, 0..clients.num_clients-1"
-    )
-    node.add_argument(
-        "--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address, e.g. 192.168.1.10:9093"
-    )
-    node.add_argument("--ca", type=Path, help="the SuperLink's CA certificate (ca.crt)")
-    node.add_argument(
-        "--key", type=Path, help="this SuperNode's private key (registered with `flwr supernode register KEY.pub`)"
-    )
-    node.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="scenario override, as given to the run (repeatable)"
-    )
-    node.add_argument(
-        "--runtime-port",
-        type=int,
-        default=9094,
-        help="this node's local Runtime API port; one per SuperNode on a machine (default: 9094)",
-    )
-    node.add_argument(
-        "--insecure", action="store_true", help="no TLS and no node authentication (testing only; prints a warning)"
-    )
-    _add_flower_args(node)
-    node.set_defaults(func=cmd_supernode)
-
-
-def _add_flower_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "flower_args", nargs="*", metavar="FLOWER_ARG", help="after --: passed on to Flower's command unchanged"
-    )
 
 
 def quiet_libraries() -> None:

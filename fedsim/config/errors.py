@@ -9,6 +9,8 @@ from typing import Any
 
 from fedsim.config.availability import KINDS
 
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2  # a command's exit codes: failed while running; bad input, nothing done
+
 # Retired keys and what replaces them: a scenario that still uses one is told what to write
 # instead, not only that the key is unknown.
 RETIRED_KEYS = {

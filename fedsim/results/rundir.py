@@ -173,6 +173,12 @@ KEEPS_FILE = "keeps.json"
 class RunExistsError(FileExistsError):
     """The run directory is already there; fedsim never overwrites a run silently."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(
+            f"run directory {path} already exists; choose another with --out DIR or --set name=NEW_NAME, or remove it"
+        )
+
 
 def metrics_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows → a DataFrame with exactly the documented columns and dtypes."""
@@ -201,10 +207,7 @@ class RunDir:
     def create(cls, out: Path, scenario: Scenario) -> RunDir:
         path = Path(out) / scenario.name
         if path.exists():
-            raise RunExistsError(
-                f"run directory {path} already exists; choose another with --out DIR or "
-                f"--set name=NEW_NAME, or remove it"
-            )
+            raise RunExistsError(path)
         path.mkdir(parents=True)
         (path / "checkpoints").mkdir()
         run = cls(path)
@@ -260,6 +263,13 @@ class RunDir:
         self.rows.extend(rows)
         frame = metrics_frame(self.rows)
         _atomic_write(self.metrics_path, frame.to_parquet(index=False))
+
+
+def last_event(run_dir: str | Path) -> dict[str, Any]:
+    """The last line of a run's events.jsonl (`{"event": "run_end", ...}` once it finished), {} if none."""
+    events = Path(run_dir) / "events.jsonl"
+    lines = events.read_text().splitlines() if events.is_file() else []
+    return dict(json.loads(lines[-1])) if lines else {}
 
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:

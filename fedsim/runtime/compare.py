@@ -17,7 +17,6 @@ client actors and the model load are paid once.
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from fedsim.config.names import STRATEGIES
 from fedsim.config.scenario import Scenario, ScenarioError, load_scenario
 from fedsim.results.comparison import comparison, markdown, mean_curves, read_results
 from fedsim.results.plots import compare_accuracy_png, compare_loss_png, compare_sim_time_png
-from fedsim.results.rundir import RunDir
+from fedsim.results.rundir import RunDir, last_event
 from fedsim.server.preflight import preflight
 
 
@@ -93,14 +92,6 @@ def _per_strategy(refused: dict[str, list[str]], strategies: int) -> list[str]:
     return common + [f"with strategy {s!r}: {p}" for s, ps in refused.items() for p in ps if p not in common]
 
 
-def is_complete(run_path: Path) -> bool:
-    events = run_path / "events.jsonl"
-    if not events.is_file():
-        return False
-    lines = events.read_text().splitlines()
-    return bool(lines) and json.loads(lines[-1]).get("event") == "run_end"
-
-
 def run_all(
     runs: Sequence[Scenario],
     root: Path,
@@ -113,7 +104,7 @@ def run_all(
     todo = []
     for scenario in runs:
         path = root / scenario.name
-        if is_complete(path):
+        if last_event(path).get("event") == "run_end":
             say(f"{scenario.name}: done already, kept")
             continue
         if path.exists():

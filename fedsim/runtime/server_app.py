@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.config.scenario import load_scenario
-from fedsim.results.rundir import RunDir
+from fedsim.results.rundir import RunDir, RunExistsError
 from fedsim.server.federation import run_federation
 from fedsim.server.preflight import preflight
 
@@ -30,5 +30,11 @@ def main(grid: Grid, context: Context) -> None:
     scenario = load_scenario(scenario_path, overrides)
     preflight(scenario, str(scenario_path))
     out = Path(str(cfg.get("out", "runs")))
-    run_dir = RunDir.create(out if out.is_absolute() else Path.cwd() / out, scenario)
+    try:
+        run_dir = RunDir.create(out if out.is_absolute() else Path.cwd() / out, scenario)
+    except RunExistsError as err:  # the run config, not `fedsim run`'s flags, names it here
+        raise FileExistsError(
+            f"run directory {err.path} already exists; choose another with the run config's `out`, or "
+            '`overrides="name=NEW_NAME"` (`fedsim deploy run`: --out DIR or --set name=NEW_NAME), or remove it'
+        ) from None
     run_federation(grid, scenario, run_dir)

@@ -49,7 +49,8 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 
 def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
-    """client id → node id, by asking every node which partition it holds (a `query` message).
+    """client id → node id, by asking every node which partition it holds (a `query` message). A
+    node claiming a client id another node claimed first is left out, with a warning naming both.
 
     In deployment SuperNodes connect over time: first wait until `clients.num_clients` nodes
     are connected, or at most $FEDSIM_NODE_WAIT_S seconds (default 120), then go on with those
@@ -79,8 +80,12 @@ def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
         if not isinstance(claimed, int):
             raise TypeError(f"node {node} identified itself with {CLIENT_ID} {claimed!r}, not an integer")
         cid = int(claimed)
-        if cid in clients:
-            raise RuntimeError(f"two nodes claim client id {cid}: {clients[cid]} and {node}")
+        if cid in clients:  # a misconfigured SuperNode, or one that should not be there
+            log.warning(
+                "node %d claims client id %d, which node %d claimed first: node %d is left out of the run",
+                node, cid, clients[cid], node,
+            )  # fmt: skip
+            continue
         clients[cid] = node
     if not clients:
         raise RuntimeError("no client identified itself; see the client errors above")

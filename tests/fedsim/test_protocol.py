@@ -24,7 +24,8 @@ OTHER_MEANINGS: dict[str, set[str]] = {
     "fedsim/model/adapter.py": {"rank"},  # a LoraConfig field
     "fedsim/cli.py": {"scenario"},  # a CLI argument
     "fedsim/fleet/costs.py": {"config"},  # transformers' `model.config`
-    "fedsim/runtime/deploy.py": {"scenario"},  # a run-config key of the ServerApp
+    "fedsim/runtime/deploy/commands.py": {"scenario"},  # a CLI argument
+    "fedsim/runtime/deploy/flower.py": {"scenario"},  # a run-config key of the ServerApp
     "fedsim/server/export.py": {"keep"},  # a field of the export manifest
     "fedsim/pruning/__init__.py": {"prune"},  # a function in `__all__`
     "fedsim/pruning/structure.py": {"config"},  # transformers' `model.config`

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedsim.runtime.deploy import free_port, stop_group
+from fedsim.runtime.deploy.processes import free_port, stop_group
 
 BIN = Path(sys.executable).parent  # the venv's bin: flwr, flower-superlink, ray
 

@@ -37,18 +37,18 @@ from tests_support.processes import stop_group, wait_until
 from fedsim.cli import EXIT_BAD_INPUT, main
 from fedsim.config.scenario import load_scenario
 from fedsim.results.rundir import read_metrics
-from fedsim.runtime.deploy import (
-    Certificates,
-    DeployError,
-    LocalFederation,
-    NodePlan,
-    check_supernode,
-    make_certificates,
-    make_node_keys,
+from fedsim.runtime.deploy.certs import Certificates, make_certificates, make_node_keys
+from fedsim.runtime.deploy.errors import DeployError
+from fedsim.runtime.deploy.flower import (
+    CONNECTION,
+    flower_bin,
+    project_root,
     superlink_command,
     supernode_command,
     write_connection,
 )
+from fedsim.runtime.deploy.local import LocalFederation
+from fedsim.runtime.deploy.supernode import NodePlan, check_supernode
 from fedsim.server.federation import discover_clients
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -138,11 +138,12 @@ def test_a_good_supernode_gets_its_partition_and_device_in_flowers_node_config(n
 
     assert plan == NodePlan(partition=1, num_partitions=2, device="laptop-cpu")
     assert parse_config_args([plan.node_config()]) == {"partition-id": 1, "num-partitions": 2, "device": "laptop-cpu"}
-    cmd = supernode_command("127.0.0.1:9093", plan, ca, key)
+    cmd = supernode_command("127.0.0.1:9093", plan.node_config(), ca, key, 9094)
     assert cmd[cmd.index("--root-certificates") + 1] == str(ca) and cmd[
         cmd.index("--auth-supernode-private-key") + 1
     ] == str(key)
     assert "--insecure" not in cmd
+    assert cmd[cmd.index("--isolation") + 1] == "process"  # its ClientApps run in fedsim's warm runner
 
 
 BAD_NODES = [
@@ -207,6 +208,9 @@ def test_insecure_is_explicit_and_warns(capsys: pytest.CaptureFixture[str]) -> N
     assert "--insecure" in superlink_command(None)
     secure = superlink_command(Certificates.in_dir("/certs"))
     assert "--insecure" not in secure and "--enable-supernode-auth" in secure
+    assert secure[secure.index("--host") + 1] == "127.0.0.1"  # devices reach it through the proxy only
+    with pytest.raises(DeployError, match="listens on 127.0.0.1 only"):
+        superlink_command(Certificates.in_dir("/certs"), "0.0.0.0")
     assert main(["deploy", "superlink"]) == EXIT_BAD_INPUT  # neither --certs nor --insecure
     assert "either --certs DIR" in capsys.readouterr().err
 
@@ -219,11 +223,12 @@ def test_connection_is_written_for_flwr_and_other_entries_kept(tmp_path: Path, m
 
     config = tomllib.loads((home / "config.toml").read_text())
     assert config["superlink"]["local"] == {"address": ":local:"} and config["superlink"]["default"] == "local"
-    assert config["superlink"]["fedsim"] == {"address": "10.0.0.2:9093", "root-certificates": str(tmp_path / "ca.crt")}
+    ca = str(tmp_path / "ca.crt")
+    assert config["superlink"][CONNECTION] == {"address": "10.0.0.2:9093", "root-certificates": ca}
     from flwr.cli.flower_config import read_superlink_connection
 
     monkeypatch.setenv("FLWR_HOME", str(home))
-    connection = read_superlink_connection("fedsim")
+    connection = read_superlink_connection(CONNECTION)
     assert connection.address == "10.0.0.2:9093" and connection.root_certificates == str(tmp_path / "ca.crt")
 
 
@@ -246,8 +251,9 @@ class ArrivingGrid:
     `lost` is answered for by the SuperLink, as Flower does for a node that went away: an error
     reply from node 1 (SUPERLINK_NODE_ID) with NODE_UNAVAILABLE."""
 
-    def __init__(self, total: int, lost: frozenset[int] = frozenset()) -> None:
+    def __init__(self, total: int, lost: frozenset[int] = frozenset(), claims: dict[int, int] | None = None) -> None:
         self.total, self.lost, self.calls = total, lost, 0
+        self.claims = claims or {}  # node → the client id it claims (default: its own, node − 11)
 
     def get_node_ids(self) -> list[int]:
         self.calls += 1
@@ -272,7 +278,8 @@ class ArrivingGrid:
         )  # fmt: skip
         if node in self.lost:
             return make_message(meta, error=Error(ErrorCode.NODE_UNAVAILABLE, "node unavailable"))
-        return make_message(meta, RecordDict({"identity": ConfigRecord({"client-id": node - 11})}))
+        claimed = self.claims.get(node, node - 11)
+        return make_message(meta, RecordDict({"identity": ConfigRecord({"client-id": claimed})}))
 
 
 @pytest.fixture
@@ -311,6 +318,38 @@ def test_discovery_names_a_node_that_went_away_not_the_superlink(
     assert "node 12 did not identify itself: node unavailable" in caplog.text
 
 
+def test_a_second_node_claiming_a_partition_is_left_out_naming_both(
+    task_identity: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    scenario = load_scenario(TINY, ["clients.num_clients=3"])
+    grid = ArrivingGrid(3, claims={13: 1})
+    grid.calls = 2  # all three nodes are there from the start
+    with caplog.at_level(logging.WARNING, logger="fedsim.server.federation"):
+        clients = discover_clients(grid, scenario)  # type: ignore[arg-type]
+    assert clients == {0: 11, 1: 12}
+    assert "claims client id 1, which node 12 claimed first" in caplog.text
+
+
+def test_deploy_run_refuses_an_existing_run_directory_before_submitting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))  # nothing may be submitted: no SuperLink is there
+    assert main(["deploy", "run", str(TINY), "--out", str(tmp_path / "runs")]) == EXIT_BAD_INPUT
+    assert "already exists; choose another with --out DIR or --set name=NEW_NAME" in capsys.readouterr().err
+
+
+def test_a_second_supernode_on_a_taken_runtime_port_exits_2_naming_it(
+    node_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca, key = node_files
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        argv = ["supernode", str(TINY), "--partition", "0", "--superlink", "127.0.0.1:9093", "--ca", str(ca)]
+        assert main([*argv, "--key", str(key), "--runtime-port", str(port)]) == EXIT_BAD_INPUT
+    assert f"--runtime-port {port} is in use" in capsys.readouterr().err
+
+
 # --- end to end: SuperLink + SuperNodes with TLS and node authentication -----------------
 
 # round_timeout_s: room for a slow healthy client on a busy 2-core box; the lost node is
@@ -319,6 +358,12 @@ E2E = [
     "rounds=2", "name=deployed", "clients.num_clients=2", "clients.per_round=2", "clients.eval_per_round=0",
     "train.local_steps=2", "simulation.round_timeout_s=120",
 ]  # fmt: skip
+
+
+def _from_the_public_port(fed: LocalFederation, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`flwr ARGS public` run by someone who holds only ca.crt and reaches only the public port."""
+    cmd = [flower_bin("flwr"), *args, "public"]
+    return subprocess.run(cmd, env=fed.env(home), cwd=home, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.deploy
@@ -331,6 +376,23 @@ def test_supernodes_with_tls_and_node_auth_run_refuse_a_stranger_and_survive_a_l
         keys = make_node_keys(tmp_path / "keys", 3)
         for key in keys[:2]:  # the third key is not on the allow-list
             fed.register(key)
+
+        # Only the Fleet API is reachable from the public port: with the CA every device holds,
+        # registering a key, listing runs and submitting a run all fail there (nginx answers 404).
+        assert fed.certs is not None
+        attacker = tmp_path / "attacker"
+        write_connection(attacker, fed.address, fed.certs.ca, name="public")
+        for args in (
+            ("supernode", "register", str(keys[2].public)),
+            ("ls",),
+            ("run", str(project_root()), "--run-config", 'scenario="scenarios/tiny.toml"'),
+        ):
+            done = _from_the_public_port(fed, attacker, *args)
+            assert done.returncode != 0 and "404 Not Found" in done.stdout + done.stderr, (args, done)
+        control = [
+            line for line in (fed.workdir / "proxy-access.log").read_text().splitlines() if "/v1/control/" in line
+        ]
+        assert len(control) >= 3 and all('" 404 ' in line for line in control), control
         nodes = [fed.start_supernode(TINY, i, keys[i], E2E) for i in range(2)]
         stranger = fed.start_supernode(TINY, 1, keys[2], E2E, name="stranger")
         with (tmp_path / "flwr-run.log").open("wb") as log:
@@ -356,6 +418,13 @@ def test_supernodes_with_tls_and_node_auth_run_refuse_a_stranger_and_survive_a_l
         nodes[1].wait()
 
         assert run.wait(timeout=240) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+
+        # A run that fails on the server (its run directory cannot be made: `out` is a file) makes
+        # `fedsim deploy run` exit 1, where `flwr run --stream` alone exits 0.
+        (tmp_path / "not-a-folder").write_text("")
+        failing = fed.run_command(TINY, [*E2E, "name=failing"], tmp_path / "not-a-folder")
+        done = subprocess.run(failing, env=fed.env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and "the run failed" in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
     finally:
         for proc in [*([run] if run else []), *reversed(fed.processes)]:
             stop_group(proc)
@@ -370,8 +439,8 @@ def test_supernodes_with_tls_and_node_auth_run_refuse_a_stranger_and_survive_a_l
     ok = metrics[(metrics["kind"] == "train") & (metrics["status"] == "ok")]
     assert (ok["wall_time_s"] > 0).all()
     # the measured clock: compute is the client's own training time, the rest of the round trip
-    # (a new ClientApp process importing torch, the transfer) is the server-measured remainder
-    assert (ok["sim_compute_s"] == ok["wall_time_s"]).all() and (ok["sim_comm_s"] > 1.0).all()
+    # (polling, a forked ClientApp process, the transfer) is the server-measured remainder
+    assert (ok["sim_compute_s"] == ok["wall_time_s"]).all() and (ok["sim_comm_s"] > 0).all()
     central = metrics[metrics["kind"] == "eval_central"].set_index("round")
-    assert central.loc[2, "sim_time_s"] > central.loc[1, "sim_time_s"] > 1.0
+    assert central.loc[2, "sim_time_s"] > central.loc[1, "sim_time_s"] > 0
     assert (out / "deployed" / "checkpoints" / "round_2").is_dir() and (out / "deployed" / "adapter").is_dir()
