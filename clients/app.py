@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from clients.prune_and_tune import PruneAndTune, PruneOrder
 from clients.records import scalar
-from fedsim.compression import codec_config, compress, encode, residual
+from fedsim.compression import codec_config, compress, encode, layout_of, residual
 from fedsim.compression.downlink import apply_down
 from fedsim.config.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
 from fedsim.data.partitions import ClientData, client_data
@@ -140,17 +140,22 @@ def _fresh_state_per_run(context: Context, scenario: Scenario) -> None:
         context.state[RUN_KEY] = ConfigRecord({"run": run})
 
 
-def client_id(context: Context, scenario: Scenario) -> int:
-    """This node's client id (its data partition), checked against the scenario."""
-    raw = context.node_config.get(PARTITION_ID)
+def client_id(context: Context, scenario: Scenario, config: ConfigRecord | None = None) -> int:
+    """The client this node plays, checked against the scenario: the one the message names (fedsim's
+    simulation assigns clients to nodes, `protocol.CLIENT_ID`), else its node config's partition."""
+    raw: object
+    if config is not None and CLIENT_ID in config:
+        raw, source = config[CLIENT_ID], f"the message's {CLIENT_ID}"
+    else:
+        raw, source = context.node_config.get(PARTITION_ID), PARTITION_ID
     if raw is None:
         raise ValueError(
             f"node config lacks {PARTITION_ID!r}; start the SuperNode with --node-config '{PARTITION_ID}=N'"
         )
-    cid = int(raw)
+    cid = int(cast(int, raw))
     if not 0 <= cid < scenario.clients.num_clients:
         raise ValueError(
-            f"{PARTITION_ID} {cid} does not exist: the scenario has clients 0..{scenario.clients.num_clients - 1}"
+            f"{source} {cid} does not exist: the scenario has clients 0..{scenario.clients.num_clients - 1}"
         )
     return cid
 
@@ -181,7 +186,7 @@ def _setup(msg: Message, context: Context) -> Job:
     config = msg.content.config_records[CONFIG_RECORD]
     scenario = _scenario(str(config[SCENARIO]))
     torch.set_num_threads(scenario.train.threads)
-    cid = client_id(context, scenario)
+    cid = client_id(context, scenario, config)
     _fresh_state_per_run(context, scenario)
     key = (scenario.model, scenario.lora.model_dump_json(), scenario.train.device)
     model, tokenizer, shape = _model(*key)
@@ -191,7 +196,7 @@ def _setup(msg: Message, context: Context) -> Job:
     order = PruneOrder.from_config(config, _layers(*key)) if scenario.prunes else None
     if order is not None:  # this client's own model; the cached one stays whole for the next client
         model = pruned_copy(model, order.keep)
-    received = _received_adapter(msg, context)
+    received = _received_adapter(msg, context, model)
     full = (
         {**received, **_personal_b(model, context, order.keep if order else None)}
         if config.get(LORA_PERSONAL_B, False)
@@ -217,15 +222,17 @@ def _personal_b(model: PeftModel, context: Context, keep: Keep | None) -> Adapte
     return {k: v.float() for k, v in kept.items()} if same else fresh
 
 
-def _received_adapter(msg: Message, context: Context) -> AdapterState:
+def _received_adapter(msg: Message, context: Context, model: PeftModel) -> AdapterState:
     """The adapter to start from: sent whole (its arrays), or through the compressed downlink,
-    applied to the copy this node keeps in its context."""
+    applied to the copy this node keeps in its context and decoded against the layout of the
+    adapter `model` holds (the downlink's one adapter for every client)."""
     if DOWN_RECORD not in msg.content.config_records:
         return from_record(msg.content.array_records[ARRAYS_RECORD])
     down = msg.content.config_records[DOWN_RECORD]
     held = context.state.array_records.get(COPY_KEY)
     version = int(scalar(context.state.config_records[COPY_KEY + "-version"], DOWN_VERSION)) if held is not None else -1
-    state = apply_down(down, held.to_torch_state_dict() if held is not None else None, version)
+    copy = held.to_torch_state_dict() if held is not None else None
+    state = apply_down(down, copy, version, layout_of(get_state(model)))
     context.state[COPY_KEY] = ArrayRecord(state)
     context.state[COPY_KEY + "-version"] = ConfigRecord({DOWN_VERSION: int(scalar(down, DOWN_VERSION))})
     return state

@@ -12,7 +12,10 @@
     fedsim supernode SCENARIO --partition N --superlink HOST:PORT --ca CA --key KEY
 
 Exit codes: 0 success, 1 the run failed while running, 2 bad input (scenario, arguments, an
-existing run directory) — in which case nothing was written.
+existing run directory, and what `fedsim.server.preflight` finds: fleet files, model, data) — in
+which case nothing was written. A run that fails while running prints one line, `fedsim: run NAME
+failed: Type: message (traceback in RUN_DIR/error.log)`; the traceback is in that file, never on
+the terminal (KeyboardInterrupt is not caught).
 
 Each command imports what it uses inside its own function, so that `fedsim --help` and the
 deployment commands start in under a second without loading torch or Ray; the layering contract
@@ -58,21 +61,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f}m" if seconds < 7200 else f"{seconds / 3600:.2f}h"
 
 
+def failure_line(what: str, exc: BaseException, log: Path | str) -> str:
+    """`fedsim: WHAT failed: Type: message (traceback in LOG)`, the message on one line."""
+    message = " ".join(str(exc).split())
+    return f"fedsim: {what} failed: {type(exc).__name__}{': ' + message if message else ''} (traceback in {log})"
+
+
 def _simulate(scenario: Scenario, run_dir: RunDir, resume: ResumePoint | None = None) -> int:
-    """Run (or resume) the simulation, print the summary; a run that fails keeps what it saved."""
+    """Run (or resume) the simulation, print the summary. A run that fails keeps what it saved,
+    records `run_failed` and its traceback (error.log) and prints one line: exit 1."""
     from fedsim.results.report import summary_text
     from fedsim.results.rundir import read_metrics
     from fedsim.runtime.simulation import run_simulation
 
     try:
         run_simulation(scenario, run_dir, progress=_progress, resume=resume)
-    except Exception as exc:  # the run started: report, keep what was saved
-        run_dir.event("run_failed", error=repr(exc))
-        logging.getLogger("fedsim").exception("run failed")
-        print(f"fedsim: run failed: {exc}\nwhat was saved is in {run_dir.path}", file=sys.stderr)
+    except Exception as exc:  # the run started: one line here, the traceback in its log; not KeyboardInterrupt
+        print(failure_line(f"run {scenario.name}", exc, _record_failure(run_dir, exc)), file=sys.stderr)
         return EXIT_FAILED
     print(summary_text(read_metrics(run_dir.path), run_dir.path))
     return 0
+
+
+def _record_failure(run_dir: RunDir, exc: BaseException) -> str:
+    """Record the failure in the run directory (`RunDir.fail`); where its traceback is."""
+    try:
+        return str(run_dir.fail(exc))
+    except OSError as err:  # the run directory is gone or full: say so instead
+        return f"nowhere: {run_dir.error_log_path} could not be written: {err}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -120,7 +136,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedsim.config.scenario import ScenarioError
+    from fedsim.results.rundir import ERROR_LOG, append_traceback
     from fedsim.runtime.compare import CompareError, plan, run_all, write_outputs
     from fedsim.runtime.simulation import run_simulations
 
@@ -136,16 +152,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         failures = run_all(
             runs,
             root,
-            args.scenario,
             lambda line: print(f"fedsim compare: {line}", flush=True),
             lambda jobs: run_simulations(jobs, progress=_progress),
         )
-    except ScenarioError as exc:
-        print(f"fedsim: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as exc:  # the simulation itself (Ray, Flower), not one run: the log is the comparison's
+        print(failure_line(f"compare {root.name}", exc, append_traceback(root / ERROR_LOG, exc)), file=sys.stderr)
+        return EXIT_FAILED
     if failures:
-        for failure in failures:
-            print(f"fedsim compare: a run failed: {failure!r}", file=sys.stderr)
+        for run_dir, failure in failures:
+            print(failure_line(f"run {run_dir.path.name}", failure, run_dir.error_log_path), file=sys.stderr)
         print(
             "fedsim compare: failed runs are recorded in their run "
             f"directories under {root}; run the command again to retry them",

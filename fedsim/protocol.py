@@ -6,7 +6,7 @@ so the whole wire is in one place: FedAvg's record names and weight key (`arrays
 Flower's constructors, `strategies.lora_strategy.RECORD_KEYS`), the round FedAvg writes into
 every config (`server-round`) and FedProx's `proximal-mu`.
 
-Query: server → every node, once per run (`fedsim.server.federation.discover_clients`)
+Query: server → every node, once per run, in a deployment (`fedsim.server.federation.discover_clients`)
     CONFIG_RECORD    ConfigRecord  SCENARIO (str): the resolved scenario, as JSON
   reply
     IDENTITY_RECORD  ConfigRecord  CLIENT_ID (int): the client (data partition) this node is,
@@ -32,6 +32,8 @@ Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.ser
                                    (float): λ, the tail penalty's weight; SELF_PRUNE (bool): run the
                                    rank self-pruning test after training (HetLoRA, `strategies.hetlora`);
                                    PROXIMAL_MU (float): μ of the proximal term (set by Flower's FedProx);
+                                   CLIENT_ID (int): in fedsim's own simulation, the client this node
+                                   plays (`fedsim.server.federation.assign_clients`; no query there);
                                    the pruned model (`fedsim.fleet.keeps`): PRUNE_KEEP (str): the keep it
                                    holds, as JSON ("": unpruned); PRUNE_TARGET (float): the ratio it
                                    grows toward; PRUNE_STEPS (int): local steps trained in the run
@@ -51,14 +53,14 @@ Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.ser
                                    client kept; the update covers that rank
 
 Evaluate: server → each sampled node (`LoraStrategy.configure_evaluate`)
-    ARRAYS_RECORD, CONFIG_RECORD   as for train (never through the downlink)
+    ARRAYS_RECORD, CONFIG_RECORD   as for train (never through the downlink; CLIENT_ID as for train)
   reply
     METRICS_RECORD   MetricRecord  NUM_EXAMPLES (int): test examples scored; CLIENT_ID (int);
                                    LOSS (float): response loss; ACCURACY (float): exact match;
                                    WALL_TIME_S (float)
 
 Node config, set where the SuperNode starts (Flower's simulation, `fedsim supernode`):
-PARTITION_ID (int), the client this node is.
+PARTITION_ID (int), the client this node is, unless a message's CLIENT_ID says otherwise.
 """
 
 # --- query ---------------------------------------------------------------------------------

@@ -16,21 +16,32 @@ Flower's server optimisers and client-drift methods compose with it: pass `optim
 FedProx, FedAdam, FedYogi, FedAdagrad or FedAvgM) and FedIT hands it the global adapter to
 configure the round (FedProx adds μ to the config, `fedsim.protocol.PROXIMAL_MU`; FedOpt records
 the current arrays) and the aligned factors to aggregate, so Flower's own update rule runs unchanged.
+Both go in key order (`in_key_order`: FedAvgM pairs arrays by position), and the optimizer's state
+across rounds is FedIT's `state_dict` (`strategies.flower_optimizers.optimizer_state`).
 Pruned clients: each one's pruned-away coordinates are filled with the example-weighted mean of
 the clients that kept them (`LoraStrategy.aligned`), so FedAvg's mean is the mask-aware one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.model.adapter import from_record
+from fedsim.model.adapter import AdapterState, from_record
 from fedsim.protocol import ARRAYS_RECORD, METRICS_RECORD
+from strategies.flower_optimizers import load_optimizer_state, optimizer_state
 from strategies.lora_strategy import LoraStrategy
+
+
+def in_key_order(state: AdapterState) -> AdapterState:
+    """`state`'s tensors sorted by key: the one order Flower's rules (FedAvg, the optimisers) see,
+    in every round and after a resume (a checkpoint loads in safetensors' sorted order, a fresh
+    adapter in PEFT's); the averages are per key, so the order changes no value."""
+    return {k: state[k] for k in sorted(state)}
 
 
 class FedIT(LoraStrategy):
@@ -49,7 +60,8 @@ class FedIT(LoraStrategy):
         if self.optimizer is None:
             return super().configure_train(server_round, arrays, config, grid)
         self.current = from_record(arrays)
-        return self._per_node(self.optimizer.configure_train(server_round, arrays, config, grid))
+        ordered = ArrayRecord(in_key_order(self.current))
+        return self._per_node(self.optimizer.configure_train(server_round, ordered, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -60,7 +72,9 @@ class FedIT(LoraStrategy):
         # New messages for Flower's rule (which reads only their content), the replies left as received.
         aligned = [
             Message(
-                RecordDict({ARRAYS_RECORD: ArrayRecord(state), METRICS_RECORD: reply.content[METRICS_RECORD]}),
+                RecordDict(
+                    {ARRAYS_RECORD: ArrayRecord(in_key_order(state)), METRICS_RECORD: reply.content[METRICS_RECORD]}
+                ),
                 reply_to=reply,
             )
             for reply, state in zip(replies, states)
@@ -68,3 +82,15 @@ class FedIT(LoraStrategy):
         if self.optimizer is not None:
             return self.optimizer.aggregate_train(server_round, aligned)
         return FedAvg.aggregate_train(self, server_round, aligned)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The server optimiser's state across rounds (`flower_optimizers.optimizer_state`); {}
+        without one, or with FedProx."""
+        return optimizer_state(self.optimizer) if self.optimizer is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Put back what `state_dict` returned (`flower_optimizers.load_optimizer_state`)."""
+        if self.optimizer is not None:
+            load_optimizer_state(self.optimizer, state)
+        else:
+            super().load_state_dict(state)

@@ -37,6 +37,13 @@ coordinate (FedIT, HetLoRA, FFA-LoRA, FedSA-LoRA) fill each client's uncovered c
 weighted mean of those that covered them (`slicing.fill_uncovered`), so their own rule yields the
 mask-aware mean, and a coordinate nobody kept stays as it was. The others set `pruning_refused` to
 the reason.
+
+State across rounds. What a strategy carries from one round to the next besides the global state
+is its `state_dict` (named arrays), saved with every round's checkpoint and put back on resume
+(`load_state_dict`, `fedsim.server.resume`). Only FedIT with a Flower server optimiser keeps any
+(`strategies.flower_optimizers`): the ranks, pruning orders and `current` adapter are set afresh
+every round; base deltas (FLoRA, FedEx-LoRA) are in the global state; HetLoRA's kept ranks are the
+server's books (`fedsim.fleet.ranks`); FedSA-LoRA's personal B lives on the clients.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -231,6 +239,19 @@ class LoraStrategy(FedAvg):
         )
         As, Bs = [c.state[a_key] for c in clients], [c.state[b_key] for c in clients]
         return update_stack(As, Bs, [c.scale for c in clients], [c.weight for c in clients], received)
+
+    # --- state across rounds ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What this strategy carries from one round to the next besides the global state, as named
+        arrays in a fixed order (module docstring, "State across rounds"): here nothing, {}."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Put back what `state_dict` returned, so the next round aggregates as it would have;
+        ValueError for a state this strategy does not keep (here: anything)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state across rounds, got {sorted(state)[:3]}")
 
     # --- Flower hooks -----------------------------------------------------------------------
 

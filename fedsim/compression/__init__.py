@@ -1,10 +1,20 @@
 """Compressed client updates: ComPEFT (Yadav et al., arXiv:2311.13171) and its baselines.
 
 `compress` applies a method's rule (`methods`), `encode`/`decode` carry the result as bytes
-(`codec`, positions coded by `positions`), and `residual` is the client's error feedback.
+(`codec`, positions coded by `positions`; the receiver decodes against the layout it expects,
+`layout_of(adapter)`), and `residual` is the client's error feedback.
 """
 
-from fedsim.compression.codec import Header, decode, encode, encoded_size, read_header
+from fedsim.compression.codec import (
+    Header,
+    Layout,
+    decode,
+    encode,
+    encoded_size,
+    layout_fingerprint,
+    layout_of,
+    read_header,
+)
 from fedsim.compression.errors import CodecError
 from fedsim.compression.methods import (
     MAX_NUMEL,
@@ -22,6 +32,7 @@ __all__ = [
     "CodecConfig",
     "CodecError",
     "Header",
+    "Layout",
     "Sparse",
     "Update",
     "codec_config",
@@ -29,6 +40,8 @@ __all__ = [
     "decode",
     "encode",
     "encoded_size",
+    "layout_fingerprint",
+    "layout_of",
     "read_header",
     "residual",
     "sparsify",

@@ -12,6 +12,11 @@ train from B_k, so their update is local − B_k, and the server rebuilds local 
 The server's only per-client state is one integer, the broadcast version each client holds.
 A client keeps its copy of B in its node context (`context.state`), which Flower keeps across
 rounds in simulation and on a SuperNode.
+
+Payloads carry no tensor names or shapes (`fedsim.compression.codec`): a client decodes both kinds
+against the layout of the adapter its own model holds. That is the broadcast's layout because the
+downlink carries one adapter for every client: one rank, no pruned clients, no base-weight merges
+or personal factors (`fedsim.config.scenario` refuses the downlink otherwise).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
-from fedsim.compression import CodecConfig, compress, decode, encode
+from fedsim.compression import CodecConfig, Layout, compress, decode, encode
 from fedsim.model.adapter import AdapterState
 from fedsim.protocol import DOWN_BASE, DOWN_DELTA, DOWN_FULL, DOWN_KIND, DOWN_VERSION, PAYLOAD
 
@@ -67,15 +72,19 @@ class Downlink:
         self.held[np.asarray(client_ids, dtype=np.int64)] = self.version
 
 
-def apply_down(record: ConfigRecord, held: AdapterState | None, held_version: int) -> AdapterState:
-    """The client's side: the broadcast adapter from a downlink record and the copy it holds."""
+def apply_down(record: ConfigRecord, held: AdapterState | None, held_version: int, layout: Layout) -> AdapterState:
+    """The client's side: the broadcast adapter from a downlink record and the copy it holds.
+
+    `layout`: the adapter this client's model holds, names and shapes (`layout_of` of its state);
+    the whole adapter and the delta both decode against it, in its order, and a payload for any
+    other layout is refused (`CodecError`)."""
     raw, base = record[PAYLOAD], record[DOWN_BASE]
     if not isinstance(raw, bytes) or not isinstance(base, int):
         raise TypeError(
             f"a downlink record carries bytes {PAYLOAD!r} and int {DOWN_BASE!r}, got {type(raw).__name__} and "
             f"{type(base).__name__}"
         )
-    payload = decode(raw)
+    payload = decode(raw, layout)
     if record[DOWN_KIND] == DOWN_FULL:
         return {k: v.to(torch.float32) for k, v in payload.items()}
     if held is None or held_version != base:
@@ -83,4 +92,4 @@ def apply_down(record: ConfigRecord, held: AdapterState | None, held_version: in
             f"downlink delta is based on version {base}, but this client holds {held_version}; "
             "the server sends the full adapter next time"
         )
-    return {k: held[k] + payload[k].to(torch.float32) for k in held}
+    return {k: held[k] + payload[k].to(torch.float32) for k in payload}

@@ -1,8 +1,9 @@
 """The one error a payload decoder raises.
 
-`decode` turns every malformed payload (wrong magic or version, unknown enums, truncation,
-counts that overflow, position codes that do not parse, trailing bytes) into a `CodecError` with
-the reason; nothing else (`IndexError`, `struct.error`, `OverflowError`, ...) escapes it.
+`decode` turns every malformed payload (wrong magic or version, truncation, a checksum that
+does not match, unknown enums, a layout other than the receiver's, counts that overflow, position
+codes that do not parse, trailing bytes) into a `CodecError` with the reason; nothing else
+(`IndexError`, `struct.error`, `OverflowError`, ...) escapes it.
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ def densify(sparse: Sparse) -> torch.Tensor:
 
 
 def compress(update: Mapping[str, torch.Tensor], config: CodecConfig) -> Update:
-    """C(update): what the receiver gets back, exactly (`decode(encode(update, config))`)."""
+    """C(update): what the receiver gets back, exactly (`decode(encode(update, config), layout_of(update))`)."""
     if config.method == "none":
         check_update(update)
         return {name: cast_to(name, tensor, config.dtype) for name, tensor in update.items()}

@@ -4,6 +4,6 @@
 - `controller`: the bandit controller's section (`ControllerConfig`, `RewardConfig`).
 - `devices`: device profiles and the built-in catalog; `availability`: when a profile is online.
 - `names`: every name a scenario may use (models, tasks, strategies, controllers, scores).
-- `sources`: cheap checks that a model name and a data source resolve.
+- `sources`: cheap checks that a model name and a data source resolve (a data file's first bytes).
 - `errors`: `InputError`, one error shape for every input, all problems at once.
 """

@@ -25,7 +25,7 @@ from fedsim.config.controller import ControllerConfig
 from fedsim.config.devices import CATALOG, DeviceProfile
 from fedsim.config.errors import InputError, describe, read_toml
 from fedsim.config.names import ATTENTION, MLP, PRUNING_REFUSED, SERVER_OPTIMIZERS, STRATEGIES, ImportanceScore
-from fedsim.config.sources import check_data_source, check_model_name
+from fedsim.config.sources import check_data_source, check_model_name, data_file_problems
 
 
 class ScenarioError(InputError):
@@ -88,6 +88,16 @@ class DataConfig(_Section):
         if (msg := check_data_source(value)) is not None:
             raise ValueError(msg)
         return value
+
+    @model_validator(mode="after")
+    def _readable_file(self, info: ValidationInfo) -> DataConfig:
+        # A look at the file's start only (`sources.data_file_problems`); preflight reads it whole.
+        if info.context and info.context.get("on_client"):  # see _known_source
+            return self
+        problems = data_file_problems(self.task, self.prompt_field, self.response_field, self.domain_field)
+        if problems:
+            raise ValueError("\n".join(f"`data.task`: {p}" for p in problems))
+        return self
 
 
 class ClientsConfig(_Section):

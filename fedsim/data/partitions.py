@@ -24,13 +24,15 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, Features, Value
@@ -42,7 +44,7 @@ from flwr_datasets.partitioner import (
 )
 from flwr_datasets.partitioner.partitioner import Partitioner
 
-from fedsim.config.sources import FILE_LOADERS, check_data_source
+from fedsim.config.sources import FILE_LOADERS, Fields, check_data_source, resolve_fields
 from fedsim.data.tasks import TASKS, generate
 
 logger = logging.getLogger(__name__)
@@ -96,22 +98,54 @@ def _load_file(path: Path) -> Dataset:
             "na_filter": False,
         }
     try:
-        return datasets.load_dataset(loader, data_files=str(path), split="train", **options)
+        with _quiet_datasets():  # its reader logs the error we raise
+            return datasets.load_dataset(loader, data_files=str(path), split="train", **options)
     except Exception as error:  # many types; each needs the file named
-        raise ValueError(f"could not read {path} as {loader}: {error}") from error
+        raise ValueError(f"could not read {path} as {_FORMATS[loader]}: {_root_cause(error)}") from error
+
+
+_FORMATS = {"json": "JSON (an array of objects, or one object per line)", "csv": "CSV", "parquet": "Parquet"}
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause's ``Type: message``: datasets wraps the reader's error (which names the
+    line or column) in a generic "An error occurred while generating the dataset"."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _csv_header(path: Path) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        header = next(csv.reader(handle), [])
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # pandas skips a BOM too
+            header = next(csv.reader(handle), [])
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"could not read {path} as CSV: {error}") from error
     if not header:
         raise ValueError(f"{path}: empty CSV file (no header row)")
     return header
 
 
 def _load_hub(source: str) -> Dataset:
+    """The split of a Hugging Face dataset: from the local cache when it is there (no network,
+    no retries), else from the hub unless offline mode is on (HF_HUB_OFFLINE)."""
     name, _, split = source[3:].partition(":")
     split = split or "train"
+    try:
+        with _hub_offline():
+            return datasets.load_dataset(name, split=split)
+    except ConnectionError as error:  # what datasets raises offline for a dataset it has not cached
+        if datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise ValueError(
+                f"Hugging Face dataset {name!r} is not in the local cache ({datasets.config.HF_DATASETS_CACHE}) "
+                "and offline mode is on (HF_HUB_OFFLINE); load it once where the hub is reachable, or export "
+                "the data to a .jsonl/.parquet file and set `data.task` to its path"
+            ) from error
+    except Exception as error:  # cached, but not as asked: an unknown split, ...
+        raise ValueError(
+            f"could not load Hugging Face dataset {name!r} (split {split!r}): {_root_cause(error)}"
+        ) from error
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as error:  # offline: ConnectionError, OfflineModeIsEnabled, ...
@@ -122,38 +156,36 @@ def _load_hub(source: str) -> Dataset:
         ) from error
 
 
-class _Fields(NamedTuple):
-    prompt: str
-    input: str | None  # appended to an auto-detected "instruction" prompt
-    response: str
-    domain: str | None  # None: every row gets DEFAULT_DOMAIN
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """datasets and huggingface_hub in offline mode, quietly, for the duration (both read the
+    flag at call time; a process-wide switch, so used only around one load)."""
+    flags = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        with _quiet_datasets():  # not "Using the latest cached version ...", nor the miss we report
+            yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = flags
 
 
-def _resolve_fields(columns: Sequence[str], data: Any, origin: str) -> _Fields:
-    problems: list[str] = []
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets' own log records off for the duration: the errors it logs are raised, and
+    reported, by the caller."""
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
 
-    def pick(explicit: str | None, candidates: tuple[str, ...], field: str) -> str:
-        if explicit is not None:
-            if explicit not in columns:
-                problems.append(f"`data.{field}`={explicit!r} is not a column")
-            return explicit
-        found = next((c for c in candidates if c in columns), None)
-        if found is None:
-            looked = " or ".join(repr(c) for c in candidates)
-            problems.append(f"no {field.removesuffix('_field')} field (looked for {looked}; set `data.{field}`)")
-        return found or ""
 
-    prompt = pick(data.prompt_field, ("prompt", "instruction"), "prompt_field")
-    response = pick(data.response_field, ("response", "output"), "response_field")
-    domain = data.domain_field
-    if domain is not None and domain not in columns:
-        problems.append(f"`data.domain_field`={domain!r} is not a column")
+def _resolve_fields(columns: Sequence[str], data: Any, origin: str) -> Fields:
+    fields, problems = resolve_fields(columns, data.prompt_field, data.response_field, data.domain_field)
     if problems:
         raise ValueError(f"{origin}: {'; '.join(problems)}; columns found: {', '.join(columns)}")
-    auto_input = data.prompt_field is None and prompt == "instruction" and "input" in columns
-    if domain is None and "domain" in columns:
-        domain = "domain"
-    return _Fields(prompt, "input" if auto_input else None, response, domain)
+    return fields
 
 
 def _texts(values: Iterable[Any]) -> list[str]:
@@ -236,32 +268,63 @@ def _source(data: Any) -> _Source:
     )
 
 
+class _Split(NamedTuple):
+    """The examples of a source, split: the server's held-out set and the clients' pool."""
+
+    held_out: Dataset
+    pool: Dataset
+    usable: int  # examples loaded: held out + pool + pool rows dropped for repeating a held-out prompt
+
+
 @lru_cache(maxsize=8)
-def _central_and_pool(source: _Source, seed: int) -> tuple[Dataset, Dataset]:
+def _central_and_pool(source: _Source, seed: int) -> _Split:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     examples = load_examples(source, seed)
     n, central = len(examples), source.central_test_size
     if central < 0:
         raise ValueError(f"`data.central_test_size` must be >= 0, got {central}")
-    if central >= n:
-        raise ValueError(
-            f"`data.central_test_size`={central} leaves no examples for the clients: "
-            f"{source.task!r} gave {n} examples (`data.num_examples`={source.num_examples})"
-        )
     order = np.random.default_rng(seed).permutation(n)
     held_out = _rows(examples, order[:central])
     # Built-in generators repeat prompts; a pool copy of a held-out prompt would let the server
     # score memorisation. Keep the held-out set held out: drop its prompts from the pool.
     seen = set(held_out["prompt"])
-    prompts = examples["prompt"]
+    prompts = examples["prompt"][:]  # one read of the column: indexing it row by row costs ~0.2 ms a row
     pool = [i for i in order[central:] if prompts[i] not in seen]
-    return held_out, _rows(examples, pool)
+    return _Split(held_out, _rows(examples, pool), n)
+
+
+def _usable(source: _Source, n: int) -> str:
+    """'<where> gave n usable examples', and the cap when it bit."""
+    if source.task in TASKS:
+        return f"built-in task {source.task!r} gave {n} examples (`data.num_examples`={source.num_examples})"
+    cap = f", capped at `data.num_examples`={n}" if n == source.num_examples else ""
+    return f"{source.task} gave {n} usable example{'s' * (n != 1)} (rows with a non-empty prompt and response{cap})"
+
+
+def _too_few(source: _Source, split: _Split, num_clients: int | None) -> str:
+    """Why the pool cannot give each of `num_clients` clients an example (None: any client), with
+    the numbers: the usable examples, the held-out set, and how many are needed."""
+    pool, central = len(split.pool), source.central_test_size
+    repeated = split.usable - len(split.held_out) - pool
+    dropped = f", and {repeated} more repeat a held-out prompt (dropped)" if repeated else ""
+    fewer = f", fewer than num_clients={num_clients}" if num_clients else ""
+    need = central + repeated + (num_clients or 1)
+    return (
+        f"only {pool} examples are left for the clients{fewer}: {_usable(source, split.usable)}, the server "
+        f"holds out `data.central_test_size`={central}{dropped}; at least {need} are needed ({central} held out"
+        f"{f' + {repeated} repeated' if repeated else ''} + one per client): add examples, or lower "
+        "`data.central_test_size` or the number of clients"
+    )
 
 
 def central_test_set(data: Any, seed: int) -> Dataset:
     """The server's held-out examples: the first ``central_test_size`` after the seeded shuffle."""
-    return _central_and_pool(_source(data), seed)[0]
+    source = _source(data)
+    split = _central_and_pool(source, seed)
+    if not len(split.pool):
+        raise ValueError(_too_few(source, split, None))
+    return split.held_out
 
 
 # --- partitions ----------------------------------------------------------------------
@@ -373,13 +436,10 @@ def _read_partitions(partitioner: Partitioner, num_clients: int) -> tuple[np.nda
 @lru_cache(maxsize=8)
 def _partition_rows(source: _Source, scheme: _Scheme, num_clients: int, seed: int) -> tuple[np.ndarray, ...]:
     """Pool row indices of each client's partition (read-only arrays)."""
-    _, pool = _central_and_pool(source, seed)
+    split = _central_and_pool(source, seed)
+    pool = split.pool
     if len(pool) < num_clients:
-        raise ValueError(
-            f"only {len(pool)} examples are left for the clients (`data.num_examples`="
-            f"{source.num_examples} minus `data.central_test_size`={source.central_test_size}), "
-            f"fewer than num_clients={num_clients}"
-        )
+        raise ValueError(_too_few(source, split, num_clients))
     columns: dict[str, list[Any]] = {"_row": list(range(len(pool)))}
     if scheme.partitioner != "iid":
         if scheme.partition_by not in pool.column_names:
@@ -437,7 +497,7 @@ def client_data(data: Any, num_clients: int, client_id: int, seed: int) -> Clien
     """Client ``client_id``'s train and test examples, the same in every process."""
     _check_request(data, num_clients, client_id)
     source = _source(data)
-    _, pool = _central_and_pool(source, seed)
+    pool = _central_and_pool(source, seed).pool
     rows = _partition_rows(source, _scheme(data), num_clients, seed)[client_id]
     train, test = _split_rows(rows, data.test_fraction, seed, client_id)
     return ClientData(train=_rows(pool, train), test=_rows(pool, test))

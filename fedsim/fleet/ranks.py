@@ -39,6 +39,14 @@ class ClientRanks:
         assigned = int(self.assigned[cid])
         return min(assigned, self.kept.get(cid, assigned))
 
+    def of_many(self, ids: np.ndarray) -> np.ndarray:
+        """`of` for each client in `ids`, vectorised (the caps are few: only self-pruned clients)."""
+        ranks = self.assigned[ids].astype(np.int64)
+        if self.kept:
+            caps = np.array([self.kept.get(int(c), r) for c, r in zip(ids, ranks)], dtype=np.int64)
+            ranks = np.minimum(ranks, caps)
+        return ranks
+
     def keep(self, cid: int, rank: int) -> None:
         """Client `cid` kept `rank` when it self-pruned; it trains at most that from now on."""
         self.kept[cid] = rank

@@ -10,9 +10,14 @@ Layout of ``<out>/<name>/``::
     keeps.json               pruning: each client's keep and steps trained, after the last round
                              (`fedsim.fleet.keeps`; also in each checkpoint, for `fedsim resume`)
     controller.npz           with a controller: its state after the last round (also in each checkpoint)
+    strategy.npz             what the strategy carries across rounds besides the adapter, after the last
+                             round (a server optimiser's moments; empty for most; also in each checkpoint)
     adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
     final_eval.parquet       the last round's central evaluation, one row per held-out example
                              (the whole held-out set; schema `FINAL_EVAL_COLUMNS` below)
+    error.log                only if the run failed while running: the Python traceback of each failure
+                             (appended, each under a "=== <UTC time> <ExceptionType>" line); the terminal
+                             shows one line and events.jsonl a `run_failed` event (`RunDir.fail`)
 
 metrics.parquet schema (`METRIC_COLUMNS`):
 
@@ -74,7 +79,9 @@ and mean `correct` are the final eval_central row's loss and accuracy (`fedsim.m
     n_tokens     int    response tokens n_i that l_i is the mean of
     correct      bool   greedy exact match
 
-Every file is replaced atomically (write to a temporary name, then rename).
+Every file is replaced atomically (write to a temporary name, then rename). State saved as arrays
+(`strategy.npz`) is a plain .npz without pickle, byte for byte the same for the same arrays
+(`save_arrays`).
 """
 
 from __future__ import annotations
@@ -83,10 +90,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+import traceback
+import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fedsim.config.scenario import Scenario, scenario_toml
@@ -168,6 +178,26 @@ FINAL_EVAL_COLUMNS: dict[str, str] = {
 }
 FINAL_EVAL_FILE = "final_eval.parquet"
 KEEPS_FILE = "keeps.json"
+ERROR_LOG = "error.log"
+STRATEGY_FILE = "strategy.npz"
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # every member's timestamp in `save_arrays`: the same arrays, the same bytes
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """`arrays` as an .npz at `path` (atomically), in their order, without pickle (numeric arrays
+    only), every member dated `_ZIP_TIME`: the same arrays give the same bytes. `np.load` reads it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            with zf.open(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME), "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asarray(array), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays an .npz at `path` holds (`save_arrays`), in its order; pickled objects are refused."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
 
 
 class RunExistsError(FileExistsError):
@@ -244,6 +274,12 @@ class RunDir:
         _atomic_write(self.checkpoint_path(server_round) / KEEPS_FILE, text.encode())
         _atomic_write(self.keeps_path, text.encode())
 
+    def save_strategy(self, state: Mapping[str, np.ndarray], server_round: int | None = None) -> None:
+        """The strategy's state across rounds (`STRATEGY_FILE`, `save_arrays`): after `server_round`, in
+        its checkpoint; None: after the last round, at the top."""
+        folder = self.path if server_round is None else self.checkpoint_path(server_round)
+        save_arrays(folder / STRATEGY_FILE, state)
+
     def save_final_eval(
         self, server_round: int, loss: Sequence[float], n_tokens: Sequence[int], correct: Sequence[bool]
     ) -> None:
@@ -251,6 +287,21 @@ class RunDir:
         frame = pd.DataFrame({"round": server_round, "example": range(len(correct))})
         frame = frame.assign(loss=list(loss), n_tokens=list(n_tokens), correct=list(correct))
         _atomic_write(self.path / FINAL_EVAL_FILE, frame.astype(FINAL_EVAL_COLUMNS).to_parquet(index=False))
+
+    @property
+    def error_log_path(self) -> Path:
+        return self.path / ERROR_LOG
+
+    def write_error_log(self, exc: BaseException) -> Path:
+        """Append `exc`'s full traceback to error.log (`append_traceback`); returns its path."""
+        return append_traceback(self.error_log_path, exc)
+
+    def fail(self, exc: BaseException) -> Path:
+        """Record that the run failed with `exc`: its traceback in error.log and a `run_failed`
+        event; returns the log's path."""
+        path = self.write_error_log(exc)
+        self.event("run_failed", error=repr(exc), log=ERROR_LOG)
+        return path
 
     def event(self, kind: str, /, **fields: Any) -> None:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
@@ -263,6 +314,15 @@ class RunDir:
         self.rows.extend(rows)
         frame = metrics_frame(self.rows)
         _atomic_write(self.metrics_path, frame.to_parquet(index=False))
+
+
+def append_traceback(path: Path, exc: BaseException) -> Path:
+    """Append `exc`'s full traceback (as far as it was raised), under a "=== <UTC time>
+    <ExceptionType>" line, to the log file at `path`; returns `path`."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    with open(path, "a") as fh:
+        fh.write(f"=== {stamp} UTC {type(exc).__name__}\n{''.join(traceback.format_exception(exc))}\n")
+    return path
 
 
 def last_event(run_dir: str | Path) -> dict[str, Any]:

@@ -6,8 +6,12 @@
 
 `plan` checks every input before anything runs or is written and raises `CompareError` listing
 every problem: `--seeds` below 1, strategy names that are not in `strategies.STRATEGIES`, a
-`--baseline` that is not among the strategies, and the scenario's own problems under each
-strategy (e.g. a pruning scenario that flexlora refuses).
+`--baseline` that is not among the strategies, the scenario's own problems under each
+strategy (e.g. a pruning scenario that flexlora refuses), and what `fedsim.server.preflight`
+finds for each run (its fleet files, its model, its data under its seed).
+
+A run that fails while running is recorded in its own directory: a `run_failed` event and its
+traceback in `error.log` (`run_all` returns each with its run directory).
 
 Resumable: a run whose events.jsonl ends with `run_end` is kept and not run again; a run that
 was interrupted midway is removed and run again (its directory is fedsim's own, inside the
@@ -79,7 +83,23 @@ def plan(
         for seed in range(base, base + seeds):
             extra = [*overrides, f"strategy.name='{strategy}'", f"name='{strategy}-seed{seed}'"]
             runs.append(load_scenario(scenario_path, extra, seed=seed))
+    problems = preflight_problems(runs, scenario_path)
+    if problems:
+        raise CompareError(scenario_path, problems)
     return runs
+
+
+def preflight_problems(runs: Sequence[Scenario], source: str) -> list[str]:
+    """`preflight`'s problems of every run, each said once: as is when every run has it, else
+    after the names of the runs that have it."""
+    found: dict[str, list[str]] = {}
+    for scenario in runs:
+        try:
+            preflight(scenario, source)
+        except ScenarioError as exc:
+            for problem in exc.problems:
+                found.setdefault(problem, []).append(scenario.name)
+    return [p if len(names) == len(runs) else f"{', '.join(names)}: {p}" for p, names in found.items()]
 
 
 def _per_strategy(refused: dict[str, list[str]], strategies: int) -> list[str]:
@@ -95,12 +115,13 @@ def _per_strategy(refused: dict[str, list[str]], strategies: int) -> list[str]:
 def run_all(
     runs: Sequence[Scenario],
     root: Path,
-    source: str,
     say: Callable[[str], None],
     run: Callable[[list[tuple[Scenario, RunDir]]], list[Exception]],
-) -> list[Exception]:
-    """Run what is not done yet, all in one call of `run` (one simulation: `run_simulations`);
-    returns the runs' failures (each also recorded in its own run directory)."""
+) -> list[tuple[RunDir, Exception]]:
+    """Run what is not done yet (`plan` checked it), all in one call of `run` (one simulation:
+    `run_simulations`, which records each failed run's `run_failed` event and returns the
+    exceptions in run order); returns each failed run's directory with its exception, whose
+    traceback is now in that directory's error.log."""
     todo = []
     for scenario in runs:
         path = root / scenario.name
@@ -110,12 +131,17 @@ def run_all(
         if path.exists():
             say(f"{scenario.name}: interrupted earlier, running it again")
             shutil.rmtree(path)
-        preflight(scenario, source)
         todo.append(scenario)
     if not todo:
         return []
     say(f"running {', '.join(s.name for s in todo)} in one simulation")
-    return run([(s, RunDir.create(root, s)) for s in todo])
+    jobs = [(s, RunDir.create(root, s)) for s in todo]
+    failures = run(jobs)
+    failed = [run_dir for _, run_dir in jobs if last_event(run_dir.path).get("event") == "run_failed"]
+    paired = list(zip(failed, failures, strict=True))
+    for run_dir, exc in paired:
+        run_dir.write_error_log(exc)
+    return paired
 
 
 def write_outputs(runs: Sequence[Scenario], root: Path, target: float, baseline: str, command: Sequence[str]) -> str:

@@ -77,7 +77,9 @@ def run_simulations(
     def main(grid: Grid, context: Context) -> None:
         for scenario, run_dir in jobs:
             try:
-                run_federation(grid, scenario, run_dir, progress, resume if len(jobs) == 1 else None)
+                run_federation(
+                    grid, scenario, run_dir, progress, resume if len(jobs) == 1 else None, assign_clients=True
+                )
             except Exception as exc:
                 if not keep_going:
                     raise

@@ -7,5 +7,6 @@
 - `estimates`: what a client's round is expected to cost; `central`: the server's model and
   held-out evaluation; `control`: the bandit controller hooked into the round.
 - `deployed`: the fleet's pruned models scored each round; `export`: a device's deployable model.
-- `resume`: where an interrupted run picks up; `preflight`: checks that need the model's shape.
+- `resume`: where an interrupted run picks up; `preflight`: checks that need more than the schema
+  (fleet files, the data read whole and partitioned, the model's shape), before anything is written.
 """

@@ -48,6 +48,18 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
+def assign_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
+    """client id → node id in fedsim's own simulation, without a message: every virtual node can
+    play any client (its data is `client_data(client id)`), so the i-th node by id plays client i,
+    and each message tells its node which client that is (`protocol.CLIENT_ID` in its config).
+    Startup then costs no message per node, whatever the fleet's size."""
+    nodes = sorted(grid.get_node_ids())
+    n = scenario.clients.num_clients
+    if len(nodes) < n:
+        raise RuntimeError(f"the simulation has {len(nodes)} nodes for {n} clients (`clients.num_clients`)")
+    return dict(enumerate(nodes[:n]))
+
+
 def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
     """client id → node id, by asking every node which partition it holds (a `query` message). A
     node claiming a client id another node claimed first is left out, with a warning naming both.
@@ -104,8 +116,9 @@ class Federation:
     start: float  # time.perf_counter() at the run's start (less the wall time before a resume)
 
     @classmethod
-    def build(cls, grid: Grid, scenario: Scenario, run_dir: RunDir, start: float) -> Federation:
-        """Load the model, build the fleet and its books, and discover the clients."""
+    def build(cls, grid: Grid, scenario: Scenario, run_dir: RunDir, start: float, assign: bool) -> Federation:
+        """Load the model, build the fleet and its books, and find the clients: `assign` them to
+        nodes (fedsim's simulation: `assign_clients`) or ask each node (`discover_clients`)."""
         central = CentralEvaluator(scenario)
         fleet = build_fleet(scenario)
         c = scenario.compression
@@ -122,20 +135,24 @@ class Federation:
             if any(scenario.pruning.deploy_ratios.values())
             else None
         )
+        clients = assign_clients(grid, scenario) if assign else discover_clients(grid, scenario)
         env = RoundEnv(
-            grid, scenario, build_strategy(scenario), fleet, discover_clients(grid, scenario), ranks, estimate,
+            grid, scenario, build_strategy(scenario), fleet, clients, ranks, estimate,
             score=deploy.loss if deploy else central.loss, downlink=downlink, pruning=book,
-            control=control, server_scores=central.importance,
+            control=control, server_scores=central.importance, assigned=assign,
         )  # fmt: skip
         return cls(env, central, deploy, run_dir, start)
 
     def restore(self, resume: ResumePoint, state: AdapterState) -> None:
-        """Take up the books of an interrupted run (`fedsim.server.resume`) after its last round."""
+        """Take up the books of an interrupted run (`fedsim.server.resume`) after its last round:
+        keeps, controller, the strategy's state, kept ranks."""
         env = self.env
         if env.pruning is not None:
             env.pruning.load(resume.keeps)
         if env.control is not None:
             env.control.load(resume.checkpoint)
+        if resume.strategy is not None:  # None: a checkpoint from before fedsim saved it (in `resume.lost`)
+            env.strategy.load_state_dict(resume.strategy)
         env.ranks.kept.update(resume.kept_ranks)
         if self.deploy is not None:
             self.deploy.plan(state, env.pruning)
@@ -156,13 +173,15 @@ class Federation:
         return row
 
     def record(self, state: AdapterState, server_round: int, rows: list[dict[str, Any]]) -> None:
-        """The round's checkpoint (adapter, keeps, controller), metric rows and client problems."""
+        """The round's checkpoint (adapter, keeps, controller, the strategy's state), then its metric
+        rows and client problems: a round with rows has its whole checkpoint."""
         env, run_dir = self.env, self.run_dir
         save_adapter(self.central.model, state, run_dir.checkpoint_path(server_round))
         if env.pruning is not None:
             run_dir.save_keeps(env.pruning.to_json(), server_round)
         if env.control is not None:
             env.control.save(run_dir.checkpoint_path(server_round))
+        run_dir.save_strategy(env.strategy.state_dict(), server_round)
         run_dir.add_rows(rows)
         for r in rows:
             if r.get("status", "ok") not in ("ok", "straggler"):
@@ -172,14 +191,15 @@ class Federation:
                 )  # fmt: skip
 
     def finish(self, state: AdapterState, sim_time: float) -> None:
-        """The final adapter and controller; with pruning, the final adapter scored on each ratio's
-        pruned model, as its devices deploy it."""
+        """The final adapter, controller and strategy state; with pruning, the final adapter scored on
+        each ratio's pruned model, as its devices deploy it."""
         env, run_dir, central = self.env, self.run_dir, self.central
         if run_dir.adapter_path.exists():  # a resumed run that had finished before
             shutil.rmtree(run_dir.adapter_path)
         save_adapter(central.model, state, run_dir.adapter_path)
         if env.control is not None:
             env.control.save(run_dir.path)
+        run_dir.save_strategy(env.strategy.state_dict())
         if env.pruning is not None:
             set_state(central.model, state)
             s = env.scenario
@@ -193,13 +213,16 @@ def run_federation(
     run_dir: RunDir,
     progress: ProgressFn | None = None,
     resume: ResumePoint | None = None,
+    assign_clients: bool = False,
 ) -> AdapterState:
     """Run every round of `scenario` on `grid`, recording into `run_dir` (after `resume`'s round,
     if given: `fedsim.server.resume`); returns the final adapter. Each round: train
-    (`fedsim.server.rounds.train_round`), federated evaluation, central evaluation, record."""
+    (`fedsim.server.rounds.train_round`), federated evaluation, central evaluation, record.
+    `assign_clients`: the nodes are fedsim's own virtual clients (`assign_clients`), not devices
+    that hold a partition of their own (`discover_clients`)."""
     start = time.perf_counter() - (resume.wall_time if resume else 0.0)
     run_dir.event("run_start", scenario=scenario.name, seed=scenario.seed)
-    fed = Federation.build(grid, scenario, run_dir, start)
+    fed = Federation.build(grid, scenario, run_dir, start, assign_clients)
     state = resume.state if resume else fed.central.initial_state()
     run_dir.event("clients", count=len(fed.env.clients))
     if resume is not None:

@@ -1,9 +1,17 @@
-"""Checks that need more than the scenario file: the fleet's files and the model's shape.
+"""Checks that need more than the scenario file: the fleet's files, the data and the model's shape.
 
-Run before anything is written (by `fedsim run` and the `flwr run` ServerApp), so a bad trace
-row, a fleet that does not match `clients.num_clients`, a LoRA rank larger than a layer allows,
-a deadline no device can meet, or pruning of a model family the pruner does not know or to a
-ratio that would empty a layer, is refused up front, like any other scenario problem.
+Run before anything is written (by `fedsim run`, `fedsim resume`, `fedsim compare` and the
+`flwr run` ServerApp), so a bad trace row or profiles entry, a fleet that does not match
+`clients.num_clients`, a model that does not load, a data source that cannot be read whole (a
+garbled file, no prompt/response columns, an `hf:` dataset neither cached nor reachable), too few
+usable rows for the held-out set and one per client, a partitioning that leaves a client without
+data, a LoRA rank larger than a layer allows, a deadline no device can meet, or pruning of a model
+family the pruner does not know or to a ratio that would empty a layer, is refused up front, like
+any other scenario problem (a ScenarioError: `fedsim` exits 2).
+
+The data is loaded and partitioned here as the run will (`fedsim.data.partitions`, cached per
+process, so the server does not load it twice); the scenario check (`fedsim.config`) only looked
+at the file's first bytes.
 """
 
 from __future__ import annotations
@@ -12,8 +20,11 @@ import functools
 
 import numpy as np
 
-from fedsim.config.devices import CATALOG
+from fedsim.config.devices import CATALOG, ProfilesError
+from fedsim.config.errors import InputError
 from fedsim.config.scenario import Scenario, ScenarioError
+from fedsim.data.partitions import partition_sizes
+from fedsim.fleet.availability import TraceError
 from fedsim.fleet.clock import comm_seconds
 from fedsim.fleet.costs import ModelShape, lora_params
 from fedsim.fleet.fleet import Fleet, build_fleet
@@ -83,10 +94,38 @@ def deadline_problem(fleet: Fleet, scenario: Scenario, shape: ModelShape) -> str
     return None
 
 
+def file_problems(exc: InputError) -> list[str]:
+    """A fleet file's problems as scenario problems, each naming the key and the file."""
+    key = {TraceError: "fleet.trace", ProfilesError: "fleet.profiles_file"}.get(type(exc), "fleet")
+    return [f"`{key}`: {exc.source}: {problem}" for problem in exc.problems]
+
+
+def data_problems(scenario: Scenario) -> list[str]:
+    """What keeps the data from giving the held-out set and every client examples to train on:
+    the source read whole, its usable rows counted and partitioned as the run will."""
+    data, num_clients = scenario.data, scenario.clients.num_clients
+    try:
+        sizes = partition_sizes(data, num_clients, scenario.seed)
+    except ValueError as exc:
+        text = str(exc)
+        return [text if text.startswith("`") else f"`data.task`: {text}"]
+    empty = [i for i, size in enumerate(sizes) if size == 0]
+    if not empty:
+        return []
+    shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+    return [
+        f"`data.partitioner` = {data.partitioner!r} leaves {len(empty)} of {num_clients} clients without examples "
+        f"(clients {shown}; {sum(sizes)} examples partitioned, {max(sizes)} at most per client): add examples, "
+        "use fewer clients, or another partitioner"
+    ]
+
+
 def preflight(scenario: Scenario, source: str) -> None:
-    """Raise ScenarioError listing what makes the scenario unable to run on its fleet."""
+    """Raise ScenarioError listing what makes the scenario unable to run on its fleet and data."""
     try:
         fleet = build_fleet(scenario)
+    except (TraceError, ProfilesError) as exc:
+        raise ScenarioError(source, file_problems(exc)) from None
     except ValueError as exc:
         raise ScenarioError(source, [f"`fleet`: {exc}"]) from None
     known = set(fleet.device.astype(str)) | set(CATALOG) | set(scenario.fleet.profiles)
@@ -101,8 +140,12 @@ def preflight(scenario: Scenario, source: str) -> None:
     ]
     if unknown:  # profiles from a file or trace: known only now
         raise ScenarioError(source, unknown)
-    shape = model_shape(scenario.model.name, scenario.model.dtype)
+    try:
+        shape = model_shape(scenario.model.name, scenario.model.dtype)
+    except ValueError as exc:  # ModelError: a folder that holds no model, an id not in the cache, ...
+        raise ScenarioError(source, [f"`model.name`: {exc}", *data_problems(scenario)]) from None
     problems = rank_limit_problems(shape, scenario, client_ranks(scenario, fleet)) + pruning_problems(scenario, fleet)
     problem = deadline_problem(fleet, scenario, shape)
-    if problems or problem:
-        raise ScenarioError(source, problems + ([problem] if problem else []))
+    problems += ([problem] if problem else []) + data_problems(scenario)
+    if problems:
+        raise ScenarioError(source, problems)

@@ -4,15 +4,18 @@ from its last complete round (`fedsim resume RUN_DIR [--rounds N]`).
 A round k is complete when its metric rows are written and its checkpoint holds everything the
 next round starts from: the global state (adapter and base deltas), and, when the run has them,
 each client's pruning record (`keeps.json`) and the controller's state (`controller.npz`). The
-ranks HetLoRA clients kept when they self-pruned are rebuilt from the metric rows (`rank_kept`,
+strategy's state across rounds (`strategy.npz`, `LoraStrategy.state_dict`: a server optimiser's
+moments, fedadam, fedyogi, fedadagrad, fedavgm) is in it too, and put back; a checkpoint from
+before fedsim saved it has none, and such a run resumes with fresh moments. The ranks HetLoRA
+clients kept when they self-pruned are rebuilt from the metric rows (`rank_kept`,
 `fedsim.fleet.ranks.kept_ranks`). The run goes on from there with the same seeds, so sampling, training
 batches and availability are those of an uninterrupted run.
 
-What lived only in processes is not in a checkpoint and starts afresh: a stateful server
-optimiser's moments (fedadam, fedyogi, fedadagrad, fedavgm), the clients' error-feedback
-residuals and personal B factors (fedsa_lora), and the downlink's copies (every client receives
-the whole adapter once). A resumed run with any of these differs from an uninterrupted one; the
-`run_resumed` event lists which.
+What lived only in the clients' processes is not in a checkpoint and starts afresh: the clients'
+error-feedback residuals and personal B factors (fedsa_lora), and the downlink's copies (every
+client receives the whole adapter once). A resumed run with any of these, or with a server
+optimiser and an old checkpoint, differs from an uninterrupted one; the `run_resumed` event lists
+which.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from fedsim.config.names import SERVER_OPTIMIZERS
 from fedsim.config.scenario import Scenario
 from fedsim.fleet.ranks import kept_ranks
 from fedsim.model.adapter import AdapterState, load_adapter_state
-from fedsim.results.rundir import KEEPS_FILE, RunDir, read_metrics
+from fedsim.results.rundir import KEEPS_FILE, STRATEGY_FILE, RunDir, load_arrays, read_metrics
 from fedsim.server.control import STATE_FILE
 
 
@@ -42,6 +47,7 @@ class ResumePoint:
     checkpoint: Path  # the round's checkpoint folder (controller state)
     lost: tuple[str, ...]  # what a process held that this resume cannot restore
     kept_ranks: dict[int, int] = field(default_factory=dict)  # client id → rank kept when it last self-pruned (HetLoRA)
+    strategy: dict[str, np.ndarray] | None = None  # the strategy's `state_dict` then (None: an old checkpoint)
 
 
 def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
@@ -61,6 +67,7 @@ def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
     if k >= scenario.rounds:
         raise ValueError(f"{run_dir.path} already ran {k} of {scenario.rounds} rounds; ask for more with --rounds N")
     folder = run_dir.checkpoint_path(k)
+    strategy = folder / STRATEGY_FILE
     run_dir.rows = _rows(metrics[(metrics["round"] <= k) & (metrics["kind"] != "eval_export")])
     return ResumePoint(
         server_round=k,
@@ -69,8 +76,9 @@ def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
         wall_time=float(central.loc[k, "wall_time_s"]),
         keeps=(folder / KEEPS_FILE).read_text() if scenario.prunes else "",
         checkpoint=folder,
-        lost=_lost(scenario),
+        lost=_lost(scenario, saved_strategy=strategy.is_file()),
         kept_ranks=kept_ranks(metrics[metrics["round"] <= k]),
+        strategy=load_arrays(strategy) if strategy.is_file() else None,
     )
 
 
@@ -88,10 +96,11 @@ def _rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: (None if v is pd.NA else v) for k, v in row.items()} for row in frame.astype(object).to_dict("records")]
 
 
-def _lost(scenario: Scenario) -> tuple[str, ...]:
+def _lost(scenario: Scenario, saved_strategy: bool) -> tuple[str, ...]:
+    """What a resume of `scenario` cannot restore (`saved_strategy`: the checkpoint holds the strategy's state)."""
     lost = []
-    if scenario.strategy.name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
-        lost.append(f"{scenario.strategy.name}'s server moments")
+    if scenario.strategy.name in SERVER_OPTIMIZERS and not saved_strategy:
+        lost.append(f"{scenario.strategy.name}'s server moments (a checkpoint from before fedsim saved them)")
     if scenario.compression.error_feedback:
         lost.append("the clients' error-feedback residuals")
     if scenario.strategy.name == "fedsa_lora":

@@ -48,6 +48,7 @@ from fedsim.model.adapter import AdapterState, factors, from_record, split_state
 from fedsim.protocol import (
     ACCURACY,
     ARRAYS_RECORD,
+    CLIENT_ID,
     CONFIG_RECORD,
     DOWN_RECORD,
     FINAL_KEEP,
@@ -133,6 +134,7 @@ class RoundEnv:
     pruning: PruneBook | None = None  # each client's pruned model, when pruning is on
     control: ArmControl | None = None  # the bandit that picks each sampled client's arm, if any
     server_scores: Callable[[AdapterState], Scores] | None = None  # pruning.where = "server": global importance
+    assigned: bool = False  # the server assigned clients to nodes: each message names its client (CLIENT_ID)
 
     @cached_property
     def node_to_client(self) -> dict[int, int]:
@@ -151,7 +153,12 @@ class RoundEnv:
         """(FLOPs, memory bytes) the server expects of each client in `ids`, at its rank, on the
         model it holds."""
         book = self.pruning
-        each = [self.estimate(self.rank(int(c)), book.held(int(c)) if book else None) for c in ids]
+        if book is None:  # the cost depends on the rank only: one estimate per distinct rank
+            ranks, where = np.unique(self.ranks.of_many(ids), return_inverse=True)
+            each = [self.estimate(int(r), None) for r in ranks]
+            flops, memory = np.array([e.flops for e in each], dtype=float), np.array([e.memory for e in each])
+            return flops[where], memory[where].astype(np.int64)
+        each = [self.estimate(self.rank(int(c)), book.held(int(c))) for c in ids]
         return np.array([e.flops for e in each], dtype=float), np.array([e.memory for e in each], dtype=np.int64)
 
     def assign_ranks(self, ids: Iterable[int]) -> None:
@@ -351,7 +358,8 @@ def configure(env: RoundEnv, base: AdapterState, chosen: np.ndarray, server_roun
     sent = _sent_states(messages)
     if env.downlink:  # one rank for all (checked at load): what each node holds is `base`
         messages = [_down_message(env.downlink, env.node_to_client[m.metadata.dst_node_id], m) for m in messages]
-    return Outgoing(messages, sent, _bytes_by_node(messages))
+    sizes = _bytes_by_node(messages)  # what a device is sent: without the simulation's client id
+    return Outgoing(_named(env, messages), sent, sizes)
 
 
 def send(env: RoundEnv, messages: Iterable[Message], check: Callable[[Message], Checked]) -> Replies:
@@ -400,6 +408,20 @@ def _from_addressee(reply: Message, sent: Message) -> Message:
     return Message(reply.content, reply_to=sent)
 
 
+def _named(env: RoundEnv, messages: list[Message]) -> list[Message]:
+    """With clients assigned to nodes (`RoundEnv.assigned`), each message with its client's id in
+    its config record; else the messages as they are."""
+    if not env.assigned:
+        return messages
+    named = []
+    for m in messages:
+        records = dict(m.content.items())
+        cid = env.node_to_client[m.metadata.dst_node_id]
+        records[CONFIG_RECORD] = ConfigRecord({**m.content.config_records[CONFIG_RECORD], CLIENT_ID: cid})
+        named.append(with_content(m, RecordDict(records)))
+    return named
+
+
 def _down_message(downlink: Downlink, cid: int, message: Message) -> Message:
     """`message` with the adapter replaced by the downlink record client `cid` needs (the delta
     or the whole adapter)."""
@@ -413,6 +435,8 @@ def check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) ->
     sent, and the rank it kept if it self-pruned (`sent` is updated to that slice and rank, what
     the update adds to)."""
     node = reply.metadata.src_node_id
+    if problem := _identity_problem(env, reply):
+        return Checked(reply, "rejected", problem)
     if not reply.has_error() and env.pruning is not None and PRUNE_RECORD in reply.content.config_records:
         held = env.pruning.held(env.node_to_client[node])
         try:
@@ -425,6 +449,25 @@ def check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) ->
         if problem:
             return Checked(reply, "rejected", problem)
     return check_train_reply(reply, env.strategy.uploaded(sent[node]))
+
+
+def check_eval(env: RoundEnv, reply: Message) -> Checked:
+    """Validate an evaluation reply (`check_eval_reply`) from the client its message was for."""
+    problem = _identity_problem(env, reply)
+    return Checked(reply, "rejected", problem) if problem else check_eval_reply(reply)
+
+
+def _identity_problem(env: RoundEnv, reply: Message) -> str:
+    """What is wrong with the client a reply says it is ("" if nothing): a reply's CLIENT_ID, when it
+    has one, must be the client its node was addressed as (a node that played another client, or
+    trained another partition, would be aggregated as the wrong client)."""
+    if reply.has_error() or METRICS_RECORD not in reply.content.metric_records:
+        return ""
+    claimed = reply.content.metric_records[METRICS_RECORD].get(CLIENT_ID)
+    addressed = env.node_to_client[reply.metadata.src_node_id]
+    if claimed is None or claimed == addressed:
+        return ""
+    return f"the reply says it is from client {claimed!r}, but its node was addressed as client {addressed}"
 
 
 def _kept_rank_problem(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) -> str:
@@ -715,7 +758,7 @@ def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: flo
     messages = env.strategy.configure_evaluate(
         server_round, to_record(state), _config(s), Participants(env.grid, nodes)
     )
-    replies = send(env, messages, check_eval_reply)
+    replies = send(env, _named(env, list(messages)), lambda r: check_eval(env, r))
     rows = problem_rows(env, replies, server_round, "eval_client")
     for c in replies.ok:
         m = c.message

@@ -8,7 +8,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import app as real
-from fedsim.compression import CodecConfig, decode, encode
+from fedsim.compression import CodecConfig, decode, encode, layout_of
+from fedsim.config.scenario import Scenario
+from fedsim.model.adapter import from_record
 
 app = ClientApp()
 
@@ -20,13 +22,15 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cid = int(context.node_config["partition-id"])
+    config = msg.content.config_records["config"]
+    cid = real.client_id(context, Scenario.from_json(str(config["scenario"])), config)  # the client it plays
     if cid == 2:
         raise RuntimeError("deliberate crash")
     reply = real.train(msg, context)
     payload = reply.content["update"]["payload"]
     if cid == 1:
-        nan = {k: torch.full_like(v, float("nan")) for k, v in decode(payload).items()}
+        sent = from_record(msg.content["arrays"])  # the tiny scenario's FedIT: the update covers what was sent
+        nan = {k: torch.full_like(v, float("nan")) for k, v in decode(payload, layout_of(sent)).items()}
         payload = encode(nan, CodecConfig(method="none"))
     elif cid == 3:
         payload = payload[: len(payload) // 2]

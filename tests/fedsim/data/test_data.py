@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pandas as pd
 import pytest
@@ -356,7 +358,8 @@ def test_train_test_split_rules(tmp_path):
             {"central_test_size": 2000},
             5,
             0,
-            r"`data.central_test_size`=2000 leaves no examples",
+            r"only 0 examples are left for the clients, fewer than num_clients=5: built-in task 'mixed' gave 2000 "
+            r"examples .* holds out `data.central_test_size`=2000; at least 2005 are needed",
         ),
         (
             {"num_examples": 103},
@@ -523,6 +526,92 @@ def test_hub_source_offline_says_it_needs_network(monkeypatch):
 
     with pytest.raises(ValueError, match=r"'org/set'.*no route to host.*network access or a local copy"):
         load_examples(Data(task="hf:org/set"), seed=0)
+
+
+def cache_hub_dataset(cache, name, records):
+    """Put `records` in the datasets cache as the hub dataset `name` ("org/set") is after one
+    online load: <cache>/org___set/default/0.0.0/<hash>/ with its Arrow file and info."""
+    source = write_jsonl(Path(cache).parent / "hub-source.jsonl", records)
+    datasets.load_dataset("json", data_files=source, split="train")  # builds a cache entry to copy
+    built = next((Path(cache) / "json").glob("*/*/*"))
+    org, dataset = name.split("/")
+    target = Path(cache) / f"{org}___{dataset}" / "default" / "0.0.0" / built.name
+    shutil.copytree(built, target)
+    for arrow in target.glob("json-*.arrow"):
+        arrow.rename(target / arrow.name.replace("json", dataset, 1))
+    info = json.loads((target / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(json.dumps({**info, "config_name": "default", "dataset_name": dataset}))
+
+
+def test_hub_source_in_the_cache_loads_offline_first(monkeypatch):
+    cache_hub_dataset(datasets.config.HF_DATASETS_CACHE, "org/cached", unique_records(5))
+    real, offline = datasets.load_dataset, []
+
+    def spy(*args, **kwargs):
+        offline.append(datasets.config.HF_HUB_OFFLINE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+
+    examples = load_examples(Data(task="hf:org/cached", num_examples=0), seed=0)
+
+    assert examples.to_list() == unique_records(5)
+    assert offline == [True]  # the hub was never asked
+
+
+def test_hub_source_not_in_the_cache_with_offline_mode_on(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 would
+
+    with pytest.raises(ValueError) as error:
+        load_examples(Data(task="hf:org/absent"), seed=0)
+
+    message = str(error.value)
+    assert "Hugging Face dataset 'org/absent' is not in the local cache" in message
+    assert datasets.config.HF_DATASETS_CACHE in message and "offline mode is on (HF_HUB_OFFLINE)" in message
+    assert not datasets.config.HF_HUB_OFFLINE  # the switch is put back
+
+
+def test_hub_source_cached_without_the_split(monkeypatch):
+    cache_hub_dataset(datasets.config.HF_DATASETS_CACHE, "org/cached", unique_records(5))
+
+    with pytest.raises(ValueError, match=r"'org/cached' \(split 'validation'\): ValueError: Unknown split"):
+        load_examples(Data(task="hf:org/cached:validation"), seed=0)
+
+
+def test_garbled_csv_rows_name_the_file_and_the_reader_error(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,response\na,b\n"c,d\ne,f\n')
+
+    with pytest.raises(ValueError, match=r"could not read .*d\.csv as CSV: ParserError: .*EOF inside string"):
+        load_examples(Data(task=str(path)), seed=0)
+
+
+def test_garbled_parquet_names_the_file_and_the_reader_error(tmp_path):
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"prompt": ["p"] * 50, "response": ["r"] * 50}).to_parquet(path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:4] + b"x" * 40 + whole[-8:])  # the magic bytes, a footer, nothing it points to
+
+    with pytest.raises(ValueError, match=r"could not read .*d\.parquet as Parquet: ArrowInvalid"):
+        load_examples(Data(task=str(path)), seed=0)
+
+
+def test_too_few_usable_rows_are_counted(tmp_path):
+    records = unique_records(12) + [{"prompt": "", "response": "r"}] * 3
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    data = Data(task=path, num_examples=0, central_test_size=10)
+
+    with pytest.raises(ValueError) as error:
+        partition_sizes(data, 4, seed=0)
+
+    assert str(error.value) == (
+        f"only 2 examples are left for the clients, fewer than num_clients=4: {path} gave 12 usable examples "
+        "(rows with a non-empty prompt and response), the server holds out `data.central_test_size`=10; at least "
+        "14 are needed (10 held out + one per client): add examples, or lower `data.central_test_size` or the "
+        "number of clients"
+    )
+    with pytest.raises(ValueError, match=r"only 0 examples are left for the clients: .* at least 21 are needed"):
+        central_test_set(replace(data, central_test_size=20), seed=0)
 
 
 @pytest.mark.parametrize(

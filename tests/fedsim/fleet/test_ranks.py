@@ -109,3 +109,4 @@ def test_a_self_pruned_rank_caps_the_client_and_a_later_arm_cannot_raise_it() ->
     assert [ranks.of(c) for c in range(3)] == [6, 4, 16]
     ranks.assigned[:] = [16, 2, 16]  # the controller's next arms, written in place
     assert [ranks.of(c) for c in range(3)] == [6, 2, 16]
+    assert ranks.of_many(np.array([2, 0, 1])).tolist() == [16, 6, 2]  # the vectorised form agrees

@@ -3,17 +3,20 @@ and plots, resumable between runs."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedsim.cli import EXIT_BAD_INPUT, main
-from fedsim.results.rundir import read_final_eval, read_metrics
+from fedsim.cli import EXIT_BAD_INPUT, EXIT_FAILED, main
+from fedsim.config.scenario import Scenario
+from fedsim.results.rundir import RunDir, read_final_eval, read_metrics
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = str(ROOT / "scenarios" / "tiny.toml")
@@ -97,6 +100,52 @@ def test_bad_arguments_are_all_reported_before_anything_runs(
     for problem in problems:
         assert problem in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_file_that_cannot_be_used_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"foo": i}) + "\n" for i in range(50)))
+    out = tmp_path / "out"
+
+    code = main(["compare", TINY, "--strategies", "fedit,hetlora", "--out", str(out), "--set", f"data.task='{data}'"])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert f"fedsim compare on {TINY} has 1 problem(s):\n  - `data.task`: {data}: no prompt field" in err  # once
+    assert not out.exists()
+
+
+def test_a_run_that_fails_is_named_with_its_traceback_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedsim.runtime.simulation
+
+    def one_fails(jobs: list[tuple[Scenario, RunDir]], **kwargs: object) -> list[Exception]:
+        failures: list[Exception] = []
+        for scenario, run_dir in jobs:  # as run_simulations(keep_going=True) records a failed run
+            try:
+                if scenario.strategy.name == "hetlora":
+                    raise ValueError("no rank left")
+            except Exception as exc:
+                run_dir.event("run_failed", error=repr(exc))
+                failures.append(exc)
+        return failures
+
+    monkeypatch.setattr(fedsim.runtime.simulation, "run_simulations", one_fails)
+
+    code = main(["compare", TINY, "--strategies", "fedit,hetlora", "--seeds", "1", "--out", str(tmp_path)])
+
+    run = tmp_path / "tiny-compare" / "hetlora-seed0"
+    first, hint = capsys.readouterr().err.splitlines()
+    assert code == EXIT_FAILED
+    assert first == f"fedsim: run hetlora-seed0 failed: ValueError: no rank left (traceback in {run / 'error.log'})"
+    assert "run the command again to retry them" in hint
+    log = (run / "error.log").read_text()
+    assert "in one_fails" in log and log.rstrip().endswith("ValueError: no rank left")
+    assert not (tmp_path / "tiny-compare" / "fedit-seed0" / "error.log").exists()
 
 
 def test_compare_reports_intervals_over_seeds_and_held_out_examples(

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from peft import PeftModel
@@ -149,3 +150,38 @@ def test_run_survives_bad_replies(tmp_path: Path) -> None:
     central = metrics[metrics["kind"] == "eval_central"].set_index("round")["loss"]
     assert all(math.isfinite(v) for v in central)
     assert central[2] < central[0]  # client 0's updates alone still trained the model
+
+
+class _NodesOnly:
+    """A grid that can only list its nodes: any message would fail."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def test_assigning_clients_sends_no_message_and_maps_the_sorted_nodes() -> None:
+    from fedsim.server.federation import assign_clients
+
+    nodes = [int(n) for n in np.random.default_rng(0).choice(2**62, size=100_000, replace=False)]
+    scenario = load_scenario(TINY, ["clients.num_clients=100000", "data.num_examples=300000"])
+    clients = assign_clients(_NodesOnly(nodes), scenario)  # type: ignore[arg-type]
+    assert list(clients) == list(range(100_000)) and list(clients.values()) == sorted(nodes)
+
+
+def test_a_simulation_asks_no_node_who_it_is_and_each_plays_the_client_it_is_sent(tmp_path: Path) -> None:
+    """Every node's query handler raises and its node config names another partition than the
+    client it is sent: the run still trains and evaluates every client it samples, each reply
+    from the client its node was addressed as (a wrong one would be rejected)."""
+    from tests_support.no_query_client import app as no_query_app  # importable by Ray workers
+
+    from fedsim.runtime.simulation import run_simulation
+
+    scenario = load_scenario(TINY, ["rounds=2", "clients.per_round=3", "clients.eval_per_round=2"])
+    run_dir = RunDir.create(tmp_path, scenario)
+    run_simulation(scenario, run_dir, client_app=no_query_app)
+    metrics = read_metrics(run_dir.path)
+    clients = metrics[metrics["kind"].isin(["train", "eval_client"])]
+    assert len(clients) == 2 * (3 + 2) and (clients["status"] == "ok").all(), clients[["status", "reason"]]

@@ -54,3 +54,11 @@ def test_extra_metrics_do_not_reach_the_strategy() -> None:
     assert checked.status == "ok"
     msg = _as_adapter_reply(checked, {7: EXPECTED})
     assert set(msg.content["metrics"]) == set(TRAIN_METRICS)
+
+
+def test_an_update_for_other_tensors_is_rejected_by_its_layout() -> None:
+    rank_1 = {k: v[:1] if ".lora_A." in k else v[:, :1] for k, v in EXPECTED.items()}
+    payload = encode({k: torch.ones_like(v) for k, v in rank_1.items()}, CodecConfig(method="none"))
+    reply = train_reply(7, RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(GOOD)}))
+    checked = check_train_reply(reply, EXPECTED)  # type: ignore[arg-type]
+    assert checked.status == "rejected" and "update payload rejected: layout mismatch" in checked.reason

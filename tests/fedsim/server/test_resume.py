@@ -1,12 +1,16 @@
 """`fedsim resume`: a run stopped after round 1 and resumed to round 2 gives the metrics of a run
 that went to round 2 at once, the pruning records and the controller's state included. The runs
 have a controller, pruning and a deploy ratio, so they are also the end-to-end test of the
-controller and of the fleet's deployed models (`fedsim.server.deployed`)."""
+controller and of the fleet's deployed models (`fedsim.server.deployed`). Runs with a stateful
+server optimiser (fedadam, fedavgm) resume exactly too, their moments taken up from the
+checkpoint's strategy.npz; a checkpoint without it (an older fedsim's) resumes with fresh moments
+and says so."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -15,11 +19,13 @@ import pytest
 
 from fedsim.cli import main
 from fedsim.config.scenario import load_scenario
-from fedsim.results.rundir import RunDir, read_metrics
+from fedsim.results.rundir import STRATEGY_FILE, RunDir, read_metrics
+from fedsim.runtime.simulation import run_simulations
 from fedsim.server.control import STATE_FILE
 from fedsim.server.resume import resume_point
 
 ROOT = Path(__file__).resolve().parents[3]
+OPTIMIZERS = ("fedadam", "fedavgm")  # Flower's FedOpt family and FedAvgM: each keeps its state its own way
 OVERRIDES = [
     'controller={name="ucb1", ranks=[2, 8], ratios=[0.0, 0.5]}', "pruning.events=1", "clients.eval_per_round=0",
     "pruning.deploy_ratios={phone-highend=0.5}",
@@ -102,3 +108,55 @@ def test_the_controllers_arms_drive_rank_pruning_and_rewards(
     assert central["deployed_loss"].notna().all() and (central["deployed_loss"] != central["loss"]).all()
     assert main(["report", str(run)]) == 0
     assert "deployed_loss" in capsys.readouterr().out
+
+
+# --- stateful server optimisers -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def optimizer_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per optimiser, "<name>-a": stopped after round 1, then resumed to round 2; "<name>-b": straight
+    to round 2 (these four in one simulation; names of one length, as the scenario travels in every
+    message). "old": fedadam-a resumed from a copy of its round-1 checkpoint without strategy.npz."""
+    out = tmp_path_factory.mktemp("optimizers")
+    jobs = []
+    for name in OPTIMIZERS:
+        for tag, rounds in (("a", 1), ("b", 2)):
+            sets = [f"strategy.name={name}", "clients.eval_per_round=0", f"rounds={rounds}", f"name={name}-{tag}"]
+            scenario = load_scenario(ROOT / "scenarios" / "tiny.toml", sets)
+            jobs.append((scenario, RunDir.create(out, scenario)))
+    assert run_simulations(jobs) == []
+    runs = {run.path.name: run.path for _, run in jobs}
+    runs["old"] = Path(shutil.copytree(runs["fedadam-a"], out / "old"))
+    (runs["old"] / "checkpoints" / "round_1" / STRATEGY_FILE).unlink()
+    for stopped in (runs["fedadam-a"], runs["fedavgm-a"], runs["old"]):
+        assert _cli("resume", str(stopped), "--rounds", "2") == 0
+    return runs
+
+
+def _resumed_event(run: Path) -> dict[str, object]:
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    return next(e for e in events if e["event"] == "run_resumed")
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_resumed_server_optimizer_has_the_metrics_of_an_uninterrupted_one(
+    optimizer_runs: dict[str, Path], name: str
+) -> None:
+    resumed, straight = optimizer_runs[f"{name}-a"], optimizer_runs[f"{name}-b"]
+    frames = [read_metrics(r).drop(columns="wall_time_s") for r in (resumed, straight)]
+    pd.testing.assert_frame_equal(*frames, check_exact=True)
+    assert _resumed_event(resumed)["not_restored"] == []
+    for k in (1, 2):
+        assert (resumed / "checkpoints" / f"round_{k}" / STRATEGY_FILE).is_file()
+    # the moments after round 2, byte for byte (the file has no timestamps)
+    assert (resumed / STRATEGY_FILE).read_bytes() == (straight / STRATEGY_FILE).read_bytes()
+
+
+def test_a_checkpoint_without_the_strategy_state_resumes_with_fresh_moments(optimizer_runs: dict[str, Path]) -> None:
+    old, straight = optimizer_runs["old"], optimizer_runs["fedadam-b"]
+    lost = "fedadam's server moments (a checkpoint from before fedsim saved them)"
+    assert _resumed_event(old)["not_restored"] == [lost]
+    loss = {r: read_metrics(r).query("kind == 'eval_central'").set_index("round")["loss"] for r in (old, straight)}
+    assert loss[old][1] == loss[straight][1] and loss[old][2] != loss[straight][2]  # the moments mattered
+    assert (old / "checkpoints" / "round_2" / STRATEGY_FILE).is_file()  # and are saved from then on

@@ -177,3 +177,17 @@ def test_contributions_score_each_clients_share_of_the_average() -> None:
     assert got == pytest.approx([(before - moved[0]) / before, (before - moved[1]) / before])
     assert got[0] > 0 > got[1]
     assert asked[:3] == [24, 24, 24]  # scored on `controller.reward.contribution_examples`
+
+
+def test_a_reply_from_another_client_than_its_node_was_addressed_as_is_rejected() -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedsim.server.rounds import check_eval
+
+    env = SimpleNamespace(node_to_client={7: 3})
+    other = check_eval(env, train_reply(7, RecordDict({"metrics": MetricRecord({"client-id": 5})})))  # type: ignore[arg-type]
+    assert other.status == "rejected" and "from client 5, but its node was addressed as client 3" in other.reason
+    same = check_eval(env, train_reply(7, RecordDict({"metrics": MetricRecord({"client-id": 3})})))  # type: ignore[arg-type]
+    assert "addressed" not in same.reason

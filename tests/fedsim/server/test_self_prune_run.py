@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from tests_support.inprocess import InProcessGrid
 from tests_support.messages import train_reply
 
-from fedsim.compression import codec_config, decode, encode
+from fedsim.compression import codec_config, decode, encode, layout_of
 from fedsim.config.scenario import CompressionConfig, ScenarioError, load_scenario, validate_scenario
 from fedsim.model.adapter import AdapterState, from_record
 from fedsim.protocol import KEPT_RANK, RANK_RECORD, TRAIN_METRICS
@@ -86,19 +86,21 @@ def test_the_client_whose_tail_fell_prunes_and_the_other_keeps_its_rank(
 def test_a_pruned_reply_carries_the_update_of_the_kept_ranks(stopped_run: tuple[Path, InProcessGrid]) -> None:
     (pruned,) = [e for e in stopped_run[1].train if e.message.metadata.dst_node_id == 100]
     assert pruned.reply.content[RANK_RECORD][KEPT_RANK] == 6
-    update = decode(pruned.reply.content["update"]["payload"])
     received = from_record(pruned.message.content["arrays"])
     expected = {
         k: v - drop_tail(received, 6)[k] for k, v in drop_tail(pruned.local, 6).items()
     }  # local − received, both cut to rank 6
+    update = decode(pruned.reply.content["update"]["payload"], layout_of(expected))
     assert update.keys() == expected.keys()
     for key, value in expected.items():
         assert update[key].shape[0 if ".lora_A." in key else 1] == 6, key
         torch.testing.assert_close(update[key], value)
     (kept,) = [e for e in stopped_run[1].train if e.message.metadata.dst_node_id == 101]
     assert kept.reply.content[RANK_RECORD][KEPT_RANK] == 4
+    layout = layout_of(from_record(kept.message.content["arrays"]))  # sent at rank 4; HetLoRA uploads A and B
     assert all(
-        v.shape[0 if ".lora_A." in k else 1] == 4 for k, v in decode(kept.reply.content["update"]["payload"]).items()
+        v.shape[0 if ".lora_A." in k else 1] == 4
+        for k, v in decode(kept.reply.content["update"]["payload"], layout).items()
     )
 
 
