@@ -48,15 +48,28 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
+def _connected(grid: Grid, expected: int, poll_s: float) -> list[int]:
+    """The grid's node ids, sorted, once `expected` nodes are there or $FEDSIM_NODE_WAIT_S seconds
+    (default 120) have passed, whichever comes first (nodes register over time, in a simulation too)."""
+    wait_s = float(os.environ.get("FEDSIM_NODE_WAIT_S", "120"))
+    deadline = time.monotonic() + wait_s
+    while len(node_ids := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return node_ids
+
+
 def assign_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
     """client id → node id in fedsim's own simulation, without a message: every virtual node can
     play any client (its data is `client_data(client id)`), so the i-th node by id plays client i,
     and each message tells its node which client that is (`protocol.CLIENT_ID` in its config).
     Startup then costs no message per node, whatever the fleet's size."""
-    nodes = sorted(grid.get_node_ids())
     n = scenario.clients.num_clients
+    nodes = _connected(grid, n, poll_s=0.2)
     if len(nodes) < n:
-        raise RuntimeError(f"the simulation has {len(nodes)} nodes for {n} clients (`clients.num_clients`)")
+        raise RuntimeError(
+            f"the simulation registered {len(nodes)} nodes for {n} clients (`clients.num_clients`) in "
+            "$FEDSIM_NODE_WAIT_S seconds"
+        )
     return dict(enumerate(nodes[:n]))
 
 
@@ -66,17 +79,15 @@ def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
 
     In deployment SuperNodes connect over time: first wait until `clients.num_clients` nodes
     are connected, or at most $FEDSIM_NODE_WAIT_S seconds (default 120), then go on with those
-    there, with a warning. In simulation every node is there at once."""
-    expected, wait_s = scenario.clients.num_clients, float(os.environ.get("FEDSIM_NODE_WAIT_S", "120"))
-    deadline = time.monotonic() + wait_s
-    while len(node_ids := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-        time.sleep(1.0)
+    there, with a warning."""
+    expected = scenario.clients.num_clients
+    node_ids = _connected(grid, expected, poll_s=1.0)
     if len(node_ids) < expected:
         log.warning(
-            "only %d of %d SuperNodes connected after %g s (FEDSIM_NODE_WAIT_S); going on with them",
+            "only %d of %d SuperNodes connected after %s s (FEDSIM_NODE_WAIT_S); going on with them",
             len(node_ids),
             expected,
-            wait_s,
+            os.environ.get("FEDSIM_NODE_WAIT_S", "120"),
         )
     config = ConfigRecord({SCENARIO: scenario.to_json()})
     messages = [

@@ -185,3 +185,28 @@ def test_a_simulation_asks_no_node_who_it_is_and_each_plays_the_client_it_is_sen
     metrics = read_metrics(run_dir.path)
     clients = metrics[metrics["kind"].isin(["train", "eval_client"])]
     assert len(clients) == 2 * (3 + 2) and (clients["status"] == "ok").all(), clients[["status", "reason"]]
+
+
+class _Registering(_NodesOnly):
+    """Nodes register over time, as in Flower's simulation: one more each time it is asked."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        super().__init__(nodes)
+        self.calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return self.nodes[: self.calls]
+
+
+def test_assigning_clients_waits_for_the_nodes_still_registering(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from fedsim.server.federation import assign_clients
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    scenario = load_scenario(TINY, ["clients.num_clients=3"])
+    assert assign_clients(_Registering([30, 10, 20]), scenario) == {0: 10, 1: 20, 2: 30}  # type: ignore[arg-type]
+    monkeypatch.setenv("FEDSIM_NODE_WAIT_S", "0")
+    with pytest.raises(RuntimeError, match="registered 1 nodes for 3 clients"):
+        assign_clients(_Registering([30, 10, 20]), scenario)  # type: ignore[arg-type]
