@@ -5,12 +5,10 @@ computation of Σ_k w_k m_k x_k / Σ_k w_k m_k; the strategies that cannot do it
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from tests_support.messages import train_reply
 
 from fedsim.config.names import PRUNING_REFUSED
@@ -43,14 +41,6 @@ KEEPS = {
 }
 EXAMPLES = {1: 10.0, 2: 30.0, 3: 20.0}
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.([a-z]+_proj)\.lora_([AB])\.weight$")
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # Flower's Message() reads the running task's identity; outside a run we provide one.
-    for name, value in {"_run_id": 1, "_node_id": 0, "_task_id": 0}.items():
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
-    yield
 
 
 @pytest.fixture(scope="module")

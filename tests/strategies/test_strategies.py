@@ -4,13 +4,12 @@ of mixed-rank replies, checked against direct torch computations of each paper's
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam
-from flwr.supercore.task_identity import TaskIdentity
+from tests_support.grids import NodesOnly
 from tests_support.messages import train_reply
 
 from fedsim.model.adapter import AdapterState, from_record, split_state
@@ -32,22 +31,6 @@ LAYERS = {
 RANKS = {101: 2, 102: 4, 103: 8}  # node id → rank
 EXAMPLES = {101: 10.0, 102: 30.0, 103: 20.0}
 ALL = [FedIT, HetLoRA, FlexLoRA, FLoRA, FFALoRA, FedSALoRA, FedExLoRA, LoRAFAIR]
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # Flower's Message() reads the running task's identity; outside a run we provide one.
-    for name, value in {"_run_id": 1, "_node_id": 0, "_task_id": 0}.items():
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
-    yield
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
 
 def a_key(prefix: str) -> str:
@@ -85,7 +68,7 @@ def reply(node: int, state: AdapterState, examples: float) -> Message:
 def configure(strategy: LoraStrategy, state: AdapterState, nodes: list[int] | None = None) -> dict[int, Message]:
     nodes = nodes or list(RANKS)
     strategy.assign_ranks({n: RANKS[n] for n in nodes})
-    messages = strategy.configure_train(1, ArrayRecord(state), ConfigRecord({"lr": 0.1}), FakeGrid(nodes))  # type: ignore[arg-type]
+    messages = strategy.configure_train(1, ArrayRecord(state), ConfigRecord({"lr": 0.1}), NodesOnly(nodes))  # type: ignore[arg-type]
     return {m.metadata.dst_node_id: m for m in messages}
 
 

@@ -6,14 +6,14 @@ without such state give {} and refuse any."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from tests_support.grids import NodesOnly
 from tests_support.messages import train_reply
 
 from fedsim.config.names import SERVER_OPTIMIZERS
@@ -37,22 +37,6 @@ STATELESS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # Flower's Message() reads the running task's identity; outside a run we provide one.
-    for name, value in {"_run_id": 1, "_node_id": 0, "_task_id": 0}.items():
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
-    yield
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-
 def optimized(name: str) -> FedIT:
     return FedIT(R_MAX, ALPHA, optimizer=server_optimizer(name, 0.1, 0.9, 0.9, 0.99, 1e-3))
 
@@ -69,7 +53,7 @@ def adapter(rank: int, seed: int) -> AdapterState:
 def train_round(strategy: LoraStrategy, state: AdapterState, server_round: int) -> AdapterState:
     """One round through the Flower hooks, the clients replying with seeded random adapters."""
     strategy.assign_ranks(RANKS)
-    grid = FakeGrid(list(RANKS))
+    grid = NodesOnly(list(RANKS))
     list(strategy.configure_train(server_round, ArrayRecord(state), ConfigRecord({}), grid))  # type: ignore[arg-type]
     replies = [
         train_reply(

@@ -17,7 +17,6 @@ import subprocess
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,6 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-from flwr.supercore.task_identity import TaskIdentity
 from tests_support.processes import stop_group, wait_until
 
 from fedsim.cli import EXIT_BAD_INPUT, main
@@ -280,14 +278,6 @@ class ArrivingGrid:
             return make_message(meta, error=Error(ErrorCode.NODE_UNAVAILABLE, "node unavailable"))
         claimed = self.claims.get(node, node - 11)
         return make_message(meta, RecordDict({"identity": ConfigRecord({"client-id": claimed})}))
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # Flower's Message() reads the running task's identity; outside a run we provide one.
-    for name, value in {"_run_id": 1, "_node_id": 0, "_task_id": 0}.items():
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
-    yield
 
 
 def test_discovery_waits_until_every_supernode_has_connected(

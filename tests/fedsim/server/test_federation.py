@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from peft import PeftModel
+from tests_support.grids import NodesOnly
 
 from fedsim.cli import main
 from fedsim.config.scenario import load_scenario
@@ -152,22 +153,12 @@ def test_run_survives_bad_replies(tmp_path: Path) -> None:
     assert central[2] < central[0]  # client 0's updates alone still trained the model
 
 
-class _NodesOnly:
-    """A grid that can only list its nodes: any message would fail."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-
 def test_assigning_clients_sends_no_message_and_maps_the_sorted_nodes() -> None:
     from fedsim.server.federation import assign_clients
 
     nodes = [int(n) for n in np.random.default_rng(0).choice(2**62, size=100_000, replace=False)]
     scenario = load_scenario(TINY, ["clients.num_clients=100000", "data.num_examples=300000"])
-    clients = assign_clients(_NodesOnly(nodes), scenario)  # type: ignore[arg-type]
+    clients = assign_clients(NodesOnly(nodes), scenario)  # type: ignore[arg-type]
     assert list(clients) == list(range(100_000)) and list(clients.values()) == sorted(nodes)
 
 
@@ -187,7 +178,7 @@ def test_a_simulation_asks_no_node_who_it_is_and_each_plays_the_client_it_is_sen
     assert len(clients) == 2 * (3 + 2) and (clients["status"] == "ok").all(), clients[["status", "reason"]]
 
 
-class _Registering(_NodesOnly):
+class _Registering(NodesOnly):
     """Nodes register over time, as in Flower's simulation: one more each time it is asked."""
 
     def __init__(self, nodes: list[int]) -> None:
