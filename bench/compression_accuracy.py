@@ -128,7 +128,7 @@ def main() -> int:
     runs = plan(args.scenario, args.seeds, args.set)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    failures = run_all([s for r in runs.values() for s in r], root, args.scenario, print, run_simulations)
+    failures = run_all([s for r in runs.values() for s in r], root, print, run_simulations)
     if failures:
         print(f"{len(failures)} run(s) failed; see their run directories under {root}", file=sys.stderr)
         return 1

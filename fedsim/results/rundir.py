@@ -292,14 +292,10 @@ class RunDir:
     def error_log_path(self) -> Path:
         return self.path / ERROR_LOG
 
-    def write_error_log(self, exc: BaseException) -> Path:
-        """Append `exc`'s full traceback to error.log (`append_traceback`); returns its path."""
-        return append_traceback(self.error_log_path, exc)
-
     def fail(self, exc: BaseException) -> Path:
-        """Record that the run failed with `exc`: its traceback in error.log and a `run_failed`
-        event; returns the log's path."""
-        path = self.write_error_log(exc)
+        """Record that the run failed with `exc`: its traceback in error.log (`append_traceback`)
+        and a `run_failed` event; returns the log's path."""
+        path = append_traceback(self.error_log_path, exc)
         self.event("run_failed", error=repr(exc), log=ERROR_LOG)
         return path
 

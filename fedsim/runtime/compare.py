@@ -116,12 +116,11 @@ def run_all(
     runs: Sequence[Scenario],
     root: Path,
     say: Callable[[str], None],
-    run: Callable[[list[tuple[Scenario, RunDir]]], list[Exception]],
+    run: Callable[[list[tuple[Scenario, RunDir]]], list[tuple[RunDir, Exception]]],
 ) -> list[tuple[RunDir, Exception]]:
     """Run what is not done yet (`plan` checked it), all in one call of `run` (one simulation:
-    `run_simulations`, which records each failed run's `run_failed` event and returns the
-    exceptions in run order); returns each failed run's directory with its exception, whose
-    traceback is now in that directory's error.log."""
+    `run_simulations`, which records each failed run in its directory, `RunDir.fail`); returns
+    each failed run's directory with its exception."""
     todo = []
     for scenario in runs:
         path = root / scenario.name
@@ -135,13 +134,7 @@ def run_all(
     if not todo:
         return []
     say(f"running {', '.join(s.name for s in todo)} in one simulation")
-    jobs = [(s, RunDir.create(root, s)) for s in todo]
-    failures = run(jobs)
-    failed = [run_dir for _, run_dir in jobs if last_event(run_dir.path).get("event") == "run_failed"]
-    paired = list(zip(failed, failures, strict=True))
-    for run_dir, exc in paired:
-        run_dir.write_error_log(exc)
-    return paired
+    return run([(s, RunDir.create(root, s)) for s in todo])
 
 
 def write_outputs(runs: Sequence[Scenario], root: Path, target: float, baseline: str, command: Sequence[str]) -> str:

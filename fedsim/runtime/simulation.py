@@ -57,20 +57,21 @@ def run_simulations(
     client_app: ClientApp | None = None,
     keep_going: bool = True,
     resume: ResumePoint | None = None,
-) -> list[Exception]:
+) -> list[tuple[RunDir, Exception]]:
     """Run several scenarios one after the other in ONE Flower simulation, so Ray, the client
     actors and their model load are paid once (`fedsim compare`: a run per strategy and seed).
     They must share the fleet size and the simulation settings. Clients keep nothing from one
     run to the next (`clients.app` resets a node's state when the run changes). With
-    `keep_going`, a run that raises is recorded in its run directory (`run_failed`) and the next
-    one starts; the exceptions are returned."""
+    `keep_going`, a run that raises is recorded in its run directory (`RunDir.fail`: the
+    `run_failed` event and error.log) and the next one starts; each failed run is returned with
+    its exception."""
     client_app = client_app or app
     first = jobs[0][0]
     for scenario, _ in jobs[1:]:
         if scenario.clients.num_clients != first.clients.num_clients or scenario.simulation != first.simulation:
             raise ValueError(f"{scenario.name}: runs of one simulation must share clients.num_clients and [simulation]")
 
-    failures: list[Exception] = []
+    failures: list[tuple[RunDir, Exception]] = []
     server_app = ServerApp()
 
     @server_app.main()
@@ -83,8 +84,8 @@ def run_simulations(
             except Exception as exc:
                 if not keep_going:
                     raise
-                run_dir.event("run_failed", error=repr(exc))
-                failures.append(exc)
+                run_dir.fail(exc)
+                failures.append((run_dir, exc))
 
     # Ray's worker processes inherit the environment: keep their logs and thread pools quiet.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -146,7 +146,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.config.scenario import ScenarioError, load_scenario
     from fedsim.results.report import summary_text
-    from fedsim.results.rundir import last_event, read_metrics
+    from fedsim.results.rundir import RunExistsError, last_event, read_metrics
     from fedsim.runtime.deploy.errors import DeployError
     from fedsim.runtime.deploy.flower import flower_env, flwr_run_command
 
@@ -159,10 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     run_path = Path(args.out).resolve() / scenario.name
     if run_path.exists():
-        print(
-            f"fedsim: run directory {run_path} already exists; choose another with --out DIR or --set name=NEW_NAME",
-            file=sys.stderr,
-        )
+        print(f"fedsim: {RunExistsError(run_path)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     home = _flwr_home()
     done = subprocess.run(cmd, env=flower_env(FLWR_HOME=str(home)), cwd=home if home.is_dir() else None)
@@ -228,6 +225,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 
 def cmd_local(args: argparse.Namespace) -> int:
     from fedsim.config.scenario import ScenarioError, load_scenario
+    from fedsim.results.rundir import RunExistsError
     from fedsim.runtime.deploy.certs import make_node_keys
     from fedsim.runtime.deploy.local import LocalFederation
     from fedsim.runtime.deploy.proxy import NGINX_MISSING, nginx_binary
@@ -246,9 +244,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         else []
     )
     if run_path.exists():
-        problems.append(
-            f"run directory {run_path} already exists; choose another with --out DIR or --set name=NEW_NAME"
-        )
+        problems.append(str(RunExistsError(run_path)))
     if not args.insecure and nginx_binary() is None:
         problems.append(NGINX_MISSING)
     if problems:

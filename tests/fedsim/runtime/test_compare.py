@@ -123,15 +123,15 @@ def test_a_run_that_fails_is_named_with_its_traceback_log(
 ) -> None:
     import fedsim.runtime.simulation
 
-    def one_fails(jobs: list[tuple[Scenario, RunDir]], **kwargs: object) -> list[Exception]:
-        failures: list[Exception] = []
+    def one_fails(jobs: list[tuple[Scenario, RunDir]], **kwargs: object) -> list[tuple[RunDir, Exception]]:
+        failures: list[tuple[RunDir, Exception]] = []
         for scenario, run_dir in jobs:  # as run_simulations(keep_going=True) records a failed run
             try:
                 if scenario.strategy.name == "hetlora":
                     raise ValueError("no rank left")
             except Exception as exc:
-                run_dir.event("run_failed", error=repr(exc))
-                failures.append(exc)
+                run_dir.fail(exc)
+                failures.append((run_dir, exc))
         return failures
 
     monkeypatch.setattr(fedsim.runtime.simulation, "run_simulations", one_fails)
