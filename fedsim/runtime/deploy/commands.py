@@ -19,8 +19,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedsim.config.errors import EXIT_BAD_INPUT, EXIT_FAILED
+
+if TYPE_CHECKING:
+    from fedsim.runtime.deploy.processes import Together
 
 
 def _warn_insecure() -> None:
@@ -113,11 +117,17 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         print(f"fedsim: devices connect to {args.host}:{args.port} (nginx: Fleet API only; logs in {workdir})")
     print(f"fedsim: connection {CONNECTION!r} ({local}, for `flwr` on this machine) written to {config}", flush=True)
     print("fedsim: register each SuperNode's key: fedsim deploy register KEY.pub", flush=True)
+    return _until_one_ends(together, "fedsim")
+
+
+def _until_one_ends(together: Together, who: str) -> int:
+    """Wait for the first program of `together` to end (the rest are then stopped): 0 when a
+    signal ended them, else that program's exit code (EXIT_FAILED for 0), said on stderr."""
     name, code = together.wait()
-    if name != "signal":
-        print(f"fedsim: {name} exited with code {code}; stopped the rest", file=sys.stderr)
-        return code or EXIT_FAILED
-    return 0
+    if name == "signal":
+        return 0
+    print(f"{who}: {name} exited with code {code}; stopped the rest", file=sys.stderr)
+    return code or EXIT_FAILED
 
 
 def _dial(host: str) -> str:
@@ -216,11 +226,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if warm:
         together.start("ClientApp runner", warm_runner_command(port))
-    name, code = together.wait()
-    if name != "signal":
-        print(f"fedsim supernode: {name} exited with code {code}; stopped the rest", file=sys.stderr)
-        return code or EXIT_FAILED
-    return 0
+    return _until_one_ends(together, "fedsim supernode")
 
 
 def cmd_local(args: argparse.Namespace) -> int:
