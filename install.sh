@@ -27,4 +27,15 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
         echo "note: nginx is not installed; deployments need it (sudo apt-get install nginx-light)" >&2
     fi
 fi
+# Chromium, the browser the dashboard's tests drive through Playwright (Playwright's own browser
+# download needs hosts these machines cannot reach): Debian's package, installed when we may.
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+                 apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+    else
+        echo "note: chromium is not installed; the dashboard's browser tests need it (sudo apt-get install chromium)" >&2
+    fi
+fi
 echo "fedsim installed in .venv"

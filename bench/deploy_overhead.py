@@ -1,6 +1,8 @@
-"""Per-message client overhead on Flower's deployment engine: a new `flwr-clientapp` process per
-message (Flower's default, `fedsim supernode --clientapp fresh`, the baseline) against fedsim's
-warm ClientApp runner (`--clientapp warm`, the default), in the same command.
+"""Per-message client overhead on Flower's deployment engine, three ways in one command: Flower's
+own (a new `flwr-clientapp` process per message, a SuperNode that polls every 3 s: `fedsim
+supernode --clientapp fresh --poll 3`, the baseline), fedsim's warm ClientApp runner alone
+(`--clientapp warm --poll 3`), and fedsim's default (the warm runner and a SuperNode that asks
+for work soon after a message, `fedsim.runtime.deploy.polling`).
 
     .venv/bin/python bench/deploy_overhead.py [--rounds 5] [--model tiny-llama]
 
@@ -8,10 +10,9 @@ warm ClientApp runner (`--clientapp warm`, the default), in the same command.
    loading the base model (`smollm2-135m` from the memory-mapped safetensors cache, and
    `tiny-llama`), each in a new Python process.
 2. A SuperLink behind its proxy and one SuperNode on 127.0.0.1 with TLS and node authentication,
-   a one-client scenario, once per ClientApp mode: per round, the server's send → reply time of
+   a one-client scenario, once each way: per round, the server's send → reply time of
    the training message against the client's own training time (`wall-time-s`); the difference
-   is the per-message overhead, Flower's polling included (an idle SuperNode asks for work every
-   3 s).
+   is the per-message overhead, the polling included.
 
 What it prints and the command go to `--doc` (default docs/results/deploy-overhead.md), whose
 "## Reading" section is kept.
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.printed import keep_printed, write_printed  # noqa: E402
 from fedsim.results.rundir import read_metrics  # noqa: E402
 from fedsim.runtime.deploy.certs import make_node_keys  # noqa: E402
+from fedsim.runtime.deploy.flower import FLOWER_POLL_S, SUPERNODE_POLL_S  # noqa: E402
 from fedsim.runtime.deploy.local import LocalFederation  # noqa: E402
 
 
@@ -59,9 +61,10 @@ def process_costs() -> None:
         print(f"load_model({model!r}) in a fresh process  {float(out.split()[-1]):6.2f} s")
 
 
-def deployed_rounds(rounds: int, model: str, clientapp: str) -> list[float]:
-    """One SuperNode (its ClientApp `warm` or `fresh`) on a TLS federation with its proxy; prints each
-    round's send → reply time, the client's training time and the difference; returns the differences."""
+def deployed_rounds(rounds: int, model: str, clientapp: str, poll_s: float) -> list[float]:
+    """One SuperNode (its ClientApp `warm` or `fresh`, its first poll after a message `poll_s`) on a
+    TLS federation with its proxy; prints each round's send → reply time, the client's training time
+    and the difference; returns the differences."""
     overrides = [
         f"rounds={rounds}", "name=overhead", f"model.name={model}", "clients.num_clients=1", "clients.per_round=1",
         "clients.eval_per_round=0", "train.local_steps=2",
@@ -71,7 +74,7 @@ def deployed_rounds(rounds: int, model: str, clientapp: str) -> list[float]:
         fed.start_superlink()
         key = make_node_keys(Path(tmp) / "keys", 1)[0]
         fed.register(key)
-        fed.start_supernode(scenario, 0, key, overrides, clientapp=clientapp)
+        fed.start_supernode(scenario, 0, key, overrides, clientapp=clientapp, poll_s=poll_s)
         t0 = time.perf_counter()
         subprocess.run(
             fed.run_command(scenario, overrides, Path(tmp) / "runs"), env=fed.env(), check=True, capture_output=True
@@ -85,7 +88,10 @@ def deployed_rounds(rounds: int, model: str, clientapp: str) -> list[float]:
             float(s) for s in re.findall(r"done in ([0-9.]+) s", (fed.workdir / "supernode-0.log").read_text())
         ]
     train = metrics[metrics["kind"] == "train"].set_index("round")
-    print(f"\nClientApp {clientapp}: one SuperNode behind the proxy, TLS + node auth, {model}, {total:.1f} s in all")
+    print(
+        f"\nClientApp {clientapp}, --poll {poll_s:g}: one SuperNode behind the proxy, TLS + node auth, {model}, "
+        f"{total:.1f} s in all"
+    )
     print("| round | send → reply (s) | client training (s) | overhead (s) | ClientApp process (s) |")
     print("| --- | --- | --- | --- | --- |")
     overheads = []
@@ -111,13 +117,21 @@ def main() -> None:
     args = parser.parse_args()
     with keep_printed() as printed:
         process_costs()
-        fresh = deployed_rounds(args.rounds, args.model, "fresh")  # Flower's default: the baseline
-        warm = deployed_rounds(args.rounds, args.model, "warm")
-        print(
-            f"\nper-message overhead, mean over {args.rounds} rounds: fresh {statistics.mean(fresh):.2f} s, warm "
-            f"{statistics.mean(warm):.2f} s (warm / fresh = {statistics.mean(warm) / statistics.mean(fresh):.2f}); "
-            f"warm min {min(warm):.2f} s, max {max(warm):.2f} s"
-        )
+        runs = {
+            "Flower's (fresh ClientApp, 3 s poll)": deployed_rounds(args.rounds, args.model, "fresh", FLOWER_POLL_S),
+            "warm ClientApp, 3 s poll": deployed_rounds(args.rounds, args.model, "warm", FLOWER_POLL_S),
+            f"fedsim's (warm ClientApp, --poll {SUPERNODE_POLL_S:g})": deployed_rounds(
+                args.rounds, args.model, "warm", SUPERNODE_POLL_S
+            ),
+        }
+        base = statistics.mean(next(iter(runs.values())))
+        print(f"\nper-message overhead over {args.rounds} rounds (ratio: mean against Flower's)")
+        print("| SuperNode | mean (s) | min (s) | max (s) | ratio |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, o in runs.items():
+            print(
+                f"| {name} | {statistics.mean(o):.2f} | {min(o):.2f} | {max(o):.2f} | {statistics.mean(o) / base:.2f} |"
+            )
     write_printed(args.doc, "Per-message overhead on Flower's deployment engine", printed.getvalue())
 
 

@@ -3,14 +3,16 @@
     .venv/bin/python bench/scale.py                 # 100, 10,000 and 100,000 clients
     .venv/bin/python bench/scale.py --sizes 100,1000
 
-For each size, one federation on Flower's engine (Ray backend) prints: time to start (Ray,
-actors, the model, the data, the server's first central evaluation), wall time of each round and
-their mean, and the peak resident memory of the whole run (this process plus every Ray process it
-started, sampled every 0.2 s). Every client holds 3 examples or more (`data.num_examples` =
-max(30,000, 3 × clients)). The ratios against the first (smallest) size are the figures to watch:
-a round's cost should not grow with the fleet, since only the sampled clients do any work, and
-startup sends no message per node (fedsim's simulation assigns clients to nodes). Writes the
-table, with the command, to docs/results/scale.md (its "## Reading" is kept).
+For each size, one federation on Flower's engine (Ray backend) prints: the Flower nodes it ran on
+(a pool as large as a round: `fedsim.server.roster`), time to start (Ray, the model, the data, the
+server's first central evaluation), wall time of round 1 (which starts the Ray actors, loads the
+model and partitions the data in each), the mean of the later rounds and of all rounds, and the
+peak resident memory of the whole run (this process plus every Ray process it started, sampled
+every 0.2 s). Every client holds 3 examples or more (`data.num_examples` = max(30,000, 3 ×
+clients)). The ratios against the first (smallest) size are the figures to watch: a round's cost
+should not grow with the fleet, since only the sampled clients do any work, and startup sends no
+message per node. Writes the table, with the command, to docs/results/scale.md (its "## Reading"
+is kept).
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ def measure(size: int, rounds: int, per_round: int) -> dict[str, float]:
     return {
         "startup_s": ends[0] - start,
         "round_s": statistics.mean(rounds_s),
+        "steady_s": statistics.mean(rounds_s[1:]) if len(rounds_s) > 1 else float("nan"),
         "first_round_s": rounds_s[0],
-        "last_round_s": rounds_s[-1],
+        "nodes": next(e["nodes"] for e in events if e["event"] == "clients"),
         "peak_gib": mem.peak / 1024**3,
     }
 
@@ -91,7 +94,7 @@ def measure(size: int, rounds: int, per_round: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="100,10000,100000")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results" / "scale.md")
     args = parser.parse_args()
@@ -102,14 +105,15 @@ def main() -> None:
         base = results[sizes[0]]
         print(f"{args.rounds} rounds, {args.per_round} clients sampled per round; ratios against {sizes[0]} clients")
         print(
-            "| clients | startup (s) | round 1 (s) | last round (s) | mean round (s) | peak memory (GiB) |"
-            " round ratio | memory ratio |"
+            "| clients | nodes | startup (s) | round 1 (s) | rounds 2+ mean (s) | mean round (s) | peak memory (GiB) |"
+            " round ratio | rounds 2+ ratio | memory ratio |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for n, r in results.items():
             print(
-                f"| {n:,} | {r['startup_s']:.1f} | {r['first_round_s']:.2f} | {r['last_round_s']:.2f} | "
-                f"{r['round_s']:.2f} | {r['peak_gib']:.2f} | {r['round_s'] / base['round_s']:.2f} | "
+                f"| {n:,} | {r['nodes']:.0f} | {r['startup_s']:.1f} | {r['first_round_s']:.2f} | "
+                f"{r['steady_s']:.2f} | {r['round_s']:.2f} | {r['peak_gib']:.2f} | "
+                f"{r['round_s'] / base['round_s']:.2f} | {r['steady_s'] / base['steady_s']:.2f} | "
                 f"{r['peak_gib'] / base['peak_gib']:.2f} |"
             )
     write_printed(args.doc, "Fleet size against cost (bench/scale.py)", printed.getvalue())

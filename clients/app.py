@@ -10,7 +10,9 @@ server through Python objects. Handlers:
   any merged base deltas) into the cached base model + LoRA, train on this client's train split
   with a seed derived from (scenario seed, round, client id), reply with the update
   (local − received) of the factors the strategy collects, encoded by `fedsim.compression` as
-  the scenario says, and metrics.
+  the scenario says, and metrics. With privacy on (`fedsim.privacy`), the update is first clipped
+  in the global scaling, and in local DP noised (`privatise`): error feedback and the codec then
+  only post-process it.
 - evaluate: loss and exact match of the received adapter on this client's test split.
 
 Every record name and key is `fedsim.protocol`'s, which describes each message. How to train
@@ -37,6 +39,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from clients.packing import train_in_pack
 from clients.prune_and_tune import PruneAndTune, PruneOrder
 from clients.records import scalar
 from fedsim.compression import codec_config, compress, encode, layout_of, residual
@@ -58,13 +61,20 @@ from fedsim.model.adapter import (
 from fedsim.model.loader import load_model
 from fedsim.model.training import evaluate as evaluate_model
 from fedsim.model.training import resolve_device, train_lora
+from fedsim.privacy import add_noise, below_clip, clip, folded, noise_generator
 from fedsim.protocol import (
     ACCURACY,
     ARRAYS_RECORD,
+    BELOW_CLIP,
     CLIENT_ID,
     CONFIG_RECORD,
     DOWN_RECORD,
     DOWN_VERSION,
+    DP_CLIP,
+    DP_LOCAL_NOISE,
+    DP_RECORD,
+    DP_REPORT,
+    DP_SCALE,
     FINAL_KEEP,
     FLOPS,
     IDENTITY_RECORD,
@@ -267,7 +277,12 @@ def train(msg: Message, context: Context) -> Message:
         if pruner is not None
         else lambda b, n: train_step_flops(job.shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules)
     )
-    result = train_lora(
+    seed = derive_seed(scenario.seed, server_round, job.cid, "train")
+    packed = train_in_pack(  # packing on, in simulation: trained with the client's pack (`clients.packing`)
+        model, job.received, config, scenario, context.run_id, list(job.data.train), seed, rank, job.shape,
+        pruned=pruner is not None,
+    )  # fmt: skip
+    result = packed or train_lora(
         model,
         job.tokenizer,
         list(job.data.train),
@@ -277,7 +292,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=t.lr,
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
-        seed=derive_seed(scenario.seed, server_round, job.cid, "train"),
+        seed=seed,
         step_flops=step_flops,
         proximal_mu=float(scalar(config, PROXIMAL_MU, 0.0)),  # set by Flower's FedProx
         regulariser=_rank_penalty(model, rank, config),
@@ -314,7 +329,12 @@ def train(msg: Message, context: Context) -> Message:
         local, received = (drop_tail(local, kept), drop_tail(received, kept)) if kept < rank else (local, received)
         records[RANK_RECORD] = ConfigRecord({KEPT_RANK: kept})
     shared = factors(local, str(config.get(LORA_UPLOADS, "AB")))
-    records[UPDATE_RECORD] = ConfigRecord({PAYLOAD: encode_update(shared, received, scenario.compression, context)})
+    update = {k: shared[k] - received[k] for k in shared}
+    if DP_CLIP in config:  # privacy on: clipped (and noised, local mode) before error feedback and encoding
+        update, bit = privatise(update, config, scenario, job.cid, server_round, rank)
+        if bit is not None:
+            records[DP_RECORD] = ConfigRecord({BELOW_CLIP: bit})
+    records[UPDATE_RECORD] = ConfigRecord({PAYLOAD: encode_update(update, scenario.compression, context)})
     return Message(RecordDict(records), reply_to=msg)
 
 
@@ -347,12 +367,31 @@ def _self_pruned_rank(local: AdapterState, received: AdapterState, rank: int, ga
     )
 
 
-def encode_update(local: AdapterState, received: AdapterState, c: CompressionConfig, context: Context) -> bytes:
-    """The update local − received (over `local`'s keys) as codec bytes. With error feedback,
-    what was not sent last round is added first, and what is not sent now is kept in the node's
-    context for next round (Flower keeps `context.state` across rounds, in simulation and on a
-    SuperNode); a residual of another rank (the node's rank changed) is dropped."""
-    update = {k: local[k] - received[k] for k in local}
+def privatise(
+    update: AdapterState, config: ConfigRecord, scenario: Scenario, cid: int, server_round: int, rank: int
+) -> tuple[AdapterState, int | None]:
+    """DP-FedAvg's client step (`fedsim.privacy`): `update` folded to the global scaling (B times
+    s_k / s_g, s_k = α / `rank`, s_g = DP_SCALE), clipped to C_t = DP_CLIP, in local mode plus
+    N(0, DP_LOCAL_NOISE² I) drawn from (seed, round, client, "dp-local-noise") (the OS's entropy with
+    `privacy.secure_noise`), and unfolded; with the indicator bit 1[‖update‖₂ ≤ C_t] when DP_REPORT
+    asks for it (else None)."""
+    s_k, s_g = scenario.lora.alpha / rank, float(scalar(config, DP_SCALE))
+    bound, std = float(scalar(config, DP_CLIP)), float(scalar(config, DP_LOCAL_NOISE, 0.0))
+    clipped, norm = clip(folded(update, s_k, s_g), bound)
+    if std > 0:
+        seed = None if scenario.privacy.secure_noise else scenario.seed
+        clipped = add_noise(clipped, std, noise_generator(seed, server_round, cid, "dp-local-noise"))
+    bit = int(below_clip(norm, bound)) if config.get(DP_REPORT, False) else None
+    return folded(clipped, s_g, s_k), bit
+
+
+def encode_update(update: AdapterState, c: CompressionConfig, context: Context) -> bytes:
+    """`update` (local − received, after `privatise` with privacy on) as codec bytes. With error
+    feedback, what was not sent last round is added first, and what is not sent now is kept in the
+    node's context for next round (Flower keeps `context.state` across rounds, in simulation and on
+    a SuperNode); a residual of another rank (the node's rank changed) is dropped. In local DP the
+    update is already noised, so the residual is one of noised values, e = (noised + e_prev) − sent:
+    it carries nothing un-noised into a later message."""
     if c.error_feedback and EF_KEY in context.state.array_records:
         carried = context.state.array_records[EF_KEY].to_torch_state_dict()
         if set(carried) == set(update) and all(carried[k].shape == v.shape for k, v in update.items()):

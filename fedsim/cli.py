@@ -5,7 +5,7 @@
     fedsim compare SCENARIO --strategies a,b,... [--seeds N] [--baseline S] [--target ACC] [--out DIR] [--set k=v ...]
     fedsim report RUN_DIR [--target ACC] [--arms]
     fedsim export RUN_DIR --device PROFILE | --client ID [--out DIR]   # a device's pruned model, adapter merged
-    fedsim dashboard [RUNS_ROOT] [--host H] [--port P]
+    fedsim dashboard [RUNS_ROOT] [--host H] [--port P] [--poll S]
     fedsim models
     fedsim tasks
     fedsim deploy certs|keys|superlink|register|run|local ...   # real SuperNodes (runtime/deploy/commands.py)
@@ -97,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.server.preflight import preflight
 
     try:
-        scenario = load_scenario(args.scenario, args.set or [], seed=args.seed)
+        track = [f"tracking.backends={list(args.track)!r}".replace("'", '"')] if args.track else []
+        scenario = load_scenario(args.scenario, [*(args.set or []), *track], seed=args.seed)
         preflight(scenario, args.scenario)
         run_dir = RunDir.create(Path(args.out), scenario)
     except (ScenarioError, RunExistsError) as exc:
@@ -251,7 +252,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from dashboards import main as dashboard_main
 
-    return dashboard_main([args.runs_root, "--host", args.host, "--port", str(args.port)])
+    return dashboard_main([args.runs_root, "--host", args.host, "--port", str(args.port), "--poll", str(args.poll)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a scenario value, e.g. --set train.lr=1e-4 (repeatable)",
     )
     run.add_argument("--seed", type=int, help="override the scenario's seed")
+    run.add_argument(
+        "--track",
+        action="append",
+        choices=("tensorboard", "mlflow", "wandb"),
+        help="log the run to this tracker (repeatable; replaces the scenario's `tracking.backends`)",
+    )
     run.set_defaults(func=cmd_run)
 
     res = sub.add_parser(
@@ -351,11 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     dash = sub.add_parser(
         "dashboard",
         help="serve a web dashboard over run directories",
-        description="Serve a web dashboard over the run directories under RUNS_ROOT.",
+        description="Serve a web dashboard (Plotly Dash) over the run directories under RUNS_ROOT, at any depth: "
+        "runs, one run's curves and fleet, comparisons with seeds grouped; runs in progress update in place.",
     )
-    dash.add_argument("runs_root", nargs="?", default="runs", help="folder holding run directories (default: runs)")
-    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    dash.add_argument(
+        "runs_root", nargs="?", default="runs", help="folder of run directories, or a compare folder (default: runs)"
+    )
+    dash.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; there is no authentication)"
+    )
     dash.add_argument("--port", type=int, default=8050, help="port (default: 8050; 0 = any free port)")
+    dash.add_argument("--poll", type=float, default=5.0, help="seconds between checks of a running run (default: 5)")
     dash.set_defaults(func=cmd_dashboard)
 
     add_deploy_parsers(sub)

@@ -36,7 +36,17 @@ Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.ser
                                    plays (`fedsim.server.federation.assign_clients`; no query there);
                                    the pruned model (`fedsim.fleet.keeps`): PRUNE_KEEP (str): the keep it
                                    holds, as JSON ("": unpruned); PRUNE_TARGET (float): the ratio it
-                                   grows toward; PRUNE_STEPS (int): local steps trained in the run
+                                   grows toward; PRUNE_STEPS (int): local steps trained in the run;
+                                   with privacy on (`fedsim.privacy`): DP_CLIP (float): C_t, the L2
+                                   bound of the update; DP_SCALE (float): s_g, the global scaling B is
+                                   folded to before clipping; DP_LOCAL_NOISE (float): the std of the
+                                   noise the client adds (local mode; 0: the server adds it);
+                                   DP_REPORT (bool): reply the indicator bit (adaptive clipping);
+                                   packing on, in fedsim's own simulation (`fedsim.server.packs`,
+                                   `clients.packing`): PACK_ID (str): the pack this client trains in
+                                   ("r3-p0"); PACK_SIZE (int): its clients; PACK_MEMORY (int): the
+                                   bytes a packed step may use (0: 90 % of the free memory);
+                                   PACK_TIMEOUT_S (float): how long the pack waits for its clients
   reply
     METRICS_RECORD   MetricRecord  TRAIN_METRICS, each a finite number: NUM_EXAMPLES (training
                                    examples, FedAvg's weight), TRAIN_LOSS (mean loss over the
@@ -51,6 +61,8 @@ Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.ser
                                    client ended its round with; the update covers its slice
     RANK_RECORD      ConfigRecord  clients told SELF_PRUNE only: KEPT_RANK (int), the rank the
                                    client kept; the update covers that rank
+    DP_RECORD        ConfigRecord  clients told DP_REPORT only: BELOW_CLIP (int), 1 when the update's
+                                   norm before clipping was <= DP_CLIP, else 0 (nothing else of it)
 
 Evaluate: server → each sampled node (`LoraStrategy.configure_evaluate`)
     ARRAYS_RECORD, CONFIG_RECORD   as for train (never through the downlink; CLIENT_ID as for train)
@@ -90,6 +102,14 @@ PROXIMAL_MU = "proximal-mu"  # Flower's: FedProx.configure_train sets it
 PRUNE_KEEP = "prune-keep"
 PRUNE_TARGET = "prune-target"
 PRUNE_STEPS = "prune-steps"
+DP_CLIP = "dp-clip"
+DP_SCALE = "dp-global-scale"
+DP_LOCAL_NOISE = "dp-local-noise"
+DP_REPORT = "dp-report-bit"
+PACK_ID = "pack-id"
+PACK_SIZE = "pack-size"
+PACK_MEMORY = "pack-memory-bytes"
+PACK_TIMEOUT_S = "pack-timeout-s"
 
 # --- train: client → server ------------------------------------------------------------------
 METRICS_RECORD = "metrics"
@@ -106,6 +126,8 @@ PRUNE_RECORD = "prune"
 FINAL_KEEP = "keep"
 RANK_RECORD = "rank"
 KEPT_RANK = "kept"
+DP_RECORD = "dp"
+BELOW_CLIP = "below-clip"
 
 # The metrics every train reply carries, each a finite number: the round loop reads them all and
 # the strategy averages exactly these (Flower refuses replies whose metric keys differ).

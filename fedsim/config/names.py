@@ -32,6 +32,10 @@ PRUNING_REFUSED = {
     "lora_fair": "its residual correction needs every client's full product s_k B_k A_k",
 }
 
+# Strategies whose clients keep something of their own from one round to the next, and what (a
+# simulation of them needs a node per client: `fedsim.server.roster`).
+CLIENT_STATE = {"fedsa_lora": "each client keeps its own B factors"}
+
 CONTROLLERS = (
     "discounted_ucb", "exp3", "fixed", "linucb", "sliding_window_ucb", "sucb", "thompson", "ucb1",
 )  # fmt: skip

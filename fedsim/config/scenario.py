@@ -25,7 +25,9 @@ from fedsim.config.controller import ControllerConfig
 from fedsim.config.devices import CATALOG, DeviceProfile
 from fedsim.config.errors import InputError, describe, read_toml
 from fedsim.config.names import ATTENTION, MLP, PRUNING_REFUSED, SERVER_OPTIMIZERS, STRATEGIES, ImportanceScore
+from fedsim.config.privacy import PrivacyConfig, privacy_problems
 from fedsim.config.sources import check_data_source, check_model_name, data_file_problems
+from fedsim.config.tracking import TrackingConfig
 
 
 class ScenarioError(InputError):
@@ -206,6 +208,16 @@ class SimulationConfig(_Section):
     num_gpus_per_client: float = Field(0.0, ge=0, description="Ray GPUs per virtual client (0 = CPU).")
     ray_address: str | None = Field(None, description="Existing Ray cluster to join (ray.init address), e.g. 'auto'.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
+    packing: Literal["auto", "off", "on"] = Field(
+        "auto",
+        description="Train each round's clients in packs on one shared trainer (`clients.packing`); "
+        "auto: when a GPU is visible.",
+    )
+    max_clients_per_step: int = Field(16, ge=1, description="packing: most clients in one pack.")
+    pack_memory_gib: float = Field(0.0, ge=0, description="packing: GiB a packed step may use (0 = 90 % of free).")
+    pack_timeout_s: float = Field(
+        300.0, gt=0, description="packing: seconds a pack waits for its clients, then trains those that came."
+    )
 
 
 class CompressionConfig(_Section):
@@ -419,6 +431,10 @@ class Scenario(_Section):
         description="Bandit that picks each sampled client's (LoRA rank, pruning ratio) every round "
         "(`fedsim.controllers`); absent: static ranks and ratios.",
     )
+    privacy: PrivacyConfig = PrivacyConfig()
+    tracking: TrackingConfig = Field(
+        TrackingConfig(), description="Experiment trackers the server logs to (`fedsim.results.tracking`)."
+    )
 
     @property
     def prunes(self) -> bool:
@@ -433,8 +449,14 @@ class Scenario(_Section):
         return self
 
     def to_json(self) -> str:
-        """The resolved scenario, as it travels to clients inside a Flower ConfigRecord."""
-        return self.model_dump_json()
+        """The resolved scenario, as it travels to clients inside a Flower ConfigRecord. A default
+        `privacy` section (off) is left out: its bytes would be on the clock of every message; so are
+        the packing settings, always (how a simulation trains, not what: a pack's message carries its own), and
+        the trackers (the server's alone)."""
+        exclude: dict[str, Any] = {"simulation": set(PACKING_FIELDS), "tracking": True}
+        if self.privacy == PrivacyConfig():
+            exclude["privacy"] = True
+        return self.model_dump_json(exclude=exclude)
 
     @classmethod
     def from_json(cls, text: str) -> Scenario:
@@ -483,6 +505,8 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
     problems += _controller_problems(
         getattr(s, "controller", None), getattr(s, "lora", None), getattr(s, "fleet", None)
     )
+    problems += privacy_problems(s)
+    problems += _packing_problems(getattr(s, "simulation", None), getattr(s, "lora", None))
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
         problems.append(
             f"`eval.central_examples` must be <= data.central_test_size ({data.central_test_size}), got "
@@ -626,6 +650,32 @@ def _controller_problems(
     return problems + _unknown_names("", {}, "controller.profile_arms", controller.profile_arms, None, fleet)
 
 
+PACKING_FIELDS = ("packing", "max_clients_per_step", "pack_memory_gib", "pack_timeout_s")
+
+
+def _packing_problems(simulation: SimulationConfig | None, lora: LoraConfig | None) -> list[str]:
+    """`simulation.packing` = 'on' only where a packed trainer can serve the run (`clients.packing`)."""
+    if simulation is None or simulation.packing != "on":
+        return []
+    problems = []
+    if lora is not None and lora.dropout > 0:
+        problems.append(
+            f"`simulation.packing` = 'on' cannot pack `lora.dropout` = {lora.dropout} (its masks follow the order "
+            "layers run): set lora.dropout = 0 or packing = 'off'"
+        )
+    if simulation.num_gpus_per_client > 0:
+        problems.append(
+            f"`simulation.packing` = 'on' runs a round's clients at once on ClientApps that hold no GPU (the packed "
+            f"trainer holds it), got `simulation.num_gpus_per_client` = {simulation.num_gpus_per_client}: set it to 0"
+        )
+    if simulation.ray_address:
+        problems.append(
+            "`simulation.packing` = 'on' sizes the ClientApp pool from this machine's CPUs, which an existing Ray "
+            f"cluster (`simulation.ray_address` = {simulation.ray_address!r}) does not have: unset one"
+        )
+    return problems
+
+
 class _Sections:
     """The sections of a raw scenario that are valid on their own (for cross-field checks
     while other sections have errors, so that every problem is reported at once)."""
@@ -633,7 +683,7 @@ class _Sections:
     def __init__(self, raw: dict[str, Any]) -> None:
         for name, field in Scenario.model_fields.items():
             section = field.annotation
-            if isinstance(section, type) and issubclass(section, _Section) and isinstance(raw.get(name, {}), dict):
+            if isinstance(section, type) and issubclass(section, BaseModel) and isinstance(raw.get(name, {}), dict):
                 try:
                     setattr(self, name, section.model_validate(raw.get(name, {})))
                 except ValidationError:

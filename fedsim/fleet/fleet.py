@@ -5,6 +5,7 @@ when it is online — as per-client numpy arrays, so 10,000 clients cost a few a
 Client i is the i-th device in group order (or trace row i) and holds data partition i.
 Two devices of one profile are not identical: speed, uplink and downlink are each multiplied by
 a per-client factor exp(σ·z), z ~ N(0, 1) drawn from the scenario seed (σ = `fleet.jitter`).
+Power figures and batteries are the profile's, unjittered (`fedsim.fleet.energy`; NaN: not given).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from fedsim.config.devices import CATALOG, DeviceProfile, load_profiles_file, resolve_profile, trace_profiles
 from fedsim.config.scenario import FleetConfig, Scenario
 from fedsim.fleet.availability import FleetAvailability, Windows, load_trace
+from fedsim.fleet.energy import BatterySpec
 from fedsim.seeding import derive_seed
 
 GIB = 1024**3
@@ -30,6 +32,11 @@ class Fleet:
     up_bps: np.ndarray  # (N,) uplink, bit/s
     down_bps: np.ndarray  # (N,) downlink, bit/s
     availability: FleetAvailability
+    train_watts: np.ndarray  # (N,) W while training (NaN: not given)
+    idle_watts: np.ndarray  # (N,) W online and idle
+    radio_j_per_mb_up: np.ndarray  # (N,) J per MB sent
+    radio_j_per_mb_down: np.ndarray  # (N,) J per MB received
+    battery: BatterySpec  # per-client batteries (capacity NaN: mains-powered)
 
     @property
     def size(self) -> int:
@@ -90,6 +97,11 @@ def build_fleet(scenario: Scenario) -> Fleet:
         availability=FleetAvailability(
             [p.availability for p in profiles], derive_seed(scenario.seed, "availability"), windows
         ),
+        train_watts=column("train_watts"),  # a None figure becomes NaN
+        idle_watts=column("idle_watts"),
+        radio_j_per_mb_up=column("radio_j_per_mb_up"),
+        radio_j_per_mb_down=column("radio_j_per_mb_down"),
+        battery=BatterySpec.of([p.battery for p in profiles]),
     )
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+# Central-row columns a run has only with some features: shown when the run has them.
+OPTIONAL = ("deployed_loss", "deployed_accuracy", "dp_epsilon", "dp_clip", "dp_unclipped")
 
 
 def _weighted(frame: pd.DataFrame, column: str) -> float:
@@ -15,7 +20,8 @@ def _weighted(frame: pd.DataFrame, column: str) -> float:
 
 def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per round: train loss (clients' mean), clients ok/failed, federated and central
-    evaluation, wall time so far."""
+    evaluation, wall time so far; with deploy ratios the deployed models' figures, with privacy the
+    ε spent so far (`dp_epsilon`) and, adaptive clipping, the clip and the share left unclipped."""
     rows = []
     for server_round, group in metrics.groupby("round", sort=True):
         train = group[group["kind"] == "train"]
@@ -43,18 +49,14 @@ def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
                 "aggregation_bias": float(central["aggregation_bias"].iloc[0])
                 if len(central) and "aggregation_bias" in central
                 else float("nan"),
-                **{
-                    k: float(central[k].iloc[0])
-                    for k in ("deployed_loss", "deployed_accuracy")
-                    if len(central) and k in central
-                },
+                **{k: float(central[k].iloc[0]) for k in OPTIONAL if len(central) and k in central},
             }
         )
     table = pd.DataFrame(rows).set_index("round")
-    deployed = [k for k in ("deployed_loss", "deployed_accuracy") if k in table]
-    return (
-        table.drop(columns=deployed) if deployed and table[deployed].isna().all().all() else table
-    )  # only runs with deploy ratios have them
+    absent = [k for k in OPTIONAL if k in table and table[k].isna().all()]
+    if "dp_unclipped" in absent and "dp_clip" in table:  # a fixed clip: the scenario's, said once
+        absent.append("dp_clip")
+    return table.drop(columns=absent)
 
 
 def ratio_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -153,6 +155,26 @@ def _held_out(metrics: pd.DataFrame) -> str:
     )
 
 
+def privacy_line(table: pd.DataFrame, run_dir: str | Path) -> list[str]:
+    """The summary's privacy line ([] without privacy): ε spent, at the δ of the run's `privacy` event."""
+    if "dp_epsilon" not in table:
+        return []
+    said = _event(run_dir, "privacy")
+    mode, delta = said.get("mode", "?"), said.get("delta")
+    at = f" at δ = {delta:.3g}" if isinstance(delta, float) else ""
+    return [
+        f"{'privacy':<18}{mode} DP, ε = {table['dp_epsilon'].iloc[-1]:.3g}{at} after round {table.index[-1]} "
+        "(the mechanism: events.jsonl's `privacy` event)"
+    ]
+
+
+def _event(run_dir: str | Path, kind: str) -> dict[str, Any]:
+    """The last `kind` event of a run's events.jsonl ({} if none)."""
+    path = Path(run_dir) / "events.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return next((e for e in reversed(events) if e.get("event") == kind), {})
+
+
 def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
     """The one-screen summary printed at the end of `fedsim run`."""
     table, ratios = round_table(metrics), ratio_table(metrics)
@@ -179,6 +201,7 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             f"{_clock(run_dir) + ' time':<18}{last['sim_time_s']:.1f}s "
             f"on the fleet (wall {last['wall_time_s']:.1f}s here)",
             f"client failures   {failed} failed or rejected, {lost} stragglers/dropped/infeasible",
+            *privacy_line(table, run_dir),
             f"run directory     {run_dir}",
             f"final adapter     {Path(run_dir) / 'adapter'}  (PeftModel.from_pretrained(base, path))",
             f"per-round table   fedsim report {run_dir}",

@@ -12,6 +12,8 @@ Layout of ``<out>/<name>/``::
     controller.npz           with a controller: its state after the last round (also in each checkpoint)
     strategy.npz             what the strategy carries across rounds besides the adapter, after the last
                              round (a server optimiser's moments; empty for most; also in each checkpoint)
+    privacy.json             privacy on: the accountant's and the adaptive clip's state after the last round
+                             (`fedsim.privacy.PrivacyBook`; also in each checkpoint, so a resume spends the same budget)
     adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
     final_eval.parquet       the last round's central evaluation, one row per held-out example
                              (the whole held-out set; schema `FINAL_EVAL_COLUMNS` below)
@@ -68,6 +70,11 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     arm_predicted_s float  train, with a controller: the arm's round time predicted from the device's
                         pace before it played (`controllers.pace`; NaN before its profile was seen)
     reward       float  train, with a controller: the reward the bandit learned from (NaN if none)
+    dp_epsilon   float  eval_central, privacy on: ε spent by the rounds so far, at the run's δ (the `privacy`
+                        event states δ and the mechanism; 0 at round 0, NaN with privacy off)
+    dp_clip      float  eval_central, privacy on: the clip C_t the round's updates were bounded by (NaN otherwise)
+    dp_unclipped float  eval_central, adaptive clipping: b̃, the noised share of the round's updates that were
+                        not clipped, which moved the next round's clip (NaN otherwise)
     reason       str    why a row is not ok ("" when ok)
 
 final_eval.parquet schema (`FINAL_EVAL_COLUMNS`), rows in held-out order; its token-weighted loss
@@ -134,6 +141,9 @@ METRIC_COLUMNS: dict[str, str] = {
     "arm_ratio": "float64",
     "arm_predicted_s": "float64",
     "reward": "float64",
+    "dp_epsilon": "float64",
+    "dp_clip": "float64",
+    "dp_unclipped": "float64",
     "reason": "string",
 }
 _DEFAULTS: dict[str, Any] = {
@@ -166,6 +176,9 @@ _DEFAULTS: dict[str, Any] = {
     "arm_ratio": math.nan,
     "arm_predicted_s": math.nan,
     "reward": math.nan,
+    "dp_epsilon": math.nan,
+    "dp_clip": math.nan,
+    "dp_unclipped": math.nan,
     "reason": "",
 }
 
@@ -180,6 +193,7 @@ FINAL_EVAL_FILE = "final_eval.parquet"
 KEEPS_FILE = "keeps.json"
 ERROR_LOG = "error.log"
 STRATEGY_FILE = "strategy.npz"
+PRIVACY_FILE = "privacy.json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # every member's timestamp in `save_arrays`: the same arrays, the same bytes
 
 
@@ -279,6 +293,12 @@ class RunDir:
         its checkpoint; None: after the last round, at the top."""
         folder = self.path if server_round is None else self.checkpoint_path(server_round)
         save_arrays(folder / STRATEGY_FILE, state)
+
+    def save_privacy(self, state: Mapping[str, Any], server_round: int | None = None) -> None:
+        """The privacy state (`PRIVACY_FILE`, JSON): after `server_round`, in its checkpoint; None: after the
+        last round, at the top."""
+        folder = self.path if server_round is None else self.checkpoint_path(server_round)
+        _atomic_write(folder / PRIVACY_FILE, json.dumps(state, indent=1, allow_nan=False).encode())
 
     def save_final_eval(
         self, server_round: int, loss: Sequence[float], n_tokens: Sequence[int], correct: Sequence[bool]

@@ -1,12 +1,16 @@
 """Run a scenario on Flower's Simulation Runtime with the Ray backend, in this process.
 
-Every client is a Flower virtual SuperNode (`num_supernodes = clients.num_clients`); Ray runs
-them on a pool of actors, `simulation.num_cpus_per_client` CPUs each, so the pool size (and the
+The clients are played by Flower virtual SuperNodes: one per client when clients keep state between
+rounds, else a pool as large as a round (`fedsim.server.roster.node_pool_size`). Ray runs them on
+a pool of actors, `simulation.num_cpus_per_client` CPUs each, so the pool size (and the
 parallelism) is the CPU count divided by that. Every virtual client gets the same Ray resources:
 device heterogeneity is modelled by fedsim itself, not by Ray.
 
 To use an existing Ray cluster, set `simulation.ray_address` (passed to `ray.init(address=...)`
-through Flower's `backend_config["init_args"]`); GPUs: `simulation.num_gpus_per_client`.
+through Flower's `backend_config["init_args"]`); GPUs: `simulation.num_gpus_per_client`. With
+packing on (`fedsim.server.packs.packing_on`) a round's clients train together on one shared
+trainer actor (`clients.packing`), and each ClientApp gets the CPU share that lets all of a round's
+run at once, and no GPU.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation as flwr_run_simulation
 
 from clients.app import app
+from clients.packing import client_resources
 from fedsim.config.scenario import Scenario
 from fedsim.results.rundir import RunDir
 from fedsim.server.federation import ProgressFn, run_federation
+from fedsim.server.packs import clientapps_at_once, packing_on
 from fedsim.server.resume import ResumePoint
+from fedsim.server.roster import node_pool_size
 
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:
@@ -32,8 +39,11 @@ def backend_config(scenario: Scenario) -> dict[str, Any]:
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if sim.ray_address:
         init_args["address"] = sim.ray_address
+    resources = {"num_cpus": sim.num_cpus_per_client, "num_gpus": sim.num_gpus_per_client}
+    if packing_on(scenario):  # a round's ClientApps all at once, no GPU: the packed trainer holds it
+        resources = client_resources(os.cpu_count() or 1, clientapps_at_once(scenario), sim.num_cpus_per_client)
     return {
-        "client_resources": {"num_cpus": sim.num_cpus_per_client, "num_gpus": sim.num_gpus_per_client},
+        "client_resources": resources,
         "init_args": init_args,
     }
 
@@ -93,7 +103,7 @@ def run_simulations(
     flwr_run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=first.clients.num_clients,
+        num_supernodes=max(node_pool_size(scenario) for scenario, _ in jobs),
         backend_config=backend_config(first),
     )
     return failures

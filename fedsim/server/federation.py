@@ -8,7 +8,9 @@ fits, how long each client takes: `fedsim.server.rounds`), sampling by client id
 generator (Flower's node ids are random, and `sample_nodes` uses the global `random`),
 validating each reply on its own before aggregation (Flower raises on one bad reply), and
 writing metrics and a PEFT checkpoint after every round. The last round is scored on the whole
-held-out set and kept per example (`final_eval.parquet`, `fedsim.results.rundir`).
+held-out set and kept per example (`final_eval.parquet`, `fedsim.results.rundir`). With privacy on,
+the round is DP-FedAvg (`fedsim.server.rounds`), its mechanism is stated in a `privacy` event at the
+start, and the accountant's and the adaptive clip's state is in every checkpoint (`privacy.json`).
 """
 
 from __future__ import annotations
@@ -32,19 +34,23 @@ from fedsim.fleet.fleet import build_fleet
 from fedsim.fleet.keeps import PruneBook, client_ratios
 from fedsim.fleet.ranks import ClientRanks, client_ranks
 from fedsim.model.adapter import AdapterState, save_adapter, set_state
+from fedsim.privacy import PrivacyBook
 from fedsim.protocol import CLIENT_ID, CONFIG_RECORD, IDENTITY_RECORD, SCENARIO
 from fedsim.pruning.structure import geometry
 from fedsim.results.rundir import RunDir
+from fedsim.results.tracking import Trackers, open_trackers
 from fedsim.server.central import CentralEvaluator
 from fedsim.server.control import ArmControl
 from fedsim.server.deployed import Deployment
 from fedsim.server.estimates import arm_price, cost_model
 from fedsim.server.export import export_rows
 from fedsim.server.resume import ResumePoint
+from fedsim.server.roster import Roster, node_pool_size
 from fedsim.server.rounds import RoundEnv, eval_round, timed_send_and_receive, train_round
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
+LOGGED = ("mode", "noise_multiplier", "delta", "sampling", "weighting")  # the privacy event's fields logged at start
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -58,19 +64,21 @@ def _connected(grid: Grid, expected: int, poll_s: float) -> list[int]:
     return node_ids
 
 
-def assign_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
-    """client id → node id in fedsim's own simulation, without a message: every virtual node can
-    play any client (its data is `client_data(client id)`), so the i-th node by id plays client i,
-    and each message tells its node which client that is (`protocol.CLIENT_ID` in its config).
-    Startup then costs no message per node, whatever the fleet's size."""
-    n = scenario.clients.num_clients
-    nodes = _connected(grid, n, poll_s=0.2)
-    if len(nodes) < n:
+def assign_clients(grid: Grid, scenario: Scenario) -> Roster:
+    """The roster of fedsim's own simulation, without a message: every virtual node can play any
+    client (its data is `client_data(client id)`) and each message tells its node which client it
+    plays (`protocol.CLIENT_ID` in its config), so startup costs no message per node, whatever the
+    fleet's size. The simulation has `node_pool_size` nodes: one per client (the i-th node by id
+    plays client i) when clients keep state, else a pool seated phase by phase
+    (`fedsim.server.roster`)."""
+    n, need = scenario.clients.num_clients, node_pool_size(scenario)
+    nodes = _connected(grid, need, poll_s=0.2)
+    if len(nodes) < need:
         raise RuntimeError(
-            f"the simulation registered {len(nodes)} nodes for {n} clients (`clients.num_clients`) in "
-            "$FEDSIM_NODE_WAIT_S seconds"
+            f"the simulation registered {len(nodes)} nodes of the {need} that {n} clients need "
+            "in $FEDSIM_NODE_WAIT_S seconds"
         )
-    return dict(enumerate(nodes[:n]))
+    return Roster.fixed(dict(enumerate(nodes[:n]))) if need == n else Roster.pooled(n, nodes[:need])
 
 
 def discover_clients(grid: Grid, scenario: Scenario) -> dict[int, int]:
@@ -146,20 +154,28 @@ class Federation:
             if any(scenario.pruning.deploy_ratios.values())
             else None
         )
-        clients = assign_clients(grid, scenario) if assign else discover_clients(grid, scenario)
+        roster = assign_clients(grid, scenario) if assign else Roster.fixed(discover_clients(grid, scenario))
+        k = scenario.clients
+        privacy = (
+            PrivacyBook.build(scenario.privacy, k.num_clients, k.per_round, scenario.rounds, scenario.seed)
+            if scenario.privacy.enabled
+            else None
+        )
         env = RoundEnv(
-            grid, scenario, build_strategy(scenario), fleet, clients, ranks, estimate,
+            grid, scenario, build_strategy(scenario), fleet, roster, ranks, estimate,
             score=deploy.loss if deploy else central.loss, downlink=downlink, pruning=book,
-            control=control, server_scores=central.importance, assigned=assign,
+            control=control, server_scores=central.importance, assigned=assign, privacy=privacy,
         )  # fmt: skip
         return cls(env, central, deploy, run_dir, start)
 
     def restore(self, resume: ResumePoint, state: AdapterState) -> None:
         """Take up the books of an interrupted run (`fedsim.server.resume`) after its last round:
-        keeps, controller, the strategy's state, kept ranks."""
+        keeps, controller, the strategy's state, kept ranks, the privacy accountant and clip."""
         env = self.env
         if env.pruning is not None:
             env.pruning.load(resume.keeps)
+        if env.privacy is not None and resume.privacy is not None:
+            env.privacy.load_state_dict(resume.privacy)
         if env.control is not None:
             env.control.load(resume.checkpoint)
         if resume.strategy is not None:  # None: a checkpoint from before fedsim saved it (in `resume.lost`)
@@ -174,6 +190,8 @@ class Federation:
         next round's contributions); the last round's per-example results go to final_eval.parquet."""
         final = server_round == self.env.scenario.rounds
         row, per_example = self.central(state, server_round, time.perf_counter() - self.start, sim_time, final=final)
+        if server_round == 0 and self.env.privacy is not None:
+            row["dp_epsilon"] = 0.0  # nothing released yet
         if final:
             self.run_dir.save_final_eval(server_round, per_example.loss, per_example.n_tokens, per_example.correct)
         if self.deploy is not None:
@@ -184,12 +202,14 @@ class Federation:
         return row
 
     def record(self, state: AdapterState, server_round: int, rows: list[dict[str, Any]]) -> None:
-        """The round's checkpoint (adapter, keeps, controller, the strategy's state), then its metric
-        rows and client problems: a round with rows has its whole checkpoint."""
+        """The round's checkpoint (adapter, keeps, controller, the strategy's state, the privacy state),
+        then its metric rows and client problems: a round with rows has its whole checkpoint."""
         env, run_dir = self.env, self.run_dir
         save_adapter(self.central.model, state, run_dir.checkpoint_path(server_round))
         if env.pruning is not None:
             run_dir.save_keeps(env.pruning.to_json(), server_round)
+        if env.privacy is not None:
+            run_dir.save_privacy(env.privacy.state_dict(), server_round)
         if env.control is not None:
             env.control.save(run_dir.checkpoint_path(server_round))
         run_dir.save_strategy(env.strategy.state_dict(), server_round)
@@ -202,7 +222,7 @@ class Federation:
                 )  # fmt: skip
 
     def finish(self, state: AdapterState, sim_time: float) -> None:
-        """The final adapter, controller and strategy state; with pruning, the final adapter scored on
+        """The final adapter, controller, strategy and privacy state; with pruning, the final adapter scored on
         each ratio's pruned model, as its devices deploy it."""
         env, run_dir, central = self.env, self.run_dir, self.central
         if run_dir.adapter_path.exists():  # a resumed run that had finished before
@@ -211,6 +231,8 @@ class Federation:
         if env.control is not None:
             env.control.save(run_dir.path)
         run_dir.save_strategy(env.strategy.state_dict())
+        if env.privacy is not None:
+            run_dir.save_privacy(env.privacy.state_dict())
         if env.pruning is not None:
             set_state(central.model, state)
             s = env.scenario
@@ -233,9 +255,30 @@ def run_federation(
     that hold a partition of their own (`discover_clients`)."""
     start = time.perf_counter() - (resume.wall_time if resume else 0.0)
     run_dir.event("run_start", scenario=scenario.name, seed=scenario.seed)
+    with open_trackers(scenario.tracking, run_dir.path, scenario.model_dump(mode="json")) as trackers:
+        state = _run_rounds(grid, scenario, run_dir, progress, resume, assign_clients, start, trackers)
+        trackers.log_artifact(run_dir.adapter_path)
+    return state
+
+
+def _run_rounds(
+    grid: Grid,
+    scenario: Scenario,
+    run_dir: RunDir,
+    progress: ProgressFn | None,
+    resume: ResumePoint | None,
+    assign_clients: bool,
+    start: float,
+    trackers: Trackers,
+) -> AdapterState:
+    """`run_federation`'s rounds, each round's summary and central row logged to `trackers`."""
     fed = Federation.build(grid, scenario, run_dir, start, assign_clients)
     state = resume.state if resume else fed.central.initial_state()
-    run_dir.event("clients", count=len(fed.env.clients))
+    run_dir.event("clients", count=len(fed.env.roster.ids), nodes=len(fed.env.roster.nodes))
+    if fed.env.privacy is not None:
+        said = fed.env.privacy.summary()
+        run_dir.event("privacy", **said)
+        log.info("privacy: %s DP, z = %.3g, δ = %.3g; sampling: %s; clients weighted %s", *[said[k] for k in LOGGED])
     if resume is not None:
         fed.restore(resume, state)
         sim_time, first = resume.sim_time, resume.server_round + 1
@@ -243,16 +286,19 @@ def run_federation(
         sim_time, first = 0.0, 1
         row0 = fed.evaluate(state, 0, sim_time)
         run_dir.add_rows([row0])
-        _report(progress, run_dir, 0, scenario.rounds, [row0])
+        trackers.log_round(0, {**row0, **_report(progress, run_dir, 0, scenario.rounds, [row0])})
     for server_round in range(first, scenario.rounds + 1):
         t_round = time.perf_counter()
         trained = train_round(fed.env, state, server_round, sim_time)
         train_time = time.perf_counter() - t_round
         state, sim_time = trained.state, sim_time + trained.duration
         rows = trained.rows + eval_round(fed.env, state, server_round, sim_time)
-        rows.append({**fed.evaluate(state, server_round, sim_time), "aggregation_bias": trained.bias})
+        rows.append(
+            {**fed.evaluate(state, server_round, sim_time), "aggregation_bias": trained.bias, **trained.central}
+        )
         fed.record(state, server_round, rows)
-        _report(progress, run_dir, server_round, scenario.rounds, rows, train_time_s=train_time)
+        summary = _report(progress, run_dir, server_round, scenario.rounds, rows, train_time_s=train_time)
+        trackers.log_round(server_round, {**rows[-1], **summary})
     fed.finish(state, sim_time)
     return state
 
@@ -264,8 +310,8 @@ def _report(
     rounds: int,
     rows: list[dict[str, Any]],
     train_time_s: float = 0.0,
-) -> None:
-    """Log the round's summary (`train_time_s`: wall time of sending, training and aggregating)."""
+) -> dict[str, Any]:
+    """Log the round's summary (`train_time_s`: wall time of sending, training and aggregating), and return it."""
     central = next(r for r in rows if r["kind"] == "eval_central")
     train = [r for r in rows if r["kind"] == "train"]
     ok = [r for r in train if r["status"] == "ok"]
@@ -285,3 +331,4 @@ def _report(
     run_dir.event("round_end", **summary)
     if progress is not None:
         progress(summary)
+    return summary

@@ -6,7 +6,8 @@ Run before anything is written (by `fedsim run`, `fedsim resume`, `fedsim compar
 garbled file, no prompt/response columns, an `hf:` dataset neither cached nor reachable), too few
 usable rows for the held-out set and one per client, a partitioning that leaves a client without
 data, a LoRA rank larger than a layer allows, a deadline no device can meet, or pruning of a model
-family the pruner does not know or to a ratio that would empty a layer, is refused up front, like
+family the pruner does not know or to a ratio that would empty a layer, or a privacy target ε that
+no noise reaches in the planned rounds (`fedsim.privacy.plan_problems`), is refused up front, like
 any other scenario problem (a ScenarioError: `fedsim` exits 2).
 
 The data is loaded and partitioned here as the run will (`fedsim.data.partitions`, cached per
@@ -31,7 +32,9 @@ from fedsim.fleet.fleet import Fleet, build_fleet
 from fedsim.fleet.keeps import client_ratios, ratio_problems
 from fedsim.fleet.ranks import client_ranks, rank_limit_problems
 from fedsim.model.loader import load_model
+from fedsim.privacy import plan_problems
 from fedsim.pruning.structure import LayerGeometry, geometry
+from fedsim.results.tracking import missing_trackers
 from fedsim.server.estimates import estimates
 
 
@@ -140,12 +143,14 @@ def preflight(scenario: Scenario, source: str) -> None:
     ]
     if unknown:  # profiles from a file or trace: known only now
         raise ScenarioError(source, unknown)
+    k = scenario.clients
+    privacy = plan_problems(scenario.privacy, k.num_clients, k.per_round, scenario.rounds)
     try:
         shape = model_shape(scenario.model.name, scenario.model.dtype)
     except ValueError as exc:  # ModelError: a folder that holds no model, an id not in the cache, ...
-        raise ScenarioError(source, [f"`model.name`: {exc}", *data_problems(scenario)]) from None
+        raise ScenarioError(source, [f"`model.name`: {exc}", *data_problems(scenario), *privacy]) from None
     problems = rank_limit_problems(shape, scenario, client_ranks(scenario, fleet)) + pruning_problems(scenario, fleet)
     problem = deadline_problem(fleet, scenario, shape)
-    problems += ([problem] if problem else []) + data_problems(scenario)
+    problems += ([problem] if problem else []) + data_problems(scenario) + privacy + missing_trackers(scenario.tracking)
     if problems:
         raise ScenarioError(source, problems)

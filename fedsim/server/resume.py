@@ -8,8 +8,11 @@ strategy's state across rounds (`strategy.npz`, `LoraStrategy.state_dict`: a ser
 moments, fedadam, fedyogi, fedadagrad, fedavgm) is in it too, and put back; a checkpoint from
 before fedsim saved it has none, and such a run resumes with fresh moments. The ranks HetLoRA
 clients kept when they self-pruned are rebuilt from the metric rows (`rank_kept`,
-`fedsim.fleet.ranks.kept_ranks`). The run goes on from there with the same seeds, so sampling, training
-batches and availability are those of an uninterrupted run.
+`fedsim.fleet.ranks.kept_ranks`). With privacy on, the accountant's rounds and the adaptive clip
+(`privacy.json`, `fedsim.privacy.PrivacyBook`) are put back, so the run goes on spending the same
+budget; a checkpoint kept under another mechanism (say a calibrated noise multiplier that more
+rounds would change) is refused before anything runs. The run goes on from there with the same
+seeds, so sampling, training batches, availability and the DP noise are those of an uninterrupted run.
 
 What lived only in the clients' processes is not in a checkpoint and starts afresh: the clients'
 error-feedback residuals and personal B factors (fedsa_lora), and the downlink's copies (every
@@ -20,6 +23,7 @@ which.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,8 @@ from fedsim.config.names import SERVER_OPTIMIZERS
 from fedsim.config.scenario import Scenario
 from fedsim.fleet.ranks import kept_ranks
 from fedsim.model.adapter import AdapterState, load_adapter_state
-from fedsim.results.rundir import KEEPS_FILE, STRATEGY_FILE, RunDir, load_arrays, read_metrics
+from fedsim.privacy import PrivacyBook
+from fedsim.results.rundir import KEEPS_FILE, PRIVACY_FILE, STRATEGY_FILE, RunDir, load_arrays, read_metrics
 from fedsim.server.control import STATE_FILE
 
 
@@ -48,6 +53,7 @@ class ResumePoint:
     lost: tuple[str, ...]  # what a process held that this resume cannot restore
     kept_ranks: dict[int, int] = field(default_factory=dict)  # client id → rank kept when it last self-pruned (HetLoRA)
     strategy: dict[str, np.ndarray] | None = None  # the strategy's `state_dict` then (None: an old checkpoint)
+    privacy: dict[str, Any] | None = None  # the `PrivacyBook`'s state then (None: privacy off)
 
 
 def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
@@ -68,6 +74,7 @@ def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
         raise ValueError(f"{run_dir.path} already ran {k} of {scenario.rounds} rounds; ask for more with --rounds N")
     folder = run_dir.checkpoint_path(k)
     strategy = folder / STRATEGY_FILE
+    privacy = _privacy_state(folder, scenario) if scenario.privacy.enabled else None
     run_dir.rows = _rows(metrics[(metrics["round"] <= k) & (metrics["kind"] != "eval_export")])
     return ResumePoint(
         server_round=k,
@@ -79,6 +86,7 @@ def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
         lost=_lost(scenario, saved_strategy=strategy.is_file()),
         kept_ranks=kept_ranks(metrics[metrics["round"] <= k]),
         strategy=load_arrays(strategy) if strategy.is_file() else None,
+        privacy=privacy,
     )
 
 
@@ -87,8 +95,30 @@ def _checkpoint_complete(folder: Path, scenario: Scenario) -> bool:
         ["adapter_model.safetensors"]
         + ([KEEPS_FILE] if scenario.prunes else [])
         + ([STATE_FILE] if scenario.controller else [])
+        + ([PRIVACY_FILE] if scenario.privacy.enabled else [])
     )
     return all((folder / name).is_file() for name in needed)
+
+
+def _privacy_state(folder: Path, scenario: Scenario) -> dict[str, Any]:
+    """The checkpoint's privacy state, checked against the mechanism `scenario` plans; ValueError naming
+    `privacy` when the run cannot go on spending the same budget."""
+    state = json.loads((folder / PRIVACY_FILE).read_text())
+    k = scenario.clients
+    book = PrivacyBook.build(scenario.privacy, k.num_clients, k.per_round, scenario.rounds, scenario.seed)
+    try:
+        book.load_state_dict(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        hint = ""
+        if scenario.privacy.target_epsilon is not None and isinstance(state.get("accountant"), dict):
+            z = state["accountant"].get("noise_multiplier")
+            hint = (
+                f"; a target ε calibrates the noise to the planned rounds, and other rounds call for another: to go "
+                f"on with the same noise past the target, set privacy.noise_multiplier = {z} in place of "
+                "target_epsilon in the run's scenario.toml"
+            )
+        raise ValueError(f"`privacy`: {folder / PRIVACY_FILE}: {exc}{hint}") from None
+    return state
 
 
 def _rows(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -18,6 +18,16 @@ then `eval_round`, the federated evaluation. With `fleet.clock = "measured"` (re
 sample and screen skip the fleet model — the devices that are there answer — and each client is
 timed by its measured round trip (compute: the training time it reports).
 
+Differential privacy (`fedsim.privacy`, a `privacy` section that is on): the round is DP-FedAvg.
+In central mode sample draws each eligible client with probability q = per_round / num_clients
+(Poisson) and every kept client that finishes within the deadline is kept (none is a straggler by
+count); each client is told its clip C_t (and, local mode, its noise); aggregate brings each kept
+update to the global coordinates, re-clips it (central) and takes the noised mean D̄ with the fixed
+denominator m (`private_mean`: one draw of noise per round, on a round with no client too), then
+the strategy aggregates one pseudo-client, the global adapter moved by D̄, of weight 1: every
+client counts equally (`aggregate_private`). The round's central row gains `dp_epsilon`, `dp_clip`
+and, with adaptive clipping, `dp_unclipped` (`RoundResult.central`, `PrivacyBook.step`).
+
 Rank self-pruning (HetLoRA, `strategies.hetlora`): a reply may name a kept rank below the one the
 client was sent; its update then covers that rank, and a kept reply caps the client's rank from
 then on (`fedsim.fleet.ranks.ClientRanks`).
@@ -28,12 +38,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -45,12 +57,15 @@ from fedsim.fleet.fleet import GIB, Fleet
 from fedsim.fleet.keeps import PruneBook, plan_server_keeps
 from fedsim.fleet.ranks import ClientRanks
 from fedsim.model.adapter import AdapterState, factors, from_record, split_state, to_record
+from fedsim.privacy import PrivacyBook, poisson_sample, to_global, update_rank
 from fedsim.protocol import (
     ACCURACY,
     ARRAYS_RECORD,
+    BELOW_CLIP,
     CLIENT_ID,
     CONFIG_RECORD,
     DOWN_RECORD,
+    DP_RECORD,
     FINAL_KEEP,
     FLOPS,
     KEPT_RANK,
@@ -74,7 +89,9 @@ from fedsim.pruning.structure import Keep, Scores
 from fedsim.seeding import derive_seed
 from fedsim.server.control import ArmControl
 from fedsim.server.estimates import Estimates
+from fedsim.server.packs import with_packs
 from fedsim.server.replies import Checked, check_eval_reply, check_train_reply, reply_metric
+from fedsim.server.roster import Roster
 from strategies import LoraStrategy
 from strategies.hetlora import drop_tail
 from strategies.lora_math import aggregation_bias, layer_pairs
@@ -124,7 +141,7 @@ class RoundEnv:
     scenario: Scenario
     strategy: LoraStrategy
     fleet: Fleet
-    clients: dict[int, int]  # client id → node id
+    roster: Roster  # client id ↔ node id (a node per client, or a pool seated phase by phase)
     ranks: ClientRanks  # each client's LoRA rank (the scenario's or the controller's arm, capped by self-pruning)
     estimate: Callable[[int, Keep | None], Estimates]  # (rank, keep of the model held) → cost
     score: Callable[..., float] | None = (
@@ -135,10 +152,7 @@ class RoundEnv:
     control: ArmControl | None = None  # the bandit that picks each sampled client's arm, if any
     server_scores: Callable[[AdapterState], Scores] | None = None  # pruning.where = "server": global importance
     assigned: bool = False  # the server assigned clients to nodes: each message names its client (CLIENT_ID)
-
-    @cached_property
-    def node_to_client(self) -> dict[int, int]:
-        return {n: c for c, n in self.clients.items()}
+    privacy: PrivacyBook | None = None  # DP-FedAvg's books (privacy on: `fedsim.privacy`)
 
     @property
     def measured(self) -> bool:
@@ -164,9 +178,10 @@ class RoundEnv:
     def assign_ranks(self, ids: Iterable[int]) -> None:
         """Tell the strategy the rank (and, pruning, the order) of each client it will address."""
         ids = [int(c) for c in ids]
-        self.strategy.assign_ranks({self.clients[c]: self.rank(c) for c in ids})
+        node = self.roster.node
+        self.strategy.assign_ranks({node(c): self.rank(c) for c in ids})
         book = self.pruning
-        self.strategy.assign_pruning({self.clients[c]: (book.held(c), book.order(c)) for c in ids} if book else {})
+        self.strategy.assign_pruning({node(c): (book.held(c), book.order(c)) for c in ids} if book else {})
 
 
 @dataclass(frozen=True)
@@ -213,6 +228,7 @@ class RoundResult:
     rows: list[Row]  # one per client the round concerned, by client id
     duration: float  # simulated seconds
     bias: float  # aggregation bias of the kept clients (`round_bias`)
+    central: Row = field(default_factory=dict)  # what the round adds to its central row (privacy's figures)
 
 
 def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> RoundResult:
@@ -225,13 +241,22 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     out = configure(env, base, chosen, server_round)
     replies = send(env, out.messages, lambda r: check_train(env, r, out.sent))
     if env.downlink:
-        received = [env.node_to_client[_node(c)] for c in replies.checked if c.status != "failed"]
+        received = [env.roster.client(_node(c)) for c in replies.checked if c.status != "failed"]
         env.downlink.mark_received(np.array(received, dtype=np.int64))
     rows += problem_rows(env, replies, server_round, "train")
     ok = replies.ok
     timing = time_replies(env, ok, out.bytes_down, replies.round_trips)
     kept = [c for c, k in zip(ok, timing.kept) if k]
-    factor = best_alpha(env, out.sent, kept, server_round) if s.compression.alpha_auto and kept else 1.0
+    noised = private_mean(env, base, kept, server_round) if env.privacy is not None else None
+
+    def combined(factor: float) -> AdapterState | None:
+        """The new global state, the updates scaled by `factor` (None: nothing to aggregate)."""
+        if noised is not None:
+            return aggregate_private(env, base, noised, server_round, factor)
+        return aggregate(env, out.sent, kept, server_round, factor)
+
+    tune = s.compression.alpha_auto and (bool(kept) or noised is not None)
+    factor = best_alpha(env, combined) if tune else 1.0
     scoring = env.control is not None and env.control.scores_contributions
     # Each reply's adapter as the strategy aggregates it: the kept ones for the bias, every one when scored.
     adapters = {
@@ -246,13 +271,14 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
         [float(reply_metric(c.message, NUM_EXAMPLES)) for c in kept],
         s,
     )
-    state = aggregate(env, out.sent, kept, server_round, factor) or state
+    state = combined(factor) or state
+    central = env.privacy.step(indicator_bits(kept), server_round) if env.privacy is not None else {}
     if env.control is not None:
         env.control.observe(rows)
     duration = round_duration(timing.finish, timing.kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
     duration = duration if timing.kept.any() else max(duration, s.fleet.idle_step_s)
-    return RoundResult(state, sorted(rows, key=lambda r: r["client_id"]), duration, bias)
+    return RoundResult(state, sorted(rows, key=lambda r: r["client_id"]), duration, bias, central)
 
 
 # --- sample, plan, screen ----------------------------------------------------------------------
@@ -268,21 +294,26 @@ def sample_clients(available: Iterable[int], k: int, seed: int, server_round: in
 
 def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: int) -> np.ndarray:
     """Clients online now and, by their device's estimated round time, until they finish."""
-    ids = np.array(sorted(env.clients), dtype=np.int64)
+    ids = env.roster.ids
     f = env.fleet
     est_s = env.estimated(ids)[0] / f.flops[ids] + comm_seconds(est_bytes, est_bytes, f.down_bps[ids], f.up_bps[ids])
     return ids[f.availability.online_through(ids, t_now, t_now + est_s, server_round)]
 
 
 def sample(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> np.ndarray:
-    """The round's per_round·(1 + overcommit) clients, among the eligible (all of them when measured)."""
+    """The round's per_round·(1 + overcommit) clients, among the eligible (all of them when measured);
+    central DP: each eligible client with probability q (`fedsim.privacy.poisson_sample`)."""
     s = env.scenario
     k = math.ceil(s.clients.per_round * (1 + s.fleet.overcommit))
     if env.measured:
-        pool = np.array(sorted(env.clients), dtype=np.int64)
+        pool = env.roster.ids
     else:
-        est_bytes = payload_bytes(RecordDict({ARRAYS_RECORD: to_record(state), CONFIG_RECORD: _config(s)}))
+        est_bytes = payload_bytes(RecordDict({ARRAYS_RECORD: to_record(state), CONFIG_RECORD: _train_config(env)}))
         pool = eligible_clients(env, t_now, server_round, est_bytes)
+    book = env.privacy
+    if book is not None and book.central:
+        n, q = s.clients.num_clients, book.plan.sampling_rate
+        return np.array(poisson_sample(pool, n, q, s.seed, server_round), dtype=np.int64)
     return np.array(sample_clients(pool, k, s.seed, server_round, "train"), dtype=np.int64)
 
 
@@ -345,21 +376,21 @@ def _pruned(env: RoundEnv, cid: int) -> str:
 
 def configure(env: RoundEnv, base: AdapterState, chosen: np.ndarray, server_round: int) -> Outgoing:
     """The train messages of the chosen clients, through the strategy's `configure_train` (each
-    node gets what its rank calls for; with the downlink, the record it needs)."""
-    nodes = [env.clients[int(c)] for c in chosen]
-    if not nodes:
+    node gets what its rank calls for; with the downlink, the record it needs). With privacy on the
+    strategy is configured on a round without clients too: its noised step starts from `base`."""
+    if not len(chosen) and env.privacy is None:
         return Outgoing([], {}, {})
+    env.roster.seat(chosen)
+    nodes = [env.roster.node(int(c)) for c in chosen]
     env.assign_ranks(chosen)
     messages = list(
-        env.strategy.configure_train(
-            server_round, to_record(base), _config(env.scenario), Participants(env.grid, nodes)
-        )
+        env.strategy.configure_train(server_round, to_record(base), _train_config(env), Participants(env.grid, nodes))
     )
     sent = _sent_states(messages)
     if env.downlink:  # one rank for all (checked at load): what each node holds is `base`
-        messages = [_down_message(env.downlink, env.node_to_client[m.metadata.dst_node_id], m) for m in messages]
+        messages = [_down_message(env.downlink, env.roster.client(m.metadata.dst_node_id), m) for m in messages]
     sizes = _bytes_by_node(messages)  # what a device is sent: without the simulation's client id
-    return Outgoing(_named(env, messages), sent, sizes)
+    return Outgoing(with_packs(env.scenario, _named(env, messages), server_round), sent, sizes)  # packing on: packs
 
 
 def send(env: RoundEnv, messages: Iterable[Message], check: Callable[[Message], Checked]) -> Replies:
@@ -368,7 +399,7 @@ def send(env: RoundEnv, messages: Iterable[Message], check: Callable[[Message], 
     if not sent:
         return Replies([], [], {})
     replies, round_trips = timed_send_and_receive(env.grid, sent, env.scenario.simulation.round_timeout_s)
-    checked = sorted((check(r) for r in replies), key=lambda c: env.node_to_client[_node(c)])
+    checked = sorted((check(r) for r in replies), key=lambda c: env.roster.client(_node(c)))
     answered = {_node(c) for c in checked}
     silent = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
     return Replies(checked, silent, round_trips)
@@ -416,7 +447,7 @@ def _named(env: RoundEnv, messages: list[Message]) -> list[Message]:
     named = []
     for m in messages:
         records = dict(m.content.items())
-        cid = env.node_to_client[m.metadata.dst_node_id]
+        cid = env.roster.client(m.metadata.dst_node_id)
         records[CONFIG_RECORD] = ConfigRecord({**m.content.config_records[CONFIG_RECORD], CLIENT_ID: cid})
         named.append(with_content(m, RecordDict(records)))
     return named
@@ -438,7 +469,7 @@ def check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) ->
     if problem := _identity_problem(env, reply):
         return Checked(reply, "rejected", problem)
     if not reply.has_error() and env.pruning is not None and PRUNE_RECORD in reply.content.config_records:
-        held = env.pruning.held(env.node_to_client[node])
+        held = env.pruning.held(env.roster.client(node))
         try:
             keep = Keep.from_json(str(reply.content[PRUNE_RECORD][FINAL_KEEP]))
             sent[node] = slice_adapter(sent[node], keep.within(held) if held is not None else keep)
@@ -448,6 +479,12 @@ def check_train(env: RoundEnv, reply: Message, sent: dict[int, AdapterState]) ->
         problem = _kept_rank_problem(env, reply, sent)
         if problem:
             return Checked(reply, "rejected", problem)
+    if not reply.has_error() and env.privacy is not None and env.privacy.adaptive is not None:
+        bit = reply.content.config_records[DP_RECORD].get(BELOW_CLIP) if DP_RECORD in reply.content else None
+        if isinstance(bit, bool) or bit not in (0, 1):
+            return Checked(
+                reply, "rejected", f"adaptive clipping needs the reply's {DP_RECORD}.{BELOW_CLIP}, 0 or 1: got {bit!r}"
+            )
     return check_train_reply(reply, env.strategy.uploaded(sent[node]))
 
 
@@ -464,7 +501,7 @@ def _identity_problem(env: RoundEnv, reply: Message) -> str:
     if reply.has_error() or METRICS_RECORD not in reply.content.metric_records:
         return ""
     claimed = reply.content.metric_records[METRICS_RECORD].get(CLIENT_ID)
-    addressed = env.node_to_client[reply.metadata.src_node_id]
+    addressed = env.roster.client(reply.metadata.src_node_id)
     if claimed is None or claimed == addressed:
         return ""
     return f"the reply says it is from client {claimed!r}, but its node was addressed as client {addressed}"
@@ -475,7 +512,7 @@ def _kept_rank_problem(env: RoundEnv, reply: Message, sent: dict[int, AdapterSta
     the client was sent], from a client the strategy asked to self-prune. A smaller one cuts
     `sent[node]` to it (`strategies.hetlora.drop_tail`), as the client cut what it received."""
     node = reply.metadata.src_node_id
-    if not env.strategy.instructions(env.rank(env.node_to_client[node])).get(SELF_PRUNE, False):
+    if not env.strategy.instructions(env.rank(env.roster.client(node))).get(SELF_PRUNE, False):
         return (
             f"the reply names a kept rank (its {RANK_RECORD!r} record), but "
             f"{type(env.strategy).__name__} asks for no rank self-pruning"
@@ -510,11 +547,11 @@ def _sent_states(messages: list[Message]) -> dict[int, AdapterState]:
 def problem_rows(env: RoundEnv, replies: Replies, server_round: int, kind: str) -> list[Row]:
     """A row for each node that never answered and each reply that is not ok."""
     rows = [
-        _base_row(env, env.node_to_client[n], server_round, kind, "failed", "no reply before the round timeout")
+        _base_row(env, env.roster.client(n), server_round, kind, "failed", "no reply before the round timeout")
         for n in replies.silent
     ]
     return rows + [
-        _base_row(env, env.node_to_client[_node(c)], server_round, kind, c.status, c.reason)
+        _base_row(env, env.roster.client(_node(c)), server_round, kind, c.status, c.reason)
         for c in replies.checked
         if c.status != "ok"
     ]
@@ -525,19 +562,21 @@ def problem_rows(env: RoundEnv, replies: Replies, server_round: int, kind: str) 
 
 def time_replies(env: RoundEnv, ok: list[Checked], bytes_down: dict[int, int], round_trips: dict[int, float]) -> Timing:
     """Each ok reply's compute and link seconds — from its device (simulated) or its measured
-    round trip (measured) — and the first per_round finishers within the deadline, kept."""
+    round trip (measured) — and the first per_round finishers within the deadline, kept (central
+    DP: every one within the deadline; the Poisson sample has no fixed size)."""
     s = env.scenario
     if env.measured:  # the client's reported training time, the rest of the round trip
         compute = np.array([float(reply_metric(c.message, WALL_TIME_S)) for c in ok])
         trips = np.array([round_trips.get(_node(c), 0.0) for c in ok])
         comm = np.maximum(trips - compute, 0.0)
     else:
-        cids = np.array([env.node_to_client[_node(c)] for c in ok], dtype=np.int64)
+        cids = np.array([env.roster.client(_node(c)) for c in ok], dtype=np.int64)
         up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
         down = np.array([bytes_down[_node(c)] for c in ok], dtype=np.int64)
         compute = np.array([float(reply_metric(c.message, FLOPS)) for c in ok]) / env.fleet.flops[cids]
         comm = comm_seconds(down, up, env.fleet.down_bps[cids], env.fleet.up_bps[cids])
-    return Timing(compute, comm, keep_first_finishers(compute + comm, s.clients.per_round, s.fleet.deadline_s))
+    k = len(ok) if env.privacy is not None and env.privacy.central else s.clients.per_round
+    return Timing(compute, comm, keep_first_finishers(compute + comm, k, s.fleet.deadline_s))
 
 
 def aggregate(
@@ -550,15 +589,55 @@ def aggregate(
     return from_record(arrays) if arrays is not None else None
 
 
-def best_alpha(env: RoundEnv, sent: dict[int, AdapterState], replies: list[Checked], server_round: int) -> float:
+def best_alpha(env: RoundEnv, combined: Callable[[float], AdapterState | None]) -> float:
     """ComPEFT's α tuned by the server: clients encode with α = 1, so their kept entries are ±σ
     and a decoded update times α is exactly what they would have sent with α. Each α of the
-    grid is aggregated and scored by the held-out loss (`RoundEnv.score`); the best is returned."""
+    grid is aggregated (`combined(α)`; with privacy on, the global adapter moved by α·D̄) and
+    scored by the held-out loss (`RoundEnv.score`); the best is returned."""
     assert env.score is not None
     losses = {
-        a: env.score(aggregate(env, sent, replies, server_round, a) or {}) for a in env.scenario.compression.alpha_grid
-    }  # replies ≠ [], so never {}
+        a: env.score(combined(a) or {}) for a in env.scenario.compression.alpha_grid
+    }  # never {}: asked with updates
     return min(losses, key=lambda a: (losses[a], a))
+
+
+def private_mean(env: RoundEnv, base: AdapterState, kept: list[Checked], server_round: int) -> AdapterState:
+    """DP-FedAvg's noised mean D̄ of the kept updates (`PrivacyBook.noised_mean`), each in the global
+    adapter's coordinates (`fedsim.privacy.to_global`: B folded to s_g, ranks zero-padded to r_max, a
+    pruned client's slice scattered back, zeros where it holds nothing), over the factors the strategy
+    collects."""
+    book, strategy = env.privacy, env.strategy
+    assert book is not None
+    like = {k: torch.zeros_like(v) for k, v in strategy.uploaded(split_state(base)[0]).items()}
+    s_g, updates = strategy.scale(strategy.r_max), []
+    for c in kept:
+        assert c.update is not None  # ok replies carry their decoded update
+        updates.append(to_global(c.update, strategy.scale(update_rank(c.update)), s_g, like, _reply_keep(c.message)))
+    return book.noised_mean(updates, like, server_round)
+
+
+def aggregate_private(
+    env: RoundEnv, base: AdapterState, mean: AdapterState, server_round: int, factor: float
+) -> AdapterState | None:
+    """The strategy's `aggregate_train` over one pseudo-client: the global adapter `base` moved by
+    factor·D̄ (`mean`), at r_max, unpruned, of weight 1. FedIT (and Flower's optimisers on it),
+    FFA-LoRA and FedSA-LoRA then apply exactly factor·D̄: their rule over one client of weight 1 is
+    that client's adapter (an optimiser steps by it minus the current one)."""
+    moved = {k: v + factor * mean[k] if k in mean else v for k, v in split_state(base)[0].items()}
+    metrics = MetricRecord({**{k: 0.0 for k in TRAIN_METRICS}, NUM_EXAMPLES: 1.0})
+    content = RecordDict({ARRAYS_RECORD: to_record(moved), METRICS_RECORD: metrics})
+    meta = Metadata(
+        run_id=0, message_id="", src_node_id=0, dst_node_id=0, reply_to_message_id="", group_id=str(server_round),
+        created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
+    )  # fmt: skip
+    arrays, _ = env.strategy.aggregate_train(server_round, [make_message(meta, content)])
+    return from_record(arrays) if arrays is not None else None
+
+
+def indicator_bits(kept: list[Checked]) -> list[float]:
+    """Adaptive clipping's bits b_k of the kept replies (`check_train` validated them; [] without)."""
+    records = [c.message.content.config_records.get(DP_RECORD) for c in kept]
+    return [1.0 if r[BELOW_CLIP] == 1 else 0.0 for r in records if r is not None]
 
 
 def record(
@@ -575,7 +654,7 @@ def record(
     s = env.scenario
     rows = []
     for i, c in enumerate(ok):
-        cid, kept = env.node_to_client[_node(c)], bool(timing.kept[i])
+        cid, kept = env.roster.client(_node(c)), bool(timing.kept[i])
         row = _base_row(
             env,
             cid,
@@ -740,6 +819,13 @@ def _config(scenario: Scenario) -> ConfigRecord:
     return ConfigRecord({SCENARIO: scenario.to_json()})
 
 
+def _train_config(env: RoundEnv) -> ConfigRecord:
+    """A train message's config: the scenario and, privacy on, the round's DP entries (`PrivacyBook.client_config`)."""
+    book, strategy = env.privacy, env.strategy
+    extra = book.client_config(strategy.scale(strategy.r_max)) if book is not None else {}
+    return ConfigRecord({SCENARIO: env.scenario.to_json(), **extra})
+
+
 # --- federated evaluation ------------------------------------------------------------------
 
 
@@ -748,12 +834,13 @@ def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: flo
     s = env.scenario
     if s.clients.eval_per_round == 0:
         return []
-    ids = np.array(sorted(env.clients), dtype=np.int64)
+    ids = env.roster.ids
     online = ids if env.measured else ids[env.fleet.availability.online(ids, t_now, server_round)]
     chosen = sample_clients(online, s.clients.eval_per_round, s.seed, server_round, "eval")
-    nodes = [env.clients[c] for c in chosen]
-    if not nodes:
+    if not chosen:
         return []
+    env.roster.seat(chosen)
+    nodes = [env.roster.node(c) for c in chosen]
     env.assign_ranks(chosen)
     messages = env.strategy.configure_evaluate(
         server_round, to_record(state), _config(s), Participants(env.grid, nodes)
@@ -762,7 +849,7 @@ def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: flo
     rows = problem_rows(env, replies, server_round, "eval_client")
     for c in replies.ok:
         m = c.message
-        row = _base_row(env, env.node_to_client[_node(c)], server_round, "eval_client", "ok")
+        row = _base_row(env, env.roster.client(_node(c)), server_round, "eval_client", "ok")
         row.update(
             num_examples=int(reply_metric(m, NUM_EXAMPLES)),
             loss=float(reply_metric(m, LOSS)),

@@ -1,29 +1,27 @@
-"""The dashboard served over real HTTP on an ephemeral port, against fake run directories."""
+"""The dashboard served over real HTTP on an ephemeral port: what the server itself answers (the
+page shell, its local assets, HEAD, the JSON API, the router's callback), bad input (traversal,
+injection, corrupt files) and a browser that goes away. tests/dashboards/test_browser.py drives the
+pages in Chromium."""
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
 import socket
-import threading
+import struct
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
-from PIL import Image
-from tests_support.fake_runs import write_run
+from dashboard_runs import EVIL, Served, make_root, served
 
-from dashboards.app import main, route, serve
-from fedsim.results.plots import SIZE_PX
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-EVIL = "<script>alert(1)"
+from dashboards import app as dashboard_app
+from dashboards.app import main, page
 
 
 @dataclass(frozen=True)
@@ -36,217 +34,183 @@ class Reply:
     def text(self) -> str:
         return self.body.decode()
 
+    def json(self) -> Any:
+        return json.loads(self.body)
 
-@dataclass(frozen=True)
-class Dashboard:
-    base: str
-    root: Path
 
-    def get(self, path: str) -> Reply:
-        try:
-            with urllib.request.urlopen(self.base + path, timeout=10) as response:
-                return Reply(response.status, response.headers["Content-Type"], response.read())
-        except urllib.error.HTTPError as error:
-            return Reply(error.code, error.headers["Content-Type"], error.read())
+def request(base: str, path: str, method: str = "GET", data: bytes | None = None) -> Reply:
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return Reply(response.status, response.headers["Content-Type"] or "", response.read())
+    except urllib.error.HTTPError as error:
+        return Reply(error.code, error.headers["Content-Type"] or "", error.read())
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
-    root = tmp_path_factory.mktemp("runs")
-    outside = tmp_path_factory.mktemp("outside")
-    write_run(
-        root, "alpha", [0.25, 0.5, 0.75, 0.625], events=[{"event": "run_start"}, {"event": "round_end", "round": 3}]
-    )
-    write_run(root, "beta", [0.125, 0.375, 0.5], strategy="flexlora")
-    write_run(root, "gamma", [0.0, 0.5], sim_time=True)
-    write_run(root, "broken", [0.5]).joinpath("metrics.parquet").write_bytes(b"this is not parquet")
-    write_run(root, EVIL, [0.5, 0.5], scenario='# </script><script>alert(2)</script>\nname = "<script>alert(3)"\n')
-    # A run outside the root, reachable only through a symlink; a run whose scenario links out.
-    write_run(outside, "elsewhere", [0.5, 0.5])
-    (root / "escape").symlink_to(outside / "elsewhere", target_is_directory=True)
-    (outside / "secret.txt").write_text("TOPSECRET")
-    leaky = write_run(root, "leaky", [0.5, 0.5])
-    (leaky / "scenario.toml").unlink()
-    (leaky / "scenario.toml").symlink_to(outside / "secret.txt")
-    # alpha changed last, beta just before it: the index lists alpha, then beta, then the rest.
-    for age, name in enumerate(["alpha", "beta"]):
-        for path in [root / name, root / name / "metrics.parquet", root / name / "events.jsonl"]:
-            os.utime(path, (4_000_000_000 - age, 4_000_000_000 - age))
-
-    server = serve(root, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Dashboard(f"http://127.0.0.1:{server.server_address[1]}", root)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = make_root(tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("outside"))
+    with served(root) as s:
+        yield s
 
 
-def _row(page: str, name: str) -> str:
-    """The index table row of run `name`."""
-    rows = [row for row in re.findall(r"<tr>.*?</tr>", page, re.S) if f">{name}</a>" in row]
-    assert len(rows) == 1, f"expected one row for {name}, found {len(rows)}"
-    return rows[0]
+def routed(s: Served, pathname: str, search: str = "") -> Reply:
+    """What the router's callback answers for an address, through Dash's own endpoint (as the
+    browser asks it)."""
+    payload = {
+        "output": "page.children",
+        "outputs": {"id": "page", "property": "children"},
+        "inputs": [
+            {"id": "url", "property": "pathname", "value": pathname},
+            {"id": "url", "property": "search", "value": search},
+        ],
+        "changedPropIds": ["url.pathname"],
+        "state": [],
+    }
+    return request(s.base, "/_dash-update-component", "POST", json.dumps(payload).encode())
 
 
-def _cells(row: str) -> list[str]:
-    return re.findall(r"<td>(.*?)</td>", row)
-
-
-def test_index_lists_runs_with_final_and_best_accuracy(dashboard: Dashboard) -> None:
-    reply = dashboard.get("/")
+def test_the_page_shell_loads_only_local_scripts_and_styles(dashboard: Served) -> None:
+    reply = request(dashboard.base, "/")
 
     assert reply.status == 200 and reply.content_type.startswith("text/html")
-    alpha, beta = _row(reply.text, "alpha"), _row(reply.text, "beta")
-    # numeric cells: rounds, final accuracy, best accuracy, wall time, updated
-    assert _cells(alpha)[:4] == ["3 / 3", "0.625", "0.75", "31.5"]
-    assert _cells(beta)[:4] == ["2 / 2", "0.5", "0.5", "21.5"]
-    assert "flexlora" in beta and "tiny-llama" in alpha and "sentiment" in alpha
-    assert 'href="/run/alpha"' in alpha and 'name="run" value="alpha"' in alpha
-
-
-def test_index_lists_most_recently_changed_first(dashboard: Dashboard) -> None:
-    page = dashboard.get("/").text
-
-    names = re.findall(r'<input type="checkbox" name="run" value="([^"]*)">', page)
-
-    assert names[:2] == ["alpha", "beta"]
-    assert {"gamma", "broken", "leaky"} <= set(names)
-
-
-def test_pages_reload_every_10_s_unless_paused(dashboard: Dashboard) -> None:
-    assert '<meta http-equiv="refresh" content="10">' in dashboard.get("/").text
-    assert '<meta http-equiv="refresh" content="10">' in dashboard.get("/run/alpha").text
-    assert 'http-equiv="refresh"' not in dashboard.get("/run/alpha?refresh=0").text
-
-
-def test_run_page_shows_round_table_clients_events_and_scenario(dashboard: Dashboard) -> None:
-    reply = dashboard.get("/run/alpha")
-
-    assert reply.status == 200
-    page = reply.text
-    for value in ["0.625", "0.75", "1.25", "2.75", "1.75", "31.5"]:  # accuracies, losses, wall time
-        assert f"<td>{value}</td>" in page
-    assert "Clients in round 3" in page and "eval_client" in page
-    assert "run_start" in page and "round_end" in page
-    assert "<pre>name = &quot;alpha&quot;" in page and "[strategy]" in page
-
-
-def test_run_page_images_are_pngs(dashboard: Dashboard) -> None:
-    sources = re.findall(r'<img src="([^"]+)"', dashboard.get("/run/alpha").text)
-
-    assert sources == ["/run/alpha/plot/accuracy.png", "/run/alpha/plot/loss.png"]
+    sources = re.findall(r'<(?:script|link)[^>]+(?:src|href)="([^"]+)"', reply.text)
+    assert sources and all(s.startswith("/") and not s.startswith("//") for s in sources), sources
+    assert "/assets/style.css" in " ".join(sources) and "dashAgGridFunctions.js" in " ".join(sources)
     for source in sources:
-        reply = dashboard.get(source)
-        assert reply.status == 200 and reply.content_type == "image/png"
-        assert reply.body.startswith(PNG_SIGNATURE) and len(reply.body) > 5_000
-        assert Image.open(io.BytesIO(reply.body)).size == SIZE_PX
+        assert request(dashboard.base, source).status == 200, source
+    config = json.loads(
+        re.search(r'<script id="_dash-config" type="application/json">(.*?)</script>', reply.text, re.S)[1]
+    )  # type: ignore[index]
+    assert config["serve_locally"] is True
 
 
-def test_sim_time_plot_appears_only_when_the_metrics_have_sim_time(dashboard: Dashboard) -> None:
-    page = dashboard.get("/run/gamma").text
+def test_plotly_js_comes_from_the_installed_package(dashboard: Served) -> None:
+    import plotly
 
-    assert '<img src="/run/gamma/plot/sim_time.png"' in page
-    assert dashboard.get("/run/gamma/plot/sim_time.png").body.startswith(PNG_SIGNATURE)
-    assert dashboard.get("/run/alpha/plot/sim_time.png").status == 404
+    reply = request(dashboard.base, "/_dash-component-suites/plotly/package_data/plotly.min.js")  # what dcc.Graph loads
+
+    local = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    assert reply.status == 200 and reply.body == local.read_bytes()
 
 
-def test_api_run_has_rounds_accuracy_and_clients(dashboard: Dashboard) -> None:
-    reply = dashboard.get("/api/run/alpha")
+@pytest.mark.parametrize("path", ["/", "/api/runs", "/api/run/alpha", "/assets/style.css"])
+def test_head_is_answered_like_get_without_a_body(dashboard: Served, path: str) -> None:
+    reply = request(dashboard.base, path, "HEAD")
 
-    assert reply.status == 200 and reply.content_type == "application/json"
-    data = json.loads(reply.body)
-    assert [r["round"] for r in data["rounds"]] == [0, 1, 2, 3]
-    assert [r["central_accuracy"] for r in data["rounds"]] == [0.25, 0.5, 0.75, 0.625]
+    assert reply.status == 200 and reply.body == b""
+
+
+def test_api_runs_lists_runs_at_any_depth_with_status(dashboard: Served) -> None:
+    runs = {r["name"]: r for r in request(dashboard.base, "/api/runs").json()}
+
+    assert {"alpha", "beta", "live", "fedspine-tiny", "tiny-compare/fedit-seed0", "tiny-compare/flexlora-seed1"} <= set(
+        runs
+    )
+    assert "escape" not in runs and not any(name.startswith("escape/") for name in runs)
+    assert runs["alpha"]["status"] == "finished" and runs["live"]["status"] == "running"
+    assert runs["alpha"]["final_accuracy"] == 0.625 and runs["alpha"]["best_accuracy"] == 0.75
+    assert runs["tiny-compare/flexlora-seed1"]["folder"] == "tiny-compare"
+    assert runs["broken"]["final_accuracy"] is None and "cannot read metrics.parquet" in runs["broken"]["errors"][0]
+
+
+def test_api_run_has_rounds_clients_events_and_scenario(dashboard: Served) -> None:
+    data = request(dashboard.base, "/api/run/tiny-compare/fedit-seed1").json()
+
+    assert [r["central_accuracy"] for r in data["rounds"]] == [0.25, 0.375, 0.75]
     assert data["rounds"][0]["train_loss"] is None  # NaN in the table, null in JSON
-    assert data["summary"]["final_accuracy"] == 0.625 and data["summary"]["best_accuracy"] == 0.75
-    assert sorted(r["client_id"] for r in data["clients_last_round"]) == [0, 1, 2]
-    assert data["scenario"]["strategy"]["name"] == "fedit"
-
-
-def test_api_runs_lists_every_run(dashboard: Dashboard) -> None:
-    data = json.loads(dashboard.get("/api/runs").body)
-
-    by_name = {run["name"]: run for run in data}
-    assert by_name["beta"]["final_accuracy"] == 0.5 and by_name["beta"]["strategy"] == "flexlora"
-    assert by_name["broken"]["final_accuracy"] is None and by_name["broken"]["errors"]
-    assert "escape" not in by_name
+    assert data["scenario"]["strategy"]["name"] == "fedit" and data["summary"]["seed"] == 1
+    assert sorted({c["client_id"] for c in data["clients_last_round"]}) == [0, 2, 3, 4, 5]
+    assert data["events"][-1]["event"] == "run_end"
 
 
 @pytest.mark.parametrize(
     "path",
-    [
-        "/run/nope",
-        "/run/..",
-        "/run/%2e%2e",
-        "/run/..%2F..%2Fetc",
-        "/run/%2Fetc",
-        "/run/../alpha",
-        "/run/escape",  # a symlink out of the root
-        "/run/alpha/plot/nope.png",
-        "/api/run/..",
-        "/api/run/nope",
-        "/nowhere",
-    ],
+    ["nope", "..", "%2e%2e", "..%2F..%2Fetc", "%2Fetc", "../alpha", "escape", "escape/..", "alpha/..", "tiny-compare"],
 )
-def test_unknown_or_escaping_paths_are_404(dashboard: Dashboard, path: str) -> None:
-    assert dashboard.get(path).status == 404
+def test_unknown_or_escaping_runs_are_404_in_the_api(dashboard: Served, path: str) -> None:
+    reply = request(dashboard.base, "/api/run/" + path)
+
+    assert reply.status == 404 and "no run named" in reply.json()["error"]
 
 
-def test_unknown_run_page_says_so(dashboard: Dashboard) -> None:
-    reply = dashboard.get("/run/nope")
+@pytest.mark.parametrize(
+    "pathname",
+    ["/run/nope", "/run/..", "/run/%2e%2e/etc", "/run/..%2F..%2Fetc", "/run/escape", "/run/a%00b", "/nowhere"],
+)
+def test_unknown_or_escaping_addresses_route_to_not_found(dashboard: Served, pathname: str) -> None:
+    reply = routed(dashboard, pathname)
 
-    assert "no run named &#x27;nope&#x27;" in reply.text
-    assert json.loads(dashboard.get("/api/run/nope").body) == {"error": f"no run named 'nope' under {dashboard.root}"}
-
-
-def test_symlinks_out_of_the_root_are_not_followed(dashboard: Dashboard) -> None:
-    assert "escape" not in dashboard.get("/").text
-    leaky = dashboard.get("/run/leaky")
-    assert leaky.status == 200 and "TOPSECRET" not in leaky.text and "no scenario.toml" in leaky.text
+    assert reply.status == 200 and '"not-found"' in reply.text and "TOPSECRET" not in reply.text
 
 
-def test_corrupt_metrics_show_an_error_on_the_run_page_and_index_still_works(dashboard: Dashboard) -> None:
-    page = dashboard.get("/run/broken")
-    index = dashboard.get("/")
+def test_a_compare_folder_routes_to_its_comparison(dashboard: Served) -> None:
+    text = routed(dashboard, "/run/tiny-compare").text
 
-    assert page.status == 200 and "cannot read metrics.parquet" in page.text and "<img" not in page.text
-    assert index.status == 200 and "cannot read metrics.parquet" in _row(index.text, "broken")
-    assert dashboard.get("/run/broken/plot/accuracy.png").status == 404
-
-
-def test_names_and_scenario_from_files_are_escaped(dashboard: Dashboard) -> None:
-    index = dashboard.get("/").text
-    page = dashboard.get("/run/" + quote(EVIL, safe="")).text
-
-    assert "<script" not in index and "<script" not in page
-    assert "&lt;script&gt;alert(1)" in index
-    assert "&lt;/script&gt;&lt;script&gt;alert(2)" in page
+    assert "Compare 4 runs of tiny-compare" in text and "cmp-graph" in text
+    assert "Compare 2 runs" in routed(dashboard, "/compare", "?run=alpha&run=tiny-compare%2Ffedit-seed0").text
+    assert '"not-found"' in routed(dashboard, "/compare", "?run=alpha&run=..").text
+    assert "Nothing to compare" in routed(dashboard, "/compare").text
 
 
-@pytest.mark.parametrize("query", ["runs=alpha,beta", "run=alpha&run=beta"])
-def test_compare_plots_and_tabulates_the_chosen_runs(dashboard: Dashboard, query: str) -> None:
-    reply = dashboard.get("/compare?" + query)
+def test_symlinked_files_are_not_read(dashboard: Served) -> None:
+    leaky = routed(dashboard, "/run/leaky").text
 
-    assert reply.status == 200
-    final = re.search(r"final central accuracy</th>(.*?)</tr>", reply.text)
-    assert final is not None and re.findall(r"<td>(.*?)</td>", final.group(1)) == ["0.625", "0.5"]
-    (source,) = re.findall(r'<img src="([^"]+)"', reply.text)
-    plot = dashboard.get(source.replace("&amp;", "&"))
-    assert plot.status == 200 and Image.open(io.BytesIO(plot.body)).size == SIZE_PX
+    assert "TOPSECRET" not in leaky and "no scenario.toml" in leaky
+    assert "TOPSECRET" not in request(dashboard.base, "/api/run/leaky").text
 
 
-def test_compare_rejects_unknown_runs_and_empty_choices(dashboard: Dashboard) -> None:
-    assert dashboard.get("/compare?runs=alpha,nope").status == 404
-    assert dashboard.get("/compare").status == 400
+def test_corrupt_metrics_are_an_error_on_the_run_page_not_a_failure(dashboard: Served) -> None:
+    reply = routed(dashboard, "/run/broken")
+
+    assert reply.status == 200 and "cannot read metrics.parquet" in reply.text
+    assert request(dashboard.base, "/api/runs").status == 200
 
 
-def test_empty_root_says_there_are_no_runs(tmp_path: Path) -> None:
-    response = route(tmp_path / "not-yet", "/")
+def test_names_and_scenarios_from_files_never_reach_the_page_as_markup(dashboard: Served) -> None:
+    """React renders strings as text; the server must not put them into HTML itself."""
+    shell = request(dashboard.base, "/run/" + quote(EVIL, safe="")).text
+    run = routed(dashboard, "/run/" + quote(EVIL, safe=""))
 
-    assert response.status == 200 and b"No runs under" in response.body
+    assert EVIL not in shell and "alert(1)" not in shell
+    data = run.json()["response"]["page"]["children"]
+    assert EVIL in json.dumps(data)  # as a JSON string, for React to render as text
+    assert '"dangerouslySetInnerHTML"' not in run.text and '"type": "Markdown"' not in run.text
+
+
+def test_the_router_says_when_there_are_no_runs(tmp_path: Path) -> None:
+    layout = page(tmp_path / "not-yet", "/", "", 5.0)
+
+    assert "No runs under" in json.dumps(layout.to_plotly_json(), default=str)
+
+
+def test_a_browser_going_away_leaves_no_traceback(dashboard: Served, capfd: pytest.CaptureFixture[str]) -> None:
+    host, port = dashboard.base.removeprefix("http://").split(":")
+    for partial in (
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+        b"GET /_dash-component-suites/dash/dcc/async-plotlyjs.js HTTP/1.1\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(partial)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+
+    assert request(dashboard.base, "/api/runs").status == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err
+
+
+def test_a_failing_request_is_a_500_and_the_server_keeps_serving(
+    dashboard: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(root: Path) -> list[object]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dashboard_app, "list_runs", broken)
+    failed = request(dashboard.base, "/api/runs")
+    monkeypatch.undo()
+
+    assert failed.status == 500 and request(dashboard.base, "/api/runs").status == 200
 
 
 def test_main_reports_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -260,15 +224,14 @@ def test_main_reports_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_a_failing_page_is_a_500_and_the_server_keeps_serving(
-    dashboard: Dashboard, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("host", "warned"), [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_main_warns_when_listening_beyond_this_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, host: str, warned: bool
 ) -> None:
-    def broken(root: Path) -> list[object]:
-        raise RuntimeError("boom <b>")
+    monkeypatch.setattr(dashboard_app, "run_forever", lambda server: server.server_close())
 
-    monkeypatch.setattr("dashboards.app.list_runs", broken)
-    failed = dashboard.get("/")
-    monkeypatch.undo()
+    code = main([str(tmp_path), "--host", host, "--port", "0"])
 
-    assert failed.status == 500 and "RuntimeError: boom &lt;b&gt;" in failed.text
-    assert dashboard.get("/").status == 200
+    out = capsys.readouterr()
+    assert code == 0 and "fedsim dashboard: http://" in out.out
+    assert ("without authentication" in out.err) is warned

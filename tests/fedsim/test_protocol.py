@@ -31,6 +31,11 @@ OTHER_MEANINGS: dict[str, set[str]] = {
     "fedsim/pruning/structure.py": {"config"},  # transformers' `model.config`
     "fedsim/config/scenario.py": {"scenario"},  # how a config error names its input
     "fedsim/runtime/server_app.py": {"scenario"},  # a run-config key of the ServerApp
+    "fedsim/privacy/book.py": {"delta"},  # the privacy event's δ
+    "clients/app.py": {"dp-local-noise"},  # the name of the local-DP noise stream (`noise_generator`)
+    "fedsim/results/report.py": {"delta"},  # the privacy event's δ
+    "fedsim/server/federation.py": {"delta"},  # the privacy event's δ
+    "fedsim/results/tracking.py": {"scenario"},  # a TensorBoard text tag
 }
 
 

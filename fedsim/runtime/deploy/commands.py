@@ -216,7 +216,9 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     warm = args.clientapp == "warm"
     node = together.start(
         "flower-supernode",
-        supernode_command(args.superlink, plan.node_config(), args.ca, args.key, port, _flower_args(args), warm),
+        supernode_command(
+            args.superlink, plan.node_config(), args.ca, args.key, port, _flower_args(args), warm, args.poll
+        ),
     )
     try:
         wait_for_port(port, node)
@@ -282,6 +284,8 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`fedsim deploy ...` and `fedsim supernode` on the CLI's subcommands."""
+    from fedsim.runtime.deploy.flower import FLOWER_POLL_S, SUPERNODE_POLL_S
+
     deploy = sub.add_parser(
         "deploy",
         help="deploy the ClientApp on real Flower SuperNodes (TLS + node auth)",
@@ -419,6 +423,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default="warm",
         help="warm: each message in a process forked from one that has imported torch & co (default); fresh: a new "
         "flwr-clientapp process per message, Flower's default (slower)",
+    )
+    node.add_argument(
+        "--poll",
+        type=float,
+        default=SUPERNODE_POLL_S,
+        metavar="S",
+        help=f"after a message, ask the SuperLink for the next one S seconds later, each further wait 1.25 times "
+        f"longer up to Flower's {FLOWER_POLL_S:g} s (default: {SUPERNODE_POLL_S:g}); {FLOWER_POLL_S:g} or more: "
+        "Flower's SuperNode as it is",
     )
     node.add_argument(
         "--tries", type=int, default=30, help="times to try the SuperLink, 2 s apart, before giving up (default: 30)"

@@ -19,6 +19,8 @@ from fedsim.runtime.deploy.errors import DeployError
 
 PUBLIC_PORT = 9093  # where SuperNodes connect: the proxy (with --insecure, the SuperLink itself)
 LOCAL_PORT = 9092  # the TLS SuperLink on 127.0.0.1: Fleet (from the proxy), Control (`flwr`), Runtime
+FLOWER_POLL_S = 3.0  # an idle Flower SuperNode asks the SuperLink for work this often
+SUPERNODE_POLL_S = 0.2  # fedsim's SuperNode asks this soon after a message (`fedsim.runtime.deploy.polling`)
 # The `flwr` connection fedsim writes. Not a folder name a checkout would have: `flwr` reads an
 # argument naming a folder with a pyproject.toml as an app, so "fedsim" clashed with a fedsim checkout.
 CONNECTION = "fedsim-superlink"
@@ -83,14 +85,22 @@ def supernode_command(
     runtime_port: int,
     extra: Sequence[str] = (),
     warm: bool = True,
+    poll_s: float = SUPERNODE_POLL_S,
 ) -> list[str]:
     """`flower-supernode` for one partition (`node_config`: `NodePlan.node_config()`): TLS with `ca`
     and authentication with `key`, or `--insecure` when both are None. With `warm` its ClientApps
     run in fedsim's warm runner (`--isolation process`, `fedsim.runtime.deploy.warm`), which talks
     to the node's local Runtime API on 127.0.0.1:`runtime_port` (one per SuperNode on a machine);
-    else in a new `flwr-clientapp` process per message (Flower's default, `subprocess`)."""
+    else in a new `flwr-clientapp` process per message (Flower's default, `subprocess`). With
+    `poll_s` under Flower's 3 s, the node asks for its next message `poll_s` after a message,
+    backing off to 3 s (`fedsim.runtime.deploy.polling`); else it polls as Flower does."""
+    node = (
+        [sys.executable, "-m", "fedsim.runtime.deploy.polling", str(poll_s)]
+        if poll_s < FLOWER_POLL_S
+        else [flower_bin("flower-supernode")]
+    )
     cmd = [
-        flower_bin("flower-supernode"),
+        *node,
         "--superlink",
         superlink,
         "--node-config",

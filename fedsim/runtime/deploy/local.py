@@ -87,8 +87,10 @@ class LocalFederation:
         key: NodeKey | None,
         overrides: Sequence[str] = (),
         clientapp: str = "warm",
+        poll_s: float | None = None,
     ) -> list[str]:
-        """`fedsim supernode` (the checking wrapper) for `partition`, with its own runtime port."""
+        """`fedsim supernode` (the checking wrapper) for `partition`, with its own runtime port
+        (`clientapp` and `poll_s`: its --clientapp and --poll, None = the default)."""
         cmd = [
             sys.executable, "-m", "fedsim.cli", "supernode", str(scenario), "--partition", str(partition),
             "--superlink", self.address,
@@ -99,6 +101,7 @@ class LocalFederation:
             if self.certs is None or key is None
             else ["--ca", str(self.certs.ca), "--key", str(key.private)]
         )
+        cmd += ["--poll", str(poll_s)] if poll_s is not None else []
         return [*cmd, "--runtime-port", str(free_port()), "--clientapp", clientapp]
 
     def start_supernode(
@@ -109,11 +112,12 @@ class LocalFederation:
         overrides: Sequence[str] = (),
         name: str | None = None,
         clientapp: str = "warm",
+        poll_s: float | None = None,
     ) -> subprocess.Popen[bytes]:
         name = name or f"supernode-{partition}"
         home = self.workdir / name
         home.mkdir(exist_ok=True)
-        cmd = self.supernode_command(scenario, partition, key, overrides, clientapp)
+        cmd = self.supernode_command(scenario, partition, key, overrides, clientapp, poll_s)
         return self._spawn(cmd, f"{name}.log", self.env(home))
 
     def run_command(self, scenario: str | Path, overrides: Sequence[str], out: str | Path) -> list[str]:

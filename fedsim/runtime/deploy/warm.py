@@ -8,8 +8,9 @@ datasets again, about ten seconds on a small machine, before it trains for a fra
 SuperExec executors are `subprocess` and `kubernetes`), so `fedsim supernode` starts the SuperNode
 with `--isolation process` and runs `serve` beside it, in SuperExec's place:
 
-- it imports the heavy third-party packages once (`WARM_IMPORTS`), never fedsim or the app, so
-  every message still runs the ClientApp code of the run's app bundle (FAB), as Flower loads it;
+- it imports the heavy third-party packages once (`WARM_IMPORTS`); each child forgets the app's
+  own packages (`forget_app_modules`: this runner is itself part of `fedsim`), so every message
+  runs the ClientApp code of the run's app bundle (FAB), as Flower loads it;
 - it asks the SuperNode's Runtime API for a ClientApp task every `poll_s` seconds (Flower's
   `AcquireTask`, what SuperExec asks), and for each task forks a child that runs Flower's own
   `run_clientapp` with the task's token (what `flwr-clientapp --token` runs) and exits.
@@ -34,6 +35,8 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+from fedsim.runtime.deploy.polling import patch_clientapp_pull
+
 log = logging.getLogger(__name__)
 
 # What `clients.app` imports that costs time (docs/results/deploy-overhead.md): paid once here.
@@ -53,17 +56,40 @@ WARM_IMPORTS = (
 
 
 def warm_up(modules: tuple[str, ...] = WARM_IMPORTS) -> float:
-    """Import `modules`; the seconds it took."""
+    """Import `modules`, and wrap a one-layer Llama in PEFT's LoRA once, so that what transformers and
+    PEFT fill on first use (lazy imports, compiled patterns) is there before each fork; the seconds
+    it took."""
     start = time.perf_counter()
     for name in modules:
         importlib.import_module(name)
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]))
     return time.perf_counter() - start
+
+
+APP_PACKAGES = ("fedsim", "clients", "strategies", "dashboards")  # what a fedsim app bundle holds
+
+
+def forget_app_modules() -> None:
+    """Drop the app's packages from `sys.modules` (this runner is part of `fedsim`, so `fedsim` is
+    imported here), so that the ClientApp imports all of them from its run's app bundle."""
+    for name in [m for m in sys.modules if m.partition(".")[0] in APP_PACKAGES]:
+        del sys.modules[name]
 
 
 def run_task(runtime_api_address: str, token: str) -> None:
     """In a forked child: Flower's ClientApp run for one task, then exit with its code."""
     code = 1
     try:
+        forget_app_modules()
+        patch_clientapp_pull()
         run_clientapp(
             runtime_api_address=runtime_api_address,
             token=token,

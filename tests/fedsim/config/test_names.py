@@ -34,6 +34,12 @@ def test_a_strategy_refuses_pruned_clients_exactly_when_the_names_say_so_and_for
     assert {name: reason for name, reason in refusals.items() if reason} == names.PRUNING_REFUSED
 
 
+def test_the_strategies_whose_clients_keep_state_are_exactly_those_that_keep_their_own_b() -> None:
+    scenario = load_scenario(ROOT / "scenarios/tiny.toml")
+    keep_b = {name for name, build in STRATEGIES.items() if "B" not in type(build(scenario)).downloads}
+    assert keep_b == set(names.CLIENT_STATE) == {"fedsa_lora"}
+
+
 def test_validating_a_scenario_loads_neither_torch_nor_the_strategies() -> None:
     code = (
         "import sys; from fedsim.config.scenario import load_scenario; load_scenario('scenarios/tiny.toml'); "

@@ -70,3 +70,30 @@ def test_the_summary_says_how_many_held_out_examples_each_round_scored(tmp_path:
     more.add_rows(rows([48, 48, 256]))
     assert "held-out examples 32 each round" in summary_text(read_metrics(same.path), same.path)
     assert "held-out examples 48 in rounds 0-1, 256 in round 2" in summary_text(read_metrics(more.path), more.path)
+
+
+def test_a_private_run_shows_the_epsilon_it_spent_and_an_adaptive_one_its_clip(tmp_path: Path) -> None:
+    from fedsim.config.scenario import validate_scenario
+    from fedsim.results.report import round_table, summary_text
+    from fedsim.results.rundir import RunDir, read_metrics
+
+    rows = [
+        {"round": r, "client_id": -1, "kind": "eval_central", "loss": 1.0, "accuracy": 0.5, "wall_time_s": 1.0,
+         "sim_time_s": float(r), "dp_epsilon": 0.5 * r, **({"dp_clip": 1.0} if r else {})}
+        for r in (0, 1, 2)
+    ]  # fmt: skip
+    fixed, adaptive = (RunDir.create(tmp_path, validate_scenario({"name": n})) for n in ("fixed", "adaptive"))
+    fixed.add_rows(rows)
+    fixed.event("privacy", mode="central", delta=0.001)
+    adaptive.add_rows([{**r, "dp_unclipped": 0.4} if r["round"] else r for r in rows])
+
+    table = round_table(read_metrics(fixed.path))
+    assert table["dp_epsilon"].tolist() == [0.0, 0.5, 1.0] and "dp_clip" not in table
+    assert "privacy           central DP, ε = 1 at δ = 0.001 after round 2" in summary_text(
+        read_metrics(fixed.path), fixed.path
+    )
+    assert {"dp_clip", "dp_unclipped"} <= set(round_table(read_metrics(adaptive.path)))
+    plain = RunDir.create(tmp_path, validate_scenario({"name": "plain"}))
+    plain.add_rows([{k: v for k, v in r.items() if not k.startswith("dp_")} for r in rows])
+    assert "dp_epsilon" not in round_table(read_metrics(plain.path))
+    assert "privacy" not in summary_text(read_metrics(plain.path), plain.path)

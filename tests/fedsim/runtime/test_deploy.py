@@ -142,6 +142,13 @@ def test_a_good_supernode_gets_its_partition_and_device_in_flowers_node_config(n
     ] == str(key)
     assert "--insecure" not in cmd
     assert cmd[cmd.index("--isolation") + 1] == "process"  # its ClientApps run in fedsim's warm runner
+    assert cmd[1:4] == [
+        "-m",
+        "fedsim.runtime.deploy.polling",
+        "0.2",
+    ]  # Flower's SuperNode, polling soon after a message
+    flowers = supernode_command("127.0.0.1:9093", plan.node_config(), ca, key, 9094, poll_s=3)
+    assert flowers[0].endswith("flower-supernode") and flowers[1:] == cmd[4:]
 
 
 BAD_NODES = [

@@ -1,7 +1,8 @@
 """End to end on Flower's real simulation engine (Ray backend) with the tiny model.
 
 Three federations run in this module (each starts and stops its own Ray): the CLI run whose
-outputs most tests inspect, a second run with the same seed (determinism), and a run whose
+outputs most tests inspect (its clients seated on a pool of nodes), a second run with the same seed
+and a node per client (determinism, whichever nodes play the clients), and a run whose
 clients misbehave (a NaN update, a crash).
 """
 
@@ -116,12 +117,25 @@ def test_report_prints_round_table(cli_run: tuple[Path, str], capsys: pytest.Cap
     assert len([ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]) == 4
 
 
-def test_same_seed_same_metrics(cli_run: tuple[Path, str], tmp_path: Path) -> None:
-    from fedsim.runtime.simulation import run_simulation
+def _nodes(run: Path) -> int:
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    return next(e["nodes"] for e in events if e["event"] == "clients")
+
+
+def test_same_seed_same_metrics_on_a_pool_of_nodes_or_a_node_per_client(
+    cli_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's run seats each phase's clients on a pool of 2 nodes; the same scenario with a node
+    per client (as when clients keep state) gives the same metrics."""
+    from fedsim.runtime import simulation
+    from fedsim.server import federation
 
     scenario = load_scenario(TINY, OVERRIDES)
+    for module in (simulation, federation):
+        monkeypatch.setattr(module, "node_pool_size", lambda s: s.clients.num_clients)
     run_dir = RunDir.create(tmp_path, scenario)
-    run_simulation(scenario, run_dir)
+    simulation.run_simulation(scenario, run_dir)
+    assert (_nodes(cli_run[0]), _nodes(run_dir.path)) == (2, 4)
     volatile = ["wall_time_s"]
     a = read_metrics(cli_run[0]).drop(columns=volatile)
     b = read_metrics(run_dir.path).drop(columns=volatile)
@@ -153,13 +167,28 @@ def test_run_survives_bad_replies(tmp_path: Path) -> None:
     assert central[2] < central[0]  # client 0's updates alone still trained the model
 
 
-def test_assigning_clients_sends_no_message_and_maps_the_sorted_nodes() -> None:
+def test_assigning_clients_sends_no_message_and_seats_a_round_on_a_pool_of_nodes() -> None:
     from fedsim.server.federation import assign_clients
 
-    nodes = [int(n) for n in np.random.default_rng(0).choice(2**62, size=100_000, replace=False)]
-    scenario = load_scenario(TINY, ["clients.num_clients=100000", "data.num_examples=300000"])
-    clients = assign_clients(NodesOnly(nodes), scenario)  # type: ignore[arg-type]
-    assert list(clients) == list(range(100_000)) and list(clients.values()) == sorted(nodes)
+    nodes = [int(n) for n in np.random.default_rng(0).choice(2**62, size=12, replace=False)]
+    scenario = load_scenario(
+        TINY, ["clients.num_clients=100000", "data.num_examples=300000", "clients.per_round=10", "fleet.overcommit=0.2"]
+    )
+    roster = assign_clients(NodesOnly(nodes), scenario)  # type: ignore[arg-type]
+    assert roster.nodes == sorted(nodes) and len(roster.ids) == 100_000
+    roster.seat([99_999, 5, 70_000])
+    assert [roster.node(c) for c in (5, 70_000, 99_999)] == sorted(nodes)[:3]
+    assert roster.client(sorted(nodes)[1]) == 70_000
+
+
+def test_clients_that_keep_state_get_a_node_each_the_ith_by_id_playing_client_i() -> None:
+    from fedsim.server.federation import assign_clients
+
+    nodes = [int(n) for n in np.random.default_rng(0).choice(2**62, size=1000, replace=False)]
+    scenario = load_scenario(TINY, ["clients.num_clients=1000", "compression.error_feedback=true"])
+    roster = assign_clients(NodesOnly(nodes), scenario)  # type: ignore[arg-type]
+    roster.seat([3])  # a node per client: seating changes nothing
+    assert [roster.node(c) for c in range(1000)] == sorted(nodes) and roster.client(sorted(nodes)[7]) == 7
 
 
 def test_a_simulation_asks_no_node_who_it_is_and_each_plays_the_client_it_is_sent(tmp_path: Path) -> None:
@@ -196,8 +225,9 @@ def test_assigning_clients_waits_for_the_nodes_still_registering(monkeypatch: py
     from fedsim.server.federation import assign_clients
 
     monkeypatch.setattr(time, "sleep", lambda s: None)
-    scenario = load_scenario(TINY, ["clients.num_clients=3"])
-    assert assign_clients(_Registering([30, 10, 20]), scenario) == {0: 10, 1: 20, 2: 30}  # type: ignore[arg-type]
+    scenario = load_scenario(TINY, ["clients.num_clients=3", "clients.per_round=3"])
+    roster = assign_clients(_Registering([30, 10, 20]), scenario)  # type: ignore[arg-type]
+    assert roster.nodes == [10, 20, 30]
     monkeypatch.setenv("FEDSIM_NODE_WAIT_S", "0")
-    with pytest.raises(RuntimeError, match="registered 1 nodes for 3 clients"):
+    with pytest.raises(RuntimeError, match="registered 1 nodes of the 3 that 3 clients need"):
         assign_clients(_Registering([30, 10, 20]), scenario)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Pure pieces of a round: seeded sampling and the aggregation-bias metric."""
+"""Pure pieces of a round: seeded sampling, the aggregation-bias metric, checks of a reply."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from tests_support.messages import train_reply
 
 from fedsim.config.scenario import load_scenario
+from fedsim.server.roster import Roster
 from fedsim.server.rounds import round_bias, sample_clients
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -111,7 +112,12 @@ def test_a_pruned_reply_whose_keep_is_bad_is_rejected_not_fatal(keep: str, probl
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(8, 2),
     }
     sent = {7: slice_adapter(state, held)}
-    env = SimpleNamespace(pruning=SimpleNamespace(held=lambda cid: held), node_to_client={7: 0}, strategy=FedIT(2, 4.0))
+    env = SimpleNamespace(
+        pruning=SimpleNamespace(held=lambda cid: held),
+        roster=Roster.fixed({0: 7}),
+        strategy=FedIT(2, 4.0),
+        privacy=None,
+    )
     text = Keep.everything(layers).to_json() if keep == "everything" else keep
     content = RecordDict(
         {
@@ -186,8 +192,41 @@ def test_a_reply_from_another_client_than_its_node_was_addressed_as_is_rejected(
 
     from fedsim.server.rounds import check_eval
 
-    env = SimpleNamespace(node_to_client={7: 3})
+    env = SimpleNamespace(roster=Roster.fixed({3: 7}))
     other = check_eval(env, train_reply(7, RecordDict({"metrics": MetricRecord({"client-id": 5})})))  # type: ignore[arg-type]
     assert other.status == "rejected" and "from client 5, but its node was addressed as client 3" in other.reason
     same = check_eval(env, train_reply(7, RecordDict({"metrics": MetricRecord({"client-id": 3})})))  # type: ignore[arg-type]
     assert "addressed" not in same.reason
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"), [(None, "got None"), ({"below-clip": 2}, "got 2"), ({"below-clip": 1}, "")]
+)
+def test_with_adaptive_clipping_a_reply_without_its_indicator_bit_is_rejected(
+    record: dict | None, problem: str
+) -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedsim.compression import codec_config, encode
+    from fedsim.config.scenario import CompressionConfig
+    from fedsim.protocol import TRAIN_METRICS
+    from fedsim.server.rounds import check_train
+    from strategies import FedIT
+
+    state = {"m.q_proj.lora_A.weight": torch.zeros(2, 8), "m.q_proj.lora_B.weight": torch.zeros(8, 2)}
+    env = SimpleNamespace(
+        pruning=None, roster=Roster.fixed({0: 7}), strategy=FedIT(2, 4.0), privacy=SimpleNamespace(adaptive=object())
+    )
+    content = RecordDict({
+        "metrics": MetricRecord({k: 1.0 for k in TRAIN_METRICS}),
+        "update": ConfigRecord({"payload": encode(state, codec_config(CompressionConfig()))}),
+        **({"dp": ConfigRecord(record)} if record is not None else {}),
+    })  # fmt: skip
+    checked = check_train(env, train_reply(7, content), {7: state})  # type: ignore[arg-type]
+    if problem:
+        assert checked.status == "rejected" and "adaptive clipping needs the reply's dp.below-clip" in checked.reason
+        assert problem in checked.reason
+    else:
+        assert checked.status == "ok", checked.reason

@@ -29,6 +29,7 @@ from fedsim.results.rundir import RunDir, read_metrics
 from fedsim.server.central import CentralEvaluator
 from fedsim.server.federation import run_federation
 from fedsim.server.resume import resume_point
+from fedsim.server.roster import Roster
 from fedsim.server.rounds import check_train
 from strategies import FedIT, HetLoRA, LoraStrategy
 from strategies.hetlora import drop_tail
@@ -159,7 +160,9 @@ def test_the_server_checks_a_replys_kept_rank_and_cuts_what_it_sent_to_it(
     g = torch.Generator().manual_seed(0)
     start = {A_KEY: torch.randn(8, 8, generator=g), B_KEY: torch.randn(8, 8, generator=g)}
     sent = {7: dict(start)}
-    env = SimpleNamespace(pruning=None, node_to_client={7: 0}, strategy=strategy, rank=lambda cid: 8)
+    env = SimpleNamespace(
+        pruning=None, roster=Roster.fixed({0: 7}), strategy=strategy, rank=lambda cid: 8, privacy=None
+    )
     checked = check_train(env, _reply(kept, update_rank), sent)  # type: ignore[arg-type]
     if problem:  # rejected with the reason, not raised: the round goes on without it
         assert checked.status == "rejected" and problem in checked.reason, checked.reason

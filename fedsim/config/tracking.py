@@ -1,0 +1,73 @@
+"""The `[tracking]` section: which experiment trackers a run logs to (`fedsim.results.tracking`).
+
+Written in the scenario's style (`fedsim.config.scenario`): a pydantic section that forbids unknown
+keys, is frozen and strict, carries a help text per field; `validate_tracking` reports every
+problem at once as a `TrackingConfigError`, each line naming its dotted path. Nothing here imports
+a tracker: whether one is installed is checked when the run opens it.
+
+    [tracking]
+    backends = ["tensorboard", "mlflow", "wandb"]
+    mlflow_uri = "sqlite:///runs/mlflow.db"     # default: sqlite:///<out>/mlflow.db, beside the run directories
+    wandb_mode = "offline"                      # default; "online" needs `wandb login`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedsim.config.errors import InputError, describe
+
+Backend = Literal["tensorboard", "mlflow", "wandb"]
+
+
+class TrackingConfigError(InputError):
+    """A tracking section that cannot be used; `problems` names every field at fault."""
+
+    what = "tracking config"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers the server logs each round's metrics, the scenario and the final adapter to."""
+
+    backends: tuple[Backend, ...] = Field(
+        (), description="Trackers to log to: tensorboard, mlflow, wandb (each an optional extra of fedsim)."
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: a SQLite store, sqlite:///<out>/mlflow.db, beside the runs."
+    )
+    mlflow_experiment: str = Field("fedsim", min_length=1, description="MLflow experiment the run is logged under.")
+    wandb_project: str = Field("fedsim", min_length=1, description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); None: the account's default.")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="W&B mode: offline writes <run>/wandb/ only (`wandb sync` uploads it later)."
+    )
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _backends_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("backends")
+    @classmethod
+    def _once_each(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        twice = sorted({b for b in value if value.count(b) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(map(repr, twice))} more than once")
+        return value
+
+
+def validate_tracking(raw: Mapping[str, Any], source: str = "<dict>") -> TrackingConfig:
+    """Validate a raw mapping (a TOML table); raise TrackingConfigError listing every problem,
+    each under `tracking.`."""
+    try:
+        return TrackingConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems = [line for err in exc.errors() for line in describe({**err, "loc": ("tracking", *err["loc"])})]
+        raise TrackingConfigError(source, problems) from None
