@@ -1,9 +1,9 @@
 """The `[tracking]` section: which experiment trackers a run logs to (`fedsim.results.tracking`).
 
-Written in the scenario's style (`fedsim.config.scenario`): a pydantic section that forbids unknown
-keys, is frozen and strict, carries a help text per field; `validate_tracking` reports every
-problem at once as a `TrackingConfigError`, each line naming its dotted path. Nothing here imports
-a tracker: whether one is installed is checked when the run opens it.
+A section of the scenario (`fedsim.config.scenario`), in its style: a pydantic model that forbids
+unknown keys, is frozen and strict, and carries a help text per field; the scenario loader reports
+its problems by dotted path (`tracking.backends.0`). Nothing here imports a tracker: whether one is
+installed is checked before the run (`fedsim.results.tracking.missing_trackers`).
 
     [tracking]
     backends = ["tensorboard", "mlflow", "wandb"]
@@ -13,20 +13,11 @@ a tracker: whether one is installed is checked when the run opens it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from fedsim.config.errors import InputError, describe
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Backend = Literal["tensorboard", "mlflow", "wandb"]
-
-
-class TrackingConfigError(InputError):
-    """A tracking section that cannot be used; `problems` names every field at fault."""
-
-    what = "tracking config"
 
 
 class _Section(BaseModel):
@@ -61,13 +52,3 @@ class TrackingConfig(_Section):
         if twice:
             raise ValueError(f"names {', '.join(map(repr, twice))} more than once")
         return value
-
-
-def validate_tracking(raw: Mapping[str, Any], source: str = "<dict>") -> TrackingConfig:
-    """Validate a raw mapping (a TOML table); raise TrackingConfigError listing every problem,
-    each under `tracking.`."""
-    try:
-        return TrackingConfig.model_validate(dict(raw))
-    except ValidationError as exc:
-        problems = [line for err in exc.errors() for line in describe({**err, "loc": ("tracking", *err["loc"])})]
-        raise TrackingConfigError(source, problems) from None

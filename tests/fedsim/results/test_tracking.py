@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from fedsim.config.tracking import TrackingConfig, TrackingConfigError, validate_tracking
+from fedsim.config.scenario import ScenarioError, load_scenario
+from fedsim.config.tracking import TrackingConfig
 from fedsim.results.tracking import (
     MLFLOW_DB,
     TENSORBOARD_DIR,
@@ -24,6 +25,7 @@ from fedsim.results.tracking import (
     open_trackers,
 )
 
+TINY = Path(__file__).resolve().parents[3] / "scenarios" / "tiny.toml"
 SCENARIO = {"name": "tracked", "seed": 3, "rounds": 2, "lora": {"rank": 8, "target_modules": ["q_proj", "v_proj"]}}
 ROUNDS = [
     {"central_accuracy": 0.25, "central_loss": 2.5, "train_loss": math.nan},  # round 0: no training yet
@@ -57,23 +59,24 @@ def test_flatten_and_finite_metrics() -> None:
     }
 
 
-def test_tracking_config_reports_every_problem_by_path() -> None:
-    with pytest.raises(TrackingConfigError) as caught:
-        validate_tracking({"backends": ["comet"], "wandb_mode": "cloud", "colour": 1})
+def test_the_tracking_section_reports_every_problem_by_path() -> None:
+    overrides = ['tracking.backends=["comet"]', 'tracking.wandb_mode="cloud"', "tracking.colour=1"]
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(TINY, overrides)
 
     assert caught.value.problems == [
         "`tracking.backends.0` must be 'tensorboard', 'mlflow' or 'wandb', got 'comet'",
         "`tracking.wandb_mode` must be 'offline', 'online' or 'disabled', got 'cloud'",
         "`tracking.colour` is not a known key",
     ]
-    with pytest.raises(TrackingConfigError, match="'mlflow' more than once"):
-        validate_tracking({"backends": ["mlflow", "mlflow"]})
+    with pytest.raises(ScenarioError, match="'mlflow' more than once"):
+        load_scenario(TINY, ['tracking.backends=["mlflow", "mlflow"]'])
 
 
 def test_a_missing_tracker_is_named_with_its_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     real = __import__("importlib.util").util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "wandb" else real(name))
-    spec = validate_tracking({"backends": ["tensorboard", "wandb"]})
+    spec = TrackingConfig.model_validate({"backends": ["tensorboard", "wandb"]})
 
     assert missing_trackers(spec) == [
         "`tracking.backends` names 'wandb' but wandb is not installed: pip install 'fedsim[wandb]'"
@@ -88,7 +91,7 @@ def test_tensorboard_event_files_hold_scalars_hparams_and_text(tmp_path: Path) -
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    _log_a_run(validate_tracking({"backends": ["tensorboard"]}), tmp_path / "run")
+    _log_a_run(TrackingConfig.model_validate({"backends": ["tensorboard"]}), tmp_path / "run")
 
     events = EventAccumulator(str(tmp_path / "run" / TENSORBOARD_DIR), size_guidance={"tensors": 0})
     events.Reload()
@@ -108,7 +111,7 @@ def test_mlflow_sqlite_store_holds_params_metrics_the_adapter_and_the_outcome(tm
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    spec = validate_tracking({"backends": ["mlflow"], "mlflow_experiment": "mine"})
+    spec = TrackingConfig.model_validate({"backends": ["mlflow"], "mlflow_experiment": "mine"})
     _log_a_run(spec, tmp_path / "out" / "run")
     with pytest.raises(RuntimeError), open_trackers(spec, tmp_path / "out" / "failing", {"name": "failing"}) as t:
         t.log_round(1, {"central_accuracy": 0.5})
@@ -162,7 +165,7 @@ def _until_exit(path: Path, timeout_s: float = 20.0) -> list[Any]:
 def test_wandb_offline_run_file_holds_config_history_and_the_adapter(tmp_path: Path) -> None:
     pytest.importorskip("wandb")
 
-    _log_a_run(validate_tracking({"backends": ["wandb"]}), tmp_path / "run")
+    _log_a_run(TrackingConfig.model_validate({"backends": ["wandb"]}), tmp_path / "run")
 
     (path,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     records = _until_exit(path)
@@ -185,7 +188,7 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pytest.importorskip("tensorboard")
-    trackers = open_trackers(validate_tracking({"backends": ["tensorboard"]}), tmp_path / "run", SCENARIO)
+    trackers = open_trackers(TrackingConfig.model_validate({"backends": ["tensorboard"]}), tmp_path / "run", SCENARIO)
     trackers._backends[0].writer.close()  # type: ignore[attr-defined]
     trackers._backends[0].writer = None  # type: ignore[attr-defined]  # the next call raises
 
