@@ -58,9 +58,10 @@ from fedsim.model.adapter import (
     set_trainable,
     use_rank,
 )
+from fedsim.model.fedspeed import train_fedspeed
 from fedsim.model.loader import load_model
+from fedsim.model.training import TrainResult, resolve_device, train_lora
 from fedsim.model.training import evaluate as evaluate_model
-from fedsim.model.training import resolve_device, train_lora
 from fedsim.privacy import add_noise, below_clip, clip, folded, noise_generator
 from fedsim.protocol import (
     ACCURACY,
@@ -75,6 +76,9 @@ from fedsim.protocol import (
     DP_RECORD,
     DP_REPORT,
     DP_SCALE,
+    FEDSPEED_ALPHA,
+    FEDSPEED_LAMBDA,
+    FEDSPEED_RHO,
     FINAL_KEEP,
     FLOPS,
     IDENTITY_RECORD,
@@ -115,6 +119,7 @@ app = ClientApp()
 EF_KEY = "error-feedback"  # context.state key of the residual not yet sent
 COPY_KEY = "downlink-copy"  # context.state key of this node's copy of the broadcast adapter
 PERSONAL_KEY = "personal-b"  # context.state key of this node's own B factors (FedSA-LoRA)
+CORRECTION_KEY = "fedspeed-correction"  # context.state key of this node's FedSpeed correction term ĝ
 RUN_KEY = "run"  # context.state key naming the run the above belong to
 
 
@@ -139,11 +144,11 @@ def _model(model: ModelConfig, lora_json: str, device: str) -> tuple[PeftModel, 
 
 def _fresh_state_per_run(context: Context, scenario: Scenario) -> None:
     """Forget what this node kept for another run (one simulation can hold several runs:
-    `fedsim.runtime.simulation.run_simulations`): residuals, downlink copy, personal B."""
+    `fedsim.runtime.simulation.run_simulations`): residuals, downlink copy, personal B, FedSpeed's ĝ."""
     run = f"{scenario.name}/{scenario.seed}"
     held = context.state.config_records.get(RUN_KEY)
     if held is None or held["run"] != run:
-        for key in (EF_KEY, COPY_KEY, PERSONAL_KEY):
+        for key in (EF_KEY, COPY_KEY, PERSONAL_KEY, CORRECTION_KEY):
             context.state.array_records.pop(key, None)
         for key in (COPY_KEY + "-version", PERSONAL_KEY + "-keep"):
             context.state.config_records.pop(key, None)
@@ -255,6 +260,32 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({IDENTITY_RECORD: ConfigRecord({CLIENT_ID: cid})}), reply_to=msg)
 
 
+def _train_fedspeed(job: Job, context: Context, seed: int, step_flops: Callable[[int, int], float]) -> TrainResult:
+    """FedSpeed's local training (`fedsim.model.fedspeed.train_fedspeed`) with the ρ, α, λ of the
+    message, from the correction term ĝ this node kept (zeros the first time), which it keeps anew."""
+    t, config = job.scenario.train, job.config
+    held = context.state.array_records.get(CORRECTION_KEY)
+    result, correction = train_fedspeed(
+        job.model,
+        job.tokenizer,
+        list(job.data.train),
+        steps=t.local_steps,
+        batch_size=t.batch_size,
+        max_len=t.max_seq_len,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        seed=seed,
+        step_flops=step_flops,
+        rho=float(scalar(config, FEDSPEED_RHO)),
+        alpha=float(scalar(config, FEDSPEED_ALPHA)),
+        lam=float(scalar(config, FEDSPEED_LAMBDA)),
+        correction=held.to_torch_state_dict() if held is not None else None,
+    )
+    context.state[CORRECTION_KEY] = ArrayRecord(correction)
+    return result
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     job = _setup(msg, context)
@@ -278,26 +309,29 @@ def train(msg: Message, context: Context) -> Message:
         else lambda b, n: train_step_flops(job.shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules)
     )
     seed = derive_seed(scenario.seed, server_round, job.cid, "train")
-    packed = train_in_pack(  # packing on, in simulation: trained with the client's pack (`clients.packing`)
-        model, job.received, config, scenario, context.run_id, list(job.data.train), seed, rank, job.shape,
-        pruned=pruner is not None,
-    )  # fmt: skip
-    result = packed or train_lora(
-        model,
-        job.tokenizer,
-        list(job.data.train),
-        steps=t.local_steps,
-        batch_size=t.batch_size,
-        max_len=t.max_seq_len,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        seed=seed,
-        step_flops=step_flops,
-        proximal_mu=float(scalar(config, PROXIMAL_MU, 0.0)),  # set by Flower's FedProx
-        regulariser=_rank_penalty(model, rank, config),
-        hooks=pruner,
-    )
+    if FEDSPEED_LAMBDA in config:  # FedSpeed's local rule, its correction term kept on this node
+        result = _train_fedspeed(job, context, seed, step_flops)
+    else:
+        packed = train_in_pack(  # packing on, in simulation: trained with the client's pack (`clients.packing`)
+            model, job.received, config, scenario, context.run_id, list(job.data.train), seed, rank, job.shape,
+            pruned=pruner is not None,
+        )  # fmt: skip
+        result = packed or train_lora(
+            model,
+            job.tokenizer,
+            list(job.data.train),
+            steps=t.local_steps,
+            batch_size=t.batch_size,
+            max_len=t.max_seq_len,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            grad_clip=t.grad_clip,
+            seed=seed,
+            step_flops=step_flops,
+            proximal_mu=float(scalar(config, PROXIMAL_MU, 0.0)),  # set by Flower's FedProx
+            regulariser=_rank_penalty(model, rank, config),
+            hooks=pruner,
+        )
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: len(job.data.train),

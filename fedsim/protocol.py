@@ -46,7 +46,9 @@ Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.ser
                                    `clients.packing`): PACK_ID (str): the pack this client trains in
                                    ("r3-p0"); PACK_SIZE (int): its clients; PACK_MEMORY (int): the
                                    bytes a packed step may use (0: 90 % of the free memory);
-                                   PACK_TIMEOUT_S (float): how long the pack waits for its clients
+                                   PACK_TIMEOUT_S (float): how long the pack waits for its clients;
+                                   FedSpeed (`strategies.fedspeed`): FEDSPEED_RHO, FEDSPEED_ALPHA,
+                                   FEDSPEED_LAMBDA (float): ρ, α, λ of its local rule
   reply
     METRICS_RECORD   MetricRecord  TRAIN_METRICS, each a finite number: NUM_EXAMPLES (training
                                    examples, FedAvg's weight), TRAIN_LOSS (mean loss over the
@@ -110,6 +112,9 @@ PACK_ID = "pack-id"
 PACK_SIZE = "pack-size"
 PACK_MEMORY = "pack-memory-bytes"
 PACK_TIMEOUT_S = "pack-timeout-s"
+FEDSPEED_RHO = "fedspeed-rho"
+FEDSPEED_ALPHA = "fedspeed-alpha"
+FEDSPEED_LAMBDA = "fedspeed-lambda"
 
 # --- train: client → server ------------------------------------------------------------------
 METRICS_RECORD = "metrics"

@@ -14,6 +14,7 @@ from fedsim.config.names import SERVER_OPTIMIZERS
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
+from strategies.fedspeed import FedSpeed
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -64,6 +65,13 @@ STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
     "lora_fair": lambda scenario: LoRAFAIR(
         *_base(scenario), lam=scenario.strategy.fair_lambda, padding=_padding(scenario)
     ),
+    "fedspeed": lambda scenario: FedSpeed(
+        *_base(scenario),
+        padding=_padding(scenario),
+        rho=scenario.strategy.fedspeed_rho,
+        merge=scenario.strategy.fedspeed_alpha,
+        lam=scenario.strategy.fedspeed_lambda,
+    ),
 }
 
 
@@ -73,6 +81,7 @@ def build_strategy(scenario: Scenario) -> LoraStrategy:
 
 
 __all__ = [
-    "STRATEGIES", "ClientAdapter", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSALoRA", "FlexLoRA", "HetLoRA",
+    "STRATEGIES", "ClientAdapter", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSALoRA", "FedSpeed", "FlexLoRA",
+    "HetLoRA",
     "LoRAFAIR", "LoraStrategy", "build_strategy",
 ]  # fmt: skip

@@ -18,7 +18,7 @@ TASKS = ("arithmetic", "strings", "units", "sentiment", "mixed")
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")  # Flower's, on FedIT's mean
 STRATEGIES = (
     "fedit", "fedprox", *SERVER_OPTIMIZERS, "hetlora", "flexlora", "flora", "ffa_lora", "fedsa_lora", "fedex_lora",
-    "lora_fair",
+    "lora_fair", "fedspeed",
 )  # fmt: skip
 
 # Strategies that cannot aggregate pruned clients, and why (the scenario check quotes the reason).
@@ -30,11 +30,16 @@ PRUNING_REFUSED = {
     "fedex_lora": "it merges the clients' dense residual into the "
     "frozen base weights, which a pruned client holds only in part",
     "lora_fair": "its residual correction needs every client's full product s_k B_k A_k",
+    "fedspeed": "each client keeps its prox-correction term at the shape of the adapter it trained, and a pruned "
+    "client's adapter changes shape within and across rounds",
 }
 
 # Strategies whose clients keep something of their own from one round to the next, and what (a
 # simulation of them needs a node per client: `fedsim.server.roster`).
-CLIENT_STATE = {"fedsa_lora": "each client keeps its own B factors"}
+CLIENT_STATE = {
+    "fedsa_lora": "each client keeps its own B factors",
+    "fedspeed": "each client keeps its prox-correction term",
+}
 
 CONTROLLERS = (
     "discounted_ucb", "exp3", "fixed", "linucb", "sliding_window_ucb", "sucb", "thompson", "ucb1",

@@ -35,6 +35,8 @@ DP_REFUSED = {
     "sum of the factors does not cover",
     "lora_fair": "its correction needs the mean of the clients' products s_k B_k A_k, which noise on the sum of the "
     "factors does not cover",
+    "fedspeed": "each client's correction term ĝ carries its un-noised updates into the next rounds' uploads "
+    "(x̂ = x_K − λĝ), which this accounting does not cover",
 }
 
 PrivacyMode = Literal["off", "central", "local"]

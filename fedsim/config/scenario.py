@@ -177,6 +177,13 @@ class StrategyConfig(_Section):
     )
     rank_lambda: float = Field(0.01, ge=0, description="hetlora: weight λ of the tail penalty λ‖B_tail·A_tail‖_F.")
     fair_lambda: float = Field(0.01, ge=0, description="lora_fair: weight λ of ‖ΔB‖_F in the residual correction.")
+    fedspeed_rho: float = Field(0.1, ge=0, allow_inf_nan=False, description="fedspeed: ascent step ρ (0: no ascent).")
+    fedspeed_alpha: float = Field(
+        1.0, ge=0, le=1, description="fedspeed: merge α of the gradients at x and at the ascent point."
+    )
+    fedspeed_lambda: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="fedspeed: λ of the prox term (x − x^t)/λ and its correction."
+    )
     rank_padding: Literal["paper", "holders", "zeros"] = Field(
         "paper",
         description="Mixed ranks: 'holders' averages each rank over the clients that hold it, 'zeros' zero-pads; "

@@ -39,15 +39,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedsim.model.training import TrainResult, _batch_loss, _probe_loss, collate
+from fedsim.protocol import FEDSPEED_ALPHA, FEDSPEED_LAMBDA, FEDSPEED_RHO  # noqa: F401 (re-exported)
 
 RHO, ALPHA, LAMBDA = 0.1, 1.0, 10.0  # the authors' defaults (module docstring)
 ASCENT_EPS = 1e-7  # added to ‖g₁‖ in the ascent step, as the authors' ESAM does
 OPTIMIZERS = ("adamw", "sgd")
 
-# Config entries the strategy sends and the ClientApp reads (message keys, `fedsim.protocol` style).
-FEDSPEED_RHO = "fedspeed-rho"
-FEDSPEED_ALPHA = "fedspeed-alpha"
-FEDSPEED_LAMBDA = "fedspeed-lambda"
 
 Params = Sequence[torch.Tensor]
 Named = Sequence[tuple[str, torch.Tensor]]

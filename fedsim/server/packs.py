@@ -34,6 +34,8 @@ def alone_reason(scenario: Scenario) -> str | None:
     """Why every client of `scenario` trains alone even with packing on, or None."""
     if scenario.prunes:
         return "pruned clients hold models of their own shapes: they train alone"
+    if scenario.strategy.name == "fedspeed":
+        return "FedSpeed's clients train by its own local rule (`fedsim.model.fedspeed`): they train alone"
     return None
 
 

@@ -135,6 +135,8 @@ def _lost(scenario: Scenario, saved_strategy: bool) -> tuple[str, ...]:
         lost.append("the clients' error-feedback residuals")
     if scenario.strategy.name == "fedsa_lora":
         lost.append("the clients' personal B factors")
+    if scenario.strategy.name == "fedspeed":
+        lost.append("the clients' FedSpeed correction terms")
     if scenario.compression.downlink:
         lost.append("the downlink's copies (clients get the whole adapter once)")
     return tuple(lost)

@@ -21,6 +21,7 @@ from fedsim.pruning.structure import AXIS
 from strategies import FedIT, LoraStrategy
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedsa_lora import FedSALoRA
+from strategies.fedspeed import FedSpeed
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -32,7 +33,9 @@ from strategies.lora_strategy import ClientAdapter
 R_MAX, ALPHA = 4, 8.0
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALLOWED = [FedIT, HetLoRA, FFALoRA, FedSALoRA]
-REFUSED = {"flexlora": FlexLoRA, "flora": FLoRA, "fedex_lora": FedExLoRA, "lora_fair": LoRAFAIR}
+REFUSED = {
+    "flexlora": FlexLoRA, "flora": FLoRA, "fedex_lora": FedExLoRA, "lora_fair": LoRAFAIR, "fedspeed": FedSpeed,
+}  # fmt: skip
 # tiny-llama: 2 layers, 2 KV groups of 2 heads, head_dim 16, 176 channels
 KEEPS = {
     1: Keep(((1,), (0, 1)), ((3, 50, 175), tuple(range(0, 176, 2))), (2, 2), (176, 176), 2, 16),

@@ -34,10 +34,14 @@ def test_a_strategy_refuses_pruned_clients_exactly_when_the_names_say_so_and_for
     assert {name: reason for name, reason in refusals.items() if reason} == names.PRUNING_REFUSED
 
 
-def test_the_strategies_whose_clients_keep_state_are_exactly_those_that_keep_their_own_b() -> None:
+def test_the_strategies_whose_clients_keep_state_are_those_that_keep_their_own_b_or_a_correction() -> None:
+    from fedsim.protocol import FEDSPEED_LAMBDA
+
     scenario = load_scenario(ROOT / "scenarios/tiny.toml")
-    keep_b = {name for name, build in STRATEGIES.items() if "B" not in type(build(scenario)).downloads}
-    assert keep_b == set(names.CLIENT_STATE) == {"fedsa_lora"}
+    built = {name: build(scenario) for name, build in STRATEGIES.items()}
+    keep_b = {name for name, s in built.items() if "B" not in type(s).downloads}
+    keep_correction = {name for name, s in built.items() if FEDSPEED_LAMBDA in s.instructions(4)}
+    assert keep_b | keep_correction == set(names.CLIENT_STATE) == {"fedsa_lora", "fedspeed"}
 
 
 def test_validating_a_scenario_loads_neither_torch_nor_the_strategies() -> None:
