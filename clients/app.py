@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -44,7 +44,7 @@ from clients.prune_and_tune import PruneAndTune, PruneOrder
 from clients.records import scalar
 from fedsim.compression import codec_config, compress, encode, layout_of, residual
 from fedsim.compression.downlink import apply_down
-from fedsim.config.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario
+from fedsim.config.scenario import CompressionConfig, LoraConfig, ModelConfig, Scenario, TrainConfig
 from fedsim.data.partitions import ClientData, client_data
 from fedsim.fleet.costs import ModelShape, train_step_flops
 from fedsim.model.adapter import (
@@ -260,6 +260,18 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({IDENTITY_RECORD: ConfigRecord({CLIENT_ID: cid})}), reply_to=msg)
 
 
+def _schedule(t: TrainConfig) -> dict[str, Any]:
+    """The local-training settings `train_lora` and `train_fedspeed` both take from `[train]`."""
+    return {
+        "steps": t.local_steps,
+        "batch_size": t.batch_size,
+        "max_len": t.max_seq_len,
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "grad_clip": t.grad_clip,
+    }
+
+
 def _train_fedspeed(job: Job, context: Context, seed: int, step_flops: Callable[[int, int], float]) -> TrainResult:
     """FedSpeed's local training (`fedsim.model.fedspeed.train_fedspeed`) with the ρ, α, λ of the
     message, from the correction term ĝ this node kept (zeros the first time), which it keeps anew."""
@@ -269,12 +281,7 @@ def _train_fedspeed(job: Job, context: Context, seed: int, step_flops: Callable[
         job.model,
         job.tokenizer,
         list(job.data.train),
-        steps=t.local_steps,
-        batch_size=t.batch_size,
-        max_len=t.max_seq_len,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
+        **_schedule(t),
         seed=seed,
         step_flops=step_flops,
         rho=float(scalar(config, FEDSPEED_RHO)),
@@ -320,12 +327,7 @@ def train(msg: Message, context: Context) -> Message:
             model,
             job.tokenizer,
             list(job.data.train),
-            steps=t.local_steps,
-            batch_size=t.batch_size,
-            max_len=t.max_seq_len,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
+            **_schedule(t),
             seed=seed,
             step_flops=step_flops,
             proximal_mu=float(scalar(config, PROXIMAL_MU, 0.0)),  # set by Flower's FedProx
