@@ -4,6 +4,7 @@
     .venv/bin/python bench/packing.py --clients 1 4 16 --repeats 2 --threads 1     # SmolLM2 on CPU, 3 CPU-min
     .venv/bin/python bench/packing.py --device cuda --batch-size 8 --max-len 64 --steps 5 --repeats 3
     .venv/bin/python bench/packing.py --federation --repeats 2 --doc /tmp/packing-federation.md    # Flower + Ray
+    .venv/bin/python bench/packing.py --memory --repeats 2 --doc docs/results/packing-memory.md    # 16 a round
 
 No Ray, one process, one model. K clients, each with its own examples (the "mixed" task, seeded by
 client), its own adapter on q_proj/v_proj at rank 8 (A as PEFT initialises it, B small and random,
@@ -35,18 +36,37 @@ checkpoint); the first round, which loads the model in every process, is left ou
 the ratio of the median round times within a repeat, median [min, max] over repeats; "same" says
 whether the packed run's losses equal the unpacked run's to 1e-4 relative. The doc is written only
 with `--doc`.
+
+`--memory`: the peak memory of whole federations of `--scenario` with MEMORY_SET (16 clients a
+round, all in one pack, short local training) and `--set` on top, for each of `--memory-models`,
+three ways in turn within each repeat: unpacked ("off": the scenario's pool, as many ClientApps at
+once as `simulation.num_cpus_per_client` lets the CPUs run), unpacked on the packed run's pool
+("wide": each ClientApp on the packed CPU share and all of them fed at once, as in a packed round,
+each loading the base model: what a packed round cost when every ClientApp held its own copy), and
+packed ("on"). Each
+run is a child process (`--memory-run`); every `--interval` seconds the parent sums the memory of
+that process and all its descendants: the driver (server, central evaluation), Ray's own services
+(GCS, raylet and its object store, ...) and every Ray worker (the ClientApp actors, the packed
+trainer). PSS (proportional set size: each shared page split among the processes that map it) is
+the memory the tree holds; RSS sums count shared pages (libraries, memory-mapped weights) once per
+process. "peak" is the largest sum over the run, "ClientApps", "trainer" and "Ray" that sample's
+PSS of the Ray workers but the trainer, of the trainer, and of Ray's services; "on/off" and
+"on/wide" the ratios of the peaks within a repeat.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +78,24 @@ from fedsim.data.tasks import generate  # noqa: E402
 from fedsim.model.adapter import AdapterState, attach_lora, get_state, set_state, set_trainable  # noqa: E402
 from fedsim.model.loader import load_model  # noqa: E402
 from fedsim.model.packed import PackedTrainer  # noqa: E402
-from fedsim.model.packed_jobs import PackedJob, batch_order, job_bytes  # noqa: E402
-from fedsim.model.training import TrainResult, collate, resolve_device, train_lora  # noqa: E402
+from fedsim.model.packed_jobs import PackedJob, job_bytes  # noqa: E402
+from fedsim.model.training import (  # noqa: E402
+    TrainResult,
+    batch_order,  # noqa: E402
+    collate,
+    resolve_device,
+    train_lora,
+)
 
 Row = dict[str, float]
 FEDERATION_SET = ["rounds=5", "clients.per_round=4", "clients.eval_per_round=2", "simulation.max_clients_per_step=4"]
+MEMORY_SET = [
+    "rounds=1", "clients.num_clients=16", "clients.per_round=16", "simulation.max_clients_per_step=16",
+    "clients.eval_per_round=0", "data.num_examples=800", "data.central_test_size=8", "eval.max_new_tokens=2",
+    "train.local_steps=2", "train.batch_size=2", "train.max_seq_len=32",
+]  # fmt: skip
+MEMORY_MODES = ("off", "wide", "on")
+GIB = 2**30
 
 
 def make_jobs(start: AdapterState, k: int, args: argparse.Namespace) -> list[PackedJob]:
@@ -183,7 +216,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
 
 
-def round_times(scenario_path: Path, packing: str, overrides: list[str], out: Path) -> tuple[list[float], object]:
+def round_times(scenario_path: Path, packing: str, overrides: list[str], out: Path) -> tuple[list[float], Any]:
     """Wall seconds of each round after the first, and the run's metrics, of one federation."""
     from fedsim.config.scenario import load_scenario
     from fedsim.results.rundir import RunDir, read_metrics
@@ -210,7 +243,7 @@ def federation(args: argparse.Namespace) -> None:
         for repeat in range(args.repeats):
             off, m_off = round_times(args.scenario, "off", args.set, Path(tmp))
             on, m_on = round_times(args.scenario, "on", args.set, Path(tmp))
-            losses = [m["loss"].to_numpy(dtype=np.float64) for m in (m_off, m_on)]  # type: ignore[attr-defined]
+            losses = [m["loss"].to_numpy(dtype=np.float64) for m in (m_off, m_on)]
             same = bool(np.allclose(losses[0], losses[1], rtol=1e-4, atol=0, equal_nan=True))
             ratios.append(statistics.median(on) / statistics.median(off))
             rows.append((repeat, statistics.median(off), statistics.median(on), ratios[-1], same))
@@ -220,6 +253,114 @@ def federation(args: argparse.Namespace) -> None:
         print(f"packed/off round time: {spread(ratios)} (median [min, max] over repeats; < 1: packed is faster)")
     if args.doc:
         write_printed(args.doc, "Packed federation rounds against unpacked ones", printed.getvalue())
+
+
+def memory_run(args: argparse.Namespace) -> None:
+    """`--memory-run MODE`: one federation of `--scenario` with MEMORY_SET and `--set`, MODE one of
+    MEMORY_MODES (module docstring), its run directory under `--out` (what `--memory` measures, in a
+    process of its own)."""
+    from fedsim.config.scenario import load_scenario
+    from fedsim.results.rundir import RunDir
+    from fedsim.runtime.simulation import every_actor_at_once, run_simulation
+    from fedsim.server.packs import cpu_share
+
+    overrides = [*MEMORY_SET, *args.set]
+    packed = load_scenario(args.scenario, [*overrides, 'simulation.packing="on"'])
+    scenario = load_scenario(args.scenario, [*overrides, 'simulation.packing="off"'])
+    if args.memory_run == "on":
+        scenario = packed
+    elif args.memory_run == "wide":  # unpacked, on as many ClientApps as the packed run, all at once
+        share = cpu_share(packed)
+        scenario = load_scenario(
+            args.scenario, [*overrides, 'simulation.packing="off"', f"simulation.num_cpus_per_client={share}"]
+        )
+    with every_actor_at_once() if args.memory_run == "wide" else contextlib.nullcontext():
+        run_simulation(scenario, RunDir.create(args.out, scenario))
+
+
+def _kind(process: psutil.Process, driver: int) -> str:
+    if process.pid == driver:
+        return "driver"
+    title = " ".join(process.cmdline())
+    if title.startswith("ray::PackServer"):
+        return "trainer"
+    return "workers" if title.startswith("ray::") else "ray"
+
+
+def _sample(root: psutil.Process) -> dict[str, float]:
+    """Σ PSS and Σ RSS (bytes) of `root` and its descendants now, and PSS by `_kind`."""
+    out = {"pss": 0.0, "rss": 0.0, "processes": 0.0, "driver": 0.0, "workers": 0.0, "trainer": 0.0, "ray": 0.0}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            info, kind = process.memory_full_info(), _kind(process, root.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue  # it ended between the listing and the read
+        out["pss"] += info.pss
+        out["rss"] += info.rss
+        out["processes"] += 1
+        out[kind] += info.pss
+    return out
+
+
+def peak_memory(args: argparse.Namespace, mode: str, out: Path, model: str) -> tuple[dict[str, float], Any]:
+    """The sample with the largest Σ PSS over one `--memory-run` of `model` (its wall time added, and
+    its peak Σ RSS and most processes), and the run's metrics."""
+    from fedsim.results.rundir import read_metrics
+
+    command = [sys.executable, __file__, "--memory-run", mode, "--scenario", str(args.scenario), "--out", str(out)]
+    command += [x for s in [*args.set, f'model.name="{model}"'] for x in ("--set", s)]
+    start, peak, rss, most = time.perf_counter(), {"pss": 0.0}, 0.0, 0.0
+    with open(out / f"{mode}.log", "w") as log:
+        child = psutil.Popen(command, stdout=log, stderr=log)
+        while child.poll() is None:
+            now = _sample(child)
+            peak, rss, most = max(peak, now, key=lambda s: s["pss"]), max(rss, now["rss"]), max(most, now["processes"])
+            time.sleep(args.interval)
+    if child.returncode != 0:
+        raise RuntimeError(f"the {mode} run failed (exit {child.returncode}); its log: {out / f'{mode}.log'}")
+    (run,) = [p for p in out.iterdir() if (p / "metrics.parquet").is_file()]
+    return {**peak, "rss": rss, "processes": most, "wall": time.perf_counter() - start}, read_metrics(run)
+
+
+def memory(args: argparse.Namespace) -> None:
+    """`--memory`: peak memory of whole federations, packed against unpacked (module docstring)."""
+    import tempfile
+
+    import numpy as np
+
+    with keep_printed() as printed:
+        print(f"{args.scenario} with {' '.join([*MEMORY_SET, *args.set])} on {machine(torch.device('cpu'))}")
+        print(f"memory of the run's process tree, sampled every {args.interval:g}s; GiB")
+        print(
+            f"{'model':>13} {'repeat':>6} {'packing':>7} {'peak PSS':>9} {'peak RSS':>9} {'driver':>7} "
+            f"{'ClientApps':>11} {'trainer':>8} {'Ray':>6} {'processes':>9} {'wall s':>7} {'same':>5}"
+        )
+        ratios: dict[str, dict[str, list[float]]] = {m: {"on/off": [], "on/wide": []} for m in args.memory_models}
+        for model in args.memory_models:
+            for repeat in range(args.repeats):
+                with tempfile.TemporaryDirectory() as tmp:
+                    peaks, metrics = {}, {}
+                    for mode in MEMORY_MODES:
+                        (Path(tmp) / mode).mkdir()
+                        peaks[mode], metrics[mode] = peak_memory(args, mode, Path(tmp) / mode, model)
+                    losses = {m: metrics[m]["loss"].to_numpy(dtype=np.float64) for m in MEMORY_MODES}
+                    same = {
+                        m: bool(np.allclose(losses["off"], v, rtol=1e-4, atol=0, equal_nan=True))
+                        for m, v in losses.items()
+                    }
+                for mode, p in peaks.items():
+                    print(
+                        f"{model:>13} {repeat:>6} {mode:>7} {p['pss'] / GIB:9.2f} {p['rss'] / GIB:9.2f} "
+                        f"{p['driver'] / GIB:7.2f} {p['workers'] / GIB:11.2f} {p['trainer'] / GIB:8.2f} "
+                        f"{p['ray'] / GIB:6.2f} {int(p['processes']):>9} {p['wall']:7.1f} {str(same[mode]):>5}",
+                        flush=True,
+                    )
+                for key in ratios[model]:
+                    ratios[model][key].append(peaks["on"]["pss"] / peaks[key.split("/")[1]]["pss"])
+        for model, r in ratios.items():
+            print(f"{model}: peak PSS on/off {spread(r['on/off'])}, on/wide {spread(r['on/wide'])} (median [min, max])")
+    if args.doc:
+        write_printed(args.doc, "Peak memory of a federation round, packed against unpacked", printed.getvalue())
 
 
 def main() -> None:
@@ -239,10 +380,18 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, help="results doc (default: docs/results/packing[-cuda].md)")
     parser.add_argument("--federation", action="store_true", help="round times of whole federations (docstring)")
     parser.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "tiny.toml", help="--federation's")
-    parser.add_argument("--set", action="append", default=[], help="--federation: a scenario override")
+    parser.add_argument("--set", action="append", default=[], help="--federation, --memory: a scenario override")
+    parser.add_argument("--memory", action="store_true", help="peak memory of whole federations (docstring)")
+    parser.add_argument("--interval", type=float, default=0.5, help="--memory: seconds between samples")
+    parser.add_argument("--memory-models", nargs="+", default=["tiny-llama", "smollm2-135m"], help="--memory's models")
+    parser.add_argument("--memory-run", choices=MEMORY_MODES, help=argparse.SUPPRESS)  # one run of --memory
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # --memory-run's run directory root
     args = parser.parse_args()
-    if args.federation:
-        federation(args)
+    if args.memory_run:
+        memory_run(args)
+        return
+    if args.federation or args.memory:
+        (federation if args.federation else memory)(args)
         return
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)

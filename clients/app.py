@@ -24,6 +24,9 @@ FedProx's μ, and the pruned model this client holds and how it grows (`clients.
 
 The base model with its LoRA wrapper is built once per worker process (`_model`) and reused
 across rounds: a Ray actor lives for the whole simulation, so only its first message pays the load.
+A train message that names a pack (packing on, `clients.packing`) loads no model: its job goes to
+the run's shared trainer, and the node knows the model's layout from its meta-device copy
+(`clients.packing.meta_model`); it loads the model only if its job must train alone.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from clients.packing import train_in_pack
+from clients.packing import meta_model, train_in_pack, zero_state
 from clients.prune_and_tune import PruneAndTune, PruneOrder
 from clients.records import scalar
 from fedsim.compression import codec_config, compress, encode, layout_of, residual
@@ -83,6 +86,7 @@ from fedsim.protocol import (
     FLOPS,
     IDENTITY_RECORD,
     KEPT_RANK,
+    LOCAL_STEPS,
     LORA_FREEZE,
     LORA_PERSONAL_B,
     LORA_RANK,
@@ -92,6 +96,7 @@ from fedsim.protocol import (
     LOSS_BEFORE,
     METRICS_RECORD,
     NUM_EXAMPLES,
+    PACK_ID,
     PARTITION_ID,
     PAYLOAD,
     PENALTY_GAMMA,
@@ -183,49 +188,81 @@ def _layers(model: ModelConfig, lora_json: str, device: str) -> list[LayerGeomet
 
 @dataclass(frozen=True)
 class Job:
-    """What one message asks of this node, ready to run: `model` holds the adapter to start from."""
+    """What one message asks of this node, ready to run: `start` is the adapter to start from, held
+    by `model`, which is built on first use (a client trained in its pack never builds one)."""
 
     scenario: Scenario
     config: ConfigRecord  # the message's config record (rank, freeze, pruning order, the strategy's flags)
     cid: int  # this node's client id (its data partition)
     rank: int  # the LoRA rank to train or evaluate at
-    model: PeftModel  # this client's model: a pruned copy when it prunes
-    tokenizer: PreTrainedTokenizerBase
     shape: ModelShape  # the unpruned model's shape
     data: ClientData
     received: AdapterState  # the adapter the message carried (what an update is measured from)
+    start: AdapterState  # `received`, plus this node's own B with LORA_PERSONAL_B (FedSA-LoRA)
     order: PruneOrder | None  # this round's pruning order, if the client prunes
+    held: PeftModel | None  # the model, already holding `start`, when `_setup` built it
+
+    @functools.cached_property
+    def model(self) -> PeftModel:
+        """This client's model holding `start`: a pruned copy when it prunes, else the process's cached model."""
+        if self.held is not None:
+            return self.held
+        model = _client_model(self.scenario, self.config, self.rank, self.order)
+        set_state(model, self.start)
+        return model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return _model(*_key(self.scenario))[1]
+
+
+def _key(scenario: Scenario) -> tuple[ModelConfig, str, str]:
+    """`_model`'s arguments for `scenario`."""
+    return scenario.model, scenario.lora.model_dump_json(), scenario.train.device
+
+
+def _client_model(scenario: Scenario, config: ConfigRecord, rank: int, order: PruneOrder | None) -> PeftModel:
+    """The process's model at `rank`, the message's factors trainable; its pruned copy with `order`
+    (the cached one stays whole for the next client)."""
+    model = _model(*_key(scenario))[0]
+    use_rank(model, scenario.lora, rank)
+    set_trainable(model, freeze=str(config.get(LORA_FREEZE, "")))
+    return pruned_copy(model, order.keep) if order is not None else model
 
 
 def _setup(msg: Message, context: Context) -> Job:
+    """The message's job. A train message naming a pack builds no model (`Job.model` does, if
+    needed): the adapter's layout comes from the model on the meta device (`meta_model`)."""
     config = msg.content.config_records[CONFIG_RECORD]
     scenario = _scenario(str(config[SCENARIO]))
     torch.set_num_threads(scenario.train.threads)
     cid = client_id(context, scenario, config)
     _fresh_state_per_run(context, scenario)
-    key = (scenario.model, scenario.lora.model_dump_json(), scenario.train.device)
-    model, tokenizer, shape = _model(*key)
     rank = int(scalar(config, LORA_RANK, scenario.lora.rank))
-    use_rank(model, scenario.lora, rank)
-    set_trainable(model, freeze=str(config.get(LORA_FREEZE, "")))
-    order = PruneOrder.from_config(config, _layers(*key)) if scenario.prunes else None
-    if order is not None:  # this client's own model; the cached one stays whole for the next client
-        model = pruned_copy(model, order.keep)
-    received = _received_adapter(msg, context, model)
-    full = (
-        {**received, **_personal_b(model, context, order.keep if order else None)}
+    order = PruneOrder.from_config(config, _layers(*_key(scenario))) if scenario.prunes else None
+    held = None if PACK_ID in config and order is None else _client_model(scenario, config, rank, order)
+    if held is None:  # a client of a pack: the model's layout, not its weights
+        meta = meta_model(scenario.model, scenario.lora, rank)
+        layout, shape = zero_state(meta), ModelShape.from_model(meta)
+    else:
+        layout, shape = get_state(held), _model(*_key(scenario))[2]
+    received = _received_adapter(msg, context, layout)
+    start = (
+        {**received, **_personal_b(layout, context, order.keep if order else None)}
         if config.get(LORA_PERSONAL_B, False)
         else received
     )
-    set_state(model, full)
+    if held is not None:
+        set_state(held, start)
     data = client_data(scenario.data, scenario.clients.num_clients, cid, scenario.seed)
-    return Job(scenario, config, cid, rank, model, tokenizer, shape, data, received, order)
+    return Job(scenario, config, cid, rank, shape, data, received, start, order, held)
 
 
-def _personal_b(model: PeftModel, context: Context, keep: Keep | None) -> AdapterState:
+def _personal_b(layout: AdapterState, context: Context, keep: Keep | None) -> AdapterState:
     """This node's own B factors (FedSA-LoRA), zero until it first trains or when its rank changed;
-    cut to the model's keep when the node has pruned more since it kept them."""
-    fresh = {k: torch.zeros_like(v) for k, v in factors(get_state(model), "B").items()}
+    cut to the model's keep when the node has pruned more since it kept them. `layout`: the
+    adapter the model holds (its keys and shapes)."""
+    fresh = {k: torch.zeros_like(v) for k, v in factors(layout, "B").items()}
     held = context.state.array_records.get(PERSONAL_KEY)
     kept = held.to_torch_state_dict() if held is not None else {}
     held_keep = context.state.config_records.get(PERSONAL_KEY + "-keep")
@@ -237,17 +274,17 @@ def _personal_b(model: PeftModel, context: Context, keep: Keep | None) -> Adapte
     return {k: v.float() for k, v in kept.items()} if same else fresh
 
 
-def _received_adapter(msg: Message, context: Context, model: PeftModel) -> AdapterState:
+def _received_adapter(msg: Message, context: Context, layout: AdapterState) -> AdapterState:
     """The adapter to start from: sent whole (its arrays), or through the compressed downlink,
-    applied to the copy this node keeps in its context and decoded against the layout of the
-    adapter `model` holds (the downlink's one adapter for every client)."""
+    applied to the copy this node keeps in its context and decoded against `layout` (the adapter
+    the model holds: the downlink's one adapter for every client)."""
     if DOWN_RECORD not in msg.content.config_records:
         return from_record(msg.content.array_records[ARRAYS_RECORD])
     down = msg.content.config_records[DOWN_RECORD]
     held = context.state.array_records.get(COPY_KEY)
     version = int(scalar(context.state.config_records[COPY_KEY + "-version"], DOWN_VERSION)) if held is not None else -1
     copy = held.to_torch_state_dict() if held is not None else None
-    state = apply_down(down, copy, version, layout_of(get_state(model)))
+    state = apply_down(down, copy, version, layout_of(layout))
     context.state[COPY_KEY] = ArrayRecord(state)
     context.state[COPY_KEY + "-version"] = ConfigRecord({DOWN_VERSION: int(scalar(down, DOWN_VERSION))})
     return state
@@ -260,10 +297,11 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({IDENTITY_RECORD: ConfigRecord({CLIENT_ID: cid})}), reply_to=msg)
 
 
-def _schedule(t: TrainConfig) -> dict[str, Any]:
-    """The local-training settings `train_lora` and `train_fedspeed` both take from `[train]`."""
+def _schedule(t: TrainConfig, config: ConfigRecord) -> dict[str, Any]:
+    """The local-training settings `train_lora` and `train_fedspeed` both take from `[train]`; the
+    steps are the message's LOCAL_STEPS when it names them (a device's own choice, asynchronous)."""
     return {
-        "steps": t.local_steps,
+        "steps": int(scalar(config, LOCAL_STEPS, t.local_steps)),
         "batch_size": t.batch_size,
         "max_len": t.max_seq_len,
         "lr": t.lr,
@@ -281,7 +319,7 @@ def _train_fedspeed(job: Job, context: Context, seed: int, step_flops: Callable[
         job.model,
         job.tokenizer,
         list(job.data.train),
-        **_schedule(t),
+        **_schedule(t, config),
         seed=seed,
         step_flops=step_flops,
         rho=float(scalar(config, FEDSPEED_RHO)),
@@ -293,17 +331,30 @@ def _train_fedspeed(job: Job, context: Context, seed: int, step_flops: Callable[
     return result
 
 
+def _train_in_pack(job: Job, context: Context, seed: int) -> tuple[TrainResult, AdapterState] | None:
+    """(result, trained adapter) of this client trained with its pack (packing on, in simulation:
+    `clients.packing.train_in_pack`), without loading the model; None when the message names no
+    pack or the client trains alone."""
+    if PACK_ID not in job.config:
+        return None
+    s = job.scenario
+    return train_in_pack(
+        meta_model(s.model, s.lora, job.rank), job.start, job.config, s, context.run_id, list(job.data.train), seed,
+        job.rank, job.shape, _schedule(s.train, job.config), pruned=job.order is not None,
+    )  # fmt: skip
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     job = _setup(msg, context)
-    scenario, config, model, rank = job.scenario, job.config, job.model, job.rank
+    scenario, config, rank = job.scenario, job.config, job.rank
     server_round = int(scalar(config, SERVER_ROUND))
     t, lora = scenario.train, scenario.lora
     pruner = None
     if job.order is not None:
         layers = _layers(scenario.model, lora.model_dump_json(), t.device)
         pruner = PruneAndTune.for_round(
-            model,
+            job.model,
             layers,
             job.order,
             scenario.pruning,
@@ -316,22 +367,21 @@ def train(msg: Message, context: Context) -> Message:
         else lambda b, n: train_step_flops(job.shape, batch=b, seq_len=n, rank=rank, targets=lora.target_modules)
     )
     seed = derive_seed(scenario.seed, server_round, job.cid, "train")
+    packed = None  # (result, trained adapter) of a client trained in its pack
     if FEDSPEED_LAMBDA in config:  # FedSpeed's local rule, its correction term kept on this node
         result = _train_fedspeed(job, context, seed, step_flops)
+    elif (packed := _train_in_pack(job, context, seed)) is not None:  # no model loaded on this node
+        result = packed[0]
     else:
-        packed = train_in_pack(  # packing on, in simulation: trained with the client's pack (`clients.packing`)
-            model, job.received, config, scenario, context.run_id, list(job.data.train), seed, rank, job.shape,
-            pruned=pruner is not None,
-        )  # fmt: skip
-        result = packed or train_lora(
-            model,
+        result = train_lora(
+            job.model,
             job.tokenizer,
             list(job.data.train),
-            **_schedule(t),
+            **_schedule(t, config),
             seed=seed,
             step_flops=step_flops,
             proximal_mu=float(scalar(config, PROXIMAL_MU, 0.0)),  # set by Flower's FedProx
-            regulariser=_rank_penalty(model, rank, config),
+            regulariser=_rank_penalty(job.model, rank, config),
             hooks=pruner,
         )
     metrics = MetricRecord(
@@ -349,7 +399,7 @@ def train(msg: Message, context: Context) -> Message:
             WALL_TIME_S: result.wall_time_s,
         }
     )
-    local = get_state(model)
+    local = packed[1] if packed is not None else get_state(job.model)
     if config.get(LORA_PERSONAL_B, False):
         context.state[PERSONAL_KEY] = ArrayRecord(factors(local, "B"))
         context.state[PERSONAL_KEY + "-keep"] = ConfigRecord(

@@ -2,46 +2,58 @@
 
 In fedsim's simulation with packing on, the server puts each round's clients in packs
 (`fedsim.server.packs`; `protocol.PACK_ID`, `PACK_SIZE`). A ClientApp whose message names a pack
-builds its `PackedJob` from what `train_lora` would get (the adapter it loaded, its examples,
-hyper-parameters, seed, frozen factors, FedProx's μ, HetLoRA's penalty), submits it to the run's
-`PackServer` (a named Ray actor holding the base model once: `server_name`) and blocks; the actor
-trains a pack when all its clients are there (or when `PACK_TIMEOUT_S` has passed since its first
-came: then it trains those that came, with a warning) with `fedsim.model.packed.PackedTrainer`,
-one pack at a time, and hands each client its `JobResult`. The ClientApp then loads the trained
-adapter and replies exactly as after `train_lora`. A job that fails raises `PackedJobError` in its
-ClientApp only (Flower records it as failed); the pack's other clients are not touched.
+builds its `PackedJob` from what `train_lora` would get (the adapter it received, its examples,
+its `[train]` schedule, seed, frozen factors, FedProx's μ, HetLoRA's penalty), submits it to the
+run's `PackServer` (a named Ray actor holding the base model once: `server_name`) and blocks; the
+actor trains a pack when all its clients are there with `fedsim.model.packed.PackedTrainer`, one
+pack at a time, and hands each client its `JobResult`. The ClientApp then replies exactly as after
+`train_lora`. A job that fails raises `PackedJobError` in its ClientApp only (Flower records it as
+failed); the pack's other clients are not touched.
+
+One base copy per device: a ClientApp of a pack never loads the base model. What it must know of
+it (the adapter's keys and shapes at its rank, the adapted layers, the dtype, dropout, the
+`ModelShape` its FLOPs are counted on) it reads from the same model on the meta device
+(`meta_model`: the config only, no weights). It loads the model only when it trains alone, and for
+evaluation messages, which are never packed: with federated evaluation on
+(`clients.eval_per_round` > 0) each ClientApp that evaluates holds a copy.
 
 A client of a pack trains alone, as without packing, when its job cannot be packed (`alone_reason`:
 a pruned model, dropout, `fedsim.model.packed_jobs.check_job`'s reasons); it tells the actor so
 (its pack then does not wait for it) and each reason is logged once per process. A message
 without a pack (packing off, a deployment) never reaches this module's actor.
 
+A pack that waits `PACK_TIMEOUT_S` for a client that does not come is cut: each of its jobs then
+trains alone (a pack of one, the very operations of `train_lora`), and so does every job of it that
+comes later, with a warning in the actor's log. A cut pack's updates are thus those of `packing =
+"off"` for its clients, whichever of them came in time; they differ from the uncut pack's only by
+float rounding (a packed update's dependence on its pack, `fedsim.model.packed`).
+
 Every ClientApp of a round must run at once: a pack waits for all its clients, and Ray starts a
 round's messages in any order, so a pool smaller than the round could fill with clients of
-different packs, each waiting for the others. `client_resources` sizes the pool so.
+different packs, each waiting for the others (`fedsim.server.packs.client_resources`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import peft
 import torch
 from flwr.app import ConfigRecord
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clients.records import scalar
-from fedsim.config.scenario import ModelConfig, Scenario
+from fedsim.config.scenario import LoraConfig, ModelConfig, Scenario
 from fedsim.fleet.costs import ModelShape, train_step_flops
-from fedsim.model.adapter import BASE_DELTA, AdapterState, get_state, set_state
-from fedsim.model.loader import load_model
+from fedsim.model.adapter import AdapterState, attach_lora, use_rank
+from fedsim.model.loader import empty_model, load_model
 from fedsim.model.packed import PackedTrainer
 from fedsim.model.packed_jobs import JobResult, PackedJob, check_job
 from fedsim.model.rowlora import target_linears
@@ -61,7 +73,6 @@ from strategies.lora_math import hetlora_rank_penalty
 
 logger = logging.getLogger(__name__)
 MAX_CONCURRENCY = 4096  # threads of the actor: each waiting client holds one
-MIN_CPU_SHARE = 0.01  # the smallest CPU share a ClientApp of a packed round gets (100 per CPU)
 
 
 @dataclass(frozen=True)
@@ -105,55 +116,58 @@ def server_name(run_id: int) -> str:
     return f"fedsim-packer-{run_id}"
 
 
-def client_resources(cpus: float, clientapps: int, num_cpus_per_client: float) -> dict[str, float]:
-    """Ray resources of each ClientApp actor with packing on: a CPU share such that `clientapps` of
-    them run at once on `cpus` CPUs (at most `num_cpus_per_client`), and no GPU (the trainer holds it).
-    Raises ValueError when that share is below `MIN_CPU_SHARE`."""
-    share = min(num_cpus_per_client, math.floor(cpus / clientapps * 1e4) / 1e4)  # Ray counts in 1e-4
-    if share < MIN_CPU_SHARE:
-        raise ValueError(
-            f"`simulation.packing`: a packed round needs {clientapps} ClientApps at once, more than "
-            f"{cpus:g} CPUs can host at a share of at least {MIN_CPU_SHARE}: lower clients.per_round "
-            "(or fleet.overcommit) or set packing = 'off'"
-        )
-    return {"num_cpus": share, "num_gpus": 0.0}
+@functools.cache
+def _meta_base(model: ModelConfig, lora_json: str) -> PeftModel:
+    with torch.device("meta"):
+        return attach_lora(empty_model(model.name, model.dtype), LoraConfig.model_validate_json(lora_json), seed=0)
+
+
+def meta_model(model: ModelConfig, lora: LoraConfig, rank: int) -> PeftModel:
+    """The ClientApp's model (the base with its LoRA, `clients.app`) on the meta device, the rank-`rank`
+    adapter active: its layers, shapes, dtype and dropout, no weights. Built once per process from
+    the model's config (`fedsim.model.loader.empty_model`); ranks are added on first use."""
+    meta = _meta_base(model, lora.model_dump_json())
+    with torch.device("meta"):
+        use_rank(meta, lora, rank)
+    return meta
+
+
+def zero_state(meta: PeftModel) -> AdapterState:
+    """Zeros laid out as `get_state` of `meta`'s active adapter: its keys in its order, its shapes (float32, CPU)."""
+    state = peft.get_peft_model_state_dict(meta, adapter_name=meta.active_adapter)
+    return {k: torch.zeros(v.shape) for k, v in state.items()}
 
 
 def packed_job(
-    model: PeftModel,
-    received: AdapterState,
+    start: AdapterState,
     config: ConfigRecord,
     scenario: Scenario,
     examples: list[dict[str, str]],
     seed: int,
     rank: int,
     shape: ModelShape,
+    schedule: Mapping[str, Any],
 ) -> PackedJob:
-    """The job `train_lora` would run on `model` (which holds the adapter to start from)."""
-    t, lora = scenario.train, scenario.lora
+    """The job `train_lora` would run from `start` (the adapter and base deltas the client starts
+    from) with `schedule` (the steps, batch_size, max_len, lr, weight_decay and grad_clip it passes
+    `train_lora`)."""
     lam = float(scalar(config, PENALTY_LAMBDA, 0.0))
-    deltas = {k: v for k, v in received.items() if k.endswith(BASE_DELTA)}
     return PackedJob(
         key=int(scalar(config, CLIENT_ID)),
-        state={**get_state(model), **deltas},
-        scale=lora.alpha / rank,
+        state=dict(start),
+        scale=scenario.lora.alpha / rank,
         examples=examples,
-        steps=t.local_steps,
-        batch_size=t.batch_size,
-        max_len=t.max_seq_len,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
+        **schedule,
         seed=seed,
         freeze=str(config.get(LORA_FREEZE, "")),
         proximal_mu=float(scalar(config, PROXIMAL_MU, 0.0)),
         regulariser=_RankPenalty(rank, float(scalar(config, PENALTY_GAMMA)), lam) if lam > 0 else None,
-        step_flops=_StepFlops(shape, rank, lora.target_modules),
+        step_flops=_StepFlops(shape, rank, scenario.lora.target_modules),
     )
 
 
 def alone_reason(model: PeftModel, job: PackedJob, pruned: bool) -> str | None:
-    """Why `job` trains alone on its ClientApp's `model` instead of in its pack, or None."""
+    """Why `job` trains alone on its ClientApp's `model` (or its `meta_model`) instead of in its pack, or None."""
     if pruned:
         return "a pruned client holds a model of its own shape"
     if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
@@ -163,8 +177,8 @@ def alone_reason(model: PeftModel, job: PackedJob, pruned: bool) -> str | None:
 
 
 def train_in_pack(
-    model: PeftModel,
-    received: AdapterState,
+    meta: PeftModel,
+    start: AdapterState,
     config: ConfigRecord,
     scenario: Scenario,
     run_id: int,
@@ -172,15 +186,17 @@ def train_in_pack(
     seed: int,
     rank: int,
     shape: ModelShape,
+    schedule: Mapping[str, Any],
     pruned: bool = False,
-) -> TrainResult | None:
-    """Train this client in its pack and load the trained adapter into `model`; None when the
-    message names no pack or the job trains alone (then the caller runs `train_lora`). Raises
-    `PackedJobError` when the job failed in its pack."""
+) -> tuple[TrainResult, AdapterState] | None:
+    """Train this client in its pack: (its result, its trained adapter laid out as `get_state` of
+    `meta`, the client's `meta_model` at `rank`); None when the message names no pack or the job
+    trains alone (then the caller runs `train_lora` on the model itself). The base model is not
+    loaded here. Raises `PackedJobError` when the job failed in its pack."""
     if PACK_ID not in config:
         return None
-    job = packed_job(model, received, config, scenario, examples, seed, rank, shape)
-    reason = alone_reason(model, job, pruned)
+    job = packed_job(start, config, scenario, examples, seed, rank, shape, schedule)
+    reason = alone_reason(meta, job, pruned)
     pack = f"{scenario.name}/{scenario.seed}/{scalar(config, PACK_ID)!s}"  # several runs may share one simulation
     size, wait = int(scalar(config, PACK_SIZE)), float(scalar(config, PACK_TIMEOUT_S))
     spec = TrainerSpec(
@@ -199,8 +215,7 @@ def train_in_pack(
         return None
     outcome: JobResult = ray.get(server.train.remote(pack, size, job.key, job, spec, wait))
     result, state = outcome.unwrap()
-    set_state(model, {**state, **{k: v for k, v in job.state.items() if k.endswith(BASE_DELTA)}})
-    return result
+    return result, {k: state[k] for k in zero_state(meta)}
 
 
 def _server(run_id: int, device: str) -> Any:
@@ -230,7 +245,8 @@ class PackServer:
     """The packs of one run: collects each pack's jobs, trains them together, hands out the results.
 
     Thread-safe (Ray runs it as a threaded actor: each waiting client's call holds a thread). The
-    base model is loaded once per `TrainerSpec.model`; one pack trains at a time."""
+    base model is loaded once per `TrainerSpec.model`; one pack trains at a time. A pack cut by its
+    timeout trains its jobs one by one, as does each of its jobs that comes later (module docstring)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -238,11 +254,13 @@ class PackServer:
         self._waiting: dict[str, dict[int, PackedJob | None]] = {}  # pack → key → job (None: trains alone)
         self._results: dict[tuple[str, int], JobResult] = {}
         self._closed: set[str] = set()  # packs taken for training
+        self._cut: set[str] = set()  # packs taken before all their clients came
         self._bases: dict[ModelConfig, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         self._trained: dict[str, list[int]] = {}  # pack → the keys of the jobs it trained together
 
     def trained(self) -> dict[str, list[int]]:
-        """Each pack trained so far → its jobs' keys, sorted (late clients: a pack of their own)."""
+        """Each pack trained so far → its jobs' keys, sorted; a cut pack's jobs (and its late ones)
+        each as a pack of its own, "<pack>+<key>"."""
         with self._cond:
             return {pack: list(keys) for pack, keys in self._trained.items()}
 
@@ -253,49 +271,56 @@ class PackServer:
         client of the pack that trains alone; it returns at once)."""
         with self._cond:
             if pack in self._closed:
-                logger.warning("packing: client %d came after its pack %s trained: it trains alone", key, pack)
-                jobs = {key: job}
+                logger.warning("packing: client %d came after its pack %s was cut: it trains alone", key, pack)
+                jobs, alone = {key: job}, True
             else:
                 members = self._waiting.setdefault(pack, {})
                 members[key] = job
                 self._cond.notify_all()
                 if job is None and not (len(members) >= size and all(j is None for j in members.values())):
                     return None
-                jobs = self._take(pack, size, key, timeout_s)
-                if not jobs:  # another client took the pack: wait for this job's result
+                taken = self._take(pack, size, timeout_s)
+                if taken is None:  # another client took the pack: wait for this job's result
                     while (pack, key) not in self._results:
                         self._cond.wait()
                     return self._results.pop((pack, key))
-        results = self._run(spec, [j for j in jobs.values() if j is not None])
+                jobs, alone = taken, pack in self._cut
+        results = self._run(spec, [j for j in jobs.values() if j is not None], alone)
         with self._cond:
-            self._trained[pack if pack not in self._trained else f"{pack}+{key}"] = sorted(results)
+            if alone:
+                self._trained.update({f"{pack}+{k}": [k] for k in results})
+            else:
+                self._trained[pack] = sorted(results)
             self._results.update({(pack, k): r for k, r in results.items() if k != key})
             self._cond.notify_all()
         return results.get(key)
 
-    def _take(self, pack: str, size: int, key: int, timeout_s: float) -> dict[int, PackedJob | None]:
-        """The pack's jobs once all `size` came (or `timeout_s` passed), if this call takes the
-        pack; {} if another call took it. Holds the condition's lock."""
+    def _take(self, pack: str, size: int, timeout_s: float) -> dict[int, PackedJob | None] | None:
+        """The pack's jobs once all `size` came, or those that came in `timeout_s` (the pack is then
+        cut), if this call takes the pack; None if another call took it. Holds the condition's lock."""
         deadline = time.monotonic() + timeout_s
         while pack not in self._closed and len(self._waiting[pack]) < size:
             left = deadline - time.monotonic()
             if left <= 0:
                 logger.warning(
-                    "packing: pack %s trains %d of its %d clients after waiting %gs",
+                    "packing: pack %s has %d of its %d clients after waiting %gs: it is cut, each of its clients "
+                    "trains alone (as with packing = 'off'), those that come later too",
                     pack,
                     len(self._waiting[pack]),
                     size,
                     timeout_s,
                 )
+                self._cut.add(pack)
                 break
             self._cond.wait(left)
         if pack in self._closed:
-            return {}
+            return None
         self._closed.add(pack)
         return self._waiting.pop(pack)
 
-    def _run(self, spec: TrainerSpec, jobs: list[PackedJob]) -> dict[int, JobResult]:
-        """Each job's result: trained together, or each failed with the reason the whole call failed."""
+    def _run(self, spec: TrainerSpec, jobs: list[PackedJob], alone: bool = False) -> dict[int, JobResult]:
+        """Each job's result: trained together (`alone`: one by one), or each failed with the reason
+        the whole call failed."""
         if not jobs:
             return {}
         with self._training:
@@ -309,7 +334,7 @@ class PackServer:
                     tokenizer,
                     target_modules=spec.target_modules,
                     device=spec.device,
-                    max_clients_per_step=len(jobs),
+                    max_clients_per_step=1 if alone else len(jobs),
                     memory_budget=spec.memory or None,
                 )
                 outcomes = trainer.train(jobs)

@@ -138,16 +138,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedsim.results.rundir import ERROR_LOG, append_traceback
-    from fedsim.runtime.compare import CompareError, plan, run_all, write_outputs
+    from fedsim.runtime.compare import CompareError, kept_problems, plan, run_all, write_outputs
     from fedsim.runtime.simulation import run_simulations
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    root = Path(args.out) / f"{Path(args.scenario).stem}-compare"
     try:
         runs = plan(args.scenario, strategies, args.seeds, args.set or [], args.baseline)
+        if problems := kept_problems(runs, root):
+            raise CompareError(args.scenario, problems)
     except CompareError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    root = Path(args.out) / f"{Path(args.scenario).stem}-compare"
     root.mkdir(parents=True, exist_ok=True)
     try:
         failures = run_all(
@@ -180,7 +182,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.results.report import arms_table, ratio_table, round_table, time_to_accuracy
+    from fedsim.results.report import arms_table, ratio_table, round_table, target_line
     from fedsim.results.rundir import read_metrics
 
     try:
@@ -203,8 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("\nfinal adapter on each target ratio's pruned model (central test set):")
         print(ratios.to_string(float_format=lambda v: f"{v:.4f}"))
     for target in args.target or []:
-        hit = time_to_accuracy(metrics, target)
-        print(f"time to accuracy {target:g}: " + (f"round {hit[0]}, {hit[1]:.1f}s simulated" if hit else "not reached"))
+        print(target_line(metrics, target))
     return 0
 
 

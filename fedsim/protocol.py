@@ -48,7 +48,10 @@ Train: server → each sampled node (`LoraStrategy.configure_train`, `fedsim.ser
                                    bytes a packed step may use (0: 90 % of the free memory);
                                    PACK_TIMEOUT_S (float): how long the pack waits for its clients;
                                    FedSpeed (`strategies.fedspeed`): FEDSPEED_RHO, FEDSPEED_ALPHA,
-                                   FEDSPEED_LAMBDA (float): ρ, α, λ of its local rule
+                                   FEDSPEED_LAMBDA (float): ρ, α, λ of its local rule;
+                                   asynchronous participation (`fedsim.server.asynchronous`):
+                                   LOCAL_STEPS (int): the local steps the device chose (default:
+                                   the scenario's train.local_steps)
   reply
     METRICS_RECORD   MetricRecord  TRAIN_METRICS, each a finite number: NUM_EXAMPLES (training
                                    examples, FedAvg's weight), TRAIN_LOSS (mean loss over the
@@ -115,6 +118,7 @@ PACK_TIMEOUT_S = "pack-timeout-s"
 FEDSPEED_RHO = "fedspeed-rho"
 FEDSPEED_ALPHA = "fedspeed-alpha"
 FEDSPEED_LAMBDA = "fedspeed-lambda"
+LOCAL_STEPS = "local-steps"
 
 # --- train: client → server ------------------------------------------------------------------
 METRICS_RECORD = "metrics"

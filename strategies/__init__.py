@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fedsim.config.names import SERVER_OPTIMIZERS
+from strategies.afa import AFA, AFACS
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
@@ -45,6 +46,15 @@ def _optimizer(name: str) -> Callable[[Scenario], LoraStrategy]:
     return build
 
 
+def _afa(cls: type[AFA]) -> Callable[[Scenario], LoraStrategy]:
+    def build(scenario: Scenario) -> LoraStrategy:
+        low, high = scenario.participation.steps_range(scenario.train.local_steps)
+        lr = scenario.strategy.afa_server_lr
+        return cls(*_base(scenario), padding=_padding(scenario), server_lr=lr if lr is not None else (low + high) / 2)
+
+    return build
+
+
 STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
     "fedit": lambda scenario: FedIT(*_base(scenario), padding=_padding(scenario)),
     "fedprox": lambda scenario: FedIT(
@@ -72,6 +82,8 @@ STRATEGIES: dict[str, Callable[[Scenario], LoraStrategy]] = {
         merge=scenario.strategy.fedspeed_alpha,
         lam=scenario.strategy.fedspeed_lambda,
     ),
+    "afa_cd": _afa(AFA),
+    "afa_cs": _afa(AFACS),
 }
 
 

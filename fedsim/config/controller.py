@@ -50,10 +50,11 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedsim.config.errors import InputError, describe
 from fedsim.config.names import CONTROLLERS, MAX_RATIO
+from fedsim.config.section import Section
 
 
 class ControllerConfigError(InputError):
@@ -62,11 +63,7 @@ class ControllerConfigError(InputError):
     what = "controller config"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class RewardConfig(_Section):
+class RewardConfig(Section):
     """How one round's observations become rewards (`fedsim.controllers.reward`)."""
 
     contribution_weight: float = Field(
@@ -97,6 +94,13 @@ class RewardConfig(_Section):
         "sparsity s to its profile's deploy ratio ρ.",
     )
     norm_weight: float = Field(0.0, ge=0, description="Weight of the update norm ‖ΔW‖.")
+    energy_weight: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Weight of the energy cost E/Ē subtracted from the progress: the client's joules over the "
+        "round's mean (0: energy is not weighed).",
+    )
     time: Literal["round", "per_second"] = Field(
         "round",
         description="round: progress times the straggler factor "
@@ -138,7 +142,7 @@ class RewardConfig(_Section):
 Arm = tuple[int, float]
 
 
-class ControllerConfig(_Section):
+class ControllerConfig(Section):
     """Which bandit algorithm assigns each device its (LoRA rank, pruning ratio), and its constants."""
 
     name: str = Field(

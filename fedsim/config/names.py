@@ -18,8 +18,12 @@ TASKS = ("arithmetic", "strings", "units", "sentiment", "mixed")
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")  # Flower's, on FedIT's mean
 STRATEGIES = (
     "fedit", "fedprox", *SERVER_OPTIMIZERS, "hetlora", "flexlora", "flora", "ffa_lora", "fedsa_lora", "fedex_lora",
-    "lora_fair", "fedspeed",
+    "lora_fair", "fedspeed", "afa_cd", "afa_cs",
 )  # fmt: skip
+
+# Strategies that aggregate stale, step-normalised updates as they arrive, and run only on the
+# asynchronous clock (`participation.mode = "async"`: `fedsim.config.participation`).
+ASYNC_STRATEGIES = frozenset({"afa_cd", "afa_cs"})
 
 # Strategies that cannot aggregate pruned clients, and why (the scenario check quotes the reason).
 PRUNING_REFUSED = {
@@ -32,6 +36,8 @@ PRUNING_REFUSED = {
     "lora_fair": "its residual correction needs every client's full product s_k B_k A_k",
     "fedspeed": "each client keeps its prox-correction term at the shape of the adapter it trained, and a pruned "
     "client's adapter changes shape within and across rounds",
+    "afa_cd": "a stale update covers the keep its device held when it started, which the server may have changed since",
+    "afa_cs": "a stale update covers the keep its device held when it started, which the server may have changed since",
 }
 
 # Strategies whose clients keep something of their own from one round to the next, and what (a

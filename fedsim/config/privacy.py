@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from fedsim.config.names import STRATEGIES
+from fedsim.config.section import Section
 
 # Strategies that cannot run with differential privacy on, and why (the scenario check quotes the
 # reason). DP-FedAvg privatises a sum of clipped client updates; a rule is allowed when the global
@@ -37,16 +38,15 @@ DP_REFUSED = {
     "factors does not cover",
     "fedspeed": "each client's correction term ĝ carries its un-noised updates into the next rounds' uploads "
     "(x̂ = x_K − λĝ), which this accounting does not cover",
+    "afa_cd": "it aggregates stale updates as they arrive, each scaled by its own step count, not a sampled round's "
+    "clipped sum that the accountant covers",
+    "afa_cs": "it re-uses each device's last update in every later step, so one update is released many times",
 }
 
 PrivacyMode = Literal["off", "central", "local"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class PrivacyConfig(_Section):
+class PrivacyConfig(Section):
     """Client-level DP-FedAvg (McMahan et al., 2018, arXiv:1710.06963), optionally with adaptive
     clipping (Andrew et al., 2021, arXiv:1905.03871): `fedsim.privacy`."""
 

@@ -18,14 +18,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedsim.config.availability import Availability
 from fedsim.config.controller import ControllerConfig
 from fedsim.config.devices import CATALOG, DeviceProfile
 from fedsim.config.errors import InputError, describe, read_toml
 from fedsim.config.names import ATTENTION, MLP, PRUNING_REFUSED, SERVER_OPTIMIZERS, STRATEGIES, ImportanceScore
+from fedsim.config.participation import ParticipationConfig, participation_problems
 from fedsim.config.privacy import PrivacyConfig, privacy_problems
+from fedsim.config.section import Section
 from fedsim.config.sources import check_data_source, check_model_name, data_file_problems
 from fedsim.config.tracking import TrackingConfig
 
@@ -36,11 +38,7 @@ class ScenarioError(InputError):
     what = "scenario"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = Field("smollm2-135m", description="Registry name (`fedsim models`), local path, or HF id.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
 
@@ -54,7 +52,7 @@ class ModelConfig(_Section):
         return value
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     task: str = Field(
         "mixed", description="Built-in task (`fedsim tasks`), a .jsonl/.json/.csv/.parquet path, or hf:<name>[:split]."
     )
@@ -102,13 +100,13 @@ class DataConfig(_Section):
         return self
 
 
-class ClientsConfig(_Section):
+class ClientsConfig(Section):
     num_clients: int = Field(4, ge=1, description="Virtual clients (Flower SuperNodes) in the federation.")
     per_round: int = Field(2, ge=1, description="Clients sampled for training each round.")
     eval_per_round: int = Field(2, ge=0, description="Clients sampled for federated evaluation each round (0 = none).")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     local_steps: int = Field(10, ge=1, description="Optimizer steps per client per round.")
     batch_size: int = Field(8, ge=1, description="Examples per step.")
     max_seq_len: int = Field(
@@ -125,7 +123,7 @@ class TrainConfig(_Section):
     )
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     rank: int = Field(8, ge=1, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
@@ -160,7 +158,7 @@ class LoraConfig(_Section):
         return tuple(value) if isinstance(value, list) else value
 
 
-class StrategyConfig(_Section):
+class StrategyConfig(Section):
     name: str = Field("fedit", description="Aggregation strategy (see `strategies`).")
     proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight μ of the proximal term μ/2·‖θ − θ_global‖².")
     server_lr: float = Field(0.1, gt=0, description="fedadam/fedyogi/fedadagrad/fedavgm: server learning rate η.")
@@ -184,6 +182,13 @@ class StrategyConfig(_Section):
     fedspeed_lambda: float = Field(
         10.0, gt=0, allow_inf_nan=False, description="fedspeed: λ of the prox term (x − x^t)/λ and its correction."
     )
+    afa_server_lr: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="afa_cd/afa_cs: server learning rate η on the mean step-normalised update (None: the mean of "
+        "participation's step range, so equal steps without staleness give FedAvg of the updates).",
+    )
     rank_padding: Literal["paper", "holders", "zeros"] = Field(
         "paper",
         description="Mixed ranks: 'holders' averages each rank over the clients that hold it, 'zeros' zero-pads; "
@@ -198,7 +203,7 @@ class StrategyConfig(_Section):
         return value
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     central_examples: int = Field(
         0,
         ge=0,
@@ -210,7 +215,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Evaluation batch size.")
 
 
-class SimulationConfig(_Section):
+class SimulationConfig(Section):
     num_cpus_per_client: float = Field(1.0, gt=0, description="Ray CPUs per virtual client (sets parallelism).")
     num_gpus_per_client: float = Field(0.0, ge=0, description="Ray GPUs per virtual client (0 = CPU).")
     ray_address: str | None = Field(None, description="Existing Ray cluster to join (ray.init address), e.g. 'auto'.")
@@ -227,7 +232,7 @@ class SimulationConfig(_Section):
     )
 
 
-class CompressionConfig(_Section):
+class CompressionConfig(Section):
     """How client updates (local − global adapter) travel: always through `fedsim.compression`.
     The default, `none` in float32, is lossless."""
 
@@ -270,7 +275,7 @@ class CompressionConfig(_Section):
         return self
 
 
-class PruningConfig(_Section):
+class PruningConfig(Section):
     """Structured pruning of each client's model (`fedsim.pruning`): whole KV groups and MLP
     channels go, so a weak device computes and holds less; LoRA trains on what is left, and the
     server aggregates each coordinate over the clients that kept it. Off while every ratio is 0."""
@@ -353,13 +358,13 @@ class PruningConfig(_Section):
         return self
 
 
-class FleetGroup(_Section):
+class FleetGroup(Section):
     profile: str = Field(..., min_length=1, description="Device profile (catalog name, or one of fleet.profiles).")
     count: int = Field(..., ge=1, description="Clients of this profile; client ids follow the group order.")
     availability: Availability | None = Field(None, description="Overrides the profile's availability for this group.")
 
 
-class FleetConfig(_Section):
+class FleetConfig(Section):
     """Which device each client is. Without groups or a trace, every client is `default_profile`."""
 
     profiles: dict[str, DeviceProfile] = Field({}, description="Your own profiles, by name (override the catalog's).")
@@ -389,6 +394,11 @@ class FleetConfig(_Section):
         description="simulated: the fleet model's clock; measured (real devices): the server's measured round trips, "
         "without modelled availability, memory or dropout.",
     )
+    batteries: bool = Field(
+        False,
+        description="Drain each battery-powered device by the energy it spends; it takes part only while its charge "
+        "is above its threshold (`fedsim.fleet.energy`).",
+    )
 
     @field_validator("groups", mode="before")
     @classmethod
@@ -415,10 +425,14 @@ class FleetConfig(_Section):
     def _one_source(self) -> FleetConfig:
         if self.groups and self.trace:
             raise ValueError("`fleet`: give either groups or a trace, not both")
+        if self.batteries and self.clock == "measured":
+            raise ValueError(
+                "`fleet.batteries` simulates batteries on the fleet model's clock: not with clock = 'measured'"
+            )
         return self
 
 
-class Scenario(_Section):
+class Scenario(Section):
     name: str = Field("run", min_length=1, description="Run name; the run directory is <out>/<name>.")
     seed: int = Field(0, ge=0, description="Seeds data, sampling and training: same seed, same metrics.")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
@@ -439,6 +453,11 @@ class Scenario(_Section):
         "(`fedsim.controllers`); absent: static ranks and ratios.",
     )
     privacy: PrivacyConfig = PrivacyConfig()
+    participation: ParticipationConfig = Field(
+        ParticipationConfig(),
+        description="Who decides when a device trains: server-sampled synchronous rounds, or anarchic devices on an "
+        "asynchronous clock (`fedsim.config.participation`).",
+    )
     tracking: TrackingConfig = Field(
         TrackingConfig(), description="Experiment trackers the server logs to (`fedsim.results.tracking`)."
     )
@@ -447,6 +466,11 @@ class Scenario(_Section):
     def prunes(self) -> bool:
         """Whether any client may be pruned (a ratio above 0, or a controller arm with one)."""
         return self.pruning.enabled or (self.controller is not None and max(self.controller.ratios) > 0)
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the run is on the asynchronous clock (`fedsim.config.participation`)."""
+        return self.participation.asynchronous(self.strategy.name)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
@@ -459,10 +483,12 @@ class Scenario(_Section):
         """The resolved scenario, as it travels to clients inside a Flower ConfigRecord. A default
         `privacy` section (off) is left out: its bytes would be on the clock of every message; so are
         the packing settings, always (how a simulation trains, not what: a pack's message carries its own), and
-        the trackers (the server's alone)."""
-        exclude: dict[str, Any] = {"simulation": set(PACKING_FIELDS), "tracking": True}
+        the trackers and `participation` (the server's alone: a device is told its steps, LOCAL_STEPS)."""
+        exclude: dict[str, Any] = {"simulation": set(PACKING_FIELDS), "tracking": True, "participation": True}
         if self.privacy == PrivacyConfig():
             exclude["privacy"] = True
+        if not self.fleet.batteries:  # off, left out likewise (clients never read it)
+            exclude["fleet"] = {"batteries"}
         return self.model_dump_json(exclude=exclude)
 
     @classmethod
@@ -513,6 +539,7 @@ def _cross_field_problems(s: Scenario | _Sections) -> list[str]:
         getattr(s, "controller", None), getattr(s, "lora", None), getattr(s, "fleet", None)
     )
     problems += privacy_problems(s)
+    problems += participation_problems(s)
     problems += _packing_problems(getattr(s, "simulation", None), getattr(s, "lora", None))
     if data is not None and eval_ is not None and eval_.central_examples > data.central_test_size:
         problems.append(

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from fedsim.config.section import Section
 
 Backend = Literal["tensorboard", "mlflow", "wandb"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """Experiment trackers the server logs each round's metrics, the scenario and the final adapter to."""
 
     backends: tuple[Backend, ...] = Field(

@@ -19,16 +19,22 @@ For client i of a round, with every term computed from what it reported (`Observ
                                                         ρ_i| / ρ_i), so s_i / ρ_i up to ρ_i, falling
                                                         back to 0 at 2ρ_i (0 where ρ_i = 0)
     ν_i = update_norm                                   the update's norm (0 if not finite)
+    e_i = energy_j                                      the joules the client spent on the round
+                                                        (`rounds.spend_energy`; 0 if unknown)
 
-    g_i = w_c·c_i/c̄ + w_ℓ·ℓ_i/ℓ̄ + w_π·π_i + w_ν·ν_i/ν̄    (w_π: `prune_weight`, or `deploy_weight`
-                                                        with deploy ratios)
-                                                        c̄, ℓ̄, ν̄: the term's mean over the round's
-                                                        feasible clients (a term whose mean is 0 is
-                                                        left as is): the weights, not the units,
-                                                        set each term's share. π is a share of the
-                                                        model already and is not scaled (divided by
-                                                        its round mean, a round's lone pruner would
-                                                        score n, the round's size)
+    g_i = w_c·c_i/c̄ + w_ℓ·ℓ_i/ℓ̄ + w_π·π_i + w_ν·ν_i/ν̄ − w_E·e_i/ē
+                                                        (w_π: `prune_weight`, or `deploy_weight`
+                                                        with deploy ratios; w_E: `energy_weight`)
+                                                        c̄, ℓ̄, ν̄, ē: the term's mean over the round's
+                                                        feasible clients (ē: those whose energy is
+                                                        known; a term whose mean is 0 is left as
+                                                        is): the weights, not the units, set each
+                                                        term's share. π is a share of the model
+                                                        already and is not scaled (divided by its
+                                                        round mean, a round's lone pruner would
+                                                        score n, the round's size). The energy term
+                                                        is a cost: a client whose joules outweigh
+                                                        its progress has g_i < 0, hence the floor
     s_i = (T / t_i)^α  if t_i > T, else 1               Oort's straggler factor (Lai et al., "Oort:
                                                         Efficient Federated Learning via Guided
                                                         Participant Selection", OSDI 2021); T: the
@@ -71,6 +77,8 @@ Why the defaults (`RewardConfig`):
   controller still learns.
 - ν (w_ν = 0): a diverging or over-compensating client also sends a large update; c measures the
   update's importance instead. Available for runs without a held-out set.
+- e (w_E = 0): energy is not weighed unless asked, so a run's rewards do not depend on the
+  profiles' power figures; w_E = 0.5 costs an average client half an average contribution.
 - time = "round": in a synchronous round the slowest kept client sets the time everybody waits,
   so a device faster than T costs nothing by being slower still; dividing by its own time
   ("per_second") pushes fast devices to the smallest rank.
@@ -115,6 +123,7 @@ class Observations:
     ratio_deployed: np.ndarray | None = (
         None  # pruning ratio of the model its profile deploys (None: the run has no deploy ratios)
     )
+    energy_j: np.ndarray | None = None  # joules it spent on the round (None: not reported; NaN: unknown)
 
     def __post_init__(self) -> None:
         if self.contribution is None:
@@ -169,7 +178,7 @@ def rewards(
 
 def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndarray:
     """(n,) g_i: the weighted sum of contribution, loss and update-norm progress (each scaled by its round mean)
-    and pruning progress."""
+    and pruning progress, less the energy cost (`energy_cost`)."""
     before, after = obs.loss_before, obs.loss_after
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = np.where(np.isfinite(before) & np.isfinite(after) & (before > 0), (before - after) / before, 0.0)
@@ -192,7 +201,18 @@ def progress(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndar
         term = np.where(ok & np.isfinite(term), np.maximum(term, 0.0), 0.0)
         scale = term[ok].mean() if scaled and ok.any() else 0.0
         total += weight * (term / scale if scale > 0 else term)
-    return total
+    return total - energy_cost(obs, config, ok)
+
+
+def energy_cost(obs: Observations, config: RewardConfig, ok: np.ndarray) -> np.ndarray:
+    """(n,) w_E·e_i/ē, the energy term of g_i (0 with `energy_weight` 0 or no energy reported; 0 for an unknown e_i)."""
+    energy = obs.energy_j
+    if config.energy_weight == 0 or energy is None:
+        return np.zeros(len(ok))
+    known = ok & np.isfinite(energy)
+    term = np.where(known, np.maximum(energy, 0.0), 0.0)
+    scale = term[known].mean() if known.any() else 0.0
+    return config.energy_weight * (term / scale if scale > 0 else term)
 
 
 def straggler_factor(

@@ -16,6 +16,11 @@ lasts as long as its slowest kept client — or the whole deadline when it had t
 someone. A round that keeps no update at all (nobody online, everyone lost) lasts
 `fleet.idle_step_s`: the server waits that long before it samples again. Simulated time is the
 sum of the round durations; federated evaluation is not on the clock.
+
+Energy runs on the same clock (`fedsim.fleet.energy`): a client's compute seconds, bytes and the
+seconds it waits for the round to end, at its device's power figures, are its joules; one the round
+gives up on is billed what it got through by the round's end. What is not on the clock (federated
+evaluation) is not billed.
 """
 
 from __future__ import annotations

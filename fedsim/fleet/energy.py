@@ -9,6 +9,14 @@ sent and received, e_up / e_down its radio's joules per MB (10^6 bytes), and wai
 the seconds it stays online, idle, until the round of duration T ends (`idle_wait`). A figure its
 profile does not give is NaN, so is its E_k, and so is a total over it: unknown, not zero.
 
+A client receives, trains and sends one after the other, down_k + compute_k + up_k = finish_k seconds
+(`fedsim.fleet.clock`). One the round gives up on (a straggler, finish_k > T) is cut at T, when the
+server may address it again: it is billed what it got through by then (`cut_at`),
+
+    compute_k ← clip(T − down_k, 0, compute_k),   bytes_k ← bytes_k · clip(elapsed / seconds, 0, 1)
+
+for each transfer (elapsed: the seconds of the round left when it began), and wait_k = 0.
+
 Batteries (`Batteries`). Client i has capacity C_i joules (NaN: mains-powered), charge c_i(t),
 threshold θ_i and daily charging windows w of power P_w over [a_w, b_w) seconds of the day,
 D = 86 400 s, t = 0 being midnight. Between drains the charge rises by the time spent in windows:
@@ -38,6 +46,24 @@ MB = 1e6  # bytes per MB, as the radio figures count them
 def idle_wait(finish_s: npt.ArrayLike, round_s: float) -> np.ndarray:
     """wait_k = max(0, T − finish_k): seconds each client idles until the round of `round_s` ends."""
     return np.maximum(float(round_s) - np.asarray(finish_s, dtype=np.float64), 0.0)
+
+
+def cut_at(
+    end_s: npt.ArrayLike, down_s: npt.ArrayLike, compute_s: npt.ArrayLike, up_s: npt.ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What each client got through by `end_s` seconds into its round, receiving for `down_s`, then
+    training for `compute_s`, then sending for `up_s` (module docstring): (seconds trained, share of
+    its download, share of its upload), all of each for a client done by then. Elementwise."""
+    end, down, compute, up = (np.asarray(v, dtype=np.float64) for v in (end_s, down_s, compute_s, up_s))
+    trained = np.clip(end - down, 0.0, compute)
+    return trained, _share(end, down), _share(end - down - compute, up)
+
+
+def _share(elapsed: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """clip(elapsed / seconds, 0, 1); a transfer of 0 seconds is done once its turn comes (elapsed ≥ 0)."""
+    elapsed, seconds = np.broadcast_arrays(elapsed, seconds)
+    done = np.divide(elapsed, seconds, out=np.where(elapsed >= 0, 1.0, 0.0), where=seconds > 0)
+    return np.clip(done, 0.0, 1.0)
 
 
 def client_energy(
@@ -192,4 +218,4 @@ class Batteries:
         return out
 
 
-__all__ = ["Batteries", "BatterySpec", "client_energy", "idle_wait", "round_energy"]
+__all__ = ["Batteries", "BatterySpec", "client_energy", "cut_at", "idle_wait", "round_energy"]

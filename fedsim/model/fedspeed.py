@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedsim.model.training import TrainResult, _batch_loss, _probe_loss, collate
+from fedsim.model.training import TrainResult, _batch_loss, _probe_loss, batch_order, collate
 from fedsim.protocol import FEDSPEED_ALPHA, FEDSPEED_LAMBDA, FEDSPEED_RHO  # noqa: F401 (re-exported)
 
 RHO, ALPHA, LAMBDA = 0.1, 1.0, 10.0  # the authors' defaults (module docstring)
@@ -160,7 +160,6 @@ def train_fedspeed(
         raise ValueError(f"train_fedspeed: `optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}")
     check_hyperparameters(rho, alpha, lam)
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     anchor = [p.detach().clone() for p in params]  # x^t
@@ -172,12 +171,8 @@ def train_fedspeed(
     passes = 2 if rho > 0 and alpha > 0 else 1
 
     model.train()
-    order: list[int] = []
     losses, tokens, flops = [], 0, 0.0
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
+    for idx in batch_order(len(examples), steps, batch_size, seed):
         batch = collate(tokenizer, [examples[i] for i in idx], max_len)
         opt.zero_grad(set_to_none=True)
         loss = fedspeed_step(

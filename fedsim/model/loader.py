@@ -16,6 +16,9 @@ local HF cache, because fedsim machines have no internet.
   wasteful, so the hash is kept in a sidecar json keyed by (path, size, mtime_ns).
 - `tiny-llama` is a two-layer Llama with seeded random weights and a character-level
   tokenizer, built in code for tests: identical on every call, nothing to download.
+
+`empty_model` gives the same model on PyTorch's meta device: every module, shape and dtype, no
+weights (only the config is read), for a process that must know the model's layout but never runs it.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -111,6 +116,40 @@ def load_model(name: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreT
     return model.eval(), tokenizer
 
 
+def empty_model(name: str, dtype: str = "float32") -> PreTrainedModel:
+    """`load_model(name, dtype)`'s model on the meta device: its modules, shapes and dtypes, no
+    weights (nothing but its config is read, nothing is allocated); raises ModelError."""
+    if (problem := check_model_name(name)) is not None:
+        raise ModelError(problem)
+    if dtype not in _DTYPES:
+        raise ModelError(f"model {name!r}: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    config = _config(name)
+    with torch.device("meta"):
+        if name == "tiny-llama":
+            model: PreTrainedModel = LlamaForCausalLM(config).to(_DTYPES[dtype])  # type: ignore[arg-type]
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+    return model.eval()
+
+
+def _config(name: str) -> PretrainedConfig:
+    """The model's config, as `load_model` builds or reads it."""
+    if name == "tiny-llama":
+        return _tiny_config()
+    source: str | pathlib.Path = name  # a Hugging Face id, read from the local cache
+    if name == "smollm2-135m":
+        source = _smollm2_cached_folder()
+    elif pathlib.Path(name).expanduser().is_dir():
+        source = pathlib.Path(name).expanduser()
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"model {name!r}: cannot read its config ({err}); give a folder written by save_pretrained, "
+            f"a Hugging Face id in the local cache, or one of: {_known()}"
+        ) from err
+
+
 def _from_folder(name: str, folder: pathlib.Path, dtype: str) -> _ModelAndTokenizer:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], local_files_only=True)
@@ -159,8 +198,14 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def _tiny_llama() -> LlamaForCausalLM:
     """Seeded random weights; the caller's global RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TINY_SEED)
+        return LlamaForCausalLM(_tiny_config())
+
+
+def _tiny_config() -> LlamaConfig:
     tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         num_hidden_layers=2,
@@ -173,9 +218,6 @@ def _tiny_llama() -> LlamaForCausalLM:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_TINY_SEED)
-        return LlamaForCausalLM(config)
 
 
 # --- smollm2-135m -------------------------------------------------------------------

@@ -49,13 +49,12 @@ from fedsim.model.packed_jobs import (
     JobResult,
     PackedJob,
     available_bytes,
-    batch_order,
     check_job,
     job_bytes,
     token_bytes,
 )
 from fedsim.model.rowlora import LORA_A, LORA_B, Segment, adapters_off, applied, target_linears
-from fedsim.model.training import IGNORE, TrainResult, collate, resolve_device
+from fedsim.model.training import IGNORE, TrainResult, batch_order, collate, resolve_device
 
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]

@@ -3,7 +3,6 @@
 - `PackedJob`: one client's local training, everything `train_lora` takes, with the adapter it
   received as a state dict (PEFT names, the client's rank r_k, s_k = α / r_k) instead of a model.
 - `JobResult`: `train_lora`'s `TrainResult` and the trained adapter, or the reason the job failed.
-- `batch_order`: the batches `train_lora` draws, step by step (the same seeded `torch.randperm`s).
 - `token_bytes`, `job_bytes`, `available_bytes`: how much memory a pack needs (estimate below), and has.
 - `check_job`: why a job cannot be packed (`PackedTrainer.can_pack`).
 
@@ -56,7 +55,7 @@ class PackedJob:
     lr: float
     weight_decay: float
     grad_clip: float
-    seed: int  # of the batch order (`batch_order`)
+    seed: int  # of the batch order (`fedsim.model.training.batch_order`)
     freeze: str = ""  # factors not trained: "A" for FFA-LoRA
     proximal_mu: float = 0.0  # FedProx's μ/2·‖θ − θ₀‖², θ₀ the trainable factors as received
     regulariser: Regulariser | None = None  # added to every step's objective; gets the (A, B) pairs in layer order
@@ -81,21 +80,6 @@ class JobResult:
 
 class PackedJobError(RuntimeError):
     """A packed job that did not train; the message names the job and the reason."""
-
-
-def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
-    """The example indices of each step's batch, exactly as `train_lora` draws them: without
-    replacement from `torch.randperm`s of a `torch.Generator().manual_seed(seed)`, a new
-    permutation appended whenever fewer than `batch_size` indices are left."""
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    batches = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(num_examples, generator=gen).tolist()
-        batches.append(order[:batch_size])
-        order = order[batch_size:]
-    return batches
 
 
 def token_bytes(config: PretrainedConfig, weight_bytes: int) -> int:

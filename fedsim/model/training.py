@@ -143,7 +143,7 @@ def train_lora(
     hooks: StepHooks | None = None,
 ) -> TrainResult:
     """`steps` AdamW steps on the trainable (LoRA) parameters, batches drawn without
-    replacement from a seeded permutation of `examples` (re-shuffled when exhausted).
+    replacement from a seeded permutation of `examples` (re-shuffled when exhausted: `batch_order`).
     `step_flops(batch, seq_len)` prices one step for the simulated clock; `proximal_mu` > 0 adds
     FedProx's μ/2·‖θ − θ₀‖² with θ₀ the parameters training started from; `regulariser()` is
     added to every step's objective (HetLoRA's rank penalty). `hooks` may change the model
@@ -152,7 +152,6 @@ def train_lora(
     if not examples:
         raise ValueError("train_lora needs at least one example")
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -160,12 +159,8 @@ def train_lora(
     loss_before = _probe_loss(model, probe)
 
     model.train()
-    order: list[int] = []
     losses, tokens, flops = [], 0, 0.0
-    for step in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
+    for step, idx in enumerate(batch_order(len(examples), steps, batch_size, seed)):
         batch = collate(tokenizer, [examples[i] for i in idx], max_len)
         if hooks is not None and hooks.before_step(step, batch):
             model.train()
@@ -201,6 +196,22 @@ def train_lora(
         flops=flops,
         wall_time_s=time.perf_counter() - start,
     )
+
+
+def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The example indices of each step's batch: without replacement from `torch.randperm`s of a
+    `torch.Generator().manual_seed(seed)`, a new permutation appended whenever fewer than
+    `batch_size` indices are left. Every local-training rule draws its batches here (`train_lora`,
+    `fedsim.model.fedspeed`, the packed trainer), so one client's batches are the same whichever trains it."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    batches = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(num_examples, generator=gen).tolist()
+        batches.append(order[:batch_size])
+        order = order[batch_size:]
+    return batches
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 
 Per strategy and metric (`METRICS`: final central accuracy and loss, final accuracy of the
 federated evaluation on the clients' own test splits — the figure that counts for a personalised
-strategy such as fedsa_lora, whose server holds no complete model —, simulated time to the
-target accuracy, bytes up and down, wall time), over the seeds (`fedsim.results.stats`):
+strategy such as fedsa_lora, whose server holds no complete model —, simulated time and the
+fleet's energy to the target accuracy, bytes up and down, wall time), over the seeds
+(`fedsim.results.stats`):
 
 - `mean` and the Student-t 95 % interval over the seeds' final values (`seed_lo`, `seed_hi`);
 - central accuracy and loss also `pooled`: their value over every (seed, held-out example) pair
@@ -16,7 +17,9 @@ target accuracy, bytes up and down, wall time), over the seeds (`fedsim.results.
   every defined interval excludes 0.
 
 comparison.csv holds one row per (strategy, metric) with all of these (`COLUMNS`); comparison.md
-shows the same as "mean [lo, hi]" text, under the command that produced it.
+shows the same as "mean [lo, hi]" text, under the command that produced it. Energy that a run
+does not know (a device profile without power figures) is NaN in the csv and "n/a" in the text,
+never 0.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ METRICS: dict[str, str] = {  # a run's final value → its label in comparison.m
     "central_loss": "central loss",
     "client_accuracy": "client accuracy",
     "time_to_target_s": "sim time to target (s)",
+    "energy_to_target_j": "energy to target (J)",
     "bytes_up": "bytes up",
     "bytes_down": "bytes down",
     "wall_time_s": "wall time (s)",
@@ -73,7 +77,7 @@ class RunResult:
     strategy: str
     seed: int
     table: pd.DataFrame  # `fedsim.results.report.round_table`
-    final: dict[str, float]  # `METRICS` → the run's value (NaN: no federated evaluation, target not reached)
+    final: dict[str, float]  # `METRICS` → the run's value (NaN: no federated evaluation, target not reached, unknown)
     examples: pd.DataFrame | None  # final_eval.parquet, None when missing or not of the last round
     curve_examples: int  # held-out examples scored in each round before the last (the most)
     final_examples: int  # ... in the last
@@ -99,7 +103,8 @@ def _read(path: Path, scenario: Scenario, target: float) -> RunResult:
         "central_accuracy": float(table["central_accuracy"].iloc[-1]),
         "central_loss": float(table["central_loss"].iloc[-1]),
         "client_accuracy": _last_valid(table["client_accuracy"]),
-        "time_to_target_s": hit[1] if hit is not None else math.nan,
+        "time_to_target_s": hit.sim_time_s if hit is not None else math.nan,
+        "energy_to_target_j": hit.sim_energy_j if hit is not None else math.nan,
         "bytes_up": float(table["bytes_up"].sum()),
         "bytes_down": float(table["bytes_down"].sum()),
         "wall_time_s": float(table["wall_time_s"].iloc[-1]),
@@ -277,6 +282,7 @@ def _final_table(table: pd.DataFrame, target: float) -> list[str]:
         "central loss",
         "client accuracy",
         f"sim time to {target:g} (s)",
+        f"energy to {target:g} (J)",
         "reached",
         "bytes up",
         "bytes down",
@@ -286,6 +292,7 @@ def _final_table(table: pd.DataFrame, target: float) -> list[str]:
     for strategy, rows in table.groupby("strategy", sort=False):
         by = rows.set_index("metric")
         cells = [_cell(by.loc[m]) for m in ("central_accuracy", "central_loss", "client_accuracy", "time_to_target_s")]
+        cells.append(_energy_cell(by))
         reached = f"{int(by.loc['time_to_target_s', 'n'])}/{int(by.loc['central_accuracy', 'n'])}"
         rest = [_cell(by.loc[m]) for m in ("bytes_up", "bytes_down", "wall_time_s")]
         lines += _row([str(strategy), str(int(by.loc["central_accuracy", "n"])), *cells, reached, *rest])
@@ -294,12 +301,23 @@ def _final_table(table: pd.DataFrame, target: float) -> list[str]:
 
 def _difference_table(table: pd.DataFrame, baseline: str, target: float) -> list[str]:
     metrics = ("central_accuracy", "central_loss", "client_accuracy", "time_to_target_s")
-    head = ["strategy", "central accuracy", "central loss", "client accuracy", f"sim time to {target:g} (s)"]
+    head = [
+        "strategy", "central accuracy", "central loss", "client accuracy", f"sim time to {target:g} (s)",
+        f"energy to {target:g} (J)",
+    ]  # fmt: skip
     lines = _row(head) + ["|" + "---|" * len(head)]
     for strategy, rows in table[table["strategy"] != baseline].groupby("strategy", sort=False):
         by = rows.set_index("metric")
-        lines += _row([str(strategy), *(_cell(by.loc[m], "diff_") for m in metrics)])
+        lines += _row([str(strategy), *(_cell(by.loc[m], "diff_") for m in metrics), _energy_cell(by, "diff_")])
     return lines
+
+
+def _energy_cell(by: pd.DataFrame, prefix: str = "") -> str:
+    """The energy to target's cell (`_cell`): "n/a" when runs reached the target but none knows its energy."""
+    n = f"{prefix}n"
+    if by.loc["time_to_target_s", n] > 0 and by.loc["energy_to_target_j", n] == 0:
+        return "n/a"
+    return _cell(by.loc["energy_to_target_j"], prefix)
 
 
 def _row(cells: Sequence[str]) -> list[str]:
@@ -335,6 +353,8 @@ def _legend(seeds: int, baseline: str) -> list[str]:
         " final round,"
         f" {RESAMPLES} resamples, generator seed {BOOTSTRAP_SEED}; accuracy the share correct, loss token-weighted;"
         f" a difference resamples each pair with `{baseline}`'s result on the same example."
-        f" Sim time to target: over the runs that reached it. ~: cannot be told apart from `{baseline}` (an interval "
+        " Sim time and energy to target: over the runs that reached it; energy is the fleet's joules on the clock"
+        " (training, radio, waiting for the round), n/a: a device profile without power figures."
+        f" ~: cannot be told apart from `{baseline}` (an interval "
         f"contains 0).{one}",
     ]

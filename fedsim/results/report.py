@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 # Central-row columns a run has only with some features: shown when the run has them.
 OPTIONAL = ("deployed_loss", "deployed_accuracy", "dp_epsilon", "dp_clip", "dp_unclipped")
+ENERGY = ("energy_j", "sim_energy_j")  # central-row columns: the round's joules, and the run's so far
+JOULE_UNITS = ((1e9, "GJ"), (1e6, "MJ"), (1e3, "kJ"))
 
 
 def _weighted(frame: pd.DataFrame, column: str) -> float:
@@ -20,8 +23,10 @@ def _weighted(frame: pd.DataFrame, column: str) -> float:
 
 def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per round: train loss (clients' mean), clients ok/failed, federated and central
-    evaluation, wall time so far; with deploy ratios the deployed models' figures, with privacy the
-    ε spent so far (`dp_epsilon`) and, adaptive clipping, the clip and the share left unclipped."""
+    evaluation, wall time and simulated time so far, the fleet's joules in the round (`energy_j`) and so
+    far (`sim_energy_j`; NaN: unknown, or a run from before fedsim kept them); with deploy ratios the
+    deployed models' figures, with privacy the ε spent so far (`dp_epsilon`) and, adaptive clipping,
+    the clip and the share left unclipped."""
     rows = []
     for server_round, group in metrics.groupby("round", sort=True):
         train = group[group["kind"] == "train"]
@@ -46,6 +51,7 @@ def round_table(metrics: pd.DataFrame) -> pd.DataFrame:
                 "sim_time_s": float(central["sim_time_s"].iloc[0])
                 if len(central) and "sim_time_s" in central
                 else float("nan"),
+                **{k: float(central[k].iloc[0]) if len(central) and k in central else math.nan for k in ENERGY},
                 "aggregation_bias": float(central["aggregation_bias"].iloc[0])
                 if len(central) and "aggregation_bias" in central
                 else float("nan"),
@@ -120,14 +126,40 @@ def _predicted_share(rows: pd.DataFrame) -> float:
     return float(share.median()) if len(share) else float("nan")
 
 
-def time_to_accuracy(metrics: pd.DataFrame, target: float) -> tuple[int, float] | None:
-    """(round, simulated seconds) at which central accuracy first reached `target`, or None."""
+class Reached(NamedTuple):
+    """When a run's central accuracy first reached a target."""
+
+    round: int
+    sim_time_s: float  # simulated seconds so far
+    sim_energy_j: float  # the fleet's joules so far (NaN: unknown)
+
+
+def time_to_accuracy(metrics: pd.DataFrame, target: float) -> Reached | None:
+    """(round, simulated seconds, joules) at which central accuracy first reached `target`, or None."""
     table = round_table(metrics)
     reached = table[table["central_accuracy"] >= target]
     if reached.empty:
         return None
     first = reached.index[0]
-    return int(first), float(reached.loc[first, "sim_time_s"])
+    return Reached(int(first), float(reached.loc[first, "sim_time_s"]), float(reached.loc[first, "sim_energy_j"]))
+
+
+def joules(value: float) -> str:
+    """'12.3 kJ' (J, kJ, MJ, GJ, 3 significant digits); 'n/a' when unknown (NaN), never 0."""
+    if not math.isfinite(value):
+        return "n/a"
+    scale, unit = next(((s, u) for s, u in JOULE_UNITS if abs(value) >= s), (1.0, "J"))
+    return f"{value / scale:.3g} {unit}"
+
+
+def target_line(metrics: pd.DataFrame, target: float) -> str:
+    """`fedsim report --target`'s line: the round, simulated time and energy at which central accuracy
+    first reached `target`."""
+    hit = time_to_accuracy(metrics, target)
+    if hit is None:
+        return f"time to accuracy {target:g}: not reached"
+    spent = joules(hit.sim_energy_j)
+    return f"time to accuracy {target:g}: round {hit.round}, {hit.sim_time_s:.1f}s simulated, {spent} spent"
 
 
 def _clock(run_dir: str | Path) -> str:
@@ -200,6 +232,7 @@ def summary_text(metrics: pd.DataFrame, run_dir: str | Path) -> str:
             ),
             f"{_clock(run_dir) + ' time':<18}{last['sim_time_s']:.1f}s "
             f"on the fleet (wall {last['wall_time_s']:.1f}s here)",
+            f"{'energy':<18}{joules(last['sim_energy_j'])} on the fleet (training, radio, waiting for the round)",
             f"client failures   {failed} failed or rejected, {lost} stragglers/dropped/infeasible",
             *privacy_line(table, run_dir),
             f"run directory     {run_dir}",

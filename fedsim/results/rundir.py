@@ -14,6 +14,8 @@ Layout of ``<out>/<name>/``::
                              round (a server optimiser's moments; empty for most; also in each checkpoint)
     privacy.json             privacy on: the accountant's and the adaptive clip's state after the last round
                              (`fedsim.privacy.PrivacyBook`; also in each checkpoint, so a resume spends the same budget)
+    batteries.npz            fleet.batteries on: each client's charge and when it was last brought up to date, after
+                             the last round (`fedsim.fleet.energy.Batteries`; also in each checkpoint)
     adapter/                 the final global adapter: PeftModel.from_pretrained(base, path)
     final_eval.parquet       the last round's central evaluation, one row per held-out example
                              (the whole held-out set; schema `FINAL_EVAL_COLUMNS` below)
@@ -55,6 +57,17 @@ metrics.parquet schema (`METRIC_COLUMNS`):
     bytes_up     int    train: reply payload as sent (Flower's deflated record tree)
     bytes_down   int    train: the message the client received, likewise
     sim_time_s   float  eval_central: simulated fleet time at the end of that round (cumulative)
+    energy_j     float  train, a client that ran (ok, straggler): the joules it spent on the round on the clock,
+                        compute + radio + idle until the round ended (`fedsim.server.rounds.spend_energy`);
+                        eval_central: the round's total over its clients (0 at round 0). NaN: a figure its device
+                        profile lacks (others: NaN, not billed)
+    sim_energy_j float  eval_central: the fleet's joules up to the end of that round (cumulative; NaN once unknown)
+    staleness    int    train, asynchronous (`fedsim.server.asynchronous`): server steps between the model version
+                        the update started from and the step that took it, τ = round − model_version (0 synchronous)
+    model_version int   train, asynchronous: the server step whose model the device trained from (0 synchronous)
+    local_steps  int    train, asynchronous: the local steps the device chose (0 synchronous: train.local_steps)
+    sim_start_s  float  train, asynchronous: simulated time the device started (NaN synchronous)
+    in_flight    int    eval_central, asynchronous: devices still training when the step ended (0 synchronous)
     alpha        float  train, ComPEFT: the α the server applied to this update (NaN otherwise)
     aggregation_bias float eval_central: ‖mean(sB)·mean(A) − mean(sB·A)‖_F / ‖mean(sB·A)‖_F over
                         the round's kept clients, mean over layers (fedsim.server.rounds.round_bias)
@@ -131,6 +144,13 @@ METRIC_COLUMNS: dict[str, str] = {
     "bytes_up": "int64",
     "bytes_down": "int64",
     "sim_time_s": "float64",
+    "energy_j": "float64",
+    "sim_energy_j": "float64",
+    "staleness": "int64",
+    "model_version": "int64",
+    "local_steps": "int64",
+    "sim_start_s": "float64",
+    "in_flight": "int64",
     "alpha": "float64",
     "aggregation_bias": "float64",
     "prune_target": "float64",
@@ -166,6 +186,13 @@ _DEFAULTS: dict[str, Any] = {
     "bytes_up": 0,
     "bytes_down": 0,
     "sim_time_s": math.nan,
+    "energy_j": math.nan,
+    "sim_energy_j": math.nan,
+    "staleness": 0,
+    "model_version": 0,
+    "local_steps": 0,
+    "sim_start_s": math.nan,
+    "in_flight": 0,
     "alpha": math.nan,
     "aggregation_bias": math.nan,
     "prune_target": 0.0,
@@ -194,6 +221,7 @@ KEEPS_FILE = "keeps.json"
 ERROR_LOG = "error.log"
 STRATEGY_FILE = "strategy.npz"
 PRIVACY_FILE = "privacy.json"
+BATTERIES_FILE = "batteries.npz"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # every member's timestamp in `save_arrays`: the same arrays, the same bytes
 
 
@@ -299,6 +327,12 @@ class RunDir:
         last round, at the top."""
         folder = self.path if server_round is None else self.checkpoint_path(server_round)
         _atomic_write(folder / PRIVACY_FILE, json.dumps(state, indent=1, allow_nan=False).encode())
+
+    def save_batteries(self, state: Mapping[str, np.ndarray], server_round: int | None = None) -> None:
+        """The batteries' state (`BATTERIES_FILE`, `save_arrays`): after `server_round`, in its checkpoint; None:
+        after the last round, at the top."""
+        folder = self.path if server_round is None else self.checkpoint_path(server_round)
+        save_arrays(folder / BATTERIES_FILE, state)
 
     def save_final_eval(
         self, server_round: int, loss: Sequence[float], n_tokens: Sequence[int], correct: Sequence[bool]

@@ -13,10 +13,13 @@ finds for each run (its fleet files, its model, its data under its seed).
 A run that fails while running is recorded in its own directory: a `run_failed` event and its
 traceback in `error.log` (`run_all` returns each with its run directory).
 
-Resumable: a run whose events.jsonl ends with `run_end` is kept and not run again; a run that
+Resumable: a run whose events.jsonl ends with `run_end` is kept and not run again (if it ran
+with other settings than planned, the command refuses before anything runs: `kept_problems`); a run that
 was interrupted midway is removed and run again (its directory is fedsim's own, inside the
 comparison folder). All pending runs share one Flower simulation (`run_simulations`): Ray, the
-client actors and the model load are paid once.
+client actors and the model load are paid once, and the actors are sized for the largest need of
+the runs (with packing on, a strategy whose clients train alone, such as FedSpeed, needs fewer at
+once than one that packs: `fedsim.server.packs.client_resources`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fedsim.config.errors import InputError
 from fedsim.config.names import STRATEGIES
@@ -100,6 +104,42 @@ def preflight_problems(runs: Sequence[Scenario], source: str) -> list[str]:
             for problem in exc.problems:
                 found.setdefault(problem, []).append(scenario.name)
     return [p if len(names) == len(runs) else f"{', '.join(names)}: {p}" for p, names in found.items()]
+
+
+def kept_problems(runs: Sequence[Scenario], root: Path) -> list[str]:
+    """A finished run under `root` that ran with other settings than planned would be kept and
+    compared as if it had not (`run_all` keeps what finished): each is a problem naming the settings
+    that differ. Nothing is removed: the person decides."""
+    problems = []
+    for scenario in runs:
+        path = root / scenario.name
+        if last_event(path).get("event") != "run_end" or not (path / "scenario.toml").is_file():
+            continue
+        try:
+            kept = load_scenario(path / "scenario.toml")
+        except ScenarioError as exc:
+            problems.append(f"{path} finished, but its scenario.toml no longer loads ({exc.problems[0]})")
+            continue
+        differ = _differences(kept.model_dump(mode="json"), scenario.model_dump(mode="json"))
+        if differ:
+            shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+            problems.append(
+                f"{path} finished with other settings ({shown}): move it away or use another --out, "
+                "so that it is not compared as this run"
+            )
+    return problems
+
+
+def _differences(kept: dict[str, Any], planned: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ, as `key: kept → planned`."""
+    out = []
+    for key in sorted(set(kept) | set(planned)):
+        a, b = kept.get(key), planned.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return out
 
 
 def _per_strategy(refused: dict[str, list[str]], strategies: int) -> list[str]:

@@ -10,13 +10,19 @@ To use an existing Ray cluster, set `simulation.ray_address` (passed to `ray.ini
 through Flower's `backend_config["init_args"]`); GPUs: `simulation.num_gpus_per_client`. With
 packing on (`fedsim.server.packs.packing_on`) a round's clients train together on one shared
 trainer actor (`clients.packing`), and each ClientApp gets the CPU share that lets all of a round's
-run at once, and no GPU.
+run at once, and no GPU. Several runs in one simulation (`run_simulations`) share one pool, sized
+for the largest need among them (`fedsim.server.packs.client_resources`). Flower's Simulation
+Runtime runs no more messages at once than its executor has threads, min(32, CPUs + 4) whatever the
+actor count; with packing on it gets one thread per actor (`every_actor_at_once`), else a pack
+larger than that would wait for its last clients until `simulation.pack_timeout_s` cut it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flwr.app import Context
@@ -25,25 +31,41 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation as flwr_run_simulation
 
 from clients.app import app
-from clients.packing import client_resources
 from fedsim.config.scenario import Scenario
 from fedsim.results.rundir import RunDir
 from fedsim.server.federation import ProgressFn, run_federation
-from fedsim.server.packs import clientapps_at_once, packing_on
+from fedsim.server.packs import client_resources, packing_on
 from fedsim.server.resume import ResumePoint
 from fedsim.server.roster import node_pool_size
 
+MAX_WORKERS = 4096  # the executor's thread cap with packing on: it starts one per actor (Flower submits one each)
 
-def backend_config(scenario: Scenario) -> dict[str, Any]:
-    sim = scenario.simulation
+
+@contextlib.contextmanager
+def every_actor_at_once() -> Iterator[None]:
+    """Inside the block, Flower's Simulation Runtime feeds every actor of its pool at once: its
+    executor (a `ThreadPoolExecutor()` in Flower 1.41's `vce_api.run_api`, min(32, CPUs + 4)
+    threads, each running one message at a time) is made with `MAX_WORKERS`."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    executor = vce_api.ThreadPoolExecutor
+    vce_api.ThreadPoolExecutor = functools.partial(executor, max_workers=MAX_WORKERS)  # type: ignore[assignment, misc]
+    try:
+        yield
+    finally:
+        vce_api.ThreadPoolExecutor = executor  # type: ignore[misc]
+
+
+def backend_config(scenarios: Sequence[Scenario]) -> dict[str, Any]:
+    """Flower's Ray backend config for one simulation of `scenarios` (which share [simulation]):
+    each ClientApp's resources sized for the largest need among them (`client_resources`: packed, a
+    round's ClientApps all at once, no GPU)."""
+    sim = scenarios[0].simulation
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if sim.ray_address:
         init_args["address"] = sim.ray_address
-    resources = {"num_cpus": sim.num_cpus_per_client, "num_gpus": sim.num_gpus_per_client}
-    if packing_on(scenario):  # a round's ClientApps all at once, no GPU: the packed trainer holds it
-        resources = client_resources(os.cpu_count() or 1, clientapps_at_once(scenario), sim.num_cpus_per_client)
     return {
-        "client_resources": resources,
+        "client_resources": client_resources(scenarios),
         "init_args": init_args,
     }
 
@@ -100,10 +122,12 @@ def run_simulations(
     # Ray's worker processes inherit the environment: keep their logs and thread pools quiet.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    flwr_run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=max(node_pool_size(scenario) for scenario, _ in jobs),
-        backend_config=backend_config(first),
-    )
+    packed = any(packing_on(scenario) for scenario, _ in jobs)
+    with every_actor_at_once() if packed else contextlib.nullcontext():
+        flwr_run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=max(node_pool_size(scenario) for scenario, _ in jobs),
+            backend_config=backend_config([scenario for scenario, _ in jobs]),
+        )
     return failures

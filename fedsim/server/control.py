@@ -145,6 +145,7 @@ class ArmControl:
             deadline_s=self.scenario.fleet.deadline_s,
             contribution=np.array([r.get("contribution", np.nan) for r in seen]),
             ratio_deployed=self._deployed(seen),
+            energy_j=np.array([r.get("energy_j", np.nan) for r in seen]),
         )
         reward, self.reward_state = rewards(obs, self.config.reward, self.reward_state)
         devices = np.array([r["client_id"] for r in seen], dtype=np.int64)

@@ -11,6 +11,11 @@ writing metrics and a PEFT checkpoint after every round. The last round is score
 held-out set and kept per example (`final_eval.parquet`, `fedsim.results.rundir`). With privacy on,
 the round is DP-FedAvg (`fedsim.server.rounds`), its mechanism is stated in a `privacy` event at the
 start, and the accountant's and the adaptive clip's state is in every checkpoint (`privacy.json`).
+Each round's central row carries the fleet's joules (`energy_j`, `fedsim.server.rounds.spend_energy`)
+and their running total (`sim_energy_j`, beside `sim_time_s`); with `fleet.batteries` the devices'
+charge is in every checkpoint (`batteries.npz`). On the asynchronous clock (`Scenario.asynchronous`:
+AFA-CD, AFA-CS) a round is a server step of `fedsim.server.asynchronous.AsyncClock`, which keeps the
+devices in flight from one step to the next.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,7 @@ from flwr.serverapp import Grid
 from fedsim.compression import codec_config
 from fedsim.compression.downlink import Downlink
 from fedsim.config.scenario import Scenario
+from fedsim.fleet.energy import Batteries
 from fedsim.fleet.fleet import build_fleet
 from fedsim.fleet.keeps import PruneBook, client_ratios
 from fedsim.fleet.ranks import ClientRanks, client_ranks
@@ -39,6 +46,7 @@ from fedsim.protocol import CLIENT_ID, CONFIG_RECORD, IDENTITY_RECORD, SCENARIO
 from fedsim.pruning.structure import geometry
 from fedsim.results.rundir import RunDir
 from fedsim.results.tracking import Trackers, open_trackers
+from fedsim.server.asynchronous import AsyncClock
 from fedsim.server.central import CentralEvaluator
 from fedsim.server.control import ArmControl
 from fedsim.server.deployed import Deployment
@@ -161,21 +169,24 @@ class Federation:
             if scenario.privacy.enabled
             else None
         )
+        batteries = Batteries(fleet.battery) if scenario.fleet.batteries else None
         env = RoundEnv(
             grid, scenario, build_strategy(scenario), fleet, roster, ranks, estimate,
             score=deploy.loss if deploy else central.loss, downlink=downlink, pruning=book,
-            control=control, server_scores=central.importance, assigned=assign, privacy=privacy,
+            control=control, server_scores=central.importance, assigned=assign, privacy=privacy, batteries=batteries,
         )  # fmt: skip
         return cls(env, central, deploy, run_dir, start)
 
     def restore(self, resume: ResumePoint, state: AdapterState) -> None:
         """Take up the books of an interrupted run (`fedsim.server.resume`) after its last round:
-        keeps, controller, the strategy's state, kept ranks, the privacy accountant and clip."""
+        keeps, controller, the strategy's state, kept ranks, the privacy accountant and clip, the batteries."""
         env = self.env
         if env.pruning is not None:
             env.pruning.load(resume.keeps)
         if env.privacy is not None and resume.privacy is not None:
             env.privacy.load_state_dict(resume.privacy)
+        if env.batteries is not None and resume.batteries is not None:
+            env.batteries.load_state_dict(resume.batteries)
         if env.control is not None:
             env.control.load(resume.checkpoint)
         if resume.strategy is not None:  # None: a checkpoint from before fedsim saved it (in `resume.lost`)
@@ -202,14 +213,16 @@ class Federation:
         return row
 
     def record(self, state: AdapterState, server_round: int, rows: list[dict[str, Any]]) -> None:
-        """The round's checkpoint (adapter, keeps, controller, the strategy's state, the privacy state),
-        then its metric rows and client problems: a round with rows has its whole checkpoint."""
+        """The round's checkpoint (adapter, keeps, controller, the strategy's state, the privacy state, the
+        batteries), then its metric rows and client problems: a round with rows has its whole checkpoint."""
         env, run_dir = self.env, self.run_dir
         save_adapter(self.central.model, state, run_dir.checkpoint_path(server_round))
         if env.pruning is not None:
             run_dir.save_keeps(env.pruning.to_json(), server_round)
         if env.privacy is not None:
             run_dir.save_privacy(env.privacy.state_dict(), server_round)
+        if env.batteries is not None:
+            run_dir.save_batteries(env.batteries.state_dict(), server_round)
         if env.control is not None:
             env.control.save(run_dir.checkpoint_path(server_round))
         run_dir.save_strategy(env.strategy.state_dict(), server_round)
@@ -222,7 +235,7 @@ class Federation:
                 )  # fmt: skip
 
     def finish(self, state: AdapterState, sim_time: float) -> None:
-        """The final adapter, controller, strategy and privacy state; with pruning, the final adapter scored on
+        """The final adapter, controller, strategy, privacy and battery state; with pruning, the final adapter scored on
         each ratio's pruned model, as its devices deploy it."""
         env, run_dir, central = self.env, self.run_dir, self.central
         if run_dir.adapter_path.exists():  # a resumed run that had finished before
@@ -233,6 +246,8 @@ class Federation:
         run_dir.save_strategy(env.strategy.state_dict())
         if env.privacy is not None:
             run_dir.save_privacy(env.privacy.state_dict())
+        if env.batteries is not None:
+            run_dir.save_batteries(env.batteries.state_dict())
         if env.pruning is not None:
             set_state(central.model, state)
             s = env.scenario
@@ -281,21 +296,23 @@ def _run_rounds(
         log.info("privacy: %s DP, z = %.3g, δ = %.3g; sampling: %s; clients weighted %s", *[said[k] for k in LOGGED])
     if resume is not None:
         fed.restore(resume, state)
-        sim_time, first = resume.sim_time, resume.server_round + 1
+        sim_time, sim_energy, first = resume.sim_time, resume.sim_energy, resume.server_round + 1
     else:
-        sim_time, first = 0.0, 1
-        row0 = fed.evaluate(state, 0, sim_time)
+        sim_time, sim_energy, first = 0.0, 0.0, 1
+        row0 = {**fed.evaluate(state, 0, sim_time), "energy_j": 0.0, "sim_energy_j": sim_energy}
         run_dir.add_rows([row0])
         trackers.log_round(0, {**row0, **_report(progress, run_dir, 0, scenario.rounds, [row0])})
+    clock = AsyncClock(fed.env) if scenario.asynchronous else None
     for server_round in range(first, scenario.rounds + 1):
         t_round = time.perf_counter()
-        trained = train_round(fed.env, state, server_round, sim_time)
+        trained = (clock.step if clock else partial(train_round, fed.env))(state, server_round, sim_time)
         train_time = time.perf_counter() - t_round
-        state, sim_time = trained.state, sim_time + trained.duration
+        state, sim_time, sim_energy = trained.state, sim_time + trained.duration, sim_energy + trained.energy_j
         rows = trained.rows + eval_round(fed.env, state, server_round, sim_time)
-        rows.append(
-            {**fed.evaluate(state, server_round, sim_time), "aggregation_bias": trained.bias, **trained.central}
-        )
+        rows.append({
+            **fed.evaluate(state, server_round, sim_time), "aggregation_bias": trained.bias, **trained.central,
+            "energy_j": trained.energy_j, "sim_energy_j": sim_energy,
+        })  # fmt: skip
         fed.record(state, server_round, rows)
         summary = _report(progress, run_dir, server_round, scenario.rounds, rows, train_time_s=train_time)
         trackers.log_round(server_round, {**rows[-1], **summary})

@@ -7,8 +7,10 @@ garbled file, no prompt/response columns, an `hf:` dataset neither cached nor re
 usable rows for the held-out set and one per client, a partitioning that leaves a client without
 data, a LoRA rank larger than a layer allows, a deadline no device can meet, or pruning of a model
 family the pruner does not know or to a ratio that would empty a layer, or a privacy target ε that
-no noise reaches in the planned rounds (`fedsim.privacy.plan_problems`), is refused up front, like
-any other scenario problem (a ScenarioError: `fedsim` exits 2).
+no noise reaches in the planned rounds (`fedsim.privacy.plan_problems`), or `simulation.packing` =
+'on' where this machine or the packed trainer cannot serve it (`fedsim.server.packs.packing_problems`:
+a round's ClientApps too many for its CPUs, base deltas on a half-precision model), is refused up
+front, like any other scenario problem (a ScenarioError: `fedsim` exits 2).
 
 The data is loaded and partitioned here as the run will (`fedsim.data.partitions`, cached per
 process, so the server does not load it twice); the scenario check (`fedsim.config`) only looked
@@ -36,6 +38,7 @@ from fedsim.privacy import plan_problems
 from fedsim.pruning.structure import LayerGeometry, geometry
 from fedsim.results.tracking import missing_trackers
 from fedsim.server.estimates import estimates
+from fedsim.server.packs import packing_problems
 
 
 @functools.cache
@@ -145,12 +148,14 @@ def preflight(scenario: Scenario, source: str) -> None:
         raise ScenarioError(source, unknown)
     k = scenario.clients
     privacy = plan_problems(scenario.privacy, k.num_clients, k.per_round, scenario.rounds)
+    packing = packing_problems(scenario)
     try:
         shape = model_shape(scenario.model.name, scenario.model.dtype)
     except ValueError as exc:  # ModelError: a folder that holds no model, an id not in the cache, ...
-        raise ScenarioError(source, [f"`model.name`: {exc}", *data_problems(scenario), *privacy]) from None
+        raise ScenarioError(source, [f"`model.name`: {exc}", *data_problems(scenario), *privacy, *packing]) from None
     problems = rank_limit_problems(shape, scenario, client_ranks(scenario, fleet)) + pruning_problems(scenario, fleet)
     problem = deadline_problem(fleet, scenario, shape)
-    problems += ([problem] if problem else []) + data_problems(scenario) + privacy + missing_trackers(scenario.tracking)
+    problems += ([problem] if problem else []) + data_problems(scenario) + privacy + packing
+    problems += missing_trackers(scenario.tracking)
     if problems:
         raise ScenarioError(source, problems)

@@ -13,6 +13,9 @@ clients kept when they self-pruned are rebuilt from the metric rows (`rank_kept`
 budget; a checkpoint kept under another mechanism (say a calibrated noise multiplier that more
 rounds would change) is refused before anything runs. The run goes on from there with the same
 seeds, so sampling, training batches, availability and the DP noise are those of an uninterrupted run.
+The fleet's energy so far is taken up from the round's central row (`sim_energy_j`, as simulated time
+from `sim_time_s`), and with `fleet.batteries` each device's charge from the checkpoint
+(`batteries.npz`, `fedsim.fleet.energy.Batteries`), so a drained phone stays out as it would have.
 
 What lived only in the clients' processes is not in a checkpoint and starts afresh: the clients'
 error-feedback residuals and personal B factors (fedsa_lora), and the downlink's copies (every
@@ -24,6 +27,7 @@ which.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,15 @@ from fedsim.config.scenario import Scenario
 from fedsim.fleet.ranks import kept_ranks
 from fedsim.model.adapter import AdapterState, load_adapter_state
 from fedsim.privacy import PrivacyBook
-from fedsim.results.rundir import KEEPS_FILE, PRIVACY_FILE, STRATEGY_FILE, RunDir, load_arrays, read_metrics
+from fedsim.results.rundir import (
+    BATTERIES_FILE,
+    KEEPS_FILE,
+    PRIVACY_FILE,
+    STRATEGY_FILE,
+    RunDir,
+    load_arrays,
+    read_metrics,
+)
 from fedsim.server.control import STATE_FILE
 
 
@@ -54,10 +66,18 @@ class ResumePoint:
     kept_ranks: dict[int, int] = field(default_factory=dict)  # client id → rank kept when it last self-pruned (HetLoRA)
     strategy: dict[str, np.ndarray] | None = None  # the strategy's `state_dict` then (None: an old checkpoint)
     privacy: dict[str, Any] | None = None  # the `PrivacyBook`'s state then (None: privacy off)
+    sim_energy: float = math.nan  # the fleet's joules up to then (NaN: unknown, or a run from before fedsim kept them)
+    batteries: dict[str, np.ndarray] | None = None  # the `Batteries`' state then (None: fleet.batteries off)
 
 
 def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
-    """The last complete round of `run_dir`, and trim its rows to it; ValueError if there is none."""
+    """The last complete round of `run_dir`, and trim its rows to it; ValueError if there is none, or
+    if the run is asynchronous (the updates in flight when it stopped are in no checkpoint)."""
+    if scenario.asynchronous:
+        raise ValueError(
+            f"{run_dir.path} is an asynchronous run (participation, strategy {scenario.strategy.name!r}): it cannot be "
+            "resumed, because the updates its devices had in flight when it stopped are in no checkpoint; run it again"
+        )
     metrics = read_metrics(run_dir.path)
     central = metrics[metrics["kind"] == "eval_central"].set_index("round")
     complete = [
@@ -87,6 +107,8 @@ def resume_point(run_dir: RunDir, scenario: Scenario) -> ResumePoint:
         kept_ranks=kept_ranks(metrics[metrics["round"] <= k]),
         strategy=load_arrays(strategy) if strategy.is_file() else None,
         privacy=privacy,
+        sim_energy=float(central.loc[k, "sim_energy_j"]) if "sim_energy_j" in central else math.nan,
+        batteries=load_arrays(folder / BATTERIES_FILE) if scenario.fleet.batteries else None,
     )
 
 
@@ -96,6 +118,7 @@ def _checkpoint_complete(folder: Path, scenario: Scenario) -> bool:
         + ([KEEPS_FILE] if scenario.prunes else [])
         + ([STATE_FILE] if scenario.controller else [])
         + ([PRIVACY_FILE] if scenario.privacy.enabled else [])
+        + ([BATTERIES_FILE] if scenario.fleet.batteries else [])
     )
     return all((folder / name).is_file() for name in needed)
 

@@ -39,11 +39,12 @@ def client_state(scenario: Scenario) -> list[str]:
 
 def node_pool_size(scenario: Scenario) -> int:
     """The virtual nodes a simulation of `scenario` needs: one per client when its clients keep state
-    (`client_state`) or a round's sample has no bound below the fleet (central DP samples each client
-    with probability q: `fedsim.privacy.sampling`), else the most clients one phase addresses — a
+    (`client_state`), a round's sample has no bound below the fleet (central DP samples each client
+    with probability q: `fedsim.privacy.sampling`) or devices train across server steps (asynchronous
+    participation: `fedsim.server.asynchronous`), else the most clients one phase addresses — a
     round's sample, ⌈per_round·(1 + overcommit)⌉, or its federated evaluation's `eval_per_round`."""
     n = scenario.clients.num_clients
-    if client_state(scenario) or scenario.privacy.mode == "central":
+    if client_state(scenario) or scenario.privacy.mode == "central" or scenario.asynchronous:
         return n
     k = scenario.clients
     return min(n, max(math.ceil(k.per_round * (1 + scenario.fleet.overcommit)), k.eval_per_round, 1))

@@ -12,11 +12,16 @@
     time        each reply on the simulated clock (`fedsim.fleet.clock`); the first per_round
                 finishers within the deadline are kept, later ones are `straggler`s
     aggregate   the strategy's `aggregate_train` over the kept replies
-    record      one metrics row per client, the controller's rewards
+    record      one metrics row per client
+    spend       the joules each client spent on the round on the clock (`spend_energy`: compute, radio
+                and idle until the round ends, `fedsim.fleet.energy`); with `fleet.batteries`, its
+                battery drained by them, and `sample` leaves out a device at or below its threshold
+    observe     the controller's rewards (which may weigh those joules)
 
-then `eval_round`, the federated evaluation. With `fleet.clock = "measured"` (real devices)
-sample and screen skip the fleet model — the devices that are there answer — and each client is
-timed by its measured round trip (compute: the training time it reports).
+then `eval_round`, the federated evaluation (not on the clock: not billed). With `fleet.clock =
+"measured"` (real devices) sample and screen skip the fleet model — the devices that are there
+answer — and each client is timed by its measured round trip (compute: the training time it
+reports; its energy is its profile's power over those seconds).
 
 Differential privacy (`fedsim.privacy`, a `privacy` section that is on): the round is DP-FedAvg.
 In central mode sample draws each eligible client with probability q = per_round / num_clients
@@ -53,6 +58,7 @@ from fedsim.compression.downlink import Downlink
 from fedsim.config.scenario import Scenario
 from fedsim.fleet.availability import dropout_draws
 from fedsim.fleet.clock import comm_seconds, keep_first_finishers, payload_bytes, round_duration
+from fedsim.fleet.energy import Batteries, client_energy, cut_at, idle_wait, round_energy
 from fedsim.fleet.fleet import GIB, Fleet
 from fedsim.fleet.keeps import PruneBook, plan_server_keeps
 from fedsim.fleet.ranks import ClientRanks
@@ -153,6 +159,7 @@ class RoundEnv:
     server_scores: Callable[[AdapterState], Scores] | None = None  # pruning.where = "server": global importance
     assigned: bool = False  # the server assigned clients to nodes: each message names its client (CLIENT_ID)
     privacy: PrivacyBook | None = None  # DP-FedAvg's books (privacy on: `fedsim.privacy`)
+    batteries: Batteries | None = None  # each device's charge (`fleet.batteries` on: `fedsim.fleet.energy`)
 
     @property
     def measured(self) -> bool:
@@ -229,6 +236,7 @@ class RoundResult:
     duration: float  # simulated seconds
     bias: float  # aggregation bias of the kept clients (`round_bias`)
     central: Row = field(default_factory=dict)  # what the round adds to its central row (privacy's figures)
+    energy_j: float = 0.0  # the fleet's joules this round (`spend_energy`; NaN: unknown)
 
 
 def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> RoundResult:
@@ -273,12 +281,13 @@ def train_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: fl
     )
     state = combined(factor) or state
     central = env.privacy.step(indicator_bits(kept), server_round) if env.privacy is not None else {}
-    if env.control is not None:
-        env.control.observe(rows)
     duration = round_duration(timing.finish, timing.kept, s.fleet.deadline_s)
     # A round that kept nothing still costs time: the server waits before it samples again.
     duration = duration if timing.kept.any() else max(duration, s.fleet.idle_step_s)
-    return RoundResult(state, sorted(rows, key=lambda r: r["client_id"]), duration, bias, central)
+    energy = spend_energy(env, rows, duration, t_now)
+    if env.control is not None:
+        env.control.observe(rows)
+    return RoundResult(state, sorted(rows, key=lambda r: r["client_id"]), duration, bias, central, energy)
 
 
 # --- sample, plan, screen ----------------------------------------------------------------------
@@ -293,11 +302,15 @@ def sample_clients(available: Iterable[int], k: int, seed: int, server_round: in
 
 
 def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: int) -> np.ndarray:
-    """Clients online now and, by their device's estimated round time, until they finish."""
+    """Clients online now and, by their device's estimated round time, until they finish; with batteries,
+    only those whose charge is above their threshold now (`Batteries.available`)."""
     ids = env.roster.ids
     f = env.fleet
     est_s = env.estimated(ids)[0] / f.flops[ids] + comm_seconds(est_bytes, est_bytes, f.down_bps[ids], f.up_bps[ids])
-    return ids[f.availability.online_through(ids, t_now, t_now + est_s, server_round)]
+    eligible = f.availability.online_through(ids, t_now, t_now + est_s, server_round)
+    if env.batteries is not None:
+        eligible &= env.batteries.available(ids, t_now)
+    return ids[eligible]
 
 
 def sample(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> np.ndarray:
@@ -686,6 +699,72 @@ def record(
     return rows
 
 
+BILLED = ("ok", "straggler", "stale")  # a train row's statuses that ran on the clock (stale: asynchronous)
+
+
+def spend_energy(env: RoundEnv, rows: list[Row], round_s: float, t_start: float) -> float:
+    """Bill a round's energy: set `energy_j` on each train row whose status ran on the clock (`BILLED`),
+    drain those clients' batteries (`env.batteries`, when on), and return the fleet's total Σ_k E_k over them
+    (`fedsim.fleet.energy.round_energy`: NaN when any E_k is unknown, 0 without such a row).
+
+    Contract, for any round loop with its own timing: each billed row is one client (ids distinct)
+    that received its message at simulated time `t_start`, and holds `client_id`, `sim_compute_s`,
+    `sim_comm_s`, `bytes_up` and `bytes_down` (as `record` writes them); for it, the round ends at
+    t_start + `round_s`. E_k is `client_energy` of its compute seconds and bytes and its idle wait
+    max(0, round_s − finish_k), finish_k = compute + comm, at its device's figures (`client_joules`).
+    On the simulated clock a client not done by round_s (a straggler) is cut there, when the server
+    may address it again: it is billed what it got through (`fedsim.fleet.energy.cut_at`), its
+    compute up to the cut, and no idle wait. On the measured clock nothing is cut (a real device ran
+    to its finish) and E_k is its profile's power over its measured seconds: an estimate, not a
+    meter's reading. Each battery is drained at t_start + min(finish_k, round_s) (measured: + finish_k),
+    which must not come before that client's last drain, and no later round may ask a battery about a
+    time before it (`Batteries.charge_at` refuses). Other rows (dropped, infeasible, failed, rejected;
+    federated evaluation, which is not on the clock) are not billed and left as they are. `rows` are
+    filled in place."""
+    billed = [r for r in rows if r["kind"] == "train" and r["status"] in BILLED]
+    if not billed:
+        return 0.0
+    cids = np.array([r["client_id"] for r in billed], dtype=np.int64)
+    compute, comm, up, down = (
+        np.array([float(r[k]) for r in billed]) for k in ("sim_compute_s", "sim_comm_s", "bytes_up", "bytes_down")
+    )
+    joules, stop_s = client_joules(env.fleet, cids, compute, comm, up, down, round_s, cut=not env.measured)
+    for r, e in zip(billed, joules):
+        r["energy_j"] = float(e)
+    if env.batteries is not None:
+        for t in np.unique(stop_s):  # each client once, in time order
+            at = stop_s == t
+            env.batteries.drain(cids[at], joules[at], t_start + float(t))
+    return round_energy(joules)
+
+
+def client_joules(
+    fleet: Fleet,
+    cids: np.ndarray,
+    compute_s: np.ndarray,
+    comm_s: np.ndarray,
+    bytes_up: np.ndarray,
+    bytes_down: np.ndarray,
+    round_s: float,
+    cut: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(E_k, the second of the round client k stopped at), elementwise over `cids` (`spend_energy`):
+    `cut`, a client not done by `round_s` is billed what it got through by then, its link seconds
+    split into download (its bytes over its downlink, the clock's) then upload."""
+    finish = compute_s + comm_s
+    wait = idle_wait(finish, round_s)
+    if cut:
+        down_s = np.minimum(comm_seconds(bytes_down, 0, fleet.down_bps[cids], fleet.up_bps[cids]), comm_s)
+        compute_s, share_down, share_up = cut_at(round_s, down_s, compute_s, comm_s - down_s)
+        bytes_down, bytes_up = bytes_down * share_down, bytes_up * share_up
+        finish = np.minimum(finish, round_s)
+    joules = client_energy(
+        compute_s, bytes_up, bytes_down, wait,
+        fleet.train_watts[cids], fleet.idle_watts[cids], fleet.radio_j_per_mb_up[cids], fleet.radio_j_per_mb_down[cids],
+    )  # fmt: skip
+    return joules, finish
+
+
 def contributions(env: RoundEnv, state: AdapterState, clients: list[ClientAdapter]) -> np.ndarray:
     """(n,) each client's contribution to the global model, for the controller's reward: the
     relative held-out loss decrease (L(θ) − L(θ_i)) / L(θ) of the global state moved by this
@@ -830,12 +909,15 @@ def _train_config(env: RoundEnv) -> ConfigRecord:
 
 
 def eval_round(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) -> list[Row]:
-    """Federated evaluation on clients online at `t_now` (not on the simulated clock)."""
+    """Federated evaluation on clients online at `t_now` (and, with batteries, charged above their threshold).
+    It is not on the simulated clock, and not billed energy."""
     s = env.scenario
     if s.clients.eval_per_round == 0:
         return []
     ids = env.roster.ids
     online = ids if env.measured else ids[env.fleet.availability.online(ids, t_now, server_round)]
+    if env.batteries is not None:
+        online = online[env.batteries.available(online, t_now)]
     chosen = sample_clients(online, s.clients.eval_per_round, s.seed, server_round, "eval")
     if not chosen:
         return []

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests_support.inprocess import InProcessGrid
+from tests_support.scenarios import QUICK
 
 from clients.app import CORRECTION_KEY
 from fedsim.config.scenario import load_scenario
@@ -16,10 +17,7 @@ from fedsim.results.rundir import RunDir, read_metrics
 from fedsim.server.federation import run_federation
 
 TINY = Path(__file__).resolve().parents[2] / "scenarios" / "tiny.toml"
-SMALL = [
-    "rounds=2", "strategy.name=fedspeed", "clients.per_round=4", "data.central_test_size=8",
-    "eval.max_new_tokens=2", "eval.client_examples=2", "clients.eval_per_round=1", "train.local_steps=2",
-]  # fmt: skip
+SMALL = ["rounds=2", "strategy.name=fedspeed", "clients.per_round=4", *QUICK]
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

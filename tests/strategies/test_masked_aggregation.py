@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from tests_support.messages import train_reply
 
-from fedsim.config.names import PRUNING_REFUSED
+from fedsim.config.names import ASYNC_STRATEGIES, PRUNING_REFUSED
 from fedsim.config.scenario import LoraConfig, ScenarioError, validate_scenario
 from fedsim.model.adapter import AdapterState, attach_lora, from_record, get_state
 from fedsim.model.loader import load_model
@@ -19,6 +19,7 @@ from fedsim.protocol import PRUNE_RECORD
 from fedsim.pruning import Keep, slice_adapter
 from fedsim.pruning.structure import AXIS
 from strategies import FedIT, LoraStrategy
+from strategies.afa import AFA, AFACS
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedsa_lora import FedSALoRA
 from strategies.fedspeed import FedSpeed
@@ -35,6 +36,7 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 ALLOWED = [FedIT, HetLoRA, FFALoRA, FedSALoRA]
 REFUSED = {
     "flexlora": FlexLoRA, "flora": FLoRA, "fedex_lora": FedExLoRA, "lora_fair": LoRAFAIR, "fedspeed": FedSpeed,
+    "afa_cd": AFA, "afa_cs": AFACS,
 }  # fmt: skip
 # tiny-llama: 2 layers, 2 KV groups of 2 heads, head_dim 16, 176 channels
 KEEPS = {
@@ -372,7 +374,7 @@ def test_a_pruned_node_is_sent_the_slice_of_its_rank_and_its_order(shapes: dict)
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_refused_strategies_raise_in_assign_pruning_with_the_reason(name: str) -> None:
     cls = REFUSED[name]
-    strategy = cls(R_MAX, ALPHA)
+    strategy = cls(R_MAX, ALPHA, server_lr=1.0) if name in ASYNC_STRATEGIES else cls(R_MAX, ALPHA)
     assert cls.pruning_refused and PRUNING_REFUSED[name] == cls.pruning_refused
     strategy.assign_pruning({})  # nobody pruned: fine
     with pytest.raises(
@@ -395,6 +397,7 @@ def _scenario(strategy: str, ratio: float) -> dict:
         "strategy": {"name": strategy},
         "lora": {"target_modules": ["q_proj", "v_proj", "up_proj"]},
         "pruning": {"ratio": ratio},
+        "participation": {"mode": "async" if strategy in ASYNC_STRATEGIES else "sync"},
     }
 
 

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAdam
 from tests_support.grids import NodesOnly
 from tests_support.messages import train_reply
 
+from fedsim.config.names import ASYNC_STRATEGIES
 from fedsim.model.adapter import AdapterState, from_record, split_state
 from strategies import STRATEGIES, FedIT, LoraStrategy
 from strategies.fedex_lora import FedExLoRA
@@ -312,9 +313,13 @@ def test_registry_builds_every_strategy_from_a_scenario() -> None:
     from fedsim.config.scenario import validate_scenario
 
     for name in STRATEGIES:
+        mode = "async" if name in ASYNC_STRATEGIES else "sync"
         s = validate_scenario(
-            {"model": {"name": "tiny-llama"}, "strategy": {"name": name}, "lora": {"rank": 4, "alpha": 8}}
-        )
+            {
+                "model": {"name": "tiny-llama"}, "strategy": {"name": name}, "lora": {"rank": 4, "alpha": 8},
+                "participation": {"mode": mode},
+            }
+        )  # fmt: skip
         strategy = STRATEGIES[name](s)
         assert isinstance(strategy, LoraStrategy) and (strategy.r_max, strategy.alpha) == (4, 8.0)
 

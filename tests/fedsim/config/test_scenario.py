@@ -40,8 +40,8 @@ BAD_CASES = [
     (
         "unknown strategy",
         '[strategy]\nname = "fedmagic"\n',
-        "`strategy.name`: unknown strategy 'fedmagic'; known: fedadagrad, fedadam, fedavgm, fedex_lora, fedit, "
-        "fedprox, fedsa_lora, fedspeed, fedyogi, ffa_lora, flexlora, flora, hetlora, lora_fair",
+        "`strategy.name`: unknown strategy 'fedmagic'; known: afa_cd, afa_cs, fedadagrad, fedadam, fedavgm, "
+        "fedex_lora, fedit, fedprox, fedsa_lora, fedspeed, fedyogi, ffa_lora, flexlora, flora, hetlora, lora_fair",
     ),
     ("density 0", "[compression]\ndensity = 0.0\n", "`compression.density` must be greater than 0, got 0.0"),
     ("density > 1", "[compression]\ndensity = 1.5\n", "`compression.density` must be less than or equal to 1, got 1.5"),

@@ -58,6 +58,12 @@ def reference(
         mean = sum(term[i] for i in idx) / len(idx) if term is not prune else 0.0  # a share of the model: not scaled
         for i in idx:
             g[i] += w * (term[i] / mean if mean > 0 else term[i])
+    if o.energy_j is not None:  # a cost, over the mean of the feasible clients whose energy is known
+        known = [i for i in idx if math.isfinite(o.energy_j[i])]
+        energy = [max(0.0, v) if math.isfinite(v) else 0.0 for v in o.energy_j]
+        mean = sum(energy[i] for i in known) / len(known) if known else 0.0
+        for i in idx:
+            g[i] -= c.energy_weight * (energy[i] / mean if mean > 0 else energy[i])
     m, w, fastest = baseline
     fastest = min(fastest, max(o.time_s[i] for i in idx))  # the fastest round so far: its slowest client
     threshold = o.deadline_s if o.deadline_s > 0 else fastest
@@ -83,9 +89,13 @@ def reference(
 @pytest.mark.parametrize("time", ["round", "per_second"])
 @pytest.mark.parametrize("normalise", ["round_max", "round_mean", "baseline"])
 @pytest.mark.parametrize("deadline", [0.0, 12.0])
-def test_matches_the_reference_over_rounds(normalise, deadline, time):
+@pytest.mark.parametrize("energy_weight", [0.0, 0.4])
+def test_matches_the_reference_over_rounds(normalise, deadline, time, energy_weight):
     rng = np.random.default_rng(0)
-    cfg = RewardConfig(normalise=normalise, floor=0.05, infeasible_penalty=-0.5, time=time, norm_weight=0.25)
+    cfg = RewardConfig(
+        normalise=normalise, floor=0.05, infeasible_penalty=-0.5, time=time, norm_weight=0.25,
+        energy_weight=energy_weight,
+    )  # fmt: skip
     ours, theirs = RewardState(), (0.0, 0.0, math.inf)
     for _ in range(4):
         n = 9
@@ -101,6 +111,7 @@ def test_matches_the_reference_over_rounds(normalise, deadline, time):
             update_norm=rng.uniform(0.1, 2.0, n),
             deadline_s=deadline,
             contribution=np.where(np.arange(n) == 3, np.nan, rng.uniform(-0.05, 0.1, n)),
+            energy_j=np.where(np.arange(n) == 5, np.nan, rng.uniform(50.0, 500.0, n)),
         )
         got, ours = rewards(o, cfg, ours)
         want, theirs = reference(o, cfg, theirs)
@@ -315,3 +326,29 @@ def test_deploy_ratios_must_align_with_the_other_arrays():
         ValueError, match=r"`ratio_deployed` must be 1-D and aligned with loss_before \(2,\), got \(3,\)"
     ):
         obs(2, ratio_deployed=np.zeros(3))
+
+
+def test_with_energy_weight_0_the_rewards_are_those_without_energy():
+    o = obs(3, loss_after=np.array([1.5, 1.0, 0.5]), time_s=np.array([10.0, 20.0, 15.0]))
+    spent = obs(3, loss_after=np.array([1.5, 1.0, 0.5]), time_s=np.array([10.0, 20.0, 15.0]), energy_j=[1, 50, 9])
+    for config in (RewardConfig(), RewardConfig(**ONLY_LOSS), RewardConfig(normalise="baseline")):
+        np.testing.assert_array_equal(rewards(spent, config)[0], rewards(o, config)[0])
+
+
+def test_with_energy_weight_a_client_that_spent_more_gets_less_all_else_equal():
+    o = obs(3, energy_j=np.array([100.0, 300.0, np.nan]))
+    r, _ = rewards(o, RewardConfig(**ONLY_LOSS, energy_weight=0.5))
+    # g = 1 − 0.5·E/Ē with Ē = 200 J over the clients whose energy is known (unknown: no cost), per 10 s
+    np.testing.assert_allclose(r, np.array([0.75, 0.25, 1.0]) / 10)
+    assert r[0] > r[1]
+
+
+def test_a_client_whose_energy_outweighs_its_progress_gets_the_floor():
+    o = obs(2, energy_j=np.array([10.0, 90.0]))
+    r, _ = rewards(o, RewardConfig(energy_weight=1.0, floor=0.01))
+    assert r[1] == 0.01 and r[0] == 1.0  # g = [progress − 0.2, progress − 1.8]: only the first is positive
+
+
+def test_a_negative_energy_weight_is_refused():
+    with pytest.raises(ValueError, match="energy_weight"):
+        RewardConfig(energy_weight=-1.0)

@@ -10,7 +10,7 @@ import pytest
 
 from fedsim.config.devices import CATALOG, Battery, ChargeWindow
 from fedsim.config.scenario import load_scenario
-from fedsim.fleet.energy import DAY_S, Batteries, BatterySpec, client_energy, idle_wait, round_energy
+from fedsim.fleet.energy import DAY_S, Batteries, BatterySpec, client_energy, cut_at, idle_wait, round_energy
 from fedsim.fleet.fleet import build_fleet
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -49,6 +49,31 @@ def test_negative_seconds_or_bytes_are_refused_by_name() -> None:
 
 def test_idle_wait_is_the_time_left_in_the_round() -> None:
     np.testing.assert_array_equal(idle_wait([2.0, 10.0, 12.0], 10.0), [8.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("end", "stages", "expected"),
+    [
+        (10.0, (2.0, 5.0, 1.0), (5.0, 1.0, 1.0)),  # done at 8 s: all of it
+        (10.0, (2.0, 20.0, 1.0), (8.0, 1.0, 0.0)),  # cut while training: 8 s of it, nothing sent
+        (10.0, (1.0, 5.0, 8.0), (5.0, 1.0, 0.5)),  # cut while sending, half way
+        (1.0, (4.0, 5.0, 1.0), (0.0, 0.25, 0.0)),  # cut while receiving
+        (3.0, (0.0, 5.0, 0.0), (3.0, 1.0, 0.0)),  # no link seconds: the upload's turn never came
+        (5.0, (0.0, 5.0, 0.0), (5.0, 1.0, 1.0)),  # ... and came exactly at the end
+    ],
+)
+def test_a_client_cut_at_the_round_end_got_through_its_stages_in_order(
+    end: float, stages: tuple[float, float, float], expected: tuple[float, float, float]
+) -> None:
+    trained, down, up = cut_at(end, *stages)
+    assert (float(trained), float(down), float(up)) == pytest.approx(expected)
+
+
+def test_cut_at_is_elementwise() -> None:
+    trained, down, up = cut_at([10.0, 1.0], [2.0, 4.0], [5.0, 5.0], [1.0, 1.0])
+    np.testing.assert_allclose(trained, [5.0, 0.0])
+    np.testing.assert_allclose(down, [1.0, 0.25])
+    np.testing.assert_allclose(up, [1.0, 0.0])
 
 
 def test_fleet_carries_each_profiles_figures_unjittered() -> None:

@@ -35,8 +35,8 @@ from fedsim.model.adapter import (
 )
 from fedsim.model.loader import load_model
 from fedsim.model.packed import PackedTrainer
-from fedsim.model.packed_jobs import JobResult, PackedJob, PackedJobError, batch_order, job_bytes, token_bytes
-from fedsim.model.training import TrainResult, collate, train_lora
+from fedsim.model.packed_jobs import JobResult, PackedJob, PackedJobError, job_bytes, token_bytes
+from fedsim.model.training import TrainResult, batch_order, collate, train_lora
 from strategies.lora_math import hetlora_rank_penalty
 
 TOL_F, TOL_MAX = 1e-4, 1e-3

@@ -43,9 +43,17 @@ def per_example(strategy: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def fake_run(
-    root: Path, strategy: str, seed: int, *, task: str = "sentiment", final_eval: bool = True, n: int = EXAMPLES
+    root: Path,
+    strategy: str,
+    seed: int,
+    *,
+    task: str = "sentiment",
+    final_eval: bool = True,
+    n: int = EXAMPLES,
+    energy: bool = True,
 ) -> Scenario:
-    """A finished 2-round run directory `root/<strategy>-seed<seed>`, as `fedsim compare` leaves it."""
+    """A finished 2-round run directory `root/<strategy>-seed<seed>`, as `fedsim compare` leaves it
+    (`energy`: the fleet's joules known, 1000 J a round + 10 J·seed so far; else unknown, NaN)."""
     name = f"{strategy}-seed{seed}"
     path = root / name
     path.mkdir(parents=True)
@@ -75,7 +83,8 @@ def fake_run(
         central_loss = float((loss * tokens).sum() / tokens.sum()) if final else 3.0 - 0.1 * k
         rows.append({"round": k, "client_id": -1, "kind": "eval_central",
                      "num_examples": len(correct) if final else CURVE_EXAMPLES, "loss": central_loss,
-                     "accuracy": accuracy, "wall_time_s": 10.0 * k, "sim_time_s": 60.0 * k + seed})  # fmt: skip
+                     "accuracy": accuracy, "wall_time_s": 10.0 * k, "sim_time_s": 60.0 * k + seed,
+                     "sim_energy_j": 1000.0 * k + 10 * seed if energy else math.nan})  # fmt: skip
     metrics_frame(rows).to_parquet(path / "metrics.parquet", index=False)
     if final_eval:
         RunDir(path).save_final_eval(2, loss.tolist(), tokens.tolist(), correct.tolist())
@@ -109,6 +118,10 @@ def test_means_and_seed_intervals_are_the_t_formula_over_the_seeds(compared: tup
     assert math.isnan(client["pooled_lo"])  # no per-example results for the clients' evaluation
     reached = _row(table, "fedit", "time_to_target_s")  # 0.25 + 0.01·seed ≥ 0.2 at round 1: 60 s + seed
     assert reached["n"] == 3 and reached["mean"] == pytest.approx(61.0)
+    spent = _row(table, "fedit", "energy_to_target_j")  # by round 1: 1000 J + 10 J·seed
+    half = T_975_DF2 * np.std([1000.0, 1010.0, 1020.0], ddof=1) / math.sqrt(3)
+    assert spent["n"] == 3 and spent["mean"] == pytest.approx(1010.0)
+    assert (spent["seed_lo"], spent["seed_hi"]) == (pytest.approx(1010.0 - half), pytest.approx(1010.0 + half))
 
 
 def test_pooled_intervals_and_differences_are_over_the_seed_example_pairs(
@@ -180,7 +193,7 @@ def test_outputs_open_with_the_command_and_mark_what_cannot_be_told_apart(
     assert same.split("|")[2].strip().endswith("~") and not better.split("|")[2].strip().endswith("~")
     assert " pooled [" in better
     csv = pd.read_csv(root / "comparison.csv")
-    assert len(csv) == 3 * 7
+    assert len(csv) == 3 * 8
     assert csv.set_index(["strategy", "metric"]).loc[(BETTER, "central_accuracy"), "distinguishable"]
     for plot in ("accuracy_vs_round.png", "accuracy_vs_sim_time.png", "loss_vs_round.png"):
         assert (root / plot).read_bytes().startswith(PNG)
@@ -224,3 +237,19 @@ def test_runs_at_one_seed_must_share_the_held_out_set(tmp_path: Path, kwargs: di
 
     with pytest.raises(ValueError, match=message):
         read_results(runs, tmp_path, target=0.2)
+
+
+def test_energy_a_run_does_not_know_shows_as_n_a_not_0(tmp_path: Path) -> None:
+    runs = [fake_run(tmp_path, strategy, s, energy=False) for strategy in ("fedit", BETTER) for s in SEEDS]
+
+    text = write_outputs(runs, tmp_path, 0.2, "fedit", ["fedsim", "compare"])
+
+    head, *rows = [line for line in text.split("## Difference")[0].splitlines() if line.startswith("| ")]
+    column = [c.strip() for c in head.split("|")].index("energy to 0.2 (J)")
+    assert [[c.strip() for c in r.split("|")][column] for r in rows] == ["n/a", "n/a"]
+    diff = next(line for line in text.split("## Difference")[1].splitlines() if line.startswith("| hetlora |"))
+    assert diff.split("|")[-2].strip() == "n/a"
+    csv = pd.read_csv(tmp_path / "comparison.csv").set_index(["strategy", "metric"])
+    assert csv.loc[("fedit", "energy_to_target_j"), "n"] == 0 and math.isnan(
+        csv.loc[("fedit", "energy_to_target_j"), "mean"]
+    )

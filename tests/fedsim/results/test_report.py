@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from fedsim.results.report import _clock
 
 
@@ -97,3 +99,40 @@ def test_a_private_run_shows_the_epsilon_it_spent_and_an_adaptive_one_its_clip(t
     plain.add_rows([{k: v for k, v in r.items() if not k.startswith("dp_")} for r in rows])
     assert "dp_epsilon" not in round_table(read_metrics(plain.path))
     assert "privacy" not in summary_text(read_metrics(plain.path), plain.path)
+
+
+def test_energy_to_a_target_is_shown_beside_simulated_time_and_unknown_energy_as_n_a(tmp_path: Path) -> None:
+    import math
+
+    from fedsim.config.scenario import validate_scenario
+    from fedsim.results.report import Reached, round_table, summary_text, target_line, time_to_accuracy
+    from fedsim.results.rundir import RunDir, read_metrics
+
+    rows = [
+        {"round": r, "client_id": -1, "kind": "eval_central", "loss": 1.0, "accuracy": 0.2 * r, "wall_time_s": 1.0,
+         "sim_time_s": 60.0 * r, "energy_j": 1500.0 if r else 0.0, "sim_energy_j": 1500.0 * r}
+        for r in (0, 1, 2)
+    ]  # fmt: skip
+    known, unknown = (RunDir.create(tmp_path, validate_scenario({"name": n})) for n in ("known", "unknown"))
+    known.add_rows(rows)
+    unknown.add_rows([{**r, "energy_j": math.nan, "sim_energy_j": math.nan} if r["round"] else r for r in rows])
+
+    metrics = read_metrics(known.path)
+    assert round_table(metrics)[["energy_j", "sim_energy_j"]].values.tolist() == [[0, 0], [1500, 1500], [1500, 3000]]
+    assert time_to_accuracy(metrics, 0.4) == Reached(2, 120.0, 3000.0)
+    assert target_line(metrics, 0.4) == "time to accuracy 0.4: round 2, 120.0s simulated, 3 kJ spent"
+    assert target_line(metrics, 0.9) == "time to accuracy 0.9: not reached"
+    assert "energy            3 kJ on the fleet" in summary_text(metrics, known.path)
+    lost = read_metrics(unknown.path)
+    assert target_line(lost, 0.4) == "time to accuracy 0.4: round 2, 120.0s simulated, n/a spent"
+    assert "energy            n/a on the fleet" in summary_text(lost, unknown.path)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0.0, "0 J"), (12.345, "12.3 J"), (1500.0, "1.5 kJ"), (2.5e6, "2.5 MJ"), (7e9, "7 GJ"), (float("nan"), "n/a")],
+)
+def test_joules_read_in_si_units_and_unknown_is_n_a(value: float, text: str) -> None:
+    from fedsim.results.report import joules
+
+    assert joules(value) == text

@@ -26,7 +26,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_unknown_strategy_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["compare", TINY, "--strategies", "fedit,fedmagic", "--out", str(tmp_path)])
     assert code == EXIT_BAD_INPUT
-    assert "unknown strategy 'fedmagic'; known: fedadagrad, fedadam" in capsys.readouterr().err
+    assert "unknown strategy 'fedmagic'; known: afa_cd, afa_cs, fedadagrad, fedadam" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -45,7 +45,10 @@ def test_unknown_strategy_is_refused_before_anything_runs(tmp_path: Path, capsys
         ),
         (
             ["--strategies", "fedit,fedprx,hetlora,flexlroa"],
-            ["`--strategies`: unknown strategy 'fedprx', 'flexlroa'; known: fedadagrad, fedadam, fedavgm"],
+            [
+                "`--strategies`: unknown strategy 'fedprx', 'flexlroa'; known: afa_cd, afa_cs, fedadagrad, fedadam, "
+                "fedavgm"
+            ],
         ),
         (["--strategies", "fedit,hetlora,fedit"], ["`--strategies` names 'fedit' more than once"]),
         (  # a pruning scenario: every strategy that refuses it is named at once
@@ -267,3 +270,10 @@ def test_compare_runs_the_strategy_zoo_on_mixed_ranks_and_resumes(
         pd.testing.assert_series_equal(
             again.xs(metric, level="metric")["mean"], table.xs(metric, level="metric")["mean"]
         )
+
+    # asked again with other settings: the finished runs are not compared as if they were the new ones
+    assert main([*args, "--set", "train.lr=0.002"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "fedit-seed0 finished with other settings (train.lr: 0.003 → 0.002)" in err
+    assert "move it away or use another --out" in err
+    pd.testing.assert_frame_equal(pd.read_csv(root / "comparison.csv").set_index(["strategy", "metric"]), again)

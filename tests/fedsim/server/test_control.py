@@ -343,3 +343,15 @@ def test_the_runs_last_rounds_exploit_and_the_others_explore(commit: int) -> Non
         control.assign(np.array([0, 1]), server_round, np.full(4, 8), book)
         control.observe([_row(0), _row(1, after=1.5)])
     assert asked == [False] * (5 - commit) + [True] * commit
+
+
+def test_with_an_energy_weight_the_client_that_spent_more_earns_less_and_without_it_the_same() -> None:
+    rewards = {}
+    for weight in (0.0, 0.5):
+        control, book = _control(_scenario(reward={"energy_weight": weight}))
+        control.assign(np.array([0, 1]), 1, np.full(4, 8), book)
+        rows = [{**_row(0), "energy_j": 10.0}, {**_row(1), "energy_j": 30.0}]  # same progress and round time
+        control.observe(rows)
+        rewards[weight] = (rows[0]["reward"], rows[1]["reward"])
+    assert rewards[0.0][0] == pytest.approx(rewards[0.0][1])
+    assert rewards[0.5][0] > rewards[0.5][1]

@@ -26,6 +26,7 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
 from tests_support.inprocess import InProcessGrid
+from tests_support.scenarios import QUICK
 
 import clients.app
 from fedsim.cli import main
@@ -42,10 +43,7 @@ from fedsim.server.resume import resume_point
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "scenarios" / "tiny.toml"
-SMALL = [
-    "data.central_test_size=8", "eval.max_new_tokens=2", "eval.client_examples=2", "clients.eval_per_round=1",
-    "train.local_steps=2",
-]  # fmt: skip
+SMALL = QUICK
 CENTRAL = ['privacy.mode="central"', "privacy.noise_multiplier=1.0"]
 ALLOWED = [s for s in STRATEGIES if s not in DP_REFUSED]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from tests_support.inprocess import InProcessGrid
+from tests_support.scenarios import QUICK
 
 from fedsim.cli import main
 from fedsim.config.scenario import load_scenario
@@ -19,10 +20,7 @@ from fedsim.server.federation import run_federation
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "scenarios" / "tiny.toml"
-SMALL = [
-    "rounds=2", "data.central_test_size=8", "eval.max_new_tokens=2", "eval.client_examples=2",
-    "clients.eval_per_round=1", "train.local_steps=2",
-]  # fmt: skip
+SMALL = ["rounds=2", *QUICK]
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
