@@ -10,18 +10,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fedsim.results.report import si, significant
+
 MISSING = "–"
 _BYTES = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-_SI = ("", "k", "M", "G", "T", "P", "E")
 
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and not math.isfinite(value))
-
-
-def _digits(value: float) -> str:
-    """Three significant digits, never in exponent form (value below 1024)."""
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def human_bytes(value: float | None) -> str:
@@ -32,7 +28,7 @@ def human_bytes(value: float | None) -> str:
     size, unit = float(value), 0
     while abs(size) >= 1024 and unit < len(_BYTES) - 1:
         size, unit = size / 1024, unit + 1
-    return f"{int(size)} B" if unit == 0 else f"{_digits(size)} {_BYTES[unit]}"
+    return f"{int(size)} B" if unit == 0 else f"{significant(size)} {_BYTES[unit]}"
 
 
 def human_si(value: float | None, unit: str) -> str:
@@ -40,10 +36,7 @@ def human_si(value: float | None, unit: str) -> str:
     if _missing(value):
         return MISSING
     assert value is not None
-    size, power = float(value), 0
-    while abs(size) >= 1000 and power < len(_SI) - 1:
-        size, power = size / 1000, power + 1
-    return f"{_digits(size)} {_SI[power]}{unit}"
+    return si(value, unit)
 
 
 def human_seconds(value: float | None) -> str:

@@ -100,6 +100,14 @@ def with_content(message: Message, content: RecordDict) -> Message:
     return Message(content, meta.dst_node_id, meta.message_type, ttl=meta.ttl, group_id=meta.group_id)
 
 
+def with_config(message: Message, entries: Mapping[str, Any]) -> Message:
+    """`with_content(message, …)` of its records with `entries` added to its config record (a
+    simulation's client id, a pack, a device's steps); `message` is left as it is."""
+    records = dict(message.content.items())
+    records[CONFIG_RECORD] = ConfigRecord({**message.content.config_records[CONFIG_RECORD], **entries})
+    return with_content(message, RecordDict(records))
+
+
 @dataclass(frozen=True)
 class ClientAdapter:
     """One client's adapter after local training, as a strategy aggregates it."""

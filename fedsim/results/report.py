@@ -13,7 +13,7 @@ import pandas as pd
 # Central-row columns a run has only with some features: shown when the run has them.
 OPTIONAL = ("deployed_loss", "deployed_accuracy", "dp_epsilon", "dp_clip", "dp_unclipped")
 ENERGY = ("energy_j", "sim_energy_j")  # central-row columns: the round's joules, and the run's so far
-JOULE_UNITS = ((1e9, "GJ"), (1e6, "MJ"), (1e3, "kJ"))
+SI_PREFIXES = ("", "k", "M", "G", "T", "P", "E")
 
 
 def _weighted(frame: pd.DataFrame, column: str) -> float:
@@ -144,12 +144,22 @@ def time_to_accuracy(metrics: pd.DataFrame, target: float) -> Reached | None:
     return Reached(int(first), float(reached.loc[first, "sim_time_s"]), float(reached.loc[first, "sim_energy_j"]))
 
 
+def significant(value: float) -> str:
+    """Three significant digits, never in exponent form (for |value| below 1024: a scaled figure)."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def si(value: float, unit: str) -> str:
+    """A count in powers of 1000 with `unit`: si(1.92e9, "FLOP") → "1.92 GFLOP", si(1500, "J") → "1.5 kJ"."""
+    size, power = float(value), 0
+    while abs(size) >= 1000 and power < len(SI_PREFIXES) - 1:
+        size, power = size / 1000, power + 1
+    return f"{significant(size)} {SI_PREFIXES[power]}{unit}"
+
+
 def joules(value: float) -> str:
-    """'12.3 kJ' (J, kJ, MJ, GJ, 3 significant digits); 'n/a' when unknown (NaN), never 0."""
-    if not math.isfinite(value):
-        return "n/a"
-    scale, unit = next(((s, u) for s, u in JOULE_UNITS if abs(value) >= s), (1.0, "J"))
-    return f"{value / scale:.3g} {unit}"
+    """'12.3 kJ' (`si` in J); 'n/a' when unknown (NaN), never 0."""
+    return si(value, "J") if math.isfinite(value) else "n/a"
 
 
 def target_line(metrics: pd.DataFrame, target: float) -> str:

@@ -28,7 +28,6 @@ import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from fedsim.config.errors import InputError
 from fedsim.config.names import STRATEGIES
@@ -36,6 +35,7 @@ from fedsim.config.scenario import Scenario, ScenarioError, load_scenario
 from fedsim.results.comparison import comparison, markdown, mean_curves, read_results
 from fedsim.results.plots import compare_accuracy_png, compare_loss_png, compare_sim_time_png
 from fedsim.results.rundir import RunDir, last_event
+from fedsim.results.tracking import flatten
 from fedsim.server.preflight import preflight
 
 
@@ -120,7 +120,8 @@ def kept_problems(runs: Sequence[Scenario], root: Path) -> list[str]:
         except ScenarioError as exc:
             problems.append(f"{path} finished, but its scenario.toml no longer loads ({exc.problems[0]})")
             continue
-        differ = _differences(kept.model_dump(mode="json"), scenario.model_dump(mode="json"))
+        old, new = flatten(kept.model_dump(mode="json")), flatten(scenario.model_dump(mode="json"))
+        differ = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(old | new) if old.get(k) != new.get(k)]
         if differ:
             shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
             problems.append(
@@ -128,18 +129,6 @@ def kept_problems(runs: Sequence[Scenario], root: Path) -> list[str]:
                 "so that it is not compared as this run"
             )
     return problems
-
-
-def _differences(kept: dict[str, Any], planned: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ, as `key: kept → planned`."""
-    out = []
-    for key in sorted(set(kept) | set(planned)):
-        a, b = kept.get(key), planned.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} → {b!r}")
-    return out
 
 
 def _per_strategy(refused: dict[str, list[str]], strategies: int) -> list[str]:

@@ -40,20 +40,15 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedsim.fleet.clock import comm_seconds, payload_bytes
-from fedsim.model.adapter import AdapterState, factors, to_record
-from fedsim.protocol import ARRAYS_RECORD, CONFIG_RECORD, FLOPS, LOCAL_STEPS
+from fedsim.model.adapter import AdapterState, factors
+from fedsim.protocol import LOCAL_STEPS
 from fedsim.seeding import derive_seed
-from fedsim.server.replies import Checked, reply_metric
+from fedsim.server.replies import Checked
 from fedsim.server.rounds import (
     RoundEnv,
     RoundResult,
     Row,
-    _base_row,
-    _train_config,
-    _train_metrics,
     check_train,
     configure,
     eligible_clients,
@@ -61,9 +56,11 @@ from fedsim.server.rounds import (
     screen,
     send,
     spend_energy,
+    time_replies,
+    train_row,
 )
 from strategies.afa import AFA, StaleUpdate
-from strategies.lora_strategy import with_content
+from strategies.lora_strategy import with_config
 
 
 @dataclass(frozen=True, order=True)
@@ -76,6 +73,7 @@ class Flight:
     start_s: float = field(compare=False)
     steps: int = field(compare=False)  # K_i
     reply: Checked = field(compare=False)
+    bytes_up: int = field(compare=False)
     bytes_down: int = field(compare=False)
     compute_s: float = field(compare=False)
     comm_s: float = field(compare=False)
@@ -136,8 +134,7 @@ class AsyncClock:
         if free <= 0:
             return []
         busy = tried | {f.client for f in self.flights}
-        est_bytes = payload_bytes(RecordDict({ARRAYS_RECORD: to_record(state), CONFIG_RECORD: _train_config(env)}))
-        idle = np.array([c for c in eligible_clients(env, t_now, server_round, est_bytes) if int(c) not in busy])
+        idle = np.array([c for c in eligible_clients(env, state, t_now, server_round) if int(c) not in busy])
         rng = np.random.default_rng(derive_seed(s.seed, server_round, "async-join", len(tried)))
         willing = idle[rng.random(len(idle)) < s.participation.join_probability]
         chosen = np.sort(rng.permutation(willing)[:free]).astype(np.int64)
@@ -147,20 +144,17 @@ class AsyncClock:
             return rows
         steps = self._local_steps(chosen, server_round, t_now, len(tried))
         out = configure(env, state, chosen, server_round)
-        messages = [_with_steps(m, steps[env.roster.client(m.metadata.dst_node_id)]) for m in out.messages]
-        replies = send(env, messages, lambda r: check_train(env, r, out.sent))
+        told = [with_config(m, {LOCAL_STEPS: steps[env.roster.client(m.metadata.dst_node_id)]}) for m in out.messages]
+        replies = send(env, told, lambda r: check_train(env, r, out.sent))
         rows += problem_rows(env, replies, server_round, "train")
-        f = env.fleet
-        for c in replies.ok:
+        timing = time_replies(env, replies.ok, out.bytes_down, replies.round_trips)  # its `kept` is not used
+        for i, c in enumerate(replies.ok):
             node = c.message.metadata.src_node_id
-            cid = env.roster.client(node)
-            compute = float(reply_metric(c.message, FLOPS)) / float(f.flops[cid])
-            comm = float(
-                comm_seconds(out.bytes_down[node], payload_bytes(c.message.content), f.down_bps[cid], f.up_bps[cid])
-            )
+            cid, compute, comm = env.roster.client(node), float(timing.compute[i]), float(timing.comm[i])
             late = 0 < s.fleet.deadline_s < compute + comm
             end = t_now + (s.fleet.deadline_s if late else compute + comm)
-            flight = Flight(end, cid, server_round, t_now, steps[cid], c, out.bytes_down[node], compute, comm, late)
+            up, down = int(timing.bytes_up[i]), out.bytes_down[node]
+            flight = Flight(end, cid, server_round, t_now, steps[cid], c, up, down, compute, comm, late)
             heapq.heappush(self.flights, flight)
         return rows
 
@@ -187,17 +181,11 @@ class AsyncClock:
 
     def _row(self, flight: Flight, server_round: int, status: str, reason: str) -> Row:
         """The metrics row of an update the server took, dropped or gave up on at step `server_round`."""
-        msg, env = flight.reply.message, self.env
-        row = _base_row(env, flight.client, server_round, "train", status, reason)
+        row = train_row(
+            self.env, flight.reply, server_round, status, reason,
+            flight.compute_s, flight.comm_s, flight.bytes_up, flight.bytes_down,
+        )  # fmt: skip
         row.update(
-            _train_metrics(msg),
-            flops=float(reply_metric(msg, FLOPS)),
-            sim_compute_s=flight.compute_s,
-            sim_comm_s=flight.comm_s,
-            bytes_up=payload_bytes(msg.content),
-            bytes_down=flight.bytes_down,
-            rank_kept=row["lora_rank"],
-            update_norm=math.sqrt(sum(float(v.double().pow(2).sum()) for v in _update(flight.reply).values())),
             staleness=server_round - flight.version,
             model_version=flight.version,
             local_steps=flight.steps,
@@ -214,13 +202,6 @@ def _update(reply: Checked) -> AdapterState:
 def _rank(reply: Checked) -> int:
     """The rank of the adapter a reply's update covers (its A factors' rows)."""
     return int(next(iter(factors(_update(reply), "A").values())).shape[0])
-
-
-def _with_steps(message: Message, steps: int) -> Message:
-    """`message` with LOCAL_STEPS in its config: the local steps its device chose."""
-    records = dict(message.content.items())
-    records[CONFIG_RECORD] = ConfigRecord({**message.content.config_records[CONFIG_RECORD], LOCAL_STEPS: steps})
-    return with_content(message, RecordDict(records))
 
 
 __all__ = ["AsyncClock", "Flight"]

@@ -28,11 +28,11 @@ import os
 from collections.abc import Sequence
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 
 from fedsim.config.scenario import Scenario
 from fedsim.protocol import CLIENT_ID, CONFIG_RECORD, PACK_ID, PACK_MEMORY, PACK_SIZE, PACK_TIMEOUT_S
-from strategies.lora_strategy import with_content
+from strategies.lora_strategy import with_config
 
 logger = logging.getLogger(__name__)
 GIB = 2**30
@@ -161,10 +161,7 @@ def with_packs(scenario: Scenario, messages: list[Message], server_round: int) -
             PACK_TIMEOUT_S: sim.pack_timeout_s,
         }
         for cid in pack:
-            m = by_client[cid]
-            records = dict(m.content.items())
-            records[CONFIG_RECORD] = ConfigRecord({**m.content.config_records[CONFIG_RECORD], **entries})
-            out.append(with_content(m, RecordDict(records)))
+            out.append(with_config(by_client[cid], entries))
     return out
 
 

@@ -101,7 +101,7 @@ from fedsim.server.roster import Roster
 from strategies import LoraStrategy
 from strategies.hetlora import drop_tail
 from strategies.lora_math import aggregation_bias, layer_pairs
-from strategies.lora_strategy import ClientAdapter, with_content
+from strategies.lora_strategy import ClientAdapter, with_config, with_content
 
 Row = dict[str, Any]
 
@@ -216,11 +216,13 @@ class Replies:
 
 @dataclass(frozen=True)
 class Timing:
-    """The ok replies on the clock, in order: compute and link seconds, and which are kept."""
+    """The ok replies on the clock, in order: compute and link seconds, which are kept, and the
+    payload bytes each sent (measured once, for the clock and the rows)."""
 
     compute: np.ndarray
     comm: np.ndarray
     kept: np.ndarray  # bool
+    bytes_up: np.ndarray  # int64
 
     @property
     def finish(self) -> np.ndarray:
@@ -301,9 +303,11 @@ def sample_clients(available: Iterable[int], k: int, seed: int, server_round: in
     return sorted(int(c) for c in rng.choice(pool, size=k, replace=False)) if k else []
 
 
-def eligible_clients(env: RoundEnv, t_now: float, server_round: int, est_bytes: int) -> np.ndarray:
-    """Clients online now and, by their device's estimated round time, until they finish; with batteries,
-    only those whose charge is above their threshold now (`Batteries.available`)."""
+def eligible_clients(env: RoundEnv, state: AdapterState, t_now: float, server_round: int) -> np.ndarray:
+    """Clients online now and, by their device's estimated round time (its FLOPs, and `state` with the
+    train config as the bytes each way), until they finish; with batteries, only those whose charge is
+    above their threshold now (`Batteries.available`)."""
+    est_bytes = payload_bytes(RecordDict({ARRAYS_RECORD: to_record(state), CONFIG_RECORD: _train_config(env)}))
     ids = env.roster.ids
     f = env.fleet
     est_s = env.estimated(ids)[0] / f.flops[ids] + comm_seconds(est_bytes, est_bytes, f.down_bps[ids], f.up_bps[ids])
@@ -321,8 +325,7 @@ def sample(env: RoundEnv, state: AdapterState, server_round: int, t_now: float) 
     if env.measured:
         pool = env.roster.ids
     else:
-        est_bytes = payload_bytes(RecordDict({ARRAYS_RECORD: to_record(state), CONFIG_RECORD: _train_config(env)}))
-        pool = eligible_clients(env, t_now, server_round, est_bytes)
+        pool = eligible_clients(env, state, t_now, server_round)
     book = env.privacy
     if book is not None and book.central:
         n, q = s.clients.num_clients, book.plan.sampling_rate
@@ -457,13 +460,7 @@ def _named(env: RoundEnv, messages: list[Message]) -> list[Message]:
     its config record; else the messages as they are."""
     if not env.assigned:
         return messages
-    named = []
-    for m in messages:
-        records = dict(m.content.items())
-        cid = env.roster.client(m.metadata.dst_node_id)
-        records[CONFIG_RECORD] = ConfigRecord({**m.content.config_records[CONFIG_RECORD], CLIENT_ID: cid})
-        named.append(with_content(m, RecordDict(records)))
-    return named
+    return [with_config(m, {CLIENT_ID: env.roster.client(m.metadata.dst_node_id)}) for m in messages]
 
 
 def _down_message(downlink: Downlink, cid: int, message: Message) -> Message:
@@ -578,18 +575,18 @@ def time_replies(env: RoundEnv, ok: list[Checked], bytes_down: dict[int, int], r
     round trip (measured) — and the first per_round finishers within the deadline, kept (central
     DP: every one within the deadline; the Poisson sample has no fixed size)."""
     s = env.scenario
+    up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
     if env.measured:  # the client's reported training time, the rest of the round trip
         compute = np.array([float(reply_metric(c.message, WALL_TIME_S)) for c in ok])
         trips = np.array([round_trips.get(_node(c), 0.0) for c in ok])
         comm = np.maximum(trips - compute, 0.0)
     else:
         cids = np.array([env.roster.client(_node(c)) for c in ok], dtype=np.int64)
-        up = np.array([payload_bytes(c.message.content) for c in ok], dtype=np.int64)
         down = np.array([bytes_down[_node(c)] for c in ok], dtype=np.int64)
         compute = np.array([float(reply_metric(c.message, FLOPS)) for c in ok]) / env.fleet.flops[cids]
         comm = comm_seconds(down, up, env.fleet.down_bps[cids], env.fleet.up_bps[cids])
     k = len(ok) if env.privacy is not None and env.privacy.central else s.clients.per_round
-    return Timing(compute, comm, keep_first_finishers(compute + comm, k, s.fleet.deadline_s))
+    return Timing(compute, comm, keep_first_finishers(compute + comm, k, s.fleet.deadline_s), up)
 
 
 def aggregate(
@@ -668,25 +665,12 @@ def record(
     rows = []
     for i, c in enumerate(ok):
         cid, kept = env.roster.client(_node(c)), bool(timing.kept[i])
-        row = _base_row(
-            env,
-            cid,
-            server_round,
-            "train",
-            "ok" if kept else "straggler",
-            "" if kept else _straggler_reason(float(timing.finish[i]), s),
-        )
-        row.update(
-            _train_metrics(c.message),
-            flops=float(reply_metric(c.message, FLOPS)),
-            sim_compute_s=float(timing.compute[i]),
-            sim_comm_s=float(timing.comm[i]),
-            bytes_up=payload_bytes(c.message.content),
-            bytes_down=int(bytes_down[_node(c)]),
-            rank_kept=_reply_rank(c.message, row["lora_rank"]),
-            contribution=float(gains[i]),
-            update_norm=math.sqrt(sum(float(v.double().pow(2).sum()) for v in c.update.values())) if c.update else 0.0,
-        )
+        status, reason = ("ok", "") if kept else ("straggler", _straggler_reason(float(timing.finish[i]), s))
+        row = train_row(
+            env, c, server_round, status, reason,
+            float(timing.compute[i]), float(timing.comm[i]), int(timing.bytes_up[i]), int(bytes_down[_node(c)]),
+        )  # fmt: skip
+        row["contribution"] = float(gains[i])
         if kept and row["rank_kept"] < row["lora_rank"]:
             env.ranks.keep(cid, row["rank_kept"])
         if kept and s.compression.method == "compeft":
@@ -763,6 +747,35 @@ def client_joules(
         fleet.train_watts[cids], fleet.idle_watts[cids], fleet.radio_j_per_mb_up[cids], fleet.radio_j_per_mb_down[cids],
     )  # fmt: skip
     return joules, finish
+
+
+def train_row(
+    env: RoundEnv,
+    checked: Checked,
+    server_round: int,
+    status: str,
+    reason: str,
+    compute_s: float,
+    comm_s: float,
+    bytes_up: int,
+    bytes_down: int,
+) -> Row:
+    """The metrics row of an ok train reply on the clock (its client's row, its reported metrics,
+    its seconds and bytes, the rank it kept, the norm of its decoded update), whichever loop timed it."""
+    msg = checked.message
+    row = _base_row(env, env.roster.client(_node(checked)), server_round, "train", status, reason)
+    update = checked.update or {}
+    row.update(
+        _train_metrics(msg),
+        flops=float(reply_metric(msg, FLOPS)),
+        sim_compute_s=compute_s,
+        sim_comm_s=comm_s,
+        bytes_up=bytes_up,
+        bytes_down=bytes_down,
+        rank_kept=_reply_rank(msg, row["lora_rank"]),
+        update_norm=math.sqrt(sum(float(v.double().pow(2).sum()) for v in update.values())),
+    )
+    return row
 
 
 def contributions(env: RoundEnv, state: AdapterState, clients: list[ClientAdapter]) -> np.ndarray:
